@@ -1,0 +1,28 @@
+//! Block indexer for watched wallets.
+//!
+//! ```text
+//!  blk*.dat ─▶ blkfile ─▶ chain (most work) ─┐
+//!                                            ▼
+//!        pipeline: read ─▶ parse ─▶ filter ─▶ apply ─▶ write ─▶ store (RocksDB)
+//!                          rayon    bloom +   UTXOs,   one batch:
+//!                                   exact     balances data + undo + tip
+//! ```
+//!
+//! Modules, from the entry down to the pure core:
+//! - [`rescan`]: drives a rescan from block files (chain choice, reorg, resume).
+//! - [`pipeline`]: the staged block pipeline.
+//! - [`wallets`]: wallets and watched scripts in the database.
+//! - [`store`]: the only module that names RocksDB; [`store::schema`] holds every layout.
+//! - [`blkfile`]: bitcoind's block files.
+//! - [`config`]: settings.
+//! - pure core: [`chain`] (best chain), [`watchlist`] (descriptors, bloom), [`types`].
+
+pub mod blkfile;
+pub mod chain;
+pub mod config;
+pub mod pipeline;
+pub mod rescan;
+pub mod store;
+pub mod types;
+pub mod wallets;
+pub mod watchlist;

@@ -1,0 +1,247 @@
+//! The block pipeline: named threads joined by small bounded channels.
+//!
+//! ```text
+//! source ──chunks──▶ parse (rayon) ──chunks──▶ filter ──blocks──▶ apply ──changes──▶ write
+//!  (blk files,        txids, merkle       bloom, then       sequential,       one RocksDB
+//!   bitcoind)         check               exact lookup      in height order   batch per group
+//! ```
+//!
+//! End of stream is a dropped sender. A failing stage returns its error and drops its
+//! channels; the stages before it stop at their next send, the ones after it drain what
+//! they already have, so every block before the failure is committed and none after it.
+
+pub mod apply;
+pub mod filter;
+pub mod parse;
+pub mod write;
+
+use std::thread;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use rayon::prelude::*;
+
+use crate::store::{Store, StoreError};
+use crate::watchlist::ScriptFilter;
+use apply::{ApplyError, ApplyState, BlockChanges};
+use filter::{Filter, FilteredBlock};
+use parse::{ParseError, ParsedBlock, RawBlock};
+pub use write::WriteOptions;
+
+/// Boxed error of a block source (blk files, bitcoind).
+pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the pipeline stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The source could not deliver a block.
+    #[error("reading blocks: {0}")]
+    Source(SourceError),
+    /// A block is damaged.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// A block does not connect.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Pipeline tuning.
+#[derive(Clone, Copy, Debug)]
+pub struct PipelineOptions {
+    /// Bytes of raw blocks handed to the parser at once (parsed in parallel).
+    pub chunk_bytes: usize,
+    /// Writer grouping and undo depth.
+    pub write: WriteOptions,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            chunk_bytes: 8 << 20,
+            write: WriteOptions::default(),
+        }
+    }
+}
+
+/// Totals of what was committed, reported after each commit and at the end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Height of the last committed block.
+    pub height: u32,
+    /// Blocks committed.
+    pub blocks: u64,
+    /// Bytes of block data committed.
+    pub bytes: u64,
+    /// Transactions committed.
+    pub txs: u64,
+}
+
+/// Runs `source`'s blocks (consecutive, starting at the tip + 1) through the pipeline into
+/// `store`; `on_commit` sees the totals after every committed group.
+pub fn run<I>(
+    store: &Store,
+    scripts: &ScriptFilter,
+    source: I,
+    opts: &PipelineOptions,
+    on_commit: &(dyn Fn(&Progress) + Sync),
+) -> Result<Progress, PipelineError>
+where
+    I: Iterator<Item = Result<RawBlock, SourceError>> + Send,
+{
+    let state = ApplyState::load(store)?;
+    let (raw_tx, raw_rx) = bounded::<Vec<RawBlock>>(2);
+    let (parsed_tx, parsed_rx) = bounded::<Vec<ParsedBlock>>(2);
+    let (filtered_tx, filtered_rx) = bounded::<FilteredBlock>(64);
+    let (changes_tx, changes_rx) = bounded::<BlockChanges>(64);
+    let filter = Filter { scripts, store };
+    thread::scope(|s| {
+        let spawn = |name: &str| thread::Builder::new().name(name.to_string());
+        let read = spawn("read")
+            .spawn_scoped(s, move || read_stage(source, opts.chunk_bytes, raw_tx))
+            .expect("spawn read thread");
+        let parse = spawn("parse")
+            .spawn_scoped(s, move || parse_stage(raw_rx, parsed_tx))
+            .expect("spawn parse thread");
+        let filter = spawn("filter")
+            .spawn_scoped(s, move || filter_stage(&filter, parsed_rx, filtered_tx))
+            .expect("spawn filter thread");
+        let apply = spawn("apply")
+            .spawn_scoped(s, move || apply_stage(state, filtered_rx, changes_tx))
+            .expect("spawn apply thread");
+        let write = spawn("write")
+            .spawn_scoped(s, move || write_stage(store, &opts.write, changes_rx, on_commit))
+            .expect("spawn write thread");
+        // The earliest stage's error is the cause; later ones only saw their input end.
+        let results = [
+            read.join().expect("read stage panicked"),
+            parse.join().expect("parse stage panicked"),
+            filter.join().expect("filter stage panicked"),
+            apply.join().expect("apply stage panicked"),
+        ];
+        let progress = write.join().expect("write stage panicked");
+        for r in results {
+            r?;
+        }
+        progress
+    })
+}
+
+fn read_stage<I>(source: I, chunk_bytes: usize, out: Sender<Vec<RawBlock>>) -> Result<(), PipelineError>
+where
+    I: Iterator<Item = Result<RawBlock, SourceError>>,
+{
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    for raw in source {
+        let raw = match raw {
+            Ok(raw) => raw,
+            Err(e) => {
+                // Hand on what was read before the failure so it still commits.
+                let _ = out.send(chunk);
+                return Err(PipelineError::Source(e));
+            }
+        };
+        bytes += raw.bytes.len();
+        chunk.push(raw);
+        if bytes >= chunk_bytes {
+            if out.send(std::mem::take(&mut chunk)).is_err() {
+                return Ok(()); // a later stage failed and reports why
+            }
+            bytes = 0;
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = out.send(chunk);
+    }
+    Ok(())
+}
+
+fn parse_stage(input: Receiver<Vec<RawBlock>>, out: Sender<Vec<ParsedBlock>>) -> Result<(), PipelineError> {
+    for chunk in input {
+        let results: Vec<Result<ParsedBlock, ParseError>> =
+            chunk.into_par_iter().map(parse::parse_block).collect();
+        let mut good = Vec::with_capacity(results.len());
+        let mut failure = None;
+        for r in results {
+            match r {
+                Ok(b) => good.push(b),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if out.send(good).is_err() {
+            return Ok(());
+        }
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+fn filter_stage(
+    filter: &Filter<'_>,
+    input: Receiver<Vec<ParsedBlock>>,
+    out: Sender<FilteredBlock>,
+) -> Result<(), PipelineError> {
+    for chunk in input {
+        for block in chunk {
+            if out.send(filter.filter_block(block)?).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn apply_stage(
+    mut state: ApplyState<'_>,
+    input: Receiver<FilteredBlock>,
+    out: Sender<BlockChanges>,
+) -> Result<(), PipelineError> {
+    for block in input {
+        if out.send(state.apply(block)?).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn write_stage(
+    store: &Store,
+    opts: &WriteOptions,
+    input: Receiver<BlockChanges>,
+    on_commit: &(dyn Fn(&Progress) + Sync),
+) -> Result<Progress, PipelineError> {
+    let mut progress = Progress::default();
+    let mut group: Vec<BlockChanges> = Vec::new();
+    while let Ok(first) = input.recv() {
+        let mut pending = first.writes.len() * 64;
+        group.push(first);
+        // Take what is already queued, up to the limits: big batches when behind,
+        // a batch per block when following the tip.
+        while group.len() < opts.max_blocks && pending < opts.max_bytes {
+            match input.try_recv() {
+                Ok(ch) => {
+                    pending += ch.writes.len() * 64;
+                    group.push(ch);
+                }
+                Err(_) => break,
+            }
+        }
+        write::commit_group(store, &group, opts.undo_depth)?;
+        for ch in group.drain(..) {
+            progress.height = ch.height;
+            progress.blocks += 1;
+            progress.bytes += ch.size as u64;
+            progress.txs += ch.tx_count as u64;
+        }
+        on_commit(&progress);
+    }
+    store.sync_wal()?;
+    Ok(progress)
+}

@@ -1,0 +1,50 @@
+//! Write stage: each group of blocks goes to RocksDB as one atomic batch holding the blocks'
+//! data, their undo records and the new tip, so a crash leaves whole blocks or none.
+
+use super::apply::BlockChanges;
+use crate::store::schema::{self, Cf};
+use crate::store::{Batch, Store, StoreError};
+
+/// How the writer groups and keeps undo records.
+#[derive(Clone, Copy, Debug)]
+pub struct WriteOptions {
+    /// Most blocks in one batch.
+    pub max_blocks: usize,
+    /// Batch size (bytes of writes) after which the group is committed.
+    pub max_bytes: usize,
+    /// Undo records kept, in blocks below the tip; `None` keeps all.
+    pub undo_depth: Option<u32>,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            max_blocks: 256,
+            max_bytes: 32 << 20,
+            undo_depth: None,
+        }
+    }
+}
+
+/// Adds one block's changes, its undo record and undo pruning to `batch`.
+pub fn add_block(store: &Store, batch: &mut Batch, ch: &BlockChanges, undo_depth: Option<u32>) {
+    for ((cf, key), value) in &ch.writes {
+        batch.set(store, *cf, key, value.as_deref());
+    }
+    let undo_key = schema::height_key(ch.height);
+    batch.put(store, Cf::Undo, &undo_key, &schema::encode_undo(&ch.undo));
+    if let Some(depth) = undo_depth {
+        if let Some(old) = ch.height.checked_sub(depth) {
+            batch.delete(store, Cf::Undo, &schema::height_key(old));
+        }
+    }
+}
+
+/// Commits a group of consecutive blocks atomically.
+pub fn commit_group(store: &Store, group: &[BlockChanges], undo_depth: Option<u32>) -> Result<(), StoreError> {
+    let mut batch = Batch::default();
+    for ch in group {
+        add_block(store, &mut batch, ch, undo_depth);
+    }
+    store.commit(batch, false)
+}

@@ -1,0 +1,193 @@
+//! `indexer rescan --blocks-dir`: index straight from bitcoind's block files. Chooses the
+//! most-work chain from the files' headers, brings the database onto it (disconnecting
+//! blocks the chain no longer has), and runs the rest through the pipeline. A crash
+//! resumes from the last committed block.
+
+use std::path::PathBuf;
+
+use bitcoin::{BlockHash, Network};
+use tracing::{info, warn};
+
+use crate::blkfile::{BlkError, BlocksDir, PartialTail};
+use crate::chain::{self, ChainEntry, ChainError, Rejected};
+use crate::blkfile::BlockLocation;
+use crate::pipeline::parse::RawBlock;
+use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
+use crate::store::schema::{self, Cf};
+use crate::store::{Batch, Store, StoreError};
+use crate::watchlist::ScriptFilter;
+
+/// What to rescan.
+#[derive(Clone, Debug)]
+pub struct RescanRequest {
+    /// bitcoind's `blocks` directory.
+    pub blocks_dir: PathBuf,
+    /// First height to (re)index; default: the block after the indexed tip.
+    pub from: Option<u32>,
+    /// Last height; default: the best chain's tip in the files.
+    pub to: Option<u32>,
+}
+
+/// Why a rescan stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RescanError {
+    /// The block files are unreadable or damaged.
+    #[error(transparent)]
+    Blk(#[from] BlkError),
+    /// No chain from genesis in the files.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A block failed in the pipeline; everything before it is committed.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// `--from` would leave a hole above the indexed tip.
+    #[error("--from {from} would leave blocks {next}..{from} unindexed (the index ends at {tip}); use --from {next} or less")]
+    Gap {
+        /// Requested start.
+        from: u32,
+        /// Indexed tip.
+        tip: u32,
+        /// The next height to index.
+        next: u32,
+    },
+}
+
+/// What a rescan did.
+#[derive(Clone, Debug)]
+pub struct RescanReport {
+    /// Blocks disconnected to reach the files' chain or `--from`.
+    pub disconnected: u32,
+    /// Totals of what was connected.
+    pub progress: Progress,
+    /// Height of the first block connected.
+    pub start: u32,
+    /// Height of the last block in the range.
+    pub end: Option<u32>,
+    /// The index's tip afterwards.
+    pub tip: Option<(u32, BlockHash)>,
+    /// Headers set aside while choosing the chain.
+    pub rejected: Rejected,
+    /// A partial record skipped at the end of the newest file.
+    pub partial_tail: Option<PartialTail>,
+}
+
+/// The range a rescan will cover, known before it starts (for progress bars).
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    /// First height to connect.
+    pub start: u32,
+    /// Last height to connect (`None`: nothing to do).
+    pub end: Option<u32>,
+}
+
+/// Rescans from `req.blocks_dir`; `on_plan` hears the range, `on_commit` each commit.
+pub fn rescan_blocks_dir(
+    store: &Store,
+    network: Network,
+    scripts: &ScriptFilter,
+    req: &RescanRequest,
+    opts: &PipelineOptions,
+    on_plan: &dyn Fn(&Plan),
+    on_commit: &(dyn Fn(&Progress) + Sync),
+) -> Result<RescanReport, RescanError> {
+    let dir = BlocksDir::open(&req.blocks_dir, network)?;
+    let scan = dir.scan_headers()?;
+    if let Some(t) = &scan.partial_tail {
+        warn!(file = %t.path.display(), offset = t.offset, "partial record at the end of the newest file skipped (still being written?)");
+    }
+    info!(files = dir.files().len(), blocks = scan.headers.len(), mb = scan.block_bytes >> 20, "scanned block files");
+    let (chain, rejected) = chain::best_chain(network, scan.headers)?;
+    let chain_tip = chain.len() as u32 - 1;
+    info!(height = chain_tip, hash = %chain[chain_tip as usize].hash, ?rejected, "best chain in files");
+
+    let mut disconnected = disconnect_to_fork(store, &chain)?;
+    let job = schema::rescan_job(req.from, req.to);
+    let tip = store.tip()?.map(|(h, _)| h);
+    let start = match (req.from, tip) {
+        (Some(from), Some(tip)) if from <= tip => {
+            if store.get(Cf::Meta, schema::META_RESCAN)?.as_deref() == Some(&job[..]) {
+                tip + 1 // the same rescan, interrupted: resume
+            } else {
+                while store.tip()?.is_some_and(|(h, _)| h >= from) {
+                    store.disconnect_tip(false)?;
+                    disconnected += 1;
+                }
+                from
+            }
+        }
+        (Some(from), Some(tip)) if from > tip + 1 => {
+            return Err(RescanError::Gap {
+                from,
+                tip,
+                next: tip + 1,
+            })
+        }
+        (Some(from), _) => from,
+        (None, Some(tip)) => tip + 1,
+        (None, None) => 0,
+    };
+    // Recorded once the disconnects are done, so a restart resumes rather than redoes.
+    let mut batch = Batch::default();
+    batch.put(store, Cf::Meta, schema::META_RESCAN, &job);
+    store.commit(batch, true)?;
+
+    let end = req.to.unwrap_or(chain_tip).min(chain_tip);
+    let plan = Plan {
+        start,
+        end: (start <= end).then_some(end),
+    };
+    on_plan(&plan);
+    let range: &[ChainEntry<BlockLocation>] = match plan.end {
+        Some(end) => &chain[start as usize..=end as usize],
+        None => &[],
+    };
+    let source = range.iter().map(|e| {
+        let bytes = dir.read_block(e.loc)?;
+        Ok(RawBlock {
+            height: e.height,
+            hash: e.hash,
+            bytes,
+            origin: dir.describe(e.loc),
+        })
+    });
+    let progress = pipeline::run(store, scripts, source, opts, on_commit)?;
+    let mut batch = Batch::default();
+    batch.delete(store, Cf::Meta, schema::META_RESCAN);
+    store.commit(batch, true)?;
+    Ok(RescanReport {
+        disconnected,
+        progress,
+        start,
+        end: plan.end,
+        tip: store.tip()?,
+        rejected,
+        partial_tail: scan.partial_tail,
+    })
+}
+
+/// Disconnects indexed blocks that are not on `chain`; returns how many.
+///
+/// An index that is ahead of the files on the same chain is left alone.
+fn disconnect_to_fork<L>(store: &Store, chain: &[ChainEntry<L>]) -> Result<u32, StoreError> {
+    let mut disconnected = 0;
+    while let Some((height, hash)) = store.tip()? {
+        let on_chain = match chain.get(height as usize) {
+            Some(e) => e.hash == hash,
+            // Ahead of the files: fine if the files' tip is one of ours.
+            None => {
+                let last = chain.last().expect("chain holds genesis");
+                store.header(last.height)?.map(|h| h.block_hash()) == Some(last.hash)
+            }
+        };
+        if on_chain {
+            break;
+        }
+        let new_tip = store.disconnect_tip(false)?;
+        disconnected += 1;
+        warn!(height, %hash, new_tip = ?new_tip.map(|t| t.0), "disconnected a block not on the files' best chain");
+    }
+    Ok(disconnected)
+}

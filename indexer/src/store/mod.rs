@@ -1,0 +1,340 @@
+//! The one module that names RocksDB: opening with a checked format, reads, atomic batches,
+//! undo application and the state digest.
+
+pub mod schema;
+
+use std::path::{Path, PathBuf};
+
+use bitcoin::hashes::{sha256, Hash, HashEngine};
+use bitcoin::{block, BlockHash, Network};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch,
+    WriteOptions, DB,
+};
+
+use crate::types::{Balance, ScriptId, Utxo, WalletId};
+use schema::{Cf, DecodeError, UndoEntry, WatchRecord};
+
+/// What can go wrong with the database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// RocksDB itself failed (I/O, disk full, corruption it detected).
+    #[error("database {path}: {source}")]
+    Rocks {
+        /// Database directory.
+        path: PathBuf,
+        /// The RocksDB error.
+        source: rocksdb::Error,
+    },
+    /// A stored record does not decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The database was written by another format version.
+    #[error("database format version {found}, this build reads version {expected}: re-index into a new --db directory")]
+    Version {
+        /// Version found on disk.
+        found: u32,
+        /// Version this build writes.
+        expected: u32,
+    },
+    /// The database indexes another network.
+    #[error("database indexes {found}, but {requested} was requested")]
+    Network {
+        /// Network recorded in the database.
+        found: String,
+        /// Network asked for.
+        requested: String,
+    },
+    /// A disconnect needs an undo record the journal no longer keeps.
+    #[error("no undo record for block {height}: the reorg is deeper than the kept undo journal; re-index with `indexer rescan --reset`")]
+    UndoMissing {
+        /// Height whose undo record is missing.
+        height: u32,
+    },
+    /// A disconnect was asked of an empty index.
+    #[error("nothing to disconnect: the index is empty")]
+    Empty,
+}
+
+/// An atomic set of writes, committed with [`Store::commit`].
+#[derive(Default)]
+pub struct Batch {
+    inner: WriteBatch,
+}
+
+impl Batch {
+    /// Sets `key` in `cf` to `value`.
+    pub fn put(&mut self, store: &Store, cf: Cf, key: &[u8], value: &[u8]) {
+        self.inner.put_cf(store.cf(cf), key, value);
+    }
+
+    /// Deletes `key` from `cf`.
+    pub fn delete(&mut self, store: &Store, cf: Cf, key: &[u8]) {
+        self.inner.delete_cf(store.cf(cf), key);
+    }
+
+    /// Sets or deletes `key`.
+    pub fn set(&mut self, store: &Store, cf: Cf, key: &[u8], value: Option<&[u8]>) {
+        match value {
+            Some(v) => self.put(store, cf, key, v),
+            None => self.delete(store, cf, key),
+        }
+    }
+
+    /// Bytes of the pending writes.
+    pub fn size_in_bytes(&self) -> usize {
+        self.inner.size_in_bytes()
+    }
+}
+
+/// The indexer's database.
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path` for `network`, checking its format version.
+    pub fn open(path: &Path, network: Network) -> Result<Store, StoreError> {
+        let cache = Cache::new_lru_cache(128 << 20);
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_open_files(256);
+        db_opts.increase_parallelism(2);
+        let descriptors = Cf::ALL.iter().map(|cf| {
+            // Point lookups dominate (outpoints, script ids): every family gets a bloom
+            // filter; `open_cf` would silently give them none.
+            let mut table = BlockBasedOptions::default();
+            table.set_bloom_filter(10.0, false);
+            table.set_block_cache(&cache);
+            table.set_cache_index_and_filter_blocks(true);
+            let mut opts = Options::default();
+            opts.set_block_based_table_factory(&table);
+            opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(cf.name(), opts)
+        });
+        let db = DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(|source| {
+            StoreError::Rocks {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+        let store = Store {
+            db,
+            path: path.to_owned(),
+        };
+        store.check_format(network)?;
+        Ok(store)
+    }
+
+    fn check_format(&self, network: Network) -> Result<(), StoreError> {
+        let requested = network.to_core_arg().to_string();
+        match self.get(Cf::Meta, schema::META_VERSION)? {
+            None => {
+                let mut batch = Batch::default();
+                batch.put(self, Cf::Meta, schema::META_VERSION, &schema::FORMAT_VERSION.to_be_bytes());
+                batch.put(self, Cf::Meta, schema::META_NETWORK, requested.as_bytes());
+                self.commit(batch, true)
+            }
+            Some(v) => {
+                let found = schema::decode_height(&v)?;
+                if found != schema::FORMAT_VERSION {
+                    return Err(StoreError::Version {
+                        found,
+                        expected: schema::FORMAT_VERSION,
+                    });
+                }
+                let stored = self.get(Cf::Meta, schema::META_NETWORK)?.unwrap_or_default();
+                let found = String::from_utf8_lossy(&stored).into_owned();
+                if found != requested {
+                    return Err(StoreError::Network { found, requested });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(cf.name())
+            .expect("every family is created on open")
+    }
+
+    fn rocks(&self, source: rocksdb::Error) -> StoreError {
+        StoreError::Rocks {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The database directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads one value.
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.cf(cf), key).map_err(|e| self.rocks(e))
+    }
+
+    /// Commits a batch atomically; `sync` waits for the WAL to reach the disk.
+    pub fn commit(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        self.db.write_opt(batch.inner, &opts).map_err(|e| self.rocks(e))
+    }
+
+    /// Visits every entry of `cf` in key order; stops at the first error `f` returns.
+    pub fn for_each<E: From<StoreError>>(
+        &self,
+        cf: Cf,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
+
+    /// Visits the entries of `cf` whose key starts with `prefix`, in key order.
+    pub fn for_each_prefix<E: From<StoreError>>(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mode = IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(cf), mode) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
+
+    /// The indexed tip, or `None` for an empty index.
+    pub fn tip(&self) -> Result<Option<(u32, BlockHash)>, StoreError> {
+        match self.get(Cf::Meta, schema::META_TIP)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(schema::decode_tip(&v)?)),
+        }
+    }
+
+    /// The indexed header at `height`.
+    pub fn header(&self, height: u32) -> Result<Option<block::Header>, StoreError> {
+        match self.get(Cf::Headers, &schema::height_key(height))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(schema::decode_header(&v)?)),
+        }
+    }
+
+    /// The watch record of a script, if watched.
+    pub fn watch(&self, id: &ScriptId) -> Result<Option<WatchRecord>, StoreError> {
+        match self.get(Cf::Watch, &id.0)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(schema::decode_watch(&v)?)),
+        }
+    }
+
+    /// The unspent output at `outpoint`, if watched and unspent.
+    pub fn utxo(&self, outpoint: &bitcoin::OutPoint) -> Result<Option<Utxo>, StoreError> {
+        match self.get(Cf::Utxo, &schema::outpoint_key(outpoint))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(schema::decode_utxo(&v)?)),
+        }
+    }
+
+    /// A script's balance (empty when it holds nothing).
+    pub fn script_balance(&self, id: &ScriptId) -> Result<Balance, StoreError> {
+        match self.get(Cf::ScriptBalance, &id.0)? {
+            None => Ok(Balance::default()),
+            Some(v) => Ok(schema::decode_balance(&v)?),
+        }
+    }
+
+    /// A wallet's balance (empty when it holds nothing).
+    pub fn wallet_balance(&self, id: WalletId) -> Result<Balance, StoreError> {
+        match self.get(Cf::WalletBalance, &schema::wallet_key(id))? {
+            None => Ok(Balance::default()),
+            Some(v) => Ok(schema::decode_balance(&v)?),
+        }
+    }
+
+    /// The id of the wallet called `name`.
+    pub fn wallet_id(&self, name: &str) -> Result<Option<WalletId>, StoreError> {
+        match self.get(Cf::Wallets, name.as_bytes())? {
+            None => Ok(None),
+            Some(v) => Ok(Some(schema::decode_wallet(&v)?)),
+        }
+    }
+
+    /// Every watched unspent output, in outpoint order.
+    pub fn utxos(&self) -> Result<Vec<(bitcoin::OutPoint, Utxo)>, StoreError> {
+        let mut out = Vec::new();
+        self.for_each(Cf::Utxo, |k, v| {
+            out.push((schema::decode_outpoint(k)?, schema::decode_utxo(v)?));
+            Ok::<_, StoreError>(())
+        })?;
+        Ok(out)
+    }
+
+    /// Undoes the tip block with its undo record; returns the new tip.
+    pub fn disconnect_tip(&self, sync: bool) -> Result<Option<(u32, BlockHash)>, StoreError> {
+        let (height, _) = self.tip()?.ok_or(StoreError::Empty)?;
+        let key = schema::height_key(height);
+        let record = self
+            .get(Cf::Undo, &key)?
+            .ok_or(StoreError::UndoMissing { height })?;
+        let entries = schema::decode_undo(&record)?;
+        let mut batch = Batch::default();
+        // Restore in reverse: if a block touched a key twice, the first prior wins.
+        for UndoEntry { cf, key, prior } in entries.iter().rev() {
+            batch.set(self, *cf, key, prior.as_deref());
+        }
+        batch.delete(self, Cf::Undo, &key);
+        self.commit(batch, sync)?;
+        self.tip()
+    }
+
+    /// SHA-256 over the indexed state (every state family in key order, and the tip):
+    /// equal digests mean equal UTXO sets, balances and history.
+    pub fn digest(&self) -> Result<sha256::Hash, StoreError> {
+        let mut engine = sha256::Hash::engine();
+        let mut feed = |bytes: &[u8]| {
+            engine.input(&(bytes.len() as u64).to_be_bytes());
+            engine.input(bytes);
+        };
+        for cf in Cf::STATE {
+            feed(cf.name().as_bytes());
+            self.for_each(cf, |k, v| {
+                feed(k);
+                feed(v);
+                Ok::<_, StoreError>(())
+            })?;
+        }
+        feed(&self.get(Cf::Meta, schema::META_TIP)?.unwrap_or_default());
+        Ok(sha256::Hash::from_engine(engine))
+    }
+
+    /// Flushes the write-ahead log to disk.
+    pub fn sync_wal(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true).map_err(|e| self.rocks(e))
+    }
+
+    /// Approximate bytes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        Cf::ALL
+            .iter()
+            .filter_map(|cf| {
+                self.db
+                    .property_int_value_cf(self.cf(*cf), "rocksdb.total-sst-files-size")
+                    .ok()
+                    .flatten()
+            })
+            .sum()
+    }
+}

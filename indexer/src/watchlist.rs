@@ -1,0 +1,243 @@
+//! The watch set: output descriptors expanded to scripts, and the bloom filter that lets
+//! the filter stage reject almost every output without a lookup.
+
+use std::str::FromStr;
+
+use bitcoin::{Address, Network, NetworkKind, ScriptBuf};
+use fastbloom::BloomFilter;
+use miniscript::descriptor::{checksum::desc_checksum, DescriptorPublicKey};
+use miniscript::{Descriptor, ForEachKey};
+
+/// A descriptor that cannot be watched.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The descriptor (or address) does not parse.
+    #[error("invalid descriptor {descriptor:?}: {detail}")]
+    Invalid {
+        /// The text given.
+        descriptor: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The descriptor is valid but for another network.
+    #[error("descriptor {descriptor:?} is not for {network}")]
+    WrongNetwork {
+        /// The text given.
+        descriptor: String,
+        /// The indexer's network.
+        network: Network,
+    },
+    /// The checksum after `#` does not match.
+    #[error("descriptor {descriptor:?}: checksum mismatch, expected #{expected}")]
+    Checksum {
+        /// The text given.
+        descriptor: String,
+        /// The right checksum.
+        expected: String,
+    },
+}
+
+/// A descriptor and the scripts it stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expanded {
+    /// The descriptor as given, without surrounding whitespace.
+    pub descriptor: String,
+    /// Its scripts; ranged descriptors are derived for indices `0..gap_limit`.
+    pub scripts: Vec<ScriptBuf>,
+}
+
+/// Expands a Bitcoin Core output descriptor (or a bare address) into scripts.
+pub fn expand(text: &str, network: Network, gap_limit: u32) -> Result<Expanded, WatchError> {
+    let descriptor = text.trim().to_string();
+    let invalid = |detail: String| WatchError::Invalid {
+        descriptor: descriptor.clone(),
+        detail,
+    };
+    let body = strip_checksum(&descriptor)?;
+    let scripts = if let Some(addr) = inner(body, "addr") {
+        vec![address_script(addr, network, &descriptor)?]
+    } else if let Some(hex) = inner(body, "raw") {
+        vec![ScriptBuf::from_hex(hex).map_err(|e| invalid(format!("raw script hex: {e}")))?]
+    } else if !body.contains('(') {
+        vec![address_script(body, network, &descriptor)?]
+    } else {
+        let parsed = Descriptor::<DescriptorPublicKey>::from_str(&descriptor)
+            .map_err(|e| invalid(e.to_string()))?;
+        let wrong_kind = NetworkKind::from(network);
+        if parsed.for_any_key(|k| key_network(k).is_some_and(|kind| kind != wrong_kind)) {
+            return Err(WatchError::WrongNetwork {
+                descriptor,
+                network,
+            });
+        }
+        let singles = parsed
+            .into_single_descriptors()
+            .map_err(|e| invalid(e.to_string()))?;
+        let mut scripts = Vec::new();
+        for single in singles {
+            let count = if single.has_wildcard() { gap_limit } else { 1 };
+            for index in 0..count {
+                let definite = single
+                    .at_derivation_index(index)
+                    .map_err(|e| invalid(format!("index {index}: {e}")))?;
+                scripts.push(definite.script_pubkey());
+            }
+        }
+        scripts
+    };
+    Ok(Expanded {
+        descriptor,
+        scripts,
+    })
+}
+
+/// Verifies and removes a trailing `#checksum`.
+fn strip_checksum(descriptor: &str) -> Result<&str, WatchError> {
+    let Some((body, given)) = descriptor.rsplit_once('#') else {
+        return Ok(descriptor);
+    };
+    let expected = desc_checksum(body).map_err(|e| WatchError::Invalid {
+        descriptor: descriptor.to_string(),
+        detail: e.to_string(),
+    })?;
+    if expected != given {
+        return Err(WatchError::Checksum {
+            descriptor: descriptor.to_string(),
+            expected,
+        });
+    }
+    Ok(body)
+}
+
+/// The argument of `name(...)`, if `text` is that form.
+fn inner<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.strip_prefix(name)?.strip_prefix('(')?.strip_suffix(')')
+}
+
+fn address_script(addr: &str, network: Network, descriptor: &str) -> Result<ScriptBuf, WatchError> {
+    let unchecked = Address::from_str(addr).map_err(|e| WatchError::Invalid {
+        descriptor: descriptor.to_string(),
+        detail: format!("address: {e}"),
+    })?;
+    let checked = unchecked
+        .require_network(network)
+        .map_err(|_| WatchError::WrongNetwork {
+            descriptor: descriptor.to_string(),
+            network,
+        })?;
+    Ok(checked.script_pubkey())
+}
+
+/// The network kind an extended key is for; single keys belong to every network.
+fn key_network(key: &DescriptorPublicKey) -> Option<NetworkKind> {
+    match key {
+        DescriptorPublicKey::Single(_) => None,
+        DescriptorPublicKey::XPub(x) => Some(x.xkey.network),
+        DescriptorPublicKey::MultiXPub(x) => Some(x.xkey.network),
+    }
+}
+
+/// A bloom filter over watched scripts: `false` means certainly not watched.
+pub struct ScriptFilter {
+    bloom: BloomFilter,
+    len: usize,
+}
+
+impl ScriptFilter {
+    /// An empty filter sized for `capacity` scripts at false-positive rate `fp_rate`.
+    pub fn new(capacity: usize, fp_rate: f64) -> Self {
+        ScriptFilter {
+            bloom: BloomFilter::with_false_pos(fp_rate).expected_items(capacity.max(1)),
+            len: 0,
+        }
+    }
+
+    /// Adds a script.
+    pub fn insert(&mut self, script: &[u8]) {
+        self.bloom.insert(script);
+        self.len += 1;
+    }
+
+    /// `false` if `script` is certainly not watched.
+    pub fn may_contain(&self, script: &[u8]) -> bool {
+        self.len > 0 && self.bloom.contains(script)
+    }
+
+    /// Scripts inserted.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is watched.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of the bit array.
+    pub fn size_in_bytes(&self) -> usize {
+        self.bloom.num_bits() / 8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const XPUB: &str = "xpub6ERApfZwUNrhLCkDtcHTcxd75RbzS1ed54G1LkBUHQVHQKqhMkhgbmJbZRkrgZw4koxb5JaHWkY4ALHY2grBGRjaDMzQLcgJvLJuZZvRcEL";
+
+    #[test]
+    fn addresses_and_raw_scripts() {
+        let e = expand("bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq", Network::Bitcoin, 20).unwrap();
+        assert_eq!(e.scripts[0].to_hex_string(), "0014e8df018c7e326cc253faac7e46cdc51e68542c42");
+        let same = expand("addr(bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq)", Network::Bitcoin, 20).unwrap();
+        assert_eq!(same.scripts, e.scripts);
+        let raw = expand("raw(6a0568656c6c6f)", Network::Bitcoin, 20).unwrap();
+        assert_eq!(raw.scripts[0].to_hex_string(), "6a0568656c6c6f");
+    }
+
+    #[test]
+    fn wrong_network_is_refused() {
+        let err = expand("bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq", Network::Regtest, 20).unwrap_err();
+        assert!(matches!(err, WatchError::WrongNetwork { .. }), "{err}");
+        let err = expand(&format!("wpkh({XPUB}/0/*)"), Network::Testnet, 3).unwrap_err();
+        assert!(matches!(err, WatchError::WrongNetwork { .. }), "{err}");
+    }
+
+    #[test]
+    fn ranged_descriptors_derive_to_the_gap_limit() {
+        let e = expand(&format!("wpkh({XPUB}/0/*)"), Network::Bitcoin, 5).unwrap();
+        assert_eq!(e.scripts.len(), 5);
+        let multi = expand(&format!("tr({XPUB}/<0;1>/*)"), Network::Bitcoin, 4).unwrap();
+        assert_eq!(multi.scripts.len(), 8);
+        assert!(multi.scripts.iter().all(|s| s.is_p2tr()));
+    }
+
+    #[test]
+    fn checksums_are_verified() {
+        let body = "raw(51)";
+        let sum = desc_checksum(body).unwrap();
+        assert!(expand(&format!("{body}#{sum}"), Network::Bitcoin, 1).is_ok());
+        let err = expand(&format!("{body}#aaaaaaaa"), Network::Bitcoin, 1).unwrap_err();
+        assert!(matches!(err, WatchError::Checksum { .. }), "{err}");
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        for bad in ["wpkh(nonsense)", "raw(zz)", "addr(1111)", "pkh("] {
+            let err = expand(bad, Network::Bitcoin, 1).unwrap_err();
+            assert!(err.to_string().contains("invalid descriptor"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn bloom_has_no_false_negatives() {
+        let mut f = ScriptFilter::new(1000, 0.001);
+        assert!(!f.may_contain(b"x"));
+        for i in 0u32..1000 {
+            f.insert(&i.to_be_bytes());
+        }
+        assert!((0u32..1000).all(|i| f.may_contain(&i.to_be_bytes())));
+        let fp = (1000u32..101_000).filter(|i| f.may_contain(&i.to_be_bytes())).count();
+        assert!(fp < 1000, "false positives {fp} of 100000");
+    }
+}
