@@ -1,1 +1,305 @@
-fn main() {}
+//! `indexer`: the command line. Parses flags and config, then wires the library together.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indexer::config::{Config, FileConfig};
+use indexer::pipeline::{PipelineOptions, Progress, WriteOptions};
+use indexer::rescan::{self, Plan, RescanRequest};
+use indexer::store::Store;
+use indexer::wallets;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "indexer", version, about = "Block indexer for watched wallets")]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags every command takes, before or after the subcommand.
+#[derive(Args)]
+struct CommonArgs {
+    /// TOML config file.
+    #[arg(long, global = true, env = "INDEXER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Database directory.
+    #[arg(long, global = true, env = "INDEXER_DB")]
+    db: Option<PathBuf>,
+    /// mainnet, testnet3, testnet4, signet or regtest.
+    #[arg(long, global = true, env = "INDEXER_NETWORK")]
+    network: Option<String>,
+    /// Scripts the bloom filter is sized for (default 10,000,000).
+    #[arg(long, global = true, env = "INDEXER_BLOOM_CAPACITY")]
+    bloom_capacity: Option<usize>,
+    /// Bloom filter false-positive rate (default 0.000001).
+    #[arg(long, global = true, env = "INDEXER_BLOOM_FP_RATE")]
+    bloom_fp_rate: Option<f64>,
+    /// Blocks of undo journal to keep (default: all).
+    #[arg(long, global = true, env = "INDEXER_UNDO_DEPTH")]
+    undo_depth: Option<u32>,
+    /// Scripts derived from each ranged descriptor (default 1000).
+    #[arg(long, global = true, env = "INDEXER_GAP_LIMIT")]
+    gap_limit: Option<u32>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage watched wallets.
+    Watch {
+        #[command(subcommand)]
+        command: WatchCommand,
+    },
+    /// (Re)index a range of blocks.
+    Rescan(RescanArgs),
+    /// Tip, watched counts, database size and state digest.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum WatchCommand {
+    /// Watch the scripts of descriptors (or addresses) under a wallet name.
+    Add {
+        /// Wallet name.
+        #[arg(long)]
+        wallet: String,
+        /// Height before which the scripts cannot have been used.
+        #[arg(long)]
+        birth_height: Option<u32>,
+        /// Read descriptors from a file, one per line ('#' starts a comment line).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Descriptors or addresses.
+        descriptors: Vec<String>,
+    },
+    /// List wallets and what they watch.
+    List,
+}
+
+#[derive(Args)]
+struct RescanArgs {
+    /// Read bitcoind's blk*.dat files from this directory (no node needed).
+    #[arg(long, env = "INDEXER_BLOCKS_DIR")]
+    blocks_dir: Option<PathBuf>,
+    /// First height to (re)index (default: after the indexed tip).
+    #[arg(long)]
+    from: Option<u32>,
+    /// Last height (default: the best chain's tip).
+    #[arg(long)]
+    to: Option<u32>,
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("INDEXER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let config = load_config(&cli.common)?;
+    let store = Store::open(&config.db, config.network)
+        .with_context(|| format!("opening database {}", config.db.display()))?;
+    match cli.command {
+        Command::Watch {
+            command:
+                WatchCommand::Add {
+                    wallet,
+                    birth_height,
+                    file,
+                    mut descriptors,
+                },
+        } => {
+            if let Some(file) = file {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading descriptors from {}", file.display()))?;
+                descriptors.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(String::from),
+                );
+            }
+            let added = wallets::add(&store, config.network, &wallet, &descriptors, birth_height, config.gap_limit)?;
+            println!(
+                "wallet {wallet}: {} new scripts, {} already watched",
+                added.new_scripts, added.known_scripts
+            );
+            if let Some((tip, _)) = store.tip()? {
+                if birth_height.is_none_or(|b| b <= tip) {
+                    println!(
+                        "the index is at height {tip}: run `indexer rescan --from {}` to find their earlier history",
+                        birth_height.unwrap_or(0)
+                    );
+                }
+            }
+        }
+        Command::Watch {
+            command: WatchCommand::List,
+        } => {
+            for w in wallets::list(&store)? {
+                println!(
+                    "{}\tscripts={}\tconfirmed_sat={}\timmature_sat={}\tutxos={}",
+                    w.name, w.scripts, w.balance.confirmed, w.balance.immature, w.balance.utxo_count
+                );
+                for (d, birth) in &w.descriptors {
+                    match birth {
+                        Some(b) => println!("\t{d}\tbirth_height={b}"),
+                        None => println!("\t{d}"),
+                    }
+                }
+            }
+        }
+        Command::Rescan(args) => rescan_cmd(&store, &config, args)?,
+        Command::Status => {
+            match store.tip()? {
+                Some((h, hash)) => println!("tip\t{h}\t{hash}"),
+                None => println!("tip\tnone"),
+            }
+            let wallets = wallets::list(&store)?;
+            let scripts = wallets::load_filter(&store, 1, 0.5)?.len();
+            println!("network\t{}", config.network.to_core_arg());
+            println!("wallets\t{}", wallets.len());
+            println!("scripts\t{scripts}");
+            println!("utxos\t{}", store.utxos()?.len());
+            println!("db_bytes\t{}", store.size_on_disk());
+            println!("digest\t{}", store.digest()?);
+        }
+    }
+    Ok(())
+}
+
+fn load_config(args: &CommonArgs) -> Result<Config> {
+    let flags = FileConfig {
+        db: args.db.clone(),
+        network: args.network.clone(),
+        bloom_capacity: args.bloom_capacity,
+        bloom_fp_rate: args.bloom_fp_rate,
+        undo_depth: args.undo_depth,
+        gap_limit: args.gap_limit,
+    };
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    Ok(Config::resolve(flags.or(file))?)
+}
+
+fn rescan_cmd(store: &Store, config: &Config, args: RescanArgs) -> Result<()> {
+    let Some(blocks_dir) = args.blocks_dir else {
+        bail!("rescan from bitcoind is not available yet: give --blocks-dir DIR (bitcoind's blocks directory)");
+    };
+    let scripts = wallets::load_filter(store, config.bloom_capacity, config.bloom_fp_rate)?;
+    if scripts.is_empty() {
+        tracing::warn!("no scripts are watched: add some with `indexer watch add`");
+    }
+    let opts = PipelineOptions {
+        write: WriteOptions {
+            undo_depth: config.undo_depth,
+            ..WriteOptions::default()
+        },
+        ..PipelineOptions::default()
+    };
+    let req = RescanRequest {
+        blocks_dir,
+        from: args.from,
+        to: args.to,
+    };
+    let reporter = Reporter::new();
+    let report = rescan::rescan_blocks_dir(
+        store,
+        config.network,
+        &scripts,
+        &req,
+        &opts,
+        &|plan| reporter.plan(plan),
+        &|p| reporter.commit(p),
+    )
+    .context("rescan failed; every block before the failure is committed and a rerun resumes")?;
+    reporter.finish(&report.progress);
+    match report.tip {
+        Some((h, hash)) => println!("tip\t{h}\t{hash}"),
+        None => println!("tip\tnone"),
+    }
+    println!(
+        "connected\t{} blocks, {} txs, {} bytes",
+        report.progress.blocks, report.progress.txs, report.progress.bytes
+    );
+    println!("disconnected\t{}", report.disconnected);
+    Ok(())
+}
+
+/// Progress on stderr: a bar with blocks/s, MB/s and ETA on a terminal, log lines otherwise.
+struct Reporter {
+    bar: ProgressBar,
+    started: Instant,
+    last_log: Mutex<Instant>,
+    tty: bool,
+}
+
+impl Reporter {
+    fn new() -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        if !tty {
+            bar.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} blocks  {msg}  ETA {eta}")
+                .expect("static template is valid"),
+        );
+        Reporter {
+            bar,
+            started: Instant::now(),
+            last_log: Mutex::new(Instant::now()),
+            tty,
+        }
+    }
+
+    fn plan(&self, plan: &Plan) {
+        let total = plan.end.map_or(0, |end| u64::from(end - plan.start + 1));
+        self.bar.set_length(total);
+        tracing::info!(start = plan.start, end = ?plan.end, "rescan range");
+    }
+
+    fn rates(&self, p: &Progress) -> String {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        format!(
+            "height {}  {:.0} blocks/s  {:.1} MB/s  {:.0} tx/s",
+            p.height,
+            p.blocks as f64 / secs,
+            p.bytes as f64 / secs / 1e6,
+            p.txs as f64 / secs
+        )
+    }
+
+    fn commit(&self, p: &Progress) {
+        self.bar.set_position(p.blocks);
+        self.bar.set_message(self.rates(p));
+        if !self.tty {
+            let mut last = self.last_log.lock().expect("progress lock is never poisoned");
+            if last.elapsed() >= Duration::from_secs(5) {
+                *last = Instant::now();
+                let eta = self.bar.eta().as_secs();
+                tracing::info!(blocks = p.blocks, eta_s = eta, "{}", self.rates(p));
+            }
+        }
+    }
+
+    fn finish(&self, p: &Progress) {
+        self.bar.finish_and_clear();
+        tracing::info!("done: {}", self.rates(p));
+    }
+}

@@ -1,1 +1,8 @@
-//! placeholder
+//! Support for the end-to-end tests: where the shared fixtures are, a plain reference model
+//! of the watched UTXO set (written apart from the pipeline, slow and obviously right), a
+//! generator of valid regtest chains, and a writer of bitcoind-format block files.
+
+pub mod chaingen;
+pub mod fixtures;
+pub mod harness;
+pub mod reference;
