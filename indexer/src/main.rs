@@ -93,6 +93,9 @@ struct RescanArgs {
     /// Last height (default: the best chain's tip).
     #[arg(long)]
     to: Option<u32>,
+    /// Forget the indexed chain state first (wallets are kept) and index from scratch.
+    #[arg(long)]
+    reset: bool,
 }
 
 fn main() {
@@ -201,6 +204,10 @@ fn rescan_cmd(store: &Store, config: &Config, args: RescanArgs) -> Result<()> {
     let Some(blocks_dir) = args.blocks_dir else {
         bail!("rescan from bitcoind is not available yet: give --blocks-dir DIR (bitcoind's blocks directory)");
     };
+    if args.reset {
+        store.reset_chain_state()?;
+        tracing::info!("chain state reset; wallets kept");
+    }
     let scripts = wallets::load_filter(store, config.bloom_capacity, config.bloom_fp_rate)?;
     if scripts.is_empty() {
         tracing::warn!("no scripts are watched: add some with `indexer watch add`");

@@ -111,10 +111,7 @@ pub fn rescan_blocks_dir(
             if store.get(Cf::Meta, schema::META_RESCAN)?.as_deref() == Some(&job[..]) {
                 tip + 1 // the same rescan, interrupted: resume
             } else {
-                while store.tip()?.is_some_and(|(h, _)| h >= from) {
-                    store.disconnect_tip(false)?;
-                    disconnected += 1;
-                }
+                disconnected += store.disconnect_above(from.checked_sub(1), false)?;
                 from
             }
         }
@@ -168,26 +165,35 @@ pub fn rescan_blocks_dir(
     })
 }
 
-/// Disconnects indexed blocks that are not on `chain`; returns how many.
+/// Disconnects indexed blocks that are not on `chain`; returns how many. Refuses before
+/// changing anything when the fork is deeper than the kept undo journal.
 ///
 /// An index that is ahead of the files on the same chain is left alone.
 fn disconnect_to_fork<L>(store: &Store, chain: &[ChainEntry<L>]) -> Result<u32, StoreError> {
-    let mut disconnected = 0;
-    while let Some((height, hash)) = store.tip()? {
-        let on_chain = match chain.get(height as usize) {
-            Some(e) => e.hash == hash,
-            // Ahead of the files: fine if the files' tip is one of ours.
-            None => {
-                let last = chain.last().expect("chain holds genesis");
-                store.header(last.height)?.map(|h| h.block_hash()) == Some(last.hash)
-            }
-        };
-        if on_chain {
-            break;
+    let Some((tip, _)) = store.tip()? else {
+        return Ok(0);
+    };
+    let last = chain.last().expect("chain holds genesis");
+    let mut height = tip.min(last.height);
+    // The highest indexed height whose header is the chain's: the fork point.
+    let fork = loop {
+        match store.header(height)? {
+            Some(h) if h.block_hash() == chain[height as usize].hash => break Some(height),
+            // Below the first indexed block (indexing began above genesis): no common block.
+            None => break None,
+            Some(_) => {}
         }
-        let new_tip = store.disconnect_tip(false)?;
-        disconnected += 1;
-        warn!(height, %hash, new_tip = ?new_tip.map(|t| t.0), "disconnected a block not on the files' best chain");
+        match height.checked_sub(1) {
+            Some(h) => height = h,
+            None => break None,
+        }
+    };
+    if fork.is_some_and(|f| f >= last.height) {
+        return Ok(0); // on the chain, possibly ahead of the files
     }
-    Ok(disconnected)
+    let count = store.disconnect_above(fork, false)?;
+    if count > 0 {
+        warn!(count, fork = ?fork, "disconnected blocks that are not on the files' best chain");
+    }
+    Ok(count)
 }

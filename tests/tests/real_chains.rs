@@ -16,7 +16,7 @@ use std::path::Path;
 
 use bitcoin::{Block, Network, OutPoint, ScriptBuf};
 use rand::{Rng, SeedableRng};
-use system_tests::fixtures::{fixture, obfuscate, read_blk_blocks};
+use system_tests::fixtures::{fixture, obfuscate, read_blk_blocks, write_blk_file};
 use system_tests::harness::{assert_store_matches, open_with_wallets, rescan, TestWallet};
 use system_tests::reference::{self, longest_chain};
 
@@ -204,7 +204,8 @@ fn damaged_files_give_clear_errors_and_commit_nothing_half_done() {
     assert_store_matches(&store, &model, &wallets);
 
     // The same truncated record in a file that is not the newest is corruption.
-    copy_as(&fixture("damaged/zero-padded.dat"), blocks.path(), "blk00001.dat");
+    let genesis = bitcoin::blockdata::constants::genesis_block(Network::Testnet);
+    write_blk_file(&blocks.path().join("blk00001.dat"), Network::Testnet, &[genesis], [0; 8]);
     let err = rescan(&store, Network::Testnet, blocks.path(), None, None, None).unwrap_err().to_string();
     assert!(err.contains("blk00000.dat offset 95027"), "{err}");
 }

@@ -282,6 +282,39 @@ impl Store {
         Ok(out)
     }
 
+    /// Disconnects every block above `keep` (all of them for `None`), newest first, each
+    /// atomically; refuses before changing anything if an undo record is missing.
+    pub fn disconnect_above(&self, keep: Option<u32>, sync: bool) -> Result<u32, StoreError> {
+        let Some((tip, _)) = self.tip()? else {
+            return Ok(0);
+        };
+        let lowest = keep.map_or(0, |k| k + 1);
+        for height in (lowest..=tip).rev() {
+            if self.get(Cf::Undo, &schema::height_key(height))?.is_none() {
+                return Err(StoreError::UndoMissing { height });
+            }
+        }
+        let mut count = 0;
+        while self.tip()?.is_some_and(|(h, _)| h >= lowest) {
+            self.disconnect_tip(sync)?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Forgets the indexed chain (UTXOs, balances, history, headers, undo, tip) and keeps
+    /// the wallets and watched scripts, so the next rescan starts from scratch.
+    pub fn reset_chain_state(&self) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        let end = [0xffu8; 80];
+        for cf in [Cf::Headers, Cf::Undo].into_iter().chain(Cf::STATE) {
+            batch.inner.delete_range_cf(self.cf(cf), &[][..], &end[..]);
+        }
+        batch.delete(self, Cf::Meta, schema::META_TIP);
+        batch.delete(self, Cf::Meta, schema::META_RESCAN);
+        self.commit(batch, true)
+    }
+
     /// Undoes the tip block with its undo record; returns the new tip.
     pub fn disconnect_tip(&self, sync: bool) -> Result<Option<(u32, BlockHash)>, StoreError> {
         let (height, _) = self.tip()?.ok_or(StoreError::Empty)?;
