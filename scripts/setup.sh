@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the build needs on a fresh Debian 12 machine, and chooses the target dir.
+# Sourced by the other scripts.
+set -euo pipefail
+if ! dpkg -s libclang-dev >/dev/null 2>&1; then
+  echo "installing libclang-dev (RocksDB's bindgen needs it)" >&2
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq libclang-dev >/dev/null
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "installing cargo-nextest" >&2
+  cargo install --locked cargo-nextest >/dev/null
+fi
+# One persistent target dir outside the clone, so a fresh clone reuses RocksDB's C++ build.
+if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+  if [ -d /work ] && [ -w /work ]; then
+    export CARGO_TARGET_DIR=/work/target
+  else
+    export CARGO_TARGET_DIR="$PWD/target"
+  fi
+fi
