@@ -239,12 +239,11 @@ impl BlocksDir {
                 });
             }
             self.read_at(&file, path, offset + 8, &mut header)?;
-            let decoded: block::Header =
-                deserialize(&header).map_err(|e| BlkError::BadHeader {
-                    path: path.clone(),
-                    offset,
-                    detail: e.to_string(),
-                })?;
+            let decoded: block::Header = deserialize(&header).map_err(|e| BlkError::BadHeader {
+                path: path.clone(),
+                offset,
+                detail: e.to_string(),
+            })?;
             out.push((
                 decoded,
                 BlockLocation {
@@ -272,14 +271,25 @@ impl BlocksDir {
 
     /// Human-readable place of a block, for error messages.
     pub fn describe(&self, loc: BlockLocation) -> String {
-        format!("{} offset {}", self.files[loc.file].display(), loc.offset - 8)
+        format!(
+            "{} offset {}",
+            self.files[loc.file].display(),
+            loc.offset - 8
+        )
     }
 
-    fn read_at(&self, file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), BlkError> {
-        file.read_exact_at(buf, offset).map_err(|source| BlkError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+    fn read_at(
+        &self,
+        file: &File,
+        path: &Path,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), BlkError> {
+        file.read_exact_at(buf, offset)
+            .map_err(|source| BlkError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
         if self.xor_key != [0; 8] {
             // Rotate the key to this offset once, then XOR whole words: the compiler
             // vectorizes this, which a per-byte modulo would prevent.

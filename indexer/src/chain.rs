@@ -97,7 +97,10 @@ pub fn best_chain<L: Clone>(
 
     let best = nodes
         .iter()
-        .filter_map(|(hash, n)| n.linked.map(|(work, _)| (work, std::cmp::Reverse(n.order), *hash)))
+        .filter_map(|(hash, n)| {
+            n.linked
+                .map(|(work, _)| (work, std::cmp::Reverse(n.order), *hash))
+        })
         .max()
         .map(|(_, _, hash)| hash)
         .expect("genesis is linked");

@@ -109,7 +109,7 @@ impl Config {
     /// Resolves settings, with defaults for whatever is unset.
     pub fn resolve(c: FileConfig) -> Result<Config, ConfigError> {
         let network = parse_network(c.network.as_deref().unwrap_or("mainnet"))?;
-        let bloom_fp_rate = c.bloom_fp_rate.unwrap_or(1e-6);
+        let bloom_fp_rate = c.bloom_fp_rate.unwrap_or(1e-4);
         if !(bloom_fp_rate > 0.0 && bloom_fp_rate < 1.0) {
             return Err(ConfigError::Invalid(format!(
                 "bloom_fp_rate {bloom_fp_rate} must be between 0 and 1"
@@ -117,7 +117,9 @@ impl Config {
         }
         let gap_limit = c.gap_limit.unwrap_or(1000);
         if gap_limit == 0 || gap_limit > 10_000_000 {
-            return Err(ConfigError::Invalid(format!("gap_limit {gap_limit} must be 1..=10000000")));
+            return Err(ConfigError::Invalid(format!(
+                "gap_limit {gap_limit} must be 1..=10000000"
+            )));
         }
         Ok(Config {
             db: c.db.unwrap_or_else(|| PathBuf::from("indexer-db")),
@@ -136,7 +138,8 @@ mod tests {
 
     #[test]
     fn flags_win_over_the_file_and_defaults_fill_the_rest() {
-        let file: FileConfig = toml::from_str("db = \"/a\"\nnetwork = \"regtest\"\nundo_depth = 7").unwrap();
+        let file: FileConfig =
+            toml::from_str("db = \"/a\"\nnetwork = \"regtest\"\nundo_depth = 7").unwrap();
         let flags = FileConfig {
             db: Some("/b".into()),
             ..FileConfig::default()
@@ -155,7 +158,10 @@ mod tests {
             network: Some("moon".into()),
             ..FileConfig::default()
         };
-        assert!(Config::resolve(bad).unwrap_err().to_string().contains("moon"));
+        assert!(Config::resolve(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("moon"));
         let bad = FileConfig {
             bloom_fp_rate: Some(1.5),
             ..FileConfig::default()

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use bitcoin::{BlockHash, Network};
 use tracing::{info, warn};
 
+use crate::blkfile::BlockLocation;
 use crate::blkfile::{BlkError, BlocksDir, PartialTail};
 use crate::chain::{self, ChainEntry, ChainError, Rejected};
-use crate::blkfile::BlockLocation;
 use crate::pipeline::parse::RawBlock;
 use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
 use crate::store::schema::{self, Cf};
@@ -98,7 +98,12 @@ pub fn rescan_blocks_dir(
     if let Some(t) = &scan.partial_tail {
         warn!(file = %t.path.display(), offset = t.offset, "partial record at the end of the newest file skipped (still being written?)");
     }
-    info!(files = dir.files().len(), blocks = scan.headers.len(), mb = scan.block_bytes >> 20, "scanned block files");
+    info!(
+        files = dir.files().len(),
+        blocks = scan.headers.len(),
+        mb = scan.block_bytes >> 20,
+        "scanned block files"
+    );
     let (chain, rejected) = chain::best_chain(network, scan.headers)?;
     let chain_tip = chain.len() as u32 - 1;
     info!(height = chain_tip, hash = %chain[chain_tip as usize].hash, ?rejected, "best chain in files");

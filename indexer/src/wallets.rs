@@ -88,8 +88,18 @@ pub fn add(
                 Some(v) => schema::decode_wallet(&v).map_err(StoreError::from)?,
                 None => WalletId(0),
             };
-            batch.put(store, Cf::Wallets, wallet.as_bytes(), &schema::wallet_key(next));
-            batch.put(store, Cf::Meta, schema::META_NEXT_WALLET, &schema::wallet_key(WalletId(next.0 + 1)));
+            batch.put(
+                store,
+                Cf::Wallets,
+                wallet.as_bytes(),
+                &schema::wallet_key(next),
+            );
+            batch.put(
+                store,
+                Cf::Meta,
+                schema::META_NEXT_WALLET,
+                &schema::wallet_key(WalletId(next.0 + 1)),
+            );
             next
         }
     };
@@ -104,7 +114,12 @@ pub fn add(
     for e in &expanded {
         let mut value = birth_height.unwrap_or(u32::MAX).to_be_bytes().to_vec();
         value.extend_from_slice(e.descriptor.as_bytes());
-        batch.put(store, Cf::Descriptors, &schema::descriptor_key(id, seq), &value);
+        batch.put(
+            store,
+            Cf::Descriptors,
+            &schema::descriptor_key(id, seq),
+            &value,
+        );
         seq += 1;
         for script in &e.scripts {
             let sid = ScriptId::of(script);
@@ -136,7 +151,12 @@ pub fn add(
         batch.put(store, Cf::Watch, &sid.0, &schema::encode_watch(rec));
     }
     if !wallet_balance.is_empty() {
-        batch.put(store, Cf::WalletBalance, &schema::wallet_key(id), &schema::encode_balance(&wallet_balance));
+        batch.put(
+            store,
+            Cf::WalletBalance,
+            &schema::wallet_key(id),
+            &schema::encode_balance(&wallet_balance),
+        );
     }
     store.commit(batch, true)?;
     Ok(Added {
@@ -185,7 +205,11 @@ pub fn list(store: &Store) -> Result<Vec<WalletInfo>, StoreError> {
 }
 
 /// A bloom filter holding every watched script.
-pub fn load_filter(store: &Store, capacity: usize, fp_rate: f64) -> Result<ScriptFilter, StoreError> {
+pub fn load_filter(
+    store: &Store,
+    capacity: usize,
+    fp_rate: f64,
+) -> Result<ScriptFilter, StoreError> {
     let mut filter = ScriptFilter::new(capacity, fp_rate);
     store.for_each(Cf::Watch, |_, v| {
         filter.insert(schema::decode_watch(v)?.script.as_bytes());

@@ -111,7 +111,9 @@ fn strip_checksum(descriptor: &str) -> Result<&str, WatchError> {
 
 /// The argument of `name(...)`, if `text` is that form.
 fn inner<'a>(text: &'a str, name: &str) -> Option<&'a str> {
-    text.strip_prefix(name)?.strip_prefix('(')?.strip_suffix(')')
+    text.strip_prefix(name)?
+        .strip_prefix('(')?
+        .strip_suffix(')')
 }
 
 fn address_script(addr: &str, network: Network, descriptor: &str) -> Result<ScriptBuf, WatchError> {
@@ -187,9 +189,22 @@ mod tests {
 
     #[test]
     fn addresses_and_raw_scripts() {
-        let e = expand("bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq", Network::Bitcoin, 20).unwrap();
-        assert_eq!(e.scripts[0].to_hex_string(), "0014e8df018c7e326cc253faac7e46cdc51e68542c42");
-        let same = expand("addr(bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq)", Network::Bitcoin, 20).unwrap();
+        let e = expand(
+            "bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq",
+            Network::Bitcoin,
+            20,
+        )
+        .unwrap();
+        assert_eq!(
+            e.scripts[0].to_hex_string(),
+            "0014e8df018c7e326cc253faac7e46cdc51e68542c42"
+        );
+        let same = expand(
+            "addr(bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq)",
+            Network::Bitcoin,
+            20,
+        )
+        .unwrap();
         assert_eq!(same.scripts, e.scripts);
         let raw = expand("raw(6a0568656c6c6f)", Network::Bitcoin, 20).unwrap();
         assert_eq!(raw.scripts[0].to_hex_string(), "6a0568656c6c6f");
@@ -197,7 +212,12 @@ mod tests {
 
     #[test]
     fn wrong_network_is_refused() {
-        let err = expand("bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq", Network::Regtest, 20).unwrap_err();
+        let err = expand(
+            "bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq",
+            Network::Regtest,
+            20,
+        )
+        .unwrap_err();
         assert!(matches!(err, WatchError::WrongNetwork { .. }), "{err}");
         let err = expand(&format!("wpkh({XPUB}/0/*)"), Network::Testnet, 3).unwrap_err();
         assert!(matches!(err, WatchError::WrongNetwork { .. }), "{err}");
@@ -225,7 +245,10 @@ mod tests {
     fn garbage_is_a_clear_error() {
         for bad in ["wpkh(nonsense)", "raw(zz)", "addr(1111)", "pkh("] {
             let err = expand(bad, Network::Bitcoin, 1).unwrap_err();
-            assert!(err.to_string().contains("invalid descriptor"), "{bad}: {err}");
+            assert!(
+                err.to_string().contains("invalid descriptor"),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -237,7 +260,9 @@ mod tests {
             f.insert(&i.to_be_bytes());
         }
         assert!((0u32..1000).all(|i| f.may_contain(&i.to_be_bytes())));
-        let fp = (1000u32..101_000).filter(|i| f.may_contain(&i.to_be_bytes())).count();
+        let fp = (1000u32..101_000)
+            .filter(|i| f.may_contain(&i.to_be_bytes()))
+            .count();
         assert!(fp < 1000, "false positives {fp} of 100000");
     }
 }

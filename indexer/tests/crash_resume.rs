@@ -48,13 +48,20 @@ fn descriptor_file(dir: &Path, out: &Path) {
 
 fn indexer(db: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
-    cmd.arg("--db").arg(db).args(args).env("INDEXER_LOG", "warn");
+    cmd.arg("--db")
+        .arg(db)
+        .args(args)
+        .env("INDEXER_LOG", "warn");
     cmd
 }
 
 fn run_ok(db: &Path, args: &[&str]) -> String {
     let out = indexer(db, args).output().expect("run indexer");
-    assert!(out.status.success(), "indexer {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "indexer {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -77,7 +84,10 @@ fn sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run() {
     let desc_arg = descriptors.to_str().unwrap();
 
     let clean = tmp.path().join("clean");
-    run_ok(&clean, &["watch", "add", "--wallet", "w", "--file", desc_arg]);
+    run_ok(
+        &clean,
+        &["watch", "add", "--wallet", "w", "--file", desc_arg],
+    );
     let started = std::time::Instant::now();
     run_ok(&clean, &["rescan", "--blocks-dir", blocks_arg]);
     // Kill moments are drawn from the span of a whole run, so they land in every phase.
@@ -85,15 +95,21 @@ fn sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run() {
     let expected = digest(&clean);
 
     let killed = tmp.path().join("killed");
-    run_ok(&killed, &["watch", "add", "--wallet", "w", "--file", desc_arg]);
+    run_ok(
+        &killed,
+        &["watch", "add", "--wallet", "w", "--file", desc_arg],
+    );
     let mut rng = rand::thread_rng();
     let mut kills = 0;
     for _ in 0..10 {
-        let mut child = indexer(&killed, &["rescan", "--blocks-dir", blocks_arg, "--from", "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn indexer");
+        let mut child = indexer(
+            &killed,
+            &["rescan", "--blocks-dir", blocks_arg, "--from", "0"],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn indexer");
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..span_ms)));
         // SIGKILL only the child we started; it may have finished already.
         let _ = child.kill();
@@ -101,7 +117,10 @@ fn sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run() {
             kills += 1;
         }
     }
-    run_ok(&killed, &["rescan", "--blocks-dir", blocks_arg, "--from", "0"]);
+    run_ok(
+        &killed,
+        &["rescan", "--blocks-dir", blocks_arg, "--from", "0"],
+    );
     eprintln!("killed {kills} of 10 runs before they finished");
     assert_eq!(digest(&killed), expected);
     let tip = run_ok(&killed, &["status"]);

@@ -46,7 +46,10 @@ pub fn script_palette(seed: u64, n: usize) -> Vec<ScriptBuf> {
             let h20: [u8; 20] = rng.gen();
             let h32: [u8; 32] = rng.gen();
             match i % 9 {
-                0 => Builder::new().push_slice(key).push_opcode(OP_CHECKSIG).into_script(),
+                0 => Builder::new()
+                    .push_slice(key)
+                    .push_opcode(OP_CHECKSIG)
+                    .into_script(),
                 1 => ScriptBuf::new_p2pkh(&bitcoin::PubkeyHash::from_byte_array(h20)),
                 2 => ScriptBuf::new_p2sh(&bitcoin::ScriptHash::from_byte_array(h20)),
                 3 => ScriptBuf::new_p2wpkh(&bitcoin::WPubkeyHash::from_byte_array(h20)),
@@ -175,7 +178,10 @@ impl ChainGen {
             }
         }
         picked.sort_unstable_by(|a, b| b.cmp(a));
-        let coins: Vec<Coin> = picked.into_iter().map(|i| self.pool.swap_remove(i)).collect();
+        let coins: Vec<Coin> = picked
+            .into_iter()
+            .map(|i| self.pool.swap_remove(i))
+            .collect();
         let total: u64 = coins.iter().map(|c| c.value).sum();
         let fee = 1000.min(total);
         let n_out = self.rng.gen_range(1..=4);

@@ -71,20 +71,44 @@ pub fn assert_store_matches(store: &Store, model: &Model, wallets: &[TestWallet]
     let stored = store.utxos().expect("read utxos");
     assert_eq!(stored.len(), model.utxos.len(), "number of watched utxos");
     for (op, u) in &stored {
-        let m = model.utxos.get(op).unwrap_or_else(|| panic!("stored utxo {op} not in the model"));
-        assert_eq!((u.value, &u.script, u.height, u.coinbase), (m.value, &m.script, m.height, m.coinbase), "utxo {op}");
+        let m = model
+            .utxos
+            .get(op)
+            .unwrap_or_else(|| panic!("stored utxo {op} not in the model"));
+        assert_eq!(
+            (u.value, &u.script, u.height, u.coinbase),
+            (m.value, &m.script, m.height, m.coinbase),
+            "utxo {op}"
+        );
     }
     let tip = store.tip().expect("tip").expect("indexed something");
     assert_eq!(tip.0, model.tip, "tip height");
-    let all: BTreeSet<ScriptBuf> = wallets.iter().flat_map(|w| w.scripts.iter().cloned()).collect();
+    let all: BTreeSet<ScriptBuf> = wallets
+        .iter()
+        .flat_map(|w| w.scripts.iter().cloned())
+        .collect();
     for script in &all {
-        let b = store.script_balance(&ScriptId::of(script)).expect("script balance");
+        let b = store
+            .script_balance(&ScriptId::of(script))
+            .expect("script balance");
         let one = BTreeSet::from([script.clone()]);
-        assert_eq!((b.confirmed, b.immature, b.utxo_count), model.balance(&one), "balance of script {script}");
+        assert_eq!(
+            (b.confirmed, b.immature, b.utxo_count),
+            model.balance(&one),
+            "balance of script {script}"
+        );
     }
     for w in wallets {
-        let id = store.wallet_id(&w.name).expect("wallet id").expect("wallet exists");
+        let id = store
+            .wallet_id(&w.name)
+            .expect("wallet id")
+            .expect("wallet exists");
         let b = store.wallet_balance(id).expect("wallet balance");
-        assert_eq!((b.confirmed, b.immature, b.utxo_count), model.balance(&w.scripts), "balance of wallet {}", w.name);
+        assert_eq!(
+            (b.confirmed, b.immature, b.utxo_count),
+            model.balance(&w.scripts),
+            "balance of wallet {}",
+            w.name
+        );
     }
 }

@@ -17,7 +17,9 @@ use bitcoin::absolute::LockTime;
 use bitcoin::script::Builder;
 use bitcoin::secp256k1::{Secp256k1, SecretKey};
 use bitcoin::transaction::Version;
-use bitcoin::{Amount, Block, Network, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness};
+use bitcoin::{
+    Amount, Block, Network, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness,
+};
 use indexer::store::Store;
 use indexer::types::ScriptId;
 use proptest::prelude::*;
@@ -65,7 +67,12 @@ fn edge_cases_match_the_model_and_hold_individually() {
         .push_opcode(bitcoin::opcodes::all::OP_CHECKSIG)
         .into_script();
     let palette = script_palette(10, 12);
-    let (s_many, s_zero, s_chain, s_bip30) = (palette[3].clone(), palette[4].clone(), palette[5].clone(), palette[1].clone());
+    let (s_many, s_zero, s_chain, s_bip30) = (
+        palette[3].clone(),
+        palette[4].clone(),
+        palette[5].clone(),
+        palette[1].clone(),
+    );
     let unwatched = script_palette(99, 3);
     let memo = op_return(b"watched memo");
 
@@ -80,15 +87,30 @@ fn edge_cases_match_the_model_and_hold_individually() {
     // P2PK, and a spend of an output created earlier in the same block.
     let many = spend(
         &[OutPoint::new(cb1, 0)],
-        (0..50).map(|_| out(&s_many, 1000)).chain([out(&s_zero, 0), out(&s_zero, 0), out(&memo, 0), out(&p2pk, 777), out(&s_chain, 5000)]).collect(),
+        (0..50)
+            .map(|_| out(&s_many, 1000))
+            .chain([
+                out(&s_zero, 0),
+                out(&s_zero, 0),
+                out(&memo, 0),
+                out(&p2pk, 777),
+                out(&s_chain, 5000),
+            ])
+            .collect(),
     );
-    let same_block = spend(&[OutPoint::new(many.compute_txid(), 54)], vec![out(&unwatched[0], 4000)]);
+    let same_block = spend(
+        &[OutPoint::new(many.compute_txid(), 54)],
+        vec![out(&unwatched[0], 4000)],
+    );
     let cb = gen.coinbase(102, vec![out(&unwatched[1], 50_0000_0000)]);
     gen.add_block(cb, vec![many.clone(), same_block.clone()]);
 
     // Height 103 and 110: the same coinbase twice (BIP30): the later overwrites.
     let dup = gen.coinbase(103, vec![out(&s_bip30, 12_345)]);
-    gen.add_block(dup.clone(), vec![spend(&[OutPoint::new(cb2, 0)], vec![out(&unwatched[2], 1)])]);
+    gen.add_block(
+        dup.clone(),
+        vec![spend(&[OutPoint::new(cb2, 0)], vec![out(&unwatched[2], 1)])],
+    );
     for _ in 0..6 {
         gen.add_random_block(0);
     }
@@ -97,7 +119,14 @@ fn edge_cases_match_the_model_and_hold_individually() {
 
     let watched = TestWallet {
         name: "edge".into(),
-        scripts: [s_many.clone(), s_zero.clone(), s_chain.clone(), s_bip30.clone(), memo.clone()].into(),
+        scripts: [
+            s_many.clone(),
+            s_zero.clone(),
+            s_chain.clone(),
+            s_bip30.clone(),
+            memo.clone(),
+        ]
+        .into(),
     };
     let blocks = tempfile::tempdir().unwrap();
     write_chain(blocks.path(), "blk00000.dat", &chain);
@@ -117,14 +146,30 @@ fn edge_cases_match_the_model_and_hold_individually() {
     assert_store_matches(&store, &model, &[watched.clone(), p2pk_wallet]);
 
     let balance = |s: &ScriptBuf| store.script_balance(&ScriptId::of(s)).unwrap();
-    assert_eq!((balance(&s_many).confirmed, balance(&s_many).utxo_count), (50_000, 50));
-    assert_eq!((balance(&s_zero).confirmed, balance(&s_zero).utxo_count), (0, 2), "zero-value outputs are utxos");
+    assert_eq!(
+        (balance(&s_many).confirmed, balance(&s_many).utxo_count),
+        (50_000, 50)
+    );
+    assert_eq!(
+        (balance(&s_zero).confirmed, balance(&s_zero).utxo_count),
+        (0, 2),
+        "zero-value outputs are utxos"
+    );
     assert_eq!(balance(&s_chain).utxo_count, 0, "spent in its own block");
     assert_eq!(balance(&memo).utxo_count, 0, "OP_RETURN is never a utxo");
     assert_eq!(balance(&p2pk).confirmed, 777);
-    let bip30 = store.utxo(&OutPoint::new(dup.compute_txid(), 0)).unwrap().unwrap();
-    assert_eq!(bip30.height, 110, "the later duplicate coinbase overwrote the earlier");
-    assert_eq!((balance(&s_bip30).immature, balance(&s_bip30).utxo_count), (12_345, 1));
+    let bip30 = store
+        .utxo(&OutPoint::new(dup.compute_txid(), 0))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        bip30.height, 110,
+        "the later duplicate coinbase overwrote the earlier"
+    );
+    assert_eq!(
+        (balance(&s_bip30).immature, balance(&s_bip30).utxo_count),
+        (12_345, 1)
+    );
 
     // 100 blocks on top of 110, the duplicate coinbase matures: immature -> confirmed.
     for _ in 0..99 {
@@ -133,11 +178,18 @@ fn edge_cases_match_the_model_and_hold_individually() {
     write_chain(blocks.path(), "blk00001.dat", &gen.blocks()[chain.len()..]);
     rescan(&store, NET, blocks.path(), None, None, None).unwrap();
     assert_eq!(store.tip().unwrap().unwrap().0, 209);
-    assert_eq!(balance(&s_bip30).immature, 12_345, "one block short of maturity");
+    assert_eq!(
+        balance(&s_bip30).immature,
+        12_345,
+        "one block short of maturity"
+    );
     gen.add_random_block(0);
     write_chain(blocks.path(), "blk00002.dat", &gen.blocks()[210..]);
     rescan(&store, NET, blocks.path(), None, None, None).unwrap();
-    assert_eq!((balance(&s_bip30).confirmed, balance(&s_bip30).immature), (12_345, 0));
+    assert_eq!(
+        (balance(&s_bip30).confirmed, balance(&s_bip30).immature),
+        (12_345, 0)
+    );
 }
 
 /// A random chain of `len` blocks after genesis with up to `txs` transactions each.
@@ -151,8 +203,14 @@ fn random_chain(seed: u64, palette: &[ScriptBuf], len: u32, txs: usize) -> Chain
 
 fn wallets_from_mask(palette: &[ScriptBuf], mask: u64) -> Vec<TestWallet> {
     let mut wallets = vec![
-        TestWallet { name: "a".into(), scripts: BTreeSet::new() },
-        TestWallet { name: "b".into(), scripts: BTreeSet::new() },
+        TestWallet {
+            name: "a".into(),
+            scripts: BTreeSet::new(),
+        },
+        TestWallet {
+            name: "b".into(),
+            scripts: BTreeSet::new(),
+        },
     ];
     for (i, s) in palette.iter().enumerate() {
         if mask >> (i % 64) & 1 == 1 {
@@ -166,7 +224,10 @@ fn wallets_from_mask(palette: &[ScriptBuf], mask: u64) -> Vec<TestWallet> {
 }
 
 fn all_scripts(wallets: &[TestWallet]) -> BTreeSet<ScriptBuf> {
-    wallets.iter().flat_map(|w| w.scripts.iter().cloned()).collect()
+    wallets
+        .iter()
+        .flat_map(|w| w.scripts.iter().cloned())
+        .collect()
 }
 
 fn fresh_digest(blocks: &[Block], wallets: &[TestWallet]) -> bitcoin::hashes::sha256::Hash {
@@ -253,9 +314,18 @@ fn a_reorg_deeper_than_the_undo_journal_is_refused() {
     rescan(&store, NET, dir.path(), None, None, Some(4)).unwrap();
     let before = store.digest().unwrap();
     write_chain(dir.path(), "blk00001.dat", &b.blocks()[111..]);
-    let err = rescan(&store, NET, dir.path(), None, None, Some(4)).unwrap_err().to_string();
-    assert!(err.contains("undo") && err.contains("indexer rescan"), "{err}");
-    assert_eq!(store.tip().unwrap().unwrap().0, 116, "refused before disconnecting anything");
+    let err = rescan(&store, NET, dir.path(), None, None, Some(4))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("undo") && err.contains("indexer rescan"),
+        "{err}"
+    );
+    assert_eq!(
+        store.tip().unwrap().unwrap().0,
+        116,
+        "refused before disconnecting anything"
+    );
     assert_eq!(store.digest().unwrap(), before);
 
     // The way out the error names: forget the chain state and index the files afresh.

@@ -60,7 +60,10 @@ fn wallets_for(chain: &[Block], seed: u64) -> Vec<TestWallet> {
 }
 
 fn all_scripts(wallets: &[TestWallet]) -> BTreeSet<ScriptBuf> {
-    wallets.iter().flat_map(|w| w.scripts.iter().cloned()).collect()
+    wallets
+        .iter()
+        .flat_map(|w| w.scripts.iter().cloned())
+        .collect()
 }
 
 fn copy_as(src: &Path, dir: &Path, name: &str) {
@@ -102,7 +105,10 @@ fn mainnet_0_4312_matches_the_reference_model() {
 
 #[test]
 fn mainnet_0_599_across_two_files_matches_the_reference_model() {
-    let dir = fixture("mainnet-0-599/blk00000.dat").parent().unwrap().to_owned();
+    let dir = fixture("mainnet-0-599/blk00000.dat")
+        .parent()
+        .unwrap()
+        .to_owned();
     let mut chain = read_blk_blocks(&dir.join("blk00000.dat"));
     chain.extend(read_blk_blocks(&dir.join("blk00001.dat")));
     assert_eq!(chain.len(), 600);
@@ -139,13 +145,20 @@ fn btcd_reorg_fixture_takes_the_most_work_chain_in_any_file_order() {
     for order in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]] {
         let blocks = tempfile::tempdir().unwrap();
         for (i, &f) in order.iter().enumerate() {
-            copy_as(&fixture(&format!("reorg-btcd/{}", REORG_FILES[f])), blocks.path(), &format!("blk{i:05}.dat"));
+            copy_as(
+                &fixture(&format!("reorg-btcd/{}", REORG_FILES[f])),
+                blocks.path(),
+                &format!("blk{i:05}.dat"),
+            );
         }
         let db = tempfile::tempdir().unwrap();
         let store = open_with_wallets(db.path(), Network::Bitcoin, &wallets);
         let report = rescan(&store, Network::Bitcoin, blocks.path(), None, None, None).unwrap();
         assert_eq!(report.tip.unwrap().1, chain[5].block_hash());
-        assert_eq!(report.rejected.off_chain, 2, "blocks 3 and 4 of the main chain are stale");
+        assert_eq!(
+            report.rejected.off_chain, 2,
+            "blocks 3 and 4 of the main chain are stale"
+        );
         assert_store_matches(&store, &model, &wallets);
         digests.insert(store.digest().unwrap());
     }
@@ -153,13 +166,21 @@ fn btcd_reorg_fixture_takes_the_most_work_chain_in_any_file_order() {
 
     // Index the first chain alone, then let the side chain arrive: a 2-block reorg.
     let blocks = tempfile::tempdir().unwrap();
-    copy_as(&fixture("reorg-btcd/blk_0_to_4.dat"), blocks.path(), "blk00000.dat");
+    copy_as(
+        &fixture("reorg-btcd/blk_0_to_4.dat"),
+        blocks.path(),
+        "blk00000.dat",
+    );
     let db = tempfile::tempdir().unwrap();
     let store = open_with_wallets(db.path(), Network::Bitcoin, &wallets);
     let first = rescan(&store, Network::Bitcoin, blocks.path(), None, None, None).unwrap();
     assert_eq!(first.tip.unwrap().0, 4);
     for (i, f) in REORG_FILES[1..].iter().enumerate() {
-        copy_as(&fixture(&format!("reorg-btcd/{f}")), blocks.path(), &format!("blk{:05}.dat", i + 1));
+        copy_as(
+            &fixture(&format!("reorg-btcd/{f}")),
+            blocks.path(),
+            &format!("blk{:05}.dat", i + 1),
+        );
     }
     let second = rescan(&store, Network::Bitcoin, blocks.path(), None, None, None).unwrap();
     assert_eq!(second.disconnected, 2);
@@ -177,22 +198,39 @@ fn damaged_files_give_clear_errors_and_commit_nothing_half_done() {
     // A misaligned record after block 599: the error names the file and offset.
     let blocks = tempfile::tempdir().unwrap();
     copy_as(&good, blocks.path(), "blk00000.dat");
-    copy_as(&fixture("damaged/corrupt-tail.dat"), blocks.path(), "blk00001.dat");
+    copy_as(
+        &fixture("damaged/corrupt-tail.dat"),
+        blocks.path(),
+        "blk00001.dat",
+    );
     let db = tempfile::tempdir().unwrap();
     let store = open_with_wallets(db.path(), Network::Bitcoin, &wallets);
-    let err = rescan(&store, Network::Bitcoin, blocks.path(), None, None, None).unwrap_err().to_string();
-    assert!(err.contains("blk00001.dat") && err.contains("offset 70449"), "{err}");
+    let err = rescan(&store, Network::Bitcoin, blocks.path(), None, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("blk00001.dat") && err.contains("offset 70449"),
+        "{err}"
+    );
     assert_eq!(store.tip().unwrap(), None, "nothing committed");
 
     // Zero padding, as bitcoind preallocates: the end of the file, not an error.
     std::fs::remove_file(blocks.path().join("blk00001.dat")).unwrap();
-    copy_as(&fixture("damaged/zero-padded.dat"), blocks.path(), "blk00001.dat");
+    copy_as(
+        &fixture("damaged/zero-padded.dat"),
+        blocks.path(),
+        "blk00001.dat",
+    );
     let report = rescan(&store, Network::Bitcoin, blocks.path(), None, None, None).unwrap();
     assert_eq!(report.tip.unwrap().0, 599);
 
     // testnet3 with block 401 cut off mid-record in the newest file: indexed to 400.
     let blocks = tempfile::tempdir().unwrap();
-    copy_as(&fixture("damaged/testnet3-truncated-record.dat"), blocks.path(), "blk00000.dat");
+    copy_as(
+        &fixture("damaged/testnet3-truncated-record.dat"),
+        blocks.path(),
+        "blk00000.dat",
+    );
     let chain = read_blk_blocks(&blocks.path().join("blk00000.dat"));
     let wallets = wallets_for(&chain, 5);
     let model = reference::compute(&chain, 0, &all_scripts(&wallets));
@@ -205,8 +243,15 @@ fn damaged_files_give_clear_errors_and_commit_nothing_half_done() {
 
     // The same truncated record in a file that is not the newest is corruption.
     let genesis = bitcoin::blockdata::constants::genesis_block(Network::Testnet);
-    write_blk_file(&blocks.path().join("blk00001.dat"), Network::Testnet, &[genesis], [0; 8]);
-    let err = rescan(&store, Network::Testnet, blocks.path(), None, None, None).unwrap_err().to_string();
+    write_blk_file(
+        &blocks.path().join("blk00001.dat"),
+        Network::Testnet,
+        &[genesis],
+        [0; 8],
+    );
+    let err = rescan(&store, Network::Testnet, blocks.path(), None, None, None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("blk00000.dat offset 95027"), "{err}");
 }
 
@@ -228,8 +273,13 @@ fn a_damaged_block_body_stops_at_that_block_with_everything_before_committed() {
     std::fs::write(blocks.path().join("blk00000.dat"), &data).unwrap();
     let db = tempfile::tempdir().unwrap();
     let store = open_with_wallets(db.path(), Network::Bitcoin, &wallets);
-    let err = rescan(&store, Network::Bitcoin, blocks.path(), None, None, None).unwrap_err().to_string();
-    assert!(err.contains(&format!("blk00000.dat offset {offset}")) && err.contains("block 3000"), "{err}");
+    let err = rescan(&store, Network::Bitcoin, blocks.path(), None, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("blk00000.dat offset {offset}")) && err.contains("block 3000"),
+        "{err}"
+    );
     assert_eq!(store.tip().unwrap().unwrap().0, 2999);
     let model = reference::compute(&chain[..3000], 0, &all_scripts(&wallets));
     assert_store_matches(&store, &model, &wallets);

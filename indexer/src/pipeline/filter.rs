@@ -1,5 +1,7 @@
 //! Filter stage: keep every input (spends are matched later against the watched UTXO set)
-//! and only the outputs paying watched scripts: bloom filter first, exact lookup on a hit.
+//! and only the outputs paying watched scripts. The bloom pass runs inside the parallel
+//! parse workers (it is per-output CPU work, and dropping unwatched outputs there frees
+//! their memory on the thread that allocated it); the exact lookup runs in this stage.
 
 use bitcoin::{block, BlockHash, OutPoint, ScriptBuf, Txid};
 
@@ -48,33 +50,35 @@ pub struct FilteredBlock {
     pub txs: Vec<FilteredTx>,
 }
 
-/// The filter stage's view of the watch set.
+/// Drops every output the bloom filter rules out, and OP_RETURN outputs (unspendable:
+/// never UTXOs, even if watched by `raw()`).
+pub fn bloom_pass(block: &mut ParsedBlock, scripts: &ScriptFilter) {
+    for tx in &mut block.txs {
+        tx.outputs.retain(|(_, out)| {
+            scripts.may_contain(out.script_pubkey.as_bytes()) && !out.script_pubkey.is_op_return()
+        });
+    }
+}
+
+/// The filter stage's view of the watch set: exact lookups of the bloom pass's survivors.
 pub struct Filter<'a> {
-    /// Bloom filter over watched scripts.
-    pub scripts: &'a ScriptFilter,
-    /// Exact lookups on bloom hits.
+    /// The watch column family.
     pub store: &'a Store,
 }
 
 impl Filter<'_> {
-    /// Keeps the block's inputs and its outputs that pay watched scripts.
+    /// Keeps the block's inputs and its outputs that pay watched scripts (after [`bloom_pass`]).
     pub fn filter_block(&self, block: ParsedBlock) -> Result<FilteredBlock, StoreError> {
         let mut txs = Vec::with_capacity(block.txs.len());
         for tx in block.txs {
             let mut watched = Vec::new();
-            for (vout, out) in tx.outputs.into_iter().enumerate() {
-                // OP_RETURN outputs are unspendable: never UTXOs, even if watched by raw().
-                if !self.scripts.may_contain(out.script_pubkey.as_bytes())
-                    || out.script_pubkey.is_op_return()
-                {
-                    continue;
-                }
+            for (vout, out) in tx.outputs {
                 let script_id = ScriptId::of(&out.script_pubkey);
                 let Some(rec) = self.store.watch(&script_id)? else {
                     continue; // bloom false positive
                 };
                 watched.push(WatchedOutput {
-                    vout: vout as u32,
+                    vout,
                     value: out.value.to_sat(),
                     script: out.script_pubkey,
                     script_id,

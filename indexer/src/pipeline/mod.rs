@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! source ──chunks──▶ parse (rayon) ──chunks──▶ filter ──blocks──▶ apply ──changes──▶ write
-//!  (blk files,        txids, merkle       bloom, then       sequential,       one RocksDB
-//!   bitcoind)         check               exact lookup      in height order   batch per group
+//!  (blk files,        txids, merkle,      exact lookup      sequential,       one RocksDB
+//!   bitcoind)         bloom pass          of bloom hits     in height order   batch per group
 //! ```
 //!
 //! End of stream is a dropped sender. A failing stage returns its error and drops its
@@ -95,14 +95,14 @@ where
     let (parsed_tx, parsed_rx) = bounded::<Vec<ParsedBlock>>(2);
     let (filtered_tx, filtered_rx) = bounded::<FilteredBlock>(64);
     let (changes_tx, changes_rx) = bounded::<BlockChanges>(64);
-    let filter = Filter { scripts, store };
+    let filter = Filter { store };
     thread::scope(|s| {
         let spawn = |name: &str| thread::Builder::new().name(name.to_string());
         let read = spawn("read")
             .spawn_scoped(s, move || read_stage(source, opts.chunk_bytes, raw_tx))
             .expect("spawn read thread");
         let parse = spawn("parse")
-            .spawn_scoped(s, move || parse_stage(raw_rx, parsed_tx))
+            .spawn_scoped(s, move || parse_stage(scripts, raw_rx, parsed_tx))
             .expect("spawn parse thread");
         let filter = spawn("filter")
             .spawn_scoped(s, move || filter_stage(&filter, parsed_rx, filtered_tx))
@@ -111,7 +111,9 @@ where
             .spawn_scoped(s, move || apply_stage(state, filtered_rx, changes_tx))
             .expect("spawn apply thread");
         let write = spawn("write")
-            .spawn_scoped(s, move || write_stage(store, &opts.write, changes_rx, on_commit))
+            .spawn_scoped(s, move || {
+                write_stage(store, &opts.write, changes_rx, on_commit)
+            })
             .expect("spawn write thread");
         // The earliest stage's error is the cause; later ones only saw their input end.
         let results = [
@@ -128,7 +130,11 @@ where
     })
 }
 
-fn read_stage<I>(source: I, chunk_bytes: usize, out: Sender<Vec<RawBlock>>) -> Result<(), PipelineError>
+fn read_stage<I>(
+    source: I,
+    chunk_bytes: usize,
+    out: Sender<Vec<RawBlock>>,
+) -> Result<(), PipelineError>
 where
     I: Iterator<Item = Result<RawBlock, SourceError>>,
 {
@@ -158,10 +164,20 @@ where
     Ok(())
 }
 
-fn parse_stage(input: Receiver<Vec<RawBlock>>, out: Sender<Vec<ParsedBlock>>) -> Result<(), PipelineError> {
+fn parse_stage(
+    scripts: &ScriptFilter,
+    input: Receiver<Vec<RawBlock>>,
+    out: Sender<Vec<ParsedBlock>>,
+) -> Result<(), PipelineError> {
     for chunk in input {
-        let results: Vec<Result<ParsedBlock, ParseError>> =
-            chunk.into_par_iter().map(parse::parse_block).collect();
+        let results: Vec<Result<ParsedBlock, ParseError>> = chunk
+            .into_par_iter()
+            .map(|raw| {
+                let mut block = parse::parse_block(raw)?;
+                filter::bloom_pass(&mut block, scripts);
+                Ok(block)
+            })
+            .collect();
         let mut good = Vec::with_capacity(results.len());
         let mut failure = None;
         for r in results {
@@ -233,7 +249,7 @@ fn write_stage(
                 Err(_) => break,
             }
         }
-        write::commit_group(store, &group, opts.undo_depth)?;
+        write::commit_group(store, &mut group, opts.undo_depth)?;
         for ch in group.drain(..) {
             progress.height = ch.height;
             progress.blocks += 1;

@@ -25,8 +25,8 @@ pub struct ParsedTx {
     pub coinbase: bool,
     /// Outpoints it spends (empty for the coinbase).
     pub inputs: Vec<OutPoint>,
-    /// Outputs it creates.
-    pub outputs: Vec<TxOut>,
+    /// Outputs it creates, with their index (the bloom pass drops the unwatched ones).
+    pub outputs: Vec<(u32, TxOut)>,
 }
 
 /// A parsed, checked block.
@@ -120,7 +120,7 @@ pub fn parse_block(raw: RawBlock) -> Result<ParsedBlock, ParseError> {
             } else {
                 tx.input.iter().map(|i| i.previous_output).collect()
             },
-            outputs: tx.output,
+            outputs: (0u32..).zip(tx.output).collect(),
         })
         .collect();
     let root = bitcoin::merkle_tree::calculate_root(txs.iter().map(|t| t.txid.to_raw_hash()));

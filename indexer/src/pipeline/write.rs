@@ -26,11 +26,8 @@ impl Default for WriteOptions {
     }
 }
 
-/// Adds one block's changes, its undo record and undo pruning to `batch`.
-pub fn add_block(store: &Store, batch: &mut Batch, ch: &BlockChanges, undo_depth: Option<u32>) {
-    for ((cf, key), value) in &ch.writes {
-        batch.set(store, *cf, key, value.as_deref());
-    }
+/// Adds one block's undo record and undo pruning to `batch`.
+fn add_undo(store: &Store, batch: &mut Batch, ch: &BlockChanges, undo_depth: Option<u32>) {
     let undo_key = schema::height_key(ch.height);
     batch.put(store, Cf::Undo, &undo_key, &schema::encode_undo(&ch.undo));
     if let Some(depth) = undo_depth {
@@ -40,11 +37,21 @@ pub fn add_block(store: &Store, batch: &mut Batch, ch: &BlockChanges, undo_depth
     }
 }
 
-/// Commits a group of consecutive blocks atomically.
-pub fn commit_group(store: &Store, group: &[BlockChanges], undo_depth: Option<u32>) -> Result<(), StoreError> {
+/// Commits a group of consecutive blocks atomically: their writes merged in key order (the
+/// later block's value wins), and each block's undo record.
+pub fn commit_group(
+    store: &Store,
+    group: &mut [BlockChanges],
+    undo_depth: Option<u32>,
+) -> Result<(), StoreError> {
     let mut batch = Batch::default();
-    for ch in group {
-        add_block(store, &mut batch, ch, undo_depth);
+    let mut merged = std::collections::BTreeMap::new();
+    for ch in group.iter_mut() {
+        merged.append(&mut ch.writes);
+        add_undo(store, &mut batch, ch, undo_depth);
+    }
+    for ((cf, key), value) in &merged {
+        batch.set(store, *cf, key, value.as_deref());
     }
     store.commit(batch, false)
 }

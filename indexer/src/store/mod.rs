@@ -102,6 +102,8 @@ impl Store {
         db_opts.create_missing_column_families(true);
         db_opts.set_max_open_files(256);
         db_opts.increase_parallelism(2);
+        // One cap on all memtables together keeps memory flat however long a rescan runs.
+        db_opts.set_db_write_buffer_size(256 << 20);
         let descriptors = Cf::ALL.iter().map(|cf| {
             // Point lookups dominate (outpoints, script ids): every family gets a bloom
             // filter; `open_cf` would silently give them none.
@@ -133,7 +135,12 @@ impl Store {
         match self.get(Cf::Meta, schema::META_VERSION)? {
             None => {
                 let mut batch = Batch::default();
-                batch.put(self, Cf::Meta, schema::META_VERSION, &schema::FORMAT_VERSION.to_be_bytes());
+                batch.put(
+                    self,
+                    Cf::Meta,
+                    schema::META_VERSION,
+                    &schema::FORMAT_VERSION.to_be_bytes(),
+                );
                 batch.put(self, Cf::Meta, schema::META_NETWORK, requested.as_bytes());
                 self.commit(batch, true)
             }
@@ -145,7 +152,9 @@ impl Store {
                         expected: schema::FORMAT_VERSION,
                     });
                 }
-                let stored = self.get(Cf::Meta, schema::META_NETWORK)?.unwrap_or_default();
+                let stored = self
+                    .get(Cf::Meta, schema::META_NETWORK)?
+                    .unwrap_or_default();
                 let found = String::from_utf8_lossy(&stored).into_owned();
                 if found != requested {
                     return Err(StoreError::Network { found, requested });
@@ -182,7 +191,9 @@ impl Store {
     pub fn commit(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
-        self.db.write_opt(batch.inner, &opts).map_err(|e| self.rocks(e))
+        self.db
+            .write_opt(batch.inner, &opts)
+            .map_err(|e| self.rocks(e))
     }
 
     /// Visits every entry of `cf` in key order; stops at the first error `f` returns.

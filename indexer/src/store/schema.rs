@@ -120,7 +120,10 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.bytes.len() < n {
-            return Err(corrupt(self.what, format!("truncated, wanted {n} more bytes")));
+            return Err(corrupt(
+                self.what,
+                format!("truncated, wanted {n} more bytes"),
+            ));
         }
         let (head, tail) = self.bytes.split_at(n);
         self.bytes = tail;
@@ -151,7 +154,10 @@ impl<'a> Reader<'a> {
         if self.bytes.is_empty() {
             Ok(())
         } else {
-            Err(corrupt(self.what, format!("{} trailing bytes", self.bytes.len())))
+            Err(corrupt(
+                self.what,
+                format!("{} trailing bytes", self.bytes.len()),
+            ))
         }
     }
 }

@@ -1,0 +1,193 @@
+//! Rescan throughput against this machine's SHA-256 limit, all in one run.
+//!
+//! `rescan_bench [--chain DIR] [--large DIR]`: the chain from `gen_chain` (default
+//! fixtures/generated/chain) and the real large blocks (default
+//! ../shared/fixtures/large-blocks). Prints a markdown table for BENCHMARKS.md.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use benches::mix::{script, WATCHED};
+use benches::rss::rss;
+use bitcoin::consensus::deserialize;
+use bitcoin::hashes::{sha256, Hash};
+use bitcoin::{block, Network};
+use clap::Parser;
+use indexer::pipeline::filter::bloom_pass;
+use indexer::pipeline::parse::{parse_block, RawBlock};
+use indexer::pipeline::{PipelineOptions, Progress};
+use indexer::rescan::{rescan_blocks_dir, RescanRequest};
+use indexer::store::Store;
+use indexer::wallets;
+use indexer::watchlist::ScriptFilter;
+use rayon::prelude::*;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+struct Args {
+    /// Generated chain (from gen_chain).
+    #[arg(long, default_value = "fixtures/generated/chain")]
+    chain: PathBuf,
+    /// Real large blocks.
+    #[arg(long, default_value = "../shared/fixtures/large-blocks")]
+    large: PathBuf,
+}
+
+fn mb_s(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e6
+}
+
+/// SHA-256 throughput over 1 MiB messages with `threads` threads, MB/s.
+fn sha256_limit(threads: usize) -> f64 {
+    let data: Vec<u8> = (0..64u32 << 20)
+        .map(|i| i.wrapping_mul(2_654_435_761) as u8)
+        .collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("pool");
+    let rounds = 4;
+    let started = Instant::now();
+    pool.install(|| {
+        for _ in 0..rounds {
+            let acc: u8 = data
+                .par_chunks(1 << 20)
+                .map(|c| sha256::Hash::hash(c).to_byte_array()[0])
+                .reduce(|| 0, |a, b| a ^ b);
+            std::hint::black_box(acc);
+        }
+    });
+    mb_s(data.len() as u64 * rounds, started.elapsed().as_secs_f64())
+}
+
+/// Blocks of a blk-framed file.
+fn read_framed(path: &Path) -> Result<Vec<Vec<u8>>> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    let mut p = 0;
+    while p + 8 <= data.len() {
+        let len = u32::from_le_bytes(data[p + 4..p + 8].try_into()?) as usize;
+        out.push(data[p + 8..p + 8 + len].to_vec());
+        p += 8 + len;
+    }
+    Ok(out)
+}
+
+fn watched_filter() -> ScriptFilter {
+    let mut f = ScriptFilter::new(10_000_000, 1e-4);
+    for i in 0..WATCHED {
+        f.insert(script(i).as_bytes());
+    }
+    f
+}
+
+/// Parse + bloom filter over the real large blocks, in parallel across blocks: MB/s.
+fn parse_filter(large: &Path, filter: &ScriptFilter) -> Result<(f64, u64)> {
+    let mut blocks = read_framed(&large.join("mainnet_large_blocks.blk"))?;
+    blocks.extend(read_framed(&large.join("testnet3_large_blocks.blk"))?);
+    let bytes: u64 = blocks.iter().map(|b| b.len() as u64).sum();
+    let rounds = 5;
+    let started = Instant::now();
+    let mut hits = 0u64;
+    for _ in 0..rounds {
+        hits += blocks
+            .par_iter()
+            .map(|b| {
+                let header: block::Header = deserialize(&b[..80]).expect("header");
+                let raw = RawBlock {
+                    height: 0,
+                    hash: header.block_hash(),
+                    bytes: b.clone(),
+                    origin: "large".into(),
+                };
+                let mut parsed = parse_block(raw).expect("real block parses");
+                bloom_pass(&mut parsed, filter);
+                parsed
+                    .txs
+                    .iter()
+                    .map(|t| t.outputs.len() as u64)
+                    .sum::<u64>()
+            })
+            .sum::<u64>();
+    }
+    Ok((mb_s(bytes * rounds, started.elapsed().as_secs_f64()), hits))
+}
+
+fn main() -> Result<()> {
+    if benches::invoked_as_test() {
+        return Ok(());
+    }
+    let args = Args::parse();
+    let sha1 = sha256_limit(1);
+    let sha2 = sha256_limit(2);
+    let filter = watched_filter();
+    let (pf, _) = parse_filter(&args.large, &filter)?;
+
+    let db = tempfile::tempdir()?;
+    let store = Store::open(db.path(), Network::Regtest)?;
+    let descriptors: Vec<String> = std::fs::read_to_string(args.chain.join("watched.txt"))
+        .context("watched.txt: run gen_chain first")?
+        .lines()
+        .map(String::from)
+        .collect();
+    wallets::add(&store, Network::Regtest, "bench", &descriptors, None, 1)?;
+    let scripts = wallets::load_filter(&store, 10_000_000, 1e-4)?;
+    let samples: Mutex<Vec<(u32, u64)>> = Mutex::new(Vec::new());
+    let req = RescanRequest {
+        blocks_dir: args.chain.clone(),
+        from: None,
+        to: None,
+    };
+    let started = Instant::now();
+    let report = rescan_blocks_dir(
+        &store,
+        Network::Regtest,
+        &scripts,
+        &req,
+        &PipelineOptions::default(),
+        &|_| {},
+        &|p: &Progress| {
+            samples
+                .lock()
+                .expect("not poisoned")
+                .push((p.height, rss().0))
+        },
+    )?;
+    let secs = started.elapsed().as_secs_f64();
+    let p = report.progress;
+    let (_, peak) = rss();
+    let rescan = mb_s(p.bytes, secs);
+    let samples = samples.into_inner().expect("not poisoned");
+    let quartiles: Vec<String> = [1, 2, 3, 4]
+        .iter()
+        .map(|q| {
+            let i = (samples.len() * q / 4).saturating_sub(1);
+            let (h, r) = samples[i];
+            format!("{} MiB at height {h}", r >> 20)
+        })
+        .collect();
+
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| SHA-256, 1 core (1 MiB messages) | {sha1:.0} MB/s |");
+    println!("| SHA-256, 2 cores | {sha2:.0} MB/s |");
+    println!("| parse + bloom filter, real large blocks, 2 cores | {pf:.0} MB/s ({:.2} of the 2-core SHA-256 limit) |", pf / sha2);
+    println!("| rescan end to end, {} blocks, {} txs, {:.2} GB, {} watched scripts | {rescan:.0} MB/s, {:.0} blocks/s, {:.0} tx/s ({secs:.1} s) |",
+        p.blocks, p.txs, p.bytes as f64 / 1e9, WATCHED, p.blocks as f64 / secs, p.txs as f64 / secs);
+    println!(
+        "| rescan / SHA-256 limit (2 cores) | {:.2} |",
+        rescan / sha2
+    );
+    println!("| rescan / SHA-256 (1 core) | {:.2} |", rescan / sha1);
+    println!("| watched UTXOs at the end | {} |", store.utxos()?.len());
+    println!(
+        "| RSS at 25/50/75/100% of the rescan | {} |",
+        quartiles.join(", ")
+    );
+    println!("| peak RSS | {} MiB |", peak >> 20);
+    Ok(())
+}
