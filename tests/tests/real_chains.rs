@@ -291,3 +291,48 @@ fn a_damaged_block_body_stops_at_that_block_with_everything_before_committed() {
     let model = reference::compute(&chain, 0, &all_scripts(&wallets));
     assert_store_matches(&store, &model, &wallets);
 }
+
+/// The zero-copy parser agrees with rust-bitcoin's decoder on 30 real large blocks (segwit,
+/// taproot, a 2,373-input taproot spend): every txid, every input's outpoint, and every
+/// output (with a filter that lets all scripts through, OP_RETURN excepted).
+#[test]
+fn large_blocks_parse_exactly_like_rust_bitcoin() {
+    use indexer::pipeline::parse::{parse_block, RawBlock};
+    use indexer::watchlist::ScriptFilter;
+
+    let mut total_txs = 0;
+    for file in [
+        "large-blocks/mainnet_large_blocks.blk",
+        "large-blocks/testnet3_large_blocks.blk",
+    ] {
+        for block in read_blk_blocks(&fixture(file)) {
+            let mut everything = ScriptFilter::new(100_000, 1e-6);
+            for tx in &block.txdata {
+                for o in &tx.output {
+                    everything.insert(o.script_pubkey.as_bytes());
+                }
+            }
+            let raw = RawBlock {
+                height: 0,
+                hash: block.block_hash(),
+                bytes: bitcoin::consensus::serialize(&block),
+                origin: file.into(),
+            };
+            let parsed = parse_block(raw, &everything).unwrap();
+            assert_eq!(parsed.txs.len(), block.txdata.len());
+            for (p, tx) in parsed.txs.iter().zip(&block.txdata) {
+                assert_eq!(p.txid, tx.compute_txid());
+                assert_eq!(p.coinbase, tx.is_coinbase());
+                let inputs: Vec<OutPoint> = tx.input.iter().map(|i| i.previous_output).collect();
+                assert_eq!(p.inputs, if tx.is_coinbase() { vec![] } else { inputs });
+                let outputs: Vec<(u32, bitcoin::TxOut)> = (0u32..)
+                    .zip(tx.output.iter().cloned())
+                    .filter(|(_, o)| !o.script_pubkey.is_op_return())
+                    .collect();
+                assert_eq!(p.outputs, outputs);
+            }
+            total_txs += parsed.txs.len();
+        }
+    }
+    assert_eq!(total_txs, 26_353 + 8_019);
+}

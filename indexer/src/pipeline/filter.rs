@@ -1,14 +1,13 @@
 //! Filter stage: keep every input (spends are matched later against the watched UTXO set)
-//! and only the outputs paying watched scripts. The bloom pass runs inside the parallel
-//! parse workers (it is per-output CPU work, and dropping unwatched outputs there frees
-//! their memory on the thread that allocated it); the exact lookup runs in this stage.
+//! and only the outputs paying watched scripts. The bloom half of the filter runs inside
+//! the parallel parse workers ([`super::parse`]), so unwatched outputs are never copied out
+//! of the block; the exact lookup of the bloom hits runs in this stage.
 
 use bitcoin::{block, BlockHash, OutPoint, ScriptBuf, Txid};
 
 use super::parse::ParsedBlock;
 use crate::store::{Store, StoreError};
 use crate::types::{ScriptId, WalletId};
-use crate::watchlist::ScriptFilter;
 
 /// An output paying a watched script.
 pub struct WatchedOutput {
@@ -50,16 +49,6 @@ pub struct FilteredBlock {
     pub txs: Vec<FilteredTx>,
 }
 
-/// Drops every output the bloom filter rules out, and OP_RETURN outputs (unspendable:
-/// never UTXOs, even if watched by `raw()`).
-pub fn bloom_pass(block: &mut ParsedBlock, scripts: &ScriptFilter) {
-    for tx in &mut block.txs {
-        tx.outputs.retain(|(_, out)| {
-            scripts.may_contain(out.script_pubkey.as_bytes()) && !out.script_pubkey.is_op_return()
-        });
-    }
-}
-
 /// The filter stage's view of the watch set: exact lookups of the bloom pass's survivors.
 pub struct Filter<'a> {
     /// The watch column family.
@@ -67,7 +56,7 @@ pub struct Filter<'a> {
 }
 
 impl Filter<'_> {
-    /// Keeps the block's inputs and its outputs that pay watched scripts (after [`bloom_pass`]).
+    /// Keeps the block's inputs and its outputs that pay watched scripts.
     pub fn filter_block(&self, block: ParsedBlock) -> Result<FilteredBlock, StoreError> {
         let mut txs = Vec::with_capacity(block.txs.len());
         for tx in block.txs {

@@ -172,11 +172,7 @@ fn parse_stage(
     for chunk in input {
         let results: Vec<Result<ParsedBlock, ParseError>> = chunk
             .into_par_iter()
-            .map(|raw| {
-                let mut block = parse::parse_block(raw)?;
-                filter::bloom_pass(&mut block, scripts);
-                Ok(block)
-            })
+            .map(|raw| parse::parse_block(raw, scripts))
             .collect();
         let mut good = Vec::with_capacity(results.len());
         let mut failure = None;

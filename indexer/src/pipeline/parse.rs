@@ -1,9 +1,16 @@
-//! Parse stage: raw block bytes -> transactions with txids, inputs and outputs, checked
-//! against the header (hash and merkle root) so a damaged block is never applied.
+//! Parse stage: raw block bytes -> transactions with txids, inputs and the outputs that may
+//! pay watched scripts (the bloom pass of the filter), checked against the header (hash and
+//! merkle root) so a damaged block is never applied.
+
+use std::ops::ControlFlow;
 
 use bitcoin::consensus::deserialize;
-use bitcoin::{block, Block, BlockHash, OutPoint, TxOut, Txid};
-use rayon::prelude::*;
+use bitcoin::hashes::Hash;
+use bitcoin::opcodes::all::OP_RETURN;
+use bitcoin::{block, Amount, BlockHash, OutPoint, ScriptBuf, TxOut, Txid};
+use bitcoin_slices::{bsl, Visit, Visitor};
+
+use crate::watchlist::ScriptFilter;
 
 /// A block as read from its source, before parsing.
 pub struct RawBlock {
@@ -25,7 +32,7 @@ pub struct ParsedTx {
     pub coinbase: bool,
     /// Outpoints it spends (empty for the coinbase).
     pub inputs: Vec<OutPoint>,
-    /// Outputs it creates, with their index (the bloom pass drops the unwatched ones).
+    /// Outputs that may pay watched scripts (bloom filter hits), with their index.
     pub outputs: Vec<(u32, TxOut)>,
 }
 
@@ -82,25 +89,40 @@ pub enum ParseError {
     },
 }
 
-/// Parses and checks one block; transactions are hashed in parallel.
-pub fn parse_block(raw: RawBlock) -> Result<ParsedBlock, ParseError> {
+/// Parses and checks one block without allocating for what is not kept: every input's
+/// outpoint, and only the outputs `scripts` may watch (never OP_RETURN ones, which are
+/// unspendable). rust-bitcoin's allocating decode spent most of its time in the allocator.
+pub fn parse_block(raw: RawBlock, scripts: &ScriptFilter) -> Result<ParsedBlock, ParseError> {
     let RawBlock {
         height,
         hash,
         bytes,
         origin,
     } = raw;
-    let block: Block = match deserialize(&bytes) {
-        Ok(b) => b,
-        Err(e) => {
-            return Err(ParseError::Decode {
-                origin,
-                height,
-                detail: e.to_string(),
-            })
-        }
+    let mut visitor = BlockVisitor {
+        scripts,
+        header: None,
+        txs: Vec::new(),
+        inputs: Vec::new(),
+        outputs: Vec::new(),
     };
-    let found = block.block_hash();
+    let decode_error = |detail: String| ParseError::Decode {
+        origin: origin.clone(),
+        height,
+        detail,
+    };
+    let parsed =
+        bsl::Block::visit(&bytes, &mut visitor).map_err(|e| decode_error(format!("{e:?}")))?;
+    if !parsed.remaining().is_empty() {
+        return Err(decode_error(format!(
+            "{} bytes after the block",
+            parsed.remaining().len()
+        )));
+    }
+    let header = visitor
+        .header
+        .ok_or_else(|| decode_error("no header".into()))?;
+    let found = header.block_hash();
     if found != hash {
         return Err(ParseError::Hash {
             origin,
@@ -109,22 +131,9 @@ pub fn parse_block(raw: RawBlock) -> Result<ParsedBlock, ParseError> {
             expected: hash,
         });
     }
-    let txs: Vec<ParsedTx> = block
-        .txdata
-        .into_par_iter()
-        .map(|tx| ParsedTx {
-            txid: tx.compute_txid(),
-            coinbase: tx.is_coinbase(),
-            inputs: if tx.is_coinbase() {
-                Vec::new()
-            } else {
-                tx.input.iter().map(|i| i.previous_output).collect()
-            },
-            outputs: (0u32..).zip(tx.output).collect(),
-        })
-        .collect();
+    let txs = visitor.txs;
     let root = bitcoin::merkle_tree::calculate_root(txs.iter().map(|t| t.txid.to_raw_hash()));
-    if root != Some(block.header.merkle_root.to_raw_hash()) {
+    if root != Some(header.merkle_root.to_raw_hash()) {
         return Err(ParseError::Merkle {
             origin,
             height,
@@ -134,11 +143,83 @@ pub fn parse_block(raw: RawBlock) -> Result<ParsedBlock, ParseError> {
     Ok(ParsedBlock {
         height,
         hash,
-        header: block.header,
+        header,
         txs,
         size: bytes.len(),
         origin,
     })
+}
+
+/// Collects a block's transactions as `bitcoin_slices` walks its bytes.
+struct BlockVisitor<'f> {
+    scripts: &'f ScriptFilter,
+    header: Option<block::Header>,
+    txs: Vec<ParsedTx>,
+    // The transaction being visited: inputs and outputs arrive before the transaction.
+    inputs: Vec<OutPoint>,
+    outputs: Vec<(u32, TxOut)>,
+}
+
+impl Visitor for BlockVisitor<'_> {
+    fn visit_block_header(&mut self, header: &bsl::BlockHeader) -> ControlFlow<()> {
+        match deserialize::<block::Header>(header.as_ref()) {
+            Ok(h) => {
+                self.header = Some(h);
+                ControlFlow::Continue(())
+            }
+            Err(_) => ControlFlow::Break(()),
+        }
+    }
+
+    fn visit_block_begin(&mut self, total_transactions: usize) {
+        self.txs.reserve(total_transactions);
+    }
+
+    fn visit_tx_ins(&mut self, total_inputs: usize) {
+        self.inputs.reserve(total_inputs);
+    }
+
+    fn visit_tx_in(&mut self, _vin: usize, tx_in: &bsl::TxIn) -> ControlFlow<()> {
+        let prevout = tx_in.prevout();
+        let txid: [u8; 32] = prevout
+            .txid()
+            .try_into()
+            .expect("an outpoint's txid is 32 bytes");
+        self.inputs.push(OutPoint {
+            txid: Txid::from_byte_array(txid),
+            vout: prevout.vout(),
+        });
+        ControlFlow::Continue(())
+    }
+
+    fn visit_tx_out(&mut self, vout: usize, tx_out: &bsl::TxOut) -> ControlFlow<()> {
+        let script = tx_out.script_pubkey();
+        if self.scripts.may_contain(script) && script.first() != Some(&OP_RETURN.to_u8()) {
+            self.outputs.push((
+                vout as u32,
+                TxOut {
+                    value: Amount::from_sat(tx_out.value()),
+                    script_pubkey: ScriptBuf::from_bytes(script.to_vec()),
+                },
+            ));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn visit_transaction(&mut self, tx: &bsl::Transaction) -> ControlFlow<()> {
+        let coinbase = self.txs.is_empty();
+        let mut inputs = std::mem::take(&mut self.inputs);
+        if coinbase {
+            inputs.clear();
+        }
+        self.txs.push(ParsedTx {
+            txid: Txid::from_raw_hash(tx.txid()),
+            coinbase,
+            inputs,
+            outputs: std::mem::take(&mut self.outputs),
+        });
+        ControlFlow::Continue(())
+    }
 }
 
 #[cfg(test)]
@@ -147,6 +228,16 @@ mod tests {
     use bitcoin::blockdata::constants::genesis_block;
     use bitcoin::consensus::serialize;
     use bitcoin::Network;
+
+    fn all() -> ScriptFilter {
+        let mut f = ScriptFilter::new(10, 0.01);
+        f.insert(
+            genesis_block(Network::Bitcoin).txdata[0].output[0]
+                .script_pubkey
+                .as_bytes(),
+        );
+        f
+    }
 
     fn raw(bytes: Vec<u8>, hash: BlockHash) -> RawBlock {
         RawBlock {
@@ -160,9 +251,10 @@ mod tests {
     #[test]
     fn genesis_parses_with_its_known_txid() {
         let g = genesis_block(Network::Bitcoin);
-        let parsed = parse_block(raw(serialize(&g), g.block_hash())).unwrap();
+        let parsed = parse_block(raw(serialize(&g), g.block_hash()), &all()).unwrap();
         assert_eq!(parsed.txs.len(), 1);
         assert!(parsed.txs[0].coinbase);
+        assert_eq!(parsed.txs[0].outputs.len(), 1, "the watched output is kept");
         assert_eq!(
             parsed.txs[0].txid.to_string(),
             "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b"
@@ -175,7 +267,7 @@ mod tests {
         let mut bytes = serialize(&g);
         let last = bytes.len() - 10;
         bytes[last] ^= 1; // inside the coinbase output script
-        let Err(err) = parse_block(raw(bytes, g.block_hash())) else {
+        let Err(err) = parse_block(raw(bytes, g.block_hash()), &all()) else {
             panic!("a damaged block parsed");
         };
         assert!(matches!(err, ParseError::Merkle { .. }), "{err}");
@@ -186,7 +278,7 @@ mod tests {
         let g = genesis_block(Network::Bitcoin);
         let mut bytes = serialize(&g);
         bytes.push(0);
-        let Err(err) = parse_block(raw(bytes, g.block_hash())) else {
+        let Err(err) = parse_block(raw(bytes, g.block_hash()), &all()) else {
             panic!("a damaged block parsed");
         };
         assert!(err.to_string().contains("does not decode"), "{err}");
