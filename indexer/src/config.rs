@@ -81,7 +81,8 @@ pub struct Config {
     pub db: PathBuf,
     /// Network.
     pub network: Network,
-    /// Scripts the bloom filter is sized for.
+    /// Least number of scripts the bloom filter is sized for (it takes 2x the watched count
+    /// when that is more).
     pub bloom_capacity: usize,
     /// Bloom filter false-positive rate.
     pub bloom_fp_rate: f64,
@@ -124,7 +125,7 @@ impl Config {
         Ok(Config {
             db: c.db.unwrap_or_else(|| PathBuf::from("indexer-db")),
             network,
-            bloom_capacity: c.bloom_capacity.unwrap_or(10_000_000),
+            bloom_capacity: c.bloom_capacity.unwrap_or(1_000_000),
             bloom_fp_rate,
             undo_depth: c.undo_depth,
             gap_limit,

@@ -40,7 +40,7 @@ struct CommonArgs {
     /// mainnet, testnet3, testnet4, signet or regtest.
     #[arg(long, global = true, env = "INDEXER_NETWORK")]
     network: Option<String>,
-    /// Scripts the bloom filter is sized for (default 10,000,000).
+    /// Least scripts the bloom filter is sized for; it takes 2x the watched count when more (default 1,000,000).
     #[arg(long, global = true, env = "INDEXER_BLOOM_CAPACITY")]
     bloom_capacity: Option<usize>,
     /// Bloom filter false-positive rate (default 0.0001).

@@ -204,13 +204,20 @@ pub fn list(store: &Store) -> Result<Vec<WalletInfo>, StoreError> {
     Ok(wallets)
 }
 
-/// A bloom filter holding every watched script.
+/// A bloom filter holding every watched script, sized for twice their number and at least
+/// `min_capacity`: big enough to take new scripts, small enough to stay in cache (the
+/// filter is probed for every output of every block).
 pub fn load_filter(
     store: &Store,
-    capacity: usize,
+    min_capacity: usize,
     fp_rate: f64,
 ) -> Result<ScriptFilter, StoreError> {
-    let mut filter = ScriptFilter::new(capacity, fp_rate);
+    let mut count = 0usize;
+    store.for_each(Cf::Watch, |_, _| {
+        count += 1;
+        Ok::<_, StoreError>(())
+    })?;
+    let mut filter = ScriptFilter::new(min_capacity.max(count.saturating_mul(2)), fp_rate);
     store.for_each(Cf::Watch, |_, v| {
         filter.insert(schema::decode_watch(v)?.script.as_bytes());
         Ok::<_, StoreError>(())

@@ -47,7 +47,9 @@ pub fn commit_group(
     let mut batch = Batch::default();
     let mut merged = std::collections::BTreeMap::new();
     for ch in group.iter_mut() {
-        merged.append(&mut ch.writes);
+        // `extend` inserts one by one (later blocks win); `append` would re-merge the
+        // whole accumulated map for every block.
+        merged.extend(std::mem::take(&mut ch.writes));
         add_undo(store, &mut batch, ch, undo_depth);
     }
     for ((cf, key), value) in &merged {
