@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use bitcoin::blockdata::constants::genesis_block;
-use bitcoin::{block, BlockHash, Network, Target, Work};
+use bitcoin::{block, BlockHash, Network, Work};
 
 /// Why no chain could be chosen.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,7 @@ pub fn best_chain<L: Clone>(
     headers: impl IntoIterator<Item = (block::Header, L)>,
 ) -> Result<(Vec<ChainEntry<L>>, Rejected), ChainError> {
     let genesis = genesis_block(network).block_hash();
-    let pow_limit = Target::from(network.params().max_attainable_target);
+    let pow_limit = network.params().max_attainable_target;
     let mut rejected = Rejected::default();
     let mut nodes: HashMap<BlockHash, Node<L>> = HashMap::new();
     for (order, (header, loc)) in headers.into_iter().enumerate() {

@@ -9,13 +9,13 @@
 //! ```
 //!
 //! Modules, from the entry down to the pure core:
-//! - [`rescan`]: drives a rescan from block files (chain choice, reorg, resume).
-//! - [`pipeline`]: the staged block pipeline.
-//! - [`wallets`]: wallets and watched scripts in the database.
-//! - [`store`]: the only module that names RocksDB; [`store::schema`] holds every layout.
-//! - [`blkfile`]: bitcoind's block files.
-//! - [`config`]: settings.
-//! - pure core: [`chain`] (best chain), [`watchlist`] (descriptors, bloom), [`types`].
+//! - [`rescan`] drives a rescan from block files (chain choice, reorg, resume);
+//! - [`pipeline`] is the staged block pipeline;
+//! - [`wallets`] keeps wallets and watched scripts in the database;
+//! - [`store`] is the only module that names RocksDB, and [`store::schema`] holds every layout;
+//! - [`blkfile`] reads bitcoind's block files;
+//! - [`config`] holds the settings;
+//! - the pure core: [`chain`] (best chain), [`watchlist`] (descriptors, bloom), [`types`].
 
 pub mod blkfile;
 pub mod chain;

@@ -4,6 +4,8 @@
 //! `indexer rescan --from 0` and kill it at a random moment, again and again, until a run
 //! finishes; the final `indexer status` digest equals that of an uninterrupted run.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -2,6 +2,9 @@
 //! of the watched UTXO set (written apart from the pipeline, slow and obviously right), a
 //! generator of valid regtest chains, and a writer of bitcoind-format block files.
 
+// Test support: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
 pub mod chaingen;
 pub mod fixtures;
 pub mod harness;

@@ -10,6 +10,8 @@
 //!    digest), then reorg to a longer branch == a fresh index of the final chain.
 //! 4. a reorg deeper than the kept undo journal is refused with an error naming the fix.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeSet;
 use std::path::Path;
 

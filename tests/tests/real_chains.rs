@@ -11,6 +11,8 @@
 //! 6. a block whose body is damaged stops the rescan with its file and offset; every block
 //!    before it is committed, and a rerun on repaired files completes.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
