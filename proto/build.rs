@@ -2,7 +2,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
-    // SAFETY-free: build scripts are single-threaded, so setting the variable is sound.
+    // The vendored protoc, so that no system protoc is needed.
     std::env::set_var("PROTOC", protoc);
     tonic_prost_build::configure().compile_protos(&["indexer/v1/indexer.proto"], &["."])?;
     Ok(())

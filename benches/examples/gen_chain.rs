@@ -170,34 +170,23 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// A coinbase paying `payee`, with a segwit witness commitment as mainnet coinbases have.
 fn coinbase(height: u32, payee: ScriptBuf) -> Transaction {
-    let script_sig = bitcoin::script::Builder::new()
-        .push_int(i64::from(height))
-        .into_script();
     let mut witness = Witness::new();
     witness.push([0u8; 32]);
     let mut commitment = vec![0x6a, 0x24, 0xaa, 0x21, 0xa9, 0xed];
     commitment.extend_from_slice(&[0x5a; 32]);
-    Transaction {
-        version: Version::TWO,
-        lock_time: LockTime::ZERO,
-        input: vec![TxIn {
-            previous_output: OutPoint::null(),
-            script_sig,
-            sequence: Sequence::MAX,
-            witness,
-        }],
-        output: vec![
-            TxOut {
-                value: Amount::from_sat(312_500_000),
-                script_pubkey: payee,
-            },
-            TxOut {
-                value: Amount::ZERO,
-                script_pubkey: ScriptBuf::from_bytes(commitment),
-            },
-        ],
-    }
+    let outputs = vec![
+        TxOut {
+            value: Amount::from_sat(312_500_000),
+            script_pubkey: payee,
+        },
+        TxOut {
+            value: Amount::ZERO,
+            script_pubkey: ScriptBuf::from_bytes(commitment),
+        },
+    ];
+    system_tests::chaingen::coinbase_tx(height, &[], witness, outputs)
 }
 
 /// Appends blocks to blkNNNNN.dat files of at most 128 MiB, as bitcoind does.

@@ -79,6 +79,31 @@ pub fn script_palette(seed: u64, n: usize) -> Vec<ScriptBuf> {
         .collect()
 }
 
+/// A coinbase transaction: BIP34 height push followed by `extra` in the script_sig.
+pub fn coinbase_tx(
+    height: u32,
+    extra: &[u8],
+    witness: Witness,
+    outputs: Vec<TxOut>,
+) -> Transaction {
+    let push = PushBytesBuf::try_from(extra.to_vec()).expect("short extra nonce");
+    let script_sig = Builder::new()
+        .push_int(i64::from(height))
+        .push_slice(push)
+        .into_script();
+    Transaction {
+        version: Version::TWO,
+        lock_time: LockTime::ZERO,
+        input: vec![TxIn {
+            previous_output: OutPoint::null(),
+            script_sig,
+            sequence: Sequence::MAX,
+            witness,
+        }],
+        output: outputs,
+    }
+}
+
 /// An OP_RETURN output script carrying `data`.
 pub fn op_return(data: &[u8]) -> ScriptBuf {
     let push = PushBytesBuf::try_from(data.to_vec()).expect("short data");
@@ -120,21 +145,7 @@ impl ChainGen {
     /// A coinbase for `height`, unique by its BIP34 height push and a random tag.
     pub fn coinbase(&mut self, height: u32, outputs: Vec<TxOut>) -> Transaction {
         let tag: u64 = self.rng.gen();
-        let script_sig = Builder::new()
-            .push_int(i64::from(height))
-            .push_slice(tag.to_le_bytes())
-            .into_script();
-        Transaction {
-            version: Version::TWO,
-            lock_time: LockTime::ZERO,
-            input: vec![TxIn {
-                previous_output: OutPoint::null(),
-                script_sig,
-                sequence: Sequence::MAX,
-                witness: Witness::new(),
-            }],
-            output: outputs,
-        }
+        coinbase_tx(height, &tag.to_le_bytes(), Witness::new(), outputs)
     }
 
     /// Adds a block with a random coinbase and `txs` random transactions.

@@ -22,6 +22,38 @@ pub struct TestWallet {
     pub scripts: BTreeSet<ScriptBuf>,
 }
 
+/// Every script any of `wallets` watches.
+pub fn all_scripts(wallets: &[TestWallet]) -> BTreeSet<ScriptBuf> {
+    wallets
+        .iter()
+        .flat_map(|w| w.scripts.iter().cloned())
+        .collect()
+}
+
+/// Deals `scripts` round-robin into wallets called `names`; every `overlap_every`th script
+/// also goes to the next wallet, so some scripts belong to two wallets.
+pub fn deal(
+    scripts: impl IntoIterator<Item = ScriptBuf>,
+    names: &[&str],
+    overlap_every: usize,
+) -> Vec<TestWallet> {
+    let mut wallets: Vec<TestWallet> = names
+        .iter()
+        .map(|n| TestWallet {
+            name: n.to_string(),
+            scripts: BTreeSet::new(),
+        })
+        .collect();
+    let n = wallets.len();
+    for (i, s) in scripts.into_iter().enumerate() {
+        if i % overlap_every == 0 {
+            wallets[(i + 1) % n].scripts.insert(s.clone());
+        }
+        wallets[i % n].scripts.insert(s);
+    }
+    wallets
+}
+
 /// A fresh database in `dir` with `wallets` watched.
 pub fn open_with_wallets(dir: &Path, network: Network, wallets: &[TestWallet]) -> Store {
     let store = Store::open(dir, network).expect("open store");

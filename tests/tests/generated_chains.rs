@@ -12,7 +12,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
 use std::path::Path;
 
 use bitcoin::absolute::LockTime;
@@ -27,7 +26,9 @@ use indexer::types::ScriptId;
 use proptest::prelude::*;
 use system_tests::chaingen::{op_return, script_palette, ChainGen};
 use system_tests::fixtures::write_blk_file;
-use system_tests::harness::{assert_store_matches, open_with_wallets, rescan, TestWallet};
+use system_tests::harness::{
+    all_scripts, assert_store_matches, deal, open_with_wallets, rescan, TestWallet,
+};
 use system_tests::reference;
 
 const NET: Network = Network::Regtest;
@@ -204,32 +205,12 @@ fn random_chain(seed: u64, palette: &[ScriptBuf], len: u32, txs: usize) -> Chain
 }
 
 fn wallets_from_mask(palette: &[ScriptBuf], mask: u64) -> Vec<TestWallet> {
-    let mut wallets = vec![
-        TestWallet {
-            name: "a".into(),
-            scripts: BTreeSet::new(),
-        },
-        TestWallet {
-            name: "b".into(),
-            scripts: BTreeSet::new(),
-        },
-    ];
-    for (i, s) in palette.iter().enumerate() {
-        if mask >> (i % 64) & 1 == 1 {
-            wallets[i % 2].scripts.insert(s.clone());
-            if i % 5 == 0 {
-                wallets[(i + 1) % 2].scripts.insert(s.clone());
-            }
-        }
-    }
-    wallets
-}
-
-fn all_scripts(wallets: &[TestWallet]) -> BTreeSet<ScriptBuf> {
-    wallets
+    let chosen = palette
         .iter()
-        .flat_map(|w| w.scripts.iter().cloned())
-        .collect()
+        .enumerate()
+        .filter(|(i, _)| mask >> (i % 64) & 1 == 1)
+        .map(|(_, s)| s.clone());
+    deal(chosen, &["a", "b"], 5)
 }
 
 fn fresh_digest(blocks: &[Block], wallets: &[TestWallet]) -> bitcoin::hashes::sha256::Hash {

@@ -19,7 +19,9 @@ use std::path::Path;
 use bitcoin::{Block, Network, OutPoint, ScriptBuf};
 use rand::{Rng, SeedableRng};
 use system_tests::fixtures::{fixture, obfuscate, read_blk_blocks, write_blk_file};
-use system_tests::harness::{assert_store_matches, open_with_wallets, rescan, TestWallet};
+use system_tests::harness::{
+    all_scripts, assert_store_matches, deal, open_with_wallets, rescan, TestWallet,
+};
 use system_tests::reference::{self, longest_chain};
 
 /// Wallets over `chain`: every script whose output is ever spent (so spends are tested),
@@ -45,27 +47,11 @@ fn wallets_for(chain: &[Block], seed: u64) -> Vec<TestWallet> {
             }
         }
     }
-    let mut wallets: Vec<TestWallet> = ["hot", "cold", "deposits"]
-        .iter()
-        .map(|n| TestWallet {
-            name: n.to_string(),
-            scripts: BTreeSet::new(),
-        })
-        .collect();
-    for (i, s) in spent_scripts.iter().chain(others.iter()).enumerate() {
-        wallets[i % 3].scripts.insert(s.clone());
-        if i % 7 == 0 {
-            wallets[(i + 1) % 3].scripts.insert(s.clone());
-        }
-    }
-    wallets
-}
-
-fn all_scripts(wallets: &[TestWallet]) -> BTreeSet<ScriptBuf> {
-    wallets
-        .iter()
-        .flat_map(|w| w.scripts.iter().cloned())
-        .collect()
+    deal(
+        spent_scripts.into_iter().chain(others),
+        &["hot", "cold", "deposits"],
+        7,
+    )
 }
 
 fn copy_as(src: &Path, dir: &Path, name: &str) {
