@@ -17,7 +17,7 @@ const HEADER_SIZE: usize = 80;
 #[derive(Debug, thiserror::Error)]
 pub enum BlkError {
     /// A file could not be read.
-    #[error("{path}: {source}")]
+    #[error("reading {path}")]
     Io {
         /// The file.
         path: PathBuf,

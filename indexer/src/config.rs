@@ -10,7 +10,7 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file cannot be read.
-    #[error("config file {path}: {source}")]
+    #[error("reading config file {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -18,7 +18,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The config file is not valid TOML for these settings.
-    #[error("config file {path}: {source}")]
+    #[error("config file {path}")]
     Parse {
         /// The file.
         path: PathBuf,

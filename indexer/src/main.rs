@@ -118,6 +118,19 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     let config = load_config(&cli.common)?;
+    let creates = matches!(
+        cli.command,
+        Command::Rescan(_)
+            | Command::Watch {
+                command: WatchCommand::Add { .. }
+            }
+    );
+    if !creates && !config.db.exists() {
+        bail!(
+            "no database at {}: create one with `indexer watch add` (or point --db at it)",
+            config.db.display()
+        );
+    }
     let store = Store::open(&config.db, config.network)
         .with_context(|| format!("opening database {}", config.db.display()))?;
     match cli.command {

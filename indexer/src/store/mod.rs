@@ -19,7 +19,7 @@ use schema::{Cf, DecodeError, UndoEntry, WatchRecord};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// RocksDB itself failed (I/O, disk full, corruption it detected).
-    #[error("database {path}: {source}")]
+    #[error("database {path}")]
     Rocks {
         /// Database directory.
         path: PathBuf,
@@ -380,5 +380,40 @@ impl Store {
                     .flatten()
             })
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_of_another_network_or_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), Network::Regtest).unwrap());
+        let err = Store::open(dir.path(), Network::Bitcoin).err().unwrap();
+        assert!(matches!(err, StoreError::Network { .. }), "{err}");
+
+        let store = Store::open(dir.path(), Network::Regtest).unwrap();
+        let mut batch = Batch::default();
+        batch.put(&store, Cf::Meta, schema::META_VERSION, &99u32.to_be_bytes());
+        store.commit(batch, true).unwrap();
+        drop(store);
+        let err = Store::open(dir.path(), Network::Regtest).err().unwrap();
+        assert!(
+            matches!(err, StoreError::Version { found: 99, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn disconnecting_an_empty_index_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Network::Regtest).unwrap();
+        assert!(matches!(
+            store.disconnect_tip(false),
+            Err(StoreError::Empty)
+        ));
+        assert_eq!(store.disconnect_above(None, false).unwrap(), 0);
     }
 }
