@@ -77,7 +77,7 @@ fn read_framed(path: &Path) -> Result<Vec<Vec<u8>>> {
 }
 
 fn watched_filter() -> ScriptFilter {
-    let mut f = ScriptFilter::new(1_000_000, 1e-4);
+    let mut f = ScriptFilter::new(1_000_000, 1e-3);
     for i in 0..WATCHED {
         f.insert(script(i).as_bytes());
     }
@@ -158,7 +158,7 @@ fn main() -> Result<()> {
         .map(String::from)
         .collect();
     wallets::add(&store, Network::Regtest, "bench", &descriptors, None, 1)?;
-    let scripts = wallets::load_filter(&store, 1_000_000, 1e-4)?;
+    let scripts = wallets::load_filter(&store, 1_000_000, 1e-3)?;
     let samples: Mutex<Vec<(u32, u64)>> = Mutex::new(Vec::new());
     let req = RescanRequest {
         blocks_dir: args.chain.clone(),

@@ -110,7 +110,7 @@ impl Config {
     /// Resolves settings, with defaults for whatever is unset.
     pub fn resolve(c: FileConfig) -> Result<Config, ConfigError> {
         let network = parse_network(c.network.as_deref().unwrap_or("mainnet"))?;
-        let bloom_fp_rate = c.bloom_fp_rate.unwrap_or(1e-4);
+        let bloom_fp_rate = c.bloom_fp_rate.unwrap_or(1e-3);
         if !(bloom_fp_rate > 0.0 && bloom_fp_rate < 1.0) {
             return Err(ConfigError::Invalid(format!(
                 "bloom_fp_rate {bloom_fp_rate} must be between 0 and 1"

@@ -43,7 +43,7 @@ struct CommonArgs {
     /// Least scripts the bloom filter is sized for; it takes 2x the watched count when more (default 1,000,000).
     #[arg(long, global = true, env = "INDEXER_BLOOM_CAPACITY")]
     bloom_capacity: Option<usize>,
-    /// Bloom filter false-positive rate (default 0.0001).
+    /// Bloom filter false-positive rate (default 0.001).
     #[arg(long, global = true, env = "INDEXER_BLOOM_FP_RATE")]
     bloom_fp_rate: Option<f64>,
     /// Blocks of undo journal to keep (default: all).

@@ -2,9 +2,11 @@
 //! watched UTXO set and balances, held in memory, and emits each block's writes together
 //! with the undo entries that restore the state before it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use bitcoin::{BlockHash, OutPoint};
+// Keys are txids and script hashes, uniform already: a cryptographic hasher buys nothing.
+use rustc_hash::FxHashMap as HashMap;
 
 use super::filter::FilteredBlock;
 use crate::store::schema::{self, Cf, UndoEntry};
@@ -95,13 +97,13 @@ impl<'s> ApplyState<'s> {
     pub fn load(store: &'s Store) -> Result<Self, StoreError> {
         let tip = store.tip()?;
         let utxos: HashMap<OutPoint, Utxo> = store.utxos()?.into_iter().collect();
-        let mut script_balances = HashMap::new();
+        let mut script_balances = HashMap::default();
         store.for_each(Cf::ScriptBalance, |k, v| {
             let id = ScriptId(k.try_into().map_err(|_| StoreError::Empty)?);
             script_balances.insert(id, schema::decode_balance(v)?);
             Ok::<_, StoreError>(())
         })?;
-        let mut wallet_balances = HashMap::new();
+        let mut wallet_balances = HashMap::default();
         store.for_each(Cf::WalletBalance, |k, v| {
             wallet_balances.insert(schema::decode_wallet(k)?, schema::decode_balance(v)?);
             Ok::<_, StoreError>(())
@@ -120,7 +122,7 @@ impl<'s> ApplyState<'s> {
             utxos,
             script_balances,
             wallet_balances,
-            wallets_of: HashMap::new(),
+            wallets_of: HashMap::default(),
             immature,
         })
     }
