@@ -33,20 +33,23 @@ struct Args {
     /// Output directory.
     #[arg(long, default_value = "fixtures/generated/chain")]
     out: PathBuf,
+    /// Share of payments that go to the watched scripts (0.02: a busy exchange wallet).
+    #[arg(long, default_value_t = 0.02)]
+    watched_share: f64,
 }
 
 const FILE_LIMIT: usize = 128 << 20;
 
 struct Gen {
     rng: StdRng,
+    watched_share: f64,
     // Outputs waiting to be spent, oldest first.
     coins: VecDeque<OutPoint>,
 }
 
 impl Gen {
     fn payee(&mut self) -> ScriptBuf {
-        // 2% of payments go to watched scripts: a busy custody wallet.
-        if self.rng.gen_bool(0.02) {
+        if self.rng.gen_bool(self.watched_share) {
             script(self.rng.gen_range(0..WATCHED))
         } else {
             script(self.rng.gen_range(WATCHED..POPULATION))
@@ -110,8 +113,13 @@ fn main() -> Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.watched_share),
+        "--watched-share must be within 0..=1"
+    );
     let mut gen = Gen {
         rng: StdRng::seed_from_u64(42),
+        watched_share: args.watched_share,
         coins: VecDeque::new(),
     };
     let genesis = genesis_block(Network::Regtest);
