@@ -109,32 +109,8 @@ pub fn rescan_blocks_dir(
     info!(height = chain_tip, hash = %chain[chain_tip as usize].hash, ?rejected, "best chain in files");
 
     let mut disconnected = disconnect_to_fork(store, &chain)?;
-    let job = schema::rescan_job(req.from, req.to);
-    let tip = store.tip()?.map(|(h, _)| h);
-    let start = match (req.from, tip) {
-        (Some(from), Some(tip)) if from <= tip => {
-            if store.get(Cf::Meta, schema::META_RESCAN)?.as_deref() == Some(&job[..]) {
-                tip + 1 // the same rescan, interrupted: resume
-            } else {
-                disconnected += store.disconnect_above(from.checked_sub(1), false)?;
-                from
-            }
-        }
-        (Some(from), Some(tip)) if from > tip + 1 => {
-            return Err(RescanError::Gap {
-                from,
-                tip,
-                next: tip + 1,
-            })
-        }
-        (Some(from), _) => from,
-        (None, Some(tip)) => tip + 1,
-        (None, None) => 0,
-    };
-    // Recorded once the disconnects are done, so a restart resumes rather than redoes.
-    let mut batch = Batch::default();
-    batch.put(store, Cf::Meta, schema::META_RESCAN, &job);
-    store.commit(batch, true)?;
+    let (start, redone) = start_height(store, req)?;
+    disconnected += redone;
 
     let end = req.to.unwrap_or(chain_tip).min(chain_tip);
     let plan = Plan {
@@ -168,6 +144,40 @@ pub fn rescan_blocks_dir(
         rejected,
         partial_tail: scan.partial_tail,
     })
+}
+
+/// The first height to connect, after disconnecting what `--from` asks to redo (returns
+/// how many blocks that disconnected). Records the rescan as in progress, so a restart of
+/// the same command resumes rather than redoes.
+fn start_height(store: &Store, req: &RescanRequest) -> Result<(u32, u32), RescanError> {
+    let job = schema::rescan_job(req.from, req.to);
+    let tip = store.tip()?.map(|(h, _)| h);
+    let mut disconnected = 0;
+    let start = match (req.from, tip) {
+        (Some(from), Some(tip)) if from <= tip => {
+            if store.get(Cf::Meta, schema::META_RESCAN)?.as_deref() == Some(&job[..]) {
+                tip + 1 // the same rescan, interrupted: resume
+            } else {
+                disconnected = store.disconnect_above(from.checked_sub(1), false)?;
+                from
+            }
+        }
+        (Some(from), Some(tip)) if from > tip + 1 => {
+            return Err(RescanError::Gap {
+                from,
+                tip,
+                next: tip + 1,
+            })
+        }
+        (Some(from), _) => from,
+        (None, Some(tip)) => tip + 1,
+        (None, None) => 0,
+    };
+    // Recorded once the disconnects are done: a restart resumes rather than redoes.
+    let mut batch = Batch::default();
+    batch.put(store, Cf::Meta, schema::META_RESCAN, &job);
+    store.commit(batch, true)?;
+    Ok((start, disconnected))
 }
 
 /// Disconnects indexed blocks that are not on `chain`; returns how many. Refuses before

@@ -99,7 +99,7 @@ impl<'s> ApplyState<'s> {
         let utxos: HashMap<OutPoint, Utxo> = store.utxos()?.into_iter().collect();
         let mut script_balances = HashMap::default();
         store.for_each(Cf::ScriptBalance, |k, v| {
-            let id = ScriptId(k.try_into().map_err(|_| StoreError::Empty)?);
+            let id = schema::decode_script_id(k)?;
             script_balances.insert(id, schema::decode_balance(v)?);
             Ok::<_, StoreError>(())
         })?;

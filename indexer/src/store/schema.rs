@@ -260,6 +260,14 @@ pub fn decode_utxo(bytes: &[u8]) -> Result<Utxo, DecodeError> {
     })
 }
 
+/// Decodes a script id key.
+pub fn decode_script_id(key: &[u8]) -> Result<ScriptId, DecodeError> {
+    let mut r = Reader::new("script id", key);
+    let id = ScriptId(r.array()?);
+    r.finish()?;
+    Ok(id)
+}
+
 /// Per-script UTXO key: script id + outpoint key.
 pub fn script_utxo_key(script_id: &ScriptId, outpoint: &OutPoint) -> [u8; 68] {
     let mut k = [0u8; 68];
