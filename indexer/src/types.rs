@@ -89,6 +89,17 @@ impl Balance {
             .expect("balance counts every utxo it holds");
     }
 
+    /// This balance moved by what another one moved from `from` to `to`; `None` if that
+    /// would go below zero.
+    pub fn moved(&self, from: &Balance, to: &Balance) -> Option<Balance> {
+        let shift = |v: u64, a: u64, b: u64| v.checked_add(b)?.checked_sub(a);
+        Some(Balance {
+            confirmed: shift(self.confirmed, from.confirmed, to.confirmed)?,
+            immature: shift(self.immature, from.immature, to.immature)?,
+            utxo_count: shift(self.utxo_count, from.utxo_count, to.utxo_count)?,
+        })
+    }
+
     /// Moves a matured coinbase output from immature to confirmed.
     pub fn mature(&mut self, value: u64) {
         self.immature = self
@@ -138,4 +149,14 @@ pub struct Transfer {
     pub received: Vec<Received>,
     /// Watched outputs it spent.
     pub spent: Vec<Spent>,
+}
+
+impl Transfer {
+    /// The watched scripts it involves, each once.
+    pub fn script_ids(&self) -> std::collections::BTreeSet<ScriptId> {
+        let received = self.received.iter().map(|r| r.script_id);
+        received
+            .chain(self.spent.iter().map(|s| s.script_id))
+            .collect()
+    }
 }

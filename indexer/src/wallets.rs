@@ -1,7 +1,7 @@
 //! Wallets in the database: adding descriptors under a wallet name, listing them, and
 //! loading the watch set into the filter stage's bloom filter.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bitcoin::Network;
 
@@ -111,6 +111,8 @@ pub fn add(
     let mut wallet_balance = store.wallet_balance(id)?;
     let mut records: BTreeMap<ScriptId, WatchRecord> = BTreeMap::new();
     let (mut new_scripts, mut known_scripts) = (0, 0);
+    // Scripts other wallets already watch: their indexed history now belongs here too.
+    let mut joined = BTreeSet::new();
     for e in &expanded {
         let mut value = birth_height.unwrap_or(u32::MAX).to_be_bytes().to_vec();
         value.extend_from_slice(e.descriptor.as_bytes());
@@ -137,6 +139,9 @@ pub fn add(
                 known_scripts += 1;
             }
             if let Err(pos) = rec.wallets.binary_search(&id) {
+                if !rec.wallets.is_empty() {
+                    joined.insert(sid);
+                }
                 rec.wallets.insert(pos, id);
                 // Already watched by another wallet: its coins now count for this one too.
                 let b = store.script_balance(&sid)?;
@@ -149,6 +154,20 @@ pub fn add(
     }
     for (sid, rec) in &records {
         batch.put(store, Cf::Watch, &sid.0, &schema::encode_watch(rec));
+    }
+    if !joined.is_empty() {
+        store.for_each(Cf::Transfers, |k, v| {
+            let t = schema::decode_transfer(k, v)?;
+            if t.script_ids().iter().any(|s| joined.contains(s)) {
+                batch.put(
+                    store,
+                    Cf::WalletHistory,
+                    &schema::history_key(id, t.height, &t.txid),
+                    &[],
+                );
+            }
+            Ok::<_, StoreError>(())
+        })?;
     }
     if !wallet_balance.is_empty() {
         batch.put(

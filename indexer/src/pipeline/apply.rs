@@ -154,11 +154,8 @@ impl<'s> ApplyState<'s> {
         f(b);
         touched.scripts.insert(*script_id);
         for w in self.wallets(script_id)? {
-            let b = self.wallet_balances.entry(w).or_default();
-            ch.touch(Cf::WalletBalance, &schema::wallet_key(w), || {
-                encode_balance(b)
-            });
-            f(b);
+            // No undo entry: disconnecting moves wallet balances by their scripts' change.
+            f(self.wallet_balances.entry(w).or_default());
             touched.wallets.insert(w);
         }
         Ok(())
@@ -351,23 +348,15 @@ impl<'s> ApplyState<'s> {
             || None,
             Some(schema::encode_transfer(t)),
         );
-        let scripts: BTreeSet<ScriptId> = t
-            .received
-            .iter()
-            .map(|r| r.script_id)
-            .chain(t.spent.iter().map(|s| s.script_id))
-            .collect();
         let mut wallets = BTreeSet::new();
-        for s in &scripts {
-            wallets.extend(self.wallets(s)?);
+        for s in t.script_ids() {
+            wallets.extend(self.wallets(&s)?);
         }
+        // No undo entry: disconnecting deletes the history of the transfer's wallets.
         for w in wallets {
-            ch.set(
-                Cf::WalletHistory,
-                &schema::history_key(w, t.height, &t.txid),
-                || None,
-                Some(Vec::new()),
-            );
+            let key = schema::history_key(w, t.height, &t.txid);
+            ch.writes
+                .insert((Cf::WalletHistory, key.to_vec()), Some(Vec::new()));
         }
         Ok(())
     }

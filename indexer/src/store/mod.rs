@@ -3,6 +3,8 @@
 
 pub mod schema;
 
+use std::collections::btree_map::Entry;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use bitcoin::hashes::{sha256, Hash, HashEngine};
@@ -49,6 +51,14 @@ pub enum StoreError {
     #[error("no undo record for block {height}: the reorg is deeper than the kept undo journal; re-index with `indexer rescan --reset`")]
     UndoMissing {
         /// Height whose undo record is missing.
+        height: u32,
+    },
+    /// Undoing a block would take a wallet's balance below zero: the stored state is damaged.
+    #[error("disconnecting block {height} would take wallet {wallet}'s balance below zero; re-index with `indexer rescan --reset`")]
+    Inconsistent {
+        /// The wallet id.
+        wallet: u32,
+        /// The block being disconnected.
         height: u32,
     },
     /// A disconnect was asked of an empty index.
@@ -327,6 +337,12 @@ impl Store {
     }
 
     /// Undoes the tip block with its undo record; returns the new tip.
+    ///
+    /// Wallet balances and history are not in undo records: they follow from the scripts'
+    /// state and the wallets each script belongs to now. A wallet's balance moves by the
+    /// change of its scripts' balances, and the history entries of the block's transfers
+    /// are deleted for every wallet of their scripts. So a script added to a wallet after its
+    /// blocks were indexed leaves that wallet exact through any disconnect.
     pub fn disconnect_tip(&self, sync: bool) -> Result<Option<(u32, BlockHash)>, StoreError> {
         let (height, _) = self.tip()?.ok_or(StoreError::Empty)?;
         let key = schema::height_key(height);
@@ -335,9 +351,52 @@ impl Store {
             .ok_or(StoreError::UndoMissing { height })?;
         let entries = schema::decode_undo(&record)?;
         let mut batch = Batch::default();
+        let mut wallets: BTreeMap<WalletId, Balance> = BTreeMap::new();
         // Restore in reverse: if a block touched a key twice, the first prior wins.
         for UndoEntry { cf, key, prior } in entries.iter().rev() {
+            if *cf == Cf::ScriptBalance {
+                let id = schema::decode_script_id(key)?;
+                let now = self.script_balance(&id)?;
+                let before = prior
+                    .as_deref()
+                    .map(schema::decode_balance)
+                    .transpose()?
+                    .unwrap_or_default();
+                for w in self.watch(&id)?.map(|r| r.wallets).unwrap_or_default() {
+                    let b = match wallets.entry(w) {
+                        Entry::Occupied(e) => e.into_mut(),
+                        Entry::Vacant(e) => e.insert(self.wallet_balance(w)?),
+                    };
+                    *b = b.moved(&now, &before).ok_or(StoreError::Inconsistent {
+                        wallet: w.0,
+                        height,
+                    })?;
+                }
+            }
+            if *cf == Cf::Transfers {
+                if let Some(value) = self.get(Cf::Transfers, key)? {
+                    let t = schema::decode_transfer(key, &value)?;
+                    for id in t.script_ids() {
+                        for w in self.watch(&id)?.map(|r| r.wallets).unwrap_or_default() {
+                            batch.delete(
+                                self,
+                                Cf::WalletHistory,
+                                &schema::history_key(w, t.height, &t.txid),
+                            );
+                        }
+                    }
+                }
+            }
             batch.set(self, *cf, key, prior.as_deref());
+        }
+        for (w, b) in &wallets {
+            let value = (!b.is_empty()).then(|| schema::encode_balance(b));
+            batch.set(
+                self,
+                Cf::WalletBalance,
+                &schema::wallet_key(*w),
+                value.as_ref().map(|v| &v[..]),
+            );
         }
         batch.delete(self, Cf::Undo, &key);
         self.commit(batch, sync)?;
