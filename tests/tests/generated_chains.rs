@@ -224,8 +224,16 @@ fn fresh_digest(blocks: &[Block], wallets: &[TestWallet]) -> bitcoin::hashes::sh
     store.digest().unwrap()
 }
 
+/// Cases per property: 24 in CI; `PROPTEST_CASES=N` for a longer hunt.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 8, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn pipeline_equals_reference_model(seed in 0u64..1_000_000, len in 102u32..150, txs in 0usize..8, mask in any::<u64>()) {
