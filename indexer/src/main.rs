@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use indexer::config::{Config, FileConfig};
 use indexer::pipeline::{PipelineOptions, Progress, WriteOptions};
 use indexer::rescan::{self, Plan, RescanRequest};
+use indexer::store::schema::Cf;
 use indexer::store::Store;
 use indexer::wallets;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -201,11 +202,11 @@ fn run(cli: Cli) -> Result<()> {
                 None => println!("tip\tnone"),
             }
             let wallets = wallets::list(&store)?;
-            let scripts = wallets::load_filter(&store, 1, 0.5)?.len();
+            let scripts = store.count(Cf::Watch)?;
             println!("network\t{}", config.network.to_core_arg());
             println!("wallets\t{}", wallets.len());
             println!("scripts\t{scripts}");
-            println!("utxos\t{}", store.utxos()?.len());
+            println!("utxos\t{}", store.count(Cf::Utxo)?);
             println!("db_bytes\t{}", store.size_on_disk());
             println!("digest\t{}", store.digest()?);
         }

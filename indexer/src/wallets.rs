@@ -231,11 +231,7 @@ pub fn load_filter(
     min_capacity: usize,
     fp_rate: f64,
 ) -> Result<ScriptFilter, StoreError> {
-    let mut count = 0usize;
-    store.for_each(Cf::Watch, |_, _| {
-        count += 1;
-        Ok::<_, StoreError>(())
-    })?;
+    let count = usize::try_from(store.count(Cf::Watch)?).unwrap_or(usize::MAX);
     let mut filter = ScriptFilter::new(min_capacity.max(count.saturating_mul(2)), fp_rate);
     store.for_each(Cf::Watch, |_, v| {
         filter.insert(schema::decode_watch(v)?.script.as_bytes());

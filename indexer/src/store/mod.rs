@@ -237,6 +237,16 @@ impl Store {
         Ok(())
     }
 
+    /// Number of entries in `cf` (a full scan: for status, not for hot paths).
+    pub fn count(&self, cf: Cf) -> Result<u64, StoreError> {
+        let mut n = 0;
+        self.for_each(cf, |_, _| {
+            n += 1;
+            Ok::<_, StoreError>(())
+        })?;
+        Ok(n)
+    }
+
     /// The indexed tip, or `None` for an empty index.
     pub fn tip(&self) -> Result<Option<(u32, BlockHash)>, StoreError> {
         match self.get(Cf::Meta, schema::META_TIP)? {
