@@ -11,7 +11,7 @@ use indexer::config::{Config, FileConfig};
 use indexer::pipeline::{PipelineOptions, Progress, WriteOptions};
 use indexer::rescan::{self, Plan, RescanRequest};
 use indexer::store::schema::Cf;
-use indexer::store::Store;
+use indexer::store::{Reader, Store};
 use indexer::wallets;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 

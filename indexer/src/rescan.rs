@@ -14,7 +14,7 @@ use crate::chain::{self, ChainEntry, ChainError, Rejected};
 use crate::pipeline::parse::RawBlock;
 use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
 use crate::store::schema::{self, Cf};
-use crate::store::{Batch, Store, StoreError};
+use crate::store::{Batch, Reader, Store, StoreError};
 use crate::watchlist::ScriptFilter;
 
 /// What to rescan.

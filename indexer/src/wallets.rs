@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bitcoin::Network;
 
 use crate::store::schema::{self, Cf, WatchRecord};
-use crate::store::{Batch, Store, StoreError};
+use crate::store::{Batch, Reader, Store, StoreError};
 use crate::types::{Balance, ScriptId, WalletId};
 use crate::watchlist::{self, ScriptFilter, WatchError};
 
@@ -154,6 +154,12 @@ pub fn add(
     }
     for (sid, rec) in &records {
         batch.put(store, Cf::Watch, &sid.0, &schema::encode_watch(rec));
+        batch.put(
+            store,
+            Cf::WalletScripts,
+            &schema::wallet_script_key(id, sid),
+            &[],
+        );
     }
     if !joined.is_empty() {
         store.for_each(Cf::Transfers, |k, v| {

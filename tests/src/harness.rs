@@ -7,7 +7,7 @@ use std::path::Path;
 use bitcoin::{Network, ScriptBuf};
 use indexer::pipeline::{PipelineOptions, WriteOptions};
 use indexer::rescan::{self, RescanError, RescanReport, RescanRequest};
-use indexer::store::Store;
+use indexer::store::{Reader, Store};
 use indexer::types::ScriptId;
 use indexer::wallets;
 

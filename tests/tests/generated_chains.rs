@@ -21,7 +21,7 @@ use bitcoin::transaction::Version;
 use bitcoin::{
     Amount, Block, Network, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness,
 };
-use indexer::store::Store;
+use indexer::store::{Reader, Store};
 use indexer::types::ScriptId;
 use proptest::prelude::*;
 use system_tests::chaingen::{op_return, script_palette, ChainGen};

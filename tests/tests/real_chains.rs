@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use bitcoin::{Block, Network, OutPoint, ScriptBuf};
+use indexer::store::Reader;
 use rand::{Rng, SeedableRng};
 use system_tests::fixtures::{fixture, obfuscate, read_blk_blocks, write_blk_file};
 use system_tests::harness::{

@@ -10,7 +10,7 @@ use rustc_hash::FxHashMap as HashMap;
 
 use super::filter::FilteredBlock;
 use crate::store::schema::{self, Cf, UndoEntry};
-use crate::store::{Store, StoreError};
+use crate::store::{Reader, Store, StoreError};
 use crate::types::{
     Balance, Received, ScriptId, Spent, Transfer, Utxo, WalletId, COINBASE_MATURITY,
 };

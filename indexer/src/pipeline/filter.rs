@@ -6,7 +6,7 @@
 use bitcoin::{block, BlockHash, OutPoint, ScriptBuf, Txid};
 
 use super::parse::ParsedBlock;
-use crate::store::{Store, StoreError};
+use crate::store::{Reader, Store, StoreError};
 use crate::types::{ScriptId, WalletId};
 
 /// An output paying a watched script.

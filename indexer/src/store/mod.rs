@@ -192,9 +192,12 @@ impl Store {
         &self.path
     }
 
-    /// Reads one value.
-    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.db.get_cf(self.cf(cf), key).map_err(|e| self.rocks(e))
+    /// A consistent view of the database as of now.
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
+            store: self,
+            snap: self.db.snapshot(),
+        }
     }
 
     /// Commits a batch atomically; `sync` waits for the WAL to reach the disk.
@@ -245,62 +248,6 @@ impl Store {
             Ok::<_, StoreError>(())
         })?;
         Ok(n)
-    }
-
-    /// The indexed tip, or `None` for an empty index.
-    pub fn tip(&self) -> Result<Option<(u32, BlockHash)>, StoreError> {
-        match self.get(Cf::Meta, schema::META_TIP)? {
-            None => Ok(None),
-            Some(v) => Ok(Some(schema::decode_tip(&v)?)),
-        }
-    }
-
-    /// The indexed header at `height`.
-    pub fn header(&self, height: u32) -> Result<Option<block::Header>, StoreError> {
-        match self.get(Cf::Headers, &schema::height_key(height))? {
-            None => Ok(None),
-            Some(v) => Ok(Some(schema::decode_header(&v)?)),
-        }
-    }
-
-    /// The watch record of a script, if watched.
-    pub fn watch(&self, id: &ScriptId) -> Result<Option<WatchRecord>, StoreError> {
-        match self.get(Cf::Watch, &id.0)? {
-            None => Ok(None),
-            Some(v) => Ok(Some(schema::decode_watch(&v)?)),
-        }
-    }
-
-    /// The unspent output at `outpoint`, if watched and unspent.
-    pub fn utxo(&self, outpoint: &bitcoin::OutPoint) -> Result<Option<Utxo>, StoreError> {
-        match self.get(Cf::Utxo, &schema::outpoint_key(outpoint))? {
-            None => Ok(None),
-            Some(v) => Ok(Some(schema::decode_utxo(&v)?)),
-        }
-    }
-
-    /// A script's balance (empty when it holds nothing).
-    pub fn script_balance(&self, id: &ScriptId) -> Result<Balance, StoreError> {
-        match self.get(Cf::ScriptBalance, &id.0)? {
-            None => Ok(Balance::default()),
-            Some(v) => Ok(schema::decode_balance(&v)?),
-        }
-    }
-
-    /// A wallet's balance (empty when it holds nothing).
-    pub fn wallet_balance(&self, id: WalletId) -> Result<Balance, StoreError> {
-        match self.get(Cf::WalletBalance, &schema::wallet_key(id))? {
-            None => Ok(Balance::default()),
-            Some(v) => Ok(schema::decode_balance(&v)?),
-        }
-    }
-
-    /// The id of the wallet called `name`.
-    pub fn wallet_id(&self, name: &str) -> Result<Option<WalletId>, StoreError> {
-        match self.get(Cf::Wallets, name.as_bytes())? {
-            None => Ok(None),
-            Some(v) => Ok(Some(schema::decode_wallet(&v)?)),
-        }
     }
 
     /// Every watched unspent output, in outpoint order.
@@ -449,6 +396,117 @@ impl Store {
                     .flatten()
             })
             .sum()
+    }
+}
+
+/// Typed reads, the same over the live database and over a [`Snapshot`].
+pub trait Reader {
+    /// Reads one raw value.
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The indexed tip, or `None` for an empty index.
+    fn tip(&self) -> Result<Option<(u32, BlockHash)>, StoreError> {
+        match self.get(Cf::Meta, schema::META_TIP)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(schema::decode_tip(&v)?)),
+        }
+    }
+
+    /// The indexed header at `height`.
+    fn header(&self, height: u32) -> Result<Option<block::Header>, StoreError> {
+        match self.get(Cf::Headers, &schema::height_key(height))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(schema::decode_header(&v)?)),
+        }
+    }
+
+    /// The watch record of a script, if watched.
+    fn watch(&self, id: &ScriptId) -> Result<Option<WatchRecord>, StoreError> {
+        match self.get(Cf::Watch, &id.0)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(schema::decode_watch(&v)?)),
+        }
+    }
+
+    /// The unspent output at `outpoint`, if watched and unspent.
+    fn utxo(&self, outpoint: &bitcoin::OutPoint) -> Result<Option<Utxo>, StoreError> {
+        match self.get(Cf::Utxo, &schema::outpoint_key(outpoint))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(schema::decode_utxo(&v)?)),
+        }
+    }
+
+    /// A script's balance (empty when it holds nothing).
+    fn script_balance(&self, id: &ScriptId) -> Result<Balance, StoreError> {
+        match self.get(Cf::ScriptBalance, &id.0)? {
+            None => Ok(Balance::default()),
+            Some(v) => Ok(schema::decode_balance(&v)?),
+        }
+    }
+
+    /// A wallet's balance (empty when it holds nothing).
+    fn wallet_balance(&self, id: WalletId) -> Result<Balance, StoreError> {
+        match self.get(Cf::WalletBalance, &schema::wallet_key(id))? {
+            None => Ok(Balance::default()),
+            Some(v) => Ok(schema::decode_balance(&v)?),
+        }
+    }
+
+    /// The id of the wallet called `name`.
+    fn wallet_id(&self, name: &str) -> Result<Option<WalletId>, StoreError> {
+        match self.get(Cf::Wallets, name.as_bytes())? {
+            None => Ok(None),
+            Some(v) => Ok(Some(schema::decode_wallet(&v)?)),
+        }
+    }
+}
+
+impl Reader for Store {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.cf(cf), key).map_err(|e| self.rocks(e))
+    }
+}
+
+/// The database as of one moment: a query reading through it sees one tip, never half a
+/// block, however many blocks commit meanwhile.
+pub struct Snapshot<'a> {
+    store: &'a Store,
+    snap: rocksdb::Snapshot<'a>,
+}
+
+impl Reader for Snapshot<'_> {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.snap
+            .get_cf(self.store.cf(cf), key)
+            .map_err(|e| self.store.rocks(e))
+    }
+}
+
+impl Snapshot<'_> {
+    /// Visits the entries of `cf` under `prefix` in key order, starting after `after` when
+    /// given; stops when `f` returns `false`.
+    pub fn scan<E: From<StoreError>>(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
+    ) -> Result<(), E> {
+        let start = after.unwrap_or(prefix);
+        let mode = IteratorMode::From(start, rocksdb::Direction::Forward);
+        for item in self.snap.iterator_cf(self.store.cf(cf), mode) {
+            let (k, v) = item.map_err(|e| self.store.rocks(e))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if after.is_some_and(|a| &k[..] == a) {
+                continue;
+            }
+            if !f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -39,11 +39,13 @@ pub enum Cf {
     WalletHistory = 10,
     /// height -> undo record of that block.
     Undo = 11,
+    /// wallet id + script id -> nothing (a wallet's scripts, for per-wallet listings).
+    WalletScripts = 12,
 }
 
 impl Cf {
     /// Every column family, in id order.
-    pub const ALL: [Cf; 12] = [
+    pub const ALL: [Cf; 13] = [
         Cf::Meta,
         Cf::Headers,
         Cf::Wallets,
@@ -56,6 +58,7 @@ impl Cf {
         Cf::Transfers,
         Cf::WalletHistory,
         Cf::Undo,
+        Cf::WalletScripts,
     ];
 
     /// The families that make up the indexed state compared by the state digest.
@@ -83,6 +86,7 @@ impl Cf {
             Cf::Transfers => "transfers",
             Cf::WalletHistory => "wallet_history",
             Cf::Undo => "undo",
+            Cf::WalletScripts => "wallet_scripts",
         }
     }
 
@@ -324,6 +328,14 @@ pub fn descriptor_key(wallet: WalletId, seq: u32) -> [u8; 8] {
     let mut k = [0u8; 8];
     k[..4].copy_from_slice(&wallet.0.to_be_bytes());
     k[4..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Wallet-scripts key: wallet id + script id.
+pub fn wallet_script_key(wallet: WalletId, script: &ScriptId) -> [u8; 36] {
+    let mut k = [0u8; 36];
+    k[..4].copy_from_slice(&wallet.0.to_be_bytes());
+    k[4..].copy_from_slice(&script.0);
     k
 }
 
