@@ -9,6 +9,7 @@
 //! ```
 //!
 //! Modules, from the entry down to the pure core:
+//! - [`query`] answers balance and UTXO queries from one snapshot;
 //! - [`rescan`] drives a rescan from block files (chain choice, reorg, resume);
 //! - [`pipeline`] is the staged block pipeline;
 //! - [`wallets`] keeps wallets and watched scripts in the database;
@@ -21,6 +22,7 @@ pub mod blkfile;
 pub mod chain;
 pub mod config;
 pub mod pipeline;
+pub mod query;
 pub mod rescan;
 pub mod store;
 pub mod types;

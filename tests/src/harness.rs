@@ -1,15 +1,16 @@
 //! Running the real indexer (RocksDB in a temp dir, the real pipeline) and comparing what
 //! it stored with the reference model.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use bitcoin::{Network, ScriptBuf};
+use bitcoin::{Block, Network, OutPoint, ScriptBuf};
 use indexer::pipeline::{PipelineOptions, WriteOptions};
 use indexer::rescan::{self, RescanError, RescanReport, RescanRequest};
 use indexer::store::{Reader, Store};
 use indexer::types::ScriptId;
 use indexer::wallets;
+use rand::{Rng, SeedableRng};
 
 use crate::reference::Model;
 
@@ -20,6 +21,36 @@ pub struct TestWallet {
     pub name: String,
     /// Scripts, added as `raw()` descriptors.
     pub scripts: BTreeSet<ScriptBuf>,
+}
+
+/// Wallets over `chain`: every script whose output is ever spent (so spends are tested),
+/// plus a random third of the rest, split over three wallets that overlap.
+pub fn wallets_over(chain: &[Block], seed: u64) -> Vec<TestWallet> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut outputs: BTreeMap<OutPoint, ScriptBuf> = BTreeMap::new();
+    let mut spent_scripts = BTreeSet::new();
+    let mut others = BTreeSet::new();
+    for block in chain {
+        for tx in &block.txdata {
+            for input in &tx.input {
+                if let Some(s) = outputs.get(&input.previous_output) {
+                    spent_scripts.insert(s.clone());
+                }
+            }
+            let txid = tx.compute_txid();
+            for (vout, out) in tx.output.iter().enumerate() {
+                outputs.insert(OutPoint::new(txid, vout as u32), out.script_pubkey.clone());
+                if rng.gen_bool(0.33) {
+                    others.insert(out.script_pubkey.clone());
+                }
+            }
+        }
+    }
+    deal(
+        spent_scripts.into_iter().chain(others),
+        &["hot", "cold", "deposits"],
+        7,
+    )
 }
 
 /// Every script any of `wallets` watches.

@@ -13,47 +13,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 
-use bitcoin::{Block, Network, OutPoint, ScriptBuf};
+use bitcoin::{Block, Network, OutPoint};
 use indexer::store::Reader;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use system_tests::fixtures::{fixture, obfuscate, read_blk_blocks, write_blk_file};
 use system_tests::harness::{
-    all_scripts, assert_store_matches, deal, open_with_wallets, rescan, TestWallet,
+    all_scripts, assert_store_matches, open_with_wallets, rescan, wallets_over,
 };
 use system_tests::reference::{self, longest_chain};
-
-/// Wallets over `chain`: every script whose output is ever spent (so spends are tested),
-/// plus a random third of the rest, split over three wallets that overlap.
-fn wallets_for(chain: &[Block], seed: u64) -> Vec<TestWallet> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut outputs: BTreeMap<OutPoint, ScriptBuf> = BTreeMap::new();
-    let mut spent_scripts = BTreeSet::new();
-    let mut others = BTreeSet::new();
-    for block in chain {
-        for tx in &block.txdata {
-            for input in &tx.input {
-                if let Some(s) = outputs.get(&input.previous_output) {
-                    spent_scripts.insert(s.clone());
-                }
-            }
-            let txid = tx.compute_txid();
-            for (vout, out) in tx.output.iter().enumerate() {
-                outputs.insert(OutPoint::new(txid, vout as u32), out.script_pubkey.clone());
-                if rng.gen_bool(0.33) {
-                    others.insert(out.script_pubkey.clone());
-                }
-            }
-        }
-    }
-    deal(
-        spent_scripts.into_iter().chain(others),
-        &["hot", "cold", "deposits"],
-        7,
-    )
-}
 
 fn copy_as(src: &Path, dir: &Path, name: &str) {
     std::fs::copy(src, dir.join(name)).expect("copy fixture");
@@ -64,7 +34,7 @@ fn mainnet_0_4312_matches_the_reference_model() {
     let file = fixture("mainnet-0-4312/blk00000.dat");
     let chain = read_blk_blocks(&file);
     assert_eq!(chain.len(), 4313);
-    let wallets = wallets_for(&chain, 1);
+    let wallets = wallets_over(&chain, 1);
     let model = reference::compute(&chain, 0, &all_scripts(&wallets));
     assert!(model.utxos.len() > 1000, "a meaningful watch set");
 
@@ -101,7 +71,7 @@ fn mainnet_0_599_across_two_files_matches_the_reference_model() {
     let mut chain = read_blk_blocks(&dir.join("blk00000.dat"));
     chain.extend(read_blk_blocks(&dir.join("blk00001.dat")));
     assert_eq!(chain.len(), 600);
-    let wallets = wallets_for(&chain, 2);
+    let wallets = wallets_over(&chain, 2);
     let model = reference::compute(&chain, 0, &all_scripts(&wallets));
     let db = tempfile::tempdir().unwrap();
     let store = open_with_wallets(db.path(), Network::Bitcoin, &wallets);
@@ -127,7 +97,7 @@ fn btcd_reorg_fixture_takes_the_most_work_chain_in_any_file_order() {
         .collect();
     let chain = longest_chain(&all);
     assert_eq!(chain.len(), 6, "genesis..5A");
-    let wallets = wallets_for(&all, 3);
+    let wallets = wallets_over(&all, 3);
     let model = reference::compute(&chain, 0, &all_scripts(&wallets));
 
     let mut digests = BTreeSet::new();
@@ -182,7 +152,7 @@ fn btcd_reorg_fixture_takes_the_most_work_chain_in_any_file_order() {
 fn damaged_files_give_clear_errors_and_commit_nothing_half_done() {
     let good = fixture("mainnet-0-599/blk00000.dat");
     let first_half = read_blk_blocks(&good);
-    let wallets = wallets_for(&first_half, 4);
+    let wallets = wallets_over(&first_half, 4);
 
     // A misaligned record after block 599: the error names the file and offset.
     let blocks = tempfile::tempdir().unwrap();
@@ -221,7 +191,7 @@ fn damaged_files_give_clear_errors_and_commit_nothing_half_done() {
         "blk00000.dat",
     );
     let chain = read_blk_blocks(&blocks.path().join("blk00000.dat"));
-    let wallets = wallets_for(&chain, 5);
+    let wallets = wallets_over(&chain, 5);
     let model = reference::compute(&chain, 0, &all_scripts(&wallets));
     let db = tempfile::tempdir().unwrap();
     let store = open_with_wallets(db.path(), Network::Testnet, &wallets);
@@ -248,7 +218,7 @@ fn damaged_files_give_clear_errors_and_commit_nothing_half_done() {
 fn a_damaged_block_body_stops_at_that_block_with_everything_before_committed() {
     let file = fixture("mainnet-0-4312/blk00000.dat");
     let chain = read_blk_blocks(&file);
-    let wallets = wallets_for(&chain, 6);
+    let wallets = wallets_over(&chain, 6);
     let mut data = std::fs::read(&file).unwrap();
     // Find block 3000's record and flip a byte in its last transaction.
     let mut offset = 0usize;

@@ -289,6 +289,14 @@ pub fn encode_script_utxo(utxo: &Utxo) -> [u8; 13] {
     v
 }
 
+/// Decodes a per-script UTXO value: (value, height, coinbase).
+pub fn decode_script_utxo(bytes: &[u8]) -> Result<(u64, u32, bool), DecodeError> {
+    let mut r = Reader::new("script utxo", bytes);
+    let v = (r.u64()?, r.u32()?, r.u8()? != 0);
+    r.finish()?;
+    Ok(v)
+}
+
 /// Balance value: confirmed, immature, utxo count (u64 BE each).
 pub fn encode_balance(b: &Balance) -> [u8; 24] {
     let mut v = [0u8; 24];

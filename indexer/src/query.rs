@@ -1,0 +1,328 @@
+//! Read queries for the API: balances and unspent outputs of a wallet, an address or a
+//! script, all read from one snapshot (one tip), confirmations counted from stored heights,
+//! lists paged by opaque tokens.
+
+use std::str::FromStr;
+
+use bitcoin::hex::FromHex;
+use bitcoin::{Address, BlockHash, Network, OutPoint, ScriptBuf};
+
+use crate::store::schema::{self, Cf};
+use crate::store::{Reader, Snapshot, Store, StoreError};
+use crate::types::{Balance, ScriptId, WalletId, COINBASE_MATURITY};
+
+/// Page size when none is asked for.
+pub const DEFAULT_PAGE: u32 = 100;
+/// Largest page served.
+pub const MAX_PAGE: u32 = 1000;
+
+/// A query that cannot be answered as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// No wallet has this name.
+    #[error("unknown wallet {0:?}")]
+    UnknownWallet(String),
+    /// The address does not parse.
+    #[error("invalid address {address:?}: {detail}")]
+    InvalidAddress {
+        /// The text given.
+        address: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The address is for another network.
+    #[error("address {address:?} is not a {network} address")]
+    WrongNetwork {
+        /// The text given.
+        address: String,
+        /// The indexer's network.
+        network: Network,
+    },
+    /// The script hex does not parse.
+    #[error("invalid script_hex: {0}")]
+    InvalidScript(String),
+    /// The page token is not one this server issued.
+    #[error("invalid page token")]
+    BadPageToken,
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<schema::DecodeError> for QueryError {
+    fn from(e: schema::DecodeError) -> Self {
+        QueryError::Store(e.into())
+    }
+}
+
+/// What a query is about.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// A wallet by name.
+    Wallet(String),
+    /// One address.
+    Address(String),
+    /// One script_pubkey, hex.
+    ScriptHex(String),
+}
+
+/// A balance as of the snapshot's tip.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BalanceReport {
+    /// Spendable satoshis with at least `min_conf` confirmations.
+    pub confirmed: u64,
+    /// Satoshis in immature coinbase outputs with at least `min_conf` confirmations.
+    pub immature: u64,
+    /// Outputs counted.
+    pub utxo_count: u64,
+    /// The tip the answer is for.
+    pub tip: Option<(u32, BlockHash)>,
+}
+
+/// One unspent output as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UtxoEntry {
+    /// The outpoint.
+    pub outpoint: OutPoint,
+    /// Satoshis.
+    pub value: u64,
+    /// The script_pubkey.
+    pub script: ScriptBuf,
+    /// Its address, where one exists.
+    pub address: Option<Address>,
+    /// Height of its block.
+    pub height: u32,
+    /// Confirmations at the snapshot's tip.
+    pub confirmations: u32,
+    /// From a coinbase.
+    pub coinbase: bool,
+}
+
+/// A target resolved against the database.
+enum Resolved {
+    Wallet(WalletId),
+    Script(ScriptBuf),
+}
+
+/// Queries against one snapshot of the database.
+pub struct Query<'a> {
+    snap: Snapshot<'a>,
+    network: Network,
+    tip: Option<(u32, BlockHash)>,
+}
+
+impl<'a> Query<'a> {
+    /// Takes a snapshot: every answer of this query is for the same tip.
+    pub fn new(store: &'a Store, network: Network) -> Result<Self, QueryError> {
+        let snap = store.snapshot();
+        let tip = snap.tip()?;
+        Ok(Query { snap, network, tip })
+    }
+
+    /// The tip of the snapshot.
+    pub fn tip(&self) -> Option<(u32, BlockHash)> {
+        self.tip
+    }
+
+    fn confirmations(&self, height: u32) -> u32 {
+        self.tip
+            .map_or(0, |(tip, _)| (tip + 1).saturating_sub(height))
+    }
+
+    /// The balance of `target` counting outputs with at least `min_conf` confirmations.
+    /// With `min_conf` <= 1 it is read from the stored aggregate, whatever the wallet's size.
+    pub fn balance(&self, target: &Target, min_conf: u32) -> Result<BalanceReport, QueryError> {
+        let resolved = self.resolve(target)?;
+        let stored = match (&resolved, min_conf <= 1) {
+            (Resolved::Wallet(id), true) => Some(self.snap.wallet_balance(*id)?),
+            (Resolved::Script(script), true) => {
+                Some(self.snap.script_balance(&ScriptId::of(script))?)
+            }
+            (_, false) => None,
+        };
+        let b = match stored {
+            Some(b) => b,
+            None => {
+                let mut b = Balance::default();
+                self.each_utxo(&resolved, None, |_, e| {
+                    if e.confirmations >= min_conf {
+                        b.add(e.value, self.is_immature(&e));
+                    }
+                    Ok(true)
+                })?;
+                b
+            }
+        };
+        Ok(BalanceReport {
+            confirmed: b.confirmed,
+            immature: b.immature,
+            utxo_count: b.utxo_count,
+            tip: self.tip,
+        })
+    }
+
+    fn is_immature(&self, e: &UtxoEntry) -> bool {
+        e.coinbase
+            && self
+                .tip
+                .is_some_and(|(tip, _)| tip < e.height + COINBASE_MATURITY)
+    }
+
+    /// One page of `target`'s unspent outputs with at least `min_conf` confirmations, in
+    /// (script, outpoint) order, and the token of the next page if there is one.
+    pub fn list_utxos(
+        &self,
+        target: &Target,
+        min_conf: u32,
+        limit: u32,
+        page_token: Option<&str>,
+    ) -> Result<(Vec<UtxoEntry>, Option<String>), QueryError> {
+        let limit = match limit {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        } as usize;
+        let after = page_token.map(decode_token).transpose()?;
+        let resolved = self.resolve(target)?;
+        let mut page = Vec::new();
+        let mut more = false;
+        self.each_utxo(&resolved, after, |key, e| {
+            if e.confirmations < min_conf {
+                return Ok(true);
+            }
+            if page.len() == limit {
+                more = true;
+                return Ok(false);
+            }
+            page.push((key, e));
+            Ok(true)
+        })?;
+        let next = match (more, page.last()) {
+            (true, Some((key, _))) => Some(encode_token(key)),
+            _ => None,
+        };
+        Ok((page.into_iter().map(|(_, e)| e).collect(), next))
+    }
+
+    fn resolve(&self, target: &Target) -> Result<Resolved, QueryError> {
+        match target {
+            Target::Wallet(name) => self
+                .snap
+                .wallet_id(name)?
+                .map(Resolved::Wallet)
+                .ok_or_else(|| QueryError::UnknownWallet(name.clone())),
+            Target::Address(a) => {
+                let parsed = Address::from_str(a).map_err(|e| QueryError::InvalidAddress {
+                    address: a.clone(),
+                    detail: e.to_string(),
+                })?;
+                let checked =
+                    parsed
+                        .require_network(self.network)
+                        .map_err(|_| QueryError::WrongNetwork {
+                            address: a.clone(),
+                            network: self.network,
+                        })?;
+                Ok(Resolved::Script(checked.script_pubkey()))
+            }
+            Target::ScriptHex(h) => ScriptBuf::from_hex(h)
+                .map(Resolved::Script)
+                .map_err(|e| QueryError::InvalidScript(e.to_string())),
+        }
+    }
+
+    /// The scripts to list, starting with the page token's script when there is one.
+    fn scripts_from(
+        &self,
+        target: &Resolved,
+        from: Option<ScriptId>,
+    ) -> Result<Vec<(ScriptId, ScriptBuf)>, QueryError> {
+        let ids = match target {
+            Resolved::Script(script) => {
+                let id = ScriptId::of(script);
+                if from.is_some_and(|f| f != id) {
+                    return Err(QueryError::BadPageToken);
+                }
+                return Ok(vec![(id, script.clone())]);
+            }
+            Resolved::Wallet(wallet) => {
+                let prefix = schema::wallet_key(*wallet);
+                let start = from.map(|s| schema::wallet_script_key(*wallet, &s));
+                if let Some(key) = &start {
+                    self.snap
+                        .get(Cf::WalletScripts, key)?
+                        .ok_or(QueryError::BadPageToken)?;
+                }
+                // The token's own script first (listed on from after its outpoint), then the rest.
+                let mut ids: Vec<ScriptId> = from.into_iter().collect();
+                self.snap.scan(
+                    Cf::WalletScripts,
+                    &prefix,
+                    start.as_ref().map(|k| &k[..]),
+                    |k, _| {
+                        ids.push(schema::decode_script_id(&k[4..])?);
+                        Ok::<_, QueryError>(true)
+                    },
+                )?;
+                ids
+            }
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(rec) = self.snap.watch(&id)? {
+                out.push((id, rec.script));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Visits the target's unspent outputs in (script id, outpoint) order, after the
+    /// per-script UTXO key `after`; `f` returns `false` to stop.
+    fn each_utxo(
+        &self,
+        target: &Resolved,
+        after: Option<[u8; 68]>,
+        mut f: impl FnMut([u8; 68], UtxoEntry) -> Result<bool, QueryError>,
+    ) -> Result<(), QueryError> {
+        let from_script = after.map(|k| ScriptId(k[..32].try_into().expect("68-byte key")));
+        let scripts = self.scripts_from(target, from_script)?;
+        for (id, script) in scripts {
+            let resume = after.filter(|k| k[..32] == id.0);
+            let address = Address::from_script(&script, self.network).ok();
+            let mut stop = false;
+            self.snap.scan(
+                Cf::ScriptUtxo,
+                &id.0,
+                resume.as_ref().map(|k| &k[..]),
+                |k, v| {
+                    let key: [u8; 68] = k.try_into().map_err(|_| QueryError::BadPageToken)?;
+                    let (value, height, coinbase) = schema::decode_script_utxo(v)?;
+                    let entry = UtxoEntry {
+                        outpoint: schema::decode_outpoint(&k[32..])?,
+                        value,
+                        script: script.clone(),
+                        address: address.clone(),
+                        height,
+                        confirmations: self.confirmations(height),
+                        coinbase,
+                    };
+                    let go_on = f(key, entry)?;
+                    stop = !go_on;
+                    Ok::<_, QueryError>(go_on)
+                },
+            )?;
+            if stop {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode_token(key: &[u8; 68]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_token(token: &str) -> Result<[u8; 68], QueryError> {
+    let bytes = Vec::<u8>::from_hex(token).map_err(|_| QueryError::BadPageToken)?;
+    bytes.try_into().map_err(|_| QueryError::BadPageToken)
+}

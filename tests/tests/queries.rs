@@ -1,0 +1,188 @@
+//! Balance and UTXO queries against the reference model.
+//!
+//! Scenarios:
+//! 1. mainnet 0..4312 (`../shared/fixtures`): every wallet's balance, at min_conf 0 and
+//!    1000, equals the model; paging with small pages returns every UTXO exactly once.
+//! 2. a query reads one snapshot: blocks committed after it was taken are not seen.
+//! 3. address, script and wallet targets agree on a generated regtest chain; bad targets
+//!    and bad page tokens are clear errors.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+
+use bitcoin::{Address, Network, OutPoint};
+use indexer::query::{Query, QueryError, Target};
+use system_tests::chaingen::{script_palette, ChainGen};
+use system_tests::fixtures::{fixture, read_blk_blocks, write_blk_file};
+use system_tests::harness::{all_scripts, open_with_wallets, rescan, wallets_over, TestWallet};
+use system_tests::reference::{self, Model};
+
+fn model_utxos(model: &Model, w: &TestWallet, min_conf: u32) -> BTreeSet<OutPoint> {
+    model
+        .utxos
+        .iter()
+        .filter(|(_, u)| w.scripts.contains(&u.script) && model.tip + 1 - u.height >= min_conf)
+        .map(|(op, _)| *op)
+        .collect()
+}
+
+fn model_balance(model: &Model, w: &TestWallet, min_conf: u32) -> (u64, u64, u64) {
+    let ops = model_utxos(model, w, min_conf);
+    let mut b = (0, 0, 0);
+    for op in ops {
+        let u = &model.utxos[&op];
+        if u.coinbase && model.tip < u.height + 100 {
+            b.1 += u.value;
+        } else {
+            b.0 += u.value;
+        }
+        b.2 += 1;
+    }
+    b
+}
+
+fn err<T>(r: Result<T, QueryError>) -> String {
+    r.err().expect("an error").to_string()
+}
+
+fn all_pages(q: &Query<'_>, target: &Target, min_conf: u32, limit: u32) -> Vec<OutPoint> {
+    let mut out = Vec::new();
+    let mut token = None;
+    loop {
+        let (page, next) = q
+            .list_utxos(target, min_conf, limit, token.as_deref())
+            .unwrap();
+        assert!(page.len() <= limit as usize);
+        out.extend(page.iter().map(|e| e.outpoint));
+        match next {
+            Some(t) => token = Some(t),
+            None => return out,
+        }
+    }
+}
+
+#[test]
+fn balances_and_pages_match_the_model_on_mainnet_blocks() {
+    let file = fixture("mainnet-0-4312/blk00000.dat");
+    let chain = read_blk_blocks(&file);
+    let wallets = wallets_over(&chain, 21);
+    let blocks = tempfile::tempdir().unwrap();
+    std::fs::copy(&file, blocks.path().join("blk00000.dat")).unwrap();
+    let db = tempfile::tempdir().unwrap();
+    let store = open_with_wallets(db.path(), Network::Bitcoin, &wallets);
+
+    // Index to 2000, take a snapshot, index the rest: the snapshot still answers for 2000.
+    rescan(
+        &store,
+        Network::Bitcoin,
+        blocks.path(),
+        None,
+        Some(2000),
+        None,
+    )
+    .unwrap();
+    let early = Query::new(&store, Network::Bitcoin).unwrap();
+    rescan(&store, Network::Bitcoin, blocks.path(), None, None, None).unwrap();
+    let model_2000 = reference::compute(&chain[..2001], 0, &all_scripts(&wallets));
+    assert_eq!(early.tip().unwrap().0, 2000);
+    let b = early.balance(&Target::Wallet("hot".into()), 0).unwrap();
+    assert_eq!(
+        (b.confirmed, b.immature, b.utxo_count),
+        model_2000.balance(&wallets[0].scripts)
+    );
+
+    let model = reference::compute(&chain, 0, &all_scripts(&wallets));
+    let q = Query::new(&store, Network::Bitcoin).unwrap();
+    for w in &wallets {
+        let target = Target::Wallet(w.name.clone());
+        for min_conf in [0, 1, 1000, 4000] {
+            let b = q.balance(&target, min_conf).unwrap();
+            assert_eq!(
+                (b.confirmed, b.immature, b.utxo_count),
+                model_balance(&model, w, min_conf),
+                "{} min_conf {min_conf}",
+                w.name
+            );
+        }
+        let listed = all_pages(&q, &target, 0, 7);
+        let unique: BTreeSet<OutPoint> = listed.iter().copied().collect();
+        assert_eq!(unique.len(), listed.len(), "an outpoint listed twice");
+        assert_eq!(unique, model_utxos(&model, w, 0));
+        let deep: BTreeSet<OutPoint> = all_pages(&q, &target, 1000, 50).into_iter().collect();
+        assert_eq!(deep, model_utxos(&model, w, 1000));
+    }
+}
+
+#[test]
+fn targets_agree_and_bad_requests_are_clear_errors() {
+    let palette = script_palette(31, 18);
+    let mut gen = ChainGen::new(31, palette.clone());
+    for i in 0..130 {
+        gen.add_random_block(i % 6);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_blk_file(
+        &dir.path().join("blk00000.dat"),
+        Network::Regtest,
+        gen.blocks(),
+        [0; 8],
+    );
+    let p2wpkh = palette[3].clone();
+    let wallet = TestWallet {
+        name: "one".into(),
+        scripts: [p2wpkh.clone()].into(),
+    };
+    let db = tempfile::tempdir().unwrap();
+    let store = open_with_wallets(db.path(), Network::Regtest, std::slice::from_ref(&wallet));
+    rescan(&store, Network::Regtest, dir.path(), None, None, None).unwrap();
+    let q = Query::new(&store, Network::Regtest).unwrap();
+
+    let address = Address::from_script(&p2wpkh, Network::Regtest)
+        .unwrap()
+        .to_string();
+    let by_wallet = q.balance(&Target::Wallet("one".into()), 1).unwrap();
+    let by_address = q.balance(&Target::Address(address.clone()), 1).unwrap();
+    let by_script = q
+        .balance(&Target::ScriptHex(p2wpkh.to_hex_string()), 1)
+        .unwrap();
+    assert_eq!(by_wallet, by_address);
+    assert_eq!(by_wallet, by_script);
+    assert!(
+        by_wallet.utxo_count > 0,
+        "the chain pays the watched script"
+    );
+    let (page, _) = q
+        .list_utxos(&Target::Address(address.clone()), 0, 1000, None)
+        .unwrap();
+    assert!(page
+        .iter()
+        .all(|e| e.address.as_ref().map(|a| a.to_string()) == Some(address.clone())));
+    assert_eq!(page.len() as u64, by_wallet.utxo_count);
+
+    assert!(err(q.balance(&Target::Wallet("nobody".into()), 0)).contains("unknown wallet"));
+    assert!(err(q.balance(
+        &Target::Address("bc1qcr8te4kr609gcawutmrza0j4xv80jy8z306fyu".into()),
+        0
+    ))
+    .contains("not a regtest address"));
+    assert!(
+        err(q.balance(&Target::Address("not-an-address".into()), 0)).contains("invalid address")
+    );
+    assert!(err(q.balance(&Target::ScriptHex("zz".into()), 0)).contains("invalid script_hex"));
+    let wallet_target = Target::Wallet("one".into());
+    assert!(
+        err(q.list_utxos(&wallet_target, 0, 10, Some("garbage"))).contains("invalid page token")
+    );
+    // A well-formed token of another script is refused, not silently restarted.
+    let other = palette[4].to_hex_string();
+    let (_, token) = q.list_utxos(&wallet_target, 0, 1, None).unwrap();
+    let token = token.expect("more than one utxo");
+    assert!(
+        err(q.list_utxos(&Target::ScriptHex(other), 0, 10, Some(&token)))
+            .contains("invalid page token")
+    );
+    // Huge limits are capped.
+    let (page, _) = q.list_utxos(&wallet_target, 0, u32::MAX, None).unwrap();
+    assert!(page.len() <= indexer::query::MAX_PAGE as usize);
+}
