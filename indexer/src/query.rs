@@ -5,11 +5,14 @@
 use std::str::FromStr;
 
 use bitcoin::hex::FromHex;
-use bitcoin::{Address, BlockHash, Network, OutPoint, ScriptBuf};
+use std::collections::BTreeMap;
+
+use bitcoin::hashes::Hash;
+use bitcoin::{Address, BlockHash, Network, OutPoint, ScriptBuf, Txid};
 
 use crate::store::schema::{self, Cf};
 use crate::store::{Reader, Snapshot, Store, StoreError};
-use crate::types::{Balance, ScriptId, WalletId, COINBASE_MATURITY};
+use crate::types::{Balance, ScriptId, Transfer, WalletId, COINBASE_MATURITY};
 
 /// Page size when none is asked for.
 pub const DEFAULT_PAGE: u32 = 100;
@@ -41,6 +44,17 @@ pub enum QueryError {
     /// The script hex does not parse.
     #[error("invalid script_hex: {0}")]
     InvalidScript(String),
+    /// The txid is not 64 hex digits.
+    #[error("invalid txid {0:?}")]
+    InvalidTxid(String),
+    /// The height range is empty.
+    #[error("from_height {from} is above to_height {to}")]
+    BadRange {
+        /// Requested start.
+        from: u32,
+        /// Requested end.
+        to: u32,
+    },
     /// The page token is not one this server issued.
     #[error("invalid page token")]
     BadPageToken,
@@ -96,6 +110,58 @@ pub struct UtxoEntry {
     pub confirmations: u32,
     /// From a coinbase.
     pub coinbase: bool,
+}
+
+/// A watched script as shown in a transfer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScriptInfo {
+    /// The script_pubkey.
+    pub script: ScriptBuf,
+    /// Its address, where one exists.
+    pub address: Option<Address>,
+    /// Names of the wallets watching it.
+    pub wallets: Vec<String>,
+}
+
+/// A watched output a transfer created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceivedEntry {
+    /// Output index.
+    pub vout: u32,
+    /// Satoshis.
+    pub value: u64,
+    /// The script paid.
+    pub script: ScriptInfo,
+}
+
+/// A watched output a transfer spent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpentEntry {
+    /// Input index.
+    pub input: u32,
+    /// The outpoint spent.
+    pub outpoint: OutPoint,
+    /// Satoshis.
+    pub value: u64,
+    /// The script that owned it.
+    pub script: ScriptInfo,
+}
+
+/// A confirmed transfer as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferEntry {
+    /// The transaction.
+    pub txid: Txid,
+    /// Confirming block height.
+    pub height: u32,
+    /// Confirming block hash.
+    pub block_hash: BlockHash,
+    /// Confirmations at the snapshot's tip.
+    pub confirmations: u32,
+    /// Watched outputs created.
+    pub received: Vec<ReceivedEntry>,
+    /// Watched outputs spent.
+    pub spent: Vec<SpentEntry>,
 }
 
 /// A target resolved against the database.
@@ -177,10 +243,7 @@ impl<'a> Query<'a> {
         limit: u32,
         page_token: Option<&str>,
     ) -> Result<(Vec<UtxoEntry>, Option<String>), QueryError> {
-        let limit = match limit {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        } as usize;
+        let limit = page_limit(limit);
         let after = page_token.map(decode_token).transpose()?;
         let resolved = self.resolve(target)?;
         let mut page = Vec::new();
@@ -203,13 +266,167 @@ impl<'a> Query<'a> {
         Ok((page.into_iter().map(|(_, e)| e).collect(), next))
     }
 
+    /// What transaction `txid` (display hex) did to watched scripts: one entry, or two for
+    /// a BIP30 duplicate coinbase; empty if it touched none.
+    pub fn transfer(&self, txid: &str) -> Result<Vec<TransferEntry>, QueryError> {
+        let txid = Txid::from_str(txid).map_err(|_| QueryError::InvalidTxid(txid.to_string()))?;
+        let names = self.wallet_names()?;
+        let mut found = Vec::new();
+        self.snap
+            .scan(Cf::Transfers, txid.as_byte_array(), None, |k, v| {
+                found.push(schema::decode_transfer(k, v)?);
+                Ok::<_, QueryError>(true)
+            })?;
+        found
+            .iter()
+            .map(|t| self.transfer_entry(t, &names))
+            .collect()
+    }
+
+    /// One page of `wallet`'s transfers with heights in `from..=to` (`to`: the tip when
+    /// `None`), in chain order, and the token of the next page if there is one.
+    pub fn list_transfers(
+        &self,
+        wallet: &str,
+        from: u32,
+        to: Option<u32>,
+        limit: u32,
+        page_token: Option<&str>,
+    ) -> Result<(Vec<TransferEntry>, Option<String>), QueryError> {
+        let to = to.unwrap_or(self.tip.map_or(0, |(h, _)| h));
+        if from > to {
+            return Err(QueryError::BadRange { from, to });
+        }
+        let limit = page_limit(limit);
+        let id = self.wallet_id(wallet)?;
+        let prefix = schema::wallet_key(id);
+        let after = match page_token {
+            None => None,
+            Some(t) => {
+                let key = Vec::<u8>::from_hex(t).map_err(|_| QueryError::BadPageToken)?;
+                if key.len() != 40 || !key.starts_with(&prefix) {
+                    return Err(QueryError::BadPageToken);
+                }
+                Some(key)
+            }
+        };
+        let first = schema::history_key(id, from, &Txid::all_zeros());
+        let seek = after.clone().unwrap_or_else(|| first.to_vec());
+        let names = self.wallet_names()?;
+        let mut page = Vec::new();
+        let mut more = false;
+        self.snap
+            .scan(Cf::WalletHistory, &prefix, Some(&seek), |k, _| {
+                if after.as_deref() == Some(k) {
+                    return Ok(true);
+                }
+                let height = u32::from_be_bytes(k[4..8].try_into().expect("40-byte history key"));
+                if height > to {
+                    return Ok(false);
+                }
+                if page.len() == limit {
+                    more = true;
+                    return Ok(false);
+                }
+                let txid = Txid::from_byte_array(k[8..40].try_into().expect("40-byte history key"));
+                let value = self
+                    .snap
+                    .get(Cf::Transfers, &schema::transfer_key(&txid, height))?
+                    .ok_or(StoreError::Decode(schema::DecodeError::missing(
+                        "transfer of a history entry",
+                    )))?;
+                let t = schema::decode_transfer(&schema::transfer_key(&txid, height), &value)?;
+                page.push((k.to_vec(), self.transfer_entry(&t, &names)?));
+                Ok::<_, QueryError>(true)
+            })?;
+        let next = match (more, page.last()) {
+            (true, Some((key, _))) => Some(key.iter().map(|b| format!("{b:02x}")).collect()),
+            _ => None,
+        };
+        Ok((page.into_iter().map(|(_, e)| e).collect(), next))
+    }
+
+    fn wallet_id(&self, name: &str) -> Result<WalletId, QueryError> {
+        self.snap
+            .wallet_id(name)?
+            .ok_or_else(|| QueryError::UnknownWallet(name.to_string()))
+    }
+
+    fn wallet_names(&self) -> Result<BTreeMap<WalletId, String>, QueryError> {
+        let mut names = BTreeMap::new();
+        self.snap.scan(Cf::Wallets, &[], None, |k, v| {
+            names.insert(
+                schema::decode_wallet(v)?,
+                String::from_utf8_lossy(k).into_owned(),
+            );
+            Ok::<_, QueryError>(true)
+        })?;
+        Ok(names)
+    }
+
+    fn script_info(
+        &self,
+        id: &ScriptId,
+        names: &BTreeMap<WalletId, String>,
+    ) -> Result<ScriptInfo, QueryError> {
+        let rec = self
+            .snap
+            .watch(id)?
+            .ok_or(StoreError::Decode(schema::DecodeError::missing(
+                "watch record of a transfer's script",
+            )))?;
+        Ok(ScriptInfo {
+            address: Address::from_script(&rec.script, self.network).ok(),
+            wallets: rec
+                .wallets
+                .iter()
+                .filter_map(|w| names.get(w).cloned())
+                .collect(),
+            script: rec.script,
+        })
+    }
+
+    fn transfer_entry(
+        &self,
+        t: &Transfer,
+        names: &BTreeMap<WalletId, String>,
+    ) -> Result<TransferEntry, QueryError> {
+        let received = t
+            .received
+            .iter()
+            .map(|r| {
+                Ok(ReceivedEntry {
+                    vout: r.vout,
+                    value: r.value,
+                    script: self.script_info(&r.script_id, names)?,
+                })
+            })
+            .collect::<Result<_, QueryError>>()?;
+        let spent = t
+            .spent
+            .iter()
+            .map(|s| {
+                Ok(SpentEntry {
+                    input: s.input,
+                    outpoint: s.outpoint,
+                    value: s.value,
+                    script: self.script_info(&s.script_id, names)?,
+                })
+            })
+            .collect::<Result<_, QueryError>>()?;
+        Ok(TransferEntry {
+            txid: t.txid,
+            height: t.height,
+            block_hash: t.block_hash,
+            confirmations: self.confirmations(t.height),
+            received,
+            spent,
+        })
+    }
+
     fn resolve(&self, target: &Target) -> Result<Resolved, QueryError> {
         match target {
-            Target::Wallet(name) => self
-                .snap
-                .wallet_id(name)?
-                .map(Resolved::Wallet)
-                .ok_or_else(|| QueryError::UnknownWallet(name.clone())),
+            Target::Wallet(name) => self.wallet_id(name).map(Resolved::Wallet),
             Target::Address(a) => {
                 let parsed = Address::from_str(a).map_err(|e| QueryError::InvalidAddress {
                     address: a.clone(),
@@ -259,7 +476,10 @@ impl<'a> Query<'a> {
                     &prefix,
                     start.as_ref().map(|k| &k[..]),
                     |k, _| {
-                        ids.push(schema::decode_script_id(&k[4..])?);
+                        let id = schema::decode_script_id(&k[4..])?;
+                        if Some(id) != from {
+                            ids.push(id);
+                        }
                         Ok::<_, QueryError>(true)
                     },
                 )?;
@@ -295,6 +515,9 @@ impl<'a> Query<'a> {
                 resume.as_ref().map(|k| &k[..]),
                 |k, v| {
                     let key: [u8; 68] = k.try_into().map_err(|_| QueryError::BadPageToken)?;
+                    if Some(key) == resume {
+                        return Ok(true); // the last entry of the previous page
+                    }
                     let (value, height, coinbase) = schema::decode_script_utxo(v)?;
                     let entry = UtxoEntry {
                         outpoint: schema::decode_outpoint(&k[32..])?,
@@ -316,6 +539,16 @@ impl<'a> Query<'a> {
         }
         Ok(())
     }
+}
+
+/// The page size served for a requested `limit`.
+fn page_limit(limit: u32) -> usize {
+    let n = if limit == 0 {
+        DEFAULT_PAGE
+    } else {
+        limit.min(MAX_PAGE)
+    };
+    n as usize
 }
 
 fn encode_token(key: &[u8; 68]) -> String {

@@ -42,6 +42,43 @@ fn model_balance(model: &Model, w: &TestWallet, min_conf: u32) -> (u64, u64, u64
     b
 }
 
+/// (height, txid) of every transaction that pays or spends an output of `w`'s scripts:
+/// the wallet's history, computed the plain way.
+fn model_history(
+    chain: &[bitcoin::Block],
+    watched: &BTreeSet<bitcoin::ScriptBuf>,
+    w: &TestWallet,
+) -> Vec<(u32, bitcoin::Txid)> {
+    let mut owner = std::collections::BTreeMap::new();
+    let mut out = Vec::new();
+    for (height, block) in chain.iter().enumerate() {
+        for tx in &block.txdata {
+            let txid = tx.compute_txid();
+            let mut involved = false;
+            if !tx.is_coinbase() {
+                for i in &tx.input {
+                    if let Some(s) = owner.remove(&i.previous_output) {
+                        involved |= w.scripts.contains(&s);
+                    }
+                }
+            }
+            for (vout, o) in tx.output.iter().enumerate() {
+                if height > 0
+                    && watched.contains(&o.script_pubkey)
+                    && !o.script_pubkey.is_op_return()
+                {
+                    involved |= w.scripts.contains(&o.script_pubkey);
+                    owner.insert(OutPoint::new(txid, vout as u32), o.script_pubkey.clone());
+                }
+            }
+            if involved {
+                out.push((height as u32, txid));
+            }
+        }
+    }
+    out
+}
+
 fn err<T>(r: Result<T, QueryError>) -> String {
     r.err().expect("an error").to_string()
 }
@@ -111,6 +148,47 @@ fn balances_and_pages_match_the_model_on_mainnet_blocks() {
         assert_eq!(unique, model_utxos(&model, w, 0));
         let deep: BTreeSet<OutPoint> = all_pages(&q, &target, 1000, 50).into_iter().collect();
         assert_eq!(deep, model_utxos(&model, w, 1000));
+
+        // History, in chain order, paged; and each transfer found again by txid.
+        let mut history = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let (page, next) = q
+                .list_transfers(&w.name, 0, None, 13, token.as_deref())
+                .unwrap();
+            history.extend(page);
+            match next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        let expected = model_history(&chain, &all_scripts(&wallets), w);
+        let got: Vec<(u32, bitcoin::Txid)> = history.iter().map(|t| (t.height, t.txid)).collect();
+        let mut sorted = expected.clone();
+        sorted.sort();
+        assert_eq!(got, sorted, "history of {}", w.name);
+        for t in history.iter().step_by(97) {
+            let again = q.transfer(&t.txid.to_string()).unwrap();
+            assert!(again.contains(t));
+            assert_eq!(t.confirmations, 4312 + 1 - t.height);
+            assert!(t
+                .received
+                .iter()
+                .map(|r| &r.script)
+                .chain(t.spent.iter().map(|s| &s.script))
+                .any(|s| s.wallets.contains(&w.name)));
+        }
+        let (window, _) = q
+            .list_transfers(&w.name, 1000, Some(2000), 1000, None)
+            .unwrap();
+        assert!(window.iter().all(|t| (1000..=2000).contains(&t.height)));
+        assert_eq!(
+            window.len(),
+            sorted
+                .iter()
+                .filter(|(h, _)| (1000..=2000).contains(h))
+                .count()
+        );
     }
 }
 
@@ -170,6 +248,10 @@ fn targets_agree_and_bad_requests_are_clear_errors() {
         err(q.balance(&Target::Address("not-an-address".into()), 0)).contains("invalid address")
     );
     assert!(err(q.balance(&Target::ScriptHex("zz".into()), 0)).contains("invalid script_hex"));
+    assert!(err(q.transfer("abc")).contains("invalid txid"));
+    assert!(q.transfer(&"00".repeat(32)).unwrap().is_empty());
+    assert!(err(q.list_transfers("one", 10, Some(5), 10, None)).contains("above to_height"));
+    assert!(err(q.list_transfers("one", 0, None, 10, Some("00"))).contains("invalid page token"));
     let wallet_target = Target::Wallet("one".into());
     assert!(
         err(q.list_utxos(&wallet_target, 0, 10, Some("garbage"))).contains("invalid page token")

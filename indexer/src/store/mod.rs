@@ -483,24 +483,20 @@ impl Reader for Snapshot<'_> {
 }
 
 impl Snapshot<'_> {
-    /// Visits the entries of `cf` under `prefix` in key order, starting after `after` when
-    /// given; stops when `f` returns `false`.
+    /// Visits the entries of `cf` under `prefix` in key order from `seek` (inclusive; the
+    /// start of the prefix when `None`); stops when `f` returns `false`.
     pub fn scan<E: From<StoreError>>(
         &self,
         cf: Cf,
         prefix: &[u8],
-        after: Option<&[u8]>,
+        seek: Option<&[u8]>,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
     ) -> Result<(), E> {
-        let start = after.unwrap_or(prefix);
-        let mode = IteratorMode::From(start, rocksdb::Direction::Forward);
+        let mode = IteratorMode::From(seek.unwrap_or(prefix), rocksdb::Direction::Forward);
         for item in self.snap.iterator_cf(self.store.cf(cf), mode) {
             let (k, v) = item.map_err(|e| self.store.rocks(e))?;
             if !k.starts_with(prefix) {
                 break;
-            }
-            if after.is_some_and(|a| &k[..] == a) {
-                continue;
             }
             if !f(&k, &v)? {
                 break;

@@ -104,6 +104,13 @@ pub struct DecodeError {
     detail: String,
 }
 
+impl DecodeError {
+    /// A record that another record refers to is absent.
+    pub fn missing(what: &'static str) -> Self {
+        corrupt(what, "missing")
+    }
+}
+
 fn corrupt(what: &'static str, detail: impl Into<String>) -> DecodeError {
     DecodeError {
         what,
