@@ -4,6 +4,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // The vendored protoc, so that no system protoc is needed.
     std::env::set_var("PROTOC", protoc);
-    tonic_prost_build::configure().compile_protos(&["indexer/v1/indexer.proto"], &["."])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        // For gRPC server reflection (grpcurl and friends list and call without the .proto).
+        .file_descriptor_set_path(out.join("indexer_descriptor.bin"))
+        .compile_protos(&["indexer/v1/indexer.proto"], &["."])?;
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! ```
 //!
 //! Modules, from the entry down to the pure core:
+//! - [`grpc`] serves `indexer.v1.Indexer` (with [`convert`] between queries and messages);
 //! - [`query`] answers balance and UTXO queries from one snapshot;
 //! - [`rescan`] drives a rescan from block files (chain choice, reorg, resume);
 //! - [`pipeline`] is the staged block pipeline;
@@ -21,6 +22,8 @@
 pub mod blkfile;
 pub mod chain;
 pub mod config;
+pub mod convert;
+pub mod grpc;
 pub mod pipeline;
 pub mod query;
 pub mod rescan;

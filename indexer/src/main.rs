@@ -12,7 +12,7 @@ use indexer::pipeline::{PipelineOptions, Progress, WriteOptions};
 use indexer::rescan::{self, Plan, RescanRequest};
 use indexer::store::schema::Cf;
 use indexer::store::{Reader, Store};
-use indexer::wallets;
+use indexer::{grpc, wallets};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 // Parsing allocates and frees many small objects across the pipeline's threads: mimalloc's
@@ -66,6 +66,12 @@ enum Command {
     Rescan(RescanArgs),
     /// Tip, watched counts, database size and state digest.
     Status,
+    /// Serve gRPC queries (indexer.v1.Indexer, health, reflection) from the database.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "INDEXER_GRPC", default_value = "127.0.0.1:50051")]
+        grpc: std::net::SocketAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -196,6 +202,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Rescan(args) => rescan_cmd(&store, &config, args)?,
+        Command::Serve { grpc } => serve_cmd(store, &config, grpc)?,
         Command::Status => {
             match store.tip()? {
                 Some((h, hash)) => println!("tip\t{h}\t{hash}"),
@@ -212,6 +219,30 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        let local = listener.local_addr().context("reading the bound address")?;
+        tracing::info!(%local, "serving indexer.v1.Indexer, grpc.health.v1 and reflection");
+        println!("listening\t{local}");
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        };
+        grpc::serve(
+            std::sync::Arc::new(store),
+            config.network,
+            listener,
+            shutdown,
+        )
+        .await?;
+        Ok(())
+    })
 }
 
 fn load_config(args: &CommonArgs) -> Result<Config> {

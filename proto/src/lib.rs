@@ -6,5 +6,9 @@ pub mod indexer {
     pub mod v1 {
         #![allow(missing_docs, clippy::all)]
         tonic::include_proto!("indexer.v1");
+
+        /// The encoded descriptors of `indexer.v1`, for server reflection.
+        pub const FILE_DESCRIPTOR_SET: &[u8] =
+            tonic::include_file_descriptor_set!("indexer_descriptor");
     }
 }

@@ -1,0 +1,110 @@
+//! Between the query layer and the `indexer.v1` messages: one error-to-status mapping and
+//! the message conversions, so the handlers stay thin.
+
+use bitcoin::BlockHash;
+use proto::indexer::v1 as pb;
+use tonic::Status;
+
+use crate::query::{
+    QueryError, ReceivedEntry, ScriptInfo, SpentEntry, Target, TransferEntry, UtxoEntry,
+};
+
+impl From<QueryError> for Status {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::UnknownWallet(_) => Status::not_found(e.to_string()),
+            QueryError::Store(inner) => {
+                tracing::error!(error = %inner, "database error while answering a query");
+                Status::internal("database error; see the indexer's log")
+            }
+            QueryError::InvalidAddress { .. }
+            | QueryError::WrongNetwork { .. }
+            | QueryError::InvalidScript(_)
+            | QueryError::InvalidTxid(_)
+            | QueryError::BadRange { .. }
+            | QueryError::BadPageToken => Status::invalid_argument(e.to_string()),
+        }
+    }
+}
+
+/// The query target of a request; exactly one field must be set.
+pub fn target(t: Option<pb::Target>) -> Result<Target, Status> {
+    use pb::target::Target as T;
+    match t.and_then(|t| t.target) {
+        Some(T::Wallet(w)) => Ok(Target::Wallet(w)),
+        Some(T::Address(a)) => Ok(Target::Address(a)),
+        Some(T::ScriptHex(h)) => Ok(Target::ScriptHex(h)),
+        None => Err(Status::invalid_argument(
+            "target: set one of wallet, address, script_hex",
+        )),
+    }
+}
+
+/// A page token field: empty means the first page.
+pub fn page_token(token: &str) -> Option<&str> {
+    (!token.is_empty()).then_some(token)
+}
+
+/// Tip height and display hash, as every response names them.
+pub fn tip(tip: Option<(u32, BlockHash)>) -> (u32, String) {
+    tip.map_or((0, String::new()), |(h, hash)| (h, hash.to_string()))
+}
+
+/// An unspent output.
+pub fn utxo(e: UtxoEntry) -> pb::Utxo {
+    pb::Utxo {
+        txid: e.outpoint.txid.to_string(),
+        vout: e.outpoint.vout,
+        value_sat: e.value,
+        script_hex: e.script.to_hex_string(),
+        address: e.address.map(|a| a.to_string()).unwrap_or_default(),
+        height: e.height,
+        confirmations: e.confirmations,
+        coinbase: e.coinbase,
+    }
+}
+
+fn script_fields(s: ScriptInfo) -> (String, String, Vec<String>) {
+    (
+        s.script.to_hex_string(),
+        s.address.map(|a| a.to_string()).unwrap_or_default(),
+        s.wallets,
+    )
+}
+
+fn received(r: ReceivedEntry) -> pb::Received {
+    let (script_hex, address, wallets) = script_fields(r.script);
+    pb::Received {
+        vout: r.vout,
+        script_hex,
+        address,
+        value_sat: r.value,
+        wallets,
+    }
+}
+
+fn spent(s: SpentEntry) -> pb::Spent {
+    let (script_hex, address, wallets) = script_fields(s.script);
+    pb::Spent {
+        input: s.input,
+        prev_txid: s.outpoint.txid.to_string(),
+        prev_vout: s.outpoint.vout,
+        script_hex,
+        address,
+        value_sat: s.value,
+        wallets,
+    }
+}
+
+/// A confirmed transfer.
+pub fn transfer(t: TransferEntry) -> pb::Transfer {
+    pb::Transfer {
+        txid: t.txid.to_string(),
+        status: pb::TransferStatus::Confirmed.into(),
+        height: t.height,
+        block_hash: t.block_hash.to_string(),
+        confirmations: t.confirmations,
+        received: t.received.into_iter().map(received).collect(),
+        spent: t.spent.into_iter().map(spent).collect(),
+    }
+}

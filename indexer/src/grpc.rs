@@ -1,0 +1,188 @@
+//! The gRPC server of `indexer.v1.Indexer`: thin handlers that run a [`Query`] on the
+//! blocking pool (RocksDB reads block), plus gRPC health checking and server reflection.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bitcoin::Network;
+use proto::indexer::v1 as pb;
+use proto::indexer::v1::indexer_server::{Indexer, IndexerServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::query::{Query, QueryError};
+use crate::store::Store;
+
+/// The query service over one database.
+pub struct IndexerService {
+    store: Arc<Store>,
+    network: Network,
+}
+
+impl IndexerService {
+    /// A service answering from `store`.
+    pub fn new(store: Arc<Store>, network: Network) -> Self {
+        IndexerService { store, network }
+    }
+
+    /// Runs `f` on a fresh snapshot, off the async threads.
+    async fn query<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Query<'_>) -> Result<T, QueryError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let (store, network) = (self.store.clone(), self.network);
+        tokio::task::spawn_blocking(move || f(&Query::new(&store, network)?))
+            .await
+            .map_err(|e| Status::internal(format!("query task failed: {e}")))?
+            .map_err(Status::from)
+    }
+}
+
+#[tonic::async_trait]
+impl Indexer for IndexerService {
+    async fn get_tip(
+        &self,
+        _: Request<pb::GetTipRequest>,
+    ) -> Result<Response<pb::GetTipResponse>, Status> {
+        let tip = self.query(|q| Ok(q.tip())).await?;
+        let (height, hash) = tip.ok_or_else(|| {
+            Status::failed_precondition("the index is empty: run `indexer rescan`")
+        })?;
+        Ok(Response::new(pb::GetTipResponse {
+            height,
+            hash: hash.to_string(),
+        }))
+    }
+
+    async fn get_balance(
+        &self,
+        req: Request<pb::GetBalanceRequest>,
+    ) -> Result<Response<pb::GetBalanceResponse>, Status> {
+        let req = req.into_inner();
+        let target = convert::target(req.target)?;
+        let b = self
+            .query(move |q| q.balance(&target, req.min_conf))
+            .await?;
+        let (height, tip_hash) = convert::tip(b.tip);
+        Ok(Response::new(pb::GetBalanceResponse {
+            confirmed_sat: b.confirmed,
+            unconfirmed_sat: 0,
+            immature_sat: b.immature,
+            utxo_count: b.utxo_count,
+            height,
+            tip_hash,
+        }))
+    }
+
+    async fn list_utxos(
+        &self,
+        req: Request<pb::ListUtxosRequest>,
+    ) -> Result<Response<pb::ListUtxosResponse>, Status> {
+        let req = req.into_inner();
+        let target = convert::target(req.target)?;
+        let (page, next, tip) = self
+            .query(move |q| {
+                let (page, next) = q.list_utxos(
+                    &target,
+                    req.min_conf,
+                    req.limit,
+                    convert::page_token(&req.page_token),
+                )?;
+                Ok((page, next, q.tip()))
+            })
+            .await?;
+        let (height, tip_hash) = convert::tip(tip);
+        Ok(Response::new(pb::ListUtxosResponse {
+            utxos: page.into_iter().map(convert::utxo).collect(),
+            next_page_token: next.unwrap_or_default(),
+            height,
+            tip_hash,
+        }))
+    }
+
+    async fn get_transfer(
+        &self,
+        req: Request<pb::GetTransferRequest>,
+    ) -> Result<Response<pb::GetTransferResponse>, Status> {
+        let txid = req.into_inner().txid;
+        let asked = txid.clone();
+        let (found, tip) = self
+            .query(move |q| Ok((q.transfer(&txid)?, q.tip())))
+            .await?;
+        if found.is_empty() {
+            return Err(Status::not_found(format!(
+                "transaction {asked} touched no watched script"
+            )));
+        }
+        let (height, tip_hash) = convert::tip(tip);
+        Ok(Response::new(pb::GetTransferResponse {
+            transfers: found.into_iter().map(convert::transfer).collect(),
+            height,
+            tip_hash,
+        }))
+    }
+
+    async fn list_transfers(
+        &self,
+        req: Request<pb::ListTransfersRequest>,
+    ) -> Result<Response<pb::ListTransfersResponse>, Status> {
+        let req = req.into_inner();
+        let to = (req.to_height != 0).then_some(req.to_height);
+        let (page, next, tip) = self
+            .query(move |q| {
+                let (page, next) = q.list_transfers(
+                    &req.wallet,
+                    req.from_height,
+                    to,
+                    req.limit,
+                    convert::page_token(&req.page_token),
+                )?;
+                Ok((page, next, q.tip()))
+            })
+            .await?;
+        let (height, tip_hash) = convert::tip(tip);
+        Ok(Response::new(pb::ListTransfersResponse {
+            transfers: page.into_iter().map(convert::transfer).collect(),
+            next_page_token: next.unwrap_or_default(),
+            height,
+            tip_hash,
+        }))
+    }
+}
+
+/// Why the server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The reflection service could not load the descriptors.
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves the indexer service, health checking and reflection on `listener` until
+/// `shutdown` completes.
+pub async fn serve(
+    store: Arc<Store>,
+    network: Network,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<IndexerServer<IndexerService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(IndexerServer::new(IndexerService::new(store, network)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! The gRPC API through a generated tonic client, against a real server on 127.0.0.1.
+//!
+//! Scenarios:
+//! 1. mainnet 0..599 indexed (`../shared/fixtures`); the server binds port 0 first, then
+//!    serves: GetTip, GetBalance per wallet equal the reference model; ListUtxos pages
+//!    return every UTXO once; GetTransfer and ListTransfers agree; health reports SERVING.
+//! 2. bad requests get the right status and the server keeps answering: no target,
+//!    unknown wallet, wrong-network address, bad page token, bad txid, unknown txid.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use bitcoin::Network;
+use proto::indexer::v1 as pb;
+use proto::indexer::v1::indexer_client::IndexerClient;
+use system_tests::fixtures::{fixture, read_blk_blocks};
+use system_tests::harness::{all_scripts, open_with_wallets, rescan, wallets_over};
+use system_tests::reference;
+use tonic::Code;
+
+fn code<T>(r: Result<T, tonic::Status>) -> (Code, String) {
+    let s = r.err().expect("an error status");
+    (s.code(), s.message().to_string())
+}
+
+fn wallet(name: &str) -> Option<pb::Target> {
+    Some(pb::Target {
+        target: Some(pb::target::Target::Wallet(name.into())),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_over_grpc_match_the_model_and_bad_requests_get_clear_statuses() {
+    let dir = fixture("mainnet-0-599/blk00000.dat")
+        .parent()
+        .unwrap()
+        .to_owned();
+    let mut chain = read_blk_blocks(&dir.join("blk00000.dat"));
+    chain.extend(read_blk_blocks(&dir.join("blk00001.dat")));
+    let wallets = wallets_over(&chain, 41);
+    let db = tempfile::tempdir().unwrap();
+    let store = open_with_wallets(db.path(), Network::Bitcoin, &wallets);
+    rescan(&store, Network::Bitcoin, &dir, None, None, None).unwrap();
+    let model = reference::compute(&chain, 0, &all_scripts(&wallets));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(indexer::grpc::serve(
+        Arc::new(store),
+        Network::Bitcoin,
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut client = IndexerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    let tip = client
+        .get_tip(pb::GetTipRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tip.height, 599);
+    assert_eq!(tip.hash, chain[599].block_hash().to_string());
+
+    for w in &wallets {
+        let b = client
+            .get_balance(pb::GetBalanceRequest {
+                target: wallet(&w.name),
+                min_conf: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (b.confirmed_sat, b.immature_sat, b.utxo_count),
+            model.balance(&w.scripts),
+            "{}",
+            w.name
+        );
+        assert_eq!((b.height, b.tip_hash.as_str()), (599, tip.hash.as_str()));
+
+        let mut seen = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = client
+                .list_utxos(pb::ListUtxosRequest {
+                    target: wallet(&w.name),
+                    min_conf: 0,
+                    limit: 9,
+                    page_token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(page.utxos.len() <= 9);
+            seen.extend(page.utxos.iter().map(|u| format!("{}:{}", u.txid, u.vout)));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        let unique: BTreeSet<String> = seen.iter().cloned().collect();
+        assert_eq!(unique.len(), seen.len(), "a utxo listed twice");
+        let expected: BTreeSet<String> = model
+            .utxos
+            .iter()
+            .filter(|(_, u)| w.scripts.contains(&u.script))
+            .map(|(op, _)| op.to_string())
+            .collect();
+        assert_eq!(unique, expected);
+
+        let history = client
+            .list_transfers(pb::ListTransfersRequest {
+                wallet: w.name.clone(),
+                from_height: 0,
+                to_height: 0,
+                limit: 1000,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!history.transfers.is_empty());
+        let first = &history.transfers[0];
+        let again = client
+            .get_transfer(pb::GetTransferRequest {
+                txid: first.txid.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(&again.transfers[0], first);
+        assert_eq!(first.confirmations, 600 - first.height);
+    }
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "indexer.v1.Indexer".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    let (c, m) = code(
+        client
+            .get_balance(pb::GetBalanceRequest {
+                target: None,
+                min_conf: 0,
+            })
+            .await,
+    );
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+    let (c, m) = code(
+        client
+            .get_balance(pb::GetBalanceRequest {
+                target: wallet("nobody"),
+                min_conf: 0,
+            })
+            .await,
+    );
+    assert_eq!((c, m.contains("nobody")), (Code::NotFound, true), "{m}");
+    let testnet = Some(pb::Target {
+        target: Some(pb::target::Target::Address(
+            "tb1qw508d6qejxtdg4y5r3zarvary0c5xw7kxpjzsx".into(),
+        )),
+    });
+    let (c, m) = code(
+        client
+            .get_balance(pb::GetBalanceRequest {
+                target: testnet,
+                min_conf: 0,
+            })
+            .await,
+    );
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+    assert!(m.contains("not a bitcoin address"), "{m}");
+    let (c, _) = code(
+        client
+            .list_utxos(pb::ListUtxosRequest {
+                target: wallet("hot"),
+                min_conf: 0,
+                limit: u32::MAX,
+                page_token: "zz".into(),
+            })
+            .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+    let (c, _) = code(
+        client
+            .get_transfer(pb::GetTransferRequest {
+                txid: "not hex".into(),
+            })
+            .await,
+    );
+    assert_eq!(c, Code::InvalidArgument);
+    let (c, _) = code(
+        client
+            .get_transfer(pb::GetTransferRequest {
+                txid: "00".repeat(32),
+            })
+            .await,
+    );
+    assert_eq!(c, Code::NotFound);
+    // Still serving after all of that.
+    assert_eq!(
+        client
+            .get_tip(pb::GetTipRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .height,
+        599
+    );
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
