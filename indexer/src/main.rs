@@ -230,8 +230,14 @@ fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Resul
         let local = listener.local_addr().context("reading the bound address")?;
         tracing::info!(%local, "serving indexer.v1.Indexer, grpc.health.v1 and reflection");
         println!("listening\t{local}");
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
+        // Stop on Ctrl-C or SIGTERM (what service managers send), finishing open calls.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
             tracing::info!("shutting down");
         };
         grpc::serve(
