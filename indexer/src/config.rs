@@ -46,6 +46,8 @@ pub struct FileConfig {
     pub undo_depth: Option<u32>,
     /// Scripts derived from each ranged descriptor.
     pub gap_limit: Option<u32>,
+    /// File holding the bearer token gRPC calls must present.
+    pub grpc_token_file: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -70,6 +72,7 @@ impl FileConfig {
             bloom_fp_rate: self.bloom_fp_rate.or(other.bloom_fp_rate),
             undo_depth: self.undo_depth.or(other.undo_depth),
             gap_limit: self.gap_limit.or(other.gap_limit),
+            grpc_token_file: self.grpc_token_file.or(other.grpc_token_file),
         }
     }
 }
@@ -90,6 +93,8 @@ pub struct Config {
     pub undo_depth: Option<u32>,
     /// Scripts derived from each ranged descriptor.
     pub gap_limit: u32,
+    /// File holding the bearer token gRPC calls must present (`None`: open, loopback only).
+    pub grpc_token_file: Option<PathBuf>,
 }
 
 /// Parses a network name as the CLI and config take it.
@@ -129,6 +134,7 @@ impl Config {
             bloom_fp_rate,
             undo_depth: c.undo_depth,
             gap_limit,
+            grpc_token_file: c.grpc_token_file,
         })
     }
 }

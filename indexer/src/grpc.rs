@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::BearerToken;
 use crate::convert;
 use crate::query::{Query, QueryError};
 use crate::store::Store;
@@ -164,16 +165,18 @@ pub enum ServeError {
 }
 
 /// Serves the indexer service, health checking and reflection on `listener` until
-/// `shutdown` completes.
+/// `shutdown` completes. With a `token`, every indexer call must present it; health and
+/// reflection stay open (they reveal nothing about wallets).
 pub async fn serve(
     store: Arc<Store>,
     network: Network,
     listener: TcpListener,
+    token: Option<BearerToken>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<IndexerServer<IndexerService>>()
+        .set_service_status("indexer.v1.Indexer", tonic_health::ServingStatus::Serving)
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -181,7 +184,13 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(IndexerServer::new(IndexerService::new(store, network)))
+        .add_service(IndexerServer::with_interceptor(
+            IndexerService::new(store, network),
+            move |req| match &token {
+                Some(t) => t.check(req),
+                None => Ok(req),
+            },
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

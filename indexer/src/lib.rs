@@ -9,6 +9,7 @@
 //! ```
 //!
 //! Modules, from the entry down to the pure core:
+//! - [`auth`] checks bearer tokens on gRPC calls;
 //! - [`grpc`] serves `indexer.v1.Indexer` (with [`convert`] between queries and messages);
 //! - [`query`] answers balance and UTXO queries from one snapshot;
 //! - [`rescan`] drives a rescan from block files (chain choice, reorg, resume);
@@ -19,6 +20,7 @@
 //! - [`config`] holds the settings;
 //! - the pure core: [`chain`] (best chain), [`watchlist`] (descriptors, bloom), [`types`].
 
+pub mod auth;
 pub mod blkfile;
 pub mod chain;
 pub mod config;

@@ -53,6 +53,9 @@ struct CommonArgs {
     /// Scripts derived from each ranged descriptor (default 1000).
     #[arg(long, global = true, env = "INDEXER_GAP_LIMIT")]
     gap_limit: Option<u32>,
+    /// File holding the bearer token gRPC calls must present (required off loopback).
+    #[arg(long, global = true, env = "INDEXER_GRPC_TOKEN_FILE")]
+    grpc_token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -222,6 +225,11 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<()> {
+    let token = match &config.grpc_token_file {
+        Some(path) => Some(indexer::auth::BearerToken::from_file(path)?),
+        None if addr.ip().is_loopback() => None,
+        None => bail!("serving on {addr}, off loopback, needs a token: set grpc_token_file"),
+    };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -244,6 +252,7 @@ fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Resul
             std::sync::Arc::new(store),
             config.network,
             listener,
+            token,
             shutdown,
         )
         .await?;
@@ -259,6 +268,7 @@ fn load_config(args: &CommonArgs) -> Result<Config> {
         bloom_fp_rate: args.bloom_fp_rate,
         undo_depth: args.undo_depth,
         gap_limit: args.gap_limit,
+        grpc_token_file: args.grpc_token_file.clone(),
     };
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,

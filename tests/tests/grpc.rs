@@ -4,7 +4,8 @@
 //! 1. mainnet 0..599 indexed (`../shared/fixtures`); the server binds port 0 first, then
 //!    serves: GetTip, GetBalance per wallet equal the reference model; ListUtxos pages
 //!    return every UTXO once; GetTransfer and ListTransfers agree; health reports SERVING.
-//! 2. bad requests get the right status and the server keeps answering: no target,
+//! 2. without the bearer token, or with another: UNAUTHENTICATED; health stays open.
+//! 3. bad requests get the right status and the server keeps answering: no target,
 //!    unknown wallet, wrong-network address, bad page token, bad txid, unknown txid.
 
 #![allow(clippy::unwrap_used)]
@@ -13,12 +14,15 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bitcoin::Network;
+use indexer::auth::BearerToken;
 use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use system_tests::fixtures::{fixture, read_blk_blocks};
 use system_tests::harness::{all_scripts, open_with_wallets, rescan, wallets_over};
 use system_tests::reference;
 use tonic::Code;
+
+const TOKEN: &str = "test-token-0123456789";
 
 fn code<T>(r: Result<T, tonic::Status>) -> (Code, String) {
     let s = r.err().expect("an error status");
@@ -52,13 +56,37 @@ async fn queries_over_grpc_match_the_model_and_bad_requests_get_clear_statuses()
         Arc::new(store),
         Network::Bitcoin,
         listener,
+        Some(BearerToken::new(TOKEN)),
         async {
             let _ = stopped.await;
         },
     ));
-    let mut client = IndexerClient::connect(format!("http://{addr}"))
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let with = |token: &'static str| {
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            Ok(req)
+        }
+    };
+    // Without the token, or with another one: UNAUTHENTICATED.
+    let (c, _) = code(
+        IndexerClient::new(channel.clone())
+            .get_tip(pb::GetTipRequest {})
+            .await,
+    );
+    assert_eq!(c, Code::Unauthenticated);
+    let (c, _) = code(
+        IndexerClient::with_interceptor(channel.clone(), with("wrong-token-0123456789"))
+            .get_tip(pb::GetTipRequest {})
+            .await,
+    );
+    assert_eq!(c, Code::Unauthenticated);
+    let mut client = IndexerClient::with_interceptor(channel, with(TOKEN));
 
     let tip = client
         .get_tip(pb::GetTipRequest {})
