@@ -9,6 +9,11 @@ if ! dpkg -s libclang-dev >/dev/null 2>&1; then
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq libclang-dev >/dev/null
 fi
+if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
+  echo "installing grpcio and grpcio-tools (the Python example client and its test)" >&2
+  python3 -m pip install -q grpcio grpcio-tools >/dev/null 2>&1 \
+    || python3 -m pip install -q --break-system-packages grpcio grpcio-tools >/dev/null
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest" >&2
   cargo install --locked cargo-nextest >/dev/null
