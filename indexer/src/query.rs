@@ -196,19 +196,32 @@ impl<'a> Query<'a> {
     }
 
     /// The balance of `target` counting outputs with at least `min_conf` confirmations.
-    /// With `min_conf` <= 1 it is read from the stored aggregate, whatever the wallet's size.
+    /// A wallet's is its stored aggregate, less its still-unspent outputs from the last
+    /// `min_conf - 1` blocks (found through its history): the cost follows recent activity,
+    /// not the wallet's size. A single script's outputs are few enough to count directly.
     pub fn balance(&self, target: &Target, min_conf: u32) -> Result<BalanceReport, QueryError> {
         let resolved = self.resolve(target)?;
-        let stored = match (&resolved, min_conf <= 1) {
-            (Resolved::Wallet(id), true) => Some(self.snap.wallet_balance(*id)?),
-            (Resolved::Script(script), true) => {
-                Some(self.snap.script_balance(&ScriptId::of(script))?)
+        let b = match &resolved {
+            Resolved::Wallet(id) => {
+                let total = self.snap.wallet_balance(*id)?;
+                match self.tip {
+                    Some((tip, _)) if min_conf > 1 => {
+                        // Outputs above `cutoff` have fewer than `min_conf` confirmations.
+                        let cutoff = (tip + 1).saturating_sub(min_conf);
+                        let recent = self.recent_unspent(*id, cutoff)?;
+                        total.moved(&recent, &Balance::default()).ok_or_else(|| {
+                            StoreError::Decode(schema::DecodeError::missing(
+                                "wallet balance covering its recent outputs",
+                            ))
+                        })?
+                    }
+                    _ => total,
+                }
             }
-            (_, false) => None,
-        };
-        let b = match stored {
-            Some(b) => b,
-            None => {
+            Resolved::Script(script) if min_conf <= 1 => {
+                self.snap.script_balance(&ScriptId::of(script))?
+            }
+            Resolved::Script(_) => {
                 let mut b = Balance::default();
                 self.each_utxo(&resolved, None, |_, e| {
                     if e.confirmations >= min_conf {
@@ -225,6 +238,46 @@ impl<'a> Query<'a> {
             utxo_count: b.utxo_count,
             tip: self.tip,
         })
+    }
+
+    /// The wallet's unspent outputs created above height `cutoff`, counted as the stored
+    /// aggregate counts them at the tip.
+    fn recent_unspent(&self, wallet: WalletId, cutoff: u32) -> Result<Balance, QueryError> {
+        let prefix = schema::wallet_key(wallet);
+        let seek = schema::history_key(wallet, cutoff + 1, &Txid::all_zeros());
+        let mut recent = Balance::default();
+        self.snap
+            .scan(Cf::WalletHistory, &prefix, Some(&seek), |k, _| {
+                let height = u32::from_be_bytes(k[4..8].try_into().expect("40-byte history key"));
+                let txid = Txid::from_byte_array(k[8..40].try_into().expect("40-byte history key"));
+                let key = schema::transfer_key(&txid, height);
+                let Some(value) = self.snap.get(Cf::Transfers, &key)? else {
+                    return Ok(true);
+                };
+                for r in schema::decode_transfer(&key, &value)?.received {
+                    let mine = self
+                        .snap
+                        .get(
+                            Cf::WalletScripts,
+                            &schema::wallet_script_key(wallet, &r.script_id),
+                        )?
+                        .is_some();
+                    if !mine {
+                        continue;
+                    }
+                    if let Some(u) = self.snap.utxo(&OutPoint::new(txid, r.vout))? {
+                        // A BIP30 duplicate may have replaced it since: count only this block's.
+                        if u.height == height {
+                            recent.add(
+                                u.value,
+                                self.tip.is_some_and(|(tip, _)| u.is_immature_at(tip)),
+                            );
+                        }
+                    }
+                }
+                Ok::<_, QueryError>(true)
+            })?;
+        Ok(recent)
     }
 
     fn is_immature(&self, e: &UtxoEntry) -> bool {
@@ -447,19 +500,23 @@ impl<'a> Query<'a> {
         }
     }
 
-    /// The scripts to list, starting with the page token's script when there is one.
-    fn scripts_from(
+    /// Visits the target's unspent outputs in (script id, outpoint) order, after the
+    /// per-script UTXO key `after`; `f` returns `false` to stop. Lazy: a page of a wallet
+    /// with a million scripts reads only as far as the page goes.
+    fn each_utxo(
         &self,
         target: &Resolved,
-        from: Option<ScriptId>,
-    ) -> Result<Vec<(ScriptId, ScriptBuf)>, QueryError> {
-        let ids = match target {
+        after: Option<[u8; 68]>,
+        mut f: impl FnMut([u8; 68], UtxoEntry) -> Result<bool, QueryError>,
+    ) -> Result<(), QueryError> {
+        let from = after.map(|k| ScriptId(k[..32].try_into().expect("68-byte key")));
+        match target {
             Resolved::Script(script) => {
                 let id = ScriptId::of(script);
                 if from.is_some_and(|f| f != id) {
                     return Err(QueryError::BadPageToken);
                 }
-                return Ok(vec![(id, script.clone())]);
+                self.script_utxos(&id, Some(script.clone()), after, &mut f)?;
             }
             Resolved::Wallet(wallet) => {
                 let prefix = schema::wallet_key(*wallet);
@@ -469,75 +526,65 @@ impl<'a> Query<'a> {
                         .get(Cf::WalletScripts, key)?
                         .ok_or(QueryError::BadPageToken)?;
                 }
-                // The token's own script first (listed on from after its outpoint), then the rest.
-                let mut ids: Vec<ScriptId> = from.into_iter().collect();
                 self.snap.scan(
                     Cf::WalletScripts,
                     &prefix,
                     start.as_ref().map(|k| &k[..]),
                     |k, _| {
                         let id = schema::decode_script_id(&k[4..])?;
-                        if Some(id) != from {
-                            ids.push(id);
-                        }
-                        Ok::<_, QueryError>(true)
+                        // The token's own script goes on from after its outpoint.
+                        let resume = after.filter(|_| Some(id) == from);
+                        self.script_utxos(&id, None, resume, &mut f)
                     },
                 )?;
-                ids
-            }
-        };
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(rec) = self.snap.watch(&id)? {
-                out.push((id, rec.script));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Visits the target's unspent outputs in (script id, outpoint) order, after the
-    /// per-script UTXO key `after`; `f` returns `false` to stop.
-    fn each_utxo(
-        &self,
-        target: &Resolved,
-        after: Option<[u8; 68]>,
-        mut f: impl FnMut([u8; 68], UtxoEntry) -> Result<bool, QueryError>,
-    ) -> Result<(), QueryError> {
-        let from_script = after.map(|k| ScriptId(k[..32].try_into().expect("68-byte key")));
-        let scripts = self.scripts_from(target, from_script)?;
-        for (id, script) in scripts {
-            let resume = after.filter(|k| k[..32] == id.0);
-            let address = Address::from_script(&script, self.network).ok();
-            let mut stop = false;
-            self.snap.scan(
-                Cf::ScriptUtxo,
-                &id.0,
-                resume.as_ref().map(|k| &k[..]),
-                |k, v| {
-                    let key: [u8; 68] = k.try_into().map_err(|_| QueryError::BadPageToken)?;
-                    if Some(key) == resume {
-                        return Ok(true); // the last entry of the previous page
-                    }
-                    let (value, height, coinbase) = schema::decode_script_utxo(v)?;
-                    let entry = UtxoEntry {
-                        outpoint: schema::decode_outpoint(&k[32..])?,
-                        value,
-                        script: script.clone(),
-                        address: address.clone(),
-                        height,
-                        confirmations: self.confirmations(height),
-                        coinbase,
-                    };
-                    let go_on = f(key, entry)?;
-                    stop = !go_on;
-                    Ok::<_, QueryError>(go_on)
-                },
-            )?;
-            if stop {
-                break;
             }
         }
         Ok(())
+    }
+
+    /// Visits one script's unspent outputs after `resume`; `false` once `f` asked to stop.
+    /// The script's bytes are read only if it has outputs to show.
+    fn script_utxos(
+        &self,
+        id: &ScriptId,
+        mut script: Option<ScriptBuf>,
+        resume: Option<[u8; 68]>,
+        f: &mut impl FnMut([u8; 68], UtxoEntry) -> Result<bool, QueryError>,
+    ) -> Result<bool, QueryError> {
+        let mut go_on = true;
+        self.snap.scan(
+            Cf::ScriptUtxo,
+            &id.0,
+            resume.as_ref().map(|k| &k[..]),
+            |k, v| {
+                let key: [u8; 68] = k.try_into().map_err(|_| QueryError::BadPageToken)?;
+                if Some(key) == resume {
+                    return Ok(true); // the last entry of the previous page
+                }
+                let script = match &script {
+                    Some(s) => s.clone(),
+                    None => {
+                        let rec = self.snap.watch(id)?.ok_or(StoreError::Decode(
+                            schema::DecodeError::missing("watch record of a utxo's script"),
+                        ))?;
+                        script.insert(rec.script).clone()
+                    }
+                };
+                let (value, height, coinbase) = schema::decode_script_utxo(v)?;
+                let entry = UtxoEntry {
+                    outpoint: schema::decode_outpoint(&k[32..])?,
+                    value,
+                    address: Address::from_script(&script, self.network).ok(),
+                    script,
+                    height,
+                    confirmations: self.confirmations(height),
+                    coinbase,
+                };
+                go_on = f(key, entry)?;
+                Ok::<_, QueryError>(go_on)
+            },
+        )?;
+        Ok(go_on)
     }
 }
 
