@@ -10,13 +10,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bitcoin::Network;
 use clap::Parser;
 use indexer::pipeline::PipelineOptions;
 use indexer::rescan::{rescan_blocks_dir, RescanRequest};
-use indexer::store::Store;
-use indexer::wallets;
 use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use tonic::transport::Channel;
@@ -74,15 +72,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let args = Args::parse();
-    let db = tempfile::tempdir()?;
-    let store = Store::open(db.path(), Network::Regtest)?;
-    let descriptors: Vec<String> = std::fs::read_to_string(args.chain.join("watched.txt"))
-        .context("watched.txt: run gen_chain first")?
-        .lines()
-        .map(String::from)
-        .collect();
-    wallets::add(&store, Network::Regtest, "bench", &descriptors, None, 1)?;
-    let scripts = wallets::load_filter(&store, 1_000_000, 1e-3)?;
+    let (_db, store, scripts) = benches::bench_store(&args.chain)?;
     let req = RescanRequest {
         blocks_dir: args.chain.clone(),
         from: None,

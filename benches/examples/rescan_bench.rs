@@ -18,8 +18,6 @@ use clap::Parser;
 use indexer::pipeline::parse::{parse_block, RawBlock};
 use indexer::pipeline::{PipelineOptions, Progress};
 use indexer::rescan::{rescan_blocks_dir, RescanRequest};
-use indexer::store::Store;
-use indexer::wallets;
 use indexer::watchlist::ScriptFilter;
 use rayon::prelude::*;
 
@@ -150,15 +148,7 @@ fn main() -> Result<()> {
     let (pf, _) = parse_filter(&args.large, &filter)?;
     let rb = rust_bitcoin_decode(&args.large)?;
 
-    let db = tempfile::tempdir()?;
-    let store = Store::open(db.path(), Network::Regtest)?;
-    let descriptors: Vec<String> = std::fs::read_to_string(args.chain.join("watched.txt"))
-        .context("watched.txt: run gen_chain first")?
-        .lines()
-        .map(String::from)
-        .collect();
-    wallets::add(&store, Network::Regtest, "bench", &descriptors, None, 1)?;
-    let scripts = wallets::load_filter(&store, 1_000_000, 1e-3)?;
+    let (_db, store, scripts) = benches::bench_store(&args.chain)?;
     let samples: Mutex<Vec<(u32, u64)>> = Mutex::new(Vec::new());
     let req = RescanRequest {
         blocks_dir: args.chain.clone(),

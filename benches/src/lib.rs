@@ -9,6 +9,29 @@
 pub mod mix;
 pub mod rss;
 
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use bitcoin::Network;
+use indexer::store::Store;
+use indexer::wallets;
+use indexer::watchlist::ScriptFilter;
+
+/// A fresh database in a temp dir watching `chain`'s `watched.txt` as wallet `bench`, and
+/// the bloom filter over it: what both benchmarks index into.
+pub fn bench_store(chain: &Path) -> Result<(tempfile::TempDir, Store, ScriptFilter)> {
+    let db = tempfile::tempdir()?;
+    let store = Store::open(db.path(), Network::Regtest)?;
+    let descriptors: Vec<String> = std::fs::read_to_string(chain.join("watched.txt"))
+        .context("watched.txt: run gen_chain first")?
+        .lines()
+        .map(String::from)
+        .collect();
+    wallets::add(&store, Network::Regtest, "bench", &descriptors, None, 1)?;
+    let scripts = wallets::load_filter(&store, 1_000_000, 1e-3)?;
+    Ok((db, store, scripts))
+}
+
 /// True when a test runner (cargo test, nextest) is listing or running this program as a
 /// test binary: the benchmarks then do nothing.
 pub fn invoked_as_test() -> bool {
