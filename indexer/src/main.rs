@@ -141,8 +141,17 @@ fn run(cli: Cli) -> Result<()> {
             config.db.display()
         );
     }
-    let store = Store::open(&config.db, config.network)
-        .with_context(|| format!("opening database {}", config.db.display()))?;
+    let store = Store::open(&config.db, config.network).map_err(|e| {
+        let cause = std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        let hint = if cause.contains("LOCK") {
+            " (another indexer process has it open: one process at a time)"
+        } else {
+            ""
+        };
+        anyhow::Error::new(e).context(format!("opening database {}{hint}", config.db.display()))
+    })?;
     match cli.command {
         Command::Watch {
             command:
