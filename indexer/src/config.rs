@@ -48,6 +48,8 @@ pub struct FileConfig {
     pub gap_limit: Option<u32>,
     /// File holding the bearer token gRPC calls must present.
     pub grpc_token_file: Option<PathBuf>,
+    /// Events kept in the event log (absent: all).
+    pub event_retention: Option<u64>,
 }
 
 impl FileConfig {
@@ -73,6 +75,7 @@ impl FileConfig {
             undo_depth: self.undo_depth.or(other.undo_depth),
             gap_limit: self.gap_limit.or(other.gap_limit),
             grpc_token_file: self.grpc_token_file.or(other.grpc_token_file),
+            event_retention: self.event_retention.or(other.event_retention),
         }
     }
 }
@@ -95,6 +98,8 @@ pub struct Config {
     pub gap_limit: u32,
     /// File holding the bearer token gRPC calls must present (`None`: open, loopback only).
     pub grpc_token_file: Option<PathBuf>,
+    /// Events kept in the event log (`None`: all).
+    pub event_retention: Option<u64>,
 }
 
 /// Parses a network name as the CLI and config take it.
@@ -135,6 +140,7 @@ impl Config {
             undo_depth: c.undo_depth,
             gap_limit,
             grpc_token_file: c.grpc_token_file,
+            event_retention: c.event_retention,
         })
     }
 }

@@ -8,6 +8,7 @@ use tonic::Status;
 use crate::query::{
     QueryError, ReceivedEntry, ScriptInfo, SpentEntry, Target, TransferEntry, UtxoEntry,
 };
+use crate::types::{Event, EventKind};
 
 impl From<QueryError> for Status {
     fn from(e: QueryError) -> Self {
@@ -22,7 +23,9 @@ impl From<QueryError> for Status {
             | QueryError::InvalidScript(_)
             | QueryError::InvalidTxid(_)
             | QueryError::BadRange { .. }
-            | QueryError::BadPageToken => Status::invalid_argument(e.to_string()),
+            | QueryError::BadPageToken
+            | QueryError::FutureOffset { .. } => Status::invalid_argument(e.to_string()),
+            QueryError::Pruned { .. } => Status::out_of_range(e.to_string()),
         }
     }
 }
@@ -106,5 +109,22 @@ pub fn transfer(t: TransferEntry) -> pb::Transfer {
         confirmations: t.confirmations,
         received: t.received.into_iter().map(received).collect(),
         spent: t.spent.into_iter().map(spent).collect(),
+    }
+}
+
+/// An event of the log, with its offset.
+pub fn event(offset: u64, e: Event) -> pb::Event {
+    let kind = match e.kind {
+        EventKind::BlockConnected => pb::EventKind::BlockConnected,
+        EventKind::BlockDisconnected => pb::EventKind::BlockDisconnected,
+        EventKind::TransferConfirmed => pb::EventKind::TransferConfirmed,
+        EventKind::TransferReorgedOut => pb::EventKind::TransferReorgedOut,
+    };
+    pb::Event {
+        offset,
+        kind: kind.into(),
+        height: e.height,
+        block_hash: e.block_hash.to_string(),
+        txid: e.txid.map(|t| t.to_string()).unwrap_or_default(),
     }
 }

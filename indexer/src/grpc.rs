@@ -8,7 +8,7 @@ use bitcoin::Network;
 use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_server::{Indexer, IndexerServer};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
 use crate::auth::BearerToken;
@@ -41,8 +41,64 @@ impl IndexerService {
     }
 }
 
+/// How often a caught-up subscription looks for new events.
+const EVENT_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// Events read from the database at a time for a subscription.
+const EVENT_BATCH: usize = 256;
+
 #[tonic::async_trait]
 impl Indexer for IndexerService {
+    type SubscribeStream = ReceiverStream<Result<pb::Event, Status>>;
+
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let from = req.into_inner().from_offset;
+        // A pruned or future offset is an error status, not a stream that breaks later.
+        let mut batch = self.query(move |q| q.events(from, EVENT_BATCH)).await?;
+        // A small bounded channel: a slow consumer holds the sender back, never the
+        // server's memory.
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (store, network) = (self.store.clone(), self.network);
+        tokio::spawn(async move {
+            let mut next = from;
+            loop {
+                if batch.is_empty() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(EVENT_POLL) => {}
+                        _ = tx.closed() => return,
+                    }
+                }
+                for (offset, e) in batch {
+                    if tx.send(Ok(convert::event(offset, e))).await.is_err() {
+                        return; // the consumer left
+                    }
+                    next = offset + 1;
+                }
+                let store = store.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    Query::new(&store, network)?.events(next, EVENT_BATCH)
+                })
+                .await;
+                batch = match read {
+                    Ok(Ok(b)) => b,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("event task failed: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     async fn get_tip(
         &self,
         _: Request<pb::GetTipRequest>,

@@ -56,6 +56,9 @@ struct CommonArgs {
     /// File holding the bearer token gRPC calls must present (required off loopback).
     #[arg(long, global = true, env = "INDEXER_GRPC_TOKEN_FILE")]
     grpc_token_file: Option<PathBuf>,
+    /// Events kept in the event log; older offsets are pruned (default: all).
+    #[arg(long, global = true, env = "INDEXER_EVENT_RETENTION")]
+    event_retention: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -278,6 +281,7 @@ fn load_config(args: &CommonArgs) -> Result<Config> {
         undo_depth: args.undo_depth,
         gap_limit: args.gap_limit,
         grpc_token_file: args.grpc_token_file.clone(),
+        event_retention: args.event_retention,
     };
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
@@ -301,6 +305,7 @@ fn rescan_cmd(store: &Store, config: &Config, args: RescanArgs) -> Result<()> {
     let opts = PipelineOptions {
         write: WriteOptions {
             undo_depth: config.undo_depth,
+            event_retention: config.event_retention,
             ..WriteOptions::default()
         },
         ..PipelineOptions::default()

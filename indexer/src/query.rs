@@ -12,7 +12,7 @@ use bitcoin::{Address, BlockHash, Network, OutPoint, ScriptBuf, Txid};
 
 use crate::store::schema::{self, Cf};
 use crate::store::{Reader, Snapshot, Store, StoreError};
-use crate::types::{Balance, ScriptId, Transfer, WalletId, COINBASE_MATURITY};
+use crate::types::{Balance, Event, ScriptId, Transfer, WalletId, COINBASE_MATURITY};
 
 /// Page size when none is asked for.
 pub const DEFAULT_PAGE: u32 = 100;
@@ -54,6 +54,22 @@ pub enum QueryError {
         from: u32,
         /// Requested end.
         to: u32,
+    },
+    /// The asked offset was pruned from the event log.
+    #[error("offset {asked} was pruned from the event log; the oldest kept is {first}")]
+    Pruned {
+        /// The offset asked for.
+        asked: u64,
+        /// The oldest offset kept.
+        first: u64,
+    },
+    /// The asked offset is past the end of the log.
+    #[error("offset {asked} is past the end of the event log ({next} is the next to be written)")]
+    FutureOffset {
+        /// The offset asked for.
+        asked: u64,
+        /// The next offset the log will write.
+        next: u64,
     },
     /// The page token is not one this server issued.
     #[error("invalid page token")]
@@ -397,6 +413,29 @@ impl<'a> Query<'a> {
             _ => None,
         };
         Ok((page.into_iter().map(|(_, e)| e).collect(), next))
+    }
+
+    /// Up to `max` events of the log from offset `from` on, with their offsets.
+    pub fn events(&self, from: u64, max: usize) -> Result<Vec<(u64, Event)>, QueryError> {
+        let next = self.snap.next_event()?;
+        let mut first = next;
+        self.snap.scan(Cf::Events, &[], None, |k, _| {
+            first = schema::decode_offset(k)?;
+            Ok::<_, QueryError>(false)
+        })?;
+        if from < first {
+            return Err(QueryError::Pruned { asked: from, first });
+        }
+        if from > next {
+            return Err(QueryError::FutureOffset { asked: from, next });
+        }
+        let mut out = Vec::new();
+        self.snap
+            .scan(Cf::Events, &[], Some(&schema::event_key(from)), |k, v| {
+                out.push((schema::decode_offset(k)?, schema::decode_event(v)?));
+                Ok::<_, QueryError>(out.len() < max)
+            })?;
+        Ok(out)
     }
 
     fn wallet_id(&self, name: &str) -> Result<WalletId, QueryError> {

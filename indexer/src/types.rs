@@ -160,3 +160,29 @@ impl Transfer {
             .collect()
     }
 }
+
+/// What happened, as recorded in the event log for consumers to replay.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum EventKind {
+    /// A block joined the indexed chain.
+    BlockConnected = 1,
+    /// A block left the indexed chain (reorg).
+    BlockDisconnected = 2,
+    /// A transfer confirmed in a connected block.
+    TransferConfirmed = 3,
+    /// A confirmed transfer's block was disconnected.
+    TransferReorgedOut = 4,
+}
+
+/// One entry of the event log.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Event {
+    /// What happened.
+    pub kind: EventKind,
+    /// The block's height.
+    pub height: u32,
+    /// The block's hash.
+    pub block_hash: bitcoin::BlockHash,
+    /// The transfer's txid, for transfer events.
+    pub txid: Option<Txid>,
+}

@@ -4,6 +4,7 @@
 //! 1. mainnet 0..599 indexed (`../shared/fixtures`); the server binds port 0 first, then
 //!    serves: GetTip, GetBalance per wallet equal the reference model; ListUtxos pages
 //!    return every UTXO once; GetTransfer and ListTransfers agree; health reports SERVING.
+//!    Subscribe replays the event log in order and resumes from an offset.
 //! 2. without the bearer token, or with another: UNAUTHENTICATED; health stays open.
 //! 3. bad requests get the right status and the server keeps answering: no target,
 //!    unknown wallet, wrong-network address, bad page token, bad txid, unknown txid.
@@ -49,6 +50,11 @@ async fn queries_over_grpc_match_the_model_and_bad_requests_get_clear_statuses()
     rescan(&store, Network::Bitcoin, &dir, None, None, None).unwrap();
     let model = reference::compute(&chain, 0, &all_scripts(&wallets));
 
+    let log_len = indexer::query::Query::new(&store, Network::Bitcoin)
+        .unwrap()
+        .events(0, usize::MAX)
+        .unwrap()
+        .len() as u64;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -278,6 +284,39 @@ async fn queries_over_grpc_match_the_model_and_bad_requests_get_clear_statuses()
             .await,
     );
     assert_eq!(c, Code::NotFound);
+    // Subscribe: the whole log in order, then a resume from the middle, then a bad offset.
+    let mut events = client
+        .subscribe(pb::SubscribeRequest { from_offset: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    for expected in 0..log_len {
+        let e = events.message().await.unwrap().expect("an event");
+        assert_eq!(e.offset, expected);
+        if expected == 0 {
+            assert_eq!(
+                (e.kind, e.height),
+                (pb::EventKind::BlockConnected as i32, 0)
+            );
+        }
+    }
+    drop(events);
+    let mut resumed = client
+        .subscribe(pb::SubscribeRequest { from_offset: 123 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resumed.message().await.unwrap().unwrap().offset, 123);
+    drop(resumed);
+    let (c, m) = code(
+        client
+            .subscribe(pb::SubscribeRequest {
+                from_offset: log_len + 5,
+            })
+            .await,
+    );
+    assert_eq!(c, Code::InvalidArgument, "{m}");
+
     // Still serving after all of that.
     assert_eq!(
         client

@@ -12,7 +12,8 @@ use super::filter::FilteredBlock;
 use crate::store::schema::{self, Cf, UndoEntry};
 use crate::store::{Reader, Store, StoreError};
 use crate::types::{
-    Balance, Received, ScriptId, Spent, Transfer, Utxo, WalletId, COINBASE_MATURITY,
+    Balance, Event, EventKind, Received, ScriptId, Spent, Transfer, Utxo, WalletId,
+    COINBASE_MATURITY,
 };
 
 /// A block that cannot be applied.
@@ -48,6 +49,8 @@ pub struct BlockChanges {
     pub writes: BTreeMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
     /// Value of each touched key before the block.
     pub undo: Vec<UndoEntry>,
+    /// What the block adds to the event log (offsets are given by the writer).
+    pub events: Vec<Event>,
 }
 
 impl BlockChanges {
@@ -206,6 +209,12 @@ impl<'s> ApplyState<'s> {
             tx_count: block.txs.len(),
             writes: BTreeMap::new(),
             undo: Vec::new(),
+            events: vec![Event {
+                kind: EventKind::BlockConnected,
+                height,
+                block_hash: block.hash,
+                txid: None,
+            }],
         };
         let mut touched = Touched::default();
         for (tx_index, tx) in block.txs.into_iter().enumerate() {
@@ -342,6 +351,12 @@ impl<'s> ApplyState<'s> {
     }
 
     fn record_transfer(&mut self, ch: &mut BlockChanges, t: &Transfer) -> Result<(), StoreError> {
+        ch.events.push(Event {
+            kind: EventKind::TransferConfirmed,
+            height: t.height,
+            block_hash: t.block_hash,
+            txid: Some(t.txid),
+        });
         ch.set(
             Cf::Transfers,
             &schema::transfer_key(&t.txid, t.height),

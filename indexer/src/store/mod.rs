@@ -14,7 +14,7 @@ use rocksdb::{
     WriteOptions, DB,
 };
 
-use crate::types::{Balance, ScriptId, Utxo, WalletId};
+use crate::types::{Balance, Event, EventKind, ScriptId, Utxo, WalletId};
 use schema::{Cf, DecodeError, UndoEntry, WatchRecord};
 
 /// What can go wrong with the database.
@@ -81,6 +81,11 @@ impl Batch {
     /// Deletes `key` from `cf`.
     pub fn delete(&mut self, store: &Store, cf: Cf, key: &[u8]) {
         self.inner.delete_cf(store.cf(cf), key);
+    }
+
+    /// Deletes the keys of `cf` in `from..to`.
+    pub fn delete_range(&mut self, store: &Store, cf: Cf, from: &[u8], to: &[u8]) {
+        self.inner.delete_range_cf(store.cf(cf), from, to);
     }
 
     /// Sets or deletes `key`.
@@ -290,6 +295,15 @@ impl Store {
         }
         batch.delete(self, Cf::Meta, schema::META_TIP);
         batch.delete(self, Cf::Meta, schema::META_RESCAN);
+        // Consumers cannot follow a reset block by block: their offsets become pruned, and
+        // they resynchronize. The offset counter goes on, so no offset is ever reused.
+        let next = self.next_event()?;
+        batch.delete_range(
+            self,
+            Cf::Events,
+            &schema::event_key(0),
+            &schema::event_key(next),
+        );
         self.commit(batch, true)
     }
 
@@ -309,6 +323,7 @@ impl Store {
         let entries = schema::decode_undo(&record)?;
         let mut batch = Batch::default();
         let mut wallets: BTreeMap<WalletId, Balance> = BTreeMap::new();
+        let mut events = Vec::new();
         // Restore in reverse: if a block touched a key twice, the first prior wins.
         for UndoEntry { cf, key, prior } in entries.iter().rev() {
             if *cf == Cf::ScriptBalance {
@@ -333,6 +348,12 @@ impl Store {
             if *cf == Cf::Transfers {
                 if let Some(value) = self.get(Cf::Transfers, key)? {
                     let t = schema::decode_transfer(key, &value)?;
+                    events.push(Event {
+                        kind: EventKind::TransferReorgedOut,
+                        height: t.height,
+                        block_hash: t.block_hash,
+                        txid: Some(t.txid),
+                    });
                     for id in t.script_ids() {
                         for w in self.watch(&id)?.map(|r| r.wallets).unwrap_or_default() {
                             batch.delete(
@@ -356,6 +377,29 @@ impl Store {
             );
         }
         batch.delete(self, Cf::Undo, &key);
+        let hash = self
+            .header(height)?
+            .map(|h| h.block_hash())
+            .ok_or(StoreError::Decode(schema::DecodeError::missing(
+                "header of the tip",
+            )))?;
+        events.push(Event {
+            kind: EventKind::BlockDisconnected,
+            height,
+            block_hash: hash,
+            txid: None,
+        });
+        let mut next = self.next_event()?;
+        for e in &events {
+            batch.put(
+                self,
+                Cf::Events,
+                &schema::event_key(next),
+                &schema::encode_event(e),
+            );
+            next += 1;
+        }
+        batch.put(self, Cf::Meta, schema::META_NEXT_EVENT, &next.to_be_bytes());
         self.commit(batch, sync)?;
         self.tip()
     }
@@ -403,6 +447,14 @@ impl Store {
 pub trait Reader {
     /// Reads one raw value.
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The offset the next event will get.
+    fn next_event(&self) -> Result<u64, StoreError> {
+        match self.get(Cf::Meta, schema::META_NEXT_EVENT)? {
+            None => Ok(0),
+            Some(v) => Ok(schema::decode_offset(&v)?),
+        }
+    }
 
     /// The indexed tip, or `None` for an empty index.
     fn tip(&self) -> Result<Option<(u32, BlockHash)>, StoreError> {

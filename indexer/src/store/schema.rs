@@ -6,7 +6,9 @@ use bitcoin::consensus::{deserialize, serialize};
 use bitcoin::hashes::Hash;
 use bitcoin::{block, BlockHash, OutPoint, ScriptBuf, Txid};
 
-use crate::types::{Balance, Received, ScriptId, Spent, Transfer, Utxo, WalletId};
+use crate::types::{
+    Balance, Event, EventKind, Received, ScriptId, Spent, Transfer, Utxo, WalletId,
+};
 
 /// Version of this layout; a database written with another version is refused on open.
 pub const FORMAT_VERSION: u32 = 1;
@@ -41,11 +43,13 @@ pub enum Cf {
     Undo = 11,
     /// wallet id + script id -> nothing (a wallet's scripts, for per-wallet listings).
     WalletScripts = 12,
+    /// offset -> event: the durable, append-only log consumers replay.
+    Events = 13,
 }
 
 impl Cf {
     /// Every column family, in id order.
-    pub const ALL: [Cf; 13] = [
+    pub const ALL: [Cf; 14] = [
         Cf::Meta,
         Cf::Headers,
         Cf::Wallets,
@@ -59,6 +63,7 @@ impl Cf {
         Cf::WalletHistory,
         Cf::Undo,
         Cf::WalletScripts,
+        Cf::Events,
     ];
 
     /// The families that make up the indexed state compared by the state digest.
@@ -87,6 +92,7 @@ impl Cf {
             Cf::WalletHistory => "wallet_history",
             Cf::Undo => "undo",
             Cf::WalletScripts => "wallet_scripts",
+            Cf::Events => "events",
         }
     }
 
@@ -181,6 +187,8 @@ pub const META_NETWORK: &[u8] = b"network";
 pub const META_TIP: &[u8] = b"tip";
 /// Meta key of the next wallet id (u32 BE).
 pub const META_NEXT_WALLET: &[u8] = b"next_wallet";
+/// Meta key of the next event offset (u64 BE).
+pub const META_NEXT_EVENT: &[u8] = b"next_event";
 /// Meta key of a rescan in progress (from u32 BE, to u32 BE).
 pub const META_RESCAN: &[u8] = b"rescan";
 
@@ -464,6 +472,58 @@ pub fn history_key(wallet: WalletId, height: u32, txid: &Txid) -> [u8; 40] {
     k[4..8].copy_from_slice(&height.to_be_bytes());
     k[8..].copy_from_slice(txid.as_byte_array());
     k
+}
+
+/// Event key: the offset, u64 BE.
+pub fn event_key(offset: u64) -> [u8; 8] {
+    offset.to_be_bytes()
+}
+
+/// Decodes an offset (event key or the next-offset record).
+pub fn decode_offset(bytes: &[u8]) -> Result<u64, DecodeError> {
+    let mut r = Reader::new("event offset", bytes);
+    let o = r.u64()?;
+    r.finish()?;
+    Ok(o)
+}
+
+/// Event value: kind u8, height u32, block hash, then the txid for transfer events.
+pub fn encode_event(e: &Event) -> Vec<u8> {
+    let mut v = Vec::with_capacity(69);
+    v.push(e.kind as u8);
+    v.extend_from_slice(&e.height.to_be_bytes());
+    v.extend_from_slice(e.block_hash.as_byte_array());
+    if let Some(txid) = e.txid {
+        v.extend_from_slice(txid.as_byte_array());
+    }
+    v
+}
+
+/// Decodes an event value.
+pub fn decode_event(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let mut r = Reader::new("event", bytes);
+    let kind = match r.u8()? {
+        1 => EventKind::BlockConnected,
+        2 => EventKind::BlockDisconnected,
+        3 => EventKind::TransferConfirmed,
+        4 => EventKind::TransferReorgedOut,
+        k => return Err(corrupt("event", format!("unknown kind {k}"))),
+    };
+    let height = r.u32()?;
+    let block_hash = BlockHash::from_byte_array(r.array()?);
+    let txid = match kind {
+        EventKind::TransferConfirmed | EventKind::TransferReorgedOut => {
+            Some(Txid::from_byte_array(r.array()?))
+        }
+        _ => None,
+    };
+    r.finish()?;
+    Ok(Event {
+        kind,
+        height,
+        block_hash,
+        txid,
+    })
 }
 
 /// One key's state before a block: its family, key, and prior value (`None`: absent).
