@@ -20,12 +20,22 @@ use crate::store::Store;
 pub struct IndexerService {
     store: Arc<Store>,
     network: Network,
+    /// Turns true when the server stops, so open subscriptions end and shutdown completes.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl IndexerService {
-    /// A service answering from `store`.
-    pub fn new(store: Arc<Store>, network: Network) -> Self {
-        IndexerService { store, network }
+    /// A service answering from `store`; its subscriptions end when `stopping` turns true.
+    pub fn new(
+        store: Arc<Store>,
+        network: Network,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        IndexerService {
+            store,
+            network,
+            stopping,
+        }
     }
 
     /// Runs `f` on a fresh snapshot, off the async threads.
@@ -41,8 +51,9 @@ impl IndexerService {
     }
 }
 
-/// How often a caught-up subscription looks for new events.
-const EVENT_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// How often a caught-up subscription looks for new events when no commit wakes it (a
+/// safety net: every commit through this process's store wakes it at once).
+const EVENT_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Events read from the database at a time for a subscription.
 const EVENT_BATCH: usize = 256;
 
@@ -61,18 +72,39 @@ impl Indexer for IndexerService {
         // server's memory.
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let (store, network) = (self.store.clone(), self.network);
+        let mut stopping = self.stopping.clone();
+        let mut commits = store.commits();
         tokio::spawn(async move {
             let mut next = from;
             loop {
+                if *stopping.borrow() {
+                    let _ = tx
+                        .send(Err(Status::unavailable("the server is shutting down")))
+                        .await;
+                    return;
+                }
                 if batch.is_empty() {
                     tokio::select! {
+                        _ = commits.changed() => {}
                         _ = tokio::time::sleep(EVENT_POLL) => {}
+                        changed = stopping.changed() => {
+                            if changed.is_err() {
+                                return; // the server is gone
+                            }
+                            continue;
+                        }
                         _ = tx.closed() => return,
                     }
                 }
                 for (offset, e) in batch {
-                    if tx.send(Ok(convert::event(offset, e))).await.is_err() {
-                        return; // the consumer left
+                    tokio::select! {
+                        sent = tx.send(Ok(convert::event(offset, e))) => {
+                            if sent.is_err() {
+                                return; // the consumer left
+                            }
+                        }
+                        // A consumer that stopped reading must not hold up shutdown.
+                        _ = stopping.wait_for(|s| *s) => return,
                     }
                     next = offset + 1;
                 }
@@ -234,6 +266,12 @@ pub async fn serve(
     health_reporter
         .set_service_status("indexer.v1.Indexer", tonic_health::ServingStatus::Serving)
         .await;
+    let (stop_subscriptions, stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        // Graceful shutdown waits for open streams: end the subscriptions first.
+        let _ = stop_subscriptions.send(true);
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -241,7 +279,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(IndexerServer::with_interceptor(
-            IndexerService::new(store, network),
+            IndexerService::new(store, network, stopping),
             move |req| match &token {
                 Some(t) => t.check(req),
                 None => Ok(req),

@@ -106,6 +106,8 @@ impl Batch {
 pub struct Store {
     db: DB,
     path: PathBuf,
+    /// Counts commits, so readers following the event log wake on new data instead of polling.
+    commits: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
@@ -140,6 +142,7 @@ impl Store {
         let store = Store {
             db,
             path: path.to_owned(),
+            commits: tokio::sync::watch::Sender::new(0),
         };
         store.check_format(network)?;
         Ok(store)
@@ -211,7 +214,14 @@ impl Store {
         opts.set_sync(sync);
         self.db
             .write_opt(batch.inner, &opts)
-            .map_err(|e| self.rocks(e))
+            .map_err(|e| self.rocks(e))?;
+        self.commits.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Changes after every commit: wakes subscribers waiting for new events.
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.subscribe()
     }
 
     /// Visits every entry of `cf` in key order; stops at the first error `f` returns.
