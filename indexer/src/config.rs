@@ -50,6 +50,189 @@ pub struct FileConfig {
     pub grpc_token_file: Option<PathBuf>,
     /// Events kept in the event log (absent: all).
     pub event_retention: Option<u64>,
+    /// How to reach bitcoind (`[bitcoind]` table).
+    #[serde(default)]
+    pub bitcoind: BitcoindFileConfig,
+}
+
+/// The `[bitcoind]` table: how to reach the node `indexer run` follows.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BitcoindFileConfig {
+    /// JSON-RPC URL (default `http://127.0.0.1:<the network's rpcport>/`).
+    pub rpc_url: Option<String>,
+    /// bitcoind's `.cookie` file (default `~/.bitcoin/[<network>/].cookie`).
+    pub cookie_file: Option<PathBuf>,
+    /// `rpcuser`, instead of the cookie; the password comes from `rpc_password_file` or
+    /// `INDEXER_BITCOIND_RPC_PASSWORD`, never from the config file itself.
+    pub rpc_user: Option<String>,
+    /// File holding the RPC password.
+    pub rpc_password_file: Option<PathBuf>,
+    /// Fetch blocks over REST (`rest=1` in bitcoin.conf): faster than RPC hex.
+    pub rest: Option<bool>,
+    /// `zmqpubrawblock` endpoint.
+    pub zmq_rawblock: Option<String>,
+    /// `zmqpubhashblock` endpoint.
+    pub zmq_hashblock: Option<String>,
+    /// `zmqpubsequence` endpoint.
+    pub zmq_sequence: Option<String>,
+    /// `zmqpubrawtx` endpoint.
+    pub zmq_rawtx: Option<String>,
+    /// Tip polling interval without ZMQ, in milliseconds (default 1000).
+    pub poll_interval_ms: Option<u64>,
+    /// With ZMQ, ask bitcoind for its tip after this many seconds of silence (default 30).
+    pub zmq_silence_secs: Option<u64>,
+    /// RPC call timeout in seconds (default 60).
+    pub rpc_timeout_secs: Option<u64>,
+}
+
+impl BitcoindFileConfig {
+    /// Fills every setting this one lacks from `other`.
+    pub fn or(self, other: BitcoindFileConfig) -> BitcoindFileConfig {
+        BitcoindFileConfig {
+            rpc_url: self.rpc_url.or(other.rpc_url),
+            cookie_file: self.cookie_file.or(other.cookie_file),
+            rpc_user: self.rpc_user.or(other.rpc_user),
+            rpc_password_file: self.rpc_password_file.or(other.rpc_password_file),
+            rest: self.rest.or(other.rest),
+            zmq_rawblock: self.zmq_rawblock.or(other.zmq_rawblock),
+            zmq_hashblock: self.zmq_hashblock.or(other.zmq_hashblock),
+            zmq_sequence: self.zmq_sequence.or(other.zmq_sequence),
+            zmq_rawtx: self.zmq_rawtx.or(other.zmq_rawtx),
+            poll_interval_ms: self.poll_interval_ms.or(other.poll_interval_ms),
+            zmq_silence_secs: self.zmq_silence_secs.or(other.zmq_silence_secs),
+            rpc_timeout_secs: self.rpc_timeout_secs.or(other.rpc_timeout_secs),
+        }
+    }
+}
+
+/// How to reach bitcoind, resolved.
+#[derive(Clone, Debug)]
+pub struct BitcoindConfig {
+    /// JSON-RPC URL.
+    pub rpc_url: String,
+    /// Credentials (a password is never printed).
+    pub auth: crate::daemon::Auth,
+    /// Fetch blocks over REST.
+    pub rest: bool,
+    /// ZMQ topics and their endpoints.
+    pub zmq: crate::daemon::zmq::ZmqEndpoints,
+    /// Tip polling interval without ZMQ.
+    pub poll_interval: std::time::Duration,
+    /// Silence after which the tip is checked over RPC.
+    pub zmq_silence: std::time::Duration,
+    /// RPC call timeout.
+    pub rpc_timeout: std::time::Duration,
+}
+
+/// bitcoind's default RPC port for a network.
+pub fn default_rpc_port(network: Network) -> u16 {
+    match network {
+        Network::Bitcoin => 8332,
+        Network::Testnet => 18332,
+        Network::Testnet4 => 48332,
+        Network::Signet => 38332,
+        _ => 18443,
+    }
+}
+
+impl BitcoindFileConfig {
+    /// Resolves the settings for `network`; `password_env` is `INDEXER_BITCOIND_RPC_PASSWORD`.
+    pub fn resolve(
+        &self,
+        network: Network,
+        password_env: Option<String>,
+    ) -> Result<BitcoindConfig, ConfigError> {
+        use crate::daemon::zmq::{Topic, ZmqEndpoints};
+        let rpc_url = self
+            .rpc_url
+            .clone()
+            .unwrap_or_else(|| format!("http://127.0.0.1:{}/", default_rpc_port(network)));
+        if !rpc_url.starts_with("http://") {
+            return Err(ConfigError::Invalid(format!(
+                "bitcoind.rpc_url {rpc_url:?} must start with http:// (bitcoind serves RPC over plain HTTP; tunnel it for remote nodes)"
+            )));
+        }
+        let auth = match &self.rpc_user {
+            Some(user) => {
+                let password = match (&self.rpc_password_file, password_env) {
+                    (Some(file), _) => std::fs::read_to_string(file)
+                        .map_err(|e| {
+                            ConfigError::Invalid(format!(
+                                "bitcoind.rpc_password_file {}: {e}",
+                                file.display()
+                            ))
+                        })?
+                        .trim()
+                        .to_owned(),
+                    (None, Some(p)) => p,
+                    (None, None) => {
+                        return Err(ConfigError::Invalid(
+                            "bitcoind.rpc_user is set but no password: set bitcoind.rpc_password_file or INDEXER_BITCOIND_RPC_PASSWORD".into(),
+                        ))
+                    }
+                };
+                crate::daemon::Auth::UserPass {
+                    user: user.clone(),
+                    password,
+                }
+            }
+            None => {
+                let cookie = match &self.cookie_file {
+                    Some(c) => c.clone(),
+                    None => default_cookie_file(network).ok_or_else(|| {
+                        ConfigError::Invalid(
+                            "no bitcoind credentials: set bitcoind.cookie_file or bitcoind.rpc_user".into(),
+                        )
+                    })?,
+                };
+                crate::daemon::Auth::Cookie(cookie)
+            }
+        };
+        let mut zmq = ZmqEndpoints::default();
+        for (topic, endpoint) in [
+            (Topic::RawBlock, &self.zmq_rawblock),
+            (Topic::HashBlock, &self.zmq_hashblock),
+            (Topic::Sequence, &self.zmq_sequence),
+            (Topic::RawTx, &self.zmq_rawtx),
+        ] {
+            if let Some(e) = endpoint {
+                if !e.starts_with("tcp://") && !e.starts_with("ipc://") {
+                    return Err(ConfigError::Invalid(format!(
+                        "bitcoind.zmq_{} {e:?} must be a ZMQ endpoint like tcp://127.0.0.1:28332",
+                        topic.name()
+                    )));
+                }
+                zmq.topics.push((topic, e.clone()));
+            }
+        }
+        let secs = std::time::Duration::from_secs;
+        Ok(BitcoindConfig {
+            rpc_url,
+            auth,
+            rest: self.rest.unwrap_or(false),
+            zmq,
+            poll_interval: std::time::Duration::from_millis(
+                self.poll_interval_ms.unwrap_or(1000).max(10),
+            ),
+            zmq_silence: secs(self.zmq_silence_secs.unwrap_or(30).max(1)),
+            rpc_timeout: secs(self.rpc_timeout_secs.unwrap_or(60).max(1)),
+        })
+    }
+}
+
+/// Where bitcoind writes its cookie by default (`~/.bitcoin/[<network>/].cookie`).
+fn default_cookie_file(network: Network) -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")?;
+    let mut p = PathBuf::from(home).join(".bitcoin");
+    match network {
+        Network::Bitcoin => {}
+        Network::Testnet => p.push("testnet3"),
+        Network::Testnet4 => p.push("testnet4"),
+        Network::Signet => p.push("signet"),
+        _ => p.push("regtest"),
+    }
+    Some(p.join(".cookie"))
 }
 
 impl FileConfig {
@@ -76,6 +259,7 @@ impl FileConfig {
             gap_limit: self.gap_limit.or(other.gap_limit),
             grpc_token_file: self.grpc_token_file.or(other.grpc_token_file),
             event_retention: self.event_retention.or(other.event_retention),
+            bitcoind: self.bitcoind.or(other.bitcoind),
         }
     }
 }
@@ -100,6 +284,8 @@ pub struct Config {
     pub grpc_token_file: Option<PathBuf>,
     /// Events kept in the event log (`None`: all).
     pub event_retention: Option<u64>,
+    /// The `[bitcoind]` settings, resolved when a command needs the node.
+    pub bitcoind: BitcoindFileConfig,
 }
 
 /// Parses a network name as the CLI and config take it.
@@ -141,6 +327,7 @@ impl Config {
             gap_limit,
             grpc_token_file: c.grpc_token_file,
             event_retention: c.event_retention,
+            bitcoind: c.bitcoind,
         })
     }
 }

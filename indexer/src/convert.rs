@@ -109,6 +109,7 @@ pub fn transfer(t: TransferEntry) -> pb::Transfer {
         confirmations: t.confirmations,
         received: t.received.into_iter().map(received).collect(),
         spent: t.spent.into_iter().map(spent).collect(),
+        replaced_by: String::new(),
     }
 }
 
@@ -119,6 +120,9 @@ pub fn event(offset: u64, e: Event) -> pb::Event {
         EventKind::BlockDisconnected => pb::EventKind::BlockDisconnected,
         EventKind::TransferConfirmed => pb::EventKind::TransferConfirmed,
         EventKind::TransferReorgedOut => pb::EventKind::TransferReorgedOut,
+        EventKind::TransferSeen => pb::EventKind::TransferSeen,
+        EventKind::TransferReplaced => pb::EventKind::TransferReplaced,
+        EventKind::TransferEvicted => pb::EventKind::TransferEvicted,
     };
     pb::Event {
         offset,

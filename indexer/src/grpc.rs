@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::BearerToken;
 use crate::convert;
+use crate::mempool::{Gone, Mempool};
 use crate::query::{Query, QueryError};
 use crate::store::Store;
 
@@ -22,7 +23,12 @@ pub struct IndexerService {
     network: Network,
     /// Turns true when the server stops, so open subscriptions end and shutdown completes.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// Watched mempool transactions, when following bitcoind.
+    mempool: Option<SharedMempool>,
 }
+
+/// The mempool tracker as the follower and the server share it.
+pub type SharedMempool = Arc<std::sync::RwLock<Mempool>>;
 
 impl IndexerService {
     /// A service answering from `store`; its subscriptions end when `stopping` turns true.
@@ -35,7 +41,14 @@ impl IndexerService {
             store,
             network,
             stopping,
+            mempool: None,
         }
+    }
+
+    /// Also answers from the follower's mempool tracker (unconfirmed balances and transfers).
+    pub fn with_mempool(mut self, mempool: Option<SharedMempool>) -> Self {
+        self.mempool = mempool;
+        self
     }
 
     /// Runs `f` on a fresh snapshot, off the async threads.
@@ -48,6 +61,41 @@ impl IndexerService {
             .await
             .map_err(|e| Status::internal(format!("query task failed: {e}")))?
             .map_err(Status::from)
+    }
+}
+
+impl IndexerService {
+    /// `txid` as the mempool tracker knows it: waiting, replaced or evicted.
+    async fn mempool_transfer(&self, txid: &str) -> Result<Option<pb::Transfer>, Status> {
+        let Some(mempool) = self.mempool.clone() else {
+            return Ok(None);
+        };
+        let Ok(parsed) = txid.parse::<bitcoin::Txid>() else {
+            return Ok(None); // the store query already refused a malformed txid
+        };
+        let (pending, gone) = {
+            let m = mempool.read().expect("mempool lock is never poisoned");
+            (m.get(&parsed).cloned(), m.gone(&parsed))
+        };
+        if let Some(tx) = pending {
+            let entry = self.query(move |q| q.pending_transfer(&tx)).await?;
+            let mut t = convert::transfer(entry);
+            t.status = pb::TransferStatus::Mempool.into();
+            t.block_hash = String::new();
+            return Ok(Some(t));
+        }
+        Ok(gone.map(|g| {
+            let (status, by) = match g {
+                Gone::Replaced { by } => (pb::TransferStatus::Replaced, by.to_string()),
+                Gone::Evicted => (pb::TransferStatus::Evicted, String::new()),
+            };
+            pb::Transfer {
+                txid: txid.to_owned(),
+                status: status.into(),
+                replaced_by: by,
+                ..Default::default()
+            }
+        }))
     }
 }
 
@@ -151,13 +199,28 @@ impl Indexer for IndexerService {
     ) -> Result<Response<pb::GetBalanceResponse>, Status> {
         let req = req.into_inner();
         let target = convert::target(req.target)?;
-        let b = self
-            .query(move |q| q.balance(&target, req.min_conf))
+        let with_ids = self.mempool.is_some();
+        let (b, ids) = self
+            .query(move |q| {
+                let ids = if with_ids {
+                    Some(q.target_ids(&target)?)
+                } else {
+                    None
+                };
+                Ok((q.balance(&target, req.min_conf)?, ids))
+            })
             .await?;
+        let unconfirmed = match (&self.mempool, ids) {
+            (Some(m), Some((wallet, script))) => m
+                .read()
+                .expect("mempool lock is never poisoned")
+                .unconfirmed(wallet, script.as_ref()),
+            _ => 0,
+        };
         let (height, tip_hash) = convert::tip(b.tip);
         Ok(Response::new(pb::GetBalanceResponse {
             confirmed_sat: b.confirmed,
-            unconfirmed_sat: 0,
+            unconfirmed_sat: unconfirmed,
             immature_sat: b.immature,
             utxo_count: b.utxo_count,
             height,
@@ -201,6 +264,14 @@ impl Indexer for IndexerService {
             .query(move |q| Ok((q.transfer(&txid)?, q.tip())))
             .await?;
         if found.is_empty() {
+            if let Some(t) = self.mempool_transfer(&asked).await? {
+                let (height, tip_hash) = convert::tip(tip);
+                return Ok(Response::new(pb::GetTransferResponse {
+                    transfers: vec![t],
+                    height,
+                    tip_hash,
+                }));
+            }
             return Err(Status::not_found(format!(
                 "transaction {asked} touched no watched script"
             )));
@@ -262,6 +333,18 @@ pub async fn serve(
     token: Option<BearerToken>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    serve_live(store, network, None, listener, token, shutdown).await
+}
+
+/// [`serve`], also answering from the follower's mempool tracker.
+pub async fn serve_live(
+    store: Arc<Store>,
+    network: Network,
+    mempool: Option<SharedMempool>,
+    listener: TcpListener,
+    token: Option<BearerToken>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status("indexer.v1.Indexer", tonic_health::ServingStatus::Serving)
@@ -279,7 +362,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(IndexerServer::with_interceptor(
-            IndexerService::new(store, network, stopping),
+            IndexerService::new(store, network, stopping).with_mempool(mempool),
             move |req| match &token {
                 Some(t) => t.check(req),
                 None => Ok(req),

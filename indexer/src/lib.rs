@@ -12,6 +12,8 @@
 //! - [`auth`] checks bearer tokens on gRPC calls;
 //! - [`grpc`] serves `indexer.v1.Indexer` (with [`convert`] between queries and messages);
 //! - [`query`] answers balance and UTXO queries from one snapshot;
+//! - [`follow`] keeps the index on bitcoind's best chain ([`daemon`] talks to bitcoind over
+//!   RPC, REST and ZMQ; [`fetch`] prefetches blocks for catch-up);
 //! - [`rescan`] drives a rescan from block files (chain choice, reorg, resume);
 //! - [`pipeline`] is the staged block pipeline;
 //! - [`wallets`] keeps wallets and watched scripts in the database;
@@ -25,7 +27,11 @@ pub mod blkfile;
 pub mod chain;
 pub mod config;
 pub mod convert;
+pub mod daemon;
+pub mod fetch;
+pub mod follow;
 pub mod grpc;
+pub mod mempool;
 pub mod pipeline;
 pub mod query;
 pub mod rescan;

@@ -7,7 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use indexer::config::{Config, FileConfig};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use indexer::auth::BearerToken;
+use indexer::config::{BitcoindFileConfig, Config, FileConfig};
+use indexer::daemon::{Daemon, DaemonError};
+use indexer::follow::{FollowOptions, Follower};
 use indexer::pipeline::{PipelineOptions, Progress, WriteOptions};
 use indexer::rescan::{self, Plan, RescanRequest};
 use indexer::store::schema::Cf;
@@ -59,6 +65,39 @@ struct CommonArgs {
     /// Events kept in the event log; older offsets are pruned (default: all).
     #[arg(long, global = true, env = "INDEXER_EVENT_RETENTION")]
     event_retention: Option<u64>,
+    /// bitcoind's JSON-RPC URL (default http://127.0.0.1:<rpcport>/).
+    #[arg(long, global = true, env = "INDEXER_BITCOIND_RPC_URL")]
+    bitcoind_rpc_url: Option<String>,
+    /// bitcoind's .cookie file (default ~/.bitcoin/[<network>/].cookie).
+    #[arg(long, global = true, env = "INDEXER_BITCOIND_COOKIE_FILE")]
+    bitcoind_cookie_file: Option<PathBuf>,
+    /// rpcuser, instead of the cookie (password from --bitcoind-rpc-password-file or INDEXER_BITCOIND_RPC_PASSWORD).
+    #[arg(long, global = true, env = "INDEXER_BITCOIND_RPC_USER")]
+    bitcoind_rpc_user: Option<String>,
+    /// File holding the RPC password.
+    #[arg(long, global = true, env = "INDEXER_BITCOIND_RPC_PASSWORD_FILE")]
+    bitcoind_rpc_password_file: Option<PathBuf>,
+    /// Fetch blocks over REST (bitcoind rest=1).
+    #[arg(long, global = true, env = "INDEXER_BITCOIND_REST")]
+    bitcoind_rest: Option<bool>,
+    /// zmqpubrawblock endpoint, e.g. tcp://127.0.0.1:28332.
+    #[arg(long, global = true, env = "INDEXER_ZMQ_RAWBLOCK")]
+    zmq_rawblock: Option<String>,
+    /// zmqpubhashblock endpoint.
+    #[arg(long, global = true, env = "INDEXER_ZMQ_HASHBLOCK")]
+    zmq_hashblock: Option<String>,
+    /// zmqpubsequence endpoint.
+    #[arg(long, global = true, env = "INDEXER_ZMQ_SEQUENCE")]
+    zmq_sequence: Option<String>,
+    /// zmqpubrawtx endpoint.
+    #[arg(long, global = true, env = "INDEXER_ZMQ_RAWTX")]
+    zmq_rawtx: Option<String>,
+    /// Tip polling interval without ZMQ, milliseconds (default 1000).
+    #[arg(long, global = true, env = "INDEXER_POLL_INTERVAL_MS")]
+    poll_interval_ms: Option<u64>,
+    /// With ZMQ, check bitcoind's tip after this many seconds of silence (default 30).
+    #[arg(long, global = true, env = "INDEXER_ZMQ_SILENCE_SECS")]
+    zmq_silence_secs: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -74,6 +113,12 @@ enum Command {
     Status,
     /// Serve gRPC queries (indexer.v1.Indexer, health, reflection) from the database.
     Serve {
+        /// Address to listen on.
+        #[arg(long, env = "INDEXER_GRPC", default_value = "127.0.0.1:50051")]
+        grpc: std::net::SocketAddr,
+    },
+    /// Follow bitcoind (RPC/REST + ZMQ) and serve gRPC while doing it.
+    Run {
         /// Address to listen on.
         #[arg(long, env = "INDEXER_GRPC", default_value = "127.0.0.1:50051")]
         grpc: std::net::SocketAddr,
@@ -134,6 +179,7 @@ fn run(cli: Cli) -> Result<()> {
     let creates = matches!(
         cli.command,
         Command::Rescan(_)
+            | Command::Run { .. }
             | Command::Watch {
                 command: WatchCommand::Add { .. }
             }
@@ -216,8 +262,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Rescan(args) => rescan_cmd(&store, &config, args)?,
+        Command::Rescan(args) => rescan_cmd(store, &config, args)?,
         Command::Serve { grpc } => serve_cmd(store, &config, grpc)?,
+        Command::Run { grpc } => run_cmd(store, &config, grpc)?,
         Command::Status => {
             match store.tip()? {
                 Some((h, hash)) => println!("tip\t{h}\t{hash}"),
@@ -236,12 +283,134 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<()> {
-    let token = match &config.grpc_token_file {
-        Some(path) => Some(indexer::auth::BearerToken::from_file(path)?),
+fn grpc_token(config: &Config, addr: std::net::SocketAddr) -> Result<Option<BearerToken>> {
+    Ok(match &config.grpc_token_file {
+        Some(path) => Some(BearerToken::from_file(path)?),
         None if addr.ip().is_loopback() => None,
         None => bail!("serving on {addr}, off loopback, needs a token: set grpc_token_file"),
+    })
+}
+
+fn pipeline_options(config: &Config) -> PipelineOptions {
+    PipelineOptions {
+        write: WriteOptions {
+            undo_depth: config.undo_depth,
+            event_retention: config.event_retention,
+            ..WriteOptions::default()
+        },
+        ..PipelineOptions::default()
+    }
+}
+
+/// The follower of the configured bitcoind (with its ZMQ feed when configured).
+fn follower(store: Arc<Store>, config: &Config, stop: Arc<AtomicBool>) -> Result<Follower> {
+    let bitcoind = config
+        .bitcoind
+        .resolve(
+            config.network,
+            std::env::var("INDEXER_BITCOIND_RPC_PASSWORD").ok(),
+        )
+        .context("bitcoind settings")?;
+    let scripts = wallets::load_filter(&store, config.bloom_capacity, config.bloom_fp_rate)?;
+    if scripts.is_empty() {
+        tracing::warn!("no scripts are watched: add some with `indexer watch add`");
+    }
+    let daemon = Daemon::new(
+        &bitcoind.rpc_url,
+        bitcoind.auth.clone(),
+        bitcoind.rest,
+        bitcoind.rpc_timeout,
+    );
+    // A wrong network is a configuration error: say so now rather than retry forever.
+    match daemon.chain_info(config.network) {
+        Err(e @ DaemonError::WrongNetwork { .. }) => return Err(e.into()),
+        Err(e) => tracing::warn!(error = %e, "bitcoind is not answering yet; will keep trying"),
+        Ok(info) => tracing::info!(
+            url = %bitcoind.rpc_url,
+            height = info.blocks,
+            rest = bitcoind.rest,
+            zmq = bitcoind.zmq.topics.len(),
+            "connected to bitcoind"
+        ),
+    }
+    let notices = if bitcoind.zmq.is_empty() {
+        tracing::info!(interval = ?bitcoind.poll_interval, "no ZMQ endpoints configured: polling bitcoind");
+        None
+    } else {
+        let (tx, rx) = crossbeam_channel::bounded(10_000);
+        indexer::daemon::zmq::spawn(&bitcoind.zmq, tx, stop.clone())?;
+        Some(rx)
     };
+    let opts = FollowOptions {
+        poll_interval: bitcoind.poll_interval,
+        zmq_silence: bitcoind.zmq_silence,
+        pipeline: pipeline_options(config),
+        ..FollowOptions::default()
+    };
+    Ok(Follower::new(
+        store,
+        Arc::new(daemon),
+        Arc::new(scripts),
+        config.network,
+        opts,
+        stop,
+        notices,
+    ))
+}
+
+fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<()> {
+    let token = grpc_token(config, addr)?;
+    let store = Arc::new(store);
+    let stop = Arc::new(AtomicBool::new(false));
+    let follower = follower(store.clone(), config, stop.clone())?;
+    let mempool = follower.mempool();
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let (follower_done, follower_ended) = tokio::sync::oneshot::channel::<()>();
+    let follow = std::thread::Builder::new()
+        .name("follow".into())
+        .spawn(move || {
+            let result = follower.run();
+            let _ = follower_done.send(());
+            result
+        })
+        .context("starting the follower thread")?;
+    let served = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        let local = listener.local_addr().context("reading the bound address")?;
+        tracing::info!(%local, "following bitcoind; serving indexer.v1.Indexer, grpc.health.v1 and reflection");
+        println!("listening\t{local}");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+                _ = term.recv() => tracing::info!("shutting down"),
+                _ = follower_ended => {}
+            }
+        };
+        grpc::serve_live(
+            store.clone(),
+            config.network,
+            Some(mempool),
+            listener,
+            token,
+            shutdown,
+        )
+        .await?;
+        anyhow::Ok(())
+    });
+    // Finish the block in hand, then stop.
+    stop.store(true, Ordering::Relaxed);
+    let followed = follow.join().expect("follower thread panicked");
+    served?;
+    followed.context("following bitcoind failed")?;
+    Ok(())
+}
+
+fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<()> {
+    let token = grpc_token(config, addr)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -282,6 +451,20 @@ fn load_config(args: &CommonArgs) -> Result<Config> {
         gap_limit: args.gap_limit,
         grpc_token_file: args.grpc_token_file.clone(),
         event_retention: args.event_retention,
+        bitcoind: BitcoindFileConfig {
+            rpc_url: args.bitcoind_rpc_url.clone(),
+            cookie_file: args.bitcoind_cookie_file.clone(),
+            rpc_user: args.bitcoind_rpc_user.clone(),
+            rpc_password_file: args.bitcoind_rpc_password_file.clone(),
+            rest: args.bitcoind_rest,
+            zmq_rawblock: args.zmq_rawblock.clone(),
+            zmq_hashblock: args.zmq_hashblock.clone(),
+            zmq_sequence: args.zmq_sequence.clone(),
+            zmq_rawtx: args.zmq_rawtx.clone(),
+            poll_interval_ms: args.poll_interval_ms,
+            zmq_silence_secs: args.zmq_silence_secs,
+            rpc_timeout_secs: None,
+        },
     };
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
@@ -290,26 +473,18 @@ fn load_config(args: &CommonArgs) -> Result<Config> {
     Ok(Config::resolve(flags.or(file))?)
 }
 
-fn rescan_cmd(store: &Store, config: &Config, args: RescanArgs) -> Result<()> {
-    let Some(blocks_dir) = args.blocks_dir else {
-        bail!("rescan from bitcoind is not available yet: give --blocks-dir DIR (bitcoind's blocks directory)");
-    };
+fn rescan_cmd(store: Store, config: &Config, args: RescanArgs) -> Result<()> {
     if args.reset {
         store.reset_chain_state()?;
         tracing::info!("chain state reset; wallets kept");
     }
-    let scripts = wallets::load_filter(store, config.bloom_capacity, config.bloom_fp_rate)?;
+    let Some(blocks_dir) = args.blocks_dir else {
+        return rescan_from_bitcoind(store, config, args.from, args.to);
+    };
+    let scripts = wallets::load_filter(&store, config.bloom_capacity, config.bloom_fp_rate)?;
     if scripts.is_empty() {
         tracing::warn!("no scripts are watched: add some with `indexer watch add`");
     }
-    let opts = PipelineOptions {
-        write: WriteOptions {
-            undo_depth: config.undo_depth,
-            event_retention: config.event_retention,
-            ..WriteOptions::default()
-        },
-        ..PipelineOptions::default()
-    };
     let req = RescanRequest {
         blocks_dir,
         from: args.from,
@@ -317,26 +492,60 @@ fn rescan_cmd(store: &Store, config: &Config, args: RescanArgs) -> Result<()> {
     };
     let reporter = Reporter::new();
     let report = rescan::rescan_blocks_dir(
-        store,
+        &store,
         config.network,
         &scripts,
         &req,
-        &opts,
+        &pipeline_options(config),
         &|plan| reporter.plan(plan),
         &|p| reporter.commit(p),
     )
     .context("rescan failed; every block before the failure is committed and a rerun resumes")?;
     reporter.finish(&report.progress);
-    match report.tip {
+    print_outcome(report.tip, &report.progress, report.disconnected);
+    Ok(())
+}
+
+/// `rescan` without `--blocks-dir`: the catch-up path of `indexer run`, once.
+fn rescan_from_bitcoind(
+    store: Store,
+    config: &Config,
+    from: Option<u32>,
+    to: Option<u32>,
+) -> Result<()> {
+    let store = Arc::new(store);
+    let mut disconnected = 0;
+    if let Some(from) = from {
+        if store.tip()?.is_some_and(|(h, _)| h >= from) {
+            disconnected = store.disconnect_above(from.checked_sub(1), true)?;
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let reporter = Arc::new(Reporter::new());
+    let sink = reporter.clone();
+    let follower = follower(store.clone(), config, stop)?.on_commit(move |p| sink.commit(p));
+    let report = follower
+        .sync(to)
+        .context("rescan from bitcoind failed; every block before the failure is committed and a rerun resumes")?;
+    reporter.finish(&report.progress);
+    print_outcome(
+        report.tip,
+        &report.progress,
+        disconnected + report.disconnected,
+    );
+    Ok(())
+}
+
+fn print_outcome(tip: Option<(u32, bitcoin::BlockHash)>, progress: &Progress, disconnected: u32) {
+    match tip {
         Some((h, hash)) => println!("tip\t{h}\t{hash}"),
         None => println!("tip\tnone"),
     }
     println!(
         "connected\t{} blocks, {} txs, {} bytes",
-        report.progress.blocks, report.progress.txs, report.progress.bytes
+        progress.blocks, progress.txs, progress.bytes
     );
-    println!("disconnected\t{}", report.disconnected);
-    Ok(())
+    println!("disconnected\t{disconnected}");
 }
 
 /// Progress on stderr: a bar with blocks/s, MB/s and ETA on a terminal, log lines otherwise.

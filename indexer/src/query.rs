@@ -478,6 +478,36 @@ impl<'a> Query<'a> {
         })
     }
 
+    /// The wallet or script `target` names, as the mempool tracker keys them.
+    pub fn target_ids(
+        &self,
+        target: &Target,
+    ) -> Result<(Option<WalletId>, Option<ScriptId>), QueryError> {
+        Ok(match self.resolve(target)? {
+            Resolved::Wallet(id) => (Some(id), None),
+            Resolved::Script(script) => (None, Some(ScriptId::of(&script))),
+        })
+    }
+
+    /// A mempool transaction in the shape of a transfer (height 0, no block).
+    pub fn pending_transfer(
+        &self,
+        tx: &crate::mempool::PendingTx,
+    ) -> Result<TransferEntry, QueryError> {
+        let names = self.wallet_names()?;
+        let t = Transfer {
+            txid: tx.txid,
+            height: 0,
+            block_hash: BlockHash::all_zeros(),
+            tx_index: 0,
+            received: tx.received.iter().map(|(r, _)| r.clone()).collect(),
+            spent: tx.spent.iter().map(|(s, _)| s.clone()).collect(),
+        };
+        let mut entry = self.transfer_entry(&t, &names)?;
+        entry.confirmations = 0;
+        Ok(entry)
+    }
+
     fn transfer_entry(
         &self,
         t: &Transfer,

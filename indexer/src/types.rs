@@ -172,6 +172,12 @@ pub enum EventKind {
     TransferConfirmed = 3,
     /// A confirmed transfer's block was disconnected.
     TransferReorgedOut = 4,
+    /// A transfer entered the mempool (height and hash: the tip then).
+    TransferSeen = 5,
+    /// A mempool transfer was replaced by a conflicting transaction.
+    TransferReplaced = 6,
+    /// A mempool transfer left the mempool unmined, without a known conflict.
+    TransferEvicted = 7,
 }
 
 /// One entry of the event log.

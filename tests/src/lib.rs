@@ -8,4 +8,5 @@
 pub mod chaingen;
 pub mod fixtures;
 pub mod harness;
+pub mod live;
 pub mod reference;

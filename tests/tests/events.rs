@@ -99,6 +99,7 @@ fn replaying_the_log_gives_the_final_chain_and_transfers() {
                 assert_eq!(chain.last(), Some(&e.block_hash), "before its block leaves");
                 assert!(confirmed.remove(&(e.height, e.txid.unwrap())));
             }
+            kind => panic!("no mempool events without bitcoind, got {kind:?}"),
         }
     }
     assert_eq!(disconnects, 4);

@@ -20,7 +20,7 @@ use std::thread;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use rayon::prelude::*;
 
-use crate::store::{Reader, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::watchlist::ScriptFilter;
 use apply::{ApplyError, ApplyState, BlockChanges};
 use filter::{Filter, FilteredBlock};
@@ -231,7 +231,6 @@ fn write_stage(
 ) -> Result<Progress, PipelineError> {
     let mut progress = Progress::default();
     let mut group: Vec<BlockChanges> = Vec::new();
-    let mut next_event = store.next_event()?;
     while let Ok(first) = input.recv() {
         let mut pending = first.writes.len() * 64;
         group.push(first);
@@ -246,7 +245,7 @@ fn write_stage(
                 Err(_) => break,
             }
         }
-        next_event = write::commit_group(store, &mut group, opts, next_event)?;
+        write::commit_group(store, &mut group, opts)?;
         for ch in group.drain(..) {
             progress.height = ch.height;
             progress.blocks += 1;

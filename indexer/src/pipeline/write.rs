@@ -42,48 +42,25 @@ fn add_undo(store: &Store, batch: &mut Batch, ch: &BlockChanges, undo_depth: Opt
 
 /// Commits a group of consecutive blocks atomically: their writes merged in key order (the
 /// later block's value wins), each block's undo record, and their events appended to the
-/// log from `next_event` on. Returns the next free event offset.
+/// log.
 pub fn commit_group(
     store: &Store,
     group: &mut [BlockChanges],
     opts: &WriteOptions,
-    mut next_event: u64,
-) -> Result<u64, StoreError> {
+) -> Result<(), StoreError> {
     let mut batch = Batch::default();
     let mut merged = std::collections::BTreeMap::new();
+    let mut events = Vec::new();
     for ch in group.iter_mut() {
         // `extend` inserts one by one (later blocks win); `append` would re-merge the
         // whole accumulated map for every block.
         merged.extend(std::mem::take(&mut ch.writes));
         add_undo(store, &mut batch, ch, opts.undo_depth);
-        for e in &ch.events {
-            batch.put(
-                store,
-                Cf::Events,
-                &schema::event_key(next_event),
-                &schema::encode_event(e),
-            );
-            next_event += 1;
-        }
+        events.append(&mut ch.events);
     }
     for ((cf, key), value) in &merged {
         batch.set(store, *cf, key, value.as_deref());
     }
-    batch.put(
-        store,
-        Cf::Meta,
-        schema::META_NEXT_EVENT,
-        &next_event.to_be_bytes(),
-    );
-    if let Some(keep) = opts.event_retention {
-        let first = next_event.saturating_sub(keep);
-        batch.delete_range(
-            store,
-            Cf::Events,
-            &schema::event_key(0),
-            &schema::event_key(first),
-        );
-    }
-    store.commit(batch, false)?;
-    Ok(next_event)
+    store.commit_with_events(batch, &events, opts.event_retention, false)?;
+    Ok(())
 }

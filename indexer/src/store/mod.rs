@@ -108,6 +108,9 @@ pub struct Store {
     path: PathBuf,
     /// Counts commits, so readers following the event log wake on new data instead of polling.
     commits: tokio::sync::watch::Sender<u64>,
+    /// Held from reading the next event offset to committing: the block writer and the
+    /// mempool tracker append to one log, and no two events may get one offset.
+    event_lock: std::sync::Mutex<()>,
 }
 
 impl Store {
@@ -143,6 +146,7 @@ impl Store {
             db,
             path: path.to_owned(),
             commits: tokio::sync::watch::Sender::new(0),
+            event_lock: std::sync::Mutex::new(()),
         };
         store.check_format(network)?;
         Ok(store)
@@ -399,8 +403,36 @@ impl Store {
             block_hash: hash,
             txid: None,
         });
+        self.commit_with_events(batch, &events, None, sync)?;
+        self.tip()
+    }
+
+    /// Whether `txid` is a confirmed watched transfer on the indexed chain.
+    pub fn has_transfer(&self, txid: &bitcoin::Txid) -> Result<bool, StoreError> {
+        let mut found = false;
+        self.snapshot()
+            .scan(Cf::Transfers, txid.as_byte_array(), None, |_, _| {
+                found = true;
+                Ok::<_, StoreError>(false)
+            })?;
+        Ok(found)
+    }
+
+    /// Commits `batch` with `events` appended to the event log in the same write, keeping
+    /// the last `retention` events when given; returns the next free offset.
+    pub fn commit_with_events(
+        &self,
+        mut batch: Batch,
+        events: &[Event],
+        retention: Option<u64>,
+        sync: bool,
+    ) -> Result<u64, StoreError> {
+        let _appending = self
+            .event_lock
+            .lock()
+            .expect("event lock is never poisoned");
         let mut next = self.next_event()?;
-        for e in &events {
+        for e in events {
             batch.put(
                 self,
                 Cf::Events,
@@ -410,8 +442,16 @@ impl Store {
             next += 1;
         }
         batch.put(self, Cf::Meta, schema::META_NEXT_EVENT, &next.to_be_bytes());
+        if let Some(keep) = retention {
+            batch.delete_range(
+                self,
+                Cf::Events,
+                &schema::event_key(0),
+                &schema::event_key(next.saturating_sub(keep)),
+            );
+        }
         self.commit(batch, sync)?;
-        self.tip()
+        Ok(next)
     }
 
     /// SHA-256 over the indexed state (every state family in key order, and the tip):

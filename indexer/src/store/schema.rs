@@ -507,15 +507,16 @@ pub fn decode_event(bytes: &[u8]) -> Result<Event, DecodeError> {
         2 => EventKind::BlockDisconnected,
         3 => EventKind::TransferConfirmed,
         4 => EventKind::TransferReorgedOut,
+        5 => EventKind::TransferSeen,
+        6 => EventKind::TransferReplaced,
+        7 => EventKind::TransferEvicted,
         k => return Err(corrupt("event", format!("unknown kind {k}"))),
     };
     let height = r.u32()?;
     let block_hash = BlockHash::from_byte_array(r.array()?);
     let txid = match kind {
-        EventKind::TransferConfirmed | EventKind::TransferReorgedOut => {
-            Some(Txid::from_byte_array(r.array()?))
-        }
-        _ => None,
+        EventKind::BlockConnected | EventKind::BlockDisconnected => None,
+        _ => Some(Txid::from_byte_array(r.array()?)),
     };
     r.finish()?;
     Ok(Event {

@@ -1,0 +1,570 @@
+//! Following bitcoind: catch up to its best chain (finding the fork point and disconnecting
+//! with the undo journal when it reorganised), then stay on its tip, taking new blocks
+//! straight from ZMQ `rawblock` when they extend the tip. Anything ZMQ cannot vouch for (a
+//! gap in sequence numbers, a block that does not extend the tip, a disconnect, silence)
+//! sends the follower back to reconciling over RPC, which is always right; ZMQ only makes it
+//! fast. Without ZMQ it polls.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bitcoin::consensus::deserialize;
+use bitcoin::{block, BlockHash, Network, Transaction, Txid};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use tracing::{debug, info, warn};
+
+use crate::daemon::zmq::{Notice, SequenceEvent, Topic};
+use crate::daemon::{Daemon, DaemonError};
+use crate::fetch::{FetchOptions, Prefetch};
+use crate::grpc::SharedMempool;
+use crate::mempool::{Change, Gone, Mempool};
+use crate::pipeline::apply::ApplyError;
+use crate::pipeline::parse::RawBlock;
+use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
+use crate::store::{Batch, Reader, Store, StoreError};
+use crate::types::{Event, EventKind};
+use crate::watchlist::ScriptFilter;
+
+/// How the follower paces itself.
+#[derive(Clone, Copy, Debug)]
+pub struct FollowOptions {
+    /// How often to ask bitcoind for its tip when ZMQ is not configured.
+    pub poll_interval: Duration,
+    /// With ZMQ: ask bitcoind for its tip after this long without a notification.
+    pub zmq_silence: Duration,
+    /// How long a block announced by hash may wait for its `rawblock` before fetching it.
+    pub announce_grace: Duration,
+    /// Catch-up prefetch.
+    pub fetch: FetchOptions,
+    /// Pipeline tuning for catch-up.
+    pub pipeline: PipelineOptions,
+    /// Longest wait between retries while bitcoind is unavailable.
+    pub max_backoff: Duration,
+}
+
+impl Default for FollowOptions {
+    fn default() -> Self {
+        FollowOptions {
+            poll_interval: Duration::from_secs(1),
+            zmq_silence: Duration::from_secs(30),
+            announce_grace: Duration::from_millis(500),
+            fetch: FetchOptions::default(),
+            pipeline: PipelineOptions::default(),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why following stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// bitcoind failed in a way waiting will not fix (or it was not retried).
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    /// The database failed, or a reorg is deeper than the undo journal.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A block failed in the pipeline.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// The ZMQ thread ended.
+    #[error("the ZMQ subscriber stopped")]
+    ZmqStopped,
+    /// bitcoind's chain is shorter than the index while it is still syncing.
+    #[error("bitcoind is in initial block download at height {daemon}, below the index's {index}: waiting for it")]
+    DaemonBehind {
+        /// bitcoind's height.
+        daemon: u32,
+        /// The index's height.
+        index: u32,
+    },
+}
+
+impl FollowError {
+    /// Whether trying again later may succeed: bitcoind down or restarting, or its chain
+    /// moved while we read it.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FollowError::Daemon(e) => e.is_transient() || chain_moved(e),
+            FollowError::Pipeline(PipelineError::Source(e)) => e
+                .downcast_ref::<DaemonError>()
+                .is_none_or(|d| d.is_transient() || chain_moved(d)),
+            // The hashes listed and the blocks fetched straddle a reorg: look again.
+            FollowError::Pipeline(PipelineError::Apply(ApplyError::NotConnecting { .. })) => true,
+            // A block that fails its own hash or merkle root: fetch it again.
+            FollowError::Pipeline(PipelineError::Parse(_)) => true,
+            FollowError::DaemonBehind { .. } => true,
+            FollowError::Pipeline(_) | FollowError::Store(_) | FollowError::ZmqStopped => false,
+        }
+    }
+}
+
+/// bitcoind answered "not found" or "out of range" for something it just named.
+fn chain_moved(e: &DaemonError) -> bool {
+    matches!(e, DaemonError::Rpc { code, .. } if *code == -5 || *code == -8)
+}
+
+/// What one catch-up did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncReport {
+    /// Blocks disconnected by reorgs.
+    pub disconnected: u32,
+    /// Deepest reorg seen (blocks).
+    pub deepest_reorg: u32,
+    /// What was connected.
+    pub progress: Progress,
+    /// The index's tip afterwards.
+    pub tip: Option<(u32, BlockHash)>,
+}
+
+/// Follows one bitcoind into one database.
+pub struct Follower {
+    store: Arc<Store>,
+    daemon: Arc<Daemon>,
+    scripts: Arc<ScriptFilter>,
+    network: Network,
+    opts: FollowOptions,
+    stop: Arc<AtomicBool>,
+    notices: Option<Receiver<Notice>>,
+    on_commit: Arc<dyn Fn(&Progress) + Send + Sync>,
+    mempool: SharedMempool,
+}
+
+/// Why the live loop handed back to reconciliation.
+enum LiveExit {
+    Stop,
+    Reconcile(&'static str),
+}
+
+impl Follower {
+    /// A follower; `notices` is the ZMQ feed (`None`: poll), `stop` ends [`Follower::run`].
+    pub fn new(
+        store: Arc<Store>,
+        daemon: Arc<Daemon>,
+        scripts: Arc<ScriptFilter>,
+        network: Network,
+        opts: FollowOptions,
+        stop: Arc<AtomicBool>,
+        notices: Option<Receiver<Notice>>,
+    ) -> Follower {
+        Follower {
+            store,
+            daemon,
+            scripts,
+            network,
+            opts,
+            stop,
+            notices,
+            on_commit: Arc::new(|_| {}),
+            mempool: SharedMempool::default(),
+        }
+    }
+
+    /// The mempool tracker this follower keeps (share it with the gRPC server).
+    pub fn mempool(&self) -> SharedMempool {
+        self.mempool.clone()
+    }
+
+    fn mempool_mut(&self) -> std::sync::RwLockWriteGuard<'_, Mempool> {
+        self.mempool
+            .write()
+            .expect("mempool lock is never poisoned")
+    }
+
+    /// Appends mempool changes to the event log (at the current tip).
+    fn log_changes(&self, changes: Vec<Change>) -> Result<(), FollowError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let Some((height, block_hash)) = self.store.tip()? else {
+            return Ok(());
+        };
+        let events: Vec<Event> = changes
+            .iter()
+            .map(|c| {
+                let (kind, txid) = match c {
+                    Change::Seen(t) => (EventKind::TransferSeen, *t),
+                    Change::Gone(t, Gone::Replaced { by }) => {
+                        info!(txid = %t, by = %by, "a watched mempool transaction was replaced");
+                        (EventKind::TransferReplaced, *t)
+                    }
+                    Change::Gone(t, Gone::Evicted) => {
+                        info!(txid = %t, "a watched mempool transaction was evicted");
+                        (EventKind::TransferEvicted, *t)
+                    }
+                };
+                Event {
+                    kind,
+                    height,
+                    block_hash,
+                    txid: Some(txid),
+                }
+            })
+            .collect();
+        self.store.commit_with_events(
+            Batch::default(),
+            &events,
+            self.opts.pipeline.write.event_retention,
+            false,
+        )?;
+        Ok(())
+    }
+
+    /// Tracks `tx`, which just entered bitcoind's mempool.
+    fn mempool_added(&self, tx: &Transaction) -> Result<(), FollowError> {
+        let changes = self.mempool_mut().added(&self.store, &self.scripts, tx)?;
+        self.log_changes(changes)
+    }
+
+    /// Re-reads bitcoind's whole mempool: at start, after lost messages and after reorgs.
+    fn resync_mempool(&self) -> Result<(), FollowError> {
+        let in_mempool: HashSet<Txid> = self.daemon.raw_mempool()?.into_iter().collect();
+        let (changes, new) = self
+            .mempool_mut()
+            .reconcile(&self.store, &in_mempool, |s, t| s.has_transfer(t))?;
+        self.log_changes(changes)?;
+        for chunk in new.chunks(500) {
+            for raw in self.daemon.raw_transactions(chunk)?.into_iter().flatten() {
+                match deserialize::<Transaction>(&raw) {
+                    Ok(tx) => self.mempool_added(&tx)?,
+                    Err(e) => warn!(error = %e, "bitcoind sent an unreadable mempool transaction"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f` after every committed group of blocks (progress bars, metrics).
+    pub fn on_commit(mut self, f: impl Fn(&Progress) + Send + Sync + 'static) -> Self {
+        self.on_commit = Arc::new(f);
+        self
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps `d`, waking early when asked to stop.
+    fn pause(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stopping() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
+        }
+    }
+
+    /// Brings the index onto bitcoind's best chain, up to height `to` when given: finds the
+    /// fork point, disconnects what bitcoind no longer has, fetches and connects the rest.
+    pub fn sync(&self, to: Option<u32>) -> Result<SyncReport, FollowError> {
+        let mut report = SyncReport::default();
+        loop {
+            let info = self.daemon.chain_info(self.network)?;
+            let tip = self.store.tip()?;
+            if tip.is_some_and(|(h, hash)| h == info.blocks && hash == info.bestblockhash)
+                || tip.is_some_and(|(h, _)| to.is_some_and(|t| h >= t))
+                || self.stopping()
+            {
+                report.tip = tip;
+                return Ok(report);
+            }
+            if let Some((height, _)) = tip {
+                if info.initialblockdownload && height > info.blocks {
+                    return Err(FollowError::DaemonBehind {
+                        daemon: info.blocks,
+                        index: height,
+                    });
+                }
+            }
+            let fork = self.find_fork(tip, info.blocks)?;
+            if let Some((height, hash)) = tip {
+                if fork.is_none_or(|f| f < height) {
+                    let depth = height - fork.map_or(0, |f| f + 1) + 1;
+                    warn!(depth, from = %hash, fork = ?fork, "bitcoind's chain no longer has our tip: disconnecting to the fork point");
+                    report.disconnected += self.store.disconnect_above(fork, true)?;
+                    report.deepest_reorg = report.deepest_reorg.max(depth);
+                }
+            }
+            let from = fork.map_or(0, |f| f + 1);
+            let target = to.map_or(info.blocks, |t| t.min(info.blocks));
+            if from > target {
+                report.tip = self.store.tip()?;
+                return Ok(report);
+            }
+            info!(from, to = target, "catching up from bitcoind");
+            let source = Prefetch::new(self.daemon.clone(), from, target, self.opts.fetch);
+            let stop = self.stop.clone();
+            // Stopping ends the source; the pipeline commits what it already has.
+            let source = source.take_while(move |_| !stop.load(Ordering::Relaxed));
+            let on_commit = self.on_commit.clone();
+            let progress = pipeline::run(
+                &self.store,
+                &self.scripts,
+                source,
+                &self.opts.pipeline,
+                &move |p: &Progress| on_commit(p),
+            )?;
+            report.progress.blocks += progress.blocks;
+            report.progress.bytes += progress.bytes;
+            report.progress.txs += progress.txs;
+            report.progress.height = progress.height;
+        }
+    }
+
+    /// The highest height where the index and bitcoind's active chain agree (`None`: none).
+    fn find_fork(
+        &self,
+        tip: Option<(u32, BlockHash)>,
+        daemon_height: u32,
+    ) -> Result<Option<u32>, FollowError> {
+        let Some((tip_height, _)) = tip else {
+            return Ok(None);
+        };
+        let mut top = tip_height.min(daemon_height);
+        loop {
+            let low = top.saturating_sub(31);
+            let heights: Vec<u32> = (low..=top).rev().collect();
+            let hashes = self.daemon.block_hashes(&heights)?;
+            for (height, hash) in heights.into_iter().zip(hashes) {
+                match self.store.header(height)? {
+                    Some(h) if h.block_hash() == hash => return Ok(Some(height)),
+                    Some(_) => {}
+                    // Below the first indexed block: no common block.
+                    None => return Ok(None),
+                }
+            }
+            if low == 0 {
+                return Ok(None);
+            }
+            top = low - 1;
+        }
+    }
+
+    /// Follows bitcoind until asked to stop: reconcile, then follow the tip live; errors
+    /// bitcoind may recover from are logged and retried with backoff.
+    pub fn run(&self) -> Result<(), FollowError> {
+        let mut backoff = Duration::from_millis(250);
+        while !self.stopping() {
+            let step = self.sync(None).and_then(|report| {
+                if report.progress.blocks > 0 || report.disconnected > 0 {
+                    info!(
+                        connected = report.progress.blocks,
+                        disconnected = report.disconnected,
+                        tip = ?report.tip,
+                        "in step with bitcoind"
+                    );
+                }
+                self.resync_mempool()?;
+                self.live()
+            });
+            match step {
+                Ok(LiveExit::Stop) => break,
+                Ok(LiveExit::Reconcile(why)) => {
+                    debug!(why, "reconciling with bitcoind");
+                    backoff = Duration::from_millis(250);
+                }
+                Err(e) if e.is_transient() => {
+                    warn!(error = %e, retry_in = ?backoff, "bitcoind unavailable or changing; retrying");
+                    self.pause(backoff);
+                    backoff = (backoff * 2).min(self.opts.max_backoff);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stays on the tip until something needs reconciling.
+    fn live(&self) -> Result<LiveExit, FollowError> {
+        let Some(tip) = self.store.tip()? else {
+            return Ok(LiveExit::Reconcile("the index is empty"));
+        };
+        let Some(notices) = &self.notices else {
+            return self.poll(tip);
+        };
+        // A long-lived pipeline: each block from ZMQ is parsed, applied and committed on
+        // its own, with the watched state kept in memory between blocks.
+        let (blocks, source) = bounded::<RawBlock>(8);
+        let opts = PipelineOptions {
+            chunk_bytes: 0,
+            ..self.opts.pipeline
+        };
+        std::thread::scope(|s| {
+            let pipeline = std::thread::Builder::new()
+                .name("live".into())
+                .spawn_scoped(s, || {
+                    let on_commit = self.on_commit.clone();
+                    pipeline::run(
+                        &self.store,
+                        &self.scripts,
+                        source.into_iter().map(Ok),
+                        &opts,
+                        &move |p: &Progress| on_commit(p),
+                    )
+                })
+                .expect("spawn live pipeline");
+            let exit = self.follow_notices(notices, blocks, tip);
+            match pipeline.join().expect("live pipeline panicked") {
+                // A block that failed its checks: bitcoind will tell the truth.
+                Err(e) => {
+                    warn!(error = %e, "a block from ZMQ failed; reconciling over RPC");
+                    exit.map(|_| LiveExit::Reconcile("a block from ZMQ failed"))
+                }
+                Ok(_) => exit,
+            }
+        })
+    }
+
+    /// Without ZMQ: asks bitcoind for its tip every `poll_interval`.
+    fn poll(&self, tip: (u32, BlockHash)) -> Result<LiveExit, FollowError> {
+        loop {
+            self.pause(self.opts.poll_interval);
+            if self.stopping() {
+                return Ok(LiveExit::Stop);
+            }
+            if self.daemon.best_block_hash()? != tip.1 {
+                return Ok(LiveExit::Reconcile("bitcoind's tip changed"));
+            }
+            self.resync_mempool()?;
+        }
+    }
+
+    /// Feeds blocks that extend the tip to the live pipeline (`blocks`, dropped on return).
+    fn follow_notices(
+        &self,
+        notices: &Receiver<Notice>,
+        blocks: Sender<RawBlock>,
+        mut tip: (u32, BlockHash),
+    ) -> Result<LiveExit, FollowError> {
+        let mut announced: Option<(BlockHash, Instant)> = None;
+        let mut last_heard = Instant::now();
+        // Transactions from `rawtx`, kept until `sequence` says which entered the mempool.
+        let mut raw_txs: HashMap<Txid, Transaction> = HashMap::new();
+        loop {
+            if self.stopping() {
+                return Ok(LiveExit::Stop);
+            }
+            match notices.recv_timeout(Duration::from_millis(100)) {
+                Ok(notice) => {
+                    last_heard = Instant::now();
+                    match notice {
+                        Notice::RawBlock(bytes) => {
+                            let Ok(header) = deserialize::<block::Header>(&bytes[..80]) else {
+                                warn!("ZMQ rawblock with an unreadable header dropped");
+                                continue;
+                            };
+                            let hash = header.block_hash();
+                            if hash == tip.1 {
+                                continue; // already have it
+                            }
+                            if header.prev_blockhash != tip.1 {
+                                return Ok(LiveExit::Reconcile(
+                                    "a block that does not extend the tip",
+                                ));
+                            }
+                            if header.validate_pow(header.target()).is_err() {
+                                warn!(%hash, "ZMQ rawblock without valid proof of work dropped");
+                                continue;
+                            }
+                            let mined = deserialize::<bitcoin::Block>(&bytes).ok();
+                            let block = RawBlock {
+                                height: tip.0 + 1,
+                                hash,
+                                bytes,
+                                origin: format!("ZMQ rawblock {hash}"),
+                            };
+                            if blocks.send(block).is_err() {
+                                return Ok(LiveExit::Reconcile("the live pipeline stopped"));
+                            }
+                            tip = (tip.0 + 1, hash);
+                            if let Some(mined) = mined {
+                                let mut m = self.mempool_mut();
+                                m.mined(mined.txdata.iter().map(|t| t.compute_txid()));
+                                let changes: Vec<Change> =
+                                    mined.txdata.iter().flat_map(|t| m.conflicts(t)).collect();
+                                drop(m);
+                                self.log_changes(changes)?;
+                            }
+                        }
+                        Notice::HashBlock(hash)
+                        | Notice::Sequence(SequenceEvent::Connected(hash)) => {
+                            if hash != tip.1 && announced.is_none() {
+                                announced = Some((hash, Instant::now()));
+                            }
+                        }
+                        Notice::Sequence(SequenceEvent::Disconnected(_)) => {
+                            return Ok(LiveExit::Reconcile("bitcoind disconnected a block"));
+                        }
+                        Notice::Gap {
+                            topic,
+                            expected,
+                            got,
+                        } => {
+                            warn!(
+                                topic = topic.name(),
+                                expected, got, "ZMQ messages were lost"
+                            );
+                            if topic != Topic::RawTx {
+                                return Ok(LiveExit::Reconcile("ZMQ messages were lost"));
+                            }
+                            self.resync_mempool()?;
+                        }
+                        Notice::Garbage { endpoint, reason } => {
+                            warn!(%endpoint, %reason, "malformed ZMQ message dropped");
+                        }
+                        Notice::RawTx(bytes) => match deserialize::<Transaction>(&bytes) {
+                            Ok(tx) => {
+                                let changes = self.mempool_mut().conflicts(&tx);
+                                self.log_changes(changes)?;
+                                if raw_txs.len() >= 50_000 {
+                                    raw_txs.clear(); // bounded; a miss costs one RPC call
+                                }
+                                raw_txs.insert(tx.compute_txid(), tx);
+                            }
+                            Err(e) => warn!(error = %e, "ZMQ rawtx that does not decode dropped"),
+                        },
+                        Notice::Sequence(SequenceEvent::Added(txid, _)) => {
+                            let tx = match raw_txs.remove(&txid) {
+                                Some(tx) => Some(tx),
+                                None => self
+                                    .daemon
+                                    .raw_transaction(&txid)?
+                                    .and_then(|raw| deserialize::<Transaction>(&raw).ok()),
+                            };
+                            if let Some(tx) = tx {
+                                self.mempool_added(&tx)?;
+                            }
+                        }
+                        Notice::Sequence(SequenceEvent::Removed(txid, _)) => {
+                            self.mempool_mut().removed(txid);
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                // The ZMQ thread also ends when asked to stop.
+                Err(RecvTimeoutError::Disconnected) if self.stopping() => {
+                    return Ok(LiveExit::Stop)
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(FollowError::ZmqStopped),
+            }
+            let expired = self.mempool_mut().expire(Instant::now());
+            self.log_changes(expired)?;
+            if let Some((hash, since)) = announced {
+                if hash == tip.1 {
+                    announced = None;
+                } else if since.elapsed() >= self.opts.announce_grace {
+                    return Ok(LiveExit::Reconcile(
+                        "a new tip was announced without its block",
+                    ));
+                }
+            }
+            if last_heard.elapsed() >= self.opts.zmq_silence {
+                last_heard = Instant::now();
+                if self.daemon.best_block_hash()? != tip.1 {
+                    warn!("ZMQ was silent while bitcoind's tip moved; reconciling");
+                    return Ok(LiveExit::Reconcile("ZMQ silence"));
+                }
+            }
+        }
+    }
+}

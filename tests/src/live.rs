@@ -1,0 +1,224 @@
+//! Live following against the devnet (the project's bitcoind-compatible node): a node in a
+//! temp dir with a JSON-RPC client, an indexer follower on it, and the fresh index of the
+//! node's own block files that a follower must equal.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bitcoin::hashes::sha256;
+use bitcoin::{BlockHash, Network};
+use devnet::{Node, NodeHandle, Topic as NodeTopic};
+use indexer::daemon::zmq::{Topic, ZmqEndpoints};
+use indexer::daemon::{Auth, Daemon, DaemonError, RpcClient};
+use indexer::follow::{FollowError, FollowOptions, Follower};
+use indexer::grpc::SharedMempool;
+use indexer::store::{Reader, Store};
+use indexer::wallets;
+use serde_json::{json, Value};
+
+use crate::harness::{open_with_wallets, rescan, TestWallet};
+
+/// A devnet node in its own temp dir.
+pub struct Devnet {
+    /// The running node.
+    pub node: NodeHandle,
+    /// A client with the node's cookie.
+    pub rpc: RpcClient,
+    /// Its data dir (removed on drop).
+    pub dir: tempfile::TempDir,
+}
+
+impl Devnet {
+    /// Starts a node; `f` adjusts its config (fillers, XOR, ZMQ...).
+    pub fn start(f: impl FnOnce(&mut devnet::Config)) -> Devnet {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = devnet::Config::new(dir.path());
+        f(&mut config);
+        let node = Node::start(config).unwrap();
+        let rpc = RpcClient::new(
+            &node.rpc_url(),
+            Auth::Cookie(node.cookie_file().unwrap()),
+            Duration::from_secs(120),
+        );
+        Devnet { node, rpc, dir }
+    }
+
+    /// Calls `method`, panicking on an error.
+    pub fn call(&self, method: &str, params: Value) -> Value {
+        self.rpc
+            .call(method, params)
+            .unwrap_or_else(|e| panic!("{method}: {e}"))
+    }
+
+    /// Calls `method`.
+    pub fn try_call(&self, method: &str, params: Value) -> Result<Value, DaemonError> {
+        self.rpc.call(method, params)
+    }
+
+    /// A fresh address of the node's wallet (`bech32`, `bech32m`, `legacy`, `p2sh-segwit`).
+    pub fn new_address(&self, kind: &str) -> String {
+        self.call("getnewaddress", json!(["", kind]))
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Mines `n` blocks paying `address`.
+    pub fn mine_to(&self, n: u32, address: &str) -> Vec<BlockHash> {
+        let hashes = self.call("generatetoaddress", json!([n, address]));
+        hashes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| BlockHash::from_str(h.as_str().unwrap()).unwrap())
+            .collect()
+    }
+
+    /// The node's tip.
+    pub fn best(&self) -> (u32, BlockHash) {
+        let info = self.call("getblockchaininfo", json!([]));
+        (
+            info["blocks"].as_u64().unwrap() as u32,
+            BlockHash::from_str(info["bestblockhash"].as_str().unwrap()).unwrap(),
+        )
+    }
+
+    /// Hash of the active chain's block at `height`.
+    pub fn hash_at(&self, height: u32) -> BlockHash {
+        BlockHash::from_str(self.call("getblockhash", json!([height])).as_str().unwrap()).unwrap()
+    }
+
+    /// The node's `blocks` directory.
+    pub fn blocks_dir(&self) -> PathBuf {
+        self.node.blocks_dir()
+    }
+
+    /// Every ZMQ topic the follower uses, where the node publishes it.
+    pub fn zmq(&self) -> ZmqEndpoints {
+        let mut e = ZmqEndpoints::default();
+        for (ours, theirs) in [
+            (Topic::RawBlock, NodeTopic::RawBlock),
+            (Topic::HashBlock, NodeTopic::HashBlock),
+            (Topic::Sequence, NodeTopic::Sequence),
+            (Topic::RawTx, NodeTopic::RawTx),
+        ] {
+            if let Some(endpoint) = self.node.zmq_endpoint(theirs) {
+                e.topics.push((ours, endpoint));
+            }
+        }
+        e
+    }
+
+    /// A client of the node for a follower (REST for blocks when `rest`).
+    pub fn daemon(&self, rest: bool) -> Daemon {
+        Daemon::new(
+            &self.node.rpc_url(),
+            Auth::Cookie(self.node.cookie_file().unwrap()),
+            rest,
+            Duration::from_secs(120),
+        )
+    }
+}
+
+/// An indexer following a node in a thread, as `indexer run` does.
+pub struct Following {
+    /// Its database.
+    pub store: Arc<Store>,
+    /// Its mempool tracker.
+    pub mempool: SharedMempool,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<(), FollowError>>>,
+}
+
+impl Following {
+    /// Starts following `daemon` into a new database at `db` watching `wallets`; with
+    /// `zmq`, live from those endpoints, else by polling.
+    pub fn start(
+        daemon: Daemon,
+        zmq: Option<&ZmqEndpoints>,
+        db: &Path,
+        wallets: &[TestWallet],
+        opts: FollowOptions,
+    ) -> Following {
+        let store = Arc::new(open_with_wallets(db, Network::Regtest, wallets));
+        Self::resume(daemon, zmq, store, opts)
+    }
+
+    /// Starts following into an existing database.
+    pub fn resume(
+        daemon: Daemon,
+        zmq: Option<&ZmqEndpoints>,
+        store: Arc<Store>,
+        opts: FollowOptions,
+    ) -> Following {
+        let scripts = wallets::load_filter(&store, 100_000, 1e-4).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let notices = zmq.map(|endpoints| {
+            let (tx, rx) = crossbeam_channel::bounded(10_000);
+            indexer::daemon::zmq::spawn(endpoints, tx, stop.clone()).unwrap();
+            rx
+        });
+        let follower = Follower::new(
+            store.clone(),
+            Arc::new(daemon),
+            Arc::new(scripts),
+            Network::Regtest,
+            opts,
+            stop.clone(),
+            notices,
+        );
+        let mempool = follower.mempool();
+        let thread = std::thread::Builder::new()
+            .name("follower".into())
+            .spawn(move || follower.run())
+            .unwrap();
+        Following {
+            store,
+            mempool,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits until the index's tip is `hash`; false on timeout.
+    pub fn wait_for(&self, hash: BlockHash, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if self.store.tip().unwrap().is_some_and(|(_, h)| h == hash) {
+                return true;
+            }
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    /// Stops the follower and returns how it ended.
+    pub fn stop(mut self) -> Result<(), FollowError> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The state digest of a fresh index of `blocks_dir` (bitcoind's files) for `wallets`.
+pub fn fresh_digest(blocks_dir: &Path, wallets: &[TestWallet]) -> sha256::Hash {
+    let db = tempfile::tempdir().unwrap();
+    let store = open_with_wallets(db.path(), Network::Regtest, wallets);
+    rescan(&store, Network::Regtest, blocks_dir, None, None, None).unwrap();
+    store.digest().unwrap()
+}

@@ -1,0 +1,208 @@
+//! Following a live node: the devnet (bitcoind's RPC, REST and ZMQ, on 127.0.0.1 ephemeral
+//! ports) mines, reorganises and loses notifications; the follower must end on exactly the
+//! state a fresh index of the node's own block files gives.
+//!
+//! Scenarios:
+//! 1. 1,000 blocks with transactions (fillers of every script type, payments and coinbases
+//!    to watched addresses), caught up over REST and then followed live over ZMQ, with
+//!    XOR-obfuscated block files: digest == `rescan --blocks-dir` of the node's files.
+//! 2. random reorgs (depth 1..20; `FOLLOW_REORGS`, default 200), some while the follower is
+//!    still catching up, with ZMQ messages randomly dropped, reordered or garbled: after
+//!    each, the follower reaches the node's tip; every 25 and at the end, digest == fresh.
+//! 3. without ZMQ (polling), and over RPC hex instead of REST: same digest.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bitcoin::{Address, ScriptBuf};
+use indexer::follow::FollowOptions;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use system_tests::harness::TestWallet;
+use system_tests::live::{fresh_digest, Devnet, Following};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn script(address: &str) -> ScriptBuf {
+    Address::from_str(address)
+        .unwrap()
+        .assume_checked()
+        .script_pubkey()
+}
+
+/// Node addresses of every kind, split into two wallets sharing one address.
+fn watched(node: &Devnet) -> (Vec<String>, Vec<TestWallet>) {
+    let kinds = ["bech32", "bech32m", "legacy", "p2sh-segwit"];
+    let addresses: Vec<String> = (0..8).map(|i| node.new_address(kinds[i % 4])).collect();
+    let mut a = BTreeSet::new();
+    let mut b = BTreeSet::new();
+    for (i, addr) in addresses.iter().enumerate() {
+        if i % 2 == 0 || i == 1 {
+            a.insert(script(addr));
+        }
+        if i % 2 == 1 {
+            b.insert(script(addr));
+        }
+    }
+    let wallets = vec![
+        TestWallet {
+            name: "hot".into(),
+            scripts: a,
+        },
+        TestWallet {
+            name: "cold".into(),
+            scripts: b,
+        },
+    ];
+    (addresses, wallets)
+}
+
+/// Mines `n` blocks to rotating watched addresses, paying some of them from the node's
+/// wallet on the way.
+fn activity(node: &Devnet, addresses: &[String], rng: &mut impl Rng, n: u32) {
+    let mut left = n;
+    while left > 0 {
+        let step = rng.gen_range(1..=5).min(left);
+        if rng.gen_bool(0.5) {
+            let to = &addresses[rng.gen_range(0..addresses.len())];
+            let btc = rng.gen_range(1..200) as f64 / 100.0;
+            // May fail while the node's wallet has no mature coins yet.
+            let _ = node.try_call("sendtoaddress", json!([to, btc]));
+        }
+        node.mine_to(step, &addresses[rng.gen_range(0..addresses.len())]);
+        left -= step;
+    }
+}
+
+#[test]
+fn follows_a_thousand_blocks_to_the_digest_of_the_nodes_own_block_files() {
+    let node = Devnet::start(|c| {
+        c.xor_blocks = true;
+        c.filler_txs = 8;
+    });
+    let (addresses, wallets) = watched(&node);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    // A backlog to catch up on (coinbases to watched addresses fund the fillers).
+    activity(&node, &addresses, &mut rng, 300);
+    let db = tempfile::tempdir().unwrap();
+    let f = Following::start(
+        node.daemon(true),
+        Some(&node.zmq()),
+        db.path(),
+        &wallets,
+        FollowOptions::default(),
+    );
+    assert!(f.wait_for(node.best().1, WAIT), "caught up");
+    // Then live, a few blocks at a time.
+    activity(&node, &addresses, &mut rng, 700);
+    let (height, tip) = node.best();
+    assert_eq!(height, 1000);
+    assert!(f.wait_for(tip, WAIT), "followed to the tip");
+    let utxos = f.store.utxos().unwrap().len();
+    assert!(utxos > 100, "watched activity: {utxos} utxos");
+    assert_eq!(
+        f.store.digest().unwrap(),
+        fresh_digest(&node.blocks_dir(), &wallets)
+    );
+    f.stop().unwrap();
+}
+
+#[test]
+fn random_reorgs_and_lost_notifications_end_on_the_fresh_index() {
+    let reorgs: u32 = std::env::var("FOLLOW_REORGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let node = Devnet::start(|c| c.filler_txs = 3);
+    let (addresses, wallets) = watched(&node);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    activity(&node, &addresses, &mut rng, 150);
+    let db = tempfile::tempdir().unwrap();
+    let f = Following::start(
+        node.daemon(true),
+        Some(&node.zmq()),
+        db.path(),
+        &wallets,
+        FollowOptions {
+            // Lost messages with no later ones are found by the silence check.
+            zmq_silence: Duration::from_millis(500),
+            ..FollowOptions::default()
+        },
+    );
+    for i in 0..reorgs {
+        let (height, _) = node.best();
+        let depth = rng.gen_range(1..=20).min(height - 1);
+        let fork_child = node.hash_at(height - depth + 1);
+        match rng.gen_range(0..4) {
+            0 => node.call(
+                "devnet_zmqfaults",
+                json!([{"drop_next": rng.gen_range(1..4)}]),
+            ),
+            1 => node.call("devnet_zmqfaults", json!([{"reorder_next": 2}])),
+            2 => node.call("devnet_zmqfaults", json!([{"garbage_next": 1}])),
+            _ => json!(null),
+        };
+        node.call("invalidateblock", json!([fork_child.to_string()]));
+        let longer = depth + rng.gen_range(1..=3);
+        activity(&node, &addresses, &mut rng, longer);
+        // The first ones land while the follower is still catching up.
+        if i >= 3 {
+            let (h, tip) = node.best();
+            assert!(f.wait_for(tip, WAIT), "reorg {i}: reached tip {h} {tip}");
+        }
+        if i % 25 == 24 {
+            let (_, tip) = node.best();
+            assert!(f.wait_for(tip, WAIT));
+            assert_eq!(
+                f.store.digest().unwrap(),
+                fresh_digest(&node.blocks_dir(), &wallets),
+                "after reorg {i}"
+            );
+        }
+    }
+    let (_, tip) = node.best();
+    assert!(f.wait_for(tip, WAIT));
+    assert_eq!(
+        f.store.digest().unwrap(),
+        fresh_digest(&node.blocks_dir(), &wallets)
+    );
+    f.stop().unwrap();
+}
+
+#[test]
+fn polling_over_rpc_hex_reaches_the_same_state() {
+    let node = Devnet::start(|c| c.filler_txs = 5);
+    let (addresses, wallets) = watched(&node);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    activity(&node, &addresses, &mut rng, 150);
+    let db = tempfile::tempdir().unwrap();
+    let f = Following::start(
+        node.daemon(false),
+        None,
+        db.path(),
+        &wallets,
+        FollowOptions {
+            poll_interval: Duration::from_millis(50),
+            ..FollowOptions::default()
+        },
+    );
+    for _ in 0..5 {
+        activity(&node, &addresses, &mut rng, 10);
+        let (height, _) = node.best();
+        let depth = rng.gen_range(1..=5);
+        node.call(
+            "invalidateblock",
+            json!([node.hash_at(height - depth + 1).to_string()]),
+        );
+        activity(&node, &addresses, &mut rng, depth + 1);
+        assert!(f.wait_for(node.best().1, WAIT));
+    }
+    assert_eq!(
+        f.store.digest().unwrap(),
+        fresh_digest(&node.blocks_dir(), &wallets)
+    );
+    f.stop().unwrap();
+}
