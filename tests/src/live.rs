@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bitcoin::hashes::sha256;
-use bitcoin::{BlockHash, Network};
+use bitcoin::{Address, BlockHash, Network};
 use devnet::{Node, NodeHandle, Topic as NodeTopic};
 use indexer::daemon::zmq::{Topic, ZmqEndpoints};
 use indexer::daemon::{Auth, Daemon, DaemonError, RpcClient};
@@ -221,4 +221,87 @@ pub fn fresh_digest(blocks_dir: &Path, wallets: &[TestWallet]) -> sha256::Hash {
     let store = open_with_wallets(db.path(), Network::Regtest, wallets);
     rescan(&store, Network::Regtest, blocks_dir, None, None, None).unwrap();
     store.digest().unwrap()
+}
+
+/// A P2WPKH key the test holds, to build and sign its own transactions (RBF scenarios).
+pub struct TestKey {
+    secret: bitcoin::secp256k1::SecretKey,
+}
+
+impl Default for TestKey {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestKey {
+    /// A random key.
+    pub fn new() -> TestKey {
+        TestKey {
+            secret: bitcoin::secp256k1::SecretKey::new(&mut rand::thread_rng()),
+        }
+    }
+
+    fn public(&self) -> bitcoin::CompressedPublicKey {
+        let secp = bitcoin::secp256k1::Secp256k1::signing_only();
+        bitcoin::CompressedPublicKey(self.secret.public_key(&secp))
+    }
+
+    /// Its regtest address.
+    pub fn address(&self) -> Address {
+        Address::p2wpkh(&self.public(), bitcoin::KnownHrp::Regtest)
+    }
+
+    /// A transaction spending `coin` (worth `value`) to `to`, paying `fee`, signalling RBF.
+    pub fn spend(
+        &self,
+        coin: bitcoin::OutPoint,
+        value: bitcoin::Amount,
+        to: &bitcoin::Script,
+        fee: bitcoin::Amount,
+    ) -> bitcoin::Transaction {
+        use bitcoin::hashes::Hash;
+        let mut tx = bitcoin::Transaction {
+            version: bitcoin::transaction::Version::TWO,
+            lock_time: bitcoin::absolute::LockTime::ZERO,
+            input: vec![bitcoin::TxIn {
+                previous_output: coin,
+                sequence: bitcoin::Sequence::ENABLE_RBF_NO_LOCKTIME,
+                ..Default::default()
+            }],
+            output: vec![bitcoin::TxOut {
+                value: value - fee,
+                script_pubkey: to.to_owned(),
+            }],
+        };
+        let secp = bitcoin::secp256k1::Secp256k1::signing_only();
+        let own = self.address().script_pubkey();
+        let sighash = bitcoin::sighash::SighashCache::new(&tx)
+            .p2wpkh_signature_hash(0, &own, value, bitcoin::EcdsaSighashType::All)
+            .unwrap();
+        let msg = bitcoin::secp256k1::Message::from_digest(sighash.to_byte_array());
+        let signature = bitcoin::ecdsa::Signature::sighash_all(secp.sign_ecdsa(&msg, &self.secret));
+        tx.input[0].witness = bitcoin::Witness::p2wpkh(&signature, &self.public().0);
+        tx
+    }
+}
+
+/// Pays `key` `btc` from the node's wallet and mines it; returns the coin and its value.
+pub fn fund(node: &Devnet, key: &TestKey, btc: f64) -> (bitcoin::OutPoint, bitcoin::Amount) {
+    let txid = node.call("sendtoaddress", json!([key.address().to_string(), btc]));
+    let txid = bitcoin::Txid::from_str(txid.as_str().unwrap()).unwrap();
+    node.mine_to(1, &node.new_address("bech32"));
+    let hex = node.call("getrawtransaction", json!([txid.to_string()]));
+    let tx: bitcoin::Transaction =
+        bitcoin::consensus::encode::deserialize_hex(hex.as_str().unwrap()).unwrap();
+    let own = key.address().script_pubkey();
+    let vout = tx
+        .output
+        .iter()
+        .position(|o| o.script_pubkey == own)
+        .unwrap();
+    (
+        bitcoin::OutPoint::new(txid, vout as u32),
+        tx.output[vout].value,
+    )
 }
