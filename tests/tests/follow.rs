@@ -206,3 +206,117 @@ fn polling_over_rpc_hex_reaches_the_same_state() {
     );
     f.stop().unwrap();
 }
+
+/// A free port on 127.0.0.1 (bound, then released for the node to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The devnet binary as a separate process that can be killed, restarted on its ports.
+struct NodeProcess {
+    child: std::process::Child,
+}
+
+impl NodeProcess {
+    fn spawn(datadir: &std::path::Path, rpc: u16, zmq: u16) -> NodeProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(devnet::binary_path())
+            .args(["--datadir", datadir.to_str().unwrap()])
+            .args(["--rpc-bind", &format!("127.0.0.1:{rpc}")])
+            .args(["--zmq", &format!("127.0.0.1:{zmq}")])
+            .args(["--fillers", "3", "--warmup-secs", "1"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("devnet ready"), "devnet said {line:?}");
+        NodeProcess { child }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_killed_and_restarted_node_with_a_new_cookie_is_followed_without_loss() {
+    use indexer::daemon::zmq::{Topic, ZmqEndpoints};
+    use indexer::daemon::{Auth, Daemon, RpcClient};
+    let dir = tempfile::tempdir().unwrap();
+    let (rpc_port, zmq_port) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{rpc_port}/");
+    let cookie = dir.path().join("regtest/.cookie");
+    let zmq = format!("tcp://127.0.0.1:{zmq_port}");
+    let endpoints = ZmqEndpoints {
+        topics: [Topic::RawBlock, Topic::Sequence, Topic::RawTx]
+            .into_iter()
+            .map(|t| (t, zmq.clone()))
+            .collect(),
+    };
+    let client = || RpcClient::new(&url, Auth::Cookie(cookie.clone()), Duration::from_secs(60));
+    let call = |method: &str, params: serde_json::Value| {
+        // The node answers -28 while warming up, like bitcoind loading its index.
+        for _ in 0..200 {
+            match client().call::<serde_json::Value>(method, params.clone()) {
+                Ok(v) => return v,
+                Err(e) if e.is_transient() => std::thread::sleep(Duration::from_millis(25)),
+                Err(e) => panic!("{method}: {e}"),
+            }
+        }
+        panic!("{method}: the node stayed unavailable");
+    };
+    let best = || {
+        let info = call("getblockchaininfo", json!([]));
+        bitcoin::BlockHash::from_str(info["bestblockhash"].as_str().unwrap()).unwrap()
+    };
+
+    let node = NodeProcess::spawn(dir.path(), rpc_port, zmq_port);
+    let address = call("getnewaddress", json!([])).as_str().unwrap().to_owned();
+    let wallets = vec![TestWallet {
+        name: "hot".into(),
+        scripts: BTreeSet::from([script(&address)]),
+    }];
+    call("generatetoaddress", json!([120, address]));
+    let db = tempfile::tempdir().unwrap();
+    let f = Following::start(
+        Daemon::new(&url, Auth::Cookie(cookie.clone()), true, Duration::from_secs(10)),
+        Some(&endpoints),
+        db.path(),
+        &wallets,
+        FollowOptions {
+            max_backoff: Duration::from_millis(500),
+            zmq_silence: Duration::from_secs(1),
+            ..FollowOptions::default()
+        },
+    );
+    assert!(f.wait_for(best(), WAIT));
+    let first_cookie = std::fs::read_to_string(&cookie).unwrap();
+
+    // kill -9: the follower keeps retrying; the restarted node has a new cookie, warms up,
+    // and its ZMQ sequence numbers start again at 0.
+    drop(node);
+    std::thread::sleep(Duration::from_millis(1500));
+    let _node = NodeProcess::spawn(dir.path(), rpc_port, zmq_port);
+    assert_ne!(std::fs::read_to_string(&cookie).unwrap(), first_cookie);
+    call("generatetoaddress", json!([10, address]));
+    let height = call("getblockcount", json!([])).as_u64().unwrap();
+    let fork = call("getblockhash", json!([height - 4]));
+    call("invalidateblock", json!([fork]));
+    call("generatetoaddress", json!([8, address]));
+    assert!(f.wait_for(best(), WAIT), "followed the restarted node");
+    assert_eq!(
+        f.store.digest().unwrap(),
+        fresh_digest(&dir.path().join("regtest/blocks"), &wallets)
+    );
+    f.stop().unwrap();
+}

@@ -142,10 +142,19 @@ impl BlockStore {
         }
         if let Some((_, last)) = files.last() {
             // Drop a partial record left by a kill mid-write, so appends stay parseable.
-            let file = OpenOptions::new().write(true).open(last).map_err(io_err(last))?;
+            let file = OpenOptions::new()
+                .write(true)
+                .open(last)
+                .map_err(io_err(last))?;
             file.set_len(offset).map_err(io_err(last))?;
         }
-        let store = BlockStore { dir: dir.into(), key, file_num, offset, max_file_size };
+        let store = BlockStore {
+            dir: dir.into(),
+            key,
+            file_num,
+            offset,
+            max_file_size,
+        };
         Ok((store, blocks))
     }
 
@@ -182,4 +191,3 @@ impl BlockStore {
             .sum()
     }
 }
-

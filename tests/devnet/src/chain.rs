@@ -256,7 +256,9 @@ impl Chain {
             }
             for hash in path.into_iter().rev() {
                 match self.connect(hash) {
-                    Ok(()) => events.push(TipEvent::Connected(self.index[&hash].block.clone(), hash)),
+                    Ok(()) => {
+                        events.push(TipEvent::Connected(self.index[&hash].block.clone(), hash))
+                    }
                     Err(reason) => {
                         tracing::warn!(%hash, %reason, "block failed to connect");
                         if let Some(e) = self.index.get_mut(&hash) {
@@ -350,8 +352,18 @@ impl Chain {
                 if out.script_pubkey.is_op_return() || out.script_pubkey.len() > 10_000 {
                     continue;
                 }
-                let coin = Coin { txout: out.clone(), height, coinbase: pos == 0 };
-                self.utxos.insert(OutPoint { txid, vout: vout as u32 }, coin);
+                let coin = Coin {
+                    txout: out.clone(),
+                    height,
+                    coinbase: pos == 0,
+                };
+                self.utxos.insert(
+                    OutPoint {
+                        txid,
+                        vout: vout as u32,
+                    },
+                    coin,
+                );
             }
             self.tx_index.insert(txid, (hash, pos));
         }

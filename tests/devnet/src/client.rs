@@ -62,9 +62,15 @@ impl RpcClient {
     /// A client with user/password credentials (or none, for REST).
     pub fn new(url: &str, credentials: Option<(&str, &str)>) -> RpcClient {
         let auth = credentials.map(|(u, p)| {
-            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")))
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
         });
-        RpcClient { host: host_of(url), auth }
+        RpcClient {
+            host: host_of(url),
+            auth,
+        }
     }
 
     /// A client reading its credentials from a cookie file.
@@ -136,10 +142,15 @@ fn parse_reply(raw: &[u8]) -> Result<HttpReply, ClientError> {
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| ClientError::BadReply(format!("no status in {head:?}")))?;
     let body = &raw[split + 4..];
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked"));
-    let body = if chunked { dechunk(body)? } else { body.to_vec() };
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
     Ok(HttpReply { status, body })
 }
 

@@ -83,11 +83,17 @@ async fn rpc(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
     }
     let worker = shared.clone();
     // Mining and validation hold the state lock for a while: keep them off the reactor.
-    let (status, reply) =
-        match tokio::task::spawn_blocking(move || crate::rpc::handle_body(&worker, &body)).await {
-            Ok(r) => r,
-            Err(_) => (500, json!({"result": null, "error": {"code": -1, "message": "internal error"}, "id": null})),
-        };
+    let (status, reply) = match tokio::task::spawn_blocking(move || {
+        crate::rpc::handle_body(&worker, &body)
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => (
+            500,
+            json!({"result": null, "error": {"code": -1, "message": "internal error"}, "id": null}),
+        ),
+    };
     let mut text = reply.to_string();
     text.push('\n');
     (
@@ -96,6 +102,21 @@ async fn rpc(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes)
         text,
     )
         .into_response()
+}
+
+/// A REST failure: status and plain-text body, as Core answers them.
+struct RestError {
+    status: StatusCode,
+    body: String,
+}
+
+impl RestError {
+    fn new(status: StatusCode, body: impl Into<String>) -> RestError {
+        RestError {
+            status,
+            body: body.into(),
+        }
+    }
 }
 
 enum Format {
@@ -110,9 +131,19 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response {
 
 fn reply(format: &Format, bin: Vec<u8>, hex_text: Option<String>, json_value: Value) -> Response {
     match format {
-        Format::Bin => (StatusCode::OK, [(header::CONTENT_TYPE, "application/octet-stream")], bin)
+        Format::Bin => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            bin,
+        )
             .into_response(),
-        Format::Hex => text(StatusCode::OK, format!("{}\n", hex_text.unwrap_or_else(|| bin.to_lower_hex_string()))),
+        Format::Hex => text(
+            StatusCode::OK,
+            format!(
+                "{}\n",
+                hex_text.unwrap_or_else(|| bin.to_lower_hex_string())
+            ),
+        ),
         Format::Json => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/json")],
@@ -128,7 +159,10 @@ async fn rest(
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     if shared.warming_up() {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "Service temporarily unavailable: Loading block index…\r\n");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Service temporarily unavailable: Loading block index…\r\n",
+        );
     }
     let worker = shared.clone();
     tokio::task::spawn_blocking(move || rest_sync(&worker, &path, &query))
@@ -136,20 +170,28 @@ async fn rest(
         .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
 }
 
-fn parse_hash<T: std::str::FromStr>(s: &str) -> Result<T, Response> {
+fn parse_hash<T: std::str::FromStr>(s: &str) -> Result<T, RestError> {
     s.parse::<T>()
-        .map_err(|_| text(StatusCode::BAD_REQUEST, format!("Invalid hash: {s}\r\n")))
+        .map_err(|_| RestError::new(StatusCode::BAD_REQUEST, format!("Invalid hash: {s}\r\n")))
 }
 
 fn rest_sync(shared: &Shared, path: &str, query: &HashMap<String, String>) -> Response {
     let Some((resource, ext)) = path.rsplit_once('.') else {
-        return text(StatusCode::NOT_FOUND, "output format not found (available: json, bin, hex)\r\n");
+        return text(
+            StatusCode::NOT_FOUND,
+            "output format not found (available: json, bin, hex)\r\n",
+        );
     };
     let format = match ext {
         "bin" => Format::Bin,
         "hex" => Format::Hex,
         "json" => Format::Json,
-        _ => return text(StatusCode::NOT_FOUND, "output format not found (available: json, bin, hex)\r\n"),
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "output format not found (available: json, bin, hex)\r\n",
+            )
+        }
     };
     let parts: Vec<&str> = resource.split('/').collect();
     let result = match parts.as_slice() {
@@ -162,27 +204,45 @@ fn rest_sync(shared: &Shared, path: &str, query: &HashMap<String, String>) -> Re
             headers(shared, count, hash, &format)
         }
         ["chaininfo"] => match format {
-            Format::Json => Ok(reply(&format, Vec::new(), None, crate::rpc::chain_info(shared))),
-            _ => Err(text(StatusCode::NOT_FOUND, "output format not found (available: json)\r\n")),
+            Format::Json => Ok(reply(
+                &format,
+                Vec::new(),
+                None,
+                crate::rpc::chain_info(shared),
+            )),
+            _ => Err(RestError::new(
+                StatusCode::NOT_FOUND,
+                "output format not found (available: json)\r\n",
+            )),
         },
         ["tx", txid] => tx(shared, txid, &format),
         ["mempool", "contents"] => {
             let state = shared.state();
-            let ids: Vec<Value> = state.mempool.sorted().iter().map(|e| json!(e.txid.to_string())).collect();
+            let ids: Vec<Value> = state
+                .mempool
+                .sorted()
+                .iter()
+                .map(|e| json!(e.txid.to_string()))
+                .collect();
             Ok(reply(&Format::Json, Vec::new(), None, Value::Array(ids)))
         }
-        _ => Err(text(StatusCode::NOT_FOUND, "")),
+        _ => Err(RestError::new(StatusCode::NOT_FOUND, "")),
     };
-    result.unwrap_or_else(|r| r)
+    result.unwrap_or_else(|e| text(e.status, e.body))
 }
 
-fn block(shared: &Shared, hash: &str, format: &Format, verbosity: u64) -> Result<Response, Response> {
+fn block(
+    shared: &Shared,
+    hash: &str,
+    format: &Format,
+    verbosity: u64,
+) -> Result<Response, RestError> {
     let hash: BlockHash = parse_hash(hash)?;
     let state = shared.state();
     let entry = state
         .chain
         .entry(&hash)
-        .ok_or_else(|| text(StatusCode::NOT_FOUND, format!("{hash} not found\r\n")))?;
+        .ok_or_else(|| RestError::new(StatusCode::NOT_FOUND, format!("{hash} not found\r\n")))?;
     let json_value = match format {
         Format::Json => block_json(&state.chain, entry, verbosity),
         _ => Value::Null,
@@ -190,15 +250,22 @@ fn block(shared: &Shared, hash: &str, format: &Format, verbosity: u64) -> Result
     Ok(reply(format, serialize(&*entry.block), None, json_value))
 }
 
-fn block_hash_by_height(shared: &Shared, height: &str, format: &Format) -> Result<Response, Response> {
-    let h: u32 = height
-        .parse()
-        .map_err(|_| text(StatusCode::BAD_REQUEST, format!("Invalid height: {height}\r\n")))?;
+fn block_hash_by_height(
+    shared: &Shared,
+    height: &str,
+    format: &Format,
+) -> Result<Response, RestError> {
+    let h: u32 = height.parse().map_err(|_| {
+        RestError::new(
+            StatusCode::BAD_REQUEST,
+            format!("Invalid height: {height}\r\n"),
+        )
+    })?;
     let state = shared.state();
     let entry = state
         .chain
         .at_height(h)
-        .ok_or_else(|| text(StatusCode::NOT_FOUND, "Block height out of range\r\n"))?;
+        .ok_or_else(|| RestError::new(StatusCode::NOT_FOUND, "Block height out of range\r\n"))?;
     Ok(reply(
         format,
         serialize(&entry.hash),
@@ -207,13 +274,18 @@ fn block_hash_by_height(shared: &Shared, height: &str, format: &Format) -> Resul
     ))
 }
 
-fn headers(shared: &Shared, count: &str, hash: &str, format: &Format) -> Result<Response, Response> {
+fn headers(
+    shared: &Shared,
+    count: &str,
+    hash: &str,
+    format: &Format,
+) -> Result<Response, RestError> {
     let count: usize = count
         .parse()
         .ok()
         .filter(|c| (1..=2000).contains(c))
         .ok_or_else(|| {
-            text(
+            RestError::new(
                 StatusCode::BAD_REQUEST,
                 format!("Header count is invalid or out of acceptable range (1-2000): {count}\r\n"),
             )
@@ -232,7 +304,10 @@ fn headers(shared: &Shared, count: &str, hash: &str, format: &Format) -> Result<
             h += 1;
         }
     }
-    let bin: Vec<u8> = entries.iter().flat_map(|e| serialize(&e.block.header)).collect();
+    let bin: Vec<u8> = entries
+        .iter()
+        .flat_map(|e| serialize(&e.block.header))
+        .collect();
     let json_value = match format {
         Format::Json => Value::Array(entries.iter().map(|e| header_json(chain, e)).collect()),
         _ => Value::Null,
@@ -240,7 +315,7 @@ fn headers(shared: &Shared, count: &str, hash: &str, format: &Format) -> Result<
     Ok(reply(format, bin, None, json_value))
 }
 
-fn tx(shared: &Shared, txid: &str, format: &Format) -> Result<Response, Response> {
+fn tx(shared: &Shared, txid: &str, format: &Format) -> Result<Response, RestError> {
     let txid: Txid = parse_hash(txid)?;
     let state = shared.state();
     let tx = if let Some(e) = state.mempool.get(&txid) {
@@ -251,6 +326,7 @@ fn tx(shared: &Shared, txid: &str, format: &Format) -> Result<Response, Response
             .tx_location(&txid)
             .and_then(|(h, pos)| state.chain.entry(&h).map(|e| e.block.txdata[pos].clone()))
     };
-    let tx = tx.ok_or_else(|| text(StatusCode::NOT_FOUND, format!("{txid} not found\r\n")))?;
+    let tx =
+        tx.ok_or_else(|| RestError::new(StatusCode::NOT_FOUND, format!("{txid} not found\r\n")))?;
     Ok(reply(format, serialize(&tx), None, tx_json(&tx)))
 }

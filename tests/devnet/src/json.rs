@@ -80,7 +80,13 @@ pub(crate) fn block_json(chain: &Chain, entry: &BlockEntry, verbosity: u64) -> V
     v["tx"] = if verbosity >= 2 {
         Value::Array(block.txdata.iter().map(tx_json).collect())
     } else {
-        Value::Array(block.txdata.iter().map(|t| json!(t.compute_txid().to_string())).collect())
+        Value::Array(
+            block
+                .txdata
+                .iter()
+                .map(|t| json!(t.compute_txid().to_string()))
+                .collect(),
+        )
     };
     v
 }

@@ -69,7 +69,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.filler_txs = args.fillers;
 
     let mut node = Node::start(config)?;
-    let zmq = node.zmq_endpoint(Topic::RawBlock).unwrap_or_else(|| "none".into());
+    let zmq = node
+        .zmq_endpoint(Topic::RawBlock)
+        .unwrap_or_else(|| "none".into());
     println!(
         "devnet ready rpc={} zmq={} datadir={}",
         node.rpc_url().trim_end_matches('/'),
@@ -79,7 +81,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     use std::io::Write;
     std::io::stdout().flush()?;
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut stop = node.stop_requested();
     runtime.block_on(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

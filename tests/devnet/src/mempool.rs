@@ -46,7 +46,12 @@ pub(crate) struct Mempool {
 impl Mempool {
     /// An empty mempool.
     pub(crate) fn new() -> Mempool {
-        Mempool { entries: HashMap::new(), spends: HashMap::new(), next_order: 0, sequence: 1 }
+        Mempool {
+            entries: HashMap::new(),
+            spends: HashMap::new(),
+            next_order: 0,
+            sequence: 1,
+        }
     }
 
     /// Returns the current mempool sequence number and advances it.

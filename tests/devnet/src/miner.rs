@@ -4,8 +4,8 @@ use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bitcoin::absolute::LockTime;
-use bitcoin::hashes::Hash;
 use bitcoin::block::{Header, Version};
+use bitcoin::hashes::Hash;
 use bitcoin::opcodes::all::OP_PUSHBYTES_0;
 use bitcoin::script::{Builder, PushBytesBuf};
 use bitcoin::transaction::Version as TxVersion;
@@ -47,8 +47,23 @@ pub(crate) fn build_block(
     let mut txs: Vec<Transaction> = Vec::new();
     let mut weight = 0u64;
     let mut fees = Amount::ZERO;
-    select_mempool(mempool, template.min_fee_rate, &mut txs, &mut weight, &mut fees);
-    add_fillers(chain, mempool, wallet, template.fillers, rng, &mut txs, &mut weight, &mut fees);
+    select_mempool(
+        mempool,
+        template.min_fee_rate,
+        &mut txs,
+        &mut weight,
+        &mut fees,
+    );
+    add_fillers(
+        chain,
+        mempool,
+        wallet,
+        template.fillers,
+        rng,
+        &mut txs,
+        &mut weight,
+        &mut fees,
+    );
 
     let coinbase = Transaction {
         version: TxVersion::TWO,
@@ -141,13 +156,17 @@ fn select_mempool(
             }
             let better = match &best {
                 None => true,
-                Some((bf, bv, _, _)) => u128::from(fee) * u128::from(*bv) > u128::from(*bf) * u128::from(vsize),
+                Some((bf, bv, _, _)) => {
+                    u128::from(fee) * u128::from(*bv) > u128::from(*bf) * u128::from(vsize)
+                }
             };
             if better {
                 best = Some((fee, vsize, w, package));
             }
         }
-        let Some((fee, vsize, w, mut package)) = best else { return };
+        let Some((fee, vsize, w, mut package)) = best else {
+            return;
+        };
         if fee < min_fee_rate.saturating_mul(vsize) {
             return; // the best package is below the threshold, so is every other
         }
@@ -218,7 +237,11 @@ fn add_fillers(
         let op_return = rng.gen_bool(0.15);
         let in_vsize: u64 = inputs
             .iter()
-            .map(|(_, o)| wallet.kind_of(&o.script_pubkey).map_or(68, |k| k.input_vsize()))
+            .map(|(_, o)| {
+                wallet
+                    .kind_of(&o.script_pubkey)
+                    .map_or(68, |k| k.input_vsize())
+            })
             .sum();
         let vsize = 11 + in_vsize + n_out * 43 + if op_return { 20 } else { 0 };
         let fee = vsize * rng.gen_range(1..=25);
@@ -240,16 +263,26 @@ fn add_fillers(
                 1_000 + spendable * w / sum_w
             };
             paid += value;
-            outputs.push(TxOut { value: Amount::from_sat(value), script_pubkey: wallet.filler_script(rng) });
+            outputs.push(TxOut {
+                value: Amount::from_sat(value),
+                script_pubkey: wallet.filler_script(rng),
+            });
         }
         if op_return {
             let mut data = b"devnet".to_vec();
             data.extend_from_slice(&rng.gen::<[u8; 8]>());
             if let Ok(push) = PushBytesBuf::try_from(data) {
-                outputs.push(TxOut { value: Amount::ZERO, script_pubkey: ScriptBuf::new_op_return(push) });
+                outputs.push(TxOut {
+                    value: Amount::ZERO,
+                    script_pubkey: ScriptBuf::new_op_return(push),
+                });
             }
         }
-        let sequences = [Sequence::MAX, Sequence::ENABLE_RBF_NO_LOCKTIME, Sequence::ENABLE_LOCKTIME_NO_RBF];
+        let sequences = [
+            Sequence::MAX,
+            Sequence::ENABLE_RBF_NO_LOCKTIME,
+            Sequence::ENABLE_LOCKTIME_NO_RBF,
+        ];
         let mut tx = Transaction {
             version: TxVersion::TWO,
             lock_time: LockTime::ZERO,
@@ -283,7 +316,13 @@ fn add_fillers(
         let txid = tx.compute_txid();
         for (vout, out) in tx.output.iter().enumerate() {
             if !out.script_pubkey.is_op_return() {
-                fresh.push((OutPoint { txid, vout: vout as u32 }, out.clone()));
+                fresh.push((
+                    OutPoint {
+                        txid,
+                        vout: vout as u32,
+                    },
+                    out.clone(),
+                ));
             }
         }
         txs.push(tx);

@@ -33,7 +33,10 @@ pub(crate) fn display_bytes(internal: [u8; 32]) -> [u8; 32] {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Everything the RPC methods read and change.
@@ -68,7 +71,10 @@ impl State {
         for block in stored {
             let hash = block.block_hash();
             if let Err(reason) = chain.add_block(block) {
-                return Err(Error::InvalidStoredBlock { hash: hash.to_string(), reason });
+                return Err(Error::InvalidStoredBlock {
+                    hash: hash.to_string(),
+                    reason,
+                });
             }
         }
         chain.activate_best();
@@ -90,7 +96,8 @@ impl State {
     fn notify_tx(&self, tx: &Transaction) {
         self.zmq.publish(Topic::RawTx, serialize(tx));
         let txid = tx.compute_txid().to_byte_array();
-        self.zmq.publish(Topic::HashTx, display_bytes(txid).to_vec());
+        self.zmq
+            .publish(Topic::HashTx, display_bytes(txid).to_vec());
     }
 
     fn notify_mempool(&mut self, txid: &Txid, label: u8) {
@@ -167,13 +174,21 @@ impl State {
                 fillers: self.fillers,
                 coinbase_script: script,
             };
-            let block =
-                build_block(&self.chain, &self.mempool, &self.wallet, &template, &mut self.rng);
+            let block = build_block(
+                &self.chain,
+                &self.mempool,
+                &self.wallet,
+                &template,
+                &mut self.rng,
+            );
             self.store.append(&block)?;
             let hash = block.block_hash();
             self.chain
                 .add_block(block)
-                .map_err(|reason| Error::InvalidStoredBlock { hash: hash.to_string(), reason })?;
+                .map_err(|reason| Error::InvalidStoredBlock {
+                    hash: hash.to_string(),
+                    reason,
+                })?;
             let events = self.chain.activate_best();
             self.apply_tip_events(events);
             hashes.push(hash);
@@ -209,7 +224,10 @@ impl State {
         // Like Core: the new tip only, and only when blocks were connected.
         if any_connected {
             let tip = self.chain.tip();
-            self.zmq.publish(Topic::HashBlock, display_bytes(tip.hash.to_byte_array()).to_vec());
+            self.zmq.publish(
+                Topic::HashBlock,
+                display_bytes(tip.hash.to_byte_array()).to_vec(),
+            );
             self.zmq.publish(Topic::RawBlock, serialize(&*tip.block));
         }
         // Disconnected blocks come newest first; their transactions return oldest first.
@@ -227,7 +245,11 @@ impl State {
         for e in &old {
             self.mempool.remove(&e.txid);
         }
-        let policy = Policy { bypass_fees: true, check_scripts: false, max_fee_rate: None };
+        let policy = Policy {
+            bypass_fees: true,
+            check_scripts: false,
+            max_fee_rate: None,
+        };
         let mut added = Vec::new();
         for tx in resurrect {
             if let Ok(checked) = check(&self.chain, &self.mempool, &tx, &policy) {
@@ -329,14 +351,21 @@ impl Node {
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
         );
 
-        let listener = std::net::TcpListener::bind(config.rpc_bind)
-            .map_err(|source| Error::Rpc { addr: config.rpc_bind.to_string(), source })?;
-        let rpc_addr = listener
-            .local_addr()
-            .map_err(|source| Error::Rpc { addr: config.rpc_bind.to_string(), source })?;
+        let listener =
+            std::net::TcpListener::bind(config.rpc_bind).map_err(|source| Error::Rpc {
+                addr: config.rpc_bind.to_string(),
+                source,
+            })?;
+        let rpc_addr = listener.local_addr().map_err(|source| Error::Rpc {
+            addr: config.rpc_bind.to_string(),
+            source,
+        })?;
         listener
             .set_nonblocking(true)
-            .map_err(|source| Error::Rpc { addr: rpc_addr.to_string(), source })?;
+            .map_err(|source| Error::Rpc {
+                addr: rpc_addr.to_string(),
+                source,
+            })?;
 
         let (shutdown, stop_rx) = tokio::sync::watch::channel(false);
         let shared = Arc::new(Shared {
@@ -414,7 +443,11 @@ impl NodeHandle {
 
     /// The endpoint publishing a topic, e.g. `tcp://127.0.0.1:41234`.
     pub fn zmq_endpoint(&self, topic: Topic) -> Option<String> {
-        self.shared.zmq_endpoints.iter().find(|(t, _)| *t == topic).map(|(_, e)| e.clone())
+        self.shared
+            .zmq_endpoints
+            .iter()
+            .find(|(t, _)| *t == topic)
+            .map(|(_, e)| e.clone())
     }
 
     /// The cookie file, when cookie auth is used.

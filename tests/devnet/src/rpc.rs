@@ -24,7 +24,10 @@ pub(crate) struct RpcError {
 
 impl RpcError {
     fn new(code: i32, message: impl Into<String>) -> RpcError {
-        RpcError { code, message: message.into() }
+        RpcError {
+            code,
+            message: message.into(),
+        }
     }
 
     fn invalid_param(message: impl Into<String>) -> RpcError {
@@ -48,8 +51,17 @@ pub(crate) fn handle_body(shared: &Shared, body: &[u8]) -> (u16, Value) {
             (200, Value::Array(replies))
         }
         Ok(request @ Value::Object(_)) => handle_one(shared, &request),
-        Ok(_) => (500, legacy_error(Value::Null, &RpcError::new(-32700, "Top-level object parse error"))),
-        Err(_) => (500, legacy_error(Value::Null, &RpcError::new(-32700, "Parse error"))),
+        Ok(_) => (
+            500,
+            legacy_error(
+                Value::Null,
+                &RpcError::new(-32700, "Top-level object parse error"),
+            ),
+        ),
+        Err(_) => (
+            500,
+            legacy_error(Value::Null, &RpcError::new(-32700, "Parse error")),
+        ),
     }
 }
 
@@ -91,7 +103,9 @@ fn parse_and_call(shared: &Shared, request: &Value) -> RpcResult {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(p)) => p.clone(),
         Some(Value::Object(_)) => {
-            return Err(RpcError::invalid_param("devnet supports positional parameters only"))
+            return Err(RpcError::invalid_param(
+                "devnet supports positional parameters only",
+            ))
         }
         Some(_) => return Err(RpcError::new(-32600, "Params must be an array or object")),
     };
@@ -118,10 +132,13 @@ fn type_error(v: &Value, expected: &str) -> RpcError {
         Value::Array(_) => "array",
         Value::Object(_) => "object",
     };
-    RpcError::new(-3, format!("JSON value of type {actual} is not of expected type {expected}"))
+    RpcError::new(
+        -3,
+        format!("JSON value of type {actual} is not of expected type {expected}"),
+    )
 }
 
-fn as_str<'a>(v: &'a Value) -> Result<&'a str, RpcError> {
+fn as_str(v: &Value) -> Result<&str, RpcError> {
     v.as_str().ok_or_else(|| type_error(v, "string"))
 }
 
@@ -152,7 +169,9 @@ fn verbosity(v: Option<&Value>, default: u64) -> Result<u64, RpcError> {
     match v {
         None => Ok(default),
         Some(Value::Bool(b)) => Ok(u64::from(*b)),
-        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| type_error(v.unwrap_or(&Value::Null), "number")),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| type_error(v.unwrap_or(&Value::Null), "number")),
         Some(other) => Err(type_error(other, "bool")),
     }
 }
@@ -168,7 +187,10 @@ fn parse_address(v: &Value) -> Result<Address, RpcError> {
 fn decode_tx(v: &Value) -> Result<Transaction, RpcError> {
     let hex = as_str(v)?;
     deserialize_hex::<Transaction>(hex).map_err(|_| {
-        RpcError::new(-22, "TX decode failed. Make sure the tx has at least one input.")
+        RpcError::new(
+            -22,
+            "TX decode failed. Make sure the tx has at least one input.",
+        )
     })
 }
 
@@ -200,7 +222,10 @@ fn call(shared: &Shared, method: &str, p: &[Value]) -> RpcResult {
             let hash: BlockHash = parse_hash(required(p, 0, "blockhash")?, "blockhash")?;
             let verbose = verbosity(opt(p, 1), 1)? > 0;
             let state = shared.state();
-            let entry = state.chain.entry(&hash).ok_or_else(|| RpcError::new(-5, "Block not found"))?;
+            let entry = state
+                .chain
+                .entry(&hash)
+                .ok_or_else(|| RpcError::new(-5, "Block not found"))?;
             Ok(if verbose {
                 header_json(&state.chain, entry)
             } else {
@@ -211,7 +236,10 @@ fn call(shared: &Shared, method: &str, p: &[Value]) -> RpcResult {
             let hash: BlockHash = parse_hash(required(p, 0, "blockhash")?, "blockhash")?;
             let level = verbosity(opt(p, 1), 1)?;
             let state = shared.state();
-            let entry = state.chain.entry(&hash).ok_or_else(|| RpcError::new(-5, "Block not found"))?;
+            let entry = state
+                .chain
+                .entry(&hash)
+                .ok_or_else(|| RpcError::new(-5, "Block not found"))?;
             Ok(if level == 0 {
                 json!(serialize_hex(&*entry.block))
             } else {
@@ -228,7 +256,11 @@ fn call(shared: &Shared, method: &str, p: &[Value]) -> RpcResult {
             if state.mempool.contains(&txid) {
                 return Ok(json!(txid.to_string()));
             }
-            let policy = Policy { bypass_fees: false, check_scripts: true, max_fee_rate: Some(max_fee_rate) };
+            let policy = Policy {
+                bypass_fees: false,
+                check_scripts: true,
+                max_fee_rate: Some(max_fee_rate),
+            };
             state.accept(tx, &policy, false)?;
             Ok(json!(txid.to_string()))
         }
@@ -274,14 +306,16 @@ fn call(shared: &Shared, method: &str, p: &[Value]) -> RpcResult {
         "estimatesmartfee" => {
             let target = as_u64(required(p, 0, "conf_target")?)?;
             if !(1..=1008).contains(&target) {
-                return Err(RpcError::invalid_param(format!(
-                    "Invalid conf_target, must be between 1 and 1008"
-                )));
+                return Err(RpcError::invalid_param(
+                    "Invalid conf_target, must be between 1 and 1008",
+                ));
             }
             let state = shared.state();
             Ok(match state.fee_estimate {
                 Some(rate) => json!({"feerate": btc(rate), "blocks": target.max(2)}),
-                None => json!({"errors": ["Insufficient data or no feerate found"], "blocks": target}),
+                None => {
+                    json!({"errors": ["Insufficient data or no feerate found"], "blocks": target})
+                }
             })
         }
         "generatetoaddress" => {
@@ -292,7 +326,9 @@ fn call(shared: &Shared, method: &str, p: &[Value]) -> RpcResult {
             let hashes = state
                 .mine(n as u32, &address.script_pubkey())
                 .map_err(|e| RpcError::new(-1, e.to_string()))?;
-            Ok(Value::Array(hashes.iter().map(|h| json!(h.to_string())).collect()))
+            Ok(Value::Array(
+                hashes.iter().map(|h| json!(h.to_string())).collect(),
+            ))
         }
         "invalidateblock" | "reconsiderblock" => {
             let hash: BlockHash = parse_hash(required(p, 0, "blockhash")?, "blockhash")?;
@@ -302,9 +338,8 @@ fn call(shared: &Shared, method: &str, p: &[Value]) -> RpcResult {
             } else {
                 state.chain.reconsider(&hash)
             };
-            let events = result.map_err(|m| {
-                RpcError::new(if m == "Block not found" { -5 } else { -8 }, m)
-            })?;
+            let events = result
+                .map_err(|m| RpcError::new(if m == "Block not found" { -5 } else { -8 }, m))?;
             state.apply_tip_events(events);
             Ok(Value::Null)
         }
@@ -313,12 +348,16 @@ fn call(shared: &Shared, method: &str, p: &[Value]) -> RpcResult {
                 None => AddrKind::Bech32,
                 Some(v) => {
                     let name = as_str(v)?;
-                    AddrKind::from_name(name)
-                        .ok_or_else(|| RpcError::new(-5, format!("Unknown address type '{name}'")))?
+                    AddrKind::from_name(name).ok_or_else(|| {
+                        RpcError::new(-5, format!("Unknown address type '{name}'"))
+                    })?
                 }
             };
             let mut state = shared.state();
-            let address = state.wallet.new_address(kind).map_err(|e| RpcError::new(-4, e.to_string()))?;
+            let address = state
+                .wallet
+                .new_address(kind)
+                .map_err(|e| RpcError::new(-4, e.to_string()))?;
             Ok(json!(address.to_string()))
         }
         "sendtoaddress" => {
@@ -338,7 +377,9 @@ fn call(shared: &Shared, method: &str, p: &[Value]) -> RpcResult {
             shared
                 .zmq_endpoints
                 .iter()
-                .map(|(t, e)| json!({"type": format!("pub{}", t.name()), "address": e, "hwm": 1000}))
+                .map(
+                    |(t, e)| json!({"type": format!("pub{}", t.name()), "address": e, "hwm": 1000}),
+                )
                 .collect(),
         )),
         "getnetworkinfo" => Ok(json!({
@@ -428,7 +469,11 @@ fn get_raw_transaction(shared: &Shared, p: &[Value]) -> RpcResult {
     let verbose = verbosity(opt(p, 1), 0)? > 0;
     let state = shared.state();
     if let Some(e) = state.mempool.get(&txid) {
-        return Ok(if verbose { tx_json(&e.tx) } else { json!(serialize_hex(&*e.tx)) });
+        return Ok(if verbose {
+            tx_json(&e.tx)
+        } else {
+            json!(serialize_hex(&*e.tx))
+        });
     }
     let (hash, pos) = state.chain.tx_location(&txid).ok_or_else(|| {
         RpcError::new(
@@ -436,7 +481,10 @@ fn get_raw_transaction(shared: &Shared, p: &[Value]) -> RpcResult {
             "No such mempool or blockchain transaction. Use gettransaction for wallet transactions.",
         )
     })?;
-    let entry = state.chain.entry(&hash).ok_or_else(|| RpcError::new(-5, "Block not found"))?;
+    let entry = state
+        .chain
+        .entry(&hash)
+        .ok_or_else(|| RpcError::new(-5, "Block not found"))?;
     let tx = &entry.block.txdata[pos];
     if !verbose {
         return Ok(json!(serialize_hex(tx)));
@@ -466,7 +514,11 @@ fn test_mempool_accept(shared: &Shared, p: &[Value]) -> RpcResult {
             results.push(item);
             continue;
         }
-        let policy = Policy { bypass_fees: false, check_scripts: true, max_fee_rate: Some(max_fee_rate) };
+        let policy = Policy {
+            bypass_fees: false,
+            check_scripts: true,
+            max_fee_rate: Some(max_fee_rate),
+        };
         match state.accept(tx, &policy, true) {
             Ok(c) => {
                 item["allowed"] = json!(true);
@@ -489,11 +541,15 @@ fn test_mempool_accept(shared: &Shared, p: &[Value]) -> RpcResult {
 
 fn mempool_entry_json(state: &crate::node::State, txid: &Txid) -> Value {
     let pool = &state.mempool;
-    let Some(e) = pool.get(txid) else { return Value::Null };
+    let Some(e) = pool.get(txid) else {
+        return Value::Null;
+    };
     let ancestors = pool.ancestors(txid);
     let descendants = pool.descendants(txid);
     let sum = |set: &std::collections::HashSet<Txid>| {
-        set.iter().filter_map(|t| pool.get(t)).fold((Amount::ZERO, 0u64), |(f, s), x| (f + x.fee, s + x.vsize))
+        set.iter()
+            .filter_map(|t| pool.get(t))
+            .fold((Amount::ZERO, 0u64), |(f, s), x| (f + x.fee, s + x.vsize))
     };
     let (anc_fee, anc_size) = sum(&ancestors);
     let (desc_fee, desc_size) = sum(&descendants);

@@ -44,11 +44,19 @@ impl State {
             .collect();
         coins.sort_by(|a, b| b.1.value.cmp(&a.1.value).then(a.0.cmp(&b.0)));
         for entry in self.mempool.sorted() {
-            if !entry.tx.input.iter().all(|i| self.spends_ours(&i.previous_output)) {
+            if !entry
+                .tx
+                .input
+                .iter()
+                .all(|i| self.spends_ours(&i.previous_output))
+            {
                 continue;
             }
             for (vout, out) in entry.tx.output.iter().enumerate() {
-                let op = OutPoint { txid: entry.txid, vout: vout as u32 };
+                let op = OutPoint {
+                    txid: entry.txid,
+                    vout: vout as u32,
+                };
                 if self.wallet.is_mine(&out.script_pubkey) && self.mempool.spender(&op).is_none() {
                     coins.push((op, out.clone()));
                 }
@@ -78,7 +86,10 @@ impl State {
         let mut total = Amount::ZERO;
         let mut vsize = 11 + 2 * 43;
         for coin in self.spendable_coins() {
-            let kind = self.wallet.kind_of(&coin.1.script_pubkey).unwrap_or(AddrKind::Bech32);
+            let kind = self
+                .wallet
+                .kind_of(&coin.1.script_pubkey)
+                .unwrap_or(AddrKind::Bech32);
             vsize += kind.input_vsize();
             total += coin.1.value;
             inputs.push(coin);
@@ -89,21 +100,33 @@ impl State {
         }
         let fee = Amount::from_sat(vsize * fee_rate);
         let (pay, needed) = if subtract_fee {
-            (amount.checked_sub(fee).ok_or((-6, "The transaction amount is too small to pay the fee".to_string()))?, amount)
+            (
+                amount.checked_sub(fee).ok_or((
+                    -6,
+                    "The transaction amount is too small to pay the fee".to_string(),
+                ))?,
+                amount,
+            )
         } else {
             (amount, amount + fee)
         };
         if total < needed {
             return Err((-6, "Insufficient funds".into()));
         }
-        let mut outputs = vec![TxOut { value: pay, script_pubkey: script.clone() }];
+        let mut outputs = vec![TxOut {
+            value: pay,
+            script_pubkey: script.clone(),
+        }];
         let change = total - needed;
         if change.to_sat() >= 1_000 {
             let change_addr = self
                 .wallet
                 .new_address(AddrKind::Bech32)
                 .map_err(|e| (-4, e.to_string()))?;
-            let change_out = TxOut { value: change, script_pubkey: change_addr.script_pubkey() };
+            let change_out = TxOut {
+                value: change,
+                script_pubkey: change_addr.script_pubkey(),
+            };
             // Core puts change at a random position so it cannot be spotted by index.
             if rand::random::<bool>() {
                 outputs.push(change_out);
@@ -127,7 +150,11 @@ impl State {
         };
         let prevouts: Vec<TxOut> = inputs.iter().map(|(_, o)| o.clone()).collect();
         self.wallet.sign(&mut tx, &prevouts).map_err(|e| (-4, e))?;
-        let policy = Policy { bypass_fees: false, check_scripts: true, max_fee_rate: None };
+        let policy = Policy {
+            bypass_fees: false,
+            check_scripts: true,
+            max_fee_rate: None,
+        };
         let checked = self
             .accept(tx, &policy, false)
             .map_err(|r| (-4, format!("Transaction rejected: {}", r.message)))?;

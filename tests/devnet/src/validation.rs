@@ -38,7 +38,11 @@ impl Reject {
             Some(d) => format!("{reason}, {d}"),
             None => reason.to_string(),
         };
-        Reject { code, reason: reason.to_string(), message }
+        Reject {
+            code,
+            reason: reason.to_string(),
+            message,
+        }
     }
 
     fn policy(reason: &str, detail: Option<String>) -> Reject {
@@ -136,7 +140,10 @@ pub(crate) fn check(
             if spend_height - h < COINBASE_MATURITY {
                 return Err(Reject::policy(
                     "bad-txns-premature-spend-of-coinbase",
-                    Some(format!("tried to spend coinbase at depth {}", spend_height - h)),
+                    Some(format!(
+                        "tried to spend coinbase at depth {}",
+                        spend_height - h
+                    )),
                 ));
             }
         }
@@ -184,7 +191,13 @@ pub(crate) fn check(
             });
         }
     }
-    Ok(Checked { txid, fee, vsize, weight, evict })
+    Ok(Checked {
+        txid,
+        fee,
+        vsize,
+        weight,
+        evict,
+    })
 }
 
 /// BIP125 rules as Core 28 applies them with full RBF: signalling is not required.
@@ -210,7 +223,11 @@ fn check_replacement(
             Some(format!("rejecting replacement {txid}; too many potential replacements ({} > {MAX_REPLACEMENT_CANDIDATES})", evict.len())),
         ));
     }
-    if tx.input.iter().any(|i| evict.contains(&i.previous_output.txid)) {
+    if tx
+        .input
+        .iter()
+        .any(|i| evict.contains(&i.previous_output.txid))
+    {
         return Err(Reject::policy(
             "bad-txns-spends-conflicting-tx",
             Some(format!("{txid} spends conflicting transaction")),
@@ -227,7 +244,9 @@ fn check_replacement(
         if mempool.contains(&parent) && !allowed_parents.contains(&parent) {
             return Err(Reject::policy(
                 "replacement-adds-unconfirmed",
-                Some(format!("replacement {txid} adds unconfirmed input, idx {i}")),
+                Some(format!(
+                    "replacement {txid} adds unconfirmed input, idx {i}"
+                )),
             ));
         }
     }
@@ -247,7 +266,11 @@ fn check_replacement(
             ));
         }
     }
-    let replaced_fees: Amount = evict.iter().filter_map(|t| mempool.get(t)).map(|e| e.fee).sum();
+    let replaced_fees: Amount = evict
+        .iter()
+        .filter_map(|t| mempool.get(t))
+        .map(|e| e.fee)
+        .sum();
     if fee < replaced_fees {
         return Err(Reject::policy(
             "insufficient fee",
@@ -296,7 +319,9 @@ pub(crate) fn verify_scripts(tx: &Transaction, spent: &[TxOut]) -> Result<(), Re
             return Err(Reject::policy(
                 "mandatory-script-verify-flag-failed",
                 Some(match e {
-                    bitcoinconsensus::Error::ERR_SCRIPT => format!("script evaluation failed on input {i}"),
+                    bitcoinconsensus::Error::ERR_SCRIPT => {
+                        format!("script evaluation failed on input {i}")
+                    }
                     other => format!("{other} on input {i}"),
                 }),
             )

@@ -11,8 +11,8 @@ use bitcoin::script::{Builder, PushBytesBuf};
 use bitcoin::secp256k1::{All, Message, Secp256k1, SecretKey};
 use bitcoin::sighash::{EcdsaSighashType, Prevouts, SighashCache, TapSighashType};
 use bitcoin::{
-    ecdsa, taproot, Address, CompressedPublicKey, KnownHrp, Network, ScriptBuf, Transaction,
-    TxOut, Witness,
+    ecdsa, taproot, Address, CompressedPublicKey, KnownHrp, Network, ScriptBuf, Transaction, TxOut,
+    Witness,
 };
 use rand::{Rng, RngCore};
 
@@ -36,8 +36,12 @@ pub(crate) enum AddrKind {
 
 impl AddrKind {
     /// Every kind.
-    pub(crate) const ALL: [AddrKind; 4] =
-        [AddrKind::Bech32, AddrKind::Bech32m, AddrKind::Legacy, AddrKind::P2shSegwit];
+    pub(crate) const ALL: [AddrKind; 4] = [
+        AddrKind::Bech32,
+        AddrKind::Bech32m,
+        AddrKind::Legacy,
+        AddrKind::P2shSegwit,
+    ];
 
     /// The kind for Core's `address_type` argument.
     pub(crate) fn from_name(name: &str) -> Option<AddrKind> {
@@ -84,7 +88,9 @@ impl Wallet {
             Ok(bytes) => {
                 let stored: Option<Stored> = serde_json::from_slice(&bytes).ok();
                 let parsed = stored.and_then(|s| {
-                    <[u8; 32]>::from_hex(&s.seed).ok().map(|seed| (seed, s.next))
+                    <[u8; 32]>::from_hex(&s.seed)
+                        .ok()
+                        .map(|seed| (seed, s.next))
                 });
                 match parsed {
                     Some(p) => p,
@@ -124,7 +130,10 @@ impl Wallet {
     }
 
     fn save(&self) -> Result<()> {
-        let stored = Stored { seed: self.seed.to_lower_hex_string(), next: self.next };
+        let stored = Stored {
+            seed: self.seed.to_lower_hex_string(),
+            next: self.next,
+        };
         let bytes = serde_json::to_vec(&stored).unwrap_or_default();
         fs::write(&self.path, bytes).map_err(io_err(&self.path))
     }
@@ -197,7 +206,11 @@ impl Wallet {
 
     /// Signs every input whose spent output is ours. `prevouts` are all spent outputs, in
     /// input order (taproot signs all of them).
-    pub(crate) fn sign(&self, tx: &mut Transaction, prevouts: &[TxOut]) -> std::result::Result<(), String> {
+    pub(crate) fn sign(
+        &self,
+        tx: &mut Transaction,
+        prevouts: &[TxOut],
+    ) -> std::result::Result<(), String> {
         let mut signed = Vec::with_capacity(tx.input.len());
         {
             let mut cache = SighashCache::new(&*tx);
@@ -229,7 +242,11 @@ impl Wallet {
                     }
                     AddrKind::Legacy => {
                         let hash = cache
-                            .legacy_signature_hash(i, &prev.script_pubkey, EcdsaSighashType::All.to_u32())
+                            .legacy_signature_hash(
+                                i,
+                                &prev.script_pubkey,
+                                EcdsaSighashType::All.to_u32(),
+                            )
                             .map_err(|e| e.to_string())?;
                         let sig = ecdsa_sig(Message::from_digest(hash.to_byte_array()));
                         let script_sig = Builder::new()

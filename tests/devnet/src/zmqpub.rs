@@ -74,7 +74,11 @@ impl Worker {
         let counter = self.counters.entry(topic).or_insert(0);
         let seq = *counter;
         *counter = counter.wrapping_add(1);
-        let mut frames = vec![topic.name().as_bytes().to_vec(), body, seq.to_le_bytes().to_vec()];
+        let mut frames = vec![
+            topic.name().as_bytes().to_vec(),
+            body,
+            seq.to_le_bytes().to_vec(),
+        ];
         let f = &mut self.faults;
         if f.drop_next > 0 {
             f.drop_next -= 1;
@@ -142,7 +146,10 @@ fn open_sockets(bind: &ZmqBind) -> Result<(Worker, Vec<(Topic, String)>)> {
         let (index, endpoint) = match by_address.get(&address) {
             Some(found) => found.clone(),
             None => {
-                let zerr = |source| Error::Zmq { endpoint: address.clone(), source };
+                let zerr = |source| Error::Zmq {
+                    endpoint: address.clone(),
+                    source,
+                };
                 let socket = ctx.socket(zmq::PUB).map_err(zerr)?;
                 socket.set_sndhwm(SEND_HWM).map_err(zerr)?;
                 socket.set_linger(100).map_err(zerr)?;
@@ -206,7 +213,11 @@ impl Publisher {
         let endpoints = ready_rx
             .recv()
             .map_err(|_| Error::Thread("zmq thread died".into()))??;
-        Ok(Publisher { tx, thread: Some(thread), endpoints })
+        Ok(Publisher {
+            tx,
+            thread: Some(thread),
+            endpoints,
+        })
     }
 
     /// Queues one notification.

@@ -1,5 +1,7 @@
 //! sendrawtransaction: real checks, RBF, mining threshold.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns
+
 mod common;
 
 use bitcoin::{Amount, OutPoint, TxOut, Txid};
@@ -32,7 +34,10 @@ fn accepts_signed_spends_and_rejects_like_core() {
     // P2TR key-path spend (needs every spent output for the sighash).
     let tx2 = spend(&tkey, &tcoin, &dest, 500);
     t.call("sendrawtransaction", json!([hex(&tx2)]));
-    let accepted = t.call("testmempoolaccept", json!([[hex(&spend(&wkey, &bad_coin, &dest, 300))]]));
+    let accepted = t.call(
+        "testmempoolaccept",
+        json!([[hex(&spend(&wkey, &bad_coin, &dest, 300))]]),
+    );
     assert_eq!(accepted[0]["allowed"], json!(true));
 
     // Bad signature: the interpreter refuses it.
@@ -40,20 +45,52 @@ fn accepts_signed_spends_and_rejects_like_core() {
     bad.output[0].value -= Amount::from_sat(10);
     let (code, msg) = t.call_err("sendrawtransaction", json!([hex(&bad)]));
     assert_eq!(code, -26);
-    assert!(msg.starts_with("mandatory-script-verify-flag-failed"), "{msg}");
+    assert!(
+        msg.starts_with("mandatory-script-verify-flag-failed"),
+        "{msg}"
+    );
     // Taproot signature by the wrong key.
-    let wrong = spend(&TestKey { sk: wkey.sk, taproot: true }, &bad_coin, &dest, 1_000);
-    assert_eq!(t.call_err("sendrawtransaction", json!([hex(&wrong)])).0, -26);
+    let wrong = spend(
+        &TestKey {
+            sk: wkey.sk,
+            taproot: true,
+        },
+        &bad_coin,
+        &dest,
+        1_000,
+    );
+    assert_eq!(
+        t.call_err("sendrawtransaction", json!([hex(&wrong)])).0,
+        -26
+    );
 
     // Missing input.
-    let ghost = (OutPoint { txid: Txid::from_byte_array_for_test(), vout: 0 }, wcoin.1.clone());
-    let (code, msg) = t.call_err("sendrawtransaction", json!([hex(&spend(&wkey, &ghost, &dest, 1_000))]));
-    assert_eq!((code, msg.as_str()), (-25, "bad-txns-inputs-missingorspent"));
-    let tm = t.call("testmempoolaccept", json!([[hex(&spend(&wkey, &ghost, &dest, 1_000))]]));
+    let ghost = (
+        OutPoint {
+            txid: Txid::from_byte_array_for_test(),
+            vout: 0,
+        },
+        wcoin.1.clone(),
+    );
+    let (code, msg) = t.call_err(
+        "sendrawtransaction",
+        json!([hex(&spend(&wkey, &ghost, &dest, 1_000))]),
+    );
+    assert_eq!(
+        (code, msg.as_str()),
+        (-25, "bad-txns-inputs-missingorspent")
+    );
+    let tm = t.call(
+        "testmempoolaccept",
+        json!([[hex(&spend(&wkey, &ghost, &dest, 1_000))]]),
+    );
     assert_eq!(tm[0]["reject-reason"], json!("missing-inputs"));
 
     // Fee rules.
-    let (code, msg) = t.call_err("sendrawtransaction", json!([hex(&spend(&wkey, &bad_coin, &dest, 50))]));
+    let (code, msg) = t.call_err(
+        "sendrawtransaction",
+        json!([hex(&spend(&wkey, &bad_coin, &dest, 50))]),
+    );
     assert_eq!(code, -26);
     assert!(msg.starts_with("min relay fee not met"), "{msg}");
     let greedy = spend(&wkey, &bad_coin, &dest, 50_000_000);
@@ -78,19 +115,37 @@ fn accepts_signed_spends_and_rejects_like_core() {
     t.mine(1);
     assert_eq!(t.call("getrawmempool", json!([])), json!([]));
     let (code, msg) = t.call_err("sendrawtransaction", json!([hex(&replacement)]));
-    assert_eq!((code, msg.as_str()), (-27, "Transaction already in block chain"));
+    assert_eq!(
+        (code, msg.as_str()),
+        (-27, "Transaction already in block chain")
+    );
     let (code, _) = t.call_err("sendrawtransaction", json!([hex(&tx1)]));
     assert_eq!(code, -25, "the replaced tx's input is spent now");
 
     // An immature coinbase.
     let cb_key = TestKey::new(false);
-    let h = t.call("generatetoaddress", json!([1, cb_key.address().to_string()]));
+    let h = t.call(
+        "generatetoaddress",
+        json!([1, cb_key.address().to_string()]),
+    );
     let block = t.call("getblock", json!([h[0], 1]));
     let cb = t.tx(block["tx"][0].as_str().unwrap());
-    let cb_coin = (OutPoint { txid: cb.compute_txid(), vout: 0 }, cb.output[0].clone());
-    let (code, msg) = t.call_err("sendrawtransaction", json!([hex(&spend(&cb_key, &cb_coin, &dest, 1_000))]));
+    let cb_coin = (
+        OutPoint {
+            txid: cb.compute_txid(),
+            vout: 0,
+        },
+        cb.output[0].clone(),
+    );
+    let (code, msg) = t.call_err(
+        "sendrawtransaction",
+        json!([hex(&spend(&cb_key, &cb_coin, &dest, 1_000))]),
+    );
     assert_eq!(code, -26);
-    assert!(msg.starts_with("bad-txns-premature-spend-of-coinbase"), "{msg}");
+    assert!(
+        msg.starts_with("bad-txns-premature-spend-of-coinbase"),
+        "{msg}"
+    );
 }
 
 trait ForTest {
@@ -128,7 +183,14 @@ fn mining_fee_threshold_leaves_low_fee_tx_in_mempool() {
 #[test]
 fn wallet_sends_and_reports_balance() {
     let t = common::start();
-    assert_eq!(t.call_err("sendtoaddress", json!([TestKey::new(false).address().to_string(), 1])).0, -6);
+    assert_eq!(
+        t.call_err(
+            "sendtoaddress",
+            json!([TestKey::new(false).address().to_string(), 1])
+        )
+        .0,
+        -6
+    );
     t.mine(101);
     assert_eq!(t.call("getbalance", json!([])), json!(50.0));
     // The later sends spend the unconfirmed change of the earlier ones, as Core's wallet does.
@@ -136,7 +198,10 @@ fn wallet_sends_and_reports_balance() {
         let addr = t.call("getnewaddress", json!(["", kind]));
         t.call("sendtoaddress", json!([addr, 1]));
     }
-    assert_eq!(t.call("getrawmempool", json!([])).as_array().unwrap().len(), 4);
+    assert_eq!(
+        t.call("getrawmempool", json!([])).as_array().unwrap().len(),
+        4
+    );
     let balance = t.call("getbalance", json!([])).as_f64().unwrap();
     assert!(balance > 49.99 && balance < 50.0, "{balance}");
     t.mine(1);

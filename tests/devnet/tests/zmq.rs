@@ -1,5 +1,7 @@
 //! ZMQ notifications: frames, per-topic sequence numbers, byte order, reorgs, faults.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns
+
 mod common;
 
 use std::collections::HashMap;
@@ -38,7 +40,11 @@ fn frames_sequence_numbers_byte_order_and_mempool_events() {
     let sub = subscribe(&t.node);
     let hashes = t.mine(101);
     let msgs = drain(&sub, 700);
-    assert_eq!(msgs.len(), 101 * 5, "rawtx, hashtx, sequence C, hashblock, rawblock per block");
+    assert_eq!(
+        msgs.len(),
+        101 * 5,
+        "rawtx, hashtx, sequence C, hashblock, rawblock per block"
+    );
     let mut next: HashMap<String, u32> = HashMap::new();
     for m in &msgs {
         assert_eq!(m.len(), 3, "three frames");
@@ -64,7 +70,11 @@ fn frames_sequence_numbers_byte_order_and_mempool_events() {
 
     // A wallet send: rawtx, hashtx, sequence A with the mempool sequence number.
     let addr = t.call("getnewaddress", json!([]));
-    let txid = t.call("sendtoaddress", json!([addr, 1.5])).as_str().unwrap().to_string();
+    let txid = t
+        .call("sendtoaddress", json!([addr, 1.5]))
+        .as_str()
+        .unwrap()
+        .to_string();
     let msgs = drain(&sub, 500);
     assert_eq!(msgs.len(), 3);
     assert_eq!(topic(&msgs[0]), "rawtx");
@@ -84,11 +94,17 @@ fn frames_sequence_numbers_byte_order_and_mempool_events() {
     let mined = t.mine(1);
     let msgs = drain(&sub, 500);
     assert_eq!(of_topic(&msgs, "rawtx").len(), 2);
-    assert!(!msgs.iter().any(|m| topic(m) == "sequence" && m[1].len() == 41));
+    assert!(!msgs
+        .iter()
+        .any(|m| topic(m) == "sequence" && m[1].len() == 41));
     assert_eq!(block_sequence(&msgs), vec![('C', display(&mined[0]))]);
 
     // Evicted: R with the next mempool sequence (the mined removal used one up).
-    let txid = t.call("sendtoaddress", json!([addr, 0.5])).as_str().unwrap().to_string();
+    let txid = t
+        .call("sendtoaddress", json!([addr, 0.5]))
+        .as_str()
+        .unwrap()
+        .to_string();
     drain(&sub, 300);
     t.call("devnet_evict", json!([txid]));
     let msgs = drain(&sub, 500);
@@ -108,7 +124,10 @@ fn reorg_announces_disconnects_then_connects_and_only_the_new_tip() {
     // Invalidating active blocks: D for each, from the tip down, and no new tip announced.
     t.call("invalidateblock", json!([a[0]]));
     let msgs = drain(&sub, 500);
-    assert_eq!(block_sequence(&msgs), vec![('D', display(&a[1])), ('D', display(&a[0]))]);
+    assert_eq!(
+        block_sequence(&msgs),
+        vec![('D', display(&a[1])), ('D', display(&a[0]))]
+    );
     assert!(of_topic(&msgs, "rawblock").is_empty());
     assert!(of_topic(&msgs, "hashblock").is_empty());
 

@@ -1,5 +1,5 @@
 //! Shared helpers for the devnet tests: a node in a temp dir, a client, keys that sign.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::str::FromStr;
 
@@ -10,8 +10,8 @@ use bitcoin::key::{Keypair, TapTweak};
 use bitcoin::secp256k1::{Message, Secp256k1, SecretKey};
 use bitcoin::sighash::{EcdsaSighashType, Prevouts, SighashCache, TapSighashType};
 use bitcoin::{
-    ecdsa, taproot, Address, Amount, CompressedPublicKey, KnownHrp, OutPoint, ScriptBuf,
-    Sequence, Transaction, TxIn, TxOut, Txid, Witness,
+    ecdsa, taproot, Address, Amount, CompressedPublicKey, KnownHrp, OutPoint, ScriptBuf, Sequence,
+    Transaction, TxIn, TxOut, Txid, Witness,
 };
 use devnet::client::{ClientError, RpcClient};
 use devnet::{Config, Node, NodeHandle};
@@ -42,7 +42,9 @@ pub fn start() -> TestNode {
 
 impl TestNode {
     pub fn call(&self, method: &str, params: Value) -> Value {
-        self.rpc.call(method, params).unwrap_or_else(|e| panic!("{method}: {e}"))
+        self.rpc
+            .call(method, params)
+            .unwrap_or_else(|e| panic!("{method}: {e}"))
     }
 
     pub fn call_err(&self, method: &str, params: Value) -> (i64, String) {
@@ -56,7 +58,12 @@ impl TestNode {
     pub fn mine(&self, n: u32) -> Vec<String> {
         let addr = self.call("getnewaddress", json!([]));
         let hashes = self.call("generatetoaddress", json!([n, addr]));
-        hashes.as_array().unwrap().iter().map(|h| h.as_str().unwrap().to_string()).collect()
+        hashes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str().unwrap().to_string())
+            .collect()
     }
 
     pub fn tx(&self, txid: &str) -> Transaction {
@@ -73,7 +80,10 @@ pub struct TestKey {
 
 impl TestKey {
     pub fn new(taproot: bool) -> TestKey {
-        TestKey { sk: SecretKey::new(&mut rand::thread_rng()), taproot }
+        TestKey {
+            sk: SecretKey::new(&mut rand::thread_rng()),
+            taproot,
+        }
     }
 
     pub fn address(&self) -> Address {
@@ -82,7 +92,10 @@ impl TestKey {
             let (x, _) = self.sk.x_only_public_key(&secp);
             Address::p2tr(&secp, x, None, KnownHrp::Regtest)
         } else {
-            Address::p2wpkh(&CompressedPublicKey(self.sk.public_key(&secp)), KnownHrp::Regtest)
+            Address::p2wpkh(
+                &CompressedPublicKey(self.sk.public_key(&secp)),
+                KnownHrp::Regtest,
+            )
         }
     }
 
@@ -96,18 +109,35 @@ impl TestKey {
         let mut cache = SighashCache::new(&*tx);
         let witness = if self.taproot {
             let h = cache
-                .taproot_key_spend_signature_hash(i, &Prevouts::All(prevouts), TapSighashType::Default)
+                .taproot_key_spend_signature_hash(
+                    i,
+                    &Prevouts::All(prevouts),
+                    TapSighashType::Default,
+                )
                 .unwrap();
-            let kp = Keypair::from_secret_key(&secp, &self.sk).tap_tweak(&secp, None).to_keypair();
+            let kp = Keypair::from_secret_key(&secp, &self.sk)
+                .tap_tweak(&secp, None)
+                .to_keypair();
             let sig = secp.sign_schnorr(&Message::from_digest(h.to_byte_array()), &kp);
-            Witness::p2tr_key_spend(&taproot::Signature { signature: sig, sighash_type: TapSighashType::Default })
+            Witness::p2tr_key_spend(&taproot::Signature {
+                signature: sig,
+                sighash_type: TapSighashType::Default,
+            })
         } else {
             let h = cache
-                .p2wpkh_signature_hash(i, &prevouts[i].script_pubkey, prevouts[i].value, EcdsaSighashType::All)
+                .p2wpkh_signature_hash(
+                    i,
+                    &prevouts[i].script_pubkey,
+                    prevouts[i].value,
+                    EcdsaSighashType::All,
+                )
                 .unwrap();
             let sig = secp.sign_ecdsa(&Message::from_digest(h.to_byte_array()), &self.sk);
             Witness::p2wpkh(
-                &ecdsa::Signature { signature: sig, sighash_type: EcdsaSighashType::All },
+                &ecdsa::Signature {
+                    signature: sig,
+                    sighash_type: EcdsaSighashType::All,
+                },
                 &self.sk.public_key(&secp),
             )
         };
@@ -117,12 +147,25 @@ impl TestKey {
 
 /// Funds `key` with `amount` from the node wallet and confirms it; returns the coin.
 pub fn fund(t: &TestNode, key: &TestKey, amount: Amount) -> (OutPoint, TxOut) {
-    let txid = t.call("sendtoaddress", json!([key.address().to_string(), amount.to_btc()]));
+    let txid = t.call(
+        "sendtoaddress",
+        json!([key.address().to_string(), amount.to_btc()]),
+    );
     let txid = Txid::from_str(txid.as_str().unwrap()).unwrap();
     t.mine(1);
     let tx = t.tx(&txid.to_string());
-    let vout = tx.output.iter().position(|o| o.script_pubkey == key.script()).unwrap();
-    (OutPoint { txid, vout: vout as u32 }, tx.output[vout].clone())
+    let vout = tx
+        .output
+        .iter()
+        .position(|o| o.script_pubkey == key.script())
+        .unwrap();
+    (
+        OutPoint {
+            txid,
+            vout: vout as u32,
+        },
+        tx.output[vout].clone(),
+    )
 }
 
 /// A one-input one-output spend of `coin` paying `fee` to `to`, signed by `key`.
@@ -136,9 +179,12 @@ pub fn spend(key: &TestKey, coin: &(OutPoint, TxOut), to: &ScriptBuf, fee: u64) 
             sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
             witness: Witness::new(),
         }],
-        output: vec![TxOut { value: coin.1.value - Amount::from_sat(fee), script_pubkey: to.clone() }],
+        output: vec![TxOut {
+            value: coin.1.value - Amount::from_sat(fee),
+            script_pubkey: to.clone(),
+        }],
     };
-    key.sign(&mut tx, 0, &[coin.1.clone()]);
+    key.sign(&mut tx, 0, std::slice::from_ref(&coin.1));
     tx
 }
 
@@ -151,7 +197,8 @@ pub fn subscribe(node: &NodeHandle) -> zmq::Socket {
     let ctx = zmq::Context::new();
     let sub = ctx.socket(zmq::SUB).unwrap();
     sub.set_rcvtimeo(3000).unwrap();
-    sub.connect(&node.zmq_endpoint(devnet::Topic::RawBlock).unwrap()).unwrap();
+    sub.connect(&node.zmq_endpoint(devnet::Topic::RawBlock).unwrap())
+        .unwrap();
     for t in devnet::Topic::ALL {
         sub.set_subscribe(t.name().as_bytes()).unwrap();
     }
