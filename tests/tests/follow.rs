@@ -281,7 +281,10 @@ fn a_killed_and_restarted_node_with_a_new_cookie_is_followed_without_loss() {
     };
 
     let node = NodeProcess::spawn(dir.path(), rpc_port, zmq_port);
-    let address = call("getnewaddress", json!([])).as_str().unwrap().to_owned();
+    let address = call("getnewaddress", json!([]))
+        .as_str()
+        .unwrap()
+        .to_owned();
     let wallets = vec![TestWallet {
         name: "hot".into(),
         scripts: BTreeSet::from([script(&address)]),
@@ -289,7 +292,12 @@ fn a_killed_and_restarted_node_with_a_new_cookie_is_followed_without_loss() {
     call("generatetoaddress", json!([120, address]));
     let db = tempfile::tempdir().unwrap();
     let f = Following::start(
-        Daemon::new(&url, Auth::Cookie(cookie.clone()), true, Duration::from_secs(10)),
+        Daemon::new(
+            &url,
+            Auth::Cookie(cookie.clone()),
+            true,
+            Duration::from_secs(10),
+        ),
         Some(&endpoints),
         db.path(),
         &wallets,
