@@ -15,13 +15,13 @@ use bitcoin::{block, BlockHash, Network, Transaction, Txid};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use tracing::{debug, info, warn};
 
-use crate::daemon::zmq::{Notice, SequenceEvent, Topic};
+use crate::daemon::zmq::{Feed, Notice, SequenceEvent, Topic};
 use crate::daemon::{Daemon, DaemonError};
 use crate::fetch::{FetchOptions, Prefetch};
 use crate::grpc::SharedMempool;
 use crate::mempool::{Change, Gone, Mempool};
 use crate::pipeline::apply::ApplyError;
-use crate::pipeline::parse::RawBlock;
+use crate::pipeline::parse::{txid_of, RawBlock};
 use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
 use crate::store::{Batch, Reader, Store, StoreError};
 use crate::types::{Event, EventKind};
@@ -32,7 +32,8 @@ use crate::watchlist::ScriptFilter;
 pub struct FollowOptions {
     /// How often to ask bitcoind for its tip when ZMQ is not configured.
     pub poll_interval: Duration,
-    /// With ZMQ: ask bitcoind for its tip after this long without a notification.
+    /// With ZMQ: ask bitcoind for its tip after this long without news of a block (lost
+    /// notifications cost at most this long, even while transactions keep arriving).
     pub zmq_silence: Duration,
     /// How long a block announced by hash may wait for its `rawblock` before fetching it.
     pub announce_grace: Duration,
@@ -127,9 +128,23 @@ pub struct Follower {
     network: Network,
     opts: FollowOptions,
     stop: Arc<AtomicBool>,
-    notices: Option<Receiver<Notice>>,
+    notices: Option<Feed>,
     on_commit: Arc<dyn Fn(&Progress) + Send + Sync>,
     mempool: SharedMempool,
+}
+
+/// Longest a live block holds up mempool notices while it is indexed.
+const BLOCK_FIRST_LIMIT: Duration = Duration::from_secs(2);
+
+/// Waits until `committed` reports `height` (or `limit` passes, or the pipeline ended:
+/// the notice loop finds out about those on its own).
+fn await_commit(committed: &Receiver<u32>, height: u32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while let Ok(h) = committed.recv_deadline(deadline) {
+        if h >= height {
+            return;
+        }
+    }
 }
 
 /// Why the live loop handed back to reconciliation.
@@ -147,7 +162,7 @@ impl Follower {
         network: Network,
         opts: FollowOptions,
         stop: Arc<AtomicBool>,
-        notices: Option<Receiver<Notice>>,
+        notices: Option<Feed>,
     ) -> Follower {
         Follower {
             store,
@@ -216,6 +231,36 @@ impl Follower {
     fn mempool_added(&self, tx: &Transaction) -> Result<(), FollowError> {
         let changes = self.mempool_mut().added(&self.store, &self.scripts, tx)?;
         self.log_changes(changes)
+    }
+
+    /// A transaction from `rawtx` (entering the mempool, or in a block: bitcoind announces
+    /// every transaction of every block before the block itself): replaces any pending
+    /// watched transaction it conflicts with, and is kept until `sequence` tells where it
+    /// went. Only its txid is computed while nothing is pending, so a block's thousands of
+    /// announcements do not hold up the block behind them.
+    fn on_raw_tx(
+        &self,
+        bytes: Vec<u8>,
+        raw_txs: &mut HashMap<Txid, Vec<u8>>,
+    ) -> Result<(), FollowError> {
+        let txid = match txid_of(&bytes) {
+            Ok(txid) => txid,
+            Err(e) => {
+                warn!(error = %e, "ZMQ rawtx that does not decode dropped");
+                return Ok(());
+            }
+        };
+        if !self.mempool_mut().is_empty() {
+            if let Ok(tx) = deserialize::<Transaction>(&bytes) {
+                let changes = self.mempool_mut().conflicts(&tx);
+                self.log_changes(changes)?;
+            }
+        }
+        if raw_txs.len() >= 50_000 {
+            raw_txs.clear(); // bounded; a miss costs one RPC call
+        }
+        raw_txs.insert(txid, bytes);
+        Ok(())
     }
 
     /// Re-reads bitcoind's whole mempool: at start, after lost messages and after reorgs.
@@ -389,6 +434,8 @@ impl Follower {
             chunk_bytes: 0,
             ..self.opts.pipeline
         };
+        // Heights as they commit, so the notice loop can wait for a block it handed over.
+        let (committed_tx, committed) = bounded::<u32>(64);
         std::thread::scope(|s| {
             let pipeline = std::thread::Builder::new()
                 .name("live".into())
@@ -399,11 +446,14 @@ impl Follower {
                         &self.scripts,
                         source.into_iter().map(Ok),
                         &opts,
-                        &move |p: &Progress| on_commit(p),
+                        &move |p: &Progress| {
+                            on_commit(p);
+                            let _ = committed_tx.try_send(p.height);
+                        },
                     )
                 })
                 .expect("spawn live pipeline");
-            let exit = self.follow_notices(notices, blocks, tip);
+            let exit = self.follow_notices(notices, blocks, &committed, tip);
             match pipeline.join().expect("live pipeline panicked") {
                 // A block that failed its checks: bitcoind will tell the truth.
                 Err(e) => {
@@ -432,21 +482,31 @@ impl Follower {
     /// Feeds blocks that extend the tip to the live pipeline (`blocks`, dropped on return).
     fn follow_notices(
         &self,
-        notices: &Receiver<Notice>,
+        notices: &Feed,
         blocks: Sender<RawBlock>,
+        committed: &Receiver<u32>,
         mut tip: (u32, BlockHash),
     ) -> Result<LiveExit, FollowError> {
         let mut announced: Option<(BlockHash, Instant)> = None;
-        let mut last_heard = Instant::now();
+        let mut last_block_news = Instant::now();
         // Transactions from `rawtx`, kept until `sequence` says which entered the mempool.
-        let mut raw_txs: HashMap<Txid, Transaction> = HashMap::new();
+        let mut raw_txs: HashMap<Txid, Vec<u8>> = HashMap::new();
         loop {
             if self.stopping() {
                 return Ok(LiveExit::Stop);
             }
             match notices.recv_timeout(Duration::from_millis(100)) {
                 Ok(notice) => {
-                    last_heard = Instant::now();
+                    if matches!(
+                        notice,
+                        Notice::RawBlock(_)
+                            | Notice::HashBlock(_)
+                            | Notice::Sequence(
+                                SequenceEvent::Connected(_) | SequenceEvent::Disconnected(_)
+                            )
+                    ) {
+                        last_block_news = Instant::now();
+                    }
                     match notice {
                         Notice::RawBlock(bytes) => {
                             let Ok(header) = deserialize::<block::Header>(&bytes[..80]) else {
@@ -466,7 +526,10 @@ impl Follower {
                                 warn!(%hash, "ZMQ rawblock without valid proof of work dropped");
                                 continue;
                             }
-                            let mined = deserialize::<bitcoin::Block>(&bytes).ok();
+                            // The block goes to the pipeline first: the mempool's view
+                            // of it is only needed while watched transactions are pending.
+                            let pending = !self.mempool_mut().is_empty();
+                            let kept = pending.then(|| bytes.clone());
                             let block = RawBlock {
                                 height: tip.0 + 1,
                                 hash,
@@ -477,7 +540,9 @@ impl Follower {
                                 return Ok(LiveExit::Reconcile("the live pipeline stopped"));
                             }
                             tip = (tip.0 + 1, hash);
-                            if let Some(mined) = mined {
+                            if let Some(mined) =
+                                kept.and_then(|b| deserialize::<bitcoin::Block>(&b).ok())
+                            {
                                 let mut m = self.mempool_mut();
                                 m.mined(mined.txdata.iter().map(|t| t.compute_txid()));
                                 let changes: Vec<Change> =
@@ -485,6 +550,10 @@ impl Follower {
                                 drop(m);
                                 self.log_changes(changes)?;
                             }
+                            // The transactions bitcoind announced with the block wait until
+                            // it is indexed: on a small machine, handling thousands of them
+                            // alongside would slow the block down several times.
+                            await_commit(committed, tip.0, BLOCK_FIRST_LIMIT);
                         }
                         Notice::HashBlock(hash)
                         | Notice::Sequence(SequenceEvent::Connected(hash)) => {
@@ -500,39 +569,48 @@ impl Follower {
                             expected,
                             got,
                         } => {
-                            warn!(
-                                topic = topic.name(),
-                                expected, got, "ZMQ messages were lost"
-                            );
-                            if topic != Topic::RawTx {
+                            if topic == Topic::RawTx {
+                                // Expected when a block's burst of transactions overflows
+                                // a queue; `sequence` still says what entered the mempool,
+                                // and missing bodies are fetched over RPC.
+                                debug!(expected, got, "rawtx messages were lost");
+                            } else {
+                                warn!(
+                                    topic = topic.name(),
+                                    expected, got, "ZMQ messages were lost"
+                                );
                                 return Ok(LiveExit::Reconcile("ZMQ messages were lost"));
                             }
-                            self.resync_mempool()?;
                         }
                         Notice::Garbage { endpoint, reason } => {
                             warn!(%endpoint, %reason, "malformed ZMQ message dropped");
                         }
-                        Notice::RawTx(bytes) => match deserialize::<Transaction>(&bytes) {
-                            Ok(tx) => {
-                                let changes = self.mempool_mut().conflicts(&tx);
-                                self.log_changes(changes)?;
-                                if raw_txs.len() >= 50_000 {
-                                    raw_txs.clear(); // bounded; a miss costs one RPC call
-                                }
-                                raw_txs.insert(tx.compute_txid(), tx);
-                            }
-                            Err(e) => warn!(error = %e, "ZMQ rawtx that does not decode dropped"),
-                        },
+                        Notice::RawTx(bytes) => self.on_raw_tx(bytes, &mut raw_txs)?,
                         Notice::Sequence(SequenceEvent::Added(txid, _)) => {
-                            let tx = match raw_txs.remove(&txid) {
-                                Some(tx) => Some(tx),
-                                None => self
-                                    .daemon
-                                    .raw_transaction(&txid)?
-                                    .and_then(|raw| deserialize::<Transaction>(&raw).ok()),
+                            if !raw_txs.contains_key(&txid) {
+                                // Its body travels on the other socket: take what came.
+                                while let Some(notice) = notices.try_recv_tx() {
+                                    match notice {
+                                        Notice::RawTx(bytes) => {
+                                            self.on_raw_tx(bytes, &mut raw_txs)?
+                                        }
+                                        Notice::Garbage { endpoint, reason } => {
+                                            warn!(%endpoint, %reason, "malformed ZMQ message dropped")
+                                        }
+                                        _ => {} // rawtx gaps: see above
+                                    }
+                                }
+                            }
+                            let raw = match raw_txs.remove(&txid) {
+                                Some(raw) => Some(raw),
+                                None => self.daemon.raw_transaction(&txid)?,
                             };
-                            if let Some(tx) = tx {
-                                self.mempool_added(&tx)?;
+                            match raw.map(|r| deserialize::<Transaction>(&r)) {
+                                Some(Ok(tx)) => self.mempool_added(&tx)?,
+                                Some(Err(e)) => {
+                                    warn!(%txid, error = %e, "mempool transaction does not decode")
+                                }
+                                None => {} // already gone from the mempool
                             }
                         }
                         Notice::Sequence(SequenceEvent::Removed(txid, _)) => {
@@ -558,8 +636,8 @@ impl Follower {
                     ));
                 }
             }
-            if last_heard.elapsed() >= self.opts.zmq_silence {
-                last_heard = Instant::now();
+            if last_block_news.elapsed() >= self.opts.zmq_silence {
+                last_block_news = Instant::now();
                 if self.daemon.best_block_hash()? != tip.1 {
                     warn!("ZMQ was silent while bitcoind's tip moved; reconciling");
                     return Ok(LiveExit::Reconcile("ZMQ silence"));

@@ -337,9 +337,7 @@ fn follower(store: Arc<Store>, config: &Config, stop: Arc<AtomicBool>) -> Result
         tracing::info!(interval = ?bitcoind.poll_interval, "no ZMQ endpoints configured: polling bitcoind");
         None
     } else {
-        let (tx, rx) = crossbeam_channel::bounded(10_000);
-        indexer::daemon::zmq::spawn(&bitcoind.zmq, tx, stop.clone())?;
-        Some(rx)
+        Some(indexer::daemon::zmq::spawn(&bitcoind.zmq, stop.clone())?)
     };
     let opts = FollowOptions {
         poll_interval: bitcoind.poll_interval,

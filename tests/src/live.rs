@@ -157,11 +157,8 @@ impl Following {
     ) -> Following {
         let scripts = wallets::load_filter(&store, 100_000, 1e-4).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let notices = zmq.map(|endpoints| {
-            let (tx, rx) = crossbeam_channel::bounded(10_000);
-            indexer::daemon::zmq::spawn(endpoints, tx, stop.clone()).unwrap();
-            rx
-        });
+        let notices =
+            zmq.map(|endpoints| indexer::daemon::zmq::spawn(endpoints, stop.clone()).unwrap());
         let follower = Follower::new(
             store.clone(),
             Arc::new(daemon),

@@ -7,11 +7,10 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bitcoin::{BlockHash, Txid};
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::hash_from_display;
 
@@ -122,41 +121,102 @@ pub struct ZmqError {
     pub source: ::zmq::Error,
 }
 
-/// Starts the subscriber thread; it sends notices to `out` until `stop` is set or `out`
-/// is dropped. The sockets reconnect by themselves when bitcoind restarts.
-pub fn spawn(
-    endpoints: &ZmqEndpoints,
-    out: Sender<Notice>,
-    stop: Arc<AtomicBool>,
-) -> Result<JoinHandle<()>, ZmqError> {
-    let ctx = ::zmq::Context::new();
-    let mut by_endpoint: HashMap<&str, Vec<Topic>> = HashMap::new();
-    for (topic, endpoint) in &endpoints.topics {
-        by_endpoint.entry(endpoint).or_default().push(*topic);
-    }
-    let mut sockets = Vec::new();
-    for (endpoint, topics) in by_endpoint {
-        let err = |source| ZmqError {
-            endpoint: endpoint.to_owned(),
-            source,
-        };
-        let socket = ctx.socket(::zmq::SUB).map_err(err)?;
-        // Like bitcoind's PUB side: a bounded queue, and losses are seen as sequence gaps.
-        socket.set_rcvhwm(10_000).map_err(err)?;
-        socket.set_tcp_keepalive(1).map_err(err)?;
-        socket.set_reconnect_ivl(100).map_err(err)?;
-        socket.set_reconnect_ivl_max(5_000).map_err(err)?;
-        for t in &topics {
-            socket.set_subscribe(t.name().as_bytes()).map_err(err)?;
+/// Whether `topic` is part of the chain's story (blocks, and the ordered `sequence` of
+/// block and mempool changes) rather than a transaction body. These get their own
+/// sockets, thread and channel: bitcoind announces every transaction of a new block (a
+/// burst of thousands of `rawtx`) just before the block, and the chain messages must
+/// neither wait behind that burst nor be dropped when it overflows a queue (a PUB socket
+/// drops what exceeds its high-water mark per connection, so a connection of their own
+/// keeps them out of that overflow).
+fn is_chain_topic(topic: Topic) -> bool {
+    !matches!(topic, Topic::RawTx)
+}
+
+/// The notices of a running subscriber.
+pub struct Feed {
+    chain: Receiver<Notice>,
+    txs: Receiver<Notice>,
+}
+
+impl Feed {
+    /// The next notice, chain topics first; waits up to `timeout`. Disconnected once the
+    /// subscriber threads ended (asked to stop).
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Notice, RecvTimeoutError> {
+        if let Ok(notice) = self.chain.try_recv() {
+            return Ok(notice);
         }
-        socket.connect(endpoint).map_err(err)?;
-        sockets.push((endpoint.to_owned(), socket));
+        crossbeam_channel::select! {
+            recv(self.chain) -> n => n.map_err(|_| RecvTimeoutError::Disconnected),
+            recv(self.txs) -> n => n.map_err(|_| RecvTimeoutError::Disconnected),
+            default(timeout) => Err(RecvTimeoutError::Timeout),
+        }
     }
-    let handle = std::thread::Builder::new()
-        .name("zmq".into())
-        .spawn(move || receive_loop(ctx, sockets, out, stop))
-        .expect("spawn zmq thread");
-    Ok(handle)
+
+    /// A `rawtx` notice already received, if any (without waiting).
+    pub fn try_recv_tx(&self) -> Option<Notice> {
+        self.txs.try_recv().ok()
+    }
+}
+
+/// Starts the subscriber: one thread for the chain topics, one for `rawtx`,
+/// each sending notices until `stop` is set or the [`Feed`] is dropped. The sockets
+/// reconnect by themselves when bitcoind restarts.
+pub fn spawn(endpoints: &ZmqEndpoints, stop: Arc<AtomicBool>) -> Result<Feed, ZmqError> {
+    let ctx = ::zmq::Context::new();
+    let mut feed = Feed {
+        chain: crossbeam_channel::never(),
+        txs: crossbeam_channel::never(),
+    };
+    for (chain, capacity) in [(true, 1_000), (false, 10_000)] {
+        let mut by_endpoint: HashMap<&str, Vec<Topic>> = HashMap::new();
+        for (topic, endpoint) in &endpoints.topics {
+            if is_chain_topic(*topic) == chain {
+                by_endpoint.entry(endpoint).or_default().push(*topic);
+            }
+        }
+        if by_endpoint.is_empty() {
+            continue; // `never()` stands in: that class stays silent
+        }
+        let mut sockets = Vec::new();
+        for (endpoint, topics) in by_endpoint {
+            sockets.push((endpoint.to_owned(), subscribe(&ctx, endpoint, &topics)?));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        let (ctx, stop) = (ctx.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name(if chain { "zmq-chain" } else { "zmq-rawtx" }.into())
+            .spawn(move || receive_loop(ctx, sockets, tx, stop))
+            .expect("spawn zmq thread");
+        if chain {
+            feed.chain = rx;
+        } else {
+            feed.txs = rx;
+        }
+    }
+    Ok(feed)
+}
+
+/// A SUB socket on `endpoint` for `topics`.
+fn subscribe(
+    ctx: &::zmq::Context,
+    endpoint: &str,
+    topics: &[Topic],
+) -> Result<::zmq::Socket, ZmqError> {
+    let err = |source| ZmqError {
+        endpoint: endpoint.to_owned(),
+        source,
+    };
+    let socket = ctx.socket(::zmq::SUB).map_err(err)?;
+    // Like bitcoind's PUB side: a bounded queue, and losses are seen as sequence gaps.
+    socket.set_rcvhwm(10_000).map_err(err)?;
+    socket.set_tcp_keepalive(1).map_err(err)?;
+    socket.set_reconnect_ivl(100).map_err(err)?;
+    socket.set_reconnect_ivl_max(5_000).map_err(err)?;
+    for t in topics {
+        socket.set_subscribe(t.name().as_bytes()).map_err(err)?;
+    }
+    socket.connect(endpoint).map_err(err)?;
+    Ok(socket)
 }
 
 fn receive_loop(
@@ -195,7 +255,7 @@ fn receive_loop(
 /// Per-notifier sequence numbers, to see lost messages.
 #[derive(Default)]
 struct SequenceTracker {
-    next: HashMap<(String, Topic), u32>,
+    next: HashMap<String, HashMap<Topic, u32>>,
 }
 
 impl SequenceTracker {
@@ -230,8 +290,12 @@ impl SequenceTracker {
             Err(reason) => return garbage(format!("{}: {reason}", topic.name())),
         };
         let mut notices = Vec::with_capacity(2);
-        let key = (endpoint.to_owned(), topic);
-        if let Some(&expected) = self.next.get(&key) {
+        // Looked up by reference: this runs for every transaction bitcoind announces.
+        let next = match self.next.get_mut(endpoint) {
+            Some(topics) => topics,
+            None => self.next.entry(endpoint.to_owned()).or_default(),
+        };
+        if let Some(&expected) = next.get(&topic) {
             if seq != expected {
                 notices.push(Notice::Gap {
                     topic,
@@ -240,7 +304,7 @@ impl SequenceTracker {
                 });
             }
         }
-        self.next.insert(key, seq.wrapping_add(1));
+        next.insert(topic, seq.wrapping_add(1));
         notices.push(notice);
         notices
     }

@@ -8,7 +8,7 @@ use bitcoin::consensus::deserialize;
 use bitcoin::hashes::Hash;
 use bitcoin::opcodes::all::OP_RETURN;
 use bitcoin::{block, Amount, BlockHash, OutPoint, ScriptBuf, TxOut, Txid};
-use bitcoin_slices::{bsl, Visit, Visitor};
+use bitcoin_slices::{bsl, Parse, Visit, Visitor};
 use rayon::prelude::*;
 
 use crate::watchlist::ScriptFilter;
@@ -159,6 +159,19 @@ pub fn parse_block(raw: RawBlock, scripts: &ScriptFilter) -> Result<ParsedBlock,
     })
 }
 
+/// The txid of one serialized transaction, without decoding it into owned parts: bitcoind
+/// announces every transaction of every block over ZMQ, and most need no more than this.
+pub fn txid_of(bytes: &[u8]) -> Result<Txid, String> {
+    let parsed = bsl::Transaction::parse(bytes).map_err(|e| format!("{e:?}"))?;
+    if !parsed.remaining().is_empty() {
+        return Err(format!(
+            "{} bytes after the transaction",
+            parsed.remaining().len()
+        ));
+    }
+    Ok(Txid::from_raw_hash(parsed.parsed().txid()))
+}
+
 /// Parses one transaction's bytes: txid, inputs, outputs that pass the bloom filter.
 fn parse_tx(bytes: &[u8], coinbase: bool, scripts: &ScriptFilter) -> Result<ParsedTx, String> {
     let mut visitor = TxVisitor {
@@ -286,6 +299,16 @@ mod tests {
             parsed.txs[0].txid.to_string(),
             "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b"
         );
+    }
+
+    #[test]
+    fn txid_of_matches_rust_bitcoin_and_rejects_trailing_bytes() {
+        let tx = &genesis_block(Network::Bitcoin).txdata[0];
+        let mut bytes = serialize(tx);
+        assert_eq!(txid_of(&bytes), Ok(tx.compute_txid()));
+        bytes.push(0);
+        assert!(txid_of(&bytes).is_err());
+        assert!(txid_of(&bytes[..10]).is_err());
     }
 
     #[test]
