@@ -1,21 +1,63 @@
 #!/usr/bin/env bash
-# The main job, end to end on the embedded default: index mainnet blocks 0..4312 straight
-# from bitcoind-format block files for a demo wallet, then show its balance and the digest.
+# The main job, end to end on the embedded default: a devnet node (the project's
+# bitcoind-compatible regtest node), `indexer run` following it over RPC, REST and ZMQ and
+# serving gRPC, a treasury wallet whose coinbases mature, and a deposit seen in the
+# mempool within a second and then confirmed. (The withdrawal orchestrator: issue 5.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 cargo test --workspace --all-targets --no-run -q 2>/dev/null || cargo test --workspace --all-targets --no-run
-bin="$CARGO_TARGET_DIR/debug/indexer"
-[ -x "$bin" ] || bin=$(ls -t "$CARGO_TARGET_DIR"/debug/deps/indexer-* 2>/dev/null | grep -v '\.d$' | head -1)
-blocks="${BLOCKS_DIR:-../shared/fixtures/mainnet-0-4312}"
-db=$(mktemp -d)
-trap 'rm -rf "$db"' EXIT
-# Early P2PK coins, as pk() descriptors: the key of block 9's coinbase (which paid Hal
-# Finney 10 BTC in block 170), block 1's coinbase key, and Hal's key.
-"$bin" --db "$db" watch add --wallet demo \
-  'pk(0411db93e1dcdb8a016b49840f8c53bc1eb68a382e97b1482ecad7b148a6909a5cb2e0eaddfb84ccf9744464f82e160bfa9b8b64f9d4c03f999b8643f656b412a3)' \
-  'pk(0496b538e853519c726a2c91e61ec11600ae1390813a627c66fb8be7947be63c52da7589379515d4e0a604f8141781e62294721166bf621e73a82cbf2342c858ee)' \
-  'pk(04ae1a62fe09c5f51b13905f07f06b99a2f7159b2225f374cd378d71302fa28414e7aab37397f554a7df5f142c21c1b7303b8a0626f1baded5c72a704f7e6cd84c)'
-"$bin" --db "$db" rescan --blocks-dir "$blocks"
-"$bin" --db "$db" watch list
-"$bin" --db "$db" status
+bin="$CARGO_TARGET_DIR/debug"
+tmp=$(mktemp -d)
+pids=()
+cleanup() {
+  status=$?
+  [ "$status" -eq 0 ] || { echo "demo failed; indexer log:" >&2; tail -20 "$tmp/indexer.log" >&2 || true; }
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# Waits until file $1 has a line starting with $2 and prints that line.
+wait_line() {
+  for _ in $(seq 600); do
+    if line=$(grep -m1 "^$2" "$1" 2>/dev/null); then echo "$line"; return 0; fi
+    sleep 0.1
+  done
+  echo "timed out waiting for '$2' in $1:" >&2; cat "$1" >&2; return 1
+}
+
+"$bin/devnet" --datadir "$tmp/node" >"$tmp/devnet.out" &
+pids+=($!)
+ready=$(wait_line "$tmp/devnet.out" "devnet ready")
+echo "$ready"
+rpc=$(sed 's/.* rpc=\([^ ]*\).*/\1/' <<<"$ready")
+zmq=$(sed 's/.* zmq=\([^ ]*\).*/\1/' <<<"$ready")
+cli() { "$bin/devnet-cli" --datadir "$tmp/node" "$@"; }
+
+treasury=$(cli getnewaddress "" bech32)
+deposit=$(cli getnewaddress "" bech32m)
+cli generatetoaddress 110 "$treasury" >/dev/null
+idx() { "$bin/indexer" --db "$tmp/db" --network regtest "$@"; }
+idx watch add --wallet treasury "$treasury"
+idx watch add --wallet deposits "$deposit"
+
+"$bin/indexer" --db "$tmp/db" --network regtest run --grpc 127.0.0.1:0 \
+  --bitcoind-rpc-url "$rpc" --bitcoind-cookie-file "$tmp/node/regtest/.cookie" --bitcoind-rest true \
+  --zmq-rawblock "$zmq" --zmq-hashblock "$zmq" --zmq-sequence "$zmq" --zmq-rawtx "$zmq" \
+  >"$tmp/indexer.out" 2>"$tmp/indexer.log" &
+pids+=($!)
+grpc=$(wait_line "$tmp/indexer.out" "listening" | cut -f2)
+echo "indexer run: gRPC on $grpc"
+client() { python3 examples/python/indexer_client.py --addr "$grpc" "$@"; }
+until client tip | grep -q '"height": 110'; do sleep 0.1; done
+echo "caught up:                  $(client tip)"
+echo "treasury (its coinbases):   $(client balance --wallet treasury)"
+
+txid=$(cli sendtoaddress "$deposit" 1.25)
+sleep 1
+echo "deposit $txid sent 1 s ago: $(client balance --wallet deposits)"
+cli generatetoaddress 1 "$treasury" >/dev/null
+until client tip | grep -q '"height": 111'; do sleep 0.1; done
+echo "after one block:            $(client balance --wallet deposits)"

@@ -75,7 +75,8 @@ def main():
         elif args.command == "balance":
             b = stub.GetBalance(pb.GetBalanceRequest(target=target(pb, args), min_conf=args.min_conf),
                                 metadata=metadata)
-            print(json.dumps({"confirmed_sat": b.confirmed_sat, "immature_sat": b.immature_sat,
+            print(json.dumps({"confirmed_sat": b.confirmed_sat, "unconfirmed_sat": b.unconfirmed_sat,
+                              "immature_sat": b.immature_sat,
                               "utxo_count": b.utxo_count, "height": b.height}))
         else:
             count, total, token = 0, 0, ""
