@@ -65,6 +65,15 @@ impl IndexerService {
 }
 
 impl IndexerService {
+    /// Runs `f` on a fresh snapshot right here: for answers of a few point reads (a
+    /// stored aggregate), which take less time than a hop to the blocking pool.
+    fn quick<T>(
+        &self,
+        f: impl FnOnce(&Query<'_>) -> Result<T, QueryError>,
+    ) -> Result<T, Status> {
+        f(&Query::new(&self.store, self.network)?).map_err(Status::from)
+    }
+
     /// `txid` as the mempool tracker knows it: waiting, replaced or evicted.
     async fn mempool_transfer(&self, txid: &str) -> Result<Option<pb::Transfer>, Status> {
         let Some(mempool) = self.mempool.clone() else {
@@ -183,7 +192,7 @@ impl Indexer for IndexerService {
         &self,
         _: Request<pb::GetTipRequest>,
     ) -> Result<Response<pb::GetTipResponse>, Status> {
-        let tip = self.query(|q| Ok(q.tip())).await?;
+        let tip = self.quick(|q| Ok(q.tip()))?;
         let (height, hash) = tip.ok_or_else(|| {
             Status::failed_precondition("the index is empty: run `indexer rescan`")
         })?;
@@ -200,16 +209,20 @@ impl Indexer for IndexerService {
         let req = req.into_inner();
         let target = convert::target(req.target)?;
         let with_ids = self.mempool.is_some();
-        let (b, ids) = self
-            .query(move |q| {
-                let ids = if with_ids {
-                    Some(q.target_ids(&target)?)
-                } else {
-                    None
-                };
-                Ok((q.balance(&target, req.min_conf)?, ids))
-            })
-            .await?;
+        let answer = move |q: &Query<'_>| {
+            let ids = if with_ids {
+                Some(q.target_ids(&target)?)
+            } else {
+                None
+            };
+            Ok((q.balance(&target, req.min_conf)?, ids))
+        };
+        // Up to one confirmation it is a stored aggregate; more walks recent history.
+        let (b, ids) = if req.min_conf <= 1 {
+            self.quick(answer)?
+        } else {
+            self.query(answer).await?
+        };
         let unconfirmed = match (&self.mempool, ids) {
             (Some(m), Some((wallet, script))) => m
                 .read()
