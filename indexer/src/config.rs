@@ -48,6 +48,12 @@ pub struct FileConfig {
     pub gap_limit: Option<u32>,
     /// File holding the bearer token gRPC calls must present.
     pub grpc_token_file: Option<PathBuf>,
+    /// PEM certificate chain for gRPC over TLS.
+    pub grpc_tls_cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub grpc_tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates: with it, clients must present a certificate it signed (mTLS).
+    pub grpc_tls_client_ca_file: Option<PathBuf>,
     /// Events kept in the event log (absent: all).
     pub event_retention: Option<u64>,
     /// How to reach bitcoind (`[bitcoind]` table).
@@ -258,6 +264,11 @@ impl FileConfig {
             undo_depth: self.undo_depth.or(other.undo_depth),
             gap_limit: self.gap_limit.or(other.gap_limit),
             grpc_token_file: self.grpc_token_file.or(other.grpc_token_file),
+            grpc_tls_cert_file: self.grpc_tls_cert_file.or(other.grpc_tls_cert_file),
+            grpc_tls_key_file: self.grpc_tls_key_file.or(other.grpc_tls_key_file),
+            grpc_tls_client_ca_file: self
+                .grpc_tls_client_ca_file
+                .or(other.grpc_tls_client_ca_file),
             event_retention: self.event_retention.or(other.event_retention),
             bitcoind: self.bitcoind.or(other.bitcoind),
         }
@@ -282,10 +293,23 @@ pub struct Config {
     pub gap_limit: u32,
     /// File holding the bearer token gRPC calls must present (`None`: open, loopback only).
     pub grpc_token_file: Option<PathBuf>,
+    /// gRPC over TLS: certificate chain, key and optional client CA (PEM files).
+    pub grpc_tls: Option<TlsFiles>,
     /// Events kept in the event log (`None`: all).
     pub event_retention: Option<u64>,
     /// The `[bitcoind]` settings, resolved when a command needs the node.
     pub bitcoind: BitcoindFileConfig,
+}
+
+/// The PEM files of the gRPC server's TLS.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+    /// CA whose certificates clients must present (`None`: no client certificates).
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Parses a network name as the CLI and config take it.
@@ -318,6 +342,21 @@ impl Config {
                 "gap_limit {gap_limit} must be 1..=10000000"
             )));
         }
+        let grpc_tls = match (c.grpc_tls_cert_file, c.grpc_tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: c.grpc_tls_client_ca_file,
+            }),
+            (None, None) if c.grpc_tls_client_ca_file.is_none() => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "gRPC TLS needs both grpc_tls_cert_file and grpc_tls_key_file \
+                     (grpc_tls_client_ca_file only with them)"
+                        .into(),
+                ))
+            }
+        };
         Ok(Config {
             db: c.db.unwrap_or_else(|| PathBuf::from("indexer-db")),
             network,
@@ -326,6 +365,7 @@ impl Config {
             undo_depth: c.undo_depth,
             gap_limit,
             grpc_token_file: c.grpc_token_file,
+            grpc_tls,
             event_retention: c.event_retention,
             bitcoind: c.bitcoind,
         })

@@ -9,6 +9,7 @@ use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_server::{Indexer, IndexerServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status};
 
 use crate::auth::BearerToken;
@@ -67,10 +68,7 @@ impl IndexerService {
 impl IndexerService {
     /// Runs `f` on a fresh snapshot right here: for answers of a few point reads (a
     /// stored aggregate), which take less time than a hop to the blocking pool.
-    fn quick<T>(
-        &self,
-        f: impl FnOnce(&Query<'_>) -> Result<T, QueryError>,
-    ) -> Result<T, Status> {
+    fn quick<T>(&self, f: impl FnOnce(&Query<'_>) -> Result<T, QueryError>) -> Result<T, Status> {
         f(&Query::new(&self.store, self.network)?).map_err(Status::from)
     }
 
@@ -336,6 +334,15 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Who may call, and over what.
+#[derive(Clone, Default)]
+pub struct Access {
+    /// The bearer token every indexer call must present (`None`: open).
+    pub token: Option<BearerToken>,
+    /// TLS (rustls) for every connection (`None`: plaintext).
+    pub tls: Option<ServerTlsConfig>,
+}
+
 /// Serves the indexer service, health checking and reflection on `listener` until
 /// `shutdown` completes. With a `token`, every indexer call must present it; health and
 /// reflection stay open (they reveal nothing about wallets).
@@ -346,18 +353,21 @@ pub async fn serve(
     token: Option<BearerToken>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    serve_live(store, network, None, listener, token, shutdown).await
+    let access = Access { token, tls: None };
+    serve_live(store, network, None, listener, access, shutdown).await
 }
 
-/// [`serve`], also answering from the follower's mempool tracker.
+/// [`serve`] with TLS when `access` has it, also answering from the follower's mempool
+/// tracker when there is one.
 pub async fn serve_live(
     store: Arc<Store>,
     network: Network,
     mempool: Option<SharedMempool>,
     listener: TcpListener,
-    token: Option<BearerToken>,
+    access: Access,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let Access { token, tls } = access;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status("indexer.v1.Indexer", tonic_health::ServingStatus::Serving)
@@ -371,7 +381,11 @@ pub async fn serve_live(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(health)
         .add_service(reflection)
         .add_service(IndexerServer::with_interceptor(

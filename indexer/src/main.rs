@@ -20,6 +20,7 @@ use indexer::store::schema::Cf;
 use indexer::store::{Reader, Store};
 use indexer::{grpc, wallets};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 // Parsing allocates and frees many small objects across the pipeline's threads: mimalloc's
 // thread-local heaps take that far better than glibc's arenas.
@@ -62,6 +63,15 @@ struct CommonArgs {
     /// File holding the bearer token gRPC calls must present (required off loopback).
     #[arg(long, global = true, env = "INDEXER_GRPC_TOKEN_FILE")]
     grpc_token_file: Option<PathBuf>,
+    /// PEM certificate chain: serve gRPC over TLS (with --grpc-tls-key-file).
+    #[arg(long, global = true, env = "INDEXER_GRPC_TLS_CERT_FILE")]
+    grpc_tls_cert_file: Option<PathBuf>,
+    /// PEM private key of the TLS certificate.
+    #[arg(long, global = true, env = "INDEXER_GRPC_TLS_KEY_FILE")]
+    grpc_tls_key_file: Option<PathBuf>,
+    /// PEM CA: clients must present a certificate it signed (mutual TLS).
+    #[arg(long, global = true, env = "INDEXER_GRPC_TLS_CLIENT_CA_FILE")]
+    grpc_tls_client_ca_file: Option<PathBuf>,
     /// Events kept in the event log; older offsets are pruned (default: all).
     #[arg(long, global = true, env = "INDEXER_EVENT_RETENTION")]
     event_retention: Option<u64>,
@@ -283,12 +293,28 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn grpc_token(config: &Config, addr: std::net::SocketAddr) -> Result<Option<BearerToken>> {
-    Ok(match &config.grpc_token_file {
+/// The token and TLS the gRPC server on `addr` uses: off loopback a token is required.
+fn grpc_access(config: &Config, addr: std::net::SocketAddr) -> Result<grpc::Access> {
+    let token = match &config.grpc_token_file {
         Some(path) => Some(BearerToken::from_file(path)?),
         None if addr.ip().is_loopback() => None,
         None => bail!("serving on {addr}, off loopback, needs a token: set grpc_token_file"),
-    })
+    };
+    let tls = match &config.grpc_tls {
+        None => None,
+        Some(files) => {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+            };
+            let identity = Identity::from_pem(read(&files.cert)?, read(&files.key)?);
+            let mut tls = ServerTlsConfig::new().identity(identity);
+            if let Some(ca) = &files.client_ca {
+                tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+            }
+            Some(tls)
+        }
+    };
+    Ok(grpc::Access { token, tls })
 }
 
 fn pipeline_options(config: &Config) -> PipelineOptions {
@@ -357,7 +383,7 @@ fn follower(store: Arc<Store>, config: &Config, stop: Arc<AtomicBool>) -> Result
 }
 
 fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<()> {
-    let token = grpc_token(config, addr)?;
+    let access = grpc_access(config, addr)?;
     let store = Arc::new(store);
     let stop = Arc::new(AtomicBool::new(false));
     let follower = follower(store.clone(), config, stop.clone())?;
@@ -393,7 +419,7 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
             config.network,
             Some(mempool),
             listener,
-            token,
+            access,
             shutdown,
         )
         .await?;
@@ -408,7 +434,7 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
 }
 
 fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<()> {
-    let token = grpc_token(config, addr)?;
+    let access = grpc_access(config, addr)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -427,11 +453,12 @@ fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Resul
             }
             tracing::info!("shutting down");
         };
-        grpc::serve(
+        grpc::serve_live(
             std::sync::Arc::new(store),
             config.network,
+            None,
             listener,
-            token,
+            access,
             shutdown,
         )
         .await?;
@@ -448,6 +475,9 @@ fn load_config(args: &CommonArgs) -> Result<Config> {
         undo_depth: args.undo_depth,
         gap_limit: args.gap_limit,
         grpc_token_file: args.grpc_token_file.clone(),
+        grpc_tls_cert_file: args.grpc_tls_cert_file.clone(),
+        grpc_tls_key_file: args.grpc_tls_key_file.clone(),
+        grpc_tls_client_ca_file: args.grpc_tls_client_ca_file.clone(),
         event_retention: args.event_retention,
         bitcoind: BitcoindFileConfig {
             rpc_url: args.bitcoind_rpc_url.clone(),

@@ -40,7 +40,7 @@ impl Api {
             bitcoin::Network::Regtest,
             Some(f.mempool.clone()),
             listener,
-            None,
+            indexer::grpc::Access::default(),
             async {
                 let _ = stopped.await;
             },
