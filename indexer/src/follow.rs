@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bitcoin::consensus::deserialize;
@@ -25,6 +25,8 @@ use crate::pipeline::parse::{txid_of, RawBlock};
 use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
 use crate::store::{Batch, Reader, Store, StoreError};
 use crate::types::{Event, EventKind};
+use crate::wallets;
+use crate::watching::{self, WatchRequest};
 use crate::watchlist::ScriptFilter;
 
 /// How the follower paces itself.
@@ -43,6 +45,10 @@ pub struct FollowOptions {
     pub pipeline: PipelineOptions,
     /// Longest wait between retries while bitcoind is unavailable.
     pub max_backoff: Duration,
+    /// Least number of scripts the bloom filter is sized for, when it is rebuilt.
+    pub bloom_capacity: usize,
+    /// The bloom filter's false-positive rate, when it is rebuilt.
+    pub bloom_fp_rate: f64,
 }
 
 impl Default for FollowOptions {
@@ -54,6 +60,8 @@ impl Default for FollowOptions {
             fetch: FetchOptions::default(),
             pipeline: PipelineOptions::default(),
             max_backoff: Duration::from_secs(30),
+            bloom_capacity: 100_000,
+            bloom_fp_rate: 1e-4,
         }
     }
 }
@@ -124,13 +132,15 @@ pub struct SyncReport {
 pub struct Follower {
     store: Arc<Store>,
     daemon: Arc<Daemon>,
-    scripts: Arc<ScriptFilter>,
+    /// Replaced when watched scripts are added.
+    scripts: RwLock<Arc<ScriptFilter>>,
     network: Network,
     opts: FollowOptions,
     stop: Arc<AtomicBool>,
     notices: Option<Feed>,
     on_commit: Arc<dyn Fn(&Progress) + Send + Sync>,
     mempool: SharedMempool,
+    watch_requests: Receiver<WatchRequest>,
 }
 
 /// Longest a live block holds up mempool notices while it is indexed.
@@ -167,14 +177,47 @@ impl Follower {
         Follower {
             store,
             daemon,
-            scripts,
+            scripts: RwLock::new(scripts),
             network,
             opts,
             stop,
             notices,
             on_commit: Arc::new(|_| {}),
+            watch_requests: crossbeam_channel::never(),
             mempool: SharedMempool::default(),
         }
+    }
+
+    /// Takes `AddWatch` requests from `requests` and applies them between blocks.
+    pub fn with_watch_requests(mut self, requests: Receiver<WatchRequest>) -> Self {
+        self.watch_requests = requests;
+        self
+    }
+
+    /// The bloom filter in force.
+    fn scripts(&self) -> Arc<ScriptFilter> {
+        self.scripts
+            .read()
+            .expect("filter lock is never poisoned")
+            .clone()
+    }
+
+    /// Applies pending `AddWatch`es (the pipeline is idle) and reloads the filter.
+    fn apply_watch_requests(&self) -> Result<(), FollowError> {
+        let mut applied = false;
+        while let Ok(req) = self.watch_requests.try_recv() {
+            watching::apply(&self.store, self.network, req);
+            applied = true;
+        }
+        if applied {
+            let filter = wallets::load_filter(
+                &self.store,
+                self.opts.bloom_capacity,
+                self.opts.bloom_fp_rate,
+            )?;
+            *self.scripts.write().expect("filter lock is never poisoned") = Arc::new(filter);
+        }
+        Ok(())
     }
 
     /// The mempool tracker this follower keeps (share it with the gRPC server).
@@ -229,7 +272,8 @@ impl Follower {
 
     /// Tracks `tx`, which just entered bitcoind's mempool.
     fn mempool_added(&self, tx: &Transaction) -> Result<(), FollowError> {
-        let changes = self.mempool_mut().added(&self.store, &self.scripts, tx)?;
+        let scripts = self.scripts();
+        let changes = self.mempool_mut().added(&self.store, &scripts, tx)?;
         self.log_changes(changes)
     }
 
@@ -294,7 +338,7 @@ impl Follower {
     /// Sleeps `d`, waking early when asked to stop.
     fn pause(&self, d: Duration) {
         let until = Instant::now() + d;
-        while !self.stopping() && Instant::now() < until {
+        while !self.stopping() && Instant::now() < until && self.watch_requests.is_empty() {
             std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
         }
     }
@@ -342,9 +386,10 @@ impl Follower {
             // Stopping ends the source; the pipeline commits what it already has.
             let source = source.take_while(move |_| !stop.load(Ordering::Relaxed));
             let on_commit = self.on_commit.clone();
+            let scripts = self.scripts();
             let progress = pipeline::run(
                 &self.store,
-                &self.scripts,
+                &scripts,
                 source,
                 &self.opts.pipeline,
                 &move |p: &Progress| on_commit(p),
@@ -390,18 +435,21 @@ impl Follower {
     pub fn run(&self) -> Result<(), FollowError> {
         let mut backoff = Duration::from_millis(250);
         while !self.stopping() {
-            let step = self.sync(None).and_then(|report| {
-                if report.progress.blocks > 0 || report.disconnected > 0 {
-                    info!(
-                        connected = report.progress.blocks,
-                        disconnected = report.disconnected,
-                        tip = ?report.tip,
-                        "in step with bitcoind"
-                    );
-                }
-                self.resync_mempool()?;
-                self.live()
-            });
+            let step = self
+                .apply_watch_requests()
+                .and_then(|()| self.sync(None))
+                .and_then(|report| {
+                    if report.progress.blocks > 0 || report.disconnected > 0 {
+                        info!(
+                            connected = report.progress.blocks,
+                            disconnected = report.disconnected,
+                            tip = ?report.tip,
+                            "in step with bitcoind"
+                        );
+                    }
+                    self.resync_mempool()?;
+                    self.live()
+                });
             match step {
                 Ok(LiveExit::Stop) => break,
                 Ok(LiveExit::Reconcile(why)) => {
@@ -436,6 +484,7 @@ impl Follower {
         };
         // Heights as they commit, so the notice loop can wait for a block it handed over.
         let (committed_tx, committed) = bounded::<u32>(64);
+        let scripts = self.scripts();
         std::thread::scope(|s| {
             let pipeline = std::thread::Builder::new()
                 .name("live".into())
@@ -443,7 +492,7 @@ impl Follower {
                     let on_commit = self.on_commit.clone();
                     pipeline::run(
                         &self.store,
-                        &self.scripts,
+                        &scripts,
                         source.into_iter().map(Ok),
                         &opts,
                         &move |p: &Progress| {
@@ -471,6 +520,9 @@ impl Follower {
             self.pause(self.opts.poll_interval);
             if self.stopping() {
                 return Ok(LiveExit::Stop);
+            }
+            if !self.watch_requests.is_empty() {
+                return Ok(LiveExit::Reconcile("watched scripts were added"));
             }
             if self.daemon.best_block_hash()? != tip.1 {
                 return Ok(LiveExit::Reconcile("bitcoind's tip changed"));
@@ -627,6 +679,9 @@ impl Follower {
             }
             let expired = self.mempool_mut().expire(Instant::now());
             self.log_changes(expired)?;
+            if !self.watch_requests.is_empty() {
+                return Ok(LiveExit::Reconcile("watched scripts were added"));
+            }
             if let Some((hash, since)) = announced {
                 if hash == tip.1 {
                     announced = None;

@@ -17,6 +17,8 @@ use crate::convert;
 use crate::mempool::{Gone, Mempool};
 use crate::query::{Query, QueryError};
 use crate::store::Store;
+use crate::wallets::WalletError;
+use crate::watching::{self, AddWatchError, WatchChanges, WatchRequest};
 
 /// The query service over one database.
 pub struct IndexerService {
@@ -26,6 +28,8 @@ pub struct IndexerService {
     stopping: tokio::sync::watch::Receiver<bool>,
     /// Watched mempool transactions, when following bitcoind.
     mempool: Option<SharedMempool>,
+    /// Where `AddWatch` goes.
+    watch: WatchChanges,
 }
 
 /// The mempool tracker as the follower and the server share it.
@@ -43,7 +47,14 @@ impl IndexerService {
             network,
             stopping,
             mempool: None,
+            watch: WatchChanges::Refused,
         }
+    }
+
+    /// Accepts `AddWatch` and sends it to `watch`.
+    pub fn with_watch(mut self, watch: WatchChanges) -> Self {
+        self.watch = watch;
+        self
     }
 
     /// Also answers from the follower's mempool tracker (unconfirmed balances and transfers).
@@ -184,6 +195,65 @@ impl Indexer for IndexerService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn add_watch(
+        &self,
+        req: Request<pb::AddWatchRequest>,
+    ) -> Result<Response<pb::AddWatchResponse>, Status> {
+        let req = req.into_inner();
+        let gap_limit =
+            match &self.watch {
+                WatchChanges::Refused => return Err(Status::permission_denied(
+                    "AddWatch changes what is watched: configure grpc_token_file on the server \
+                     and present its token",
+                )),
+                WatchChanges::Direct { gap_limit } | WatchChanges::Follower { gap_limit, .. } => {
+                    *gap_limit
+                }
+            };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = WatchRequest {
+            wallet: req.wallet.clone(),
+            descriptors: req.descriptors,
+            birth_height: req.birth_height,
+            gap_limit,
+            reply,
+        };
+        match &self.watch {
+            WatchChanges::Refused => unreachable!("refused above"),
+            WatchChanges::Direct { .. } => {
+                let (store, network) = (self.store.clone(), self.network);
+                tokio::task::spawn_blocking(move || watching::apply(&store, network, request))
+                    .await
+                    .map_err(|e| Status::internal(format!("AddWatch task failed: {e}")))?;
+            }
+            WatchChanges::Follower { requests, .. } => {
+                requests.try_send(request).map_err(|e| match e {
+                    crossbeam_channel::TrySendError::Full(_) => Status::resource_exhausted(
+                        "too many AddWatch requests waiting: retry shortly",
+                    ),
+                    crossbeam_channel::TrySendError::Disconnected(_) => {
+                        Status::unavailable("the indexer is shutting down")
+                    }
+                })?;
+            }
+        }
+        let added = answer
+            .await
+            .map_err(|_| Status::unavailable("the indexer is shutting down"))?
+            .map_err(|e| match e {
+                AddWatchError::Wallet(WalletError::Store(e)) => Status::internal(e.to_string()),
+                AddWatchError::Wallet(e) => Status::invalid_argument(e.to_string()),
+                AddWatchError::History { .. } => Status::failed_precondition(e.to_string()),
+            })?;
+        let height = self.quick(|q| Ok(q.tip()))?.map_or(0, |(h, _)| h);
+        Ok(Response::new(pb::AddWatchResponse {
+            wallet: req.wallet,
+            new_scripts: added.new_scripts as u32,
+            known_scripts: added.known_scripts as u32,
+            height,
+        }))
     }
 
     async fn get_tip(
@@ -334,13 +404,15 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Who may call, and over what.
+/// Who may call, over what, and where writes go.
 #[derive(Clone, Default)]
 pub struct Access {
-    /// The bearer token every indexer call must present (`None`: open).
+    /// The bearer token every indexer call must present (`None`: open, and no writes).
     pub token: Option<BearerToken>,
     /// TLS (rustls) for every connection (`None`: plaintext).
     pub tls: Option<ServerTlsConfig>,
+    /// Where `AddWatch` goes.
+    pub watch: WatchChanges,
 }
 
 /// Serves the indexer service, health checking and reflection on `listener` until
@@ -353,7 +425,10 @@ pub async fn serve(
     token: Option<BearerToken>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let access = Access { token, tls: None };
+    let access = Access {
+        token,
+        ..Access::default()
+    };
     serve_live(store, network, None, listener, access, shutdown).await
 }
 
@@ -367,7 +442,13 @@ pub async fn serve_live(
     access: Access,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let Access { token, tls } = access;
+    let Access { token, tls, watch } = access;
+    // Writes need a token: without one, the server is open to anyone on loopback.
+    let watch = if token.is_some() {
+        watch
+    } else {
+        WatchChanges::Refused
+    };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status("indexer.v1.Indexer", tonic_health::ServingStatus::Serving)
@@ -389,7 +470,9 @@ pub async fn serve_live(
         .add_service(health)
         .add_service(reflection)
         .add_service(IndexerServer::with_interceptor(
-            IndexerService::new(store, network, stopping).with_mempool(mempool),
+            IndexerService::new(store, network, stopping)
+                .with_mempool(mempool)
+                .with_watch(watch),
             move |req| match &token {
                 Some(t) => t.check(req),
                 None => Ok(req),

@@ -38,4 +38,5 @@ pub mod rescan;
 pub mod store;
 pub mod types;
 pub mod wallets;
+pub mod watching;
 pub mod watchlist;

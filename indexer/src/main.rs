@@ -314,7 +314,11 @@ fn grpc_access(config: &Config, addr: std::net::SocketAddr) -> Result<grpc::Acce
             Some(tls)
         }
     };
-    Ok(grpc::Access { token, tls })
+    Ok(grpc::Access {
+        token,
+        tls,
+        watch: indexer::watching::WatchChanges::Refused,
+    })
 }
 
 fn pipeline_options(config: &Config) -> PipelineOptions {
@@ -369,6 +373,8 @@ fn follower(store: Arc<Store>, config: &Config, stop: Arc<AtomicBool>) -> Result
         poll_interval: bitcoind.poll_interval,
         zmq_silence: bitcoind.zmq_silence,
         pipeline: pipeline_options(config),
+        bloom_capacity: config.bloom_capacity,
+        bloom_fp_rate: config.bloom_fp_rate,
         ..FollowOptions::default()
     };
     Ok(Follower::new(
@@ -383,10 +389,13 @@ fn follower(store: Arc<Store>, config: &Config, stop: Arc<AtomicBool>) -> Result
 }
 
 fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<()> {
-    let access = grpc_access(config, addr)?;
+    let mut access = grpc_access(config, addr)?;
     let store = Arc::new(store);
     let stop = Arc::new(AtomicBool::new(false));
-    let follower = follower(store.clone(), config, stop.clone())?;
+    let (watch, watch_requests) = indexer::watching::channel(config.gap_limit);
+    access.watch = watch;
+    let follower =
+        follower(store.clone(), config, stop.clone())?.with_watch_requests(watch_requests);
     let mempool = follower.mempool();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let (follower_done, follower_ended) = tokio::sync::oneshot::channel::<()>();
@@ -434,7 +443,11 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
 }
 
 fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<()> {
-    let access = grpc_access(config, addr)?;
+    let mut access = grpc_access(config, addr)?;
+    // Nothing else writes to the database here: AddWatch applies directly.
+    access.watch = indexer::watching::WatchChanges::Direct {
+        gap_limit: config.gap_limit,
+    };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(addr)

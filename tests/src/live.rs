@@ -18,6 +18,7 @@ use indexer::follow::{FollowError, FollowOptions, Follower};
 use indexer::grpc::SharedMempool;
 use indexer::store::{Reader, Store};
 use indexer::wallets;
+use indexer::watching::WatchChanges;
 use serde_json::{json, Value};
 
 use crate::harness::{open_with_wallets, rescan, TestWallet};
@@ -130,6 +131,8 @@ pub struct Following {
     pub store: Arc<Store>,
     /// Its mempool tracker.
     pub mempool: SharedMempool,
+    /// Where a gRPC server sends `AddWatch` for this follower to apply.
+    pub watch: WatchChanges,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), FollowError>>>,
 }
@@ -168,6 +171,8 @@ impl Following {
             stop.clone(),
             notices,
         );
+        let (watch, requests) = indexer::watching::channel(20);
+        let follower = follower.with_watch_requests(requests);
         let mempool = follower.mempool();
         let thread = std::thread::Builder::new()
             .name("follower".into())
@@ -176,6 +181,7 @@ impl Following {
         Following {
             store,
             mempool,
+            watch,
             stop,
             thread: Some(thread),
         }

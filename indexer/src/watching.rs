@@ -1,0 +1,127 @@
+//! Adding watched scripts while the indexer runs (gRPC `AddWatch`). The follower's
+//! pipeline keeps the watched set in memory, so a change goes to whoever writes blocks:
+//! the follower applies it between blocks and reloads its filter; without a follower
+//! (`indexer serve`) nothing else writes and it is applied at once.
+
+use bitcoin::Network;
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::store::{Reader, Store, StoreError};
+use crate::wallets::{self, Added, WalletError};
+
+/// One `AddWatch`, with where to send its outcome.
+pub struct WatchRequest {
+    /// Wallet name (created when new).
+    pub wallet: String,
+    /// Output descriptors or addresses.
+    pub descriptors: Vec<String>,
+    /// First height that may pay these scripts (`None`: from the next block on).
+    pub birth_height: Option<u32>,
+    /// Scripts derived from each ranged descriptor.
+    pub gap_limit: u32,
+    /// Receives the outcome.
+    pub reply: tokio::sync::oneshot::Sender<Result<Added, AddWatchError>>,
+}
+
+/// Why an `AddWatch` was refused; nothing was added.
+#[derive(Debug, thiserror::Error)]
+pub enum AddWatchError {
+    /// A descriptor, the wallet name or the database.
+    #[error(transparent)]
+    Wallet(#[from] WalletError),
+    /// The scripts may have history below the tip, which adding them does not index.
+    #[error(
+        "birth height {birth} is at or below the indexed tip {tip}: AddWatch does not index \
+         earlier history yet; omit birth_height for new scripts, or stop the indexer and run \
+         `indexer watch add --birth-height {birth}` then `indexer rescan --from {birth}`"
+    )]
+    History {
+        /// The birth height asked for.
+        birth: u32,
+        /// The tip.
+        tip: u32,
+    },
+}
+
+impl From<StoreError> for AddWatchError {
+    fn from(e: StoreError) -> Self {
+        AddWatchError::Wallet(WalletError::Store(e))
+    }
+}
+
+/// Applies `req` to `store` (by the thread that writes blocks) and answers it.
+pub fn apply(store: &Store, network: Network, req: WatchRequest) {
+    let outcome = add(
+        store,
+        network,
+        &req.wallet,
+        &req.descriptors,
+        req.birth_height,
+        req.gap_limit,
+    );
+    match &outcome {
+        Ok(added) => tracing::info!(
+            wallet = %req.wallet,
+            new = added.new_scripts,
+            known = added.known_scripts,
+            "watching more scripts"
+        ),
+        Err(e) => tracing::warn!(wallet = %req.wallet, error = %e, "AddWatch refused"),
+    }
+    let _ = req.reply.send(outcome);
+}
+
+fn add(
+    store: &Store,
+    network: Network,
+    wallet: &str,
+    descriptors: &[String],
+    birth_height: Option<u32>,
+    gap_limit: u32,
+) -> Result<Added, AddWatchError> {
+    if let (Some(birth), Some((tip, _))) = (birth_height, store.tip()?) {
+        if birth <= tip {
+            return Err(AddWatchError::History { birth, tip });
+        }
+    }
+    Ok(wallets::add(
+        store,
+        network,
+        wallet,
+        descriptors,
+        birth_height,
+        gap_limit,
+    )?)
+}
+
+/// Where the gRPC server sends `AddWatch`es.
+#[derive(Clone, Default)]
+pub enum WatchChanges {
+    /// No writes: `AddWatch` is refused.
+    #[default]
+    Refused,
+    /// Nothing else writes: apply them directly.
+    Direct {
+        /// Scripts derived from each ranged descriptor.
+        gap_limit: u32,
+    },
+    /// The follower applies them between blocks.
+    Follower {
+        /// To the follower.
+        requests: Sender<WatchRequest>,
+        /// Scripts derived from each ranged descriptor.
+        gap_limit: u32,
+    },
+}
+
+/// A channel from the gRPC server to a follower ([`crate::follow::Follower::with_watch_requests`]).
+pub fn channel(gap_limit: u32) -> (WatchChanges, Receiver<WatchRequest>) {
+    let (requests, rx) = crossbeam_channel::bounded(64);
+    (
+        WatchChanges::Follower {
+            requests,
+            gap_limit,
+        },
+        rx,
+    )
+}
