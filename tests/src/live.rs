@@ -308,3 +308,47 @@ pub fn fund(node: &Devnet, key: &TestKey, btc: f64) -> (bitcoin::OutPoint, bitco
         tx.output[vout].value,
     )
 }
+
+/// A gRPC server over a [`Following`] on 127.0.0.1, with its runtime and a channel to it;
+/// the server stops when this is dropped.
+pub struct Served {
+    /// The runtime the server and the test's calls run on.
+    pub runtime: tokio::runtime::Runtime,
+    /// A connection to the server.
+    pub channel: tonic::transport::Channel,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Served {
+    /// Serves `f`'s database and mempool with `access` on an ephemeral port.
+    pub fn start(f: &Following, access: indexer::grpc::Access) -> Served {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        runtime.spawn(indexer::grpc::serve_live(
+            f.store.clone(),
+            Network::Regtest,
+            Some(f.mempool.clone()),
+            listener,
+            access,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let channel = runtime
+            .block_on(
+                tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect(),
+            )
+            .unwrap();
+        Served {
+            runtime,
+            channel,
+            _stop: stop,
+        }
+    }
+}

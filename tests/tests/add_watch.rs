@@ -16,7 +16,7 @@ use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use serde_json::json;
 use system_tests::harness::TestWallet;
-use system_tests::live::{fresh_digest, Devnet, Following};
+use system_tests::live::{fresh_digest, Devnet, Following, Served};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
@@ -31,46 +31,27 @@ fn script(address: &str) -> ScriptBuf {
         .script_pubkey()
 }
 
+/// Puts the bearer token on a request.
+fn authorized<T>(mut req: tonic::Request<T>, token: &str) -> tonic::Request<T> {
+    let value = MetadataValue::try_from(format!("Bearer {token}")).unwrap();
+    req.metadata_mut().insert("authorization", value);
+    req
+}
+
 /// A gRPC server with a token over the follower, and a client that may or may not send it.
 struct Api {
-    runtime: tokio::runtime::Runtime,
-    channel: Channel,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    served: Served,
 }
 
 impl Api {
     fn serve(f: &Following) -> Api {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        runtime.spawn(indexer::grpc::serve_live(
-            f.store.clone(),
-            Network::Regtest,
-            Some(f.mempool.clone()),
-            listener,
-            indexer::grpc::Access {
-                token: Some(BearerToken::new(TOKEN)),
-                tls: None,
-                watch: f.watch.clone(),
-            },
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        let channel = runtime
-            .block_on(
-                Channel::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .connect(),
-            )
-            .unwrap();
+        let access = indexer::grpc::Access {
+            token: Some(BearerToken::new(TOKEN)),
+            tls: None,
+            watch: f.watch.clone(),
+        };
         Api {
-            runtime,
-            channel,
-            _stop: stop,
+            served: Served::start(f, access),
         }
     }
 
@@ -87,27 +68,26 @@ impl Api {
             birth_height,
         });
         if let Some(t) = token {
-            let value = MetadataValue::try_from(format!("Bearer {t}")).unwrap();
-            req.metadata_mut().insert("authorization", value);
+            req = authorized(req, t);
         }
-        let mut client = IndexerClient::new(self.channel.clone());
-        self.runtime
+        let mut client = IndexerClient::new(self.served.channel.clone());
+        self.served
+            .runtime
             .block_on(client.add_watch(req))
             .map(|r| r.into_inner())
     }
 
     fn balance(&self, wallet: &str) -> Result<pb::GetBalanceResponse, tonic::Status> {
-        let mut req = tonic::Request::new(pb::GetBalanceRequest {
+        let req = tonic::Request::new(pb::GetBalanceRequest {
             target: Some(pb::Target {
                 target: Some(pb::target::Target::Wallet(wallet.into())),
             }),
             min_conf: 0,
         });
-        let value = MetadataValue::try_from(format!("Bearer {TOKEN}")).unwrap();
-        req.metadata_mut().insert("authorization", value);
-        let mut client = IndexerClient::new(self.channel.clone());
-        self.runtime
-            .block_on(client.get_balance(req))
+        let mut client = IndexerClient::new(self.served.channel.clone());
+        self.served
+            .runtime
+            .block_on(client.get_balance(authorized(req, TOKEN)))
             .map(|r| r.into_inner())
     }
 
@@ -267,14 +247,12 @@ fn without_a_follower_writes_apply_directly_and_need_a_configured_token() {
             .unwrap()
     };
     let request = |token: &str| {
-        let mut req = tonic::Request::new(pb::AddWatchRequest {
+        let req = tonic::Request::new(pb::AddWatchRequest {
             wallet: "cold".into(),
             descriptors: vec!["bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080".into()],
             birth_height: None,
         });
-        let value = MetadataValue::try_from(format!("Bearer {token}")).unwrap();
-        req.metadata_mut().insert("authorization", value);
-        req
+        authorized(req, token)
     };
 
     let open = IndexerClient::new(start(None));

@@ -17,42 +17,20 @@ use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use serde_json::json;
 use system_tests::harness::TestWallet;
-use system_tests::live::{fund, Devnet, Following, TestKey};
+use system_tests::live::{fund, Devnet, Following, Served, TestKey};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 struct Api {
-    runtime: tokio::runtime::Runtime,
+    served: Served,
     client: IndexerClient<tonic::transport::Channel>,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Api {
     fn serve(f: &Following) -> Api {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        runtime.spawn(indexer::grpc::serve_live(
-            f.store.clone(),
-            bitcoin::Network::Regtest,
-            Some(f.mempool.clone()),
-            listener,
-            indexer::grpc::Access::default(),
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        let client = runtime
-            .block_on(IndexerClient::connect(format!("http://{addr}")))
-            .unwrap();
-        Api {
-            runtime,
-            client,
-            _stop: stop,
-        }
+        let served = Served::start(f, indexer::grpc::Access::default());
+        let client = IndexerClient::new(served.channel.clone());
+        Api { served, client }
     }
 
     fn balance(&mut self) -> pb::GetBalanceResponse {
@@ -62,7 +40,8 @@ impl Api {
             }),
             min_conf: 0,
         };
-        self.runtime
+        self.served
+            .runtime
             .block_on(self.client.get_balance(req))
             .unwrap()
             .into_inner()
@@ -72,7 +51,8 @@ impl Api {
         let req = pb::GetTransferRequest {
             txid: txid.to_owned(),
         };
-        self.runtime
+        self.served
+            .runtime
             .block_on(self.client.get_transfer(req))
             .ok()
             .map(|r| r.into_inner().transfers.remove(0))
@@ -92,6 +72,7 @@ impl Api {
 
     fn events(&mut self) -> Vec<pb::Event> {
         let mut stream = self
+            .served
             .runtime
             .block_on(
                 self.client
@@ -101,7 +82,7 @@ impl Api {
             .into_inner();
         let mut events = Vec::new();
         // The stream follows live: read what is there, then stop waiting.
-        while let Ok(Ok(Some(e))) = self.runtime.block_on(async {
+        while let Ok(Ok(Some(e))) = self.served.runtime.block_on(async {
             tokio::time::timeout(Duration::from_millis(500), stream.message()).await
         }) {
             events.push(e);
