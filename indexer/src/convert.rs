@@ -132,3 +132,24 @@ pub fn event(offset: u64, e: Event) -> pb::Event {
         txid: e.txid.map(|t| t.to_string()).unwrap_or_default(),
     }
 }
+
+/// A backfill's status as the API shows it.
+pub fn backfill(s: &crate::backfill::Status) -> pb::Backfill {
+    use crate::backfill::State;
+    let (state, failure) = match &s.state {
+        State::Indexing => (pb::BackfillState::Indexing, String::new()),
+        State::Merging => (pb::BackfillState::Merging, String::new()),
+        State::Done => (pb::BackfillState::Done, String::new()),
+        State::Failed(why) => (pb::BackfillState::Failed, why.clone()),
+    };
+    pb::Backfill {
+        id: s.job.id,
+        wallet: s.job.wallet.clone(),
+        descriptors: s.job.descriptors.clone(),
+        birth_height: s.job.birth,
+        height: s.height,
+        target_height: s.target,
+        state: state.into(),
+        failure,
+    }
+}

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use bitcoin::consensus::deserialize;
 use bitcoin::{block, BlockHash, Network, Transaction, Txid};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::backfill;
 use crate::daemon::zmq::{Feed, Notice, SequenceEvent, Topic};
 use crate::daemon::{Daemon, DaemonError};
 use crate::fetch::{FetchOptions, Prefetch};
@@ -26,7 +27,7 @@ use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
 use crate::store::{Batch, Reader, Store, StoreError};
 use crate::types::{Event, EventKind};
 use crate::wallets;
-use crate::watching::{self, WatchRequest};
+use crate::watching::{self, Accepted, AddWatchError, WatchRequest};
 use crate::watchlist::ScriptFilter;
 
 /// How the follower paces itself.
@@ -81,6 +82,9 @@ pub enum FollowError {
     /// The ZMQ thread ended.
     #[error("the ZMQ subscriber stopped")]
     ZmqStopped,
+    /// Merging a backfill failed.
+    #[error("backfill: {0}")]
+    Backfill(#[from] backfill::BackfillError),
     /// bitcoind's chain is shorter than the index while it is still syncing.
     #[error("bitcoind is in initial block download at height {daemon}, below the index's {index}: waiting for it")]
     DaemonBehind {
@@ -105,6 +109,7 @@ impl FollowError {
             // A block that fails its own hash or merkle root: fetch it again.
             FollowError::Pipeline(PipelineError::Parse(_)) => true,
             FollowError::DaemonBehind { .. } => true,
+            FollowError::Backfill(e) => e.is_transient(),
             FollowError::Pipeline(_) | FollowError::Store(_) | FollowError::ZmqStopped => false,
         }
     }
@@ -141,7 +146,13 @@ pub struct Follower {
     on_commit: Arc<dyn Fn(&Progress) + Send + Sync>,
     mempool: SharedMempool,
     watch_requests: Receiver<WatchRequest>,
+    backfills: backfill::Registry,
+    /// Backfills indexed and waiting to be merged between two blocks.
+    backfill_ready: (Sender<ReadyBackfill>, Receiver<ReadyBackfill>),
 }
+
+/// A backfill indexed in its scratch database, waiting to be merged.
+type ReadyBackfill = (backfill::Job, Store);
 
 /// Longest a live block holds up mempool notices while it is indexed.
 const BLOCK_FIRST_LIMIT: Duration = Duration::from_secs(2);
@@ -184,13 +195,21 @@ impl Follower {
             notices,
             on_commit: Arc::new(|_| {}),
             watch_requests: crossbeam_channel::never(),
+            backfills: backfill::Registry::default(),
+            backfill_ready: crossbeam_channel::unbounded(),
             mempool: SharedMempool::default(),
         }
     }
 
-    /// Takes `AddWatch` requests from `requests` and applies them between blocks.
-    pub fn with_watch_requests(mut self, requests: Receiver<WatchRequest>) -> Self {
+    /// Takes `AddWatch` requests from `requests` and applies them between blocks; their
+    /// backfills show in `backfills`.
+    pub fn with_watch_requests(
+        mut self,
+        requests: Receiver<WatchRequest>,
+        backfills: backfill::Registry,
+    ) -> Self {
         self.watch_requests = requests;
+        self.backfills = backfills;
         self
     }
 
@@ -202,22 +221,223 @@ impl Follower {
             .clone()
     }
 
-    /// Applies pending `AddWatch`es (the pipeline is idle) and reloads the filter.
-    fn apply_watch_requests(&self) -> Result<(), FollowError> {
-        let mut applied = false;
+    /// Whether an `AddWatch` or a finished backfill waits for a pause between blocks.
+    fn watch_changes_waiting(&self) -> bool {
+        !self.watch_requests.is_empty() || !self.backfill_ready.1.is_empty()
+    }
+
+    /// Rebuilds the bloom filter from the watched scripts.
+    fn reload_filter(&self) -> Result<(), FollowError> {
+        let filter = wallets::load_filter(
+            &self.store,
+            self.opts.bloom_capacity,
+            self.opts.bloom_fp_rate,
+        )?;
+        *self.scripts.write().expect("filter lock is never poisoned") = Arc::new(filter);
+        Ok(())
+    }
+
+    /// Applies pending `AddWatch`es and merges finished backfills (the pipeline is idle),
+    /// then reloads the filter.
+    fn apply_watch_changes(&self) -> Result<(), FollowError> {
+        let mut changed = false;
         while let Ok(req) = self.watch_requests.try_recv() {
-            watching::apply(&self.store, self.network, req);
-            applied = true;
+            changed |= self.accept_watch(req)?;
         }
-        if applied {
-            let filter = wallets::load_filter(
-                &self.store,
-                self.opts.bloom_capacity,
-                self.opts.bloom_fp_rate,
-            )?;
-            *self.scripts.write().expect("filter lock is never poisoned") = Arc::new(filter);
+        while let Ok((job, scratch)) = self.backfill_ready.1.try_recv() {
+            changed |= self.merge_backfill(job, scratch)?;
+        }
+        if changed {
+            self.reload_filter()?;
         }
         Ok(())
+    }
+
+    /// One `AddWatch`: applied at once, or (new scripts with earlier history) recorded
+    /// and backfilled in the background. True when the watched set changed.
+    fn accept_watch(&self, req: WatchRequest) -> Result<bool, FollowError> {
+        let tip = self.store.tip()?.map(|(h, _)| h);
+        let needs_history = matches!((req.birth_height, tip), (Some(b), Some(t)) if b <= t);
+        if !needs_history {
+            watching::apply(&self.store, self.network, req);
+            return Ok(true);
+        }
+        let birth = req.birth_height.unwrap_or(0);
+        // A dry run checks the name and descriptors and counts the scripts.
+        let dry = wallets::prepare(
+            &self.store,
+            self.network,
+            &req.wallet,
+            &req.descriptors,
+            req.birth_height,
+            req.gap_limit,
+        );
+        let counts = match dry {
+            Ok(p) => p.added,
+            Err(e) => {
+                let _ = req.reply.send(Err(AddWatchError::Wallet(e)));
+                return Ok(false);
+            }
+        };
+        if counts.new_scripts == 0 {
+            // Every script is watched already: their history is indexed.
+            watching::apply(&self.store, self.network, req);
+            return Ok(true);
+        }
+        let job = backfill::record(
+            &self.store,
+            &req.wallet,
+            &req.descriptors,
+            birth,
+            req.gap_limit,
+        )?;
+        info!(id = job.id, wallet = %job.wallet, birth, new = counts.new_scripts, "backfilling the history of new scripts");
+        let _ = req.reply.send(Ok(Accepted {
+            new_scripts: counts.new_scripts,
+            known_scripts: counts.known_scripts,
+            backfill: Some(job.id),
+        }));
+        self.spawn_backfill(job);
+        Ok(false)
+    }
+
+    /// Restarts the backfills a previous run accepted and did not merge.
+    fn resume_backfills(&self) -> Result<(), FollowError> {
+        for job in backfill::pending(&self.store)? {
+            let running = self
+                .backfills
+                .lock()
+                .expect("registry lock is never poisoned")
+                .contains_key(&job.id);
+            if !running {
+                info!(id = job.id, wallet = %job.wallet, "resuming a backfill");
+                self.spawn_backfill(job);
+            }
+        }
+        Ok(())
+    }
+
+    /// Indexes a job's history in a thread of its own; the follower merges it when ready.
+    fn spawn_backfill(&self, job: backfill::Job) {
+        self.backfills
+            .lock()
+            .expect("registry lock is never poisoned")
+            .insert(
+                job.id,
+                backfill::Status {
+                    job: job.clone(),
+                    height: job.birth,
+                    target: job.birth,
+                    state: backfill::State::Indexing,
+                },
+            );
+        let (store, daemon, network, stop) = (
+            self.store.clone(),
+            self.daemon.clone(),
+            self.network,
+            self.stop.clone(),
+        );
+        let (ready, registry) = (self.backfill_ready.0.clone(), self.backfills.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("backfill-{}", job.id))
+            .spawn(move || {
+                let mut backoff = Duration::from_millis(250);
+                let update = |height: Option<u32>, target: Option<u32>, state: Option<backfill::State>| {
+                    let mut r = registry.lock().expect("registry lock is never poisoned");
+                    if let Some(s) = r.get_mut(&job.id) {
+                        if let Some(h) = height {
+                            s.height = h;
+                        }
+                        if let Some(t) = target {
+                            s.target = t;
+                        }
+                        if let Some(st) = state {
+                            s.state = st;
+                        }
+                    }
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    let attempt = (|| {
+                        let scripts =
+                            backfill::new_scripts(&store, network, &job.descriptors, job.gap_limit)?;
+                        let target = store.tip()?.map_or(job.birth, |(h, _)| h);
+                        update(None, Some(target), None);
+                        let dir = backfill::scratch_dir(&store, job.id);
+                        backfill::index(
+                            &job,
+                            &scripts,
+                            daemon.clone(),
+                            &dir,
+                            network,
+                            target,
+                            &stop,
+                            &|h| update(Some(h), None, None),
+                        )
+                    })();
+                    match attempt {
+                        Ok(scratch) => {
+                            update(None, None, Some(backfill::State::Merging));
+                            let _ = ready.send((job.clone(), scratch));
+                            return;
+                        }
+                        Err(backfill::BackfillError::Stopped) => return,
+                        Err(e) if e.is_transient() => {
+                            warn!(id = job.id, error = %e, retry_in = ?backoff, "backfill interrupted; retrying");
+                            std::thread::sleep(backoff);
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
+                        Err(e) => {
+                            error!(id = job.id, error = %e, "backfill failed; it is retried at the next start");
+                            update(None, None, Some(backfill::State::Failed(e.to_string())));
+                            return;
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            error!(error = %e, "could not start a backfill thread");
+        }
+    }
+
+    /// Brings a finished backfill onto the index's chain and merges it. True when merged.
+    fn merge_backfill(&self, job: backfill::Job, scratch: Store) -> Result<bool, FollowError> {
+        let aligned = backfill::align(&scratch, &self.store, &self.daemon, &job)
+            .and_then(|()| backfill::merge(&self.store, &scratch, &job, self.network));
+        let dir = scratch.path().to_owned();
+        let set_state = |state: backfill::State| {
+            if let Some(s) = self
+                .backfills
+                .lock()
+                .expect("registry lock is never poisoned")
+                .get_mut(&job.id)
+            {
+                if state == backfill::State::Done {
+                    s.height = s.target.max(s.height);
+                }
+                s.state = state;
+            }
+        };
+        match aligned {
+            Ok(added) => {
+                info!(id = job.id, wallet = %job.wallet, new = added.new_scripts, "backfill merged: the scripts are watched with their history");
+                set_state(backfill::State::Done);
+                drop(scratch);
+                backfill::remove_scratch(&dir);
+                Ok(true)
+            }
+            Err(e) if e.is_transient() => {
+                // Try again at the next pause between blocks.
+                let _ = self.backfill_ready.0.send((job, scratch));
+                Err(FollowError::Backfill(e))
+            }
+            Err(e) => {
+                error!(id = job.id, error = %e, "merging a backfill failed; it is retried at the next start");
+                set_state(backfill::State::Failed(e.to_string()));
+                drop(scratch);
+                backfill::remove_scratch(&dir);
+                Ok(false)
+            }
+        }
     }
 
     /// The mempool tracker this follower keeps (share it with the gRPC server).
@@ -338,7 +558,7 @@ impl Follower {
     /// Sleeps `d`, waking early when asked to stop.
     fn pause(&self, d: Duration) {
         let until = Instant::now() + d;
-        while !self.stopping() && Instant::now() < until && self.watch_requests.is_empty() {
+        while !self.stopping() && Instant::now() < until && !self.watch_changes_waiting() {
             std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
         }
     }
@@ -434,9 +654,10 @@ impl Follower {
     /// bitcoind may recover from are logged and retried with backoff.
     pub fn run(&self) -> Result<(), FollowError> {
         let mut backoff = Duration::from_millis(250);
+        self.resume_backfills()?;
         while !self.stopping() {
             let step = self
-                .apply_watch_requests()
+                .apply_watch_changes()
                 .and_then(|()| self.sync(None))
                 .and_then(|report| {
                     if report.progress.blocks > 0 || report.disconnected > 0 {
@@ -521,7 +742,7 @@ impl Follower {
             if self.stopping() {
                 return Ok(LiveExit::Stop);
             }
-            if !self.watch_requests.is_empty() {
+            if self.watch_changes_waiting() {
                 return Ok(LiveExit::Reconcile("watched scripts were added"));
             }
             if self.daemon.best_block_hash()? != tip.1 {
@@ -679,7 +900,7 @@ impl Follower {
             }
             let expired = self.mempool_mut().expire(Instant::now());
             self.log_changes(expired)?;
-            if !self.watch_requests.is_empty() {
+            if self.watch_changes_waiting() {
                 return Ok(LiveExit::Reconcile("watched scripts were added"));
             }
             if let Some((hash, since)) = announced {

@@ -239,7 +239,7 @@ impl Indexer for IndexerService {
                 })?;
             }
         }
-        let added = answer
+        let accepted = answer
             .await
             .map_err(|_| Status::unavailable("the indexer is shutting down"))?
             .map_err(|e| match e {
@@ -250,10 +250,27 @@ impl Indexer for IndexerService {
         let height = self.quick(|q| Ok(q.tip()))?.map_or(0, |(h, _)| h);
         Ok(Response::new(pb::AddWatchResponse {
             wallet: req.wallet,
-            new_scripts: added.new_scripts as u32,
-            known_scripts: added.known_scripts as u32,
+            new_scripts: accepted.new_scripts as u32,
+            known_scripts: accepted.known_scripts as u32,
             height,
+            backfill_id: accepted.backfill.unwrap_or(0),
         }))
+    }
+
+    async fn list_backfills(
+        &self,
+        _: Request<pb::ListBackfillsRequest>,
+    ) -> Result<Response<pb::ListBackfillsResponse>, Status> {
+        let backfills = match &self.watch {
+            WatchChanges::Follower { backfills, .. } => backfills
+                .lock()
+                .expect("registry lock is never poisoned")
+                .values()
+                .map(convert::backfill)
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Response::new(pb::ListBackfillsResponse { backfills }))
     }
 
     async fn get_tip(

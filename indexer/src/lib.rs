@@ -23,6 +23,7 @@
 //! - the pure core: [`chain`] (best chain), [`watchlist`] (descriptors, bloom), [`types`].
 
 pub mod auth;
+pub mod backfill;
 pub mod blkfile;
 pub mod chain;
 pub mod config;

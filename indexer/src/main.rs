@@ -392,10 +392,10 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
     let mut access = grpc_access(config, addr)?;
     let store = Arc::new(store);
     let stop = Arc::new(AtomicBool::new(false));
-    let (watch, watch_requests) = indexer::watching::channel(config.gap_limit);
+    let (watch, watch_requests, backfills) = indexer::watching::channel(config.gap_limit);
     access.watch = watch;
-    let follower =
-        follower(store.clone(), config, stop.clone())?.with_watch_requests(watch_requests);
+    let follower = follower(store.clone(), config, stop.clone())?
+        .with_watch_requests(watch_requests, backfills);
     let mempool = follower.mempool();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let (follower_done, follower_ended) = tokio::sync::oneshot::channel::<()>();

@@ -69,6 +69,30 @@ pub fn add(
     birth_height: Option<u32>,
     gap_limit: u32,
 ) -> Result<Added, WalletError> {
+    let prepared = prepare(store, network, wallet, descriptors, birth_height, gap_limit)?;
+    store.commit(prepared.batch, true)?;
+    Ok(prepared.added)
+}
+
+/// The writes of an [`add`], not yet committed.
+pub struct Prepared {
+    /// The writes.
+    pub batch: Batch,
+    /// What they do.
+    pub added: Added,
+    /// The wallet's balance they write (its old one plus scripts other wallets watched).
+    pub wallet_balance: Balance,
+}
+
+/// Prepares an [`add`] for a caller that commits more in the same batch.
+pub fn prepare(
+    store: &Store,
+    network: Network,
+    wallet: &str,
+    descriptors: &[String],
+    birth_height: Option<u32>,
+    gap_limit: u32,
+) -> Result<Prepared, WalletError> {
     if !valid_name(wallet) {
         return Err(WalletError::Name(wallet.to_string()));
     }
@@ -183,11 +207,14 @@ pub fn add(
             &schema::encode_balance(&wallet_balance),
         );
     }
-    store.commit(batch, true)?;
-    Ok(Added {
-        wallet: id,
-        new_scripts,
-        known_scripts,
+    Ok(Prepared {
+        batch,
+        added: Added {
+            wallet: id,
+            new_scripts,
+            known_scripts,
+        },
+        wallet_balance,
     })
 }
 

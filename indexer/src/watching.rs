@@ -1,11 +1,14 @@
 //! Adding watched scripts while the indexer runs (gRPC `AddWatch`). The follower's
 //! pipeline keeps the watched set in memory, so a change goes to whoever writes blocks:
-//! the follower applies it between blocks and reloads its filter; without a follower
-//! (`indexer serve`) nothing else writes and it is applied at once.
+//! the follower applies it between blocks and reloads its filter, and backfills the
+//! earlier history of new scripts in the background ([`crate::backfill`]); without a
+//! follower (`indexer serve`) nothing else writes and it is applied at once, for scripts
+//! without earlier history.
 
 use bitcoin::Network;
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::backfill::Registry;
 use crate::store::{Reader, Store, StoreError};
 use crate::wallets::{self, Added, WalletError};
 
@@ -20,7 +23,29 @@ pub struct WatchRequest {
     /// Scripts derived from each ranged descriptor.
     pub gap_limit: u32,
     /// Receives the outcome.
-    pub reply: tokio::sync::oneshot::Sender<Result<Added, AddWatchError>>,
+    pub reply: tokio::sync::oneshot::Sender<Result<Accepted, AddWatchError>>,
+}
+
+/// What an accepted `AddWatch` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// Scripts no wallet watched before.
+    pub new_scripts: usize,
+    /// Scripts some wallet already watched.
+    pub known_scripts: usize,
+    /// The backfill indexing the new scripts' earlier history, when one was needed: the
+    /// scripts are watched once it is merged.
+    pub backfill: Option<u64>,
+}
+
+impl From<Added> for Accepted {
+    fn from(a: Added) -> Self {
+        Accepted {
+            new_scripts: a.new_scripts,
+            known_scripts: a.known_scripts,
+            backfill: None,
+        }
+    }
 }
 
 /// Why an `AddWatch` was refused; nothing was added.
@@ -29,10 +54,10 @@ pub enum AddWatchError {
     /// A descriptor, the wallet name or the database.
     #[error(transparent)]
     Wallet(#[from] WalletError),
-    /// The scripts may have history below the tip, which adding them does not index.
+    /// The scripts may have history below the tip, and there is no node to fetch it from.
     #[error(
-        "birth height {birth} is at or below the indexed tip {tip}: AddWatch does not index \
-         earlier history yet; omit birth_height for new scripts, or stop the indexer and run \
+        "birth height {birth} is at or below the indexed tip {tip}: indexing earlier history \
+         needs bitcoind; add them through `indexer run`, or stop the server and run \
          `indexer watch add --birth-height {birth}` then `indexer rescan --from {birth}`"
     )]
     History {
@@ -68,7 +93,7 @@ pub fn apply(store: &Store, network: Network, req: WatchRequest) {
         ),
         Err(e) => tracing::warn!(wallet = %req.wallet, error = %e, "AddWatch refused"),
     }
-    let _ = req.reply.send(outcome);
+    let _ = req.reply.send(outcome.map(Accepted::from));
 }
 
 fn add(
@@ -111,17 +136,23 @@ pub enum WatchChanges {
         requests: Sender<WatchRequest>,
         /// Scripts derived from each ranged descriptor.
         gap_limit: u32,
+        /// The follower's backfills.
+        backfills: Registry,
     },
 }
 
-/// A channel from the gRPC server to a follower ([`crate::follow::Follower::with_watch_requests`]).
-pub fn channel(gap_limit: u32) -> (WatchChanges, Receiver<WatchRequest>) {
+/// A channel from the gRPC server to a follower
+/// ([`crate::follow::Follower::with_watch_requests`]), and the registry of its backfills.
+pub fn channel(gap_limit: u32) -> (WatchChanges, Receiver<WatchRequest>, Registry) {
     let (requests, rx) = crossbeam_channel::bounded(64);
+    let backfills = Registry::default();
     (
         WatchChanges::Follower {
             requests,
             gap_limit,
+            backfills: backfills.clone(),
         },
         rx,
+        backfills,
     )
 }

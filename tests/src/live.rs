@@ -171,8 +171,8 @@ impl Following {
             stop.clone(),
             notices,
         );
-        let (watch, requests) = indexer::watching::channel(20);
-        let follower = follower.with_watch_requests(requests);
+        let (watch, requests, backfills) = indexer::watching::channel(20);
+        let follower = follower.with_watch_requests(requests, backfills);
         let mempool = follower.mempool();
         let thread = std::thread::Builder::new()
             .name("follower".into())

@@ -44,6 +44,17 @@ struct Api {
 }
 
 impl Api {
+    fn backfills(&self) -> Vec<pb::Backfill> {
+        let mut client = IndexerClient::new(self.served.channel.clone());
+        let req = authorized(tonic::Request::new(pb::ListBackfillsRequest {}), TOKEN);
+        self.served
+            .runtime
+            .block_on(client.list_backfills(req))
+            .unwrap()
+            .into_inner()
+            .backfills
+    }
+
     fn serve(f: &Following) -> Api {
         let access = indexer::grpc::Access {
             token: Some(BearerToken::new(TOKEN)),
@@ -109,15 +120,12 @@ impl Api {
     }
 }
 
-#[test]
-fn scripts_added_while_following_are_indexed_from_the_next_block_on() {
-    let node = Devnet::start(|c| c.filler_txs = 5);
-    let miner = node.new_address("bech32");
-    node.mine_to(101, &miner);
-    let hot = node.new_address("bech32");
-    let mut wallets = vec![TestWallet {
+/// Wallet `hot` of one address, followed from `node` into a new database until caught up,
+/// and served with the token.
+fn follow_hot(node: &Devnet, hot: &str) -> (Vec<TestWallet>, tempfile::TempDir, Following, Api) {
+    let wallets = vec![TestWallet {
         name: "hot".into(),
-        scripts: BTreeSet::from([script(&hot)]),
+        scripts: BTreeSet::from([script(hot)]),
     }];
     let db = tempfile::tempdir().unwrap();
     let f = Following::start(
@@ -129,6 +137,50 @@ fn scripts_added_while_following_are_indexed_from_the_next_block_on() {
     );
     assert!(f.wait_for(node.best().1, WAIT));
     let api = Api::serve(&f);
+    (wallets, db, f, api)
+}
+
+/// A node past coinbase maturity with a history for each address of `kinds` (and a `hot`
+/// one last): each paid, then `blocks` mined. Returns the node, its miner address, `hot`
+/// and the others.
+fn node_with_history(kinds: &[&str], blocks: u32) -> (Devnet, String, String, Vec<String>) {
+    let node = Devnet::start(|c| c.filler_txs = 5);
+    let miner = node.new_address("bech32");
+    node.mine_to(101, &miner);
+    let hot = node.new_address("bech32");
+    let old: Vec<String> = kinds.iter().map(|k| node.new_address(k)).collect();
+    for (i, a) in old.iter().chain([&hot]).enumerate() {
+        node.call("sendtoaddress", json!([a, 0.5 + i as f64]));
+        node.mine_to(blocks, &miner);
+    }
+    (node, miner, hot, old)
+}
+
+/// Asserts that `store` equals a fresh index of the node's blk files for `wallets` plus a
+/// wallet `recovered` of `addresses`.
+fn assert_recovered_is_exact(
+    store: &indexer::store::Store,
+    node: &Devnet,
+    mut wallets: Vec<TestWallet>,
+    addresses: &[&str],
+) {
+    wallets.push(TestWallet {
+        name: "recovered".into(),
+        scripts: addresses.iter().map(|a| script(a)).collect(),
+    });
+    assert_eq!(
+        store.digest().unwrap(),
+        fresh_digest(&node.blocks_dir(), &wallets)
+    );
+}
+
+#[test]
+fn scripts_added_while_following_are_indexed_from_the_next_block_on() {
+    let node = Devnet::start(|c| c.filler_txs = 5);
+    let miner = node.new_address("bech32");
+    node.mine_to(101, &miner);
+    let hot = node.new_address("bech32");
+    let (mut wallets, _db, f, api) = follow_hot(&node, &hot);
 
     // Refused, and nothing added: no token, a wrong token, bad descriptors, an address of
     // another network, a bad wallet name, a birth height with history below the tip.
@@ -159,14 +211,6 @@ fn scripts_added_while_following_are_indexed_from_the_next_block_on() {
         code(api.add(Some(TOKEN), "no spaces", &[&fresh], None)),
         tonic::Code::InvalidArgument
     );
-    let history = api
-        .add(Some(TOKEN), "deposits", &[&fresh], Some(50))
-        .unwrap_err();
-    assert_eq!(history.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        history.message().contains("rescan --from 50"),
-        "{history:?}"
-    );
     assert_eq!(
         api.balance("deposits").unwrap_err().code(),
         tonic::Code::NotFound
@@ -174,7 +218,10 @@ fn scripts_added_while_following_are_indexed_from_the_next_block_on() {
 
     // Added while following: a deposit shows in the mempool, then confirmed.
     let added = api.add(Some(TOKEN), "deposits", &[&fresh], None).unwrap();
-    assert_eq!((added.new_scripts, added.known_scripts), (1, 0));
+    assert_eq!(
+        (added.new_scripts, added.known_scripts, added.backfill_id),
+        (1, 0, 0)
+    );
     assert_eq!(added.height, node.best().0);
     node.call("sendtoaddress", json!([fresh, 0.7]));
     let b = api.wait_balance("deposits", |b| b.unconfirmed_sat > 0);
@@ -271,4 +318,201 @@ fn without_a_follower_writes_apply_directly_and_need_a_configured_token() {
     let listed = indexer::wallets::list(&store).unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].name.as_str(), listed[0].scripts), ("cold", 1));
+}
+
+/// Scripts with history below the tip: backfilled in the background while the node keeps
+/// mining and reorging, merged between two blocks, and exact through later reorgs (their
+/// entries joined the kept undo records): the end state equals a fresh index.
+#[test]
+fn history_below_the_tip_is_backfilled_while_following() {
+    // History for the scripts to be added later (and for `hot`), spent again in part by
+    // the node's own traffic.
+    let (node, miner, hot, old) = node_with_history(&["bech32m", "legacy", "p2sh-segwit"], 1);
+    node.mine_to(3, &miner);
+    let (wallets_at_start, _db, f, api) = follow_hot(&node, &hot);
+
+    let mut descriptors: Vec<&str> = old.iter().map(String::as_str).collect();
+    descriptors.push(&hot);
+    let accepted = api
+        .add(Some(TOKEN), "recovered", &descriptors, Some(100))
+        .unwrap();
+    assert_eq!((accepted.new_scripts, accepted.known_scripts), (3, 1));
+    assert_ne!(accepted.backfill_id, 0);
+    // The chain moves on and reorganizes while the backfill runs.
+    node.call("sendtoaddress", json!([old[0], 0.25]));
+    node.mine_to(2, &miner);
+    let replaced = node.hash_at(node.best().0 - 1);
+    node.call("invalidateblock", json!([replaced.to_string()]));
+    node.call("sendtoaddress", json!([old[1], 0.125]));
+    node.mine_to(3, &miner);
+
+    let started = Instant::now();
+    loop {
+        let b = api.backfills();
+        let job = b.iter().find(|j| j.id == accepted.backfill_id).unwrap();
+        if job.state == pb::BackfillState::Done as i32 {
+            assert!(job.height >= job.target_height);
+            break;
+        }
+        assert_ne!(job.state, pb::BackfillState::Failed as i32, "{job:?}");
+        assert!(started.elapsed() < WAIT, "backfill stuck: {job:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // After the merge: more payments, then a reorg that replaces every block since the
+    // first payment to the recovered scripts, so disconnecting relies on their entries in
+    // the merged undo records.
+    node.call("sendtoaddress", json!([old[2], 0.0625]));
+    node.mine_to(2, &miner);
+    let (height, _) = node.best();
+    node.call("invalidateblock", json!([node.hash_at(103).to_string()]));
+    node.call("sendtoaddress", json!([old[0], 0.03125]));
+    let tip = *node.mine_to(height - 100, &miner).last().unwrap();
+    assert!(node.best().0 > height);
+    assert!(f.wait_for(tip, WAIT));
+
+    // (The node's traffic may have spent every recovered coin: the digest is the check.)
+    api.wait_balance("recovered", |b| b.height == node.best().0);
+    assert_recovered_is_exact(&f.store, &node, wallets_at_start, &descriptors);
+}
+
+/// The backfill's phases driven one by one, so the case the follower meets only by timing
+/// is certain: the chain reorganizes below the height the scratch database reached, and
+/// aligning disconnects and reconnects it before the merge.
+#[test]
+fn a_backfill_overtaken_by_a_reorg_is_realigned_before_merging() {
+    use indexer::backfill;
+    use indexer::store::Reader;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let (node, miner, hot, old) = node_with_history(&["bech32m", "bech32m"], 2);
+    let wallets_at_start = vec![TestWallet {
+        name: "hot".into(),
+        scripts: BTreeSet::from([script(&hot)]),
+    }];
+    let db = tempfile::tempdir().unwrap();
+    let store = Arc::new(system_tests::harness::open_with_wallets(
+        db.path(),
+        Network::Regtest,
+        &wallets_at_start,
+    ));
+    let daemon = Arc::new(node.daemon(true));
+    let filter = indexer::wallets::load_filter(&store, 1_000, 1e-6).unwrap();
+    let follower = indexer::follow::Follower::new(
+        store.clone(),
+        daemon.clone(),
+        Arc::new(filter),
+        Network::Regtest,
+        FollowOptions::default(),
+        Arc::new(AtomicBool::new(false)),
+        None,
+    );
+    follower.sync(None).unwrap();
+
+    let descriptors: Vec<String> = old.iter().cloned().chain([hot.clone()]).collect();
+    let job = backfill::record(&store, "recovered", &descriptors, 100, 20).unwrap();
+    assert_eq!(backfill::pending(&store).unwrap(), vec![job.clone()]);
+    let scripts = backfill::new_scripts(&store, Network::Regtest, &descriptors, 20).unwrap();
+    assert_eq!(scripts.len(), 2);
+    let (target, _) = store.tip().unwrap().unwrap();
+    let dir = backfill::scratch_dir(&store, job.id);
+    let stop = Arc::new(AtomicBool::new(false));
+    let scratch = backfill::index(
+        &job,
+        &scripts,
+        daemon.clone(),
+        &dir,
+        Network::Regtest,
+        target,
+        &stop,
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!(scratch.tip().unwrap(), store.tip().unwrap());
+
+    // The node replaces the blocks since the second payment; the index follows.
+    node.call(
+        "invalidateblock",
+        json!([node.hash_at(target - 3).to_string()]),
+    );
+    node.call("sendtoaddress", json!([old[1], 0.5]));
+    node.mine_to(6, &miner);
+    follower.sync(None).unwrap();
+    assert_ne!(scratch.tip().unwrap(), store.tip().unwrap());
+
+    backfill::align(&scratch, &store, &daemon, &job).unwrap();
+    assert_eq!(scratch.tip().unwrap(), store.tip().unwrap());
+    backfill::merge(&store, &scratch, &job, Network::Regtest).unwrap();
+    assert!(backfill::pending(&store).unwrap().is_empty());
+    drop(scratch);
+    backfill::remove_scratch(&dir);
+    assert!(!dir.exists());
+
+    let addresses: Vec<&str> = descriptors.iter().map(String::as_str).collect();
+    assert_recovered_is_exact(&store, &node, wallets_at_start, &addresses);
+}
+
+/// A backfill accepted by a run that then died (its job is in the database, its scratch
+/// database half written) is redone when the indexer starts again.
+#[test]
+fn a_backfill_cut_short_by_a_crash_is_redone_at_the_next_start() {
+    use indexer::backfill;
+    use indexer::store::Reader;
+
+    let node = Devnet::start(|c| c.filler_txs = 5);
+    let miner = node.new_address("bech32");
+    node.mine_to(101, &miner);
+    let old = node.new_address("bech32m");
+    node.call("sendtoaddress", json!([old, 2.0]));
+    node.mine_to(4, &miner);
+    let db = tempfile::tempdir().unwrap();
+    let wallets_at_start = vec![TestWallet {
+        name: "hot".into(),
+        scripts: BTreeSet::from([script(&miner)]),
+    }];
+    let job = {
+        let f = Following::start(
+            node.daemon(true),
+            Some(&node.zmq()),
+            db.path(),
+            &wallets_at_start,
+            FollowOptions::default(),
+        );
+        assert!(f.wait_for(node.best().1, WAIT));
+        f.stop().unwrap();
+        let store = indexer::store::Store::open(db.path(), Network::Regtest).unwrap();
+        let job =
+            backfill::record(&store, "recovered", std::slice::from_ref(&old), 101, 20).unwrap();
+        // What a crash leaves: a scratch database with some of the work in it.
+        let scratch = backfill::scratch_dir(&store, job.id);
+        indexer::store::Store::open(&scratch, Network::Regtest).unwrap();
+        assert!(store.tip().unwrap().is_some());
+        job
+    };
+
+    let store =
+        std::sync::Arc::new(indexer::store::Store::open(db.path(), Network::Regtest).unwrap());
+    let f = Following::resume(
+        node.daemon(true),
+        Some(&node.zmq()),
+        store,
+        FollowOptions::default(),
+    );
+    let api = Api::serve(&f);
+    let started = Instant::now();
+    while backfill::pending(&f.store).unwrap().contains(&job) {
+        assert!(
+            started.elapsed() < WAIT,
+            "not redone: {:?}",
+            api.backfills()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let done = api.backfills();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].state, pb::BackfillState::Done as i32, "{done:?}");
+    assert!(!backfill::scratch_dir(&f.store, job.id).exists());
+    let tip = node.mine_to(1, &miner)[0];
+    assert!(f.wait_for(tip, WAIT));
+    assert_recovered_is_exact(&f.store, &node, wallets_at_start, &[&old]);
 }

@@ -191,6 +191,8 @@ pub const META_NEXT_WALLET: &[u8] = b"next_wallet";
 pub const META_NEXT_EVENT: &[u8] = b"next_event";
 /// Meta key of a rescan in progress (from u32 BE, to u32 BE).
 pub const META_RESCAN: &[u8] = b"rescan";
+/// Meta key prefix of accepted, unmerged backfill jobs (+ id u64 BE; value: JSON job).
+pub const META_BACKFILL_PREFIX: &[u8] = b"backfill/";
 
 /// The rescan-in-progress record: requested from and to (`u32::MAX` when not given).
 pub fn rescan_job(from: Option<u32>, to: Option<u32>) -> [u8; 8] {
