@@ -65,7 +65,8 @@ fn main() -> Result<()> {
 
     let (_db, store, scripts) = benches::bench_store(&args.chain)?;
     let store = Arc::new(store);
-    let runtime = tokio::runtime::Runtime::new()?;
+    // The server's runtime as `indexer serve`/`run` build it (below indexing's priority).
+    let runtime = indexer::grpc::runtime()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;

@@ -50,13 +50,13 @@ pub fn page_token(token: &str) -> Option<&str> {
 
 /// Tip height and display hash, as every response names them.
 pub fn tip(tip: Option<(u32, BlockHash)>) -> (u32, String) {
-    tip.map_or((0, String::new()), |(h, hash)| (h, hash.to_string()))
+    tip.map_or((0, String::new()), |(h, hash)| (h, hash_hex(&hash)))
 }
 
 /// An unspent output.
 pub fn utxo(e: UtxoEntry) -> pb::Utxo {
     pb::Utxo {
-        txid: e.outpoint.txid.to_string(),
+        txid: hash_hex(&e.outpoint.txid),
         vout: e.outpoint.vout,
         value_sat: e.value,
         script_hex: e.script.to_hex_string(),
@@ -90,7 +90,7 @@ fn spent(s: SpentEntry) -> pb::Spent {
     let (script_hex, address, wallets) = script_fields(s.script);
     pb::Spent {
         input: s.input,
-        prev_txid: s.outpoint.txid.to_string(),
+        prev_txid: hash_hex(&s.outpoint.txid),
         prev_vout: s.outpoint.vout,
         script_hex,
         address,
@@ -102,15 +102,25 @@ fn spent(s: SpentEntry) -> pb::Spent {
 /// A confirmed transfer.
 pub fn transfer(t: TransferEntry) -> pb::Transfer {
     pb::Transfer {
-        txid: t.txid.to_string(),
+        txid: hash_hex(&t.txid),
         status: pb::TransferStatus::Confirmed.into(),
         height: t.height,
-        block_hash: t.block_hash.to_string(),
+        block_hash: hash_hex(&t.block_hash),
         confirmations: t.confirmations,
         received: t.received.into_iter().map(received).collect(),
         spent: t.spent.into_iter().map(spent).collect(),
         replaced_by: String::new(),
     }
+}
+
+/// A txid or block hash in display order (as bitcoind's RPC shows it). Formatting through
+/// `Display` was an eighth of the CPU of streaming events to 100 subscribers.
+pub fn hash_hex<H: bitcoin::hashes::Hash<Bytes = [u8; 32]>>(hash: &H) -> String {
+    let mut bytes = hash.to_byte_array();
+    bytes.reverse();
+    let mut out = [0u8; 64];
+    hex::encode_to_slice(bytes, &mut out).expect("64 hex digits for 32 bytes");
+    String::from_utf8(out.to_vec()).expect("hex digits are ASCII")
 }
 
 /// An event of the log, with its offset.
@@ -128,8 +138,8 @@ pub fn event(offset: u64, e: Event) -> pb::Event {
         offset,
         kind: kind.into(),
         height: e.height,
-        block_hash: e.block_hash.to_string(),
-        txid: e.txid.map(|t| t.to_string()).unwrap_or_default(),
+        block_hash: hash_hex(&e.block_hash),
+        txid: e.txid.as_ref().map(hash_hex).unwrap_or_default(),
     }
 }
 
@@ -151,5 +161,19 @@ pub fn backfill(s: &crate::backfill::Status) -> pb::Backfill {
         target_height: s.target,
         state: state.into(),
         failure,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    #[test]
+    fn hashes_are_hex_in_display_order() {
+        let text = "000000000019d6689c085ae165831e934ff763ae46a2a6c172b3f1b60a8ce26f";
+        let hash = BlockHash::from_str(text).unwrap();
+        assert_eq!(hash_hex(&hash), text);
+        assert_eq!(hash_hex(&hash), hash.to_string());
     }
 }

@@ -421,6 +421,30 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// How much lower than the indexing threads the server's threads are scheduled (a nice
+/// increment): on a busy machine, queries and subscriptions yield to indexing.
+const SERVE_NICENESS: i32 = 10;
+
+/// The async runtime the gRPC server runs on. Its threads run at a lower scheduling
+/// priority than the indexing pipeline, so a rescan or catch-up is slowed down less by
+/// consumers: subscriptions are back-pressured and catch up when indexing idles, and
+/// queries answer as soon as a core is free.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("grpc")
+        .on_thread_start(|| {
+            // Linux applies a thread id's priority to that thread alone.
+            let me = rustix::thread::gettid();
+            let current = rustix::process::getpriority_process(Some(me)).unwrap_or(0);
+            if let Err(e) = rustix::process::setpriority_process(Some(me), current + SERVE_NICENESS)
+            {
+                tracing::debug!(error = %e, "could not lower the gRPC threads' priority");
+            }
+        })
+        .build()
+}
+
 /// Who may call, over what, and where writes go.
 #[derive(Clone, Default)]
 pub struct Access {

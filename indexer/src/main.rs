@@ -397,7 +397,7 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
     let follower = follower(store.clone(), config, stop.clone())?
         .with_watch_requests(watch_requests, backfills);
     let mempool = follower.mempool();
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = grpc::runtime().context("starting the async runtime")?;
     let (follower_done, follower_ended) = tokio::sync::oneshot::channel::<()>();
     let follow = std::thread::Builder::new()
         .name("follow".into())
@@ -448,7 +448,7 @@ fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Resul
     access.watch = indexer::watching::WatchChanges::Direct {
         gap_limit: config.gap_limit,
     };
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = grpc::runtime().context("starting the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
