@@ -1,0 +1,519 @@
+//! The withdrawal saga as a pure state machine: a withdrawal and an outcome (of a step the
+//! executor ran, or of something observed on the chain) give the next withdrawal, or an
+//! error when that outcome cannot happen in that state. No I/O here: the executor persists
+//! each result before it takes the next side effect, so replaying outcomes after a crash
+//! lands in the same place.
+//!
+//! Rules from payouts that went wrong elsewhere (`withdrawal-lessons.md`): a signed
+//! transaction is never returned to "unpaid"; an unclear outcome goes to NEEDS_REVIEW for
+//! an operator; reserved coins stay reserved until the payment is settled deep enough
+//! (`settled`), not merely until a transaction leaves the mempool; every replacement's txid
+//! is kept and any of them confirming completes the saga.
+
+use bitcoin::{Amount, OutPoint, Txid};
+use serde::{Deserialize, Serialize};
+
+/// Where a withdrawal is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum State {
+    /// Accepted and durable; nothing reserved yet.
+    Received,
+    /// Coins reserved for it.
+    Reserved,
+    /// A signed transaction is stored (not broadcast yet).
+    Signed,
+    /// Sent to bitcoind; not in a block.
+    Broadcast,
+    /// In a block, fewer confirmations than required (or back here after a reorg).
+    Confirming,
+    /// Confirmed deep enough. Terminal for the client; the coins stay reserved until
+    /// `settled` (a deeper depth), so a late reorg is still handled.
+    Completed,
+    /// Given up before anything was broadcast; its coins were released.
+    Failed,
+    /// Cancelled by the client before broadcast; its coins were released.
+    Cancelled,
+    /// Something happened that the saga cannot resolve safely on its own (a signed
+    /// transaction whose fate is unclear): an operator decides. Coins stay reserved.
+    NeedsReview,
+}
+
+impl State {
+    /// Whether nothing more will happen to it (for the client).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            State::Completed | State::Failed | State::Cancelled | State::NeedsReview
+        )
+    }
+
+    /// Whether a transaction for it may be on the network: from then on it can never
+    /// go back to unpaid.
+    pub fn may_be_on_chain(self) -> bool {
+        matches!(
+            self,
+            State::Broadcast | State::Confirming | State::Completed | State::NeedsReview
+        )
+    }
+}
+
+/// How the fee is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum FeeRate {
+    /// bitcoind's estimate for confirmation within this many blocks.
+    TargetBlocks(u16),
+    /// A fixed rate, in sat/vB.
+    SatPerVb(f64),
+}
+
+/// What a client asked for. Two submissions with the same `request_id` must carry equal
+/// requests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// The client's idempotency key.
+    pub request_id: String,
+    /// The wallet paying.
+    pub wallet: String,
+    /// Destination address, as given (validated against the network on submission).
+    pub destination: String,
+    /// Amount paid to it.
+    pub amount: Amount,
+    /// Fee rate policy.
+    pub fee_rate: FeeRate,
+    /// Highest total fee the client accepts, replacements included.
+    pub max_fee: Amount,
+}
+
+/// A coin held for a withdrawal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coin {
+    /// The output.
+    pub outpoint: OutPoint,
+    /// Its value.
+    pub value: Amount,
+}
+
+/// One signed version of the payment (the first, or an RBF replacement).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Its txid.
+    pub txid: Txid,
+    /// The signed transaction, serialized (persisted before it is broadcast).
+    pub raw: Vec<u8>,
+    /// Its absolute fee.
+    pub fee: Amount,
+    /// Its fee rate, sat/vB.
+    pub fee_rate: f64,
+}
+
+/// A withdrawal and everything the saga knows about it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Withdrawal {
+    /// Its id.
+    pub id: u64,
+    /// What was asked.
+    pub request: Request,
+    /// Where it is.
+    pub state: State,
+    /// Coins reserved for it (released on FAILED/CANCELLED, or once settled).
+    pub coins: Vec<Coin>,
+    /// Every signed version, oldest first; the last one is current.
+    pub attempts: Vec<Attempt>,
+    /// The version that confirmed, when one did.
+    pub confirmed: Option<Txid>,
+    /// Its confirmations as last seen.
+    pub confirmations: u32,
+    /// The tip height when the current version was broadcast (for the stuck check).
+    pub broadcast_height: Option<u32>,
+    /// The transaction must be sent (again): after signing, a replacement or a reorg.
+    pub needs_broadcast: bool,
+    /// Whether it is settled (confirmed past the settlement depth): its coins are
+    /// released and the record is archived.
+    pub settled: bool,
+    /// Why it failed or needs review.
+    pub failure_reason: Option<String>,
+    /// Creation time, ms since 1970.
+    pub created_ms: u64,
+    /// Last change, ms since 1970.
+    pub updated_ms: u64,
+}
+
+/// What happened: the result of a step the executor ran, or an observation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Coins were selected and reserved.
+    Reserved(Vec<Coin>),
+    /// A transaction spending exactly the reserved coins was signed and stored.
+    Signed(Attempt),
+    /// bitcoind accepted the current version (or already had it) at this tip height.
+    Broadcast {
+        /// Tip height then.
+        height: u32,
+    },
+    /// A replacement paying more fee was signed (spending the same coins).
+    Replaced(Attempt),
+    /// One of its versions is in the best chain with this many confirmations.
+    Confirmed {
+        /// Which version.
+        txid: Txid,
+        /// Confirmations (>= 1).
+        confirmations: u32,
+        /// Confirmations required to complete.
+        required: u32,
+        /// Confirmations after which it is settled (>= required).
+        settle_at: u32,
+    },
+    /// The version that was confirmed left the best chain (reorg).
+    ReorgedOut,
+    /// A step failed for good before anything could be on the network.
+    Failed(String),
+    /// A step's outcome is unknown and may have reached the network.
+    Unclear(String),
+    /// The client cancelled it.
+    Cancelled,
+}
+
+/// An outcome that cannot happen in the withdrawal's state.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("withdrawal {id} is {state:?}: {what}")]
+pub struct TransitionError {
+    /// The withdrawal.
+    pub id: u64,
+    /// Its state.
+    pub state: State,
+    /// What was refused.
+    pub what: String,
+}
+
+/// What the executor should do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Select and reserve coins.
+    Reserve,
+    /// Build and sign the transaction.
+    Sign,
+    /// Send the current version to bitcoind.
+    Broadcast,
+    /// Wait for the chain (confirmations, reorgs, or a stuck transaction to bump).
+    Watch,
+    /// Nothing: final (settled, failed, cancelled, or waiting for an operator).
+    Rest,
+}
+
+impl Withdrawal {
+    /// A new withdrawal in RECEIVED.
+    pub fn new(id: u64, request: Request, now_ms: u64) -> Withdrawal {
+        Withdrawal {
+            id,
+            request,
+            state: State::Received,
+            coins: Vec::new(),
+            attempts: Vec::new(),
+            confirmed: None,
+            confirmations: 0,
+            broadcast_height: None,
+            needs_broadcast: false,
+            settled: false,
+            failure_reason: None,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+        }
+    }
+
+    /// The current signed version.
+    pub fn current(&self) -> Option<&Attempt> {
+        self.attempts.last()
+    }
+
+    /// Whether its coins are still held (not released by failure, cancel or settlement).
+    pub fn holds_coins(&self) -> bool {
+        !self.coins.is_empty()
+            && !self.settled
+            && !matches!(self.state, State::Failed | State::Cancelled)
+    }
+
+    /// The next step for the executor.
+    pub fn next_step(&self) -> Step {
+        match self.state {
+            State::Received => Step::Reserve,
+            State::Reserved => Step::Sign,
+            State::Signed => Step::Broadcast,
+            State::Broadcast | State::Confirming if self.needs_broadcast => Step::Broadcast,
+            State::Broadcast | State::Confirming => Step::Watch,
+            State::Completed if !self.settled => Step::Watch,
+            _ => Step::Rest,
+        }
+    }
+
+    fn refuse(&self, what: impl Into<String>) -> TransitionError {
+        TransitionError {
+            id: self.id,
+            state: self.state,
+            what: what.into(),
+        }
+    }
+
+    /// The withdrawal after `outcome`, at time `now_ms`.
+    pub fn apply(&self, outcome: Outcome, now_ms: u64) -> Result<Withdrawal, TransitionError> {
+        let mut w = self.clone();
+        w.updated_ms = now_ms;
+        match (self.state, outcome) {
+            (State::Received, Outcome::Reserved(coins)) => {
+                if coins.is_empty() {
+                    return Err(self.refuse("reserving no coins"));
+                }
+                w.coins = coins;
+                w.state = State::Reserved;
+            }
+            (State::Reserved, Outcome::Signed(attempt)) => {
+                w.attempts.push(attempt);
+                w.needs_broadcast = true;
+                w.state = State::Signed;
+            }
+            (State::Signed, Outcome::Broadcast { height })
+            | (State::Broadcast, Outcome::Broadcast { height })
+            | (State::Confirming, Outcome::Broadcast { height }) => {
+                if !self.needs_broadcast && self.state != State::Signed {
+                    return Err(self.refuse("broadcast when nothing needed sending"));
+                }
+                w.needs_broadcast = false;
+                w.broadcast_height = Some(height);
+                if self.state == State::Signed {
+                    w.state = State::Broadcast;
+                }
+            }
+            (State::Broadcast, Outcome::Replaced(attempt)) => {
+                let current = self.current().ok_or_else(|| self.refuse("no version"))?;
+                if attempt.fee <= current.fee || attempt.fee_rate <= current.fee_rate {
+                    return Err(self.refuse("a replacement must pay a higher fee and rate"));
+                }
+                if attempt.fee > self.request.max_fee {
+                    return Err(self.refuse("a replacement above max_fee"));
+                }
+                w.attempts.push(attempt);
+                w.needs_broadcast = true;
+            }
+            (
+                State::Broadcast | State::Confirming | State::Completed,
+                Outcome::Confirmed {
+                    txid,
+                    confirmations,
+                    required,
+                    settle_at,
+                },
+            ) => {
+                if !self.attempts.iter().any(|a| a.txid == txid) {
+                    return Err(self.refuse(format!("{txid} is none of its versions")));
+                }
+                if confirmations == 0 {
+                    return Err(self.refuse("confirmed with zero confirmations"));
+                }
+                w.confirmed = Some(txid);
+                w.confirmations = confirmations;
+                w.needs_broadcast = false;
+                w.state = if confirmations >= required.max(1) {
+                    State::Completed
+                } else {
+                    State::Confirming
+                };
+                // A completed payment stays completed for the client; only its
+                // settlement waits for the deeper depth.
+                if self.state == State::Completed {
+                    w.state = State::Completed;
+                }
+                w.settled = confirmations >= settle_at.max(required).max(1);
+            }
+            (State::Confirming | State::Completed, Outcome::ReorgedOut) => {
+                if self.settled {
+                    return Err(self.refuse("a settled payment cannot be reorged out"));
+                }
+                w.confirmed = None;
+                w.confirmations = 0;
+                w.needs_broadcast = true;
+                w.state = State::Confirming;
+            }
+            (State::Received | State::Reserved, Outcome::Failed(reason)) => {
+                w.failure_reason = Some(reason);
+                w.state = State::Failed;
+            }
+            (State::Signed, Outcome::Failed(reason)) => {
+                // Never broadcast (bitcoind rejected it for good): safe to release.
+                w.failure_reason = Some(reason);
+                w.state = State::Failed;
+            }
+            (s, Outcome::Unclear(reason)) if !s.is_final() || s == State::Completed => {
+                if s.may_be_on_chain() || s == State::Signed {
+                    w.failure_reason = Some(reason);
+                    w.state = State::NeedsReview;
+                } else {
+                    // Nothing signed yet: nothing can be on the network.
+                    w.failure_reason = Some(reason);
+                    w.state = State::Failed;
+                }
+            }
+            (State::Received | State::Reserved | State::Signed, Outcome::Cancelled) => {
+                w.state = State::Cancelled;
+            }
+            (_, Outcome::Cancelled) => {
+                return Err(self.refuse("only a withdrawal not yet broadcast can be cancelled"))
+            }
+            (_, other) => return Err(self.refuse(format!("{other:?} cannot happen now"))),
+        }
+        Ok(w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitcoin::hashes::Hash;
+
+    fn request() -> Request {
+        Request {
+            request_id: "r1".into(),
+            wallet: "hot".into(),
+            destination: "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080".into(),
+            amount: Amount::from_sat(50_000),
+            fee_rate: FeeRate::TargetBlocks(6),
+            max_fee: Amount::from_sat(10_000),
+        }
+    }
+
+    fn attempt(n: u8, fee: u64) -> Attempt {
+        Attempt {
+            txid: Txid::from_byte_array([n; 32]),
+            raw: vec![n],
+            fee: Amount::from_sat(fee),
+            fee_rate: fee as f64 / 141.0,
+        }
+    }
+
+    fn coin() -> Coin {
+        Coin {
+            outpoint: OutPoint::new(Txid::from_byte_array([9; 32]), 0),
+            value: Amount::from_sat(100_000),
+        }
+    }
+
+    fn confirmed(txid: Txid, confirmations: u32) -> Outcome {
+        Outcome::Confirmed {
+            txid,
+            confirmations,
+            required: 3,
+            settle_at: 6,
+        }
+    }
+
+    fn broadcast() -> Withdrawal {
+        let w = Withdrawal::new(1, request(), 0);
+        let w = w.apply(Outcome::Reserved(vec![coin()]), 1).unwrap();
+        let w = w.apply(Outcome::Signed(attempt(1, 1_000)), 2).unwrap();
+        assert_eq!(w.next_step(), Step::Broadcast);
+        w.apply(Outcome::Broadcast { height: 100 }, 3).unwrap()
+    }
+
+    #[test]
+    fn the_happy_path_completes_then_settles_deeper() {
+        let w = broadcast();
+        assert_eq!((w.state, w.next_step()), (State::Broadcast, Step::Watch));
+        let txid = w.current().unwrap().txid;
+        let w = w.apply(confirmed(txid, 1), 4).unwrap();
+        assert_eq!(w.state, State::Confirming);
+        let w = w.apply(confirmed(txid, 3), 5).unwrap();
+        assert_eq!((w.state, w.settled), (State::Completed, false));
+        assert!(w.holds_coins(), "coins stay reserved until settled");
+        assert_eq!(w.next_step(), Step::Watch);
+        let w = w.apply(confirmed(txid, 6), 6).unwrap();
+        assert_eq!(
+            (w.state, w.settled, w.next_step()),
+            (State::Completed, true, Step::Rest)
+        );
+        assert!(!w.holds_coins());
+    }
+
+    #[test]
+    fn a_reorg_before_settlement_goes_back_to_confirming_and_rebroadcasts() {
+        let w = broadcast();
+        let txid = w.current().unwrap().txid;
+        let w = w.apply(confirmed(txid, 4), 4).unwrap();
+        assert_eq!(w.state, State::Completed);
+        let w = w.apply(Outcome::ReorgedOut, 5).unwrap();
+        assert_eq!(
+            (w.state, w.next_step()),
+            (State::Confirming, Step::Broadcast)
+        );
+        assert!(w.holds_coins());
+        let w = w.apply(Outcome::Broadcast { height: 104 }, 6).unwrap();
+        assert_eq!(w.next_step(), Step::Watch);
+        let w = w.apply(confirmed(txid, 3), 7).unwrap();
+        assert_eq!(w.state, State::Completed);
+        let settled = w.apply(confirmed(txid, 6), 8).unwrap();
+        assert!(settled.apply(Outcome::ReorgedOut, 9).is_err());
+    }
+
+    #[test]
+    fn replacements_pay_more_stay_under_the_cap_and_any_version_completes() {
+        let w = broadcast();
+        assert!(w.apply(Outcome::Replaced(attempt(2, 900)), 4).is_err());
+        assert!(w.apply(Outcome::Replaced(attempt(2, 20_000)), 4).is_err());
+        let w = w.apply(Outcome::Replaced(attempt(2, 2_000)), 4).unwrap();
+        assert_eq!((w.attempts.len(), w.next_step()), (2, Step::Broadcast));
+        let w = w.apply(Outcome::Broadcast { height: 103 }, 5).unwrap();
+        // The first version confirms after all: it completes the saga.
+        let first = w.attempts[0].txid;
+        let w = w.apply(confirmed(first, 3), 6).unwrap();
+        assert_eq!((w.state, w.confirmed), (State::Completed, Some(first)));
+        let stranger = Txid::from_byte_array([7; 32]);
+        assert!(w.apply(confirmed(stranger, 9), 7).is_err());
+    }
+
+    #[test]
+    fn cancel_and_failure_release_before_broadcast_only() {
+        let w = Withdrawal::new(1, request(), 0)
+            .apply(Outcome::Reserved(vec![coin()]), 1)
+            .unwrap();
+        let c = w.apply(Outcome::Cancelled, 2).unwrap();
+        assert_eq!((c.state, c.holds_coins()), (State::Cancelled, false));
+        let f = w
+            .apply(Outcome::Failed("insufficient funds".into()), 2)
+            .unwrap();
+        assert_eq!((f.state, f.holds_coins()), (State::Failed, false));
+        let b = broadcast();
+        assert!(b.apply(Outcome::Cancelled, 4).is_err());
+        assert!(b.apply(Outcome::Failed("x".into()), 4).is_err());
+    }
+
+    #[test]
+    fn an_unclear_outcome_after_signing_needs_an_operator_and_keeps_the_coins() {
+        let b = broadcast();
+        let r = b
+            .apply(Outcome::Unclear("bitcoind timed out".into()), 4)
+            .unwrap();
+        assert_eq!((r.state, r.next_step()), (State::NeedsReview, Step::Rest));
+        assert!(r.holds_coins());
+        let early = Withdrawal::new(2, request(), 0);
+        let f = early
+            .apply(Outcome::Unclear("indexer down".into()), 1)
+            .unwrap();
+        assert_eq!(f.state, State::Failed);
+    }
+
+    #[test]
+    fn final_states_accept_nothing_and_the_machine_survives_a_json_round_trip() {
+        let w = broadcast();
+        let json = serde_json::to_string(&w).unwrap();
+        assert_eq!(serde_json::from_str::<Withdrawal>(&json).unwrap(), w);
+        let c = Withdrawal::new(3, request(), 0)
+            .apply(Outcome::Cancelled, 1)
+            .unwrap();
+        for o in [
+            Outcome::Reserved(vec![coin()]),
+            Outcome::Signed(attempt(1, 1)),
+            Outcome::Broadcast { height: 1 },
+            Outcome::ReorgedOut,
+            Outcome::Cancelled,
+        ] {
+            assert!(c.apply(o, 2).is_err());
+        }
+    }
+}

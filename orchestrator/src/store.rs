@@ -1,0 +1,413 @@
+//! The orchestrator's own RocksDB: withdrawals, the request-id index, and coin
+//! reservations. Every change is one synced batch: a withdrawal's new state, the
+//! reservations it takes or releases, and (on submission) its request id, so a crash
+//! leaves each saga at a step it really reached and no coin held by two sagas.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Mutex;
+
+use bitcoin::consensus::{deserialize, serialize};
+use bitcoin::OutPoint;
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+
+use crate::saga::{Outcome, Request, TransitionError, Withdrawal};
+
+const WITHDRAWALS: &str = "withdrawals";
+const REQUESTS: &str = "requests";
+const RESERVATIONS: &str = "reservations";
+const META: &str = "meta";
+const NEXT_ID: &[u8] = b"next_id";
+
+/// Why the store refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SagaStoreError {
+    /// RocksDB failed.
+    #[error("saga database: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// A stored record does not decode.
+    #[error("saga database: corrupt {what}: {detail}")]
+    Corrupt {
+        /// Which record.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// The request id is taken by a different request.
+    #[error("request_id {0:?} was already used for a different withdrawal")]
+    Conflict(String),
+    /// A coin is reserved by another withdrawal.
+    #[error("coin {outpoint} is reserved by withdrawal {holder}")]
+    CoinTaken {
+        /// The coin.
+        outpoint: OutPoint,
+        /// The withdrawal holding it.
+        holder: u64,
+    },
+    /// The withdrawal changed since it was read (another writer got there first).
+    #[error("withdrawal {0} changed since it was read")]
+    Stale(u64),
+    /// No such withdrawal.
+    #[error("no withdrawal {0}")]
+    Unknown(u64),
+    /// The outcome cannot happen in the withdrawal's state.
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+}
+
+/// A submission's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Submitted {
+    /// The withdrawal (the existing one for a repeated request).
+    pub withdrawal: Withdrawal,
+    /// False when the request id was known: nothing new was created.
+    pub created: bool,
+}
+
+/// The saga database.
+pub struct SagaStore {
+    db: DB,
+    /// Serializes read-check-write sequences (ids, request ids, reservations).
+    write: Mutex<()>,
+    updates: tokio::sync::broadcast::Sender<Withdrawal>,
+}
+
+fn corrupt(what: &'static str, detail: impl ToString) -> SagaStoreError {
+    SagaStoreError::Corrupt {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<Withdrawal, SagaStoreError> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt("withdrawal", e))
+}
+
+fn id_of(bytes: &[u8]) -> Result<u64, SagaStoreError> {
+    Ok(u64::from_be_bytes(
+        bytes.try_into().map_err(|_| corrupt("id", "not 8 bytes"))?,
+    ))
+}
+
+impl SagaStore {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<SagaStore, SagaStoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let cfs = [WITHDRAWALS, REQUESTS, RESERVATIONS, META]
+            .into_iter()
+            .map(|name| {
+                let mut cf = Options::default();
+                cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
+                ColumnFamilyDescriptor::new(name, cf)
+            });
+        let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        let (updates, _) = tokio::sync::broadcast::channel(1024);
+        Ok(SagaStore {
+            db,
+            write: Mutex::new(()),
+            updates,
+        })
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("every column family is opened")
+    }
+
+    fn commit(&self, batch: WriteBatch) -> Result<(), SagaStoreError> {
+        let mut opts = WriteOptions::default();
+        // The outcome must be on disk before the next side effect.
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every change to any withdrawal, as it is committed.
+    pub fn updates(&self) -> tokio::sync::broadcast::Receiver<Withdrawal> {
+        self.updates.subscribe()
+    }
+
+    /// Accepts `request`: a new withdrawal in RECEIVED, or the existing one when its
+    /// request id was seen with the same request; a different request under a known id
+    /// is a conflict.
+    pub fn submit(&self, request: Request, now_ms: u64) -> Result<Submitted, SagaStoreError> {
+        let _guard = self.lock();
+        let key = request.request_id.clone().into_bytes();
+        if let Some(id) = self.db.get_cf(self.cf(REQUESTS), &key)? {
+            let existing = self
+                .get(id_of(&id)?)?
+                .ok_or_else(|| corrupt("request index", "names a missing withdrawal"))?;
+            if existing.request != request {
+                return Err(SagaStoreError::Conflict(request.request_id));
+            }
+            return Ok(Submitted {
+                withdrawal: existing,
+                created: false,
+            });
+        }
+        let id = match self.db.get_cf(self.cf(META), NEXT_ID)? {
+            Some(v) => id_of(&v)?,
+            None => 1,
+        };
+        let w = Withdrawal::new(id, request, now_ms);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(META), NEXT_ID, (id + 1).to_be_bytes());
+        batch.put_cf(self.cf(REQUESTS), &key, id.to_be_bytes());
+        batch.put_cf(
+            self.cf(WITHDRAWALS),
+            id.to_be_bytes(),
+            serde_json::to_vec(&w).expect("a withdrawal serializes"),
+        );
+        self.commit(batch)?;
+        let _ = self.updates.send(w.clone());
+        Ok(Submitted {
+            withdrawal: w,
+            created: true,
+        })
+    }
+
+    /// The withdrawal `id`.
+    pub fn get(&self, id: u64) -> Result<Option<Withdrawal>, SagaStoreError> {
+        self.db
+            .get_cf(self.cf(WITHDRAWALS), id.to_be_bytes())?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// The withdrawal submitted under `request_id`.
+    pub fn by_request(&self, request_id: &str) -> Result<Option<Withdrawal>, SagaStoreError> {
+        match self.db.get_cf(self.cf(REQUESTS), request_id.as_bytes())? {
+            Some(id) => self.get(id_of(&id)?),
+            None => Ok(None),
+        }
+    }
+
+    /// Applies `outcome` to withdrawal `before` (as the caller read it) and commits the
+    /// result with the reservations it takes or releases, in one synced batch. Refuses
+    /// when the stored withdrawal changed since, or when a coin to reserve is held by
+    /// another withdrawal.
+    pub fn record(
+        &self,
+        before: &Withdrawal,
+        outcome: Outcome,
+        now_ms: u64,
+    ) -> Result<Withdrawal, SagaStoreError> {
+        let _guard = self.lock();
+        let stored = self
+            .get(before.id)?
+            .ok_or(SagaStoreError::Unknown(before.id))?;
+        if &stored != before {
+            return Err(SagaStoreError::Stale(before.id));
+        }
+        let after = before.apply(outcome, now_ms)?;
+        let mut batch = WriteBatch::default();
+        let reservations = self.cf(RESERVATIONS);
+        if !before.holds_coins() && after.holds_coins() {
+            for coin in &after.coins {
+                let key = serialize(&coin.outpoint);
+                if let Some(holder) = self.db.get_cf(reservations, &key)? {
+                    let holder = id_of(&holder)?;
+                    if holder != after.id {
+                        return Err(SagaStoreError::CoinTaken {
+                            outpoint: coin.outpoint,
+                            holder,
+                        });
+                    }
+                }
+                batch.put_cf(reservations, key, after.id.to_be_bytes());
+            }
+        }
+        if before.holds_coins() && !after.holds_coins() {
+            for coin in &before.coins {
+                batch.delete_cf(reservations, serialize(&coin.outpoint));
+            }
+        }
+        batch.put_cf(
+            self.cf(WITHDRAWALS),
+            after.id.to_be_bytes(),
+            serde_json::to_vec(&after).expect("a withdrawal serializes"),
+        );
+        self.commit(batch)?;
+        let _ = self.updates.send(after.clone());
+        Ok(after)
+    }
+
+    /// Every coin some withdrawal holds (coin selection must not pick them).
+    pub fn reserved(&self) -> Result<HashSet<OutPoint>, SagaStoreError> {
+        let mut out = HashSet::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(RESERVATIONS), rocksdb::IteratorMode::Start)
+        {
+            let (k, _) = item?;
+            out.insert(deserialize(&k).map_err(|e| corrupt("reservation", e))?);
+        }
+        Ok(out)
+    }
+
+    /// Withdrawals by id from `after` on (exclusive), at most `limit`.
+    pub fn list(&self, after: u64, limit: usize) -> Result<Vec<Withdrawal>, SagaStoreError> {
+        let start = (after + 1).to_be_bytes();
+        let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(WITHDRAWALS), mode) {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = item?;
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// Withdrawals with a step still to run (to resume at start).
+    pub fn unfinished(&self) -> Result<Vec<Withdrawal>, SagaStoreError> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.list(after, 1_000)?;
+            let Some(last) = page.last() else {
+                return Ok(out);
+            };
+            after = last.id;
+            out.extend(
+                page.into_iter()
+                    .filter(|w| w.next_step() != crate::saga::Step::Rest),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::saga::{Attempt, Coin, FeeRate, State, Step};
+    use bitcoin::hashes::Hash;
+    use bitcoin::{Amount, Txid};
+
+    fn request(id: &str, sat: u64) -> Request {
+        Request {
+            request_id: id.into(),
+            wallet: "hot".into(),
+            destination: "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080".into(),
+            amount: Amount::from_sat(sat),
+            fee_rate: FeeRate::SatPerVb(2.0),
+            max_fee: Amount::from_sat(5_000),
+        }
+    }
+
+    fn coin(n: u8) -> Coin {
+        Coin {
+            outpoint: OutPoint::new(Txid::from_byte_array([n; 32]), u32::from(n)),
+            value: Amount::from_sat(100_000),
+        }
+    }
+
+    #[test]
+    fn a_request_id_runs_once_and_cannot_be_reused_for_another_payment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SagaStore::open(dir.path()).unwrap();
+        let first = store.submit(request("pay-1", 10_000), 1).unwrap();
+        assert!(first.created);
+        let again = store.submit(request("pay-1", 10_000), 2).unwrap();
+        assert_eq!(
+            (again.created, again.withdrawal.id),
+            (false, first.withdrawal.id)
+        );
+        assert!(matches!(
+            store.submit(request("pay-1", 10_001), 3),
+            Err(SagaStoreError::Conflict(_))
+        ));
+        let other = store.submit(request("pay-2", 10_000), 4).unwrap();
+        assert_ne!(other.withdrawal.id, first.withdrawal.id);
+        assert_eq!(
+            store.by_request("pay-1").unwrap().unwrap().id,
+            first.withdrawal.id
+        );
+    }
+
+    #[test]
+    fn a_coin_is_held_by_one_withdrawal_until_it_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SagaStore::open(dir.path()).unwrap();
+        let a = store.submit(request("a", 10_000), 1).unwrap().withdrawal;
+        let b = store.submit(request("b", 10_000), 1).unwrap().withdrawal;
+        let a = store
+            .record(&a, Outcome::Reserved(vec![coin(1), coin(2)]), 2)
+            .unwrap();
+        let taken = store.record(&b, Outcome::Reserved(vec![coin(3), coin(2)]), 2);
+        assert!(
+            matches!(taken, Err(SagaStoreError::CoinTaken { holder, .. }) if holder == a.id),
+            "{taken:?}"
+        );
+        // Nothing of the refused reservation was written.
+        assert_eq!(
+            store.reserved().unwrap(),
+            HashSet::from([coin(1).outpoint, coin(2).outpoint])
+        );
+        assert_eq!(store.get(b.id).unwrap().unwrap().state, State::Received);
+        let a = store.record(&a, Outcome::Cancelled, 3).unwrap();
+        assert_eq!(a.state, State::Cancelled);
+        assert!(store.reserved().unwrap().is_empty());
+        let b = store
+            .record(&b, Outcome::Reserved(vec![coin(3), coin(2)]), 4)
+            .unwrap();
+        assert_eq!(b.state, State::Reserved);
+    }
+
+    #[test]
+    fn outcomes_are_durable_stale_writers_are_refused_and_unfinished_sagas_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let (done_id, open_id) = {
+            let store = SagaStore::open(dir.path()).unwrap();
+            let mut updates = store.updates();
+            let w = store.submit(request("x", 10_000), 1).unwrap().withdrawal;
+            let reserved = store
+                .record(&w, Outcome::Reserved(vec![coin(1)]), 2)
+                .unwrap();
+            assert!(matches!(
+                store.record(&w, Outcome::Cancelled, 3),
+                Err(SagaStoreError::Stale(_))
+            ));
+            let signed = store
+                .record(
+                    &reserved,
+                    Outcome::Signed(Attempt {
+                        txid: Txid::from_byte_array([5; 32]),
+                        raw: vec![1, 2, 3],
+                        fee: Amount::from_sat(300),
+                        fee_rate: 2.0,
+                    }),
+                    3,
+                )
+                .unwrap();
+            assert_eq!(updates.try_recv().unwrap().state, State::Received);
+            assert_eq!(updates.try_recv().unwrap().state, State::Reserved);
+            assert_eq!(updates.try_recv().unwrap().state, State::Signed);
+            let done = store.submit(request("y", 10_000), 4).unwrap().withdrawal;
+            let done = store
+                .record(&done, Outcome::Failed("insufficient funds".into()), 5)
+                .unwrap();
+            (done.id, signed.id)
+        };
+        let store = SagaStore::open(dir.path()).unwrap();
+        let open = store.get(open_id).unwrap().unwrap();
+        assert_eq!(
+            (open.state, open.next_step()),
+            (State::Signed, Step::Broadcast)
+        );
+        assert_eq!(open.attempts[0].raw, vec![1, 2, 3]);
+        let unfinished: Vec<u64> = store.unfinished().unwrap().iter().map(|w| w.id).collect();
+        assert_eq!(unfinished, vec![open_id]);
+        assert_eq!(store.get(done_id).unwrap().unwrap().state, State::Failed);
+        assert_eq!(store.reserved().unwrap(), HashSet::from([coin(1).outpoint]));
+        assert_eq!(store.list(0, 10).unwrap().len(), 2);
+    }
+}
