@@ -9,5 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // For gRPC server reflection (grpcurl and friends list and call without the .proto).
         .file_descriptor_set_path(out.join("indexer_descriptor.bin"))
         .compile_protos(&["indexer/v1/indexer.proto"], &["."])?;
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("orchestrator_descriptor.bin"))
+        .compile_protos(&["orchestrator/v1/withdrawals.proto"], &["."])?;
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! Withdrawal orchestrator: durable withdrawal sagas over the indexer's gRPC API.
 //!
-//! Built so far: the saga as a pure state machine ([`saga`]) and its durable store with
-//! idempotent submission and coin reservations ([`store`]). The executor (coin selection,
-//! PSBT signing, broadcast, monitoring through the indexer's event stream, RBF) and the
-//! gRPC service come next; see the orchestrator issue.
+//! Built so far: the saga as a pure state machine ([`saga`]), its durable store with
+//! idempotent submission and coin reservations ([`store`]), and the gRPC service that
+//! validates, records and shows withdrawals ([`grpc`]). The executor (coin selection, PSBT
+//! signing, broadcast, monitoring through the indexer's event stream, RBF) and
+//! `orchestrator run` come next; see the orchestrator issue.
 
+pub mod grpc;
 pub mod saga;
 pub mod store;
