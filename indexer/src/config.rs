@@ -90,6 +90,9 @@ pub struct BitcoindFileConfig {
     pub zmq_silence_secs: Option<u64>,
     /// RPC call timeout in seconds (default 60).
     pub rpc_timeout_secs: Option<u64>,
+    /// At start, how long bitcoind may stay unreachable before that is reported as a
+    /// configuration error (default 60; a node that answers "warming up" is waited for).
+    pub startup_wait_secs: Option<u64>,
 }
 
 impl BitcoindFileConfig {
@@ -108,6 +111,7 @@ impl BitcoindFileConfig {
             poll_interval_ms: self.poll_interval_ms.or(other.poll_interval_ms),
             zmq_silence_secs: self.zmq_silence_secs.or(other.zmq_silence_secs),
             rpc_timeout_secs: self.rpc_timeout_secs.or(other.rpc_timeout_secs),
+            startup_wait_secs: self.startup_wait_secs.or(other.startup_wait_secs),
         }
     }
 }
@@ -129,6 +133,8 @@ pub struct BitcoindConfig {
     pub zmq_silence: std::time::Duration,
     /// RPC call timeout.
     pub rpc_timeout: std::time::Duration,
+    /// How long bitcoind may be unreachable at start.
+    pub startup_wait: std::time::Duration,
 }
 
 /// bitcoind's default RPC port for a network.
@@ -223,6 +229,7 @@ impl BitcoindFileConfig {
             ),
             zmq_silence: secs(self.zmq_silence_secs.unwrap_or(30).max(1)),
             rpc_timeout: secs(self.rpc_timeout_secs.unwrap_or(60).max(1)),
+            startup_wait: secs(self.startup_wait_secs.unwrap_or(60)),
         })
     }
 }
@@ -389,6 +396,17 @@ mod tests {
         assert_eq!(c.network, Network::Regtest);
         assert_eq!(c.undo_depth, Some(7));
         assert_eq!(c.gap_limit, 1000);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../indexer.example.toml");
+        let file: FileConfig = toml::from_str(text).unwrap();
+        let c = Config::resolve(file).unwrap();
+        assert_eq!(c.network, Network::Bitcoin);
+        let b = c.bitcoind.resolve(c.network, None).unwrap();
+        assert!(b.rest);
+        assert_eq!(b.zmq.topics.len(), 4);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use indexer::auth::BearerToken;
 use indexer::config::{BitcoindFileConfig, Config, FileConfig};
-use indexer::daemon::{Daemon, DaemonError};
+use indexer::daemon::{Daemon, DaemonError, RPC_IN_WARMUP};
 use indexer::follow::{FollowOptions, Follower};
 use indexer::pipeline::{PipelineOptions, Progress, WriteOptions};
 use indexer::rescan::{self, Plan, RescanRequest};
@@ -108,6 +108,9 @@ struct CommonArgs {
     /// With ZMQ, check bitcoind's tip after this many seconds of silence (default 30).
     #[arg(long, global = true, env = "INDEXER_ZMQ_SILENCE_SECS")]
     zmq_silence_secs: Option<u64>,
+    /// At start, seconds bitcoind may stay unreachable before `run` exits (default 60).
+    #[arg(long, global = true, env = "INDEXER_BITCOIND_STARTUP_WAIT_SECS")]
+    bitcoind_startup_wait_secs: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -352,17 +355,35 @@ fn follower(store: Arc<Store>, config: &Config, stop: Arc<AtomicBool>) -> Result
         bitcoind.rpc_timeout,
     );
     // A wrong network is a configuration error: say so now rather than retry forever.
-    match daemon.chain_info(config.network) {
-        Err(e @ DaemonError::WrongNetwork { .. }) => return Err(e.into()),
-        Err(e) => tracing::warn!(error = %e, "bitcoind is not answering yet; will keep trying"),
-        Ok(info) => tracing::info!(
-            url = %bitcoind.rpc_url,
-            height = info.blocks,
-            rest = bitcoind.rest,
-            zmq = bitcoind.zmq.topics.len(),
-            "connected to bitcoind"
-        ),
-    }
+    // At start, a node that never answers is a wrong URL, port, cookie path or password:
+    // a configuration error, said in one line. A node that answers "warming up" is only
+    // slow, and is waited for; once connected, outages are retried for as long as they last.
+    let deadline = Instant::now() + bitcoind.startup_wait;
+    let info = loop {
+        match daemon.chain_info(config.network) {
+            Ok(info) => break info,
+            Err(e @ DaemonError::WrongNetwork { .. }) => return Err(e.into()),
+            Err(DaemonError::Rpc { code, message, .. }) if code == RPC_IN_WARMUP => {
+                tracing::info!(%message, "bitcoind is warming up; waiting");
+            }
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                tracing::warn!(error = %e, "bitcoind is not answering yet; will keep trying");
+            }
+            Err(e) => bail!(
+                "{e} (after {}s: check bitcoind.rpc_url, cookie_file or rpc_user, and that \
+                 bitcoind runs with server=1; bitcoind.startup_wait_secs waits longer)",
+                bitcoind.startup_wait.as_secs()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    tracing::info!(
+        url = %bitcoind.rpc_url,
+        height = info.blocks,
+        rest = bitcoind.rest,
+        zmq = bitcoind.zmq.topics.len(),
+        "connected to bitcoind"
+    );
     let notices = if bitcoind.zmq.is_empty() {
         tracing::info!(interval = ?bitcoind.poll_interval, "no ZMQ endpoints configured: polling bitcoind");
         None
@@ -504,6 +525,7 @@ fn load_config(args: &CommonArgs) -> Result<Config> {
             zmq_rawtx: args.zmq_rawtx.clone(),
             poll_interval_ms: args.poll_interval_ms,
             zmq_silence_secs: args.zmq_silence_secs,
+            startup_wait_secs: args.bitcoind_startup_wait_secs,
             rpc_timeout_secs: None,
         },
     };

@@ -155,3 +155,43 @@ fn run_follows_the_node_serves_grpc_and_stops_on_sigterm() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn run_exits_with_one_clear_line_when_bitcoind_never_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    let common = ["--db", db.to_str().unwrap(), "--network", "regtest"];
+    let added = Command::new(BIN)
+        .args(common)
+        .args(["watch", "add", "--wallet", "hot"])
+        .arg("bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080")
+        .output()
+        .unwrap();
+    assert!(added.status.success());
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cookie = tmp.path().join(".cookie");
+    std::fs::write(&cookie, "__cookie__:secret").unwrap();
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .args(common)
+        .args(["run", "--grpc", "127.0.0.1:0"])
+        .args(["--bitcoind-rpc-url", &format!("http://127.0.0.1:{port}/")])
+        .args(["--bitcoind-cookie-file", cookie.to_str().unwrap()])
+        .args(["--bitcoind-startup-wait-secs", "1"])
+        .env("INDEXER_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(lines[0].contains("unreachable"), "{stderr}");
+    assert!(lines[0].contains("rpc_url"), "{stderr}");
+}
