@@ -324,6 +324,16 @@ pub fn merge(
     job: &Job,
     network: Network,
 ) -> Result<Added, BackfillError> {
+    // Scripts another backfill merged since this one started are watched already: their
+    // state is in the index, and the add below joins their balance and history.
+    let mut merged_since = HashSet::new();
+    scratch.for_each(Cf::ScriptBalance, |k, _| {
+        let id = schema::decode_script_id(k)?;
+        if main.watch(&id)?.is_some() {
+            merged_since.insert(id);
+        }
+        Ok::<_, StoreError>(())
+    })?;
     let prepared = wallets::prepare(
         main,
         network,
@@ -343,6 +353,9 @@ pub fn merge(
         })?;
     }
     scratch.for_each(Cf::ScriptBalance, |k, v| {
+        if merged_since.contains(&schema::decode_script_id(k)?) {
+            return Ok(());
+        }
         batch.put(main, Cf::ScriptBalance, k, v);
         let b: Balance = schema::decode_balance(v)?;
         wallet_balance.confirmed += b.confirmed;

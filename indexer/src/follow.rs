@@ -280,8 +280,18 @@ impl Follower {
             }
         };
         if counts.new_scripts == 0 {
-            // Every script is watched already: their history is indexed.
-            watching::apply(&self.store, self.network, req);
+            // Every script is watched already: their history is indexed, and joins.
+            let added = wallets::add(
+                &self.store,
+                self.network,
+                &req.wallet,
+                &req.descriptors,
+                req.birth_height,
+                req.gap_limit,
+            );
+            let _ = req
+                .reply
+                .send(added.map(Accepted::from).map_err(AddWatchError::Wallet));
             return Ok(true);
         }
         let job = backfill::record(

@@ -156,18 +156,20 @@ fn node_with_history(kinds: &[&str], blocks: u32) -> (Devnet, String, String, Ve
     (node, miner, hot, old)
 }
 
-/// Asserts that `store` equals a fresh index of the node's blk files for `wallets` plus a
-/// wallet `recovered` of `addresses`.
+/// Asserts that `store` equals a fresh index of the node's blk files for `wallets`, a
+/// wallet `recovered` of `addresses`, then `later` (in the order they were created).
 fn assert_recovered_is_exact(
     store: &indexer::store::Store,
     node: &Devnet,
     mut wallets: Vec<TestWallet>,
     addresses: &[&str],
+    later: &[TestWallet],
 ) {
     wallets.push(TestWallet {
         name: "recovered".into(),
         scripts: addresses.iter().map(|a| script(a)).collect(),
     });
+    wallets.extend_from_slice(later);
     assert_eq!(
         store.digest().unwrap(),
         fresh_digest(&node.blocks_dir(), &wallets)
@@ -358,6 +360,23 @@ fn history_below_the_tip_is_backfilled_while_following() {
         assert!(started.elapsed() < WAIT, "backfill stuck: {job:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Scripts all watched already need no backfill, whatever the birth height.
+    let known = api
+        .add(Some(TOKEN), "hot-copy", &[&hot], Some(100))
+        .unwrap();
+    assert_eq!(
+        (known.new_scripts, known.known_scripts, known.backfill_id),
+        (0, 1, 0)
+    );
+    let (a, b) = (
+        api.balance("hot").unwrap(),
+        api.balance("hot-copy").unwrap(),
+    );
+    assert_eq!(
+        (a.confirmed_sat, a.utxo_count),
+        (b.confirmed_sat, b.utxo_count)
+    );
+
     // After the merge: more payments, then a reorg that replaces every block since the
     // first payment to the recovered scripts, so disconnecting relies on their entries in
     // the merged undo records.
@@ -372,7 +391,11 @@ fn history_below_the_tip_is_backfilled_while_following() {
 
     // (The node's traffic may have spent every recovered coin: the digest is the check.)
     api.wait_balance("recovered", |b| b.height == node.best().0);
-    assert_recovered_is_exact(&f.store, &node, wallets_at_start, &descriptors);
+    let copy = TestWallet {
+        name: "hot-copy".into(),
+        scripts: BTreeSet::from([script(&hot)]),
+    };
+    assert_recovered_is_exact(&f.store, &node, wallets_at_start, &descriptors, &[copy]);
 }
 
 /// The backfill's phases driven one by one, so the case the follower meets only by timing
@@ -449,7 +472,7 @@ fn a_backfill_overtaken_by_a_reorg_is_realigned_before_merging() {
     assert!(!dir.exists());
 
     let addresses: Vec<&str> = descriptors.iter().map(String::as_str).collect();
-    assert_recovered_is_exact(&store, &node, wallets_at_start, &addresses);
+    assert_recovered_is_exact(&store, &node, wallets_at_start, &addresses, &[]);
 }
 
 /// A backfill accepted by a run that then died (its job is in the database, its scratch
@@ -514,5 +537,5 @@ fn a_backfill_cut_short_by_a_crash_is_redone_at_the_next_start() {
     assert!(!backfill::scratch_dir(&f.store, job.id).exists());
     let tip = node.mine_to(1, &miner)[0];
     assert!(f.wait_for(tip, WAIT));
-    assert_recovered_is_exact(&f.store, &node, wallets_at_start, &[&old]);
+    assert_recovered_is_exact(&f.store, &node, wallets_at_start, &[&old], &[]);
 }
