@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::daemon::{Daemon, DaemonError};
 use crate::fetch::{FetchOptions, Prefetch};
+use crate::pipeline::apply::ApplyError;
 use crate::pipeline::parse::RawBlock;
 use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
 use crate::store::schema::{self, Cf};
@@ -46,6 +47,18 @@ pub struct Job {
     pub birth: u32,
     /// Scripts derived from each ranged descriptor.
     pub gap_limit: u32,
+    /// The scripts it backfills (those no wallet watched when it was accepted), as hex.
+    pub scripts: Vec<String>,
+}
+
+impl Job {
+    /// The scripts it backfills.
+    pub fn scripts(&self) -> Vec<ScriptBuf> {
+        self.scripts
+            .iter()
+            .filter_map(|h| ScriptBuf::from_hex(h).ok())
+            .collect()
+    }
 }
 
 /// Where a job is.
@@ -117,14 +130,28 @@ impl BackfillError {
     /// Whether trying again later may succeed (bitcoind unavailable, the chain moving).
     pub fn is_transient(&self) -> bool {
         match self {
-            BackfillError::Daemon(e) => e.is_transient(),
-            BackfillError::Pipeline(PipelineError::Source(e)) => e
-                .downcast_ref::<DaemonError>()
-                .is_none_or(|d| d.is_transient()),
-            BackfillError::Pipeline(PipelineError::Apply(_)) => true,
+            BackfillError::Daemon(e) => e.is_transient() || chain_moved(e),
+            BackfillError::Pipeline(PipelineError::Source(e)) => {
+                if let Some(d) = e.downcast_ref::<DaemonError>() {
+                    d.is_transient() || chain_moved(d)
+                } else if let Some(b) = e.downcast_ref::<BackfillError>() {
+                    b.is_transient()
+                } else {
+                    false
+                }
+            }
+            // The blocks fetched straddle a reorg, or the index moved below the birth
+            // height: aligning again later resolves it.
+            BackfillError::Pipeline(PipelineError::Apply(ApplyError::NotConnecting { .. }))
+            | BackfillError::Misaligned { .. } => true,
             _ => false,
         }
     }
+}
+
+/// bitcoind answered "not found" for a block it named a moment ago.
+fn chain_moved(e: &DaemonError) -> bool {
+    matches!(e, DaemonError::Rpc { code, .. } if *code == -5 || *code == -8)
 }
 
 fn job_key(id: u64) -> Vec<u8> {
@@ -141,6 +168,7 @@ pub fn record(
     descriptors: &[String],
     birth: u32,
     gap_limit: u32,
+    scripts: &[ScriptBuf],
 ) -> Result<Job, StoreError> {
     // Microseconds since 1970: unique across restarts without a counter to keep.
     let now = std::time::SystemTime::now()
@@ -153,6 +181,7 @@ pub fn record(
         descriptors: descriptors.to_vec(),
         birth,
         gap_limit,
+        scripts: scripts.iter().map(|s| s.to_hex_string()).collect(),
     };
     let mut batch = crate::store::Batch::default();
     let value = serde_json::to_vec(&job).expect("a job serializes");
@@ -413,6 +442,33 @@ pub fn merge(
     batch.delete(main, Cf::Meta, &job_key(job.id));
     main.commit(batch, true)?;
     Ok(added)
+}
+
+/// Removes scratch databases of jobs no longer pending (a crash between a merge and the
+/// removal of its scratch database leaves one behind).
+pub fn remove_orphans(main: &Store, pending: &[Job]) {
+    let Some(parent) = main.path().parent() else {
+        return;
+    };
+    let prefix = scratch_dir(main, 0)
+        .file_name()
+        .map(|n| n.to_string_lossy().trim_end_matches('0').to_owned())
+        .unwrap_or_default();
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name
+            .strip_prefix(&prefix)
+            .and_then(|i| i.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if !pending.iter().any(|j| j.id == id) {
+            remove_scratch(&entry.path());
+        }
+    }
 }
 
 /// Removes a scratch database.

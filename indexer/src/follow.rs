@@ -27,6 +27,7 @@ use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
 use crate::store::{Batch, Reader, Store, StoreError};
 use crate::types::{Event, EventKind};
 use crate::wallets;
+use crate::wallets::WalletError;
 use crate::watching::{self, Accepted, AddWatchError, WatchRequest};
 use crate::watchlist::ScriptFilter;
 
@@ -149,10 +150,16 @@ pub struct Follower {
     backfills: backfill::Registry,
     /// Backfills indexed and waiting to be merged between two blocks.
     backfill_ready: (Sender<ReadyBackfill>, Receiver<ReadyBackfill>),
+    /// Backfills whose merge must wait (bitcoind or the chain in the way), with when to
+    /// try again.
+    backfill_retry: std::sync::Mutex<Vec<(backfill::Job, Store, Instant)>>,
 }
 
 /// A backfill indexed in its scratch database, waiting to be merged.
 type ReadyBackfill = (backfill::Job, Store);
+
+/// How long a backfill whose merge had to wait waits before the next try.
+const MERGE_RETRY: Duration = Duration::from_secs(5);
 
 /// Longest a live block holds up mempool notices while it is indexed.
 const BLOCK_FIRST_LIMIT: Duration = Duration::from_secs(2);
@@ -197,6 +204,7 @@ impl Follower {
             watch_requests: crossbeam_channel::never(),
             backfills: backfill::Registry::default(),
             backfill_ready: crossbeam_channel::unbounded(),
+            backfill_retry: std::sync::Mutex::default(),
             mempool: SharedMempool::default(),
         }
     }
@@ -223,7 +231,15 @@ impl Follower {
 
     /// Whether an `AddWatch` or a finished backfill waits for a pause between blocks.
     fn watch_changes_waiting(&self) -> bool {
-        !self.watch_requests.is_empty() || !self.backfill_ready.1.is_empty()
+        let now = Instant::now();
+        !self.watch_requests.is_empty()
+            || !self.backfill_ready.1.is_empty()
+            || self
+                .backfill_retry
+                .lock()
+                .expect("retry lock is never poisoned")
+                .iter()
+                .any(|(_, _, at)| *at <= now)
     }
 
     /// Rebuilds the bloom filter from the watched scripts.
@@ -238,24 +254,61 @@ impl Follower {
     }
 
     /// Applies pending `AddWatch`es and merges finished backfills (the pipeline is idle),
-    /// then reloads the filter.
+    /// then reloads the filter (also when one of them failed: what was applied stays).
     fn apply_watch_changes(&self) -> Result<(), FollowError> {
         let mut changed = false;
+        let mut outcome = Ok(());
         while let Ok(req) = self.watch_requests.try_recv() {
-            changed |= self.accept_watch(req)?;
+            match self.accept_watch(req) {
+                Ok(c) => changed |= c,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
         }
-        while let Ok((job, scratch)) = self.backfill_ready.1.try_recv() {
-            changed |= self.merge_backfill(job, scratch)?;
+        let now = Instant::now();
+        let mut due: Vec<ReadyBackfill> = self.backfill_ready.1.try_iter().collect();
+        {
+            let mut retry = self
+                .backfill_retry
+                .lock()
+                .expect("retry lock is never poisoned");
+            let (now_due, later): (Vec<_>, Vec<_>) =
+                retry.drain(..).partition(|(_, _, at)| *at <= now);
+            *retry = later;
+            due.extend(now_due.into_iter().map(|(job, scratch, _)| (job, scratch)));
+        }
+        for (job, scratch) in due {
+            if outcome.is_ok() {
+                changed |= self.merge_backfill(job, scratch);
+            } else {
+                self.retry_merge(job, scratch);
+            }
         }
         if changed {
             self.reload_filter()?;
         }
-        Ok(())
+        outcome
+    }
+
+    /// Puts a backfill back for a later pause between blocks.
+    fn retry_merge(&self, job: backfill::Job, scratch: Store) {
+        self.backfill_retry
+            .lock()
+            .expect("retry lock is never poisoned")
+            .push((job, scratch, Instant::now() + MERGE_RETRY));
     }
 
     /// One `AddWatch`: applied at once, or (new scripts with earlier history) recorded
     /// and backfilled in the background. True when the watched set changed.
     fn accept_watch(&self, req: WatchRequest) -> Result<bool, FollowError> {
+        if let Some((job, script)) = self.backfilling(&req)? {
+            let _ = req
+                .reply
+                .send(Err(AddWatchError::Backfilling { job, script }));
+            return Ok(false);
+        }
         let tip = self.store.tip()?.map(|(h, _)| h);
         let needs_history = matches!((req.birth_height, tip), (Some(b), Some(t)) if b <= t);
         if !needs_history {
@@ -294,12 +347,25 @@ impl Follower {
                 .send(added.map(Accepted::from).map_err(AddWatchError::Wallet));
             return Ok(true);
         }
+        let scripts =
+            match backfill::new_scripts(&self.store, self.network, &req.descriptors, req.gap_limit)
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = req
+                        .reply
+                        .send(Err(AddWatchError::Wallet(WalletError::Empty)));
+                    warn!(error = %e, "AddWatch could not list its scripts");
+                    return Ok(false);
+                }
+            };
         let job = backfill::record(
             &self.store,
             &req.wallet,
             &req.descriptors,
             birth,
             req.gap_limit,
+            &scripts,
         )?;
         info!(id = job.id, wallet = %job.wallet, birth, new = counts.new_scripts, "backfilling the history of new scripts");
         let _ = req.reply.send(Ok(Accepted {
@@ -311,9 +377,32 @@ impl Follower {
         Ok(false)
     }
 
+    /// A pending backfill that already covers one of `req`'s scripts, if any.
+    fn backfilling(&self, req: &WatchRequest) -> Result<Option<(u64, String)>, FollowError> {
+        let pending = backfill::pending(&self.store)?;
+        if pending.is_empty() {
+            return Ok(None);
+        }
+        for d in &req.descriptors {
+            // Invalid descriptors are reported by the add itself.
+            let Ok(expanded) = crate::watchlist::expand(d, self.network, req.gap_limit) else {
+                continue;
+            };
+            for script in expanded.scripts {
+                let hex = script.to_hex_string();
+                if let Some(job) = pending.iter().find(|j| j.scripts.contains(&hex)) {
+                    return Ok(Some((job.id, hex)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Restarts the backfills a previous run accepted and did not merge.
     fn resume_backfills(&self) -> Result<(), FollowError> {
-        for job in backfill::pending(&self.store)? {
+        let pending = backfill::pending(&self.store)?;
+        backfill::remove_orphans(&self.store, &pending);
+        for job in pending {
             let running = self
                 .backfills
                 .lock()
@@ -368,8 +457,7 @@ impl Follower {
                 };
                 while !stop.load(Ordering::Relaxed) {
                     let attempt = (|| {
-                        let scripts =
-                            backfill::new_scripts(&store, network, &job.descriptors, job.gap_limit)?;
+                        let scripts = job.scripts();
                         let target = store.tip()?.map_or(job.birth, |(h, _)| h);
                         update(None, Some(target), None);
                         let dir = backfill::scratch_dir(&store, job.id);
@@ -409,8 +497,9 @@ impl Follower {
         }
     }
 
-    /// Brings a finished backfill onto the index's chain and merges it. True when merged.
-    fn merge_backfill(&self, job: backfill::Job, scratch: Store) -> Result<bool, FollowError> {
+    /// Brings a finished backfill onto the index's chain and merges it. True when merged;
+    /// when bitcoind or the chain got in the way, it is tried again at a later pause.
+    fn merge_backfill(&self, job: backfill::Job, scratch: Store) -> bool {
         let aligned = backfill::align(&scratch, &self.store, &self.daemon, &job)
             .and_then(|()| backfill::merge(&self.store, &scratch, &job, self.network));
         let dir = scratch.path().to_owned();
@@ -433,19 +522,19 @@ impl Follower {
                 set_state(backfill::State::Done);
                 drop(scratch);
                 backfill::remove_scratch(&dir);
-                Ok(true)
+                true
             }
             Err(e) if e.is_transient() => {
-                // Try again at the next pause between blocks.
-                let _ = self.backfill_ready.0.send((job, scratch));
-                Err(FollowError::Backfill(e))
+                warn!(id = job.id, error = %e, retry_in = ?MERGE_RETRY, "merging a backfill must wait");
+                self.retry_merge(job, scratch);
+                false
             }
             Err(e) => {
                 error!(id = job.id, error = %e, "merging a backfill failed; it is retried at the next start");
                 set_state(backfill::State::Failed(e.to_string()));
                 drop(scratch);
                 backfill::remove_scratch(&dir);
-                Ok(false)
+                false
             }
         }
     }

@@ -245,7 +245,9 @@ impl Indexer for IndexerService {
             .map_err(|e| match e {
                 AddWatchError::Wallet(WalletError::Store(e)) => Status::internal(e.to_string()),
                 AddWatchError::Wallet(e) => Status::invalid_argument(e.to_string()),
-                AddWatchError::History { .. } => Status::failed_precondition(e.to_string()),
+                AddWatchError::History { .. } | AddWatchError::Backfilling { .. } => {
+                    Status::failed_precondition(e.to_string())
+                }
             })?;
         let height = self.quick(|q| Ok(q.tip()))?.map_or(0, |(h, _)| h);
         Ok(Response::new(pb::AddWatchResponse {

@@ -66,6 +66,17 @@ pub enum AddWatchError {
         /// The tip.
         tip: u32,
     },
+    /// Some of the scripts are being backfilled by another request: they are watched once
+    /// it is merged, and adding them again meanwhile could merge their history twice.
+    #[error(
+        "{script} is being backfilled by job {job} (see ListBackfills): retry once it is done"
+    )]
+    Backfilling {
+        /// The job.
+        job: u64,
+        /// One of the scripts, as hex.
+        script: String,
+    },
 }
 
 impl From<StoreError> for AddWatchError {

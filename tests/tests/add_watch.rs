@@ -433,10 +433,11 @@ fn a_backfill_overtaken_by_a_reorg_is_realigned_before_merging() {
     follower.sync(None).unwrap();
 
     let descriptors: Vec<String> = old.iter().cloned().chain([hot.clone()]).collect();
-    let job = backfill::record(&store, "recovered", &descriptors, 100, 20).unwrap();
-    assert_eq!(backfill::pending(&store).unwrap(), vec![job.clone()]);
     let scripts = backfill::new_scripts(&store, Network::Regtest, &descriptors, 20).unwrap();
     assert_eq!(scripts.len(), 2);
+    let job = backfill::record(&store, "recovered", &descriptors, 100, 20, &scripts).unwrap();
+    assert_eq!(backfill::pending(&store).unwrap(), vec![job.clone()]);
+    assert_eq!(job.scripts(), scripts);
     let (target, _) = store.tip().unwrap().unwrap();
     let dir = backfill::scratch_dir(&store, job.id);
     let stop = Arc::new(AtomicBool::new(false));
@@ -504,11 +505,20 @@ fn a_backfill_cut_short_by_a_crash_is_redone_at_the_next_start() {
         assert!(f.wait_for(node.best().1, WAIT));
         f.stop().unwrap();
         let store = indexer::store::Store::open(db.path(), Network::Regtest).unwrap();
-        let job =
-            backfill::record(&store, "recovered", std::slice::from_ref(&old), 101, 20).unwrap();
+        let job = backfill::record(
+            &store,
+            "recovered",
+            std::slice::from_ref(&old),
+            101,
+            20,
+            &[script(&old)],
+        )
+        .unwrap();
         // What a crash leaves: a scratch database with some of the work in it.
         let scratch = backfill::scratch_dir(&store, job.id);
         indexer::store::Store::open(&scratch, Network::Regtest).unwrap();
+        // And one a crash left after its merge (no job any more).
+        indexer::store::Store::open(&backfill::scratch_dir(&store, 7), Network::Regtest).unwrap();
         assert!(store.tip().unwrap().is_some());
         job
     };
@@ -535,6 +545,7 @@ fn a_backfill_cut_short_by_a_crash_is_redone_at_the_next_start() {
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].state, pb::BackfillState::Done as i32, "{done:?}");
     assert!(!backfill::scratch_dir(&f.store, job.id).exists());
+    assert!(!backfill::scratch_dir(&f.store, 7).exists());
     let tip = node.mine_to(1, &miner)[0];
     assert!(f.wait_for(tip, WAIT));
     assert_recovered_is_exact(&f.store, &node, wallets_at_start, &[&old], &[]);
