@@ -2,10 +2,12 @@
 //!
 //! Built so far: the saga as a pure state machine ([`saga`]), its durable store with
 //! idempotent submission and coin reservations ([`store`]), and the gRPC service that
-//! validates, records and shows withdrawals ([`grpc`]). The executor (coin selection, PSBT
-//! signing, broadcast, monitoring through the indexer's event stream, RBF) and
-//! `orchestrator run` come next; see the orchestrator issue.
+//! validates, records and shows withdrawals ([`grpc`]), and the key-file [`signer`] behind
+//! the `Signer` trait. The executor (coin selection, PSBT building, broadcast, monitoring
+//! through the indexer's event stream, RBF) and `orchestrator run` come next; see the
+//! orchestrator issue.
 
 pub mod grpc;
 pub mod saga;
+pub mod signer;
 pub mod store;
