@@ -9,5 +9,6 @@
 
 pub mod grpc;
 pub mod saga;
+pub mod select;
 pub mod signer;
 pub mod store;
