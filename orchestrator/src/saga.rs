@@ -85,12 +85,14 @@ pub struct Request {
 }
 
 /// A coin held for a withdrawal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Coin {
     /// The output.
     pub outpoint: OutPoint,
     /// Its value.
     pub value: Amount,
+    /// Its script (what signing commits to).
+    pub script: bitcoin::ScriptBuf,
 }
 
 /// One signed version of the payment (the first, or an RBF replacement).
@@ -392,6 +394,7 @@ mod tests {
         Coin {
             outpoint: OutPoint::new(Txid::from_byte_array([9; 32]), 0),
             value: Amount::from_sat(100_000),
+            script: bitcoin::ScriptBuf::new(),
         }
     }
 

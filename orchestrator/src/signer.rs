@@ -55,6 +55,9 @@ pub trait Signer: Send + Sync {
     /// Signs and finalizes the inputs it can; returns how many. An input it cannot sign is
     /// an error only when it holds the key for its script but the input is unusable.
     fn sign(&self, psbt: &mut Psbt) -> Result<usize, SignError>;
+
+    /// The scripts it can sign for: the coins a withdrawal may spend.
+    fn scripts(&self) -> Vec<ScriptBuf>;
 }
 
 /// Keys from a file of WIF private keys, one per line (`#` starts a comment), which only
@@ -116,14 +119,13 @@ impl KeyFileSigner {
         }
         Ok(KeyFileSigner { secp, by_script })
     }
-
-    /// The scripts it can sign for (P2WPKH of each key).
-    pub fn scripts(&self) -> impl Iterator<Item = &ScriptBuf> {
-        self.by_script.keys()
-    }
 }
 
 impl Signer for KeyFileSigner {
+    fn scripts(&self) -> Vec<ScriptBuf> {
+        self.by_script.keys().cloned().collect()
+    }
+
     fn sign(&self, psbt: &mut Psbt) -> Result<usize, SignError> {
         // Compute every signature first, then write: all or nothing.
         let mut witnesses = Vec::new();
@@ -198,7 +200,7 @@ mod tests {
             0o600,
         );
         let signer = KeyFileSigner::open(&ok, Network::Regtest).unwrap();
-        assert_eq!(signer.scripts().count(), 1);
+        assert_eq!(signer.scripts().len(), 1);
         assert_eq!(format!("{signer:?}"), "KeyFileSigner(1 keys)");
         let err = KeyFileSigner::open(&ok, Network::Bitcoin).unwrap_err();
         assert!(err.to_string().contains("line 2"), "{err}");
@@ -216,7 +218,7 @@ mod tests {
         let key = regtest_key(2);
         let path = key_file(dir.path(), &key.to_wif(), 0o600);
         let signer = KeyFileSigner::open(&path, Network::Regtest).unwrap();
-        let ours = signer.scripts().next().unwrap().clone();
+        let ours = signer.scripts()[0].clone();
         let theirs = ScriptBuf::new_p2wpkh(
             &CompressedPublicKey(regtest_key(3).public_key(&Secp256k1::new()).inner).wpubkey_hash(),
         );

@@ -307,6 +307,7 @@ mod tests {
         Coin {
             outpoint: OutPoint::new(Txid::from_byte_array([n; 32]), u32::from(n)),
             value: Amount::from_sat(100_000),
+            script: bitcoin::ScriptBuf::new(),
         }
     }
 

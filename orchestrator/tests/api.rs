@@ -206,6 +206,7 @@ async fn watchers_see_every_change_and_cancel_stops_at_broadcast() {
     let coin = Coin {
         outpoint: OutPoint::new(Txid::from_byte_array([3; 32]), 1),
         value: Amount::from_sat(100_000),
+        script: bitcoin::ScriptBuf::new(),
     };
     let w = api
         .store
@@ -251,9 +252,10 @@ async fn watchers_see_every_change_and_cancel_stops_at_broadcast() {
     let coin2 = Coin {
         outpoint: OutPoint::new(Txid::from_byte_array([5; 32]), 0),
         value: Amount::from_sat(100_000),
+        script: bitcoin::ScriptBuf::new(),
     };
     api.store
-        .record(&o, Outcome::Reserved(vec![coin2]), 20)
+        .record(&o, Outcome::Reserved(vec![coin2.clone()]), 20)
         .unwrap();
     assert!(api.store.reserved().unwrap().contains(&coin2.outpoint));
     let cancelled = api

@@ -1,0 +1,435 @@
+//! Runs the sagas' steps: each step reads the saga's durable record, performs one side
+//! effect, and records its outcome (synced) before the next one. A step that fails for a
+//! reason that may pass (indexer or bitcoind unavailable, a coin taken by a concurrent
+//! saga) leaves the saga where it is, to be tried again on the next round; restarting the
+//! process resumes every unfinished saga the same way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitcoin::absolute::LockTime;
+use bitcoin::consensus::serialize;
+use bitcoin::hex::DisplayHex;
+use bitcoin::transaction::Version;
+use bitcoin::{Address, Amount, Network, OutPoint, Psbt, ScriptBuf, Sequence, Transaction};
+use bitcoin::{TxIn, TxOut, Txid};
+use proto::indexer::v1 as ipb;
+use proto::indexer::v1::indexer_client::IndexerClient;
+use tonic::transport::Channel;
+
+use crate::saga::{Attempt, Coin, FeeRate, Outcome, State, Step, Withdrawal};
+use crate::select::{self, Candidate, SelectError};
+use crate::signer::Signer;
+use crate::store::{SagaStore, SagaStoreError};
+
+/// How the executor pays and how deep it waits.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Confirmations a coin needs before it is spent.
+    pub min_conf: u32,
+    /// Confirmations that complete a withdrawal.
+    pub confirmations: u32,
+    /// Confirmations after which its coins are released (a deeper reorg cannot undo it).
+    pub settle_at: u32,
+    /// Lowest fee rate used, sat/vB.
+    pub fee_floor: f64,
+    /// Highest fee rate used, sat/vB.
+    pub fee_ceiling: f64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            min_conf: 1,
+            confirmations: 3,
+            settle_at: 6,
+            fee_floor: 1.0,
+            fee_ceiling: 500.0,
+        }
+    }
+}
+
+/// Why a step did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The indexer failed or is unreachable.
+    #[error("indexer: {0}")]
+    Indexer(#[from] tonic::Status),
+    /// bitcoind failed or is unreachable.
+    #[error(transparent)]
+    Daemon(#[from] indexer::daemon::DaemonError),
+    /// The saga database failed, or the saga moved meanwhile.
+    #[error(transparent)]
+    Store(#[from] SagaStoreError),
+    /// Signing failed.
+    #[error(transparent)]
+    Sign(#[from] crate::signer::SignError),
+}
+
+/// Runs sagas against an indexer, a bitcoind and a signer.
+pub struct Executor {
+    store: Arc<SagaStore>,
+    indexer: IndexerClient<Channel>,
+    daemon: Arc<indexer::daemon::Daemon>,
+    signer: Arc<dyn Signer>,
+    network: Network,
+    change: ScriptBuf,
+    policy: Policy,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Executor {
+    /// An executor paying change to `change`.
+    pub fn new(
+        store: Arc<SagaStore>,
+        indexer: IndexerClient<Channel>,
+        daemon: Arc<indexer::daemon::Daemon>,
+        signer: Arc<dyn Signer>,
+        network: Network,
+        change: ScriptBuf,
+        policy: Policy,
+    ) -> Executor {
+        Executor {
+            store,
+            indexer,
+            daemon,
+            signer,
+            network,
+            change,
+            policy,
+        }
+    }
+
+    /// Steps every unfinished saga once; returns how many moved.
+    pub async fn round(&mut self) -> Result<usize, StepError> {
+        let mut moved = 0;
+        for w in self.store.unfinished()? {
+            let id = w.id;
+            match self.step(w).await {
+                Ok(true) => moved += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(id, error = %e, "withdrawal step must wait"),
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Runs rounds until `stop` resolves.
+    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            let idle = match self.round().await {
+                Ok(0) | Err(_) => true,
+                Ok(_) => false,
+            };
+            let pause = if idle {
+                Duration::from_millis(200)
+            } else {
+                Duration::ZERO
+            };
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    fn record(&self, w: &Withdrawal, outcome: Outcome) -> Result<Withdrawal, StepError> {
+        let after = self.store.record(w, outcome, now_ms())?;
+        tracing::info!(id = after.id, state = ?after.state, "withdrawal moved");
+        Ok(after)
+    }
+
+    /// Runs `w`'s next step; true when it moved.
+    pub async fn step(&mut self, w: Withdrawal) -> Result<bool, StepError> {
+        match w.next_step() {
+            Step::Reserve => self.reserve(&w).await.map(|_| true),
+            Step::Sign => self.sign(&w).await.map(|_| true),
+            Step::Broadcast => self.broadcast(&w).await,
+            Step::Watch => self.watch(&w).await,
+            Step::Rest => Ok(false),
+        }
+    }
+
+    async fn fee_rate(&self, policy: FeeRate) -> Result<f64, StepError> {
+        let rate = match policy {
+            FeeRate::SatPerVb(r) => r,
+            FeeRate::TargetBlocks(t) => {
+                let daemon = self.daemon.clone();
+                let per_kvb = tokio::task::spawn_blocking(move || daemon.estimate_smart_fee(t))
+                    .await
+                    .map_err(|e| tonic::Status::internal(e.to_string()))??;
+                per_kvb.map_or(self.policy.fee_floor, |a| a.to_sat() as f64 / 1000.0)
+            }
+        };
+        Ok(rate.clamp(self.policy.fee_floor, self.policy.fee_ceiling))
+    }
+
+    async fn candidates(&mut self, wallet: &str) -> Result<Vec<Candidate>, StepError> {
+        let reserved = self.store.reserved()?;
+        let signable: std::collections::HashSet<ScriptBuf> = self.signable();
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .indexer
+                .list_utxos(ipb::ListUtxosRequest {
+                    target: Some(ipb::Target {
+                        target: Some(ipb::target::Target::Wallet(wallet.into())),
+                    }),
+                    min_conf: self.policy.min_conf,
+                    limit: 1000,
+                    page_token: token,
+                })
+                .await?
+                .into_inner();
+            for u in page.utxos {
+                let (Ok(txid), Ok(script)) =
+                    (u.txid.parse::<Txid>(), ScriptBuf::from_hex(&u.script_hex))
+                else {
+                    continue;
+                };
+                let outpoint = OutPoint::new(txid, u.vout);
+                let mature = !u.coinbase || u.confirmations >= 100;
+                if mature && !reserved.contains(&outpoint) && signable.contains(&script) {
+                    out.push(Candidate {
+                        outpoint,
+                        value: Amount::from_sat(u.value_sat),
+                        script,
+                    });
+                }
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    fn signable(&self) -> std::collections::HashSet<ScriptBuf> {
+        self.signer.scripts().into_iter().collect()
+    }
+
+    fn destination(&self, w: &Withdrawal) -> Option<ScriptBuf> {
+        w.request
+            .destination
+            .parse::<Address<_>>()
+            .ok()?
+            .require_network(self.network)
+            .ok()
+            .map(|a| a.script_pubkey())
+    }
+
+    async fn reserve(&mut self, w: &Withdrawal) -> Result<Withdrawal, StepError> {
+        let Some(destination) = self.destination(w) else {
+            return self.record(w, Outcome::Failed("invalid destination".into()));
+        };
+        let rate = self.fee_rate(w.request.fee_rate).await?;
+        let candidates = self.candidates(&w.request.wallet).await?;
+        match select::select(
+            &candidates,
+            w.request.amount,
+            &destination,
+            &self.change,
+            rate,
+            w.request.max_fee,
+        ) {
+            Ok(selection) => {
+                let coins = selection
+                    .coins
+                    .into_iter()
+                    .map(|c| Coin {
+                        outpoint: c.outpoint,
+                        value: c.value,
+                        script: c.script,
+                    })
+                    .collect();
+                self.record(w, Outcome::Reserved(coins))
+            }
+            Err(e @ (SelectError::InsufficientFunds { .. } | SelectError::FeeAboveCap { .. })) => {
+                self.record(w, Outcome::Failed(e.to_string()))
+            }
+            Err(e @ SelectError::Failed(_)) => self.record(w, Outcome::Failed(e.to_string())),
+        }
+    }
+
+    async fn sign(&mut self, w: &Withdrawal) -> Result<Withdrawal, StepError> {
+        let Some(destination) = self.destination(w) else {
+            return self.record(w, Outcome::Failed("invalid destination".into()));
+        };
+        let rate = self.fee_rate(w.request.fee_rate).await?;
+        let total: Amount = w.coins.iter().map(|c| c.value).sum();
+        let mut outputs = vec![TxOut {
+            value: w.request.amount,
+            script_pubkey: destination.clone(),
+        }];
+        let inputs_weight = select::P2WPKH_INPUT_WEIGHT * w.coins.len() as u64;
+        let base = Transaction {
+            version: Version::TWO,
+            lock_time: LockTime::ZERO,
+            input: w
+                .coins
+                .iter()
+                .map(|c| TxIn {
+                    previous_output: c.outpoint,
+                    // Replaceable, so a stuck payment can be bumped.
+                    sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
+                    ..TxIn::default()
+                })
+                .collect(),
+            output: outputs.clone(),
+        };
+        let weight_without = base.weight().to_wu() + inputs_weight - 4 * 41 * w.coins.len() as u64;
+        let change_out = TxOut {
+            value: Amount::ZERO,
+            script_pubkey: self.change.clone(),
+        };
+        let weight_with = weight_without + 4 * serialize(&change_out).len() as u64;
+        let fee_with = select::fee_for(weight_with, rate);
+        let (fee, weight) = match total.checked_sub(w.request.amount + fee_with) {
+            Some(change) if change >= self.change.minimal_non_dust() => {
+                outputs.push(TxOut {
+                    value: change,
+                    script_pubkey: self.change.clone(),
+                });
+                (fee_with, weight_with)
+            }
+            _ => match total.checked_sub(w.request.amount) {
+                Some(fee) if fee >= select::fee_for(weight_without, rate) => (fee, weight_without),
+                _ => {
+                    return self.record(
+                        w,
+                        Outcome::Failed(format!(
+                            "the reserved coins no longer cover the amount at {rate} sat/vB"
+                        )),
+                    )
+                }
+            },
+        };
+        if fee > w.request.max_fee {
+            return self.record(
+                w,
+                Outcome::Failed(format!("fee {fee} above max_fee {}", w.request.max_fee)),
+            );
+        }
+        let tx = Transaction {
+            output: outputs,
+            ..base
+        };
+        let mut psbt = Psbt::from_unsigned_tx(tx)
+            .map_err(|e| tonic::Status::internal(format!("building the PSBT: {e}")))?;
+        for (input, coin) in psbt.inputs.iter_mut().zip(&w.coins) {
+            input.witness_utxo = Some(TxOut {
+                value: coin.value,
+                script_pubkey: coin.script.clone(),
+            });
+        }
+        let signed = self.signer.sign(&mut psbt)?;
+        if signed != w.coins.len() {
+            return self.record(
+                w,
+                Outcome::Failed(format!(
+                    "the signer signed {signed} of {} inputs",
+                    w.coins.len()
+                )),
+            );
+        }
+        let tx = psbt.extract_tx_unchecked_fee_rate();
+        let vbytes = weight.div_ceil(4) as f64;
+        self.record(
+            w,
+            Outcome::Signed(Attempt {
+                txid: tx.compute_txid(),
+                raw: serialize(&tx),
+                fee,
+                fee_rate: fee.to_sat() as f64 / vbytes,
+            }),
+        )
+    }
+
+    async fn broadcast(&mut self, w: &Withdrawal) -> Result<bool, StepError> {
+        let Some(attempt) = w.current() else {
+            return Ok(false);
+        };
+        let hex = attempt.raw.to_lower_hex_string();
+        let daemon = self.daemon.clone();
+        let sent = tokio::task::spawn_blocking(move || daemon.send_raw_transaction(&hex))
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        match sent {
+            Ok(_) => {
+                let height = self.tip().await?;
+                self.record(w, Outcome::Broadcast { height })?;
+                Ok(true)
+            }
+            Err(e) if e.is_transient() => Err(e.into()),
+            // Refused for good before it was ever sent: nothing is on the network.
+            Err(e) if w.state == State::Signed => {
+                self.record(w, Outcome::Failed(format!("bitcoind refused it: {e}")))?;
+                Ok(true)
+            }
+            // Refused after it was sent once (a conflict may have confirmed): an operator
+            // decides; the coins stay reserved.
+            Err(e) => {
+                self.record(w, Outcome::Unclear(format!("rebroadcast refused: {e}")))?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn tip(&mut self) -> Result<u32, StepError> {
+        Ok(self
+            .indexer
+            .get_tip(ipb::GetTipRequest {})
+            .await?
+            .into_inner()
+            .height)
+    }
+
+    async fn watch(&mut self, w: &Withdrawal) -> Result<bool, StepError> {
+        for attempt in w.attempts.iter().rev() {
+            let transfer = match self
+                .indexer
+                .get_transfer(ipb::GetTransferRequest {
+                    txid: attempt.txid.to_string(),
+                })
+                .await
+            {
+                Ok(t) => t.into_inner(),
+                Err(s) if s.code() == tonic::Code::NotFound => continue,
+                Err(s) => return Err(s.into()),
+            };
+            // (Several only for a BIP30 duplicate txid: the latest counts.)
+            let Some(t) = transfer.transfers.into_iter().max_by_key(|t| t.height) else {
+                continue;
+            };
+            let confirmed = t.status == ipb::TransferStatus::Confirmed as i32;
+            if confirmed && t.confirmations > 0 && t.confirmations != w.confirmations {
+                self.record(
+                    w,
+                    Outcome::Confirmed {
+                        txid: attempt.txid,
+                        confirmations: t.confirmations,
+                        required: self.policy.confirmations,
+                        settle_at: self.policy.settle_at,
+                    },
+                )?;
+                return Ok(true);
+            }
+            if confirmed {
+                return Ok(false);
+            }
+        }
+        // None of its versions is confirmed: one that was is reorged out.
+        if w.confirmed.is_some() {
+            self.record(w, Outcome::ReorgedOut)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
