@@ -40,49 +40,85 @@ fn wait_for(store: &SagaStore, id: u64, ok: impl Fn(&Withdrawal) -> bool) -> Wit
     }
 }
 
-#[test]
-fn a_withdrawal_is_paid_exactly_once_and_completes() {
-    use std::os::unix::fs::PermissionsExt;
-    let node = Devnet::start(|c| c.filler_txs = 0);
-    let miner = node.new_address("bech32");
-    node.mine_to(101, &miner);
+/// Devnet, a funded hot wallet (one key, `coins` outputs of `btc` each), the indexer
+/// following and serving it, a saga database and a running executor.
+struct World {
+    node: Devnet,
+    miner: String,
+    hot: Address,
+    store: Arc<SagaStore>,
+    served: Served,
+    _following: Following,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
 
-    // The hot wallet: one key in a private key file, funded by the node.
-    let secp = Secp256k1::new();
-    let key = PrivateKey::new(
-        bitcoin::secp256k1::SecretKey::from_slice(&[11; 32]).unwrap(),
-        NetworkKind::Test,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let key_path = dir.path().join("hot.keys");
-    std::fs::write(&key_path, key.to_wif()).unwrap();
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let hot = Address::p2wpkh(
-        &CompressedPublicKey(key.public_key(&secp).inner),
-        Network::Regtest,
-    );
-    for btc in [0.3, 0.5, 1.0] {
-        node.call("sendtoaddress", json!([hot.to_string(), btc]));
+impl World {
+    fn start(coins: usize, btc: f64, policy: Policy) -> World {
+        use std::os::unix::fs::PermissionsExt;
+        let node = Devnet::start(|c| c.filler_txs = 0);
+        let miner = node.new_address("bech32");
+        node.mine_to(101 + coins.div_ceil(25) as u32, &miner);
+        let secp = Secp256k1::new();
+        let key = PrivateKey::new(
+            bitcoin::secp256k1::SecretKey::from_slice(&[11; 32]).unwrap(),
+            NetworkKind::Test,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("hot.keys");
+        std::fs::write(&key_path, key.to_wif()).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let hot = Address::p2wpkh(
+            &CompressedPublicKey(key.public_key(&secp).inner),
+            Network::Regtest,
+        );
+        for _ in 0..coins {
+            node.call("sendtoaddress", json!([hot.to_string(), btc]));
+        }
+        node.mine_to(1, &miner);
+        let db = tempfile::tempdir().unwrap();
+        let wallets = vec![TestWallet {
+            name: "hot".into(),
+            scripts: BTreeSet::from([hot.script_pubkey()]),
+        }];
+        let following = Following::start(
+            node.daemon(true),
+            Some(&node.zmq()),
+            db.path(),
+            &wallets,
+            FollowOptions::default(),
+        );
+        assert!(following.wait_for(node.best().1, WAIT));
+        let served = Served::start(&following, indexer::grpc::Access::default());
+        let store = Arc::new(SagaStore::open(&dir.path().join("sagas")).unwrap());
+        let executor = Executor::new(
+            store.clone(),
+            IndexerClient::new(served.channel.clone()),
+            Arc::new(node.daemon(false)),
+            Arc::new(KeyFileSigner::open(&key_path, Network::Regtest).unwrap()),
+            Network::Regtest,
+            hot.script_pubkey(),
+            policy,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        served.runtime.spawn(executor.run(async {
+            let _ = stopped.await;
+        }));
+        World {
+            node,
+            miner,
+            hot,
+            store,
+            served,
+            _following: following,
+            _stop: stop,
+            _dirs: (dir, db),
+        }
     }
-    node.mine_to(1, &miner);
 
-    let db = tempfile::tempdir().unwrap();
-    let wallets = vec![TestWallet {
-        name: "hot".into(),
-        scripts: BTreeSet::from([hot.script_pubkey()]),
-    }];
-    let f = Following::start(
-        node.daemon(true),
-        Some(&node.zmq()),
-        db.path(),
-        &wallets,
-        FollowOptions::default(),
-    );
-    assert!(f.wait_for(node.best().1, WAIT));
-    let served = Served::start(&f, indexer::grpc::Access::default());
-    let balance = || {
-        let mut client = IndexerClient::new(served.channel.clone());
-        served
+    fn balance(&self) -> u64 {
+        let mut client = IndexerClient::new(self.served.channel.clone());
+        self.served
             .runtime
             .block_on(client.get_balance(ipb::GetBalanceRequest {
                 target: Some(ipb::Target {
@@ -92,29 +128,103 @@ fn a_withdrawal_is_paid_exactly_once_and_completes() {
             }))
             .unwrap()
             .into_inner()
-    };
-    assert_eq!(balance().confirmed_sat, 180_000_000);
+            .confirmed_sat
+    }
 
-    let sagas = dir.path().join("sagas");
-    let store = Arc::new(SagaStore::open(&sagas).unwrap());
-    let executor = Executor::new(
-        store.clone(),
-        IndexerClient::new(served.channel.clone()),
-        Arc::new(node.daemon(false)),
-        Arc::new(KeyFileSigner::open(&key_path, Network::Regtest).unwrap()),
-        Network::Regtest,
-        hot.script_pubkey(),
+    fn tx(&self, txid: bitcoin::Txid) -> Transaction {
+        let raw = self
+            .node
+            .call("getrawtransaction", json!([txid.to_string()]));
+        deserialize(&Vec::<u8>::from_hex(raw.as_str().unwrap()).unwrap()).unwrap()
+    }
+}
+
+fn script_of(address: &str) -> bitcoin::ScriptBuf {
+    Address::from_str(address)
+        .unwrap()
+        .assume_checked()
+        .script_pubkey()
+}
+
+#[test]
+fn a_hundred_concurrent_withdrawals_spend_no_coin_twice_and_each_completes_once() {
+    let world = World::start(
+        120,
+        0.01,
+        Policy {
+            confirmations: 1,
+            settle_at: 2,
+            ..Policy::default()
+        },
+    );
+    let start_balance = world.balance();
+    let destination = world.node.new_address("bech32");
+    let ids: Vec<u64> = (0..100)
+        .map(|i| {
+            let request = Request {
+                request_id: format!("batch-{i}"),
+                wallet: "hot".into(),
+                destination: destination.clone(),
+                amount: Amount::from_sat(500_000 + i),
+                fee_rate: FeeRate::SatPerVb(2.0),
+                max_fee: Amount::from_sat(20_000),
+            };
+            world.store.submit(request, 0).unwrap().withdrawal.id
+        })
+        .collect();
+    // Every one reaches the network before blocks confirm them.
+    for id in &ids {
+        wait_for(&world.store, *id, |w| w.state == State::Broadcast);
+    }
+    let started = Instant::now();
+    while ids
+        .iter()
+        .any(|id| !world.store.get(*id).unwrap().unwrap().settled)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "not all settled"
+        );
+        world.node.mine_to(1, &world.miner);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let mut spent = std::collections::HashSet::new();
+    let mut fees = 0;
+    let to_destination = script_of(&destination);
+    for (i, id) in ids.iter().enumerate() {
+        let w = world.store.get(*id).unwrap().unwrap();
+        assert_eq!((w.state, w.attempts.len()), (State::Completed, 1));
+        let tx = world.tx(w.confirmed.unwrap());
+        for input in &tx.input {
+            assert!(spent.insert(input.previous_output), "coin spent twice");
+        }
+        let paid: Vec<_> = tx
+            .output
+            .iter()
+            .filter(|o| o.script_pubkey == to_destination)
+            .collect();
+        assert_eq!(paid.len(), 1);
+        assert_eq!(paid[0].value.to_sat(), 500_000 + i as u64);
+        fees += w.current().unwrap().fee.to_sat();
+    }
+    let paid_total: u64 = (0..100).map(|i| 500_000 + i).sum();
+    assert_eq!(world.balance(), start_balance - paid_total - fees);
+    assert!(world.store.reserved().unwrap().is_empty());
+}
+
+#[test]
+fn a_withdrawal_is_paid_exactly_once_and_completes() {
+    let world = World::start(
+        3,
+        0.6,
         Policy {
             confirmations: 2,
             settle_at: 3,
             ..Policy::default()
         },
     );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    served.runtime.spawn(executor.run(async {
-        let _ = stopped.await;
-    }));
-
+    assert_eq!(world.balance(), 180_000_000);
+    let (store, node) = (&world.store, &world.node);
     let destination = node.new_address("bech32m");
     let request = Request {
         request_id: "payout-1".into(),
@@ -125,45 +235,78 @@ fn a_withdrawal_is_paid_exactly_once_and_completes() {
         max_fee: Amount::from_sat(50_000),
     };
     let id = store.submit(request.clone(), 0).unwrap().withdrawal.id;
-    let sent = wait_for(&store, id, |w| w.state == State::Broadcast);
+    let sent = wait_for(store, id, |w| w.state == State::Broadcast);
     assert_eq!(sent.attempts.len(), 1);
     // A resubmission changes nothing.
     let again = store.submit(request, 1).unwrap();
     assert!(!again.created);
     assert_eq!(again.withdrawal.id, id);
 
-    node.mine_to(1, &miner);
-    let w = wait_for(&store, id, |w| w.state == State::Confirming);
+    node.mine_to(1, &world.miner);
+    let w = wait_for(store, id, |w| w.state == State::Confirming);
     assert_eq!(w.confirmations, 1);
-    node.mine_to(1, &miner);
-    let done = wait_for(&store, id, |w| w.state == State::Completed);
+    node.mine_to(1, &world.miner);
+    let done = wait_for(store, id, |w| w.state == State::Completed);
     assert!(store.reserved().unwrap().len() == done.coins.len() && !done.settled);
-    node.mine_to(1, &miner);
-    let settled = wait_for(&store, id, |w| w.settled);
+    node.mine_to(1, &world.miner);
+    let settled = wait_for(store, id, |w| w.settled);
     assert!(store.reserved().unwrap().is_empty());
-    let _ = stop.send(());
 
-    // Paid exactly once, exactly the amount, and the wallet dropped by amount + fee.
+    // Paid exactly once, exactly the amount; change back to the hot wallet; the wallet
+    // dropped by amount + fee.
     let txid = settled.confirmed.unwrap();
     assert_eq!(Some(txid), settled.current().map(|a| a.txid));
-    let raw = node.call("getrawtransaction", json!([txid.to_string()]));
-    let tx: Transaction =
-        deserialize(&Vec::<u8>::from_hex(raw.as_str().unwrap()).unwrap()).unwrap();
-    let to_destination: Vec<_> = tx
+    let tx = world.tx(txid);
+    let paid: Vec<_> = tx
         .output
         .iter()
-        .filter(|o| {
-            o.script_pubkey
-                == Address::from_str(&destination)
-                    .unwrap()
-                    .assume_checked()
-                    .script_pubkey()
-        })
+        .filter(|o| o.script_pubkey == script_of(&destination))
         .collect();
-    assert_eq!(to_destination.len(), 1);
-    assert_eq!(to_destination[0].value, Amount::from_sat(40_000_000));
+    assert_eq!(paid.len(), 1);
+    assert_eq!(paid[0].value, Amount::from_sat(40_000_000));
+    assert!(tx
+        .output
+        .iter()
+        .any(|o| o.script_pubkey == world.hot.script_pubkey()));
     let fee = settled.current().unwrap().fee.to_sat();
     assert!(fee > 0 && fee <= 50_000);
-    let after = balance();
-    assert_eq!(after.confirmed_sat, 180_000_000 - 40_000_000 - fee);
+    assert_eq!(world.balance(), 180_000_000 - 40_000_000 - fee);
+}
+
+#[test]
+fn insufficient_funds_and_fee_caps_fail_without_reserving_anything() {
+    let world = World::start(1, 0.1, Policy::default());
+    let destination = world.node.new_address("bech32");
+    let ask = |id: &str, sat: u64, max_fee: u64| Request {
+        request_id: id.into(),
+        wallet: "hot".into(),
+        destination: destination.clone(),
+        amount: Amount::from_sat(sat),
+        fee_rate: FeeRate::SatPerVb(20.0),
+        max_fee: Amount::from_sat(max_fee),
+    };
+    let poor = world
+        .store
+        .submit(ask("too-much", 20_000_000, 50_000), 0)
+        .unwrap();
+    let capped = world
+        .store
+        .submit(ask("fee-cap", 1_000_000, 100), 0)
+        .unwrap();
+    for id in [poor.withdrawal.id, capped.withdrawal.id] {
+        let w = wait_for(&world.store, id, |w| w.state == State::Failed);
+        assert!(w.coins.is_empty() && w.attempts.is_empty(), "{w:?}");
+    }
+    let reason = |id| {
+        world
+            .store
+            .get(id)
+            .unwrap()
+            .unwrap()
+            .failure_reason
+            .unwrap()
+    };
+    assert!(reason(poor.withdrawal.id).contains("insufficient funds"));
+    assert!(reason(capped.withdrawal.id).contains("max_fee"));
+    assert!(world.store.reserved().unwrap().is_empty());
 }
