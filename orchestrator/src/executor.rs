@@ -35,6 +35,8 @@ pub struct Policy {
     pub fee_floor: f64,
     /// Highest fee rate used, sat/vB.
     pub fee_ceiling: f64,
+    /// Blocks a broadcast payment may stay unmined before it is replaced at a higher rate.
+    pub bump_after_blocks: u32,
 }
 
 impl Default for Policy {
@@ -45,6 +47,7 @@ impl Default for Policy {
             settle_at: 6,
             fee_floor: 1.0,
             fee_ceiling: 500.0,
+            bump_after_blocks: 3,
         }
     }
 }
@@ -75,6 +78,8 @@ pub struct Executor {
     network: Network,
     change: ScriptBuf,
     policy: Policy,
+    /// The indexer's tip at the start of the round.
+    last_tip: Option<u32>,
 }
 
 fn now_ms() -> u64 {
@@ -102,11 +107,13 @@ impl Executor {
             network,
             change,
             policy,
+            last_tip: None,
         }
     }
 
     /// Steps every unfinished saga once; returns how many moved.
     pub async fn round(&mut self) -> Result<usize, StepError> {
+        self.last_tip = Some(self.tip().await?);
         let mut moved = 0;
         for w in self.store.unfinished()? {
             let id = w.id;
@@ -258,18 +265,17 @@ impl Executor {
         }
     }
 
-    async fn sign(&mut self, w: &Withdrawal) -> Result<Withdrawal, StepError> {
-        let Some(destination) = self.destination(w) else {
-            return self.record(w, Outcome::Failed("invalid destination".into()));
-        };
-        let rate = self.fee_rate(w.request.fee_rate).await?;
+    /// The unsigned payment over `w`'s reserved coins at `rate` sat/vB, paying at least
+    /// `min_fee`: (transaction, fee, weight), or why it cannot be built.
+    fn assemble(
+        &self,
+        w: &Withdrawal,
+        destination: &ScriptBuf,
+        rate: f64,
+        min_fee: Amount,
+    ) -> Result<(Transaction, Amount, u64), String> {
         let total: Amount = w.coins.iter().map(|c| c.value).sum();
-        let mut outputs = vec![TxOut {
-            value: w.request.amount,
-            script_pubkey: destination.clone(),
-        }];
-        let inputs_weight = select::P2WPKH_INPUT_WEIGHT * w.coins.len() as u64;
-        let base = Transaction {
+        let mut tx = Transaction {
             version: Version::TWO,
             lock_time: LockTime::ZERO,
             input: w
@@ -282,45 +288,53 @@ impl Executor {
                     ..TxIn::default()
                 })
                 .collect(),
-            output: outputs.clone(),
+            output: vec![TxOut {
+                value: w.request.amount,
+                script_pubkey: destination.clone(),
+            }],
         };
-        let weight_without = base.weight().to_wu() + inputs_weight - 4 * 41 * w.coins.len() as u64;
+        // Unsigned inputs weigh 41 bytes each; signed P2WPKH ones weigh more.
+        let signed_inputs = (select::P2WPKH_INPUT_WEIGHT - 4 * 41) * w.coins.len() as u64 + 2;
+        let weight_without = tx.weight().to_wu() + signed_inputs;
         let change_out = TxOut {
             value: Amount::ZERO,
             script_pubkey: self.change.clone(),
         };
         let weight_with = weight_without + 4 * serialize(&change_out).len() as u64;
-        let fee_with = select::fee_for(weight_with, rate);
+        let fee_with = select::fee_for(weight_with, rate).max(min_fee);
         let (fee, weight) = match total.checked_sub(w.request.amount + fee_with) {
             Some(change) if change >= self.change.minimal_non_dust() => {
-                outputs.push(TxOut {
+                tx.output.push(TxOut {
                     value: change,
                     script_pubkey: self.change.clone(),
                 });
                 (fee_with, weight_with)
             }
             _ => match total.checked_sub(w.request.amount) {
-                Some(fee) if fee >= select::fee_for(weight_without, rate) => (fee, weight_without),
+                Some(fee) if fee >= select::fee_for(weight_without, rate).max(min_fee) => {
+                    (fee, weight_without)
+                }
                 _ => {
-                    return self.record(
-                        w,
-                        Outcome::Failed(format!(
-                            "the reserved coins no longer cover the amount at {rate} sat/vB"
-                        )),
-                    )
+                    return Err(format!(
+                        "the reserved coins do not cover the amount at {rate:.1} sat/vB"
+                    ))
                 }
             },
         };
         if fee > w.request.max_fee {
-            return self.record(
-                w,
-                Outcome::Failed(format!("fee {fee} above max_fee {}", w.request.max_fee)),
-            );
+            return Err(format!("fee {fee} above max_fee {}", w.request.max_fee));
         }
-        let tx = Transaction {
-            output: outputs,
-            ..base
-        };
+        Ok((tx, fee, weight))
+    }
+
+    /// Signs `tx` over `w`'s coins: the version to record.
+    fn sign_attempt(
+        &self,
+        w: &Withdrawal,
+        tx: Transaction,
+        fee: Amount,
+        weight: u64,
+    ) -> Result<Result<Attempt, String>, StepError> {
         let mut psbt = Psbt::from_unsigned_tx(tx)
             .map_err(|e| tonic::Status::internal(format!("building the PSBT: {e}")))?;
         for (input, coin) in psbt.inputs.iter_mut().zip(&w.coins) {
@@ -331,25 +345,65 @@ impl Executor {
         }
         let signed = self.signer.sign(&mut psbt)?;
         if signed != w.coins.len() {
-            return self.record(
-                w,
-                Outcome::Failed(format!(
-                    "the signer signed {signed} of {} inputs",
-                    w.coins.len()
-                )),
-            );
+            return Ok(Err(format!(
+                "the signer signed {signed} of {} inputs",
+                w.coins.len()
+            )));
         }
         let tx = psbt.extract_tx_unchecked_fee_rate();
         let vbytes = weight.div_ceil(4) as f64;
-        self.record(
-            w,
-            Outcome::Signed(Attempt {
-                txid: tx.compute_txid(),
-                raw: serialize(&tx),
-                fee,
-                fee_rate: fee.to_sat() as f64 / vbytes,
-            }),
-        )
+        Ok(Ok(Attempt {
+            txid: tx.compute_txid(),
+            raw: serialize(&tx),
+            fee,
+            fee_rate: fee.to_sat() as f64 / vbytes,
+        }))
+    }
+
+    async fn sign(&mut self, w: &Withdrawal) -> Result<Withdrawal, StepError> {
+        let Some(destination) = self.destination(w) else {
+            return self.record(w, Outcome::Failed("invalid destination".into()));
+        };
+        let rate = self.fee_rate(w.request.fee_rate).await?;
+        let (tx, fee, weight) = match self.assemble(w, &destination, rate, Amount::ZERO) {
+            Ok(built) => built,
+            Err(why) => return self.record(w, Outcome::Failed(why)),
+        };
+        match self.sign_attempt(w, tx, fee, weight)? {
+            Ok(attempt) => self.record(w, Outcome::Signed(attempt)),
+            Err(why) => self.record(w, Outcome::Failed(why)),
+        }
+    }
+
+    /// A replacement of a payment stuck unconfirmed: the same coins and payment at a
+    /// higher rate (BIP125: more absolute fee, by at least the incremental relay fee of
+    /// 1 sat/vB over its size), within `max_fee`. False when the cap leaves no room.
+    async fn bump(&mut self, w: &Withdrawal) -> Result<bool, StepError> {
+        let (Some(destination), Some(current)) = (self.destination(w), w.current()) else {
+            return Ok(false);
+        };
+        let rate = (current.fee_rate * 1.25)
+            .max(current.fee_rate + 1.0)
+            .min(self.policy.fee_ceiling);
+        let vbytes = (current.fee.to_sat() as f64 / current.fee_rate).round() as u64;
+        let min_fee = current.fee + Amount::from_sat(vbytes.max(1));
+        match self.assemble(w, &destination, rate, min_fee) {
+            Ok((tx, fee, weight)) => match self.sign_attempt(w, tx, fee, weight)? {
+                Ok(attempt) => {
+                    tracing::info!(id = w.id, old = %current.txid, new = %attempt.txid, rate = attempt.fee_rate, "bumping a stuck withdrawal");
+                    self.record(w, Outcome::Replaced(attempt))?;
+                    Ok(true)
+                }
+                Err(why) => {
+                    tracing::warn!(id = w.id, %why, "cannot sign a replacement");
+                    Ok(false)
+                }
+            },
+            Err(why) => {
+                tracing::warn!(id = w.id, %why, "a stuck withdrawal cannot be bumped further");
+                Ok(false)
+            }
+        }
     }
 
     async fn broadcast(&mut self, w: &Withdrawal) -> Result<bool, StepError> {
@@ -429,6 +483,14 @@ impl Executor {
         if w.confirmed.is_some() {
             self.record(w, Outcome::ReorgedOut)?;
             return Ok(true);
+        }
+        let stuck = w.state == State::Broadcast
+            && w.broadcast_height.is_some_and(|h| {
+                self.last_tip
+                    .is_some_and(|t| t >= h + self.policy.bump_after_blocks)
+            });
+        if stuck {
+            return self.bump(w).await;
         }
         Ok(false)
     }

@@ -310,3 +310,122 @@ fn insufficient_funds_and_fee_caps_fail_without_reserving_anything() {
     assert!(reason(capped.withdrawal.id).contains("max_fee"));
     assert!(world.store.reserved().unwrap().is_empty());
 }
+
+fn request(id: &str, destination: &str, sat: u64, rate: f64, max_fee: u64) -> Request {
+    Request {
+        request_id: id.into(),
+        wallet: "hot".into(),
+        destination: destination.into(),
+        amount: Amount::from_sat(sat),
+        fee_rate: FeeRate::SatPerVb(rate),
+        max_fee: Amount::from_sat(max_fee),
+    }
+}
+
+/// Mines a block at a time until `ok` holds for withdrawal `id`.
+fn mine_until(world: &World, id: u64, ok: impl Fn(&Withdrawal) -> bool) -> Withdrawal {
+    let started = Instant::now();
+    loop {
+        let w = world.store.get(id).unwrap().unwrap();
+        if ok(&w) {
+            return w;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "stuck at {w:?}"
+        );
+        world.node.mine_to(1, &world.miner);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_stuck_withdrawal_is_replaced_at_a_higher_fee_and_completes() {
+    let world = World::start(
+        2,
+        0.5,
+        Policy {
+            confirmations: 1,
+            settle_at: 1,
+            bump_after_blocks: 1,
+            ..Policy::default()
+        },
+    );
+    // The node mines nothing below 6 sat/vB: a payment at 2 stays in its mempool.
+    world.node.call("devnet_setminingfeerate", json!([6]));
+    let destination = world.node.new_address("bech32");
+    let id = world
+        .store
+        .submit(request("stuck", &destination, 30_000_000, 2.0, 20_000), 0)
+        .unwrap()
+        .withdrawal
+        .id;
+    wait_for(&world.store, id, |w| w.state == State::Broadcast);
+    let done = mine_until(&world, id, |w| w.state == State::Completed);
+    assert!(done.attempts.len() >= 2, "{done:?}");
+    let first = &done.attempts[0];
+    let last = done.current().unwrap();
+    assert!(first.fee_rate < 6.0 && last.fee_rate >= 6.0, "{done:?}");
+    assert!(done.attempts.windows(2).all(|p| p[1].fee > p[0].fee));
+    assert_eq!(done.confirmed, Some(last.txid));
+    assert!(last.fee.to_sat() <= 20_000);
+    // The replacement is what the chain holds, paying exactly the amount.
+    let tx = world.tx(last.txid);
+    let paid: u64 = tx
+        .output
+        .iter()
+        .filter(|o| o.script_pubkey == script_of(&destination))
+        .map(|o| o.value.to_sat())
+        .sum();
+    assert_eq!(paid, 30_000_000);
+    let replaced = world
+        .node
+        .try_call("getrawtransaction", json!([first.txid.to_string()]));
+    assert!(replaced.is_err(), "the first version is gone");
+}
+
+#[test]
+fn a_reorg_that_drops_a_confirmed_withdrawal_sends_it_back_and_it_completes_again() {
+    let world = World::start(
+        2,
+        0.5,
+        Policy {
+            confirmations: 2,
+            settle_at: 6,
+            ..Policy::default()
+        },
+    );
+    let destination = world.node.new_address("bech32");
+    let id = world
+        .store
+        .submit(request("reorg", &destination, 10_000_000, 3.0, 20_000), 0)
+        .unwrap()
+        .withdrawal
+        .id;
+    wait_for(&world.store, id, |w| w.state == State::Broadcast);
+    let w = mine_until(&world, id, |w| w.state == State::Completed);
+    let txid = w.confirmed.unwrap();
+    // Replace the blocks since the one that confirmed it: the payment returns to the
+    // mempool and the index disconnects it.
+    let (height, _) = world.node.best();
+    let confirmed_at = height + 1 - w.confirmations;
+    let block = world.node.hash_at(confirmed_at);
+    world
+        .node
+        .call("invalidateblock", json!([block.to_string()]));
+    let back = wait_for(&world.store, id, |w| {
+        w.state == State::Confirming && w.confirmations == 0
+    });
+    assert_eq!(back.confirmed, None);
+    let again = mine_until(&world, id, |w| w.settled);
+    assert_eq!(
+        (again.state, again.confirmed),
+        (State::Completed, Some(txid))
+    );
+    assert_eq!(
+        again.attempts.len(),
+        1,
+        "the same transaction confirmed again"
+    );
+    assert!(world.store.reserved().unwrap().is_empty());
+}
