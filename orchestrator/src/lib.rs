@@ -7,6 +7,7 @@
 //! through the indexer's event stream, RBF) and `orchestrator run` come next; see the
 //! orchestrator issue.
 
+pub mod config;
 pub mod executor;
 pub mod grpc;
 pub mod saga;

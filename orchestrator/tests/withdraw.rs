@@ -15,7 +15,6 @@ use bitcoin::hex::FromHex;
 use bitcoin::key::{CompressedPublicKey, PrivateKey};
 use bitcoin::secp256k1::Secp256k1;
 use bitcoin::{Address, Amount, Network, NetworkKind, Transaction};
-use indexer::follow::FollowOptions;
 use orchestrator::executor::{Executor, Policy};
 use orchestrator::saga::{FeeRate, Request, State, Withdrawal};
 use orchestrator::signer::KeyFileSigner;
@@ -81,14 +80,7 @@ impl World {
             name: "hot".into(),
             scripts: BTreeSet::from([hot.script_pubkey()]),
         }];
-        let following = Following::start(
-            node.daemon(true),
-            Some(&node.zmq()),
-            db.path(),
-            &wallets,
-            FollowOptions::default(),
-        );
-        assert!(following.wait_for(node.best().1, WAIT));
+        let following = Following::caught_up(&node, db.path(), &wallets);
         let served = Served::start(&following, indexer::grpc::Access::default());
         let store = Arc::new(SagaStore::open(&dir.path().join("sagas")).unwrap());
         let executor = Executor::new(

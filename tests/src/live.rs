@@ -151,6 +151,23 @@ impl Following {
         Self::resume(daemon, zmq, store, opts)
     }
 
+    /// Follows `node` over REST and every ZMQ topic into a new database at `db`, with
+    /// default options, and waits until it has the node's tip.
+    pub fn caught_up(node: &Devnet, db: &Path, wallets: &[TestWallet]) -> Following {
+        let f = Self::start(
+            node.daemon(true),
+            Some(&node.zmq()),
+            db,
+            wallets,
+            FollowOptions::default(),
+        );
+        assert!(
+            f.wait_for(node.best().1, Duration::from_secs(60)),
+            "the follower did not catch up"
+        );
+        f
+    }
+
     /// Starts following into an existing database.
     pub fn resume(
         daemon: Daemon,
@@ -316,6 +333,8 @@ pub struct Served {
     pub runtime: tokio::runtime::Runtime,
     /// A connection to the server.
     pub channel: tonic::transport::Channel,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -348,6 +367,7 @@ impl Served {
         Served {
             runtime,
             channel,
+            addr,
             _stop: stop,
         }
     }

@@ -1,0 +1,229 @@
+//! `orchestrator run` as a process, killed with SIGKILL at random moments while it works
+//! through withdrawals and blocks arrive, then restarted: every withdrawal completes,
+//! each destination is paid exactly once with exactly its amount, no coin twice.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io::BufRead;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use bitcoin::consensus::deserialize;
+use bitcoin::hex::FromHex;
+use bitcoin::key::{CompressedPublicKey, PrivateKey};
+use bitcoin::secp256k1::Secp256k1;
+use bitcoin::{Address, Network, NetworkKind, Transaction};
+use proto::indexer::v1 as ipb;
+use proto::indexer::v1::indexer_client::IndexerClient;
+use proto::orchestrator::v1 as pb;
+use proto::orchestrator::v1::withdrawals_client::WithdrawalsClient;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use system_tests::harness::TestWallet;
+use system_tests::live::{Devnet, Following, Served};
+use tonic::metadata::MetadataValue;
+
+const BIN: &str = env!("CARGO_BIN_EXE_orchestrator");
+const TOKEN: &str = "crash-test-token";
+
+/// The orchestrator process, killed on drop.
+struct Process(Child, String);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn auth<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    let value = MetadataValue::try_from(format!("Bearer {TOKEN}")).unwrap();
+    req.metadata_mut().insert("authorization", value);
+    req
+}
+
+#[test]
+fn sigkill_at_random_moments_then_restart_pays_each_withdrawal_exactly_once() {
+    let node = Devnet::start(|c| c.filler_txs = 0);
+    let miner = node.new_address("bech32");
+    node.mine_to(102, &miner);
+    let secp = Secp256k1::new();
+    let key = PrivateKey::new(
+        bitcoin::secp256k1::SecretKey::from_slice(&[21; 32]).unwrap(),
+        NetworkKind::Test,
+    );
+    let hot = Address::p2wpkh(
+        &CompressedPublicKey(key.public_key(&secp).inner),
+        Network::Regtest,
+    );
+    for _ in 0..30 {
+        node.call("sendtoaddress", json!([hot.to_string(), 0.02]));
+    }
+    node.mine_to(1, &miner);
+    let db = tempfile::tempdir().unwrap();
+    let wallets = vec![TestWallet {
+        name: "hot".into(),
+        scripts: BTreeSet::from([hot.script_pubkey()]),
+    }];
+    let f = Following::caught_up(&node, db.path(), &wallets);
+    let served = Served::start(&f, indexer::grpc::Access::default());
+
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("hot.keys");
+    std::fs::write(&key_file, key.to_wif()).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let start = || {
+        let mut child = Command::new(BIN)
+            .args(["run", "--network", "regtest", "--listen", "127.0.0.1:0"])
+            .args(["--indexer", &format!("http://{}", served.addr)])
+            .args(["--bitcoind-rpc-url", &node.node.rpc_url()])
+            .args([
+                "--bitcoind-cookie-file",
+                node.node.cookie_file().unwrap().to_str().unwrap(),
+            ])
+            .args(["--db", dir.path().join("sagas").to_str().unwrap()])
+            .args(["--key-file", key_file.to_str().unwrap()])
+            .args(["--token-file", token_file.to_str().unwrap()])
+            .args(["--change-address", &hot.to_string()])
+            .args(["--confirmations", "1", "--settle-confirmations", "2"])
+            .env("ORCHESTRATOR_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line.trim().strip_prefix("listening\t").unwrap().to_owned();
+        Process(child, addr)
+    };
+    let client = |p: &Process| {
+        let channel = served
+            .runtime
+            .block_on(
+                tonic::transport::Channel::from_shared(format!("http://{}", p.1))
+                    .unwrap()
+                    .connect(),
+            )
+            .unwrap();
+        WithdrawalsClient::new(channel)
+    };
+
+    // 20 withdrawals to 20 destinations, submitted (and some resubmitted) across kills.
+    let destinations: Vec<String> = (0..20).map(|_| node.new_address("bech32")).collect();
+    let amount = |i: usize| 300_000 + i as u64 * 1_000;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut process = start();
+    let mut submitted = 0;
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let mut kills = 0;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "withdrawals did not all complete"
+        );
+        let mut c = client(&process);
+        // Submit a few more (and repeat an earlier one: it must not pay twice).
+        for _ in 0..rng.gen_range(1..5) {
+            if submitted < destinations.len() {
+                submitted += 1;
+            }
+            let i = rng.gen_range(0..submitted);
+            let req = pb::SubmitWithdrawalRequest {
+                request_id: format!("crash-{i}"),
+                wallet: "hot".into(),
+                destination: destinations[i].clone(),
+                amount_sat: amount(i),
+                fee_rate: Some(pb::submit_withdrawal_request::FeeRate::SatPerVb(2.0)),
+                max_fee_sat: 20_000,
+            };
+            let _ = served.runtime.block_on(c.submit_withdrawal(auth(req)));
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
+        if rng.gen_bool(0.5) {
+            node.mine_to(1, &miner);
+        }
+        // Killed at a random moment, then started again on the same database.
+        if kills < 12 && rng.gen_bool(0.6) {
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..150)));
+            let _ = process.0.kill();
+            let _ = process.0.wait();
+            kills += 1;
+            process = start();
+            c = client(&process);
+        }
+        let list = served
+            .runtime
+            .block_on(c.list_withdrawals(auth(pb::ListWithdrawalsRequest {
+                limit: 1000,
+                ..Default::default()
+            })))
+            .unwrap()
+            .into_inner()
+            .withdrawals;
+        let all_done = submitted == destinations.len()
+            && list.len() == destinations.len()
+            && list
+                .iter()
+                .all(|w| w.state == pb::WithdrawalState::Completed as i32);
+        if all_done {
+            for w in &list {
+                assert_eq!(w.failure_reason, "", "{w:?}");
+            }
+            break;
+        }
+        let failed: Vec<_> = list
+            .iter()
+            .filter(|w| {
+                w.state == pb::WithdrawalState::Failed as i32
+                    || w.state == pb::WithdrawalState::NeedsReview as i32
+            })
+            .collect();
+        assert!(failed.is_empty(), "{failed:?}");
+        node.mine_to(1, &miner);
+    }
+    assert!(kills >= 3, "too few kills to mean anything: {kills}");
+
+    // Every transaction that spent the hot wallet's coins, from the chain itself.
+    let tip = node.mine_to(1, &miner)[0];
+    assert!(f.wait_for(tip, Duration::from_secs(30)));
+    let mut indexer = IndexerClient::new(served.channel.clone());
+    let transfers = served
+        .runtime
+        .block_on(indexer.list_transfers(ipb::ListTransfersRequest {
+            wallet: "hot".into(),
+            limit: 1000,
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+        .transfers;
+    let mut paid: HashMap<bitcoin::ScriptBuf, Vec<u64>> = HashMap::new();
+    let mut coins = HashSet::new();
+    for t in transfers.iter().filter(|t| !t.spent.is_empty()) {
+        let raw = node.call("getrawtransaction", json!([t.txid]));
+        let tx: Transaction =
+            deserialize(&Vec::<u8>::from_hex(raw.as_str().unwrap()).unwrap()).unwrap();
+        for input in &tx.input {
+            assert!(coins.insert(input.previous_output), "a coin spent twice");
+        }
+        for o in &tx.output {
+            paid.entry(o.script_pubkey.clone())
+                .or_default()
+                .push(o.value.to_sat());
+        }
+    }
+    for (i, d) in destinations.iter().enumerate() {
+        let script = Address::from_str(d)
+            .unwrap()
+            .assume_checked()
+            .script_pubkey();
+        assert_eq!(paid.get(&script), Some(&vec![amount(i)]), "destination {i}");
+    }
+}
