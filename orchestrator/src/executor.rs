@@ -80,6 +80,20 @@ pub struct Executor {
     policy: Policy,
     /// The indexer's tip at the start of the round.
     last_tip: Option<u32>,
+    /// Fault injection for the crash tests: the step boundary at which the process dies,
+    /// as kill -9 would (`ORCHESTRATOR_CRASH_AT`: reserved, signed, sent, broadcast,
+    /// confirmed). Unset in production.
+    crash_at: Option<String>,
+}
+
+impl Executor {
+    /// Dies here when told to (see `crash_at`).
+    fn boundary(&self, name: &str) {
+        if self.crash_at.as_deref() == Some(name) {
+            eprintln!("ORCHESTRATOR_CRASH_AT={name}: dying here");
+            std::process::abort();
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -108,6 +122,7 @@ impl Executor {
             change,
             policy,
             last_tip: None,
+            crash_at: std::env::var("ORCHESTRATOR_CRASH_AT").ok(),
         }
     }
 
@@ -149,6 +164,13 @@ impl Executor {
     fn record(&self, w: &Withdrawal, outcome: Outcome) -> Result<Withdrawal, StepError> {
         let after = self.store.record(w, outcome, now_ms())?;
         tracing::info!(id = after.id, state = ?after.state, "withdrawal moved");
+        match after.state {
+            State::Reserved => self.boundary("reserved"),
+            State::Signed => self.boundary("signed"),
+            State::Broadcast => self.boundary("broadcast"),
+            State::Confirming | State::Completed => self.boundary("confirmed"),
+            _ => {}
+        }
         Ok(after)
     }
 
@@ -417,6 +439,9 @@ impl Executor {
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
         match sent {
             Ok(_) => {
+                // Sent, not yet recorded: the boundary a crash must survive without paying
+                // twice (the restart sends the same bytes again).
+                self.boundary("sent");
                 let height = self.tip().await?;
                 self.record(w, Outcome::Broadcast { height })?;
                 Ok(true)

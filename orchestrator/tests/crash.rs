@@ -46,65 +46,94 @@ fn auth<T>(msg: T) -> tonic::Request<T> {
     req
 }
 
-#[test]
-fn sigkill_at_random_moments_then_restart_pays_each_withdrawal_exactly_once() {
-    let node = Devnet::start(|c| c.filler_txs = 0);
-    let miner = node.new_address("bech32");
-    node.mine_to(102, &miner);
-    let secp = Secp256k1::new();
-    let key = PrivateKey::new(
-        bitcoin::secp256k1::SecretKey::from_slice(&[21; 32]).unwrap(),
-        NetworkKind::Test,
-    );
-    let hot = Address::p2wpkh(
-        &CompressedPublicKey(key.public_key(&secp).inner),
-        Network::Regtest,
-    );
-    for _ in 0..30 {
-        node.call("sendtoaddress", json!([hot.to_string(), 0.02]));
-    }
-    node.mine_to(1, &miner);
-    let db = tempfile::tempdir().unwrap();
-    let wallets = vec![TestWallet {
-        name: "hot".into(),
-        scripts: BTreeSet::from([hot.script_pubkey()]),
-    }];
-    let f = Following::caught_up(&node, db.path(), &wallets);
-    let served = Served::start(&f, indexer::grpc::Access::default());
+/// Devnet, a hot wallet of `coins` coins of 0.02 BTC, the indexer following it and
+/// serving gRPC, and what `orchestrator run` needs (key file, token, database).
+struct Rig {
+    node: Devnet,
+    miner: String,
+    hot: Address,
+    f: Following,
+    served: Served,
+    dir: tempfile::TempDir,
+    _db: tempfile::TempDir,
+}
 
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("hot.keys");
-    std::fs::write(&key_file, key.to_wif()).unwrap();
-    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    let start = || {
-        let mut child = Command::new(BIN)
-            .args(["run", "--network", "regtest", "--listen", "127.0.0.1:0"])
-            .args(["--indexer", &format!("http://{}", served.addr)])
-            .args(["--bitcoind-rpc-url", &node.node.rpc_url()])
+impl Rig {
+    fn new(coins: usize) -> Rig {
+        let node = Devnet::start(|c| c.filler_txs = 0);
+        let miner = node.new_address("bech32");
+        node.mine_to(102, &miner);
+        let secp = Secp256k1::new();
+        let key = PrivateKey::new(
+            bitcoin::secp256k1::SecretKey::from_slice(&[21; 32]).unwrap(),
+            NetworkKind::Test,
+        );
+        let hot = Address::p2wpkh(
+            &CompressedPublicKey(key.public_key(&secp).inner),
+            Network::Regtest,
+        );
+        for _ in 0..coins {
+            node.call("sendtoaddress", json!([hot.to_string(), 0.02]));
+        }
+        node.mine_to(1, &miner);
+        let db = tempfile::tempdir().unwrap();
+        let wallets = vec![TestWallet {
+            name: "hot".into(),
+            scripts: BTreeSet::from([hot.script_pubkey()]),
+        }];
+        let f = Following::caught_up(&node, db.path(), &wallets);
+        let served = Served::start(&f, indexer::grpc::Access::default());
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("hot.keys");
+        std::fs::write(&key_file, key.to_wif()).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+        Rig {
+            node,
+            miner,
+            hot,
+            f,
+            served,
+            dir,
+            _db: db,
+        }
+    }
+
+    /// `orchestrator run` on the rig's database, dying at `crash_at` when given.
+    fn start(&self, crash_at: Option<&str>) -> Process {
+        let dir = self.dir.path();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--network", "regtest", "--listen", "127.0.0.1:0"])
+            .args(["--indexer", &format!("http://{}", self.served.addr)])
+            .args(["--bitcoind-rpc-url", &self.node.node.rpc_url()])
             .args([
                 "--bitcoind-cookie-file",
-                node.node.cookie_file().unwrap().to_str().unwrap(),
+                self.node.node.cookie_file().unwrap().to_str().unwrap(),
             ])
-            .args(["--db", dir.path().join("sagas").to_str().unwrap()])
-            .args(["--key-file", key_file.to_str().unwrap()])
-            .args(["--token-file", token_file.to_str().unwrap()])
-            .args(["--change-address", &hot.to_string()])
+            .args(["--db", dir.join("sagas").to_str().unwrap()])
+            .args(["--key-file", dir.join("hot.keys").to_str().unwrap()])
+            .args(["--token-file", dir.join("token").to_str().unwrap()])
+            .args(["--change-address", &self.hot.to_string()])
             .args(["--confirmations", "1", "--settle-confirmations", "2"])
             .env("ORCHESTRATOR_LOG", "warn")
+            .env_remove("ORCHESTRATOR_CRASH_AT")
             .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::null());
+        if let Some(at) = crash_at {
+            cmd.env("ORCHESTRATOR_CRASH_AT", at);
+        }
+        let mut child = cmd.spawn().unwrap();
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
         let addr = line.trim().strip_prefix("listening\t").unwrap().to_owned();
         Process(child, addr)
-    };
-    let client = |p: &Process| {
-        let channel = served
+    }
+
+    fn client(&self, p: &Process) -> WithdrawalsClient<tonic::transport::Channel> {
+        let channel = self
+            .served
             .runtime
             .block_on(
                 tonic::transport::Channel::from_shared(format!("http://{}", p.1))
@@ -113,13 +142,159 @@ fn sigkill_at_random_moments_then_restart_pays_each_withdrawal_exactly_once() {
             )
             .unwrap();
         WithdrawalsClient::new(channel)
-    };
+    }
 
+    fn submit(
+        &self,
+        c: &mut WithdrawalsClient<tonic::transport::Channel>,
+        id: &str,
+        destination: &str,
+        sat: u64,
+    ) -> Result<pb::Withdrawal, tonic::Status> {
+        let req = pb::SubmitWithdrawalRequest {
+            request_id: id.into(),
+            wallet: "hot".into(),
+            destination: destination.into(),
+            amount_sat: sat,
+            fee_rate: Some(pb::submit_withdrawal_request::FeeRate::SatPerVb(2.0)),
+            max_fee_sat: 20_000,
+        };
+        self.served
+            .runtime
+            .block_on(c.submit_withdrawal(auth(req)))
+            .map(|r| r.into_inner())
+    }
+
+    fn list(&self, c: &mut WithdrawalsClient<tonic::transport::Channel>) -> Vec<pb::Withdrawal> {
+        self.served
+            .runtime
+            .block_on(c.list_withdrawals(auth(pb::ListWithdrawalsRequest {
+                limit: 1000,
+                ..Default::default()
+            })))
+            .unwrap()
+            .into_inner()
+            .withdrawals
+    }
+
+    /// What every transaction spending the hot wallet's coins paid, by script, from the
+    /// chain; asserts no coin was spent twice.
+    fn paid(&self) -> HashMap<bitcoin::ScriptBuf, Vec<u64>> {
+        let tip = self.node.mine_to(1, &self.miner)[0];
+        assert!(self.f.wait_for(tip, Duration::from_secs(30)));
+        let mut indexer = IndexerClient::new(self.served.channel.clone());
+        let transfers = self
+            .served
+            .runtime
+            .block_on(indexer.list_transfers(ipb::ListTransfersRequest {
+                wallet: "hot".into(),
+                limit: 1000,
+                ..Default::default()
+            }))
+            .unwrap()
+            .into_inner()
+            .transfers;
+        let mut paid: HashMap<bitcoin::ScriptBuf, Vec<u64>> = HashMap::new();
+        let mut coins = HashSet::new();
+        for t in transfers.iter().filter(|t| !t.spent.is_empty()) {
+            let raw = self.node.call("getrawtransaction", json!([t.txid]));
+            let tx: Transaction =
+                deserialize(&Vec::<u8>::from_hex(raw.as_str().unwrap()).unwrap()).unwrap();
+            for input in &tx.input {
+                assert!(coins.insert(input.previous_output), "a coin spent twice");
+            }
+            for o in &tx.output {
+                paid.entry(o.script_pubkey.clone())
+                    .or_default()
+                    .push(o.value.to_sat());
+            }
+        }
+        paid
+    }
+}
+
+fn script_of(address: &str) -> bitcoin::ScriptBuf {
+    Address::from_str(address)
+        .unwrap()
+        .assume_checked()
+        .script_pubkey()
+}
+
+#[test]
+fn a_crash_at_each_step_boundary_then_restart_pays_exactly_once() {
+    let rig = Rig::new(8);
+    let boundaries = ["reserved", "signed", "sent", "broadcast", "confirmed"];
+    let mut destinations = Vec::new();
+    for (i, at) in boundaries.iter().enumerate() {
+        let destination = rig.node.new_address("bech32");
+        let mut process = rig.start(Some(at));
+        let mut c = rig.client(&process);
+        rig.submit(
+            &mut c,
+            &format!("step-{i}"),
+            &destination,
+            400_000 + i as u64,
+        )
+        .unwrap();
+        // It dies at the boundary (blocks are mined for the confirmed one).
+        let started = Instant::now();
+        let status = loop {
+            if let Some(s) = process.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "never reached {at}"
+            );
+            if *at == "confirmed" {
+                rig.node.mine_to(1, &rig.miner);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(!status.success(), "{at}: {status:?}");
+        // Restarted without the fault: it finishes the withdrawal.
+        process = rig.start(None);
+        let mut c = rig.client(&process);
+        let started = Instant::now();
+        loop {
+            let w = rig
+                .list(&mut c)
+                .into_iter()
+                .find(|w| w.request_id == format!("step-{i}"))
+                .unwrap();
+            if w.state == pb::WithdrawalState::Completed as i32 {
+                assert_eq!(w.txids.len(), 1, "{at}: {w:?}");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{at}: stuck at {w:?}"
+            );
+            rig.node.mine_to(1, &rig.miner);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        drop(process);
+        destinations.push(destination);
+    }
+    let paid = rig.paid();
+    for (i, d) in destinations.iter().enumerate() {
+        assert_eq!(
+            paid.get(&script_of(d)),
+            Some(&vec![400_000 + i as u64]),
+            "{}",
+            boundaries[i]
+        );
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_then_restart_pays_each_withdrawal_exactly_once() {
+    let rig = Rig::new(30);
     // 20 withdrawals to 20 destinations, submitted (and some resubmitted) across kills.
-    let destinations: Vec<String> = (0..20).map(|_| node.new_address("bech32")).collect();
+    let destinations: Vec<String> = (0..20).map(|_| rig.node.new_address("bech32")).collect();
     let amount = |i: usize| 300_000 + i as u64 * 1_000;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let mut process = start();
+    let mut process = rig.start(None);
     let mut submitted = 0;
     let deadline = Instant::now() + Duration::from_secs(150);
     let mut kills = 0;
@@ -128,26 +303,18 @@ fn sigkill_at_random_moments_then_restart_pays_each_withdrawal_exactly_once() {
             Instant::now() < deadline,
             "withdrawals did not all complete"
         );
-        let mut c = client(&process);
+        let mut c = rig.client(&process);
         // Submit a few more (and repeat an earlier one: it must not pay twice).
         for _ in 0..rng.gen_range(1..5) {
             if submitted < destinations.len() {
                 submitted += 1;
             }
             let i = rng.gen_range(0..submitted);
-            let req = pb::SubmitWithdrawalRequest {
-                request_id: format!("crash-{i}"),
-                wallet: "hot".into(),
-                destination: destinations[i].clone(),
-                amount_sat: amount(i),
-                fee_rate: Some(pb::submit_withdrawal_request::FeeRate::SatPerVb(2.0)),
-                max_fee_sat: 20_000,
-            };
-            let _ = served.runtime.block_on(c.submit_withdrawal(auth(req)));
+            let _ = rig.submit(&mut c, &format!("crash-{i}"), &destinations[i], amount(i));
         }
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..300)));
         if rng.gen_bool(0.5) {
-            node.mine_to(1, &miner);
+            rig.node.mine_to(1, &rig.miner);
         }
         // Killed at a random moment, then started again on the same database.
         if kills < 12 && rng.gen_bool(0.6) {
@@ -155,29 +322,10 @@ fn sigkill_at_random_moments_then_restart_pays_each_withdrawal_exactly_once() {
             let _ = process.0.kill();
             let _ = process.0.wait();
             kills += 1;
-            process = start();
-            c = client(&process);
+            process = rig.start(None);
+            c = rig.client(&process);
         }
-        let list = served
-            .runtime
-            .block_on(c.list_withdrawals(auth(pb::ListWithdrawalsRequest {
-                limit: 1000,
-                ..Default::default()
-            })))
-            .unwrap()
-            .into_inner()
-            .withdrawals;
-        let all_done = submitted == destinations.len()
-            && list.len() == destinations.len()
-            && list
-                .iter()
-                .all(|w| w.state == pb::WithdrawalState::Completed as i32);
-        if all_done {
-            for w in &list {
-                assert_eq!(w.failure_reason, "", "{w:?}");
-            }
-            break;
-        }
+        let list = rig.list(&mut c);
         let failed: Vec<_> = list
             .iter()
             .filter(|w| {
@@ -186,44 +334,23 @@ fn sigkill_at_random_moments_then_restart_pays_each_withdrawal_exactly_once() {
             })
             .collect();
         assert!(failed.is_empty(), "{failed:?}");
-        node.mine_to(1, &miner);
+        if submitted == destinations.len()
+            && list.len() == destinations.len()
+            && list
+                .iter()
+                .all(|w| w.state == pb::WithdrawalState::Completed as i32)
+        {
+            break;
+        }
+        rig.node.mine_to(1, &rig.miner);
     }
     assert!(kills >= 3, "too few kills to mean anything: {kills}");
-
-    // Every transaction that spent the hot wallet's coins, from the chain itself.
-    let tip = node.mine_to(1, &miner)[0];
-    assert!(f.wait_for(tip, Duration::from_secs(30)));
-    let mut indexer = IndexerClient::new(served.channel.clone());
-    let transfers = served
-        .runtime
-        .block_on(indexer.list_transfers(ipb::ListTransfersRequest {
-            wallet: "hot".into(),
-            limit: 1000,
-            ..Default::default()
-        }))
-        .unwrap()
-        .into_inner()
-        .transfers;
-    let mut paid: HashMap<bitcoin::ScriptBuf, Vec<u64>> = HashMap::new();
-    let mut coins = HashSet::new();
-    for t in transfers.iter().filter(|t| !t.spent.is_empty()) {
-        let raw = node.call("getrawtransaction", json!([t.txid]));
-        let tx: Transaction =
-            deserialize(&Vec::<u8>::from_hex(raw.as_str().unwrap()).unwrap()).unwrap();
-        for input in &tx.input {
-            assert!(coins.insert(input.previous_output), "a coin spent twice");
-        }
-        for o in &tx.output {
-            paid.entry(o.script_pubkey.clone())
-                .or_default()
-                .push(o.value.to_sat());
-        }
-    }
+    let paid = rig.paid();
     for (i, d) in destinations.iter().enumerate() {
-        let script = Address::from_str(d)
-            .unwrap()
-            .assume_checked()
-            .script_pubkey();
-        assert_eq!(paid.get(&script), Some(&vec![amount(i)]), "destination {i}");
+        assert_eq!(
+            paid.get(&script_of(d)),
+            Some(&vec![amount(i)]),
+            "destination {i}"
+        );
     }
 }
