@@ -4,26 +4,22 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
-use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use bitcoin::consensus::deserialize;
 use bitcoin::hex::FromHex;
-use bitcoin::key::{CompressedPublicKey, PrivateKey};
-use bitcoin::secp256k1::Secp256k1;
-use bitcoin::{Address, Network, NetworkKind, Transaction};
+use bitcoin::{Address, Transaction};
 use proto::indexer::v1 as ipb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use proto::orchestrator::v1 as pb;
 use proto::orchestrator::v1::withdrawals_client::WithdrawalsClient;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use system_tests::harness::TestWallet;
-use system_tests::live::{Devnet, Following, Served};
+use system_tests::live::{Devnet, Following, KeyedWallet, Served};
 use tonic::metadata::MetadataValue;
 
 const BIN: &str = env!("CARGO_BIN_EXE_orchestrator");
@@ -63,30 +59,12 @@ impl Rig {
         let node = Devnet::start(|c| c.filler_txs = 0);
         let miner = node.new_address("bech32");
         node.mine_to(102, &miner);
-        let secp = Secp256k1::new();
-        let key = PrivateKey::new(
-            bitcoin::secp256k1::SecretKey::from_slice(&[21; 32]).unwrap(),
-            NetworkKind::Test,
-        );
-        let hot = Address::p2wpkh(
-            &CompressedPublicKey(key.public_key(&secp).inner),
-            Network::Regtest,
-        );
-        for _ in 0..coins {
-            node.call("sendtoaddress", json!([hot.to_string(), 0.02]));
-        }
-        node.mine_to(1, &miner);
-        let db = tempfile::tempdir().unwrap();
-        let wallets = vec![TestWallet {
-            name: "hot".into(),
-            scripts: BTreeSet::from([hot.script_pubkey()]),
-        }];
-        let f = Following::caught_up(&node, db.path(), &wallets);
-        let served = Served::start(&f, indexer::grpc::Access::default());
         let dir = tempfile::tempdir().unwrap();
-        let key_file = dir.path().join("hot.keys");
-        std::fs::write(&key_file, key.to_wif()).unwrap();
-        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let keyed = KeyedWallet::funded(&node, &miner, dir.path(), 21, coins, 0.02);
+        let hot = keyed.address.clone();
+        let db = tempfile::tempdir().unwrap();
+        let f = Following::caught_up(&node, db.path(), &keyed.wallets);
+        let served = Served::start(&f, indexer::grpc::Access::default());
         std::fs::write(dir.path().join("token"), TOKEN).unwrap();
         Rig {
             node,

@@ -5,16 +5,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bitcoin::consensus::deserialize;
 use bitcoin::hex::FromHex;
-use bitcoin::key::{CompressedPublicKey, PrivateKey};
-use bitcoin::secp256k1::Secp256k1;
-use bitcoin::{Address, Amount, Network, NetworkKind, Transaction};
+use bitcoin::{Address, Amount, Network, Transaction};
 use orchestrator::executor::{Executor, Policy};
 use orchestrator::saga::{FeeRate, Request, State, Withdrawal};
 use orchestrator::signer::KeyFileSigner;
@@ -22,8 +19,7 @@ use orchestrator::store::SagaStore;
 use proto::indexer::v1 as ipb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use serde_json::json;
-use system_tests::harness::TestWallet;
-use system_tests::live::{Devnet, Following, Served};
+use system_tests::live::{Devnet, Following, KeyedWallet, Served};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -54,33 +50,14 @@ struct World {
 
 impl World {
     fn start(coins: usize, btc: f64, policy: Policy) -> World {
-        use std::os::unix::fs::PermissionsExt;
         let node = Devnet::start(|c| c.filler_txs = 0);
         let miner = node.new_address("bech32");
         node.mine_to(101 + coins.div_ceil(25) as u32, &miner);
-        let secp = Secp256k1::new();
-        let key = PrivateKey::new(
-            bitcoin::secp256k1::SecretKey::from_slice(&[11; 32]).unwrap(),
-            NetworkKind::Test,
-        );
         let dir = tempfile::tempdir().unwrap();
-        let key_path = dir.path().join("hot.keys");
-        std::fs::write(&key_path, key.to_wif()).unwrap();
-        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let hot = Address::p2wpkh(
-            &CompressedPublicKey(key.public_key(&secp).inner),
-            Network::Regtest,
-        );
-        for _ in 0..coins {
-            node.call("sendtoaddress", json!([hot.to_string(), btc]));
-        }
-        node.mine_to(1, &miner);
+        let keyed = KeyedWallet::funded(&node, &miner, dir.path(), 11, coins, btc);
+        let (hot, key_path) = (keyed.address.clone(), keyed.key_file.clone());
         let db = tempfile::tempdir().unwrap();
-        let wallets = vec![TestWallet {
-            name: "hot".into(),
-            scripts: BTreeSet::from([hot.script_pubkey()]),
-        }];
-        let following = Following::caught_up(&node, db.path(), &wallets);
+        let following = Following::caught_up(&node, db.path(), &keyed.wallets);
         let served = Served::start(&following, indexer::grpc::Access::default());
         let store = Arc::new(SagaStore::open(&dir.path().join("sagas")).unwrap());
         let executor = Executor::new(

@@ -372,3 +372,54 @@ impl Served {
         }
     }
 }
+
+/// A wallet whose key the test holds, as the orchestrator's signer would: a regtest P2WPKH
+/// key written as a WIF key file only its owner may read, funded by the node.
+pub struct KeyedWallet {
+    /// The key file (mode 600).
+    pub key_file: PathBuf,
+    /// The key's P2WPKH address.
+    pub address: Address,
+    /// A wallet `hot` of that address, to watch.
+    pub wallets: Vec<TestWallet>,
+}
+
+impl KeyedWallet {
+    /// The key from `seed` in `dir`, paid `coins` outputs of `btc` by `node` and confirmed
+    /// by a block mined to `miner`.
+    pub fn funded(
+        node: &Devnet,
+        miner: &str,
+        dir: &Path,
+        seed: u8,
+        coins: usize,
+        btc: f64,
+    ) -> KeyedWallet {
+        use std::os::unix::fs::PermissionsExt;
+        let secp = bitcoin::secp256k1::Secp256k1::new();
+        let key = bitcoin::PrivateKey::new(
+            bitcoin::secp256k1::SecretKey::from_slice(&[seed; 32]).unwrap(),
+            bitcoin::NetworkKind::Test,
+        );
+        let key_file = dir.join("hot.keys");
+        std::fs::write(&key_file, key.to_wif()).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let address = Address::p2wpkh(
+            &bitcoin::CompressedPublicKey(key.public_key(&secp).inner),
+            Network::Regtest,
+        );
+        for _ in 0..coins {
+            node.call("sendtoaddress", json!([address.to_string(), btc]));
+        }
+        node.mine_to(1, miner);
+        let wallets = vec![TestWallet {
+            name: "hot".into(),
+            scripts: std::collections::BTreeSet::from([address.script_pubkey()]),
+        }];
+        KeyedWallet {
+            key_file,
+            address,
+            wallets,
+        }
+    }
+}
