@@ -1,0 +1,148 @@
+//! How fast do withdrawals go through, end to end, against the raw rate of synced RocksDB
+//! writes on the same machine (each saga step is one synced batch)? Runs the devnet, the
+//! indexer following it and serving gRPC, and the orchestrator's executor, in one process.
+//!
+//! `withdraw_bench [--withdrawals N]`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use bitcoin::{Amount, Network};
+use clap::Parser;
+use orchestrator::executor::{Executor, Policy};
+use orchestrator::saga::{FeeRate, Request, State};
+use orchestrator::signer::KeyFileSigner;
+use orchestrator::store::SagaStore;
+use proto::indexer::v1::indexer_client::IndexerClient;
+use system_tests::live::{Devnet, Following, KeyedWallet, Served};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+struct Args {
+    /// Withdrawals submitted at once.
+    #[arg(long, default_value_t = 200)]
+    withdrawals: usize,
+}
+
+/// Synced single-key batches a second into a fresh RocksDB (the saga store's write path).
+fn synced_writes_per_sec(n: usize) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    let db = rocksdb::DB::open(&opts, dir.path())?;
+    let mut write = rocksdb::WriteOptions::default();
+    write.set_sync(true);
+    let started = Instant::now();
+    for i in 0..n as u64 {
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(i.to_be_bytes(), [7u8; 600]);
+        db.write_opt(batch, &write)?;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+fn main() -> Result<()> {
+    if benches::invoked_as_test() {
+        return Ok(());
+    }
+    let args = Args::parse();
+    let n = args.withdrawals;
+    let node = Devnet::start(|c| c.filler_txs = 0);
+    let miner = node.new_address("bech32");
+    node.mine_to(101 + (n as u32).div_ceil(25), &miner);
+    let dir = tempfile::tempdir()?;
+    let keyed = KeyedWallet::funded(&node, &miner, dir.path(), 31, n + 10, 0.01);
+    let db = tempfile::tempdir()?;
+    let f = Following::caught_up(&node, db.path(), &keyed.wallets);
+    let served = Served::start(&f, indexer::grpc::Access::default());
+    let store = Arc::new(SagaStore::open(&dir.path().join("sagas"))?);
+    let executor = Executor::new(
+        store.clone(),
+        IndexerClient::new(served.channel.clone()),
+        Arc::new(node.daemon(false)),
+        Arc::new(KeyFileSigner::open(&keyed.key_file, Network::Regtest)?),
+        Network::Regtest,
+        keyed.address.script_pubkey(),
+        Policy {
+            confirmations: 1,
+            settle_at: 1,
+            ..Policy::default()
+        },
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    served.runtime.spawn(executor.run(async {
+        let _ = stopped.await;
+    }));
+
+    let destination = node.new_address("bech32");
+    let started = Instant::now();
+    let ids: Vec<u64> = (0..n)
+        .map(|i| {
+            let request = Request {
+                request_id: format!("bench-{i}"),
+                wallet: "hot".into(),
+                destination: destination.clone(),
+                amount: Amount::from_sat(100_000 + i as u64),
+                fee_rate: FeeRate::SatPerVb(2.0),
+                max_fee: Amount::from_sat(20_000),
+            };
+            store.submit(request, 0).map(|s| s.withdrawal.id)
+        })
+        .collect::<Result<_, _>>()?;
+    let submitted = started.elapsed();
+    let all = |state: State| -> Result<bool> {
+        Ok(ids
+            .iter()
+            .map(|id| store.get(*id))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .all(|w| w.is_some_and(|w| w.state == state)))
+    };
+    while !all(State::Broadcast)? {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "too slow");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let broadcast = started.elapsed();
+    node.mine_to(1, &miner);
+    while !all(State::Completed)? {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "too slow");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let completed = started.elapsed();
+    let _ = stop.send(());
+
+    // Four synced steps (submit, reserve, sign, broadcast) to reach the network.
+    let steps = 4.0;
+    let rate = n as f64 / broadcast.as_secs_f64();
+    let step_ms = broadcast.as_secs_f64() * 1e3 / (n as f64 * steps);
+    let synced = synced_writes_per_sec(500)?;
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| withdrawals | {n} from one wallet, 1 confirmation |");
+    println!(
+        "| submitted (synced RECEIVED records) | {:.0} /s |",
+        n as f64 / submitted.as_secs_f64()
+    );
+    println!(
+        "| submit -> BROADCAST, all | {:.2} s: {rate:.0} withdrawals/s |",
+        broadcast.as_secs_f64()
+    );
+    println!("| saga step, mean | {step_ms:.2} ms |");
+    println!(
+        "| one block -> all COMPLETED | {:.2} s after broadcast |",
+        (completed - broadcast).as_secs_f64()
+    );
+    println!(
+        "| synced RocksDB writes, same machine | {synced:.0} /s ({:.2} ms each) |",
+        1e3 / synced
+    );
+    println!(
+        "| ratio: withdrawals/s to synced writes/s | {:.3} (ideal with {steps} synced steps each: {:.3}) |",
+        rate / synced,
+        1.0 / steps
+    );
+    Ok(())
+}
