@@ -80,6 +80,9 @@ pub struct Executor {
     policy: Policy,
     /// The indexer's tip at the start of the round.
     last_tip: Option<u32>,
+    /// Each wallet's spendable coins as the indexer listed them this round (read once per
+    /// round, not once per reservation; reservations are checked on every use).
+    utxos: std::collections::HashMap<String, Vec<Candidate>>,
     /// Fault injection for the crash tests: the step boundary at which the process dies,
     /// as kill -9 would (`ORCHESTRATOR_CRASH_AT`: reserved, signed, sent, broadcast,
     /// confirmed). Unset in production.
@@ -122,6 +125,7 @@ impl Executor {
             change,
             policy,
             last_tip: None,
+            utxos: std::collections::HashMap::new(),
             crash_at: std::env::var("ORCHESTRATOR_CRASH_AT").ok(),
         }
     }
@@ -129,6 +133,7 @@ impl Executor {
     /// Steps every unfinished saga once; returns how many moved.
     pub async fn round(&mut self) -> Result<usize, StepError> {
         self.last_tip = Some(self.tip().await?);
+        self.utxos.clear();
         let mut moved = 0;
         for w in self.store.unfinished()? {
             let id = w.id;
@@ -200,7 +205,21 @@ impl Executor {
     }
 
     async fn candidates(&mut self, wallet: &str) -> Result<Vec<Candidate>, StepError> {
+        if !self.utxos.contains_key(wallet) {
+            let listed = self.list_wallet(wallet).await?;
+            self.utxos.insert(wallet.to_owned(), listed);
+        }
         let reserved = self.store.reserved()?;
+        Ok(self.utxos[wallet]
+            .iter()
+            .filter(|c| !reserved.contains(&c.outpoint))
+            .cloned()
+            .collect())
+    }
+
+    /// The wallet's mature coins with at least `min_conf` confirmations that the signer
+    /// can spend, from the indexer.
+    async fn list_wallet(&mut self, wallet: &str) -> Result<Vec<Candidate>, StepError> {
         let signable: std::collections::HashSet<ScriptBuf> = self.signable();
         let mut out = Vec::new();
         let mut token = String::new();
@@ -223,11 +242,10 @@ impl Executor {
                 else {
                     continue;
                 };
-                let outpoint = OutPoint::new(txid, u.vout);
                 let mature = !u.coinbase || u.confirmations >= 100;
-                if mature && !reserved.contains(&outpoint) && signable.contains(&script) {
+                if mature && signable.contains(&script) {
                     out.push(Candidate {
-                        outpoint,
+                        outpoint: OutPoint::new(txid, u.vout),
                         value: Amount::from_sat(u.value_sat),
                         script,
                     });
