@@ -164,7 +164,7 @@ fn run(args: RunArgs) -> Result<()> {
         tonic::transport::Server::builder()
             .add_service(WithdrawalService::new(store.clone(), config.network).into_server(token))
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                indexer::grpc::no_delay(listener),
                 shutdown,
             )
             .await?;
