@@ -27,7 +27,6 @@ use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
 use crate::store::{Batch, Reader, Store, StoreError};
 use crate::types::{Event, EventKind};
 use crate::wallets;
-use crate::wallets::WalletError;
 use crate::watching::{self, Accepted, AddWatchError, WatchRequest};
 use crate::watchlist::ScriptFilter;
 
@@ -347,17 +346,16 @@ impl Follower {
                 .send(added.map(Accepted::from).map_err(AddWatchError::Wallet));
             return Ok(true);
         }
+        // The dry run above accepted the descriptors: only the database can fail here.
         let scripts =
             match backfill::new_scripts(&self.store, self.network, &req.descriptors, req.gap_limit)
             {
                 Ok(s) => s,
-                Err(e) => {
-                    let _ = req
-                        .reply
-                        .send(Err(AddWatchError::Wallet(WalletError::Empty)));
-                    warn!(error = %e, "AddWatch could not list its scripts");
+                Err(backfill::BackfillError::Wallet(e)) => {
+                    let _ = req.reply.send(Err(AddWatchError::Wallet(e)));
                     return Ok(false);
                 }
+                Err(e) => return Err(e.into()),
             };
         let job = backfill::record(
             &self.store,

@@ -202,41 +202,43 @@ impl Indexer for IndexerService {
         req: Request<pb::AddWatchRequest>,
     ) -> Result<Response<pb::AddWatchResponse>, Status> {
         let req = req.into_inner();
-        let gap_limit =
-            match &self.watch {
-                WatchChanges::Refused => return Err(Status::permission_denied(
-                    "AddWatch changes what is watched: configure grpc_token_file on the server \
-                     and present its token",
-                )),
-                WatchChanges::Direct { gap_limit } | WatchChanges::Follower { gap_limit, .. } => {
-                    *gap_limit
-                }
-            };
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let request = WatchRequest {
+        let request = |gap_limit: u32| WatchRequest {
             wallet: req.wallet.clone(),
-            descriptors: req.descriptors,
+            descriptors: req.descriptors.clone(),
             birth_height: req.birth_height,
             gap_limit,
             reply,
         };
         match &self.watch {
-            WatchChanges::Refused => unreachable!("refused above"),
-            WatchChanges::Direct { .. } => {
+            WatchChanges::Refused => {
+                return Err(Status::permission_denied(
+                    "AddWatch changes what is watched: configure grpc_token_file on the server \
+                     and present its token",
+                ))
+            }
+            WatchChanges::Direct { gap_limit } => {
                 let (store, network) = (self.store.clone(), self.network);
+                let request = request(*gap_limit);
                 tokio::task::spawn_blocking(move || watching::apply(&store, network, request))
                     .await
                     .map_err(|e| Status::internal(format!("AddWatch task failed: {e}")))?;
             }
-            WatchChanges::Follower { requests, .. } => {
-                requests.try_send(request).map_err(|e| match e {
-                    crossbeam_channel::TrySendError::Full(_) => Status::resource_exhausted(
-                        "too many AddWatch requests waiting: retry shortly",
-                    ),
-                    crossbeam_channel::TrySendError::Disconnected(_) => {
-                        Status::unavailable("the indexer is shutting down")
-                    }
-                })?;
+            WatchChanges::Follower {
+                requests,
+                gap_limit,
+                ..
+            } => {
+                requests
+                    .try_send(request(*gap_limit))
+                    .map_err(|e| match e {
+                        crossbeam_channel::TrySendError::Full(_) => Status::resource_exhausted(
+                            "too many AddWatch requests waiting: retry shortly",
+                        ),
+                        crossbeam_channel::TrySendError::Disconnected(_) => {
+                            Status::unavailable("the indexer is shutting down")
+                        }
+                    })?;
             }
         }
         let accepted = answer

@@ -17,7 +17,7 @@ use proto::indexer::v1 as ipb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use tonic::transport::Channel;
 
-use crate::saga::{Attempt, Coin, FeeRate, Outcome, State, Step, Withdrawal};
+use crate::saga::{now_ms, Attempt, Coin, FeeRate, Outcome, State, Step, Withdrawal};
 use crate::select::{self, Candidate, SelectError};
 use crate::signer::Signer;
 use crate::store::{SagaStore, SagaStoreError};
@@ -97,12 +97,6 @@ impl Executor {
             std::process::abort();
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Executor {

@@ -9,7 +9,7 @@ use proto::orchestrator::v1::withdrawals_server::{Withdrawals, WithdrawalsServer
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::saga::{FeeRate, Outcome, State, Withdrawal};
+use crate::saga::{now_ms, FeeRate, Outcome, State, Withdrawal};
 use crate::store::{SagaStore, SagaStoreError};
 
 /// The service over one saga database.
@@ -34,12 +34,6 @@ impl WithdrawalService {
     > {
         WithdrawalsServer::with_interceptor(self, move |req| token.check(req))
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn status(e: SagaStoreError) -> Status {
