@@ -281,13 +281,14 @@ impl Indexer for IndexerService {
         &self,
         _: Request<pb::GetTipRequest>,
     ) -> Result<Response<pb::GetTipResponse>, Status> {
-        let tip = self.quick(|q| Ok(q.tip()))?;
+        let (tip, next_offset) = self.quick(|q| Ok((q.tip(), q.next_offset()?)))?;
         let (height, hash) = tip.ok_or_else(|| {
             Status::failed_precondition("the index is empty: run `indexer rescan`")
         })?;
         Ok(Response::new(pb::GetTipResponse {
             height,
             hash: hash.to_string(),
+            next_offset,
         }))
     }
 

@@ -415,6 +415,11 @@ impl<'a> Query<'a> {
         Ok((page.into_iter().map(|(_, e)| e).collect(), next))
     }
 
+    /// The offset the event log writes next, as of this snapshot.
+    pub fn next_offset(&self) -> Result<u64, QueryError> {
+        Ok(self.snap.next_event()?)
+    }
+
     /// Up to `max` events of the log from offset `from` on, with their offsets.
     pub fn events(&self, from: u64, max: usize) -> Result<Vec<(u64, Event)>, QueryError> {
         let next = self.snap.next_event()?;

@@ -17,10 +17,14 @@ use proto::indexer::v1 as ipb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use tonic::transport::Channel;
 
+use crate::monitor::Monitor;
 use crate::saga::{now_ms, Attempt, Coin, FeeRate, Outcome, State, Step, Withdrawal};
 use crate::select::{self, Candidate, SelectError};
 use crate::signer::Signer;
 use crate::store::{SagaStore, SagaStoreError};
+
+/// Longest pause between rounds when nothing wakes the executor.
+const IDLE: Duration = Duration::from_millis(200);
 
 /// How the executor pays and how deep it waits.
 #[derive(Clone, Debug)]
@@ -78,8 +82,10 @@ pub struct Executor {
     network: Network,
     change: ScriptBuf,
     policy: Policy,
-    /// The indexer's tip at the start of the round.
+    /// The indexer's tip as the monitor last recorded it, at the start of the round.
     last_tip: Option<u32>,
+    /// Woken by the monitor when the chain moved something a withdrawal watches.
+    wake: Arc<tokio::sync::Notify>,
     /// Each wallet's spendable coins as the indexer listed them this round (read once per
     /// round, not once per reservation; reservations are checked on every use).
     utxos: std::collections::HashMap<String, Vec<Candidate>>,
@@ -119,6 +125,7 @@ impl Executor {
             change,
             policy,
             last_tip: None,
+            wake: Arc::new(tokio::sync::Notify::new()),
             utxos: std::collections::HashMap::new(),
             crash_at: std::env::var("ORCHESTRATOR_CRASH_AT").ok(),
         }
@@ -126,10 +133,19 @@ impl Executor {
 
     /// Steps every unfinished saga once; returns how many moved.
     pub async fn round(&mut self) -> Result<usize, StepError> {
-        self.last_tip = Some(self.tip().await?);
+        // Until the monitor first recorded the chain, nothing can be watched.
+        let observed = self.store.cursor()?.is_some();
+        self.last_tip = if observed {
+            self.store.chain_tip()?
+        } else {
+            None
+        };
         self.utxos.clear();
         let mut moved = 0;
         for w in self.store.unfinished()? {
+            if w.next_step() == Step::Watch && !observed {
+                continue;
+            }
             let id = w.id;
             match self.step(w).await {
                 Ok(true) => moved += 1,
@@ -140,24 +156,31 @@ impl Executor {
         Ok(moved)
     }
 
-    /// Runs rounds until `stop` resolves.
+    /// Runs rounds, and the monitor following the indexer's events, until `stop`
+    /// resolves. A round follows at once when one moved a saga or the monitor saw
+    /// something; otherwise within `IDLE` (new submissions, retries).
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
+        let monitoring = tokio::spawn(
+            Monitor::new(self.store.clone(), self.indexer.clone(), self.wake.clone()).run(),
+        );
         tokio::pin!(stop);
         loop {
             let idle = match self.round().await {
-                Ok(0) | Err(_) => true,
+                Ok(0) => true,
                 Ok(_) => false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "withdrawal round must wait");
+                    true
+                }
             };
-            let pause = if idle {
-                Duration::from_millis(200)
-            } else {
-                Duration::ZERO
-            };
+            let pause = if idle { IDLE } else { Duration::ZERO };
             tokio::select! {
-                _ = &mut stop => return,
+                _ = &mut stop => break,
+                _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(pause) => {}
             }
         }
+        monitoring.abort();
     }
 
     fn record(&self, w: &Withdrawal, outcome: Outcome) -> Result<Withdrawal, StepError> {
@@ -454,7 +477,10 @@ impl Executor {
                 // Sent, not yet recorded: the boundary a crash must survive without paying
                 // twice (the restart sends the same bytes again).
                 self.boundary("sent");
-                let height = self.tip().await?;
+                let height = match self.last_tip {
+                    Some(h) => h,
+                    None => self.tip().await?,
+                };
                 self.record(w, Outcome::Broadcast { height })?;
                 Ok(true)
             }
@@ -482,39 +508,31 @@ impl Executor {
             .height)
     }
 
+    /// Moves `w` on what the monitor recorded from the indexer's events: a version
+    /// confirmed (and how deep), reorged out, or stuck long enough to be replaced.
     async fn watch(&mut self, w: &Withdrawal) -> Result<bool, StepError> {
+        let Some(tip) = self.last_tip else {
+            return Ok(false);
+        };
         for attempt in w.attempts.iter().rev() {
-            let transfer = match self
-                .indexer
-                .get_transfer(ipb::GetTransferRequest {
-                    txid: attempt.txid.to_string(),
-                })
-                .await
-            {
-                Ok(t) => t.into_inner(),
-                Err(s) if s.code() == tonic::Code::NotFound => continue,
-                Err(s) => return Err(s.into()),
-            };
-            // (Several only for a BIP30 duplicate txid: the latest counts.)
-            let Some(t) = transfer.transfers.into_iter().max_by_key(|t| t.height) else {
+            let Some(height) = self.store.confirmed_height(&attempt.txid)? else {
                 continue;
             };
-            let confirmed = t.status == ipb::TransferStatus::Confirmed as i32;
-            if confirmed && t.confirmations > 0 && t.confirmations != w.confirmations {
-                self.record(
-                    w,
-                    Outcome::Confirmed {
-                        txid: attempt.txid,
-                        confirmations: t.confirmations,
-                        required: self.policy.confirmations,
-                        settle_at: self.policy.settle_at,
-                    },
-                )?;
-                return Ok(true);
-            }
-            if confirmed {
+            // At least 1: the block that confirmed it was indexed.
+            let confirmations = (tip + 1).saturating_sub(height).max(1);
+            if w.confirmed == Some(attempt.txid) && w.confirmations == confirmations {
                 return Ok(false);
             }
+            self.record(
+                w,
+                Outcome::Confirmed {
+                    txid: attempt.txid,
+                    confirmations,
+                    required: self.policy.confirmations,
+                    settle_at: self.policy.settle_at,
+                },
+            )?;
+            return Ok(true);
         }
         // None of its versions is confirmed: one that was is reorged out.
         if w.confirmed.is_some() {
@@ -522,10 +540,8 @@ impl Executor {
             return Ok(true);
         }
         let stuck = w.state == State::Broadcast
-            && w.broadcast_height.is_some_and(|h| {
-                self.last_tip
-                    .is_some_and(|t| t >= h + self.policy.bump_after_blocks)
-            });
+            && w.broadcast_height
+                .is_some_and(|h| tip >= h + self.policy.bump_after_blocks);
         if stuck {
             return self.bump(w).await;
         }

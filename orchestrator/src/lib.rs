@@ -1,15 +1,16 @@
 //! Withdrawal orchestrator: durable withdrawal sagas over the indexer's gRPC API.
 //!
-//! Built so far: the saga as a pure state machine ([`saga`]), its durable store with
-//! idempotent submission and coin reservations ([`store`]), and the gRPC service that
-//! validates, records and shows withdrawals ([`grpc`]), and the key-file [`signer`] behind
-//! the `Signer` trait. The executor (coin selection, PSBT building, broadcast, monitoring
-//! through the indexer's event stream, RBF) and `orchestrator run` come next; see the
-//! orchestrator issue.
+//! The saga as a pure state machine ([`saga`]); its durable store with idempotent
+//! submission, coin reservations and the chain's record ([`store`]); the gRPC service that
+//! validates, records and shows withdrawals ([`grpc`]); coin selection ([`select`]); the
+//! key-file [`signer`] behind the `Signer` trait; the event -> saga adapter following the
+//! indexer's `Subscribe` stream ([`monitor`]); and the [`executor`] that reserves, signs,
+//! broadcasts, bumps and completes each withdrawal.
 
 pub mod config;
 pub mod executor;
 pub mod grpc;
+pub mod monitor;
 pub mod saga;
 pub mod select;
 pub mod signer;

@@ -1,23 +1,37 @@
-//! The orchestrator's own RocksDB: withdrawals, the request-id index, and coin
-//! reservations. Every change is one synced batch: a withdrawal's new state, the
-//! reservations it takes or releases, and (on submission) its request id, so a crash
-//! leaves each saga at a step it really reached and no coin held by two sagas.
+//! The orchestrator's own RocksDB: withdrawals, the request-id index, coin reservations,
+//! and what the chain showed about the withdrawals' transactions. Every change is one
+//! synced batch: a withdrawal's new state, the reservations it takes or releases, the
+//! txids it watches, and (on submission) its request id, so a crash leaves each saga at a
+//! step it really reached and no coin held by two sagas. The chain's side (the indexer's
+//! event offset read up to, its tip, the heights that confirmed watched txids) is written
+//! in one batch too, so after a crash the event stream resumes exactly where its effects
+//! end.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 
 use bitcoin::consensus::{deserialize, serialize};
-use bitcoin::OutPoint;
+use bitcoin::hashes::Hash;
+use bitcoin::{OutPoint, Txid};
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 
-use crate::saga::{Outcome, Request, TransitionError, Withdrawal};
+use crate::saga::{Outcome, Request, Step, TransitionError, Withdrawal};
 
 const WITHDRAWALS: &str = "withdrawals";
 const REQUESTS: &str = "requests";
 const RESERVATIONS: &str = "reservations";
 const META: &str = "meta";
+/// Txid of every version of an unfinished withdrawal -> the withdrawal's id.
+const ATTEMPTS: &str = "attempts";
+/// The chain as the indexer's events showed it: `CURSOR`, `TIP`, and txid -> the height
+/// of the block that confirmed it (only txids in `ATTEMPTS`).
+const CHAIN: &str = "chain";
 const NEXT_ID: &[u8] = b"next_id";
+const CURSOR: &[u8] = b"cursor";
+const TIP: &[u8] = b"tip";
+/// Set once the attempts of withdrawals stored before `ATTEMPTS` existed are indexed.
+const ATTEMPTS_INDEXED: &[u8] = b"attempts_indexed";
 
 /// Why the store refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +67,18 @@ pub enum SagaStoreError {
     /// The outcome cannot happen in the withdrawal's state.
     #[error(transparent)]
     Transition(#[from] TransitionError),
+}
+
+/// What the indexer's events showed, up to an offset: applied in one batch.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observation {
+    /// The offset to read from next.
+    pub cursor: u64,
+    /// The indexed tip height, when it changed.
+    pub tip: Option<u32>,
+    /// Transactions' latest known state: the height that confirmed them, or `None` when
+    /// not (or no longer) in a block. Txids no withdrawal watches are ignored.
+    pub txs: BTreeMap<Txid, Option<u32>>,
 }
 
 /// A submission's result.
@@ -95,7 +121,7 @@ impl SagaStore {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = [WITHDRAWALS, REQUESTS, RESERVATIONS, META]
+        let cfs = [WITHDRAWALS, REQUESTS, RESERVATIONS, META, ATTEMPTS, CHAIN]
             .into_iter()
             .map(|name| {
                 let mut cf = Options::default();
@@ -104,11 +130,32 @@ impl SagaStore {
             });
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         let (updates, _) = tokio::sync::broadcast::channel(1024);
-        Ok(SagaStore {
+        let store = SagaStore {
             db,
             write: Mutex::new(()),
             updates,
-        })
+        };
+        store.index_attempts()?;
+        Ok(store)
+    }
+
+    /// Indexes the versions of unfinished withdrawals written before the index existed.
+    fn index_attempts(&self) -> Result<(), SagaStoreError> {
+        if self.db.get_cf(self.cf(META), ATTEMPTS_INDEXED)?.is_some() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for w in self.unfinished()? {
+            for a in &w.attempts {
+                batch.put_cf(
+                    self.cf(ATTEMPTS),
+                    a.txid.as_byte_array(),
+                    w.id.to_be_bytes(),
+                );
+            }
+        }
+        batch.put_cf(self.cf(META), ATTEMPTS_INDEXED, []);
+        self.commit(batch)
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -229,6 +276,18 @@ impl SagaStore {
                 batch.delete_cf(reservations, serialize(&coin.outpoint));
             }
         }
+        let attempts = self.cf(ATTEMPTS);
+        if after.next_step() == Step::Rest {
+            // Nothing watches its transactions any more.
+            for a in &after.attempts {
+                batch.delete_cf(attempts, a.txid.as_byte_array());
+                batch.delete_cf(self.cf(CHAIN), a.txid.as_byte_array());
+            }
+        } else {
+            for a in &after.attempts[before.attempts.len().min(after.attempts.len())..] {
+                batch.put_cf(attempts, a.txid.as_byte_array(), after.id.to_be_bytes());
+            }
+        }
         batch.put_cf(
             self.cf(WITHDRAWALS),
             after.id.to_be_bytes(),
@@ -237,6 +296,85 @@ impl SagaStore {
         self.commit(batch)?;
         let _ = self.updates.send(after.clone());
         Ok(after)
+    }
+
+    /// Applies what the indexer's events showed, up to `seen.cursor`. Synced when it
+    /// changes what a withdrawal watches; a cursor that only skipped other events may be
+    /// lost in a crash (they are read again, to the same effect). True when something a
+    /// withdrawal watches changed.
+    pub fn observe(&self, seen: &Observation) -> Result<bool, SagaStoreError> {
+        let _guard = self.lock();
+        let (chain, attempts) = (self.cf(CHAIN), self.cf(ATTEMPTS));
+        let mut batch = WriteBatch::default();
+        let mut changed = false;
+        if let Some(tip) = seen.tip {
+            batch.put_cf(chain, TIP, tip.to_be_bytes());
+            changed = true;
+        }
+        for (txid, height) in &seen.txs {
+            let key = txid.as_byte_array();
+            if self.db.get_pinned_cf(attempts, key)?.is_none() {
+                continue;
+            }
+            match height {
+                Some(h) => batch.put_cf(chain, key, h.to_be_bytes()),
+                None => batch.delete_cf(chain, key),
+            }
+            changed = true;
+        }
+        batch.put_cf(chain, CURSOR, seen.cursor.to_be_bytes());
+        let mut opts = WriteOptions::default();
+        opts.set_sync(changed);
+        self.db.write_opt(batch, &opts)?;
+        Ok(changed)
+    }
+
+    /// The indexer's event offset to read from next; `None` before the first
+    /// observation.
+    pub fn cursor(&self) -> Result<Option<u64>, SagaStoreError> {
+        match self.db.get_pinned_cf(self.cf(CHAIN), CURSOR)? {
+            Some(v) => Ok(Some(id_of(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The indexer's tip height as last observed.
+    pub fn chain_tip(&self) -> Result<Option<u32>, SagaStoreError> {
+        self.height(TIP)
+    }
+
+    /// The height of the block that confirmed `txid` (a version of an unfinished
+    /// withdrawal), as last observed.
+    pub fn confirmed_height(&self, txid: &Txid) -> Result<Option<u32>, SagaStoreError> {
+        self.height(txid.as_byte_array())
+    }
+
+    fn height(&self, key: &[u8]) -> Result<Option<u32>, SagaStoreError> {
+        match self.db.get_pinned_cf(self.cf(CHAIN), key)? {
+            Some(v) => Ok(Some(u32::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| corrupt("height", "not 4 bytes"))?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every txid unfinished withdrawals watch.
+    pub fn watched_txids(&self) -> Result<Vec<Txid>, SagaStoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(ATTEMPTS), rocksdb::IteratorMode::Start)
+        {
+            let (k, _) = item?;
+            let bytes: [u8; 32] = k
+                .as_ref()
+                .try_into()
+                .map_err(|_| corrupt("attempt", "txid not 32 bytes"))?;
+            out.push(Txid::from_byte_array(bytes));
+        }
+        Ok(out)
     }
 
     /// Every coin some withdrawal holds (coin selection must not pick them).
@@ -277,10 +415,7 @@ impl SagaStore {
                 return Ok(out);
             };
             after = last.id;
-            out.extend(
-                page.into_iter()
-                    .filter(|w| w.next_step() != crate::saga::Step::Rest),
-            );
+            out.extend(page.into_iter().filter(|w| w.next_step() != Step::Rest));
         }
     }
 }
@@ -288,7 +423,7 @@ impl SagaStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::saga::{Attempt, Coin, FeeRate, State, Step};
+    use crate::saga::{Attempt, Coin, FeeRate, State};
     use bitcoin::hashes::Hash;
     use bitcoin::{Amount, Txid};
 
@@ -410,5 +545,63 @@ mod tests {
         assert_eq!(store.get(done_id).unwrap().unwrap().state, State::Failed);
         assert_eq!(store.reserved().unwrap(), HashSet::from([coin(1).outpoint]));
         assert_eq!(store.list(0, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_chain_record_keeps_only_watched_txids_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let attempt = Attempt {
+            txid: Txid::from_byte_array([5; 32]),
+            raw: vec![1],
+            fee: Amount::from_sat(300),
+            fee_rate: 2.0,
+        };
+        let stranger = Txid::from_byte_array([6; 32]);
+        let watched = {
+            let store = SagaStore::open(dir.path()).unwrap();
+            assert_eq!(store.cursor().unwrap(), None);
+            let w = store.submit(request("x", 10_000), 1).unwrap().withdrawal;
+            let w = store
+                .record(&w, Outcome::Reserved(vec![coin(1)]), 2)
+                .unwrap();
+            let w = store
+                .record(&w, Outcome::Signed(attempt.clone()), 3)
+                .unwrap();
+            assert_eq!(store.watched_txids().unwrap(), vec![attempt.txid]);
+            let seen = Observation {
+                cursor: 42,
+                tip: Some(120),
+                txs: BTreeMap::from([(attempt.txid, Some(118)), (stranger, Some(119))]),
+            };
+            assert!(store.observe(&seen).unwrap());
+            // Only the cursor moves: nothing a withdrawal watches changed.
+            let skipped = Observation {
+                cursor: 50,
+                txs: BTreeMap::from([(stranger, None)]),
+                ..Observation::default()
+            };
+            assert!(!store.observe(&skipped).unwrap());
+            w
+        };
+        let store = SagaStore::open(dir.path()).unwrap();
+        assert_eq!(store.cursor().unwrap(), Some(50));
+        assert_eq!(store.chain_tip().unwrap(), Some(120));
+        assert_eq!(store.confirmed_height(&attempt.txid).unwrap(), Some(118));
+        assert_eq!(store.confirmed_height(&stranger).unwrap(), None);
+        // Reorged out, then a finished withdrawal stops being watched.
+        let out = Observation {
+            cursor: 51,
+            txs: BTreeMap::from([(attempt.txid, None)]),
+            ..Observation::default()
+        };
+        assert!(store.observe(&out).unwrap());
+        assert_eq!(store.confirmed_height(&attempt.txid).unwrap(), None);
+        let w = store
+            .record(&watched, Outcome::Broadcast { height: 120 }, 4)
+            .unwrap();
+        store
+            .record(&w, Outcome::Unclear("operator".into()), 5)
+            .unwrap();
+        assert!(store.watched_txids().unwrap().is_empty());
     }
 }

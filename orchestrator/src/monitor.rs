@@ -1,0 +1,323 @@
+//! The event -> saga adapter: follows the indexer's `Subscribe` stream and records, with
+//! the offset read up to, what it shows about the withdrawals' transactions (the block
+//! that confirmed each, the tip). The executor counts confirmations, spots reorgs and
+//! stuck payments from that record, and is woken when it changes.
+//!
+//! The record and its offset are written together, so a crash resumes the stream exactly
+//! where its effects end. When there is no offset yet, or the indexer pruned it, the
+//! monitor reads the present state once (the tip and its log offset, then each watched
+//! txid) and follows the stream from that offset: replaying the events since the tip was
+//! read lands in the same state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitcoin::Txid;
+use proto::indexer::v1 as ipb;
+use proto::indexer::v1::indexer_client::IndexerClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::store::{Observation, SagaStore, SagaStoreError};
+
+/// Events applied before their effect is written, at most (a burst is written in one
+/// batch; a quiet stream is written event by event).
+const BATCH: usize = 4096;
+/// Longest wait before following again after a failure.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Why following stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    /// The indexer failed or is unreachable.
+    #[error("indexer: {0}")]
+    Indexer(#[from] tonic::Status),
+    /// The saga database failed.
+    #[error(transparent)]
+    Store(#[from] SagaStoreError),
+    /// An event the indexer sent does not make sense.
+    #[error("indexer event {offset}: {what}")]
+    BadEvent {
+        /// Its offset.
+        offset: u64,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// Applies one event to the observation being gathered.
+pub fn apply(seen: &mut Observation, event: &ipb::Event) -> Result<(), MonitorError> {
+    let bad = |what: &str| MonitorError::BadEvent {
+        offset: event.offset,
+        what: what.to_owned(),
+    };
+    if event.offset < seen.cursor {
+        return Err(bad("offset went backwards"));
+    }
+    let txid = || event.txid.parse::<Txid>().map_err(|_| bad("invalid txid"));
+    match ipb::EventKind::try_from(event.kind) {
+        Ok(ipb::EventKind::BlockConnected) => seen.tip = Some(event.height),
+        Ok(ipb::EventKind::BlockDisconnected) => {
+            seen.tip = Some(
+                event
+                    .height
+                    .checked_sub(1)
+                    .ok_or_else(|| bad("the genesis block disconnected"))?,
+            )
+        }
+        Ok(ipb::EventKind::TransferConfirmed) => {
+            seen.txs.insert(txid()?, Some(event.height));
+        }
+        Ok(ipb::EventKind::TransferReorgedOut) => {
+            seen.txs.insert(txid()?, None);
+        }
+        // Mempool news does not move a saga: a payment that never confirms is bumped
+        // after its blocks have passed, whatever the mempool said.
+        Ok(
+            ipb::EventKind::TransferSeen
+            | ipb::EventKind::TransferReplaced
+            | ipb::EventKind::TransferEvicted,
+        ) => {}
+        // A kind newer than this build: nothing it knows to do.
+        Ok(ipb::EventKind::Unspecified) | Err(_) => {}
+    }
+    seen.cursor = event.offset + 1;
+    Ok(())
+}
+
+/// Follows the indexer's events into the saga store.
+pub struct Monitor {
+    store: Arc<SagaStore>,
+    indexer: IndexerClient<Channel>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Monitor {
+    /// A monitor waking `wake` whenever something a withdrawal watches changes.
+    pub fn new(
+        store: Arc<SagaStore>,
+        indexer: IndexerClient<Channel>,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> Monitor {
+        Monitor {
+            store,
+            indexer,
+            wake,
+        }
+    }
+
+    /// Follows the stream for good, reconnecting with backoff after any failure.
+    pub async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.follow().await {
+                Ok(()) => {
+                    tracing::info!("the indexer ended the event stream; following again");
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "following the indexer's events");
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    /// Subscribes from the stored offset (or the present) and applies events until the
+    /// stream ends or fails.
+    pub async fn follow(&mut self) -> Result<(), MonitorError> {
+        let from = match self.store.cursor()? {
+            Some(from) => from,
+            None => self.reconcile().await?,
+        };
+        let mut stream = match self.subscribe(from).await {
+            // Pruned, or past the end of a rebuilt index: start again from the present.
+            Err(s) if matches!(s.code(), Code::OutOfRange | Code::InvalidArgument) => {
+                tracing::warn!(
+                    from,
+                    reason = s.message(),
+                    "resuming the indexer's events from the present"
+                );
+                let from = self.reconcile().await?;
+                self.subscribe(from).await?
+            }
+            other => other?,
+        };
+        let mut cursor = from;
+        loop {
+            let Some(first) = stream.message().await? else {
+                return Ok(());
+            };
+            let mut seen = Observation {
+                cursor,
+                ..Observation::default()
+            };
+            apply(&mut seen, &first)?;
+            // Take what has already arrived, then write it in one batch.
+            let mut ended = None;
+            for _ in 1..BATCH {
+                match tokio::time::timeout(Duration::ZERO, stream.message()).await {
+                    Ok(Ok(Some(e))) => apply(&mut seen, &e)?,
+                    Ok(Ok(None)) => {
+                        ended = Some(Ok(()));
+                        break;
+                    }
+                    Ok(Err(s)) => {
+                        ended = Some(Err(s.into()));
+                        break;
+                    }
+                    Err(_) => break, // nothing more ready
+                }
+            }
+            cursor = seen.cursor;
+            if self.store.observe(&seen)? {
+                self.wake.notify_one();
+            }
+            if let Some(end) = ended {
+                return end;
+            }
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        from: u64,
+    ) -> Result<tonic::Streaming<ipb::Event>, tonic::Status> {
+        Ok(self
+            .indexer
+            .subscribe(ipb::SubscribeRequest { from_offset: from })
+            .await?
+            .into_inner())
+    }
+
+    /// Reads the present state of every watched txid and records it with the log offset
+    /// read with the tip; returns that offset.
+    async fn reconcile(&mut self) -> Result<u64, MonitorError> {
+        let tip = self
+            .indexer
+            .get_tip(ipb::GetTipRequest {})
+            .await?
+            .into_inner();
+        let mut seen = Observation {
+            cursor: tip.next_offset,
+            tip: Some(tip.height),
+            ..Observation::default()
+        };
+        for txid in self.store.watched_txids()? {
+            let height = self.confirmed_height(&txid).await?;
+            // Read after the tip: a block above it that confirms a watched txid means
+            // the tip was at least there.
+            if let Some(h) = height {
+                seen.tip = seen.tip.max(Some(h));
+            }
+            seen.txs.insert(txid, height);
+        }
+        tracing::info!(
+            tip = tip.height,
+            offset = tip.next_offset,
+            watched = seen.txs.len(),
+            "read the chain's present state"
+        );
+        self.store.observe(&seen)?;
+        self.wake.notify_one();
+        Ok(seen.cursor)
+    }
+
+    /// The height of the block confirming `txid` on the indexed chain, if one does.
+    async fn confirmed_height(&mut self, txid: &Txid) -> Result<Option<u32>, MonitorError> {
+        let found = self
+            .indexer
+            .get_transfer(ipb::GetTransferRequest {
+                txid: txid.to_string(),
+            })
+            .await;
+        let transfers = match found {
+            Ok(t) => t.into_inner().transfers,
+            Err(s) if s.code() == Code::NotFound => return Ok(None),
+            Err(s) => return Err(s.into()),
+        };
+        // (Several only for a BIP30 duplicate txid: the latest counts.)
+        Ok(transfers
+            .into_iter()
+            .filter(|t| t.status == ipb::TransferStatus::Confirmed as i32)
+            .map(|t| t.height)
+            .max())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitcoin::hashes::Hash;
+
+    fn event(offset: u64, kind: ipb::EventKind, height: u32, txid: Option<Txid>) -> ipb::Event {
+        ipb::Event {
+            offset,
+            kind: kind.into(),
+            height,
+            block_hash: String::new(),
+            txid: txid.map(|t| t.to_string()).unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn events_leave_the_latest_state_of_each_txid_and_the_tip() {
+        let (a, b) = (
+            Txid::from_byte_array([1; 32]),
+            Txid::from_byte_array([2; 32]),
+        );
+        let mut seen = Observation {
+            cursor: 10,
+            ..Observation::default()
+        };
+        use ipb::EventKind::*;
+        for e in [
+            event(10, BlockConnected, 100, None),
+            event(11, TransferConfirmed, 100, Some(a)),
+            event(12, TransferConfirmed, 100, Some(b)),
+            event(13, TransferSeen, 100, Some(b)),
+            // A reorg of block 100: its transfers leave first, then the block.
+            event(14, TransferReorgedOut, 100, Some(a)),
+            event(15, TransferReorgedOut, 100, Some(b)),
+            event(16, BlockDisconnected, 100, None),
+            event(17, BlockConnected, 100, None),
+            event(18, BlockConnected, 101, None),
+            event(19, TransferConfirmed, 101, Some(a)),
+        ] {
+            apply(&mut seen, &e).unwrap();
+        }
+        assert_eq!(seen.cursor, 20);
+        assert_eq!(seen.tip, Some(101));
+        assert_eq!(seen.txs[&a], Some(101));
+        assert_eq!(seen.txs[&b], None);
+        let mut disconnected = Observation::default();
+        apply(&mut disconnected, &event(0, BlockDisconnected, 7, None)).unwrap();
+        assert_eq!(disconnected.tip, Some(6));
+    }
+
+    #[test]
+    fn nonsense_events_are_refused() {
+        let mut seen = Observation {
+            cursor: 5,
+            ..Observation::default()
+        };
+        let back = event(4, ipb::EventKind::BlockConnected, 1, None);
+        assert!(matches!(
+            apply(&mut seen, &back),
+            Err(MonitorError::BadEvent { offset: 4, .. })
+        ));
+        let mut bad_txid = event(5, ipb::EventKind::TransferConfirmed, 1, None);
+        bad_txid.txid = "xyz".into();
+        assert!(apply(&mut seen, &bad_txid).is_err());
+        let genesis_gone = event(5, ipb::EventKind::BlockDisconnected, 0, None);
+        assert!(apply(&mut seen, &genesis_gone).is_err());
+        assert_eq!(
+            seen,
+            Observation {
+                cursor: 5,
+                ..Observation::default()
+            }
+        );
+    }
+}
