@@ -114,7 +114,11 @@ pub(crate) fn build_block(
         block.header.merkle_root = root;
     }
     let target = block.header.target();
-    while !target.is_met_by(block.header.block_hash()) {
+    // A block the chain already knows (the same contents as one `invalidateblock` marked)
+    // would not extend anything: grind on to a new one, as a real miner's clock would.
+    while !target.is_met_by(block.header.block_hash())
+        || chain.entry(&block.header.block_hash()).is_some()
+    {
         block.header.nonce = block.header.nonce.wrapping_add(1);
         if block.header.nonce == 0 {
             block.header.time += 1;
