@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bitcoin::consensus::deserialize;
 use bitcoin::hex::FromHex;
 use bitcoin::{Address, Amount, Network, Transaction};
+use indexer::follow::FollowOptions;
 use orchestrator::executor::{Executor, Policy};
 use orchestrator::saga::{FeeRate, Request, State, Withdrawal};
 use orchestrator::signer::KeyFileSigner;
@@ -41,48 +42,82 @@ struct World {
     node: Devnet,
     miner: String,
     hot: Address,
+    key_file: std::path::PathBuf,
+    policy: Policy,
     store: Arc<SagaStore>,
     served: Served,
-    _following: Following,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    following: Following,
+    executor: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
 impl World {
     fn start(coins: usize, btc: f64, policy: Policy) -> World {
+        Self::start_with(coins, btc, policy, FollowOptions::default())
+    }
+
+    fn start_with(coins: usize, btc: f64, policy: Policy, follow: FollowOptions) -> World {
         let node = Devnet::start(|c| c.filler_txs = 0);
         let miner = node.new_address("bech32");
         node.mine_to(101 + coins.div_ceil(25) as u32, &miner);
         let dir = tempfile::tempdir().unwrap();
         let keyed = KeyedWallet::funded(&node, &miner, dir.path(), 11, coins, btc);
-        let (hot, key_path) = (keyed.address.clone(), keyed.key_file.clone());
         let db = tempfile::tempdir().unwrap();
-        let following = Following::caught_up(&node, db.path(), &keyed.wallets);
+        let following = Following::start(
+            node.daemon(true),
+            Some(&node.zmq()),
+            db.path(),
+            &keyed.wallets,
+            follow,
+        );
+        assert!(
+            following.wait_for(node.best().1, WAIT),
+            "the indexer caught up"
+        );
         let served = Served::start(&following, indexer::grpc::Access::default());
         let store = Arc::new(SagaStore::open(&dir.path().join("sagas")).unwrap());
-        let executor = Executor::new(
-            store.clone(),
-            IndexerClient::new(served.channel.clone()),
-            Arc::new(node.daemon(false)),
-            Arc::new(KeyFileSigner::open(&key_path, Network::Regtest).unwrap()),
-            Network::Regtest,
-            hot.script_pubkey(),
-            policy,
-        );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        served.runtime.spawn(executor.run(async {
-            let _ = stopped.await;
-        }));
-        World {
+        let mut world = World {
             node,
             miner,
-            hot,
+            hot: keyed.address.clone(),
+            key_file: keyed.key_file.clone(),
+            policy,
             store,
             served,
-            _following: following,
-            _stop: stop,
+            following,
+            executor: None,
             _dirs: (dir, db),
-        }
+        };
+        world.start_executor();
+        world
+    }
+
+    /// Starts an executor on the saga database (as a restarted process would).
+    fn start_executor(&mut self) {
+        let executor = Executor::new(
+            self.store.clone(),
+            IndexerClient::new(self.served.channel.clone()),
+            Arc::new(self.node.daemon(false)),
+            Arc::new(KeyFileSigner::open(&self.key_file, Network::Regtest).unwrap()),
+            Network::Regtest,
+            self.hot.script_pubkey(),
+            self.policy.clone(),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = self.served.runtime.spawn(executor.run(async {
+            let _ = stopped.await;
+        }));
+        self.executor = Some((stop, running));
+    }
+
+    /// Stops the executor and waits until it has.
+    fn stop_executor(&mut self) {
+        let (stop, running) = self.executor.take().unwrap();
+        let _ = stop.send(());
+        self.served.runtime.block_on(running).unwrap();
     }
 
     fn balance(&self) -> u64 {
@@ -396,5 +431,73 @@ fn a_reorg_that_drops_a_confirmed_withdrawal_sends_it_back_and_it_completes_agai
         1,
         "the same transaction confirmed again"
     );
+    assert!(world.store.reserved().unwrap().is_empty());
+}
+
+#[test]
+fn after_a_stop_long_enough_for_the_event_log_to_be_pruned_monitoring_resumes_from_the_present() {
+    let mut follow = FollowOptions::default();
+    follow.pipeline.write.event_retention = Some(4);
+    let mut world = World::start_with(
+        2,
+        0.5,
+        Policy {
+            confirmations: 3,
+            settle_at: 6,
+            ..Policy::default()
+        },
+        follow,
+    );
+    let destination = world.node.new_address("bech32");
+    let id = world
+        .store
+        .submit(request("pruned", &destination, 10_000_000, 3.0, 20_000), 0)
+        .unwrap()
+        .withdrawal
+        .id;
+    wait_for(&world.store, id, |w| w.state == State::Broadcast);
+    let w = mine_until(&world, id, |w| w.confirmed.is_some());
+    assert_eq!(w.state, State::Confirming);
+    world.stop_executor();
+    let stopped_at = world.store.cursor().unwrap().unwrap();
+    // While it is stopped, a reorg moves the payment one block lower, then the chain
+    // grows past the log's retention.
+    let confirmed_at = world.node.best().0 + 1 - w.confirmations;
+    let parent = world.node.hash_at(confirmed_at - 1);
+    world
+        .node
+        .call("invalidateblock", json!([parent.to_string()]));
+    world.node.mine_to(10, &world.miner);
+    assert!(world.following.wait_for(world.node.best().1, WAIT));
+    let (tip, _) = world.node.best();
+    let info = world.node.call(
+        "getrawtransaction",
+        json!([w.confirmed.unwrap().to_string(), true]),
+    );
+    let block = info["blockhash"].as_str().unwrap().parse().unwrap();
+    let moved_to = (0..=tip)
+        .rev()
+        .find(|h| world.node.hash_at(*h) == block)
+        .unwrap();
+    assert_eq!(moved_to, confirmed_at - 1, "the reorg moved it");
+    // The offset the monitor stopped at is gone from the indexer's log.
+    let mut client = IndexerClient::new(world.served.channel.clone());
+    let refused = world
+        .served
+        .runtime
+        .block_on(client.subscribe(ipb::SubscribeRequest {
+            from_offset: stopped_at,
+        }))
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    world.start_executor();
+    let done = wait_for(&world.store, id, |w| w.settled);
+    assert_eq!(
+        (done.state, done.confirmed, done.attempts.len()),
+        (State::Completed, w.confirmed, 1)
+    );
+    // Counted from where it is now, not where it was before the stop.
+    assert_eq!(done.confirmations, tip + 1 - moved_to, "{done:?}");
+    assert!(world.store.cursor().unwrap().unwrap() > stopped_at);
     assert!(world.store.reserved().unwrap().is_empty());
 }
