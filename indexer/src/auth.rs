@@ -22,7 +22,7 @@ impl std::fmt::Debug for BearerToken {
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     /// The file cannot be read.
-    #[error("reading token file {path}")]
+    #[error("reading token file {path} (it must hold a random token of at least 16 characters, mode 600)")]
     Read {
         /// The file.
         path: std::path::PathBuf,

@@ -18,12 +18,14 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The config file is not valid TOML for these settings.
-    #[error("config file {path}")]
+    #[error("config file {}{}: {message}", path.display(), line.map(|l| format!(", line {l}")).unwrap_or_default())]
     Parse {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: Box<toml::de::Error>,
+        /// The line at fault, when known.
+        line: Option<usize>,
+        /// What is wrong (for an unknown key: the keys there are).
+        message: String,
     },
     /// A value is out of range or unknown.
     #[error("{0}")]
@@ -248,6 +250,21 @@ fn default_cookie_file(network: Network) -> Option<PathBuf> {
     Some(p.join(".cookie"))
 }
 
+/// Parses the text of config file `path`; a failure names the file, the line and the
+/// problem in one line (no source excerpt), as an operator's log wants it.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        line: e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1),
+        message: e.message().trim().to_owned(),
+    })
+}
+
 impl FileConfig {
     /// Reads a config file.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -255,10 +272,7 @@ impl FileConfig {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })
+        parse_toml(path, &text)
     }
 
     /// Fills every setting this one lacks from `other`.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use indexer::auth::BearerToken;
 use indexer::config::{BitcoindFileConfig, Config, FileConfig};
-use indexer::daemon::{Daemon, DaemonError, RPC_IN_WARMUP};
+use indexer::daemon::{Daemon, DaemonError};
 use indexer::follow::{FollowOptions, Follower};
 use indexer::pipeline::{PipelineOptions, Progress, WriteOptions};
 use indexer::rescan::{self, Plan, RescanRequest};
@@ -354,28 +354,16 @@ fn follower(store: Arc<Store>, config: &Config, stop: Arc<AtomicBool>) -> Result
         bitcoind.rest,
         bitcoind.rpc_timeout,
     );
-    // A wrong network is a configuration error: say so now rather than retry forever.
-    // At start, a node that never answers is a wrong URL, port, cookie path or password:
-    // a configuration error, said in one line. A node that answers "warming up" is only
-    // slow, and is waited for; once connected, outages are retried for as long as they last.
-    let deadline = Instant::now() + bitcoind.startup_wait;
-    let info = loop {
-        match daemon.chain_info(config.network) {
-            Ok(info) => break info,
-            Err(e @ DaemonError::WrongNetwork { .. }) => return Err(e.into()),
-            Err(DaemonError::Rpc { code, message, .. }) if code == RPC_IN_WARMUP => {
-                tracing::info!(%message, "bitcoind is warming up; waiting");
-            }
-            Err(e) if e.is_transient() && Instant::now() < deadline => {
-                tracing::warn!(error = %e, "bitcoind is not answering yet; will keep trying");
-            }
-            Err(e) => bail!(
-                "{e} (after {}s: check bitcoind.rpc_url, cookie_file or rpc_user, and that \
-                 bitcoind runs with server=1; bitcoind.startup_wait_secs waits longer)",
-                bitcoind.startup_wait.as_secs()
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(500));
+    // A wrong network or a node that never answers at start is a configuration error:
+    // said in one line with what to check, rather than retried forever.
+    let info = match daemon.wait_ready(config.network, bitcoind.startup_wait) {
+        Ok(info) => info,
+        Err(e @ DaemonError::WrongNetwork { .. }) => return Err(e.into()),
+        Err(e) => bail!(
+            "{e} (after {}s: check bitcoind.rpc_url, cookie_file or rpc_user, and that \
+             bitcoind runs with server=1; bitcoind.startup_wait_secs waits longer)",
+            bitcoind.startup_wait.as_secs()
+        ),
     };
     tracing::info!(
         url = %bitcoind.rpc_url,

@@ -24,6 +24,9 @@ pub struct FileConfig {
     pub bitcoind_rpc_url: Option<String>,
     /// bitcoind's cookie file.
     pub bitcoind_cookie_file: Option<PathBuf>,
+    /// At start, seconds bitcoind and the indexer may stay unreachable before the
+    /// process exits with what to check (default 60).
+    pub startup_wait_secs: Option<u64>,
     /// The saga database directory.
     pub db: Option<PathBuf>,
     /// The signer's key file (WIF keys, mode 600).
@@ -62,6 +65,8 @@ pub struct Config {
     pub bitcoind_rpc_url: String,
     /// bitcoind cookie file.
     pub bitcoind_cookie_file: PathBuf,
+    /// How long bitcoind and the indexer may stay unreachable at start.
+    pub startup_wait: std::time::Duration,
     /// Saga database.
     pub db: PathBuf,
     /// Signer key file.
@@ -79,8 +84,7 @@ impl FileConfig {
     pub fn read(path: &Path) -> Result<FileConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
-        toml::from_str(&text)
-            .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))
+        indexer::config::parse_toml(path, &text).map_err(|e| ConfigError(e.to_string()))
     }
 
     /// Fills what this one lacks from `other`.
@@ -91,6 +95,7 @@ impl FileConfig {
             indexer: self.indexer.or(other.indexer),
             bitcoind_rpc_url: self.bitcoind_rpc_url.or(other.bitcoind_rpc_url),
             bitcoind_cookie_file: self.bitcoind_cookie_file.or(other.bitcoind_cookie_file),
+            startup_wait_secs: self.startup_wait_secs.or(other.startup_wait_secs),
             db: self.db.or(other.db),
             key_file: self.key_file.or(other.key_file),
             token_file: self.token_file.or(other.token_file),
@@ -124,7 +129,8 @@ impl FileConfig {
             .require_network(network)
             .map_err(|_| {
                 ConfigError(format!(
-                    "change_address {change_text} is not an address of {network}"
+                    "change_address {change_text} is not an address of {network}: give an \
+                     address of the paying wallet on {network}, or set network"
                 ))
             })?
             .script_pubkey();
@@ -166,11 +172,28 @@ impl FileConfig {
                 .unwrap_or_else(|| "http://127.0.0.1:50051".into()),
             bitcoind_rpc_url,
             bitcoind_cookie_file: need(self.bitcoind_cookie_file, "bitcoind_cookie_file")?,
+            startup_wait: std::time::Duration::from_secs(self.startup_wait_secs.unwrap_or(60)),
             db: need(self.db, "db")?,
             key_file: need(self.key_file, "key_file")?,
             token_file: need(self.token_file, "token_file")?,
             change,
             policy,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let file: FileConfig =
+            toml::from_str(include_str!("../orchestrator.example.toml")).unwrap();
+        let c = file.resolve().unwrap();
+        assert_eq!(c.network, Network::Bitcoin);
+        assert_eq!(c.indexer, "http://127.0.0.1:50051");
+        assert_eq!(c.policy.confirmations, 3);
     }
 }

@@ -165,6 +165,27 @@ impl Daemon {
         Ok(info)
     }
 
+    /// Waits at start until bitcoind answers `getblockchaininfo` on `network`. A node
+    /// warming up is only slow and is waited for however long it takes; one that never
+    /// answers within `wait` is a wrong URL, port, cookie path or password, and its last
+    /// error is returned (as is a wrong network, at once) for the caller to name the fix.
+    pub fn wait_ready(&self, network: Network, wait: Duration) -> Result<ChainInfo, DaemonError> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match self.chain_info(network) {
+                Ok(info) => return Ok(info),
+                Err(DaemonError::Rpc { code, message, .. }) if code == RPC_IN_WARMUP => {
+                    tracing::info!(%message, "bitcoind is warming up; waiting");
+                }
+                Err(e) if e.is_transient() && std::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "bitcoind is not answering yet; will keep trying");
+                }
+                Err(e) => return Err(e),
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// `getbestblockhash`.
     pub fn best_block_hash(&self) -> Result<BlockHash, DaemonError> {
         self.rpc.call("getbestblockhash", json!([]))

@@ -1,0 +1,143 @@
+//! A configuration mistake stops `orchestrator run` at start with one line that names the
+//! problem and what to do, and a non-zero exit: an unknown key, a bad address, a missing
+//! cookie or key file, an unreachable bitcoind or indexer.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use system_tests::live::Devnet;
+
+const BIN: &str = env!("CARGO_BIN_EXE_orchestrator");
+const CHANGE: &str = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080";
+
+/// A complete config in `dir` (token, key file, cookie written there), with `extra` lines
+/// after it; TOML keeps the first of a repeated key as an error, so `extra` adds keys only.
+fn config(dir: &Path, rpc_url: &str, cookie: &str, extra: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(dir.join("token"), "0123456789abcdef0123").unwrap();
+    std::fs::write(dir.join(".cookie"), "__cookie__:secret").unwrap();
+    let keys = dir.join("hot.keys");
+    if !keys.exists() {
+        orchestrator::signer::generate_key_file(&keys, bitcoin::Network::Regtest).unwrap();
+    }
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+    format!(
+        "network = \"regtest\"\ndb = \"{d}/sagas\"\ntoken_file = \"{d}/token\"\n\
+         key_file = \"{d}/hot.keys\"\nbitcoind_rpc_url = \"{rpc_url}\"\n\
+         bitcoind_cookie_file = \"{cookie}\"\nstartup_wait_secs = 1\n{extra}",
+        d = dir.display()
+    )
+}
+
+/// Runs `orchestrator run --config` over `text`; returns its one error line.
+fn error_line(dir: &Path, text: &str) -> String {
+    let path = dir.join("orchestrator.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .env("ORCHESTRATOR_LOG", "error")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success(), "exit 0 for {text}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line, not {lines:?}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    lines[0].to_owned()
+}
+
+#[test]
+fn unknown_keys_bad_addresses_and_missing_files_are_named_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cookie = d.join(".cookie");
+    let cookie = cookie.to_str().unwrap();
+    let rpc = "http://127.0.0.1:1/";
+
+    let line = error_line(
+        d,
+        &config(
+            d,
+            rpc,
+            cookie,
+            &format!("change_address = \"{CHANGE}\"\ncolour = 1\n"),
+        ),
+    );
+    assert!(line.contains("line 9"), "{line}");
+    assert!(
+        line.contains("unknown field `colour`, expected one of"),
+        "{line}"
+    );
+
+    let mainnet = "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4";
+    let line = error_line(
+        d,
+        &config(d, rpc, cookie, &format!("change_address = \"{mainnet}\"\n")),
+    );
+    assert!(line.contains("is not an address of regtest"), "{line}");
+    assert!(
+        line.contains("give an address of the paying wallet"),
+        "{line}"
+    );
+    let line = error_line(
+        d,
+        &config(d, rpc, cookie, "change_address = \"nonsense\"\n"),
+    );
+    assert!(line.contains("change_address \"nonsense\""), "{line}");
+
+    let line = error_line(d, &config(d, rpc, cookie, ""));
+    assert!(line.contains("change_address is required"), "{line}");
+
+    std::fs::remove_file(d.join("hot.keys")).unwrap();
+    std::fs::write(d.join("hot.keys"), "").unwrap();
+    let text = config(d, rpc, cookie, &format!("change_address = \"{CHANGE}\"\n"));
+    std::fs::remove_file(d.join("hot.keys")).unwrap();
+    let line = error_line(d, &text);
+    assert!(line.contains("hot.keys"), "{line}");
+    assert!(line.contains("`orchestrator keygen` creates one"), "{line}");
+}
+
+#[test]
+fn a_missing_cookie_or_an_unreachable_bitcoind_or_indexer_says_what_to_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let change = format!("change_address = \"{CHANGE}\"\n");
+    // Nothing listens on port 1 of loopback.
+    let missing = d.join("no-such/.cookie");
+    let line = error_line(
+        d,
+        &config(d, "http://127.0.0.1:1/", missing.to_str().unwrap(), &change),
+    );
+    assert!(line.contains("no-such/.cookie"), "{line}");
+    assert!(
+        line.contains("check bitcoind_rpc_url and bitcoind_cookie_file"),
+        "{line}"
+    );
+
+    let cookie = d.join(".cookie");
+    let line = error_line(
+        d,
+        &config(d, "http://127.0.0.1:1/", cookie.to_str().unwrap(), &change),
+    );
+    assert!(
+        line.contains("http://127.0.0.1:1/ is unreachable"),
+        "{line}"
+    );
+    assert!(line.contains("server=1"), "{line}");
+
+    // bitcoind answers; the indexer does not.
+    let node = Devnet::start(|_| {});
+    let cookie = node.node.cookie_file().unwrap();
+    let text = config(
+        d,
+        &node.node.rpc_url(),
+        cookie.to_str().unwrap(),
+        &format!("{change}indexer = \"http://127.0.0.1:1\"\n"),
+    );
+    let line = error_line(d, &text);
+    assert!(line.contains("indexer at http://127.0.0.1:1"), "{line}");
+    assert!(line.contains("`indexer run` serves gRPC there"), "{line}");
+}
