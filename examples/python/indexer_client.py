@@ -11,32 +11,13 @@ always matches the checkout. Prints one JSON object per answer.
 """
 
 import argparse
-import importlib
 import json
 import pathlib
 import sys
-import tempfile
 
 import grpc
-from grpc_tools import protoc
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def load_stubs():
-    """Compiles indexer.proto into a temporary package and imports it."""
-    out = tempfile.mkdtemp(prefix="indexer-stubs-")
-    include = str(pathlib.Path(protoc.__file__).parent / "_proto")
-    status = protoc.main([
-        "protoc", f"-I{ROOT / 'proto'}", f"-I{include}",
-        f"--python_out={out}", f"--grpc_python_out={out}",
-        str(ROOT / "proto/indexer/v1/indexer.proto"),
-    ])
-    if status != 0:
-        sys.exit(f"protoc failed with status {status}")
-    sys.path.insert(0, out)
-    return (importlib.import_module("indexer.v1.indexer_pb2"),
-            importlib.import_module("indexer.v1.indexer_pb2_grpc"))
+import stubs
 
 
 def target(pb, args):
@@ -62,7 +43,7 @@ def main():
         p.add_argument("--min-conf", type=int, default=0)
     args = parser.parse_args()
 
-    pb, pb_grpc = load_stubs()
+    pb, pb_grpc = stubs.load("indexer/v1/indexer.proto", "indexer.v1.indexer")
     metadata = []
     if args.token_file:
         token = pathlib.Path(args.token_file).read_text().strip()

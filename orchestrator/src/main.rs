@@ -27,6 +27,15 @@ struct Cli {
 enum Command {
     /// Serve withdrawals and run their sagas.
     Run(RunArgs),
+    /// Create a key file holding one new key (mode 600) and print the address it pays.
+    Keygen {
+        /// The key file to create (never overwritten).
+        #[arg(long)]
+        key_file: PathBuf,
+        /// mainnet, testnet3, testnet4, signet or regtest.
+        #[arg(long, default_value = "mainnet")]
+        network: String,
+    },
 }
 
 /// Every setting of the config file, as a flag or `ORCHESTRATOR_<NAME>`.
@@ -50,6 +59,9 @@ struct RunArgs {
     /// bitcoind's cookie file.
     #[arg(long, env = "ORCHESTRATOR_BITCOIND_COOKIE_FILE")]
     bitcoind_cookie_file: Option<PathBuf>,
+    /// At start, seconds bitcoind and the indexer may stay unreachable (default 60).
+    #[arg(long, env = "ORCHESTRATOR_STARTUP_WAIT_SECS")]
+    startup_wait_secs: Option<u64>,
     /// The saga database directory.
     #[arg(long, env = "ORCHESTRATOR_DB")]
     db: Option<PathBuf>,
@@ -81,11 +93,22 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let Command::Run(args) = Cli::parse().command;
-    if let Err(e) = run(args) {
+    let outcome = match Cli::parse().command {
+        Command::Run(args) => run(args),
+        Command::Keygen { key_file, network } => keygen(&key_file, &network),
+    };
+    if let Err(e) = outcome {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn keygen(path: &std::path::Path, network: &str) -> Result<()> {
+    let network = indexer::config::parse_network(network)?;
+    let address = orchestrator::signer::generate_key_file(path, network)
+        .with_context(|| format!("creating the key file {}", path.display()))?;
+    println!("{address}");
+    Ok(())
 }
 
 fn run(args: RunArgs) -> Result<()> {
@@ -95,6 +118,7 @@ fn run(args: RunArgs) -> Result<()> {
         indexer: args.indexer,
         bitcoind_rpc_url: args.bitcoind_rpc_url,
         bitcoind_cookie_file: args.bitcoind_cookie_file,
+        startup_wait_secs: args.startup_wait_secs,
         db: args.db,
         key_file: args.key_file,
         token_file: args.token_file,
@@ -111,7 +135,8 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let config = flags.or(file).resolve()?;
     let token = indexer::auth::BearerToken::from_file(&config.token_file)?;
-    let signer = KeyFileSigner::open(&config.key_file, config.network)?;
+    let signer = KeyFileSigner::open(&config.key_file, config.network)
+        .context("the signer's key_file (`orchestrator keygen` creates one)")?;
     let store = Arc::new(
         SagaStore::open(&config.db)
             .with_context(|| format!("opening the saga database {}", config.db.display()))?,
@@ -122,11 +147,23 @@ fn run(args: RunArgs) -> Result<()> {
         false,
         std::time::Duration::from_secs(30),
     ));
+    // Unreachable at start means misconfigured: one line with what to check, not an
+    // endless retry. (Once running, outages are retried for as long as they last.)
+    match daemon.wait_ready(config.network, config.startup_wait) {
+        Ok(_) => {}
+        Err(e @ indexer::daemon::DaemonError::WrongNetwork { .. }) => return Err(e.into()),
+        Err(e) => anyhow::bail!(
+            "{e} (after {}s: check bitcoind_rpc_url and bitcoind_cookie_file, and that \
+             bitcoind runs with server=1; startup_wait_secs waits longer)",
+            config.startup_wait.as_secs()
+        ),
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let channel = tonic::transport::Endpoint::from_shared(config.indexer.clone())
-            .with_context(|| format!("indexer endpoint {:?}", config.indexer))?
+            .map_err(|e| anyhow::anyhow!("indexer {:?} is not a URL ({e}): give it as http://HOST:PORT", config.indexer))?
             .connect_lazy();
+        wait_for_indexer(&channel, &config.indexer, config.startup_wait).await?;
         let executor = Executor::new(
             store.clone(),
             proto::indexer::v1::indexer_client::IndexerClient::new(channel),
@@ -171,4 +208,33 @@ fn run(args: RunArgs) -> Result<()> {
         let _ = executing.await;
         anyhow::Ok(())
     })
+}
+
+/// Waits at start until the indexer answers GetTip; one that never does is misconfigured.
+async fn wait_for_indexer(
+    channel: &tonic::transport::Channel,
+    url: &str,
+    wait: std::time::Duration,
+) -> Result<()> {
+    let mut client = proto::indexer::v1::indexer_client::IndexerClient::new(channel.clone());
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let status = match client.get_tip(proto::indexer::v1::GetTipRequest {}).await {
+            Ok(_) => return Ok(()),
+            // An index with no block yet answered too: it is there.
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => return Ok(()),
+            Err(s) => s,
+        };
+        let waiting = status.code() == tonic::Code::Unavailable;
+        if !waiting || tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "indexer at {url}: {} (after {}s: check indexer, and that `indexer run` serves \
+                 gRPC there; startup_wait_secs waits longer)",
+                status.message(),
+                wait.as_secs()
+            );
+        }
+        tracing::warn!(%url, error = status.message(), "the indexer is not answering yet; will keep trying");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }

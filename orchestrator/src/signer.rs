@@ -121,6 +121,31 @@ impl KeyFileSigner {
     }
 }
 
+/// Writes a new key file at `path` holding one fresh key of `network` (created with mode
+/// 600, never over an existing file) and returns the P2WPKH address it signs for.
+pub fn generate_key_file(path: &Path, network: Network) -> Result<bitcoin::Address, SignError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let secp = Secp256k1::new();
+    let (secret, _) = secp.generate_keypair(&mut bitcoin::secp256k1::rand::thread_rng());
+    let key = PrivateKey::new(secret, network);
+    let public = CompressedPublicKey(key.public_key(&secp).inner);
+    let address = bitcoin::Address::p2wpkh(&public, network);
+    let write_err = |source| SignError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(write_err)?;
+    writeln!(file, "# {address}\n{}", key.to_wif()).map_err(write_err)?;
+    file.sync_all().map_err(write_err)?;
+    Ok(address)
+}
+
 impl Signer for KeyFileSigner {
     fn scripts(&self) -> Vec<ScriptBuf> {
         self.by_script.keys().cloned().collect()
@@ -256,5 +281,20 @@ mod tests {
             signer.sign(&mut psbt),
             Err(SignError::Input { input: 0, .. })
         ));
+    }
+
+    #[test]
+    fn a_generated_key_file_is_private_signs_for_its_address_and_is_never_overwritten() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hot.keys");
+        let address = generate_key_file(&path, Network::Regtest).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let signer = KeyFileSigner::open(&path, Network::Regtest).unwrap();
+        assert_eq!(signer.scripts(), vec![address.script_pubkey()]);
+        let before = std::fs::read(&path).unwrap();
+        assert!(generate_key_file(&path, Network::Regtest).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
     }
 }
