@@ -44,7 +44,7 @@ fn status(e: SagaStoreError) -> Status {
         SagaStoreError::CoinTaken { .. } | SagaStoreError::Stale(_) => {
             Status::aborted(e.to_string())
         }
-        SagaStoreError::Rocks(_) | SagaStoreError::Corrupt { .. } => {
+        SagaStoreError::Rocks(_) | SagaStoreError::InUse(_) | SagaStoreError::Corrupt { .. } => {
             Status::internal(e.to_string())
         }
     }

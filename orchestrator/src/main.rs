@@ -137,10 +137,7 @@ fn run(args: RunArgs) -> Result<()> {
     let token = indexer::auth::BearerToken::from_file(&config.token_file)?;
     let signer = KeyFileSigner::open(&config.key_file, config.network)
         .context("the signer's key_file (`orchestrator keygen` creates one)")?;
-    let store = Arc::new(
-        SagaStore::open(&config.db)
-            .with_context(|| format!("opening the saga database {}", config.db.display()))?,
-    );
+    let store = Arc::new(SagaStore::open(&config.db)?);
     let daemon = Arc::new(indexer::daemon::Daemon::new(
         &config.bitcoind_rpc_url,
         indexer::daemon::Auth::Cookie(config.bitcoind_cookie_file.clone()),

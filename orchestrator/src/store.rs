@@ -39,6 +39,9 @@ pub enum SagaStoreError {
     /// RocksDB failed.
     #[error("saga database: {0}")]
     Rocks(#[from] rocksdb::Error),
+    /// Another process has the database open.
+    #[error("the saga database {0} is open in another orchestrator process: one process at a time (stop the other first)")]
+    InUse(std::path::PathBuf),
     /// A stored record does not decode.
     #[error("saga database: corrupt {what}: {detail}")]
     Corrupt {
@@ -128,7 +131,14 @@ impl SagaStore {
                 cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
                 ColumnFamilyDescriptor::new(name, cf)
             });
-        let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
+            // RocksDB's only sign of a second process is its LOCK file's error.
+            if e.to_string().contains("LOCK") {
+                SagaStoreError::InUse(path.to_owned())
+            } else {
+                SagaStoreError::Rocks(e)
+            }
+        })?;
         let (updates, _) = tokio::sync::broadcast::channel(1024);
         let store = SagaStore {
             db,

@@ -141,3 +141,22 @@ fn a_missing_cookie_or_an_unreachable_bitcoind_or_indexer_says_what_to_check() {
     assert!(line.contains("indexer at http://127.0.0.1:1"), "{line}");
     assert!(line.contains("`indexer run` serves gRPC there"), "{line}");
 }
+
+#[test]
+fn a_second_process_on_the_same_saga_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cookie = d.join(".cookie");
+    let text = config(
+        d,
+        "http://127.0.0.1:1/",
+        cookie.to_str().unwrap(),
+        &format!("change_address = \"{CHANGE}\"\n"),
+    );
+    let _first = orchestrator::store::SagaStore::open(&d.join("sagas")).unwrap();
+    let line = error_line(d, &text);
+    assert!(
+        line.contains("is open in another orchestrator process: one process at a time"),
+        "{line}"
+    );
+}
