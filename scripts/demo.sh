@@ -58,14 +58,19 @@ idx watch add --wallet treasury "$treasury"
 idx watch add --wallet deposits "$deposit"
 idx watch add --wallet hot "$hot"
 
+# Every gRPC call to the indexer and to the orchestrator needs its bearer token.
+head -c 32 /dev/urandom | base64 >"$tmp/indexer-token"
+head -c 32 /dev/urandom | base64 >"$tmp/token"
+chmod 600 "$tmp/indexer-token" "$tmp/token"
 "$bin/indexer" --db "$tmp/db" --network regtest run --grpc 127.0.0.1:0 \
+  --grpc-token-file "$tmp/indexer-token" \
   --bitcoind-rpc-url "$rpc" --bitcoind-cookie-file "$tmp/node/regtest/.cookie" --bitcoind-rest true \
   --zmq-rawblock "$zmq" --zmq-hashblock "$zmq" --zmq-sequence "$zmq" --zmq-rawtx "$zmq" \
   >"$tmp/indexer.out" 2>"$tmp/indexer.log" &
 pids+=($!)
 grpc=$(wait_line "$tmp/indexer.out" "listening" | cut -f2)
 echo "indexer run: gRPC on $grpc"
-client() { python3 examples/python/indexer_client.py --addr "$grpc" "$@"; }
+client() { python3 examples/python/indexer_client.py --addr "$grpc" --token-file "$tmp/indexer-token" "$@"; }
 until client tip | grep -q '"height": 110'; do sleep 0.1; done
 echo "caught up:                  $(client tip)"
 echo "treasury (its coinbases):   $(client balance --wallet treasury)"
@@ -86,9 +91,8 @@ echo "hot wallet funded:          $(client balance --wallet hot)"
 sat() { python3 -c 'import json,sys; print(json.loads(sys.stdin.read())[sys.argv[1]])' "$1"; }
 hot_before=$(client balance --wallet hot | sat confirmed_sat)
 
-head -c 32 /dev/urandom | base64 >"$tmp/token"
-chmod 600 "$tmp/token"
 "$bin/orchestrator" run --network regtest --listen 127.0.0.1:0 --indexer "http://$grpc" \
+  --indexer-token-file "$tmp/indexer-token" \
   --bitcoind-rpc-url "$rpc" --bitcoind-cookie-file "$tmp/node/regtest/.cookie" \
   --db "$tmp/sagas" --key-file "$tmp/hot.keys" --token-file "$tmp/token" \
   --change-address "$hot" --confirmations 3 --settle-confirmations 6 \

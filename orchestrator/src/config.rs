@@ -18,8 +18,12 @@ pub struct FileConfig {
     pub network: Option<String>,
     /// gRPC listen address (default 127.0.0.1:50061).
     pub listen: Option<SocketAddr>,
-    /// The indexer's gRPC endpoint, e.g. `http://127.0.0.1:50051`.
+    /// The indexer's gRPC endpoint, e.g. `http://127.0.0.1:50051` (https: TLS).
     pub indexer: Option<String>,
+    /// The file holding the token the indexer asks for (when its reads are protected).
+    pub indexer_token_file: Option<PathBuf>,
+    /// PEM CA the indexer's TLS certificate must chain to (with an https endpoint).
+    pub indexer_ca_file: Option<PathBuf>,
     /// bitcoind's JSON-RPC URL.
     pub bitcoind_rpc_url: Option<String>,
     /// bitcoind's cookie file.
@@ -61,6 +65,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Indexer endpoint.
     pub indexer: String,
+    /// Token file for the indexer's calls.
+    pub indexer_token_file: Option<PathBuf>,
+    /// CA of the indexer's TLS certificate.
+    pub indexer_ca_file: Option<PathBuf>,
     /// bitcoind RPC URL.
     pub bitcoind_rpc_url: String,
     /// bitcoind cookie file.
@@ -93,6 +101,8 @@ impl FileConfig {
             network: self.network.or(other.network),
             listen: self.listen.or(other.listen),
             indexer: self.indexer.or(other.indexer),
+            indexer_token_file: self.indexer_token_file.or(other.indexer_token_file),
+            indexer_ca_file: self.indexer_ca_file.or(other.indexer_ca_file),
             bitcoind_rpc_url: self.bitcoind_rpc_url.or(other.bitcoind_rpc_url),
             bitcoind_cookie_file: self.bitcoind_cookie_file.or(other.bitcoind_cookie_file),
             startup_wait_secs: self.startup_wait_secs.or(other.startup_wait_secs),
@@ -170,6 +180,8 @@ impl FileConfig {
             indexer: self
                 .indexer
                 .unwrap_or_else(|| "http://127.0.0.1:50051".into()),
+            indexer_token_file: self.indexer_token_file,
+            indexer_ca_file: self.indexer_ca_file,
             bitcoind_rpc_url,
             bitcoind_cookie_file: need(self.bitcoind_cookie_file, "bitcoind_cookie_file")?,
             startup_wait: std::time::Duration::from_secs(self.startup_wait_secs.unwrap_or(60)),

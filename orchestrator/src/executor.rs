@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::upstream::Indexer;
 use bitcoin::absolute::LockTime;
 use bitcoin::consensus::serialize;
 use bitcoin::hex::DisplayHex;
@@ -14,8 +15,6 @@ use bitcoin::transaction::Version;
 use bitcoin::{Address, Amount, Network, OutPoint, Psbt, ScriptBuf, Sequence, Transaction};
 use bitcoin::{TxIn, TxOut, Txid};
 use proto::indexer::v1 as ipb;
-use proto::indexer::v1::indexer_client::IndexerClient;
-use tonic::transport::Channel;
 
 use crate::monitor::Monitor;
 use crate::saga::{now_ms, Attempt, Coin, FeeRate, Outcome, State, Step, Withdrawal};
@@ -76,7 +75,7 @@ pub enum StepError {
 /// Runs sagas against an indexer, a bitcoind and a signer.
 pub struct Executor {
     store: Arc<SagaStore>,
-    indexer: IndexerClient<Channel>,
+    indexer: Indexer,
     daemon: Arc<indexer::daemon::Daemon>,
     signer: Arc<dyn Signer>,
     network: Network,
@@ -109,7 +108,7 @@ impl Executor {
     /// An executor paying change to `change`.
     pub fn new(
         store: Arc<SagaStore>,
-        indexer: IndexerClient<Channel>,
+        indexer: Indexer,
         daemon: Arc<indexer::daemon::Daemon>,
         signer: Arc<dyn Signer>,
         network: Network,

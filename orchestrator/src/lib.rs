@@ -15,3 +15,4 @@ pub mod saga;
 pub mod select;
 pub mod signer;
 pub mod store;
+pub mod upstream;

@@ -14,6 +14,7 @@ use orchestrator::executor::Executor;
 use orchestrator::grpc::WithdrawalService;
 use orchestrator::signer::KeyFileSigner;
 use orchestrator::store::SagaStore;
+use orchestrator::upstream;
 
 /// The withdrawal orchestrator.
 #[derive(Parser)]
@@ -50,9 +51,15 @@ struct RunArgs {
     /// gRPC listen address (default 127.0.0.1:50061; port 0 picks one).
     #[arg(long, env = "ORCHESTRATOR_LISTEN")]
     listen: Option<std::net::SocketAddr>,
-    /// The indexer's gRPC endpoint (default http://127.0.0.1:50051).
+    /// The indexer's gRPC endpoint (default http://127.0.0.1:50051; https: TLS).
     #[arg(long, env = "ORCHESTRATOR_INDEXER")]
     indexer: Option<String>,
+    /// The file holding the indexer's bearer token (when its reads are protected).
+    #[arg(long, env = "ORCHESTRATOR_INDEXER_TOKEN_FILE")]
+    indexer_token_file: Option<PathBuf>,
+    /// PEM CA the indexer's TLS certificate must chain to.
+    #[arg(long, env = "ORCHESTRATOR_INDEXER_CA_FILE")]
+    indexer_ca_file: Option<PathBuf>,
     /// bitcoind's JSON-RPC URL.
     #[arg(long, env = "ORCHESTRATOR_BITCOIND_RPC_URL")]
     bitcoind_rpc_url: Option<String>,
@@ -116,6 +123,8 @@ fn run(args: RunArgs) -> Result<()> {
         network: args.network,
         listen: args.listen,
         indexer: args.indexer,
+        indexer_token_file: args.indexer_token_file,
+        indexer_ca_file: args.indexer_ca_file,
         bitcoind_rpc_url: args.bitcoind_rpc_url,
         bitcoind_cookie_file: args.bitcoind_cookie_file,
         startup_wait_secs: args.startup_wait_secs,
@@ -157,13 +166,12 @@ fn run(args: RunArgs) -> Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(config.indexer.clone())
-            .map_err(|e| anyhow::anyhow!("indexer {:?} is not a URL ({e}): give it as http://HOST:PORT", config.indexer))?
-            .connect_lazy();
-        wait_for_indexer(&channel, &config.indexer, config.startup_wait).await?;
+        let channel = upstream::channel(&config.indexer, config.indexer_ca_file.as_deref())?;
+        let indexer = upstream::client(channel, config.indexer_token_file.as_deref())?;
+        wait_for_indexer(indexer.clone(), &config.indexer, config.startup_wait).await?;
         let executor = Executor::new(
             store.clone(),
-            proto::indexer::v1::indexer_client::IndexerClient::new(channel),
+            indexer,
             daemon,
             Arc::new(signer),
             config.network,
@@ -209,11 +217,10 @@ fn run(args: RunArgs) -> Result<()> {
 
 /// Waits at start until the indexer answers GetTip; one that never does is misconfigured.
 async fn wait_for_indexer(
-    channel: &tonic::transport::Channel,
+    mut client: upstream::Indexer,
     url: &str,
     wait: std::time::Duration,
 ) -> Result<()> {
-    let mut client = proto::indexer::v1::indexer_client::IndexerClient::new(channel.clone());
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let status = match client.get_tip(proto::indexer::v1::GetTipRequest {}).await {

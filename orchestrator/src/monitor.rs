@@ -12,10 +12,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::upstream::Indexer;
 use bitcoin::Txid;
 use proto::indexer::v1 as ipb;
-use proto::indexer::v1::indexer_client::IndexerClient;
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::store::{Observation, SagaStore, SagaStoreError};
@@ -88,17 +87,13 @@ pub fn apply(seen: &mut Observation, event: &ipb::Event) -> Result<(), MonitorEr
 /// Follows the indexer's events into the saga store.
 pub struct Monitor {
     store: Arc<SagaStore>,
-    indexer: IndexerClient<Channel>,
+    indexer: Indexer,
     wake: Arc<tokio::sync::Notify>,
 }
 
 impl Monitor {
     /// A monitor waking `wake` whenever something a withdrawal watches changes.
-    pub fn new(
-        store: Arc<SagaStore>,
-        indexer: IndexerClient<Channel>,
-        wake: Arc<tokio::sync::Notify>,
-    ) -> Monitor {
+    pub fn new(store: Arc<SagaStore>, indexer: Indexer, wake: Arc<tokio::sync::Notify>) -> Monitor {
         Monitor {
             store,
             indexer,

@@ -99,7 +99,7 @@ impl World {
     fn start_executor(&mut self) {
         let executor = Executor::new(
             self.store.clone(),
-            IndexerClient::new(self.served.channel.clone()),
+            orchestrator::upstream::open_client(self.served.channel.clone()),
             Arc::new(self.node.daemon(false)),
             Arc::new(KeyFileSigner::open(&self.key_file, Network::Regtest).unwrap()),
             Network::Regtest,

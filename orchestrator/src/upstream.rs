@@ -1,0 +1,109 @@
+//! The orchestrator's link to the indexer: a channel to its gRPC endpoint (TLS when the
+//! URL is https, trusting the given CA) and, when the indexer protects its reads, the
+//! bearer token on every call.
+
+use std::path::Path;
+
+use proto::indexer::v1::indexer_client::IndexerClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// An indexer client that presents the token, if any, on every call.
+pub type Indexer = IndexerClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer <token>` to each call (nothing without a token).
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token itself is never shown.
+        write!(
+            f,
+            "Bearer({})",
+            if self.0.is_some() { "set" } else { "none" }
+        )
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            req.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Why the indexer link cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The endpoint is not a URL tonic can use.
+    #[error(
+        "indexer {url:?} is not a URL ({detail}): give it as http://HOST:PORT or https://HOST:PORT"
+    )]
+    Url {
+        /// As given.
+        url: String,
+        /// Why.
+        detail: String,
+    },
+    /// A file could not be read.
+    #[error("reading {what} {path}: {source}")]
+    Read {
+        /// Which setting.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The token cannot travel in a header.
+    #[error("indexer_token_file {0}: the token must be printable ASCII")]
+    BadToken(std::path::PathBuf),
+}
+
+/// A lazily connecting channel to `url`; with `ca_file`, TLS trusting that CA (PEM).
+pub fn channel(url: &str, ca_file: Option<&Path>) -> Result<Channel, LinkError> {
+    let bad = |e: &dyn std::fmt::Display| LinkError::Url {
+        url: url.to_owned(),
+        detail: e.to_string(),
+    };
+    let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(&e))?;
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|source| LinkError::Read {
+            what: "indexer_ca_file",
+            path: path.to_owned(),
+            source,
+        })?;
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            .map_err(|e| bad(&e))?;
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+/// A client over `channel` presenting the token in `token_file`, if one is given.
+pub fn client(channel: Channel, token_file: Option<&Path>) -> Result<Indexer, LinkError> {
+    let token = match token_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| LinkError::Read {
+                what: "indexer_token_file",
+                path: path.to_owned(),
+                source,
+            })?;
+            let value = format!("Bearer {}", text.trim())
+                .parse()
+                .map_err(|_| LinkError::BadToken(path.to_owned()))?;
+            Some(value)
+        }
+    };
+    Ok(IndexerClient::with_interceptor(channel, Bearer(token)))
+}
+
+/// A client over `channel` without a token (an indexer whose reads are open).
+pub fn open_client(channel: Channel) -> Indexer {
+    IndexerClient::with_interceptor(channel, Bearer(None))
+}
