@@ -8,12 +8,13 @@ use bitcoin::Network;
 use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_server::{Indexer, IndexerServer};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status};
 
 use crate::auth::BearerToken;
 use crate::convert;
+use crate::event_feed::{EventFeed, EventStream};
 use crate::mempool::{Gone, Mempool};
 use crate::query::{Query, QueryError};
 use crate::store::Store;
@@ -30,6 +31,8 @@ pub struct IndexerService {
     mempool: Option<SharedMempool>,
     /// Where `AddWatch` goes.
     watch: WatchChanges,
+    /// The event log's shared tail, started by the first subscription.
+    events: std::sync::OnceLock<Arc<EventFeed>>,
 }
 
 /// The mempool tracker as the follower and the server share it.
@@ -48,6 +51,7 @@ impl IndexerService {
             stopping,
             mempool: None,
             watch: WatchChanges::Refused,
+            events: std::sync::OnceLock::new(),
         }
     }
 
@@ -117,84 +121,19 @@ impl IndexerService {
     }
 }
 
-/// How often a caught-up subscription looks for new events when no commit wakes it (a
-/// safety net: every commit through this process's store wakes it at once).
-const EVENT_POLL: std::time::Duration = std::time::Duration::from_secs(1);
-/// Events read from the database at a time for a subscription.
-const EVENT_BATCH: usize = 256;
-
 #[tonic::async_trait]
 impl Indexer for IndexerService {
-    type SubscribeStream = ReceiverStream<Result<pb::Event, Status>>;
+    type SubscribeStream = EventStream;
 
     async fn subscribe(
         &self,
         req: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let from = req.into_inner().from_offset;
-        // A pruned or future offset is an error status, not a stream that breaks later.
-        let mut batch = self.query(move |q| q.events(from, EVENT_BATCH)).await?;
-        // A small bounded channel: a slow consumer holds the sender back, never the
-        // server's memory.
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let (store, network) = (self.store.clone(), self.network);
-        let mut stopping = self.stopping.clone();
-        let mut commits = store.commits();
-        tokio::spawn(async move {
-            let mut next = from;
-            loop {
-                if *stopping.borrow() {
-                    let _ = tx
-                        .send(Err(Status::unavailable("the server is shutting down")))
-                        .await;
-                    return;
-                }
-                if batch.is_empty() {
-                    tokio::select! {
-                        _ = commits.changed() => {}
-                        _ = tokio::time::sleep(EVENT_POLL) => {}
-                        changed = stopping.changed() => {
-                            if changed.is_err() {
-                                return; // the server is gone
-                            }
-                            continue;
-                        }
-                        _ = tx.closed() => return,
-                    }
-                }
-                for (offset, e) in batch {
-                    tokio::select! {
-                        sent = tx.send(Ok(convert::event(offset, e))) => {
-                            if sent.is_err() {
-                                return; // the consumer left
-                            }
-                        }
-                        // A consumer that stopped reading must not hold up shutdown.
-                        _ = stopping.wait_for(|s| *s) => return,
-                    }
-                    next = offset + 1;
-                }
-                let store = store.clone();
-                let read = tokio::task::spawn_blocking(move || {
-                    Query::new(&store, network)?.events(next, EVENT_BATCH)
-                })
-                .await;
-                batch = match read {
-                    Ok(Ok(b)) => b,
-                    Ok(Err(e)) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::internal(format!("event task failed: {e}"))))
-                            .await;
-                        return;
-                    }
-                };
-            }
+        let feed = self.events.get_or_init(|| {
+            EventFeed::start(self.store.clone(), self.network, self.stopping.clone())
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(feed.subscribe(from).await?))
     }
 
     async fn add_watch(

@@ -10,7 +10,8 @@
 //!
 //! Modules, from the entry down to the pure core:
 //! - [`auth`] checks bearer tokens on gRPC calls;
-//! - [`grpc`] serves `indexer.v1.Indexer` (with [`convert`] between queries and messages);
+//! - [`grpc`] serves `indexer.v1.Indexer` (with [`convert`] between queries and messages,
+//!   and [`event_feed`] reading the event log once for every subscriber);
 //! - [`query`] answers balance and UTXO queries from one snapshot;
 //! - [`follow`] keeps the index on bitcoind's best chain ([`daemon`] talks to bitcoind over
 //!   RPC, REST and ZMQ; [`fetch`] prefetches blocks for catch-up);
@@ -29,6 +30,7 @@ pub mod chain;
 pub mod config;
 pub mod convert;
 pub mod daemon;
+pub mod event_feed;
 pub mod fetch;
 pub mod follow;
 pub mod grpc;
