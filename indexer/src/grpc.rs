@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::BearerToken;
 use crate::convert;
 use crate::mempool::{Gone, Mempool};
+use crate::metrics::IndexerMetrics;
 use crate::query::{Query, QueryError};
 use crate::store::Store;
 use crate::wallets::WalletError;
@@ -30,6 +31,7 @@ pub struct IndexerService {
     mempool: Option<SharedMempool>,
     /// Where `AddWatch` goes.
     watch: WatchChanges,
+    metrics: IndexerMetrics,
 }
 
 /// The mempool tracker as the follower and the server share it.
@@ -48,7 +50,14 @@ impl IndexerService {
             stopping,
             mempool: None,
             watch: WatchChanges::Refused,
+            metrics: IndexerMetrics::default(),
         }
+    }
+
+    /// Counts its subscribers into `metrics`.
+    pub fn with_metrics(mut self, metrics: IndexerMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Accepts `AddWatch` and sends it to `watch`.
@@ -140,7 +149,10 @@ impl Indexer for IndexerService {
         let (store, network) = (self.store.clone(), self.network);
         let mut stopping = self.stopping.clone();
         let mut commits = store.commits();
+        let open = self.metrics.subscribed();
         tokio::spawn(async move {
+            // Counted for as long as the stream lives.
+            let _open = open;
             let mut next = from;
             loop {
                 if *stopping.borrow() {
@@ -504,6 +516,20 @@ pub async fn serve_live(
     access: Access,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let metrics = IndexerMetrics::default();
+    serve_observed(store, network, mempool, listener, access, metrics, shutdown).await
+}
+
+/// [`serve_live`], timing every call and counting subscribers into `metrics`.
+pub async fn serve_observed(
+    store: Arc<Store>,
+    network: Network,
+    mempool: Option<SharedMempool>,
+    listener: TcpListener,
+    access: Access,
+    metrics: IndexerMetrics,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let Access { token, tls, watch } = access;
     // Writes need a token: without one, the server is open to anyone on loopback.
     let watch = if token.is_some() {
@@ -529,12 +555,14 @@ pub async fn serve_live(
         server = server.tls_config(tls)?;
     }
     server
+        .layer(metrics.grpc.layer())
         .add_service(health)
         .add_service(reflection)
         .add_service(IndexerServer::with_interceptor(
             IndexerService::new(store, network, stopping)
                 .with_mempool(mempool)
-                .with_watch(watch),
+                .with_watch(watch)
+                .with_metrics(metrics),
             move |req| match &token {
                 Some(t) => t.check(req),
                 None => Ok(req),
