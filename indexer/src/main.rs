@@ -531,7 +531,6 @@ async fn serve_metrics(config: &Config, probe: Arc<dyn Probe>) -> Result<()> {
     let local = indexer::metrics::http::start(addr, probe)
         .await
         .with_context(|| format!("serving metrics on {addr}"))?;
-    tracing::info!(%local, "serving metrics on /metrics, /health and /ready");
     println!("metrics\t{local}");
     Ok(())
 }

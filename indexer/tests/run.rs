@@ -231,7 +231,7 @@ fn run_exits_with_one_clear_line_when_bitcoind_never_answers() {
 ///    none holds the node's cookie secret.
 #[test]
 fn run_serves_metrics_that_follow_the_chain_and_logs_json() {
-    use system_tests::scrape::{self, Scrape};
+    use system_tests::observe::{self, Scrape};
     let tmp = tempfile::tempdir().unwrap();
     let (node, miner) = node_at_105(tmp.path());
     let miner = miner.as_str();
@@ -246,25 +246,15 @@ fn run_serves_metrics_that_follow_the_chain_and_logs_json() {
             .spawn()
             .unwrap(),
     );
-    let mut lines = std::io::BufReader::new(run.0.stdout.take().unwrap()).lines();
-    let (mut metrics, mut grpc) = (None, None);
-    while metrics.is_none() || grpc.is_none() {
-        let line = lines.next().expect("stdout ended").unwrap();
-        if let Some(addr) = line.strip_prefix("metrics\t") {
-            metrics = Some(addr.to_owned());
-        } else if let Some(addr) = line.strip_prefix("listening\t") {
-            grpc = Some(addr.to_owned());
-        }
-    }
-    let (metrics, grpc) = (metrics.unwrap(), grpc.unwrap());
+    let observe::Announced { metrics, grpc } = observe::announced(run.0.stdout.take().unwrap());
 
     // 1.
-    assert_eq!(scrape::get(&metrics, "/health"), (200, "ok\n".to_owned()));
-    scrape::wait_for_status(&metrics, "/ready", 200, Duration::from_secs(60));
+    assert_eq!(observe::get(&metrics, "/health"), (200, "ok\n".to_owned()));
+    observe::wait_for_status(&metrics, "/ready", 200, Duration::from_secs(60));
 
     // 2.
     let at = |height: f64| move |s: &Scrape| s.value("indexer_indexed_height") == height;
-    let before = scrape::wait_for(&metrics, Duration::from_secs(30), at(105.0));
+    let before = observe::wait_for(&metrics, Duration::from_secs(30), at(105.0));
     assert_eq!(before.value("indexer_bitcoind_height"), 105.0);
     assert_eq!(before.value("indexer_tip_lag_blocks"), 0.0);
     for series in [
@@ -302,11 +292,11 @@ fn run_serves_metrics_that_follow_the_chain_and_logs_json() {
     let stream = rt
         .block_on(client.subscribe(pb::SubscribeRequest { from_offset: 0 }))
         .unwrap();
-    scrape::wait_for(&metrics, Duration::from_secs(30), |s| {
+    observe::wait_for(&metrics, Duration::from_secs(30), |s| {
         s.value("indexer_subscribers") == 1.0
     });
     drop(stream);
-    scrape::wait_for(&metrics, Duration::from_secs(30), |s| {
+    observe::wait_for(&metrics, Duration::from_secs(30), |s| {
         s.value("indexer_subscribers") == 0.0
     });
 
@@ -322,7 +312,7 @@ fn run_serves_metrics_that_follow_the_chain_and_logs_json() {
                 .unwrap()
         })
         .sum();
-    let after = scrape::wait_for(&metrics, Duration::from_secs(30), at(108.0));
+    let after = observe::wait_for(&metrics, Duration::from_secs(30), at(108.0));
     let grew = |series: &str| after.value(series) - before.value(series);
     assert_eq!(grew("indexer_blocks_connected_total"), 3.0);
     assert_eq!(grew("indexer_transactions_total"), txs);
@@ -334,7 +324,7 @@ fn run_serves_metrics_that_follow_the_chain_and_logs_json() {
     // Another payee, or the node would mine the invalidated blocks again.
     let other = rpc(&node, "getnewaddress", serde_json::json!([]));
     rpc(&node, "generatetoaddress", serde_json::json!([3, other]));
-    let reorged = scrape::wait_for(&metrics, Duration::from_secs(30), |s| {
+    let reorged = observe::wait_for(&metrics, Duration::from_secs(30), |s| {
         s.value("indexer_indexed_height") == 109.0
             && s.value("indexer_blocks_connected_total")
                 == after.value("indexer_blocks_connected_total") + 3.0
@@ -352,22 +342,7 @@ fn run_serves_metrics_that_follow_the_chain_and_logs_json() {
     let logged = std::fs::read_to_string(&stderr).unwrap();
     let cookie = std::fs::read_to_string(node.cookie_file().unwrap()).unwrap();
     let secret = cookie.trim().split_once(':').unwrap().1;
-    let mut messages = Vec::new();
-    for line in logged.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        assert!(v["level"].is_string(), "{line}");
-        messages.push(
-            v["message"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{line}"))
-                .to_owned(),
-        );
-        assert!(
-            !line.contains(secret),
-            "the cookie secret was logged: {line}"
-        );
-    }
+    let messages = observe::json_log_messages(&logged, secret);
     assert!(
         messages.iter().any(|m| m == "connected to bitcoind"),
         "{logged}"

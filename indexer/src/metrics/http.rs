@@ -33,6 +33,7 @@ pub async fn start(addr: SocketAddr, probe: Arc<dyn Probe>) -> std::io::Result<S
         .route("/health", get(health))
         .route("/ready", get(ready))
         .with_state(probe);
+    tracing::info!(%local, "serving metrics on /metrics, /health and /ready");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the metrics endpoint stopped");

@@ -1,5 +1,6 @@
-//! Reading a metrics endpoint the way Prometheus does: plain HTTP GETs, and the text
-//! format parsed into series and values.
+//! What a running `indexer` or `orchestrator` shows from outside: the addresses it
+//! announces on stdout, its metrics endpoint read the way Prometheus does (plain HTTP GETs,
+//! the text format parsed into series and values), and its JSON log lines.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -91,4 +92,50 @@ pub fn wait_for(addr: &str, timeout: Duration, ready: impl Fn(&Scrape) -> bool) 
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The addresses a process announced on stdout.
+pub struct Announced {
+    /// From `metrics<TAB>ADDR`.
+    pub metrics: String,
+    /// From `listening<TAB>ADDR` (gRPC).
+    pub grpc: String,
+}
+
+/// Reads `stdout` until it announced both its metrics and its gRPC address.
+pub fn announced(stdout: impl std::io::Read) -> Announced {
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let (mut metrics, mut grpc) = (None, None);
+    while metrics.is_none() || grpc.is_none() {
+        let line = lines.next().expect("stdout ended").unwrap();
+        if let Some(addr) = line.strip_prefix("metrics\t") {
+            metrics = Some(addr.to_owned());
+        } else if let Some(addr) = line.strip_prefix("listening\t") {
+            grpc = Some(addr.to_owned());
+        }
+    }
+    Announced {
+        metrics: metrics.unwrap(),
+        grpc: grpc.unwrap(),
+    }
+}
+
+/// The messages of `logged`, asserting that each of its lines is a JSON object with a
+/// level and a message, and that none holds `secret`.
+pub fn json_log_messages(logged: &str, secret: &str) -> Vec<String> {
+    logged
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert!(v["level"].is_string(), "{line}");
+            assert!(!line.contains(secret), "a secret was logged: {line}");
+            v["message"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no message: {line}"))
+                .to_owned()
+        })
+        .collect()
 }
