@@ -428,6 +428,7 @@ mod tests {
         let b = c.bitcoind.resolve(c.network, None).unwrap();
         assert!(b.rest);
         assert_eq!(b.zmq.topics.len(), 4);
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9332".parse().unwrap()));
     }
 
     #[test]
