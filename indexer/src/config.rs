@@ -58,6 +58,8 @@ pub struct FileConfig {
     pub grpc_tls_client_ca_file: Option<PathBuf>,
     /// Events kept in the event log (absent: all).
     pub event_retention: Option<u64>,
+    /// Where to serve Prometheus metrics, `/health` and `/ready` over HTTP (absent: not).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// How to reach bitcoind (`[bitcoind]` table).
     #[serde(default)]
     pub bitcoind: BitcoindFileConfig,
@@ -162,6 +164,8 @@ impl BitcoindFileConfig {
             .rpc_url
             .clone()
             .unwrap_or_else(|| format!("http://127.0.0.1:{}/", default_rpc_port(network)));
+        // First: the messages below repeat the URL.
+        check_no_credentials(&rpc_url, "bitcoind.rpc_url")?;
         if !rpc_url.starts_with("http://") {
             return Err(ConfigError::Invalid(format!(
                 "bitcoind.rpc_url {rpc_url:?} must start with http:// (bitcoind serves RPC over plain HTTP; tunnel it for remote nodes)"
@@ -236,6 +240,19 @@ impl BitcoindFileConfig {
     }
 }
 
+/// Refuses a URL with a user or password in it: URLs appear in logs and error messages.
+pub fn check_no_credentials(url: &str, key: &str) -> Result<(), ConfigError> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(ConfigError::Invalid(format!(
+            "{key} must not hold credentials (they would show in logs): use a cookie file, \
+             or a user with a password file"
+        )));
+    }
+    Ok(())
+}
+
 /// Where bitcoind writes its cookie by default (`~/.bitcoin/[<network>/].cookie`).
 fn default_cookie_file(network: Network) -> Option<PathBuf> {
     let home = std::env::var_os("HOME")?;
@@ -291,6 +308,7 @@ impl FileConfig {
                 .grpc_tls_client_ca_file
                 .or(other.grpc_tls_client_ca_file),
             event_retention: self.event_retention.or(other.event_retention),
+            metrics_listen: self.metrics_listen.or(other.metrics_listen),
             bitcoind: self.bitcoind.or(other.bitcoind),
         }
     }
@@ -318,6 +336,8 @@ pub struct Config {
     pub grpc_tls: Option<TlsFiles>,
     /// Events kept in the event log (`None`: all).
     pub event_retention: Option<u64>,
+    /// Where the metrics endpoint listens (`None`: no endpoint).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The `[bitcoind]` settings, resolved when a command needs the node.
     pub bitcoind: BitcoindFileConfig,
 }
@@ -388,6 +408,7 @@ impl Config {
             grpc_token_file: c.grpc_token_file,
             grpc_tls,
             event_retention: c.event_retention,
+            metrics_listen: c.metrics_listen,
             bitcoind: c.bitcoind,
         })
     }
@@ -421,6 +442,7 @@ mod tests {
         let b = c.bitcoind.resolve(c.network, None).unwrap();
         assert!(b.rest);
         assert_eq!(b.zmq.topics.len(), 4);
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9332".parse().unwrap()));
     }
 
     #[test]
@@ -439,5 +461,41 @@ mod tests {
             ..FileConfig::default()
         };
         assert!(Config::resolve(bad).is_err());
+    }
+
+    #[test]
+    fn credentials_in_the_rpc_url_are_refused_without_being_repeated() {
+        let with = |url: &str| BitcoindFileConfig {
+            rpc_url: Some(url.into()),
+            cookie_file: Some("/c".into()),
+            ..BitcoindFileConfig::default()
+        };
+        let err = with("http://alice:hunter2@127.0.0.1:8332/")
+            .resolve(Network::Regtest, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("credentials"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let fine = with("http://127.0.0.1:8332/wallet/a@b")
+            .resolve(Network::Regtest, None)
+            .unwrap();
+        assert_eq!(fine.rpc_url, "http://127.0.0.1:8332/wallet/a@b");
+    }
+
+    #[test]
+    fn the_metrics_address_comes_from_the_file_unless_a_flag_gives_one() {
+        let file: FileConfig = toml::from_str("metrics_listen = \"127.0.0.1:9332\"").unwrap();
+        let c = Config::resolve(FileConfig::default().or(file.clone())).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9332".parse().unwrap()));
+        let flags = FileConfig {
+            metrics_listen: Some("0.0.0.0:9400".parse().unwrap()),
+            ..FileConfig::default()
+        };
+        let c = Config::resolve(flags.or(file)).unwrap();
+        assert_eq!(c.metrics_listen, Some("0.0.0.0:9400".parse().unwrap()));
+        assert!(Config::resolve(FileConfig::default())
+            .unwrap()
+            .metrics_listen
+            .is_none());
     }
 }

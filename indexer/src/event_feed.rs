@@ -127,12 +127,21 @@ impl EventFeed {
 
     /// The log from `from` on, then live. A pruned or future offset is refused here, as a
     /// status, rather than as a stream that breaks later.
-    pub async fn subscribe(self: &Arc<Self>, from: u64) -> Result<EventStream, Status> {
+    /// `open` lives as long as the subscription (a metrics guard, for one).
+    pub async fn subscribe<G: Send + 'static>(
+        self: &Arc<Self>,
+        from: u64,
+        open: G,
+    ) -> Result<EventStream, Status> {
         // Listen before replaying, so nothing committed meanwhile falls between the two.
         let live = self.chunks.subscribe();
         let first = self.read(from, self.chunk).await?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(self.clone().serve(from, first, live, tx));
+        let feed = self.clone();
+        tokio::spawn(async move {
+            feed.serve(from, first, live, tx).await;
+            drop(open);
+        });
         Ok(EventStream { rx, current: None })
     }
 
@@ -315,8 +324,8 @@ mod tests {
         let (stop, stopping) = watch::channel(false);
         // Tiny chunks and ring, so a subscriber that does not read falls off the ring.
         let feed = EventFeed::start_sized(store.clone(), Network::Regtest, stopping, 3, 2);
-        let mut fast = feed.subscribe(0).await.unwrap();
-        let mut slow = feed.subscribe(4).await.unwrap();
+        let mut fast = feed.subscribe(0, ()).await.unwrap();
+        let mut slow = feed.subscribe(4, ()).await.unwrap();
         assert_eq!(take(&mut fast, 10).await, (0..10).collect::<Vec<_>>());
         for i in 0..50u64 {
             commit(&store, 10 + i as u32 * 4, 4);
@@ -330,7 +339,7 @@ mod tests {
         assert_eq!(take(&mut fast, 2).await, vec![210, 211]);
         // A future offset is refused at once.
         assert_eq!(
-            feed.subscribe(500).await.err().unwrap().code(),
+            feed.subscribe(500, ()).await.err().unwrap().code(),
             tonic::Code::InvalidArgument
         );
         // Stopping the server ends open subscriptions.

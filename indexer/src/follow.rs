@@ -6,7 +6,7 @@
 //! fast. Without ZMQ it polls.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use crate::daemon::{Daemon, DaemonError};
 use crate::fetch::{FetchOptions, Prefetch};
 use crate::grpc::SharedMempool;
 use crate::mempool::{Change, Gone, Mempool};
+use crate::metrics::IndexerMetrics;
 use crate::pipeline::apply::ApplyError;
 use crate::pipeline::parse::{txid_of, RawBlock};
 use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
@@ -152,6 +153,7 @@ pub struct Follower {
     /// Backfills whose merge must wait (bitcoind or the chain in the way), with when to
     /// try again.
     backfill_retry: std::sync::Mutex<Vec<(backfill::Job, Store, Instant)>>,
+    metrics: IndexerMetrics,
 }
 
 /// A backfill indexed in its scratch database, waiting to be merged.
@@ -171,6 +173,15 @@ fn await_commit(committed: &Receiver<u32>, height: u32, limit: Duration) {
         if h >= height {
             return;
         }
+    }
+}
+
+/// Marks the follower gone when [`Follower::run`] returns or panics.
+struct Alive<'a>(&'a IndexerMetrics);
+
+impl Drop for Alive<'_> {
+    fn drop(&mut self) {
+        self.0.set_follower_alive(false);
     }
 }
 
@@ -205,6 +216,30 @@ impl Follower {
             backfill_ready: crossbeam_channel::unbounded(),
             backfill_retry: std::sync::Mutex::default(),
             mempool: SharedMempool::default(),
+            metrics: IndexerMetrics::default(),
+        }
+    }
+
+    /// Counts what it does into `metrics`.
+    pub fn with_metrics(mut self, metrics: IndexerMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The commit callback of one pipeline run: the caller's, after the metrics (a run
+    /// reports running totals, the counters take the increments).
+    fn counting(&self) -> impl Fn(&Progress) + Send + Sync + 'static {
+        let on_commit = self.on_commit.clone();
+        let metrics = self.metrics.clone();
+        let (blocks, txs) = (AtomicU64::new(0), AtomicU64::new(0));
+        move |p: &Progress| {
+            let m = &metrics;
+            m.blocks_connected
+                .inc_by(p.blocks - blocks.swap(p.blocks, Ordering::Relaxed));
+            m.transactions
+                .inc_by(p.txs - txs.swap(p.txs, Ordering::Relaxed));
+            m.indexed_height.set(i64::from(p.height));
+            on_commit(p);
         }
     }
 
@@ -666,11 +701,14 @@ impl Follower {
         let mut report = SyncReport::default();
         loop {
             let info = self.daemon.chain_info(self.network)?;
+            self.metrics.bitcoind_height.set(i64::from(info.blocks));
             let tip = self.store.tip()?;
-            if tip.is_some_and(|(h, hash)| h == info.blocks && hash == info.bestblockhash)
-                || tip.is_some_and(|(h, _)| to.is_some_and(|t| h >= t))
-                || self.stopping()
-            {
+            let at_tip =
+                tip.is_some_and(|(h, hash)| h == info.blocks && hash == info.bestblockhash);
+            if at_tip {
+                self.metrics.set_caught_up();
+            }
+            if at_tip || tip.is_some_and(|(h, _)| to.is_some_and(|t| h >= t)) || self.stopping() {
                 report.tip = tip;
                 return Ok(report);
             }
@@ -687,8 +725,14 @@ impl Follower {
                 if fork.is_none_or(|f| f < height) {
                     let depth = height - fork.map_or(0, |f| f + 1) + 1;
                     warn!(depth, from = %hash, fork = ?fork, "bitcoind's chain no longer has our tip: disconnecting to the fork point");
-                    report.disconnected += self.store.disconnect_above(fork, true)?;
+                    let disconnected = self.store.disconnect_above(fork, true)?;
+                    report.disconnected += disconnected;
                     report.deepest_reorg = report.deepest_reorg.max(depth);
+                    let m = &self.metrics;
+                    m.reorgs.inc();
+                    m.reorg_depth.observe(f64::from(depth));
+                    m.blocks_disconnected.inc_by(u64::from(disconnected));
+                    m.indexed_height.set(fork.map_or(0, i64::from));
                 }
             }
             let from = fork.map_or(0, |f| f + 1);
@@ -702,14 +746,14 @@ impl Follower {
             let stop = self.stop.clone();
             // Stopping ends the source; the pipeline commits what it already has.
             let source = source.take_while(move |_| !stop.load(Ordering::Relaxed));
-            let on_commit = self.on_commit.clone();
             let scripts = self.scripts();
-            let progress = pipeline::run(
+            let progress = pipeline::run_observed(
                 &self.store,
                 &scripts,
                 source,
                 &self.opts.pipeline,
-                &move |p: &Progress| on_commit(p),
+                &self.counting(),
+                &self.metrics.queues,
             )?;
             report.progress.blocks += progress.blocks;
             report.progress.bytes += progress.bytes;
@@ -750,6 +794,11 @@ impl Follower {
     /// Follows bitcoind until asked to stop: reconcile, then follow the tip live; errors
     /// bitcoind may recover from are logged and retried with backoff.
     pub fn run(&self) -> Result<(), FollowError> {
+        self.metrics.set_follower_alive(true);
+        let _alive = Alive(&self.metrics);
+        if let Some((height, _)) = self.store.tip()? {
+            self.metrics.indexed_height.set(i64::from(height));
+        }
         let mut backoff = Duration::from_millis(250);
         self.resume_backfills()?;
         while !self.stopping() {
@@ -772,6 +821,7 @@ impl Follower {
                 Ok(LiveExit::Stop) => break,
                 Ok(LiveExit::Reconcile(why)) => {
                     debug!(why, "reconciling with bitcoind");
+                    self.metrics.reconciles.inc();
                     backoff = Duration::from_millis(250);
                 }
                 Err(e) if e.is_transient() => {
@@ -807,8 +857,8 @@ impl Follower {
             let pipeline = std::thread::Builder::new()
                 .name("live".into())
                 .spawn_scoped(s, || {
-                    let on_commit = self.on_commit.clone();
-                    pipeline::run(
+                    let on_commit = self.counting();
+                    pipeline::run_observed(
                         &self.store,
                         &scripts,
                         source.into_iter().map(Ok),
@@ -817,6 +867,7 @@ impl Follower {
                             on_commit(p);
                             let _ = committed_tx.try_send(p.height);
                         },
+                        &self.metrics.queues,
                     )
                 })
                 .expect("spawn live pipeline");
@@ -910,6 +961,8 @@ impl Follower {
                                 return Ok(LiveExit::Reconcile("the live pipeline stopped"));
                             }
                             tip = (tip.0 + 1, hash);
+                            // bitcoind announces its new tip.
+                            self.metrics.bitcoind_height.set(i64::from(tip.0));
                             if let Some(mined) =
                                 kept.and_then(|b| deserialize::<bitcoin::Block>(&b).ok())
                             {
@@ -939,6 +992,7 @@ impl Follower {
                             expected,
                             got,
                         } => {
+                            self.metrics.zmq_gap(topic);
                             if topic == Topic::RawTx {
                                 // Expected when a block's burst of transactions overflows
                                 // a queue; `sequence` still says what entered the mempool,

@@ -16,6 +16,7 @@ use crate::auth::BearerToken;
 use crate::convert;
 use crate::event_feed::{EventFeed, EventStream};
 use crate::mempool::{Gone, Mempool};
+use crate::metrics::IndexerMetrics;
 use crate::query::{Query, QueryError};
 use crate::store::Store;
 use crate::wallets::WalletError;
@@ -33,6 +34,7 @@ pub struct IndexerService {
     watch: WatchChanges,
     /// The event log's shared tail, started by the first subscription.
     events: std::sync::OnceLock<Arc<EventFeed>>,
+    metrics: IndexerMetrics,
 }
 
 /// The mempool tracker as the follower and the server share it.
@@ -52,7 +54,14 @@ impl IndexerService {
             mempool: None,
             watch: WatchChanges::Refused,
             events: std::sync::OnceLock::new(),
+            metrics: IndexerMetrics::default(),
         }
+    }
+
+    /// Counts its subscribers into `metrics`.
+    pub fn with_metrics(mut self, metrics: IndexerMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Accepts `AddWatch` and sends it to `watch`.
@@ -133,7 +142,9 @@ impl Indexer for IndexerService {
         let feed = self.events.get_or_init(|| {
             EventFeed::start(self.store.clone(), self.network, self.stopping.clone())
         });
-        Ok(Response::new(feed.subscribe(from).await?))
+        // Counted for as long as the stream lives.
+        let open = self.metrics.subscribed();
+        Ok(Response::new(feed.subscribe(from, open).await?))
     }
 
     async fn add_watch(
@@ -444,6 +455,20 @@ pub async fn serve_live(
     access: Access,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let metrics = IndexerMetrics::default();
+    serve_observed(store, network, mempool, listener, access, metrics, shutdown).await
+}
+
+/// [`serve_live`], timing every call and counting subscribers into `metrics`.
+pub async fn serve_observed(
+    store: Arc<Store>,
+    network: Network,
+    mempool: Option<SharedMempool>,
+    listener: TcpListener,
+    access: Access,
+    metrics: IndexerMetrics,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let Access { token, tls, watch } = access;
     // Writes need a token: without one, the server is open to anyone on loopback.
     let watch = if token.is_some() {
@@ -469,12 +494,14 @@ pub async fn serve_live(
         server = server.tls_config(tls)?;
     }
     server
+        .layer(metrics.grpc.layer())
         .add_service(health)
         .add_service(reflection)
         .add_service(IndexerServer::with_interceptor(
             IndexerService::new(store, network, stopping)
                 .with_mempool(mempool)
-                .with_watch(watch),
+                .with_watch(watch)
+                .with_metrics(metrics),
             move |req| match &token {
                 Some(t) => t.check(req),
                 None => Ok(req),

@@ -21,6 +21,7 @@
 //! - [`store`] is the only module that names RocksDB, and [`store::schema`] holds every layout;
 //! - [`blkfile`] reads bitcoind's block files;
 //! - [`config`] holds the settings;
+//! - [`metrics`] counts what the others do and serves it over HTTP; [`logs`] sets up logging;
 //! - the pure core: [`chain`] (best chain), [`watchlist`] (descriptors, bloom), [`types`].
 
 pub mod auth;
@@ -34,7 +35,9 @@ pub mod event_feed;
 pub mod fetch;
 pub mod follow;
 pub mod grpc;
+pub mod logs;
 pub mod mempool;
+pub mod metrics;
 pub mod pipeline;
 pub mod query;
 pub mod rescan;

@@ -14,6 +14,8 @@ use indexer::auth::BearerToken;
 use indexer::config::{BitcoindFileConfig, Config, FileConfig};
 use indexer::daemon::{Daemon, DaemonError};
 use indexer::follow::{FollowOptions, Follower};
+use indexer::logs::{self, LogFormat};
+use indexer::metrics::{IndexerMetrics, Probe};
 use indexer::pipeline::{PipelineOptions, Progress, WriteOptions};
 use indexer::rescan::{self, Plan, RescanRequest};
 use indexer::store::schema::Cf;
@@ -111,6 +113,17 @@ struct CommonArgs {
     /// At start, seconds bitcoind may stay unreachable before `run` exits (default 60).
     #[arg(long, global = true, env = "INDEXER_BITCOIND_STARTUP_WAIT_SECS")]
     bitcoind_startup_wait_secs: Option<u64>,
+    /// Serve Prometheus metrics, /health and /ready over HTTP here (run and serve).
+    #[arg(long, global = true, env = "INDEXER_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Log lines as text or json.
+    #[arg(
+        long,
+        global = true,
+        env = "INDEXER_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -175,14 +188,11 @@ struct RescanArgs {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("INDEXER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+    let cli = Cli::parse();
+    let format = cli.common.log_format;
+    logs::init(format, "INDEXER_LOG");
+    if let Err(e) = run(cli) {
+        logs::fatal(format, &e);
         std::process::exit(1);
     }
 }
@@ -403,11 +413,15 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
     let stop = Arc::new(AtomicBool::new(false));
     let (watch, watch_requests, backfills) = indexer::watching::channel(config.gap_limit);
     access.watch = watch;
+    let metrics = IndexerMetrics::default();
     let follower = follower(store.clone(), config, stop.clone())?
-        .with_watch_requests(watch_requests, backfills);
+        .with_watch_requests(watch_requests, backfills)
+        .with_metrics(metrics.clone());
     let mempool = follower.mempool();
     let runtime = grpc::runtime().context("starting the async runtime")?;
     let (follower_done, follower_ended) = tokio::sync::oneshot::channel::<()>();
+    // Before the thread starts, so /health never answers "down" while it is starting.
+    metrics.set_follower_alive(true);
     let follow = std::thread::Builder::new()
         .name("follow".into())
         .spawn(move || {
@@ -421,6 +435,7 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
             .await
             .with_context(|| format!("listening on {addr}"))?;
         let local = listener.local_addr().context("reading the bound address")?;
+        serve_metrics(config, Arc::new(metrics.probe(true))).await?;
         tracing::info!(%local, "following bitcoind; serving indexer.v1.Indexer, grpc.health.v1 and reflection");
         println!("listening\t{local}");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -432,12 +447,13 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
                 _ = follower_ended => {}
             }
         };
-        grpc::serve_live(
+        grpc::serve_observed(
             store.clone(),
             config.network,
             Some(mempool),
             listener,
             access,
+            metrics,
             shutdown,
         )
         .await?;
@@ -457,12 +473,18 @@ fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Resul
     access.watch = indexer::watching::WatchChanges::Direct {
         gap_limit: config.gap_limit,
     };
+    let metrics = IndexerMetrics::default();
+    if let Some((height, _)) = store.tip()? {
+        // Nothing here moves the tip.
+        metrics.indexed_height.set(i64::from(height));
+    }
     let runtime = grpc::runtime().context("starting the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {addr}"))?;
         let local = listener.local_addr().context("reading the bound address")?;
+        serve_metrics(config, Arc::new(metrics.probe(false))).await?;
         tracing::info!(%local, "serving indexer.v1.Indexer, grpc.health.v1 and reflection");
         println!("listening\t{local}");
         // Stop on Ctrl-C or SIGTERM (what service managers send), finishing open calls.
@@ -475,17 +497,30 @@ fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Resul
             }
             tracing::info!("shutting down");
         };
-        grpc::serve_live(
-            std::sync::Arc::new(store),
+        grpc::serve_observed(
+            Arc::new(store),
             config.network,
             None,
             listener,
             access,
+            metrics,
             shutdown,
         )
         .await?;
         Ok(())
     })
+}
+
+/// Starts the metrics endpoint when `metrics_listen` is set, and prints `metrics<TAB>ADDR`.
+async fn serve_metrics(config: &Config, probe: Arc<dyn Probe>) -> Result<()> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok(());
+    };
+    let local = indexer::metrics::http::start(addr, probe)
+        .await
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    println!("metrics\t{local}");
+    Ok(())
 }
 
 fn load_config(args: &CommonArgs) -> Result<Config> {
@@ -501,6 +536,7 @@ fn load_config(args: &CommonArgs) -> Result<Config> {
         grpc_tls_key_file: args.grpc_tls_key_file.clone(),
         grpc_tls_client_ca_file: args.grpc_tls_client_ca_file.clone(),
         event_retention: args.event_retention,
+        metrics_listen: args.metrics_listen,
         bitcoind: BitcoindFileConfig {
             rpc_url: args.bitcoind_rpc_url.clone(),
             cookie_file: args.bitcoind_cookie_file.clone(),

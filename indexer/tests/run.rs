@@ -1,6 +1,7 @@
 //! `indexer run` as a process: follows a devnet node (RPC, REST and ZMQ on 127.0.0.1
 //! ephemeral ports) given only by flags, serves gRPC while doing it, answers a deposit as
-//! unconfirmed then confirmed, and exits cleanly on SIGTERM.
+//! unconfirmed then confirmed, and exits cleanly on SIGTERM; its metrics endpoint shows
+//! what it does, and its JSON logs parse.
 
 #![allow(clippy::unwrap_used)]
 
@@ -25,6 +26,48 @@ impl Drop for Running {
     }
 }
 
+/// Sends SIGTERM and waits for the exit.
+fn terminate(run: &mut Running) -> std::process::ExitStatus {
+    let killed = Command::new("kill")
+        .args(["-TERM", &run.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let started = Instant::now();
+    loop {
+        if let Some(s) = run.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `indexer run` with `common` flags, following `node` over RPC, REST and ZMQ, serving
+/// gRPC on an ephemeral port and printing to a pipe.
+fn run_command(node: &devnet::NodeHandle, common: &[&str]) -> Command {
+    let zmq = node.zmq_endpoint(devnet::Topic::RawBlock).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(common)
+        .args(["run", "--grpc", "127.0.0.1:0"])
+        .args(["--bitcoind-rpc-url", &node.rpc_url()])
+        .args([
+            "--bitcoind-cookie-file",
+            node.cookie_file().unwrap().to_str().unwrap(),
+        ])
+        .args(["--bitcoind-rest", "true"])
+        .args([
+            "--zmq-rawblock",
+            &zmq,
+            "--zmq-sequence",
+            &zmq,
+            "--zmq-rawtx",
+            &zmq,
+        ])
+        .stdout(Stdio::piped());
+    cmd
+}
+
 fn rpc(node: &devnet::NodeHandle, method: &str, params: serde_json::Value) -> serde_json::Value {
     let client = indexer::daemon::RpcClient::new(
         &node.rpc_url(),
@@ -34,28 +77,36 @@ fn rpc(node: &devnet::NodeHandle, method: &str, params: serde_json::Value) -> se
     client.call(method, params).unwrap()
 }
 
-#[test]
-fn run_follows_the_node_serves_grpc_and_stops_on_sigterm() {
-    let tmp = tempfile::tempdir().unwrap();
+/// A devnet node in `dir` at height 105, its blocks paid to the returned address, which an
+/// index at `dir/db` watches as wallet `hot`.
+fn node_at_105(dir: &std::path::Path) -> (devnet::NodeHandle, String) {
     // No filler traffic: the node's wallet would spend the watched coinbases.
-    let mut config = devnet::Config::new(tmp.path().join("node"));
+    let mut config = devnet::Config::new(dir.join("node"));
     config.filler_txs = 0;
     let node = devnet::Node::start(config).unwrap();
     let address = rpc(&node, "getnewaddress", serde_json::json!([]));
-    let address = address.as_str().unwrap();
+    let address = address.as_str().unwrap().to_owned();
     rpc(
         &node,
         "generatetoaddress",
         serde_json::json!([105, address]),
     );
-    let db = tmp.path().join("db");
-    let common = ["--db", db.to_str().unwrap(), "--network", "regtest"];
+    let db = dir.join("db");
     let added = Command::new(BIN)
-        .args(common)
-        .args(["watch", "add", "--wallet", "hot", address])
+        .args(["--db", db.to_str().unwrap(), "--network", "regtest"])
+        .args(["watch", "add", "--wallet", "hot", &address])
         .output()
         .unwrap();
     assert!(added.status.success());
+    (node, address)
+}
+
+#[test]
+fn run_follows_the_node_serves_grpc_and_stops_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (node, _) = node_at_105(tmp.path());
+    let db = tmp.path().join("db");
+    let common = ["--db", db.to_str().unwrap(), "--network", "regtest"];
     let deposit = rpc(&node, "getnewaddress", serde_json::json!([]));
     let deposit = deposit.as_str().unwrap();
     let added = Command::new(BIN)
@@ -65,27 +116,9 @@ fn run_follows_the_node_serves_grpc_and_stops_on_sigterm() {
         .unwrap();
     assert!(added.status.success());
 
-    let zmq = node.zmq_endpoint(devnet::Topic::RawBlock).unwrap();
     let mut run = Running(
-        Command::new(BIN)
-            .args(common)
-            .args(["run", "--grpc", "127.0.0.1:0"])
-            .args(["--bitcoind-rpc-url", &node.rpc_url()])
-            .args([
-                "--bitcoind-cookie-file",
-                node.cookie_file().unwrap().to_str().unwrap(),
-            ])
-            .args(["--bitcoind-rest", "true"])
-            .args([
-                "--zmq-rawblock",
-                &zmq,
-                "--zmq-sequence",
-                &zmq,
-                "--zmq-rawtx",
-                &zmq,
-            ])
+        run_command(&node, &common)
             .env("INDEXER_LOG", "warn")
-            .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
     );
@@ -140,19 +173,7 @@ fn run_follows_the_node_serves_grpc_and_stops_on_sigterm() {
     assert_eq!((b.unconfirmed_sat, b.confirmed_sat), (0, 150_000_000));
 
     // SIGTERM: finishes what it has and exits 0.
-    let killed = Command::new("kill")
-        .args(["-TERM", &run.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = run.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = terminate(&mut run);
     assert!(status.success(), "{status:?}");
 }
 
@@ -194,4 +215,136 @@ fn run_exits_with_one_clear_line_when_bitcoind_never_answers() {
     assert!(lines[0].contains(&format!("127.0.0.1:{port}")), "{stderr}");
     assert!(lines[0].contains("unreachable"), "{stderr}");
     assert!(lines[0].contains("rpc_url"), "{stderr}");
+}
+
+/// `indexer run --metrics-listen 127.0.0.1:0 --log-format json` on a node at height 105:
+/// 1. it prints `metrics<TAB>ADDR`; `/health` answers 200 "ok" and `/ready` 200 once the
+///    index has caught up;
+/// 2. every key series is there, at the node's height with no lag;
+/// 3. a `GetTip` call shows in the latency histogram of its method, an open `Subscribe` in
+///    the subscribers until it is dropped;
+/// 4. three blocks mined: the height and the blocks connected go up by exactly 3, the
+///    transactions by the blocks' own count;
+/// 5. the last two blocks invalidated and three mined on another branch: one reorg of depth
+///    2, two blocks disconnected, at least one reconciliation;
+/// 6. after SIGTERM, every line on stderr is a JSON object with a level and a message, and
+///    none holds the node's cookie secret.
+#[test]
+fn run_serves_metrics_that_follow_the_chain_and_logs_json() {
+    use system_tests::observe::{self, Scrape};
+    let tmp = tempfile::tempdir().unwrap();
+    let (node, miner) = node_at_105(tmp.path());
+    let miner = miner.as_str();
+    let db = tmp.path().join("db");
+    let common = ["--db", db.to_str().unwrap(), "--network", "regtest"];
+    let stderr = tmp.path().join("stderr");
+    let mut run = Running(
+        run_command(&node, &common)
+            .args(["--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
+            .env("INDEXER_LOG", "info")
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let observe::Announced { metrics, grpc } = observe::announced(run.0.stdout.take().unwrap());
+
+    // 1.
+    assert_eq!(observe::get(&metrics, "/health"), (200, "ok\n".to_owned()));
+    observe::wait_for_status(&metrics, "/ready", 200, Duration::from_secs(60));
+
+    // 2.
+    let at = |height: f64| move |s: &Scrape| s.value("indexer_indexed_height") == height;
+    let before = observe::wait_for(&metrics, Duration::from_secs(30), at(105.0));
+    assert_eq!(before.value("indexer_bitcoind_height"), 105.0);
+    assert_eq!(before.value("indexer_tip_lag_blocks"), 0.0);
+    for series in [
+        "indexer_blocks_connected_total",
+        "indexer_transactions_total",
+        "indexer_blocks_disconnected_total",
+        "indexer_reorgs_total",
+        "indexer_reorg_depth_count",
+        "indexer_reconciles_total",
+        "indexer_subscribers",
+        "indexer_pipeline_queue_depth{stage=\"parse\"}",
+        "indexer_pipeline_queue_depth{stage=\"filter\"}",
+        "indexer_pipeline_queue_depth{stage=\"apply\"}",
+        "indexer_pipeline_queue_depth{stage=\"write\"}",
+        "indexer_zmq_gaps_total{topic=\"rawblock\"}",
+        "indexer_zmq_gaps_total{topic=\"sequence\"}",
+    ] {
+        before.value(series); // panics when absent
+    }
+
+    // 3.
+    let get_tip =
+        "indexer_grpc_request_duration_seconds_count{method=\"/indexer.v1.Indexer/GetTip\"}";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut client = rt
+        .block_on(IndexerClient::connect(format!("http://{grpc}")))
+        .unwrap();
+    let tip = rt
+        .block_on(client.get_tip(pb::GetTipRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(tip.height, 105);
+    let called = Scrape::from(&metrics);
+    assert_eq!(called.value(get_tip), before.value_or_zero(get_tip) + 1.0);
+    let stream = rt
+        .block_on(client.subscribe(pb::SubscribeRequest { from_offset: 0 }))
+        .unwrap();
+    observe::wait_for(&metrics, Duration::from_secs(30), |s| {
+        s.value("indexer_subscribers") == 1.0
+    });
+    drop(stream);
+    observe::wait_for(&metrics, Duration::from_secs(30), |s| {
+        s.value("indexer_subscribers") == 0.0
+    });
+
+    // 4.
+    let mined = rpc(&node, "generatetoaddress", serde_json::json!([3, miner]));
+    let txs: f64 = mined
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            rpc(&node, "getblockheader", serde_json::json!([h]))["nTx"]
+                .as_f64()
+                .unwrap()
+        })
+        .sum();
+    let after = observe::wait_for(&metrics, Duration::from_secs(30), at(108.0));
+    let grew = |series: &str| after.value(series) - before.value(series);
+    assert_eq!(grew("indexer_blocks_connected_total"), 3.0);
+    assert_eq!(grew("indexer_transactions_total"), txs);
+    assert_eq!(after.value("indexer_bitcoind_height"), 108.0);
+
+    // 5.
+    let doomed = rpc(&node, "getblockhash", serde_json::json!([107]));
+    rpc(&node, "invalidateblock", serde_json::json!([doomed]));
+    // Another payee, or the node would mine the invalidated blocks again.
+    let other = rpc(&node, "getnewaddress", serde_json::json!([]));
+    rpc(&node, "generatetoaddress", serde_json::json!([3, other]));
+    let reorged = observe::wait_for(&metrics, Duration::from_secs(30), |s| {
+        s.value("indexer_indexed_height") == 109.0
+            && s.value("indexer_blocks_connected_total")
+                == after.value("indexer_blocks_connected_total") + 3.0
+    });
+    let grew = |series: &str| reorged.value(series) - after.value(series);
+    assert_eq!(grew("indexer_reorgs_total"), 1.0);
+    assert_eq!(grew("indexer_reorg_depth_count"), 1.0);
+    assert_eq!(grew("indexer_reorg_depth_sum"), 2.0);
+    assert_eq!(grew("indexer_blocks_disconnected_total"), 2.0);
+    assert!(grew("indexer_reconciles_total") >= 1.0, "{}", reorged.text);
+
+    // 6.
+    let status = terminate(&mut run);
+    assert!(status.success(), "{status:?}");
+    let logged = std::fs::read_to_string(&stderr).unwrap();
+    let cookie = std::fs::read_to_string(node.cookie_file().unwrap()).unwrap();
+    let secret = cookie.trim().split_once(':').unwrap().1;
+    let messages = observe::json_log_messages(&logged, secret);
+    assert!(
+        messages.iter().any(|m| m == "connected to bitcoind"),
+        "{logged}"
+    );
 }

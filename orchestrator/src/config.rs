@@ -49,6 +49,8 @@ pub struct FileConfig {
     pub fee_floor: Option<f64>,
     /// See `fee_floor`.
     pub fee_ceiling: Option<f64>,
+    /// Where to serve Prometheus metrics, `/health` and `/ready` over HTTP (absent: not).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A setting that is missing or wrong: one line naming it and the fix.
@@ -85,6 +87,8 @@ pub struct Config {
     pub change: ScriptBuf,
     /// Executor policy.
     pub policy: Policy,
+    /// Where the metrics endpoint listens (`None`: no endpoint).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl FileConfig {
@@ -115,6 +119,7 @@ impl FileConfig {
             bump_after_blocks: self.bump_after_blocks.or(other.bump_after_blocks),
             fee_floor: self.fee_floor.or(other.fee_floor),
             fee_ceiling: self.fee_ceiling.or(other.fee_ceiling),
+            metrics_listen: self.metrics_listen.or(other.metrics_listen),
         }
     }
 
@@ -172,6 +177,8 @@ impl FileConfig {
                 indexer::config::default_rpc_port(network)
             )
         });
+        indexer::config::check_no_credentials(&bitcoind_rpc_url, "bitcoind_rpc_url")
+            .map_err(|e| ConfigError(e.to_string()))?;
         Ok(Config {
             network,
             listen: self
@@ -190,6 +197,7 @@ impl FileConfig {
             token_file: need(self.token_file, "token_file")?,
             change,
             policy,
+            metrics_listen: self.metrics_listen,
         })
     }
 }

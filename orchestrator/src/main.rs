@@ -1,17 +1,22 @@
 //! `orchestrator run --config FILE`: the withdrawal service. Serves
 //! `orchestrator.v1.Withdrawals` (every call needs the bearer token) and runs every
 //! unfinished saga against the indexer, bitcoind and the key-file signer, resuming them
-//! after any restart. Prints `listening<TAB>ADDR` once it accepts calls; SIGTERM or
-//! Ctrl-C stop it after the step in hand.
+//! after any restart. Prints `listening<TAB>ADDR` once it accepts calls (after
+//! `metrics<TAB>ADDR` when `metrics_listen` is set); SIGTERM or Ctrl-C stop it after the
+//! step in hand.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use indexer::logs::{self, LogFormat};
+use indexer::metrics::GrpcLatency;
 use orchestrator::config::FileConfig;
 use orchestrator::executor::Executor;
 use orchestrator::grpc::WithdrawalService;
+use orchestrator::metrics::OrchestratorProbe;
 use orchestrator::signer::KeyFileSigner;
 use orchestrator::store::SagaStore;
 use orchestrator::upstream;
@@ -90,22 +95,27 @@ struct RunArgs {
     /// Blocks a payment may stay unmined before it is replaced (default 3).
     #[arg(long, env = "ORCHESTRATOR_BUMP_AFTER_BLOCKS")]
     bump_after_blocks: Option<u32>,
+    /// Serve Prometheus metrics, /health and /ready over HTTP here.
+    #[arg(long, env = "ORCHESTRATOR_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Log lines as text or json.
+    #[arg(long, env = "ORCHESTRATOR_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ORCHESTRATOR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let outcome = match Cli::parse().command {
+    let command = Cli::parse().command;
+    let format = match &command {
+        Command::Run(args) => args.log_format,
+        Command::Keygen { .. } => logs::LogFormat::Text,
+    };
+    logs::init(format, "ORCHESTRATOR_LOG");
+    let outcome = match command {
         Command::Run(args) => run(args),
         Command::Keygen { key_file, network } => keygen(&key_file, &network),
     };
     if let Err(e) = outcome {
-        eprintln!("error: {e:#}");
+        logs::fatal(format, &e);
         std::process::exit(1);
     }
 }
@@ -137,6 +147,7 @@ fn run(args: RunArgs) -> Result<()> {
         bump_after_blocks: args.bump_after_blocks,
         fee_floor: None,
         fee_ceiling: None,
+        metrics_listen: args.metrics_listen,
     };
     let file = match &args.config {
         Some(path) => FileConfig::read(path)?,
@@ -184,9 +195,26 @@ fn run(args: RunArgs) -> Result<()> {
         let local = listener.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut stop_exec = stop_rx.clone();
-        let executing = tokio::spawn(executor.run(async move {
-            let _ = stop_exec.wait_for(|s| *s).await;
-        }));
+        let running = Arc::new(AtomicBool::new(true));
+        let executing = tokio::spawn({
+            let running = running.clone();
+            async move {
+                executor
+                    .run(async move {
+                        let _ = stop_exec.wait_for(|s| *s).await;
+                    })
+                    .await;
+                running.store(false, Ordering::Relaxed);
+            }
+        });
+        let latency = GrpcLatency::default();
+        if let Some(addr) = config.metrics_listen {
+            let probe = OrchestratorProbe::new(store.clone(), &latency, running);
+            let local = indexer::metrics::http::start(addr, Arc::new(probe))
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?;
+            println!("metrics\t{local}");
+        }
         tracing::info!(%local, unfinished = store.unfinished()?.len(), "serving orchestrator.v1.Withdrawals");
         println!("listening\t{local}");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -204,6 +232,7 @@ fn run(args: RunArgs) -> Result<()> {
         };
         tokio::spawn(signals);
         tonic::transport::Server::builder()
+            .layer(latency.layer())
             .add_service(WithdrawalService::new(store.clone(), config.network).into_server(token))
             .serve_with_incoming_shutdown(
                 indexer::grpc::no_delay(listener),

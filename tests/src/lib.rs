@@ -1,6 +1,7 @@
 //! Support for the end-to-end tests: where the shared fixtures are, a plain reference model
 //! of the watched UTXO set (written apart from the pipeline, slow and obviously right), a
-//! generator of valid regtest chains, and a writer of bitcoind-format block files.
+//! generator of valid regtest chains, a writer of bitcoind-format block files, and what a
+//! running binary shows (metrics, announced addresses, JSON logs).
 
 // Test support: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
@@ -9,4 +10,5 @@ pub mod chaingen;
 pub mod fixtures;
 pub mod harness;
 pub mod live;
+pub mod observe;
 pub mod reference;

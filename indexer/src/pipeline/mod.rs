@@ -20,6 +20,7 @@ use std::thread;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use rayon::prelude::*;
 
+use crate::metrics::{QueueDepths, Stage};
 use crate::store::{Store, StoreError};
 use crate::watchlist::ScriptFilter;
 use apply::{ApplyError, ApplyState, BlockChanges};
@@ -90,6 +91,28 @@ pub fn run<I>(
 where
     I: Iterator<Item = Result<RawBlock, SourceError>> + Send,
 {
+    run_observed(
+        store,
+        scripts,
+        source,
+        opts,
+        on_commit,
+        &QueueDepths::default(),
+    )
+}
+
+/// [`run`], recording how full each stage's input queue is in `queues`.
+pub fn run_observed<I>(
+    store: &Store,
+    scripts: &ScriptFilter,
+    source: I,
+    opts: &PipelineOptions,
+    on_commit: &(dyn Fn(&Progress) + Sync),
+    queues: &QueueDepths,
+) -> Result<Progress, PipelineError>
+where
+    I: Iterator<Item = Result<RawBlock, SourceError>> + Send,
+{
     let state = ApplyState::load(store)?;
     let (raw_tx, raw_rx) = bounded::<Vec<RawBlock>>(2);
     let (parsed_tx, parsed_rx) = bounded::<Vec<ParsedBlock>>(2);
@@ -102,17 +125,21 @@ where
             .spawn_scoped(s, move || read_stage(source, opts.chunk_bytes, raw_tx))
             .expect("spawn read thread");
         let parse = spawn("parse")
-            .spawn_scoped(s, move || parse_stage(scripts, raw_rx, parsed_tx))
+            .spawn_scoped(s, move || parse_stage(scripts, raw_rx, parsed_tx, queues))
             .expect("spawn parse thread");
         let filter = spawn("filter")
-            .spawn_scoped(s, move || filter_stage(&filter, parsed_rx, filtered_tx))
+            .spawn_scoped(s, move || {
+                filter_stage(&filter, parsed_rx, filtered_tx, queues)
+            })
             .expect("spawn filter thread");
         let apply = spawn("apply")
-            .spawn_scoped(s, move || apply_stage(state, filtered_rx, changes_tx))
+            .spawn_scoped(s, move || {
+                apply_stage(state, filtered_rx, changes_tx, queues)
+            })
             .expect("spawn apply thread");
         let write = spawn("write")
             .spawn_scoped(s, move || {
-                write_stage(store, &opts.write, changes_rx, on_commit)
+                write_stage(store, &opts.write, changes_rx, on_commit, queues)
             })
             .expect("spawn write thread");
         // The earliest stage's error is the cause; later ones only saw their input end.
@@ -123,6 +150,10 @@ where
             apply.join().expect("apply stage panicked"),
         ];
         let progress = write.join().expect("write stage panicked");
+        // Nothing waits in a pipeline that ended.
+        for stage in [Stage::Parse, Stage::Filter, Stage::Apply, Stage::Write] {
+            queues.set(stage, 0);
+        }
         for r in results {
             r?;
         }
@@ -168,8 +199,10 @@ fn parse_stage(
     scripts: &ScriptFilter,
     input: Receiver<Vec<RawBlock>>,
     out: Sender<Vec<ParsedBlock>>,
+    queues: &QueueDepths,
 ) -> Result<(), PipelineError> {
-    for chunk in input {
+    for chunk in input.iter() {
+        queues.set(Stage::Parse, input.len());
         let results: Vec<Result<ParsedBlock, ParseError>> = chunk
             .into_par_iter()
             .map(|raw| parse::parse_block(raw, scripts))
@@ -199,8 +232,10 @@ fn filter_stage(
     filter: &Filter<'_>,
     input: Receiver<Vec<ParsedBlock>>,
     out: Sender<FilteredBlock>,
+    queues: &QueueDepths,
 ) -> Result<(), PipelineError> {
-    for chunk in input {
+    for chunk in input.iter() {
+        queues.set(Stage::Filter, input.len());
         for block in chunk {
             if out.send(filter.filter_block(block)?).is_err() {
                 return Ok(());
@@ -214,8 +249,10 @@ fn apply_stage(
     mut state: ApplyState<'_>,
     input: Receiver<FilteredBlock>,
     out: Sender<BlockChanges>,
+    queues: &QueueDepths,
 ) -> Result<(), PipelineError> {
-    for block in input {
+    for block in input.iter() {
+        queues.set(Stage::Apply, input.len());
         if out.send(state.apply(block)?).is_err() {
             return Ok(());
         }
@@ -228,10 +265,12 @@ fn write_stage(
     opts: &WriteOptions,
     input: Receiver<BlockChanges>,
     on_commit: &(dyn Fn(&Progress) + Sync),
+    queues: &QueueDepths,
 ) -> Result<Progress, PipelineError> {
     let mut progress = Progress::default();
     let mut group: Vec<BlockChanges> = Vec::new();
     while let Ok(first) = input.recv() {
+        queues.set(Stage::Write, input.len());
         let mut pending = first.writes.len() * 64;
         group.push(first);
         // Take what is already queued, up to the limits: big batches when behind,
