@@ -156,8 +156,7 @@ impl EventFeed {
         let mut stopping = self.stopping.clone();
         let send = |item: Item| deliver(&tx, &self.stopping, item);
         // Replay from the database until it has nothing newer.
-        loop {
-            let Some(last) = first.last() else { break };
+        while let Some(last) = first.last() {
             next = last.offset + 1;
             if !send(Ok((Arc::new(first), 0))).await {
                 return;

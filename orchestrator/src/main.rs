@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve withdrawals and run their sagas.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Create a key file holding one new key (mode 600) and print the address it pays.
     Keygen {
         /// The key file to create (never overwritten).
@@ -111,7 +111,7 @@ fn main() {
     };
     logs::init(format, "ORCHESTRATOR_LOG");
     let outcome = match command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Keygen { key_file, network } => keygen(&key_file, &network),
     };
     if let Err(e) = outcome {
