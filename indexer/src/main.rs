@@ -346,7 +346,8 @@ fn pipeline_options(config: &Config) -> PipelineOptions {
 }
 
 /// The follower of the configured bitcoind (with its ZMQ feed when configured).
-fn follower(store: Arc<Store>, config: &Config, stop: Arc<AtomicBool>) -> Result<Follower> {
+/// The follower, and bitcoind's height when it answered.
+fn follower(store: Arc<Store>, config: &Config, stop: Arc<AtomicBool>) -> Result<(Follower, u32)> {
     let bitcoind = config
         .bitcoind
         .resolve(
@@ -396,7 +397,7 @@ fn follower(store: Arc<Store>, config: &Config, stop: Arc<AtomicBool>) -> Result
         bloom_fp_rate: config.bloom_fp_rate,
         ..FollowOptions::default()
     };
-    Ok(Follower::new(
+    let follower = Follower::new(
         store,
         Arc::new(daemon),
         Arc::new(scripts),
@@ -404,7 +405,8 @@ fn follower(store: Arc<Store>, config: &Config, stop: Arc<AtomicBool>) -> Result
         opts,
         stop,
         notices,
-    ))
+    );
+    Ok((follower, info.blocks))
 }
 
 fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<()> {
@@ -414,9 +416,15 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
     let (watch, watch_requests, backfills) = indexer::watching::channel(config.gap_limit);
     access.watch = watch;
     let metrics = IndexerMetrics::default();
-    let follower = follower(store.clone(), config, stop.clone())?
+    let (follower, node_height) = follower(store.clone(), config, stop.clone())?;
+    let start = store.tip()?.map_or(0, |(h, _)| h + 1);
+    let reporter = Arc::new(Reporter::new());
+    reporter.catch_up(start, node_height);
+    let sink = reporter.clone();
+    let follower = follower
         .with_watch_requests(watch_requests, backfills)
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .on_commit(move |p| sink.caught_up_to(p));
     let mempool = follower.mempool();
     let runtime = grpc::runtime().context("starting the async runtime")?;
     let (follower_done, follower_ended) = tokio::sync::oneshot::channel::<()>();
@@ -610,7 +618,8 @@ fn rescan_from_bitcoind(
     let stop = Arc::new(AtomicBool::new(false));
     let reporter = Arc::new(Reporter::new());
     let sink = reporter.clone();
-    let follower = follower(store.clone(), config, stop)?.on_commit(move |p| sink.commit(p));
+    let (follower, _) = follower(store.clone(), config, stop)?;
+    let follower = follower.on_commit(move |p| sink.commit(p));
     let report = follower
         .sync(to)
         .context("rescan from bitcoind failed; every block before the failure is committed and a rerun resumes")?;
@@ -641,6 +650,8 @@ struct Reporter {
     started: Instant,
     last_log: Mutex<Instant>,
     tty: bool,
+    /// For `run`'s catch-up: its first and last height (then the bar goes away).
+    catch_up: Mutex<Option<(u32, u32)>>,
 }
 
 impl Reporter {
@@ -659,7 +670,44 @@ impl Reporter {
             started: Instant::now(),
             last_log: Mutex::new(Instant::now()),
             tty,
+            catch_up: Mutex::new(None),
         }
+    }
+
+    /// Shows `run`'s catch-up of the blocks from height `start` to bitcoind's `to`, when
+    /// there are any.
+    fn catch_up(&self, start: u32, to: u32) {
+        if to < start {
+            self.bar.finish_and_clear();
+            return;
+        }
+        self.bar.set_length(u64::from(to + 1 - start));
+        *self
+            .catch_up
+            .lock()
+            .expect("progress lock is never poisoned") = Some((start, to));
+    }
+
+    /// A commit while following: moves the catch-up bar until bitcoind's height at start.
+    fn caught_up_to(&self, p: &Progress) {
+        let mut range = self
+            .catch_up
+            .lock()
+            .expect("progress lock is never poisoned");
+        let Some((start, to)) = *range else { return };
+        if p.height >= to {
+            *range = None;
+            self.bar.finish_and_clear();
+            tracing::info!("caught up: {}", self.rates(p));
+            return;
+        }
+        drop(range);
+        let done = (p.height + 1).saturating_sub(start);
+        let p = Progress {
+            blocks: u64::from(done),
+            ..*p
+        };
+        self.commit(&p);
     }
 
     fn plan(&self, plan: &Plan) {
