@@ -114,7 +114,8 @@ fn main() -> Result<()> {
     }
     let completed = started.elapsed();
     let _ = stop.send(());
-    // One GetTransfer as the executor's watch step makes it, timed alone.
+    // One GetTransfer from a client that waits for each answer (operators' scripts do), timed
+    // alone: what a sequential call costs since TCP_NODELAY.
     let some_txid = store
         .get(ids[0])?
         .and_then(|w| w.confirmed)

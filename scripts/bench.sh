@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs one benchmark program of benches/examples with its arguments, built with the same
+# cargo selection as the tests (another selection rebuilds RocksDB's C++):
+#   bash scripts/bench.sh rescan_bench --chain fixtures/generated/chain-typical
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+name=${1:?usage: scripts/bench.sh NAME [ARGS...]}
+shift
+# The example's own executable, not the test harness `--all-targets` also builds from it.
+exe=$(cargo build --workspace --all-targets --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    t = m.get("target", {})
+    if (m.get("reason") == "compiler-artifact" and t.get("name") == sys.argv[1]
+            and "example" in t.get("kind", []) and not m["profile"]["test"] and m.get("executable")):
+        print(m["executable"])
+' "$name" | tail -1)
+[ -n "$exe" ] || { echo "no benchmark program named $name in benches/examples" >&2; exit 1; }
+exec "$exe" "$@"
