@@ -349,7 +349,9 @@ fn run_serves_metrics_that_follow_the_chain_and_logs_json() {
     );
     // Off a terminal, the catch-up's progress is logged, ending with the node's height.
     assert!(
-        messages.iter().any(|m| m.starts_with("caught up: height 105 ")),
+        messages
+            .iter()
+            .any(|m| m.starts_with("caught up: height 105 ")),
         "{messages:?}"
     );
 }
