@@ -32,6 +32,29 @@ struct Args {
     subscribers: usize,
 }
 
+/// CPU seconds this process's threads have used, split into the gRPC runtime's threads
+/// (named `grpc`) and all the others (the rescan's; the main thread only waits).
+fn cpu_seconds() -> Result<(f64, f64)> {
+    let tick = 100.0; // USER_HZ on Linux
+    let (mut grpc, mut rest) = (0.0, 0.0);
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let stat = std::fs::read_to_string(task?.path().join("stat"))?;
+        // "tid (comm) state ppid ..." : utime and stime are fields 14 and 15.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+        if comm == "grpc" {
+            grpc += ticks / tick;
+        } else {
+            rest += ticks / tick;
+        }
+    }
+    Ok((grpc, rest))
+}
+
 /// Rescans `chain` into `store`: (MB/s, seconds).
 fn rescan(store: &Store, scripts: &ScriptFilter, chain: &std::path::Path) -> Result<(f64, f64)> {
     let req = RescanRequest {
@@ -60,7 +83,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
 
     let (_quiet_db, quiet, quiet_scripts) = benches::bench_store(&args.chain)?;
+    let (_, cpu_before) = cpu_seconds()?;
     let (alone, _) = rescan(&quiet, &quiet_scripts, &args.chain)?;
+    let indexing_alone = cpu_seconds()?.1 - cpu_before;
     drop(quiet);
 
     let (_db, store, scripts) = benches::bench_store(&args.chain)?;
@@ -100,7 +125,11 @@ fn main() -> Result<()> {
             }
         });
     }
+    let (grpc_before, cpu_before) = cpu_seconds()?;
     let (followed, secs) = rescan(&store, &scripts, &args.chain)?;
+    let (grpc_after, cpu_after) = cpu_seconds()?;
+    let indexing_with = cpu_after - cpu_before;
+    let serving = grpc_after - grpc_before;
     let total = store.next_event()?;
     // Let every subscriber reach the end of the log (bounded wait).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -119,6 +148,13 @@ fn main() -> Result<()> {
     println!("| rescan alone | {alone:.0} MB/s |");
     println!("| rescan while {} subscribers follow its event log over gRPC | {followed:.0} MB/s ({secs:.1} s) |", args.subscribers);
     println!("| ratio (with / without) | {:.2} |", followed / alone);
+    println!(
+        "| CPU of the rescan's threads: alone / with subscribers | {indexing_alone:.1} s / {indexing_with:.1} s (ratio {:.2}) |",
+        indexing_alone / indexing_with
+    );
+    println!(
+        "| CPU of the gRPC threads (server and these clients) during the rescan | {serving:.1} s |"
+    );
     println!("| events in the log | {total} |");
     println!(
         "| subscribers that received every event, in order | {caught_up} of {} |",
