@@ -52,7 +52,7 @@ impl EventFeed {
         network: Network,
         stopping: watch::Receiver<bool>,
     ) -> Arc<Self> {
-        Self::start_sized(store, network, stopping, CHUNK, RING)
+        Self::start_sized(store, network, stopping, CHUNK, RING, true)
     }
 
     fn start_sized(
@@ -61,7 +61,12 @@ impl EventFeed {
         stopping: watch::Receiver<bool>,
         chunk: usize,
         ring: usize,
+        with_tail: bool,
     ) -> Arc<Self> {
+        // Where the log ends now, read before any subscriber can replay past it. Should it
+        // fail, 0 only makes the tail's first broadcast long: subscribers skip what they
+        // already have.
+        let next = store.next_event().unwrap_or(0);
         let (chunks, _) = broadcast::channel(ring);
         let feed = Arc::new(EventFeed {
             store,
@@ -70,33 +75,31 @@ impl EventFeed {
             stopping,
             chunk,
         });
-        tokio::spawn(feed.clone().tail());
+        if with_tail {
+            tokio::spawn(feed.clone().tail(next));
+        }
         feed
     }
 
-    async fn tail(self: Arc<Self>) {
+    async fn tail(self: Arc<Self>, mut next: u64) {
         let mut commits = self.store.commits();
         let mut stopping = self.stopping.clone();
-        let mut next = match self.store.next_event() {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::error!(error = %e, "the event feed cannot read the log; subscribers read it themselves");
-                return;
-            }
-        };
         loop {
             loop {
-                let chunk = match self.read(next, self.chunk).await {
+                let chunk = match self.read_events(next, self.chunk).await {
                     Ok(c) => c,
                     // Pruned under it (a tiny retention): subscribers that need the gap
                     // read it themselves and get the error.
-                    Err(_) => match self.store.next_event() {
-                        Ok(n) => {
-                            next = n;
-                            break;
-                        }
-                        Err(_) => break,
-                    },
+                    Err(ReadError::Query(QueryError::Pruned { first, .. })) => {
+                        next = first;
+                        continue;
+                    }
+                    // Retried after the pause below; subscribers meanwhile read the
+                    // database themselves when no chunk comes.
+                    Err(e) => {
+                        tracing::warn!(error = %e, next, "the event feed cannot read the log; retrying");
+                        break;
+                    }
                 };
                 let Some(last) = chunk.last() else { break };
                 next = last.offset + 1;
@@ -111,14 +114,23 @@ impl EventFeed {
         }
     }
 
-    /// Up to `max` events from `from`, converted, read off the async threads.
+    /// Up to `max` events from `from`, converted, as a status on failure.
     async fn read(&self, from: u64, max: usize) -> Result<Vec<pb::Event>, Status> {
+        match self.read_events(from, max).await {
+            Ok(events) => Ok(events),
+            Err(ReadError::Query(e)) => Err(e.into()),
+            Err(ReadError::Task(e)) => Err(Status::internal(format!("event task failed: {e}"))),
+        }
+    }
+
+    /// Up to `max` events from `from`, converted, read off the async threads.
+    async fn read_events(&self, from: u64, max: usize) -> Result<Vec<pb::Event>, ReadError> {
         let (store, network) = (self.store.clone(), self.network);
         let events =
             tokio::task::spawn_blocking(move || Query::new(&store, network)?.events(from, max))
                 .await
-                .map_err(|e| Status::internal(format!("event task failed: {e}")))?
-                .map_err(|e: QueryError| Status::from(e))?;
+                .map_err(ReadError::Task)?
+                .map_err(ReadError::Query)?;
         Ok(events
             .into_iter()
             .map(|(offset, e)| convert::event(offset, e))
@@ -171,13 +183,25 @@ impl EventFeed {
         }
         loop {
             let received = tokio::select! {
-                r = live.recv() => Some(r),
-                _ = stopping.wait_for(|s| *s) => None,
+                r = live.recv() => Wake::Chunk(r),
+                _ = stopping.wait_for(|s| *s) => Wake::Stop,
                 _ = tx.closed() => return, // the consumer left
+                _ = tokio::time::sleep(POLL) => Wake::Quiet,
             };
-            let Some(received) = received else {
-                let _ = send(Err(Status::unavailable("the server is shutting down"))).await;
-                return;
+            let received = match received {
+                Wake::Chunk(r) => r,
+                Wake::Stop => {
+                    let _ = send(Err(Status::unavailable("the server is shutting down"))).await;
+                    return;
+                }
+                // Quiet for a while: should the tail have stopped broadcasting, read what
+                // the log has beyond `next` directly, so no subscriber waits for good.
+                Wake::Quiet => {
+                    if !self.replay(&mut next, u64::MAX, &tx).await {
+                        return;
+                    }
+                    continue;
+                }
             };
             match received {
                 Ok(chunk) => {
@@ -244,6 +268,27 @@ async fn deliver(tx: &mpsc::Sender<Item>, stopping: &watch::Receiver<bool>, item
         sent = tx.send(item) => sent.is_ok(),
         _ = stopping.wait_for(|s| *s) => false,
     }
+}
+
+/// What woke a subscriber's task.
+enum Wake {
+    /// The tail broadcast a chunk (or the ring moved past this subscriber).
+    Chunk(Result<Chunk, broadcast::error::RecvError>),
+    /// The server is stopping.
+    Stop,
+    /// Nothing came for `POLL`.
+    Quiet,
+}
+
+/// Why reading the log failed.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    /// The query failed (a pruned or future offset, the database).
+    #[error(transparent)]
+    Query(QueryError),
+    /// The blocking task died.
+    #[error("event task failed: {0}")]
+    Task(tokio::task::JoinError),
 }
 
 /// A chunk and the index of its first event not yet sent, or the status that ends the
@@ -322,7 +367,7 @@ mod tests {
         commit(&store, 0, 10);
         let (stop, stopping) = watch::channel(false);
         // Tiny chunks and ring, so a subscriber that does not read falls off the ring.
-        let feed = EventFeed::start_sized(store.clone(), Network::Regtest, stopping, 3, 2);
+        let feed = EventFeed::start_sized(store.clone(), Network::Regtest, stopping, 3, 2, true);
         let mut fast = feed.subscribe(0, ()).await.unwrap();
         let mut slow = feed.subscribe(4, ()).await.unwrap();
         assert_eq!(take(&mut fast, 10).await, (0..10).collect::<Vec<_>>());
@@ -352,5 +397,19 @@ mod tests {
         })
         .await;
         assert!(ended.is_ok(), "the subscription ended");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_tail_subscribers_still_get_new_events_from_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), Network::Regtest).unwrap());
+        commit(&store, 0, 3);
+        let (_stop, stopping) = watch::channel(false);
+        // As if the tail task had died: nothing is ever broadcast.
+        let feed = EventFeed::start_sized(store.clone(), Network::Regtest, stopping, 4, 2, false);
+        let mut stream = feed.subscribe(1, ()).await.unwrap();
+        assert_eq!(take(&mut stream, 2).await, vec![1, 2]);
+        commit(&store, 3, 5);
+        assert_eq!(take(&mut stream, 5).await, vec![3, 4, 5, 6, 7]);
     }
 }
