@@ -211,7 +211,14 @@ mod tests {
     fn the_example_config_is_valid() {
         let file: FileConfig =
             toml::from_str(include_str!("../orchestrator.example.toml")).unwrap();
-        let c = file.resolve().unwrap();
+        // The one key the operator must fill in.
+        let missing = file.clone().resolve().unwrap_err().to_string();
+        assert!(missing.contains("change_address is required"), "{missing}");
+        let mine = FileConfig {
+            change_address: Some("bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq".into()),
+            ..FileConfig::default()
+        };
+        let c = mine.or(file).resolve().unwrap();
         assert_eq!(c.network, Network::Bitcoin);
         assert_eq!(c.indexer, "http://127.0.0.1:50051");
         assert_eq!(c.policy.confirmations, 3);

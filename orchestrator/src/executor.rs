@@ -476,14 +476,28 @@ impl Executor {
                 // Sent, not yet recorded: the boundary a crash must survive without paying
                 // twice (the restart sends the same bytes again).
                 self.boundary("sent");
-                let height = match self.last_tip {
-                    Some(h) => h,
-                    None => self.tip().await?,
-                };
+                // The indexer's tip now, not the recorded one, which lags after a restart
+                // (a stale height would make the payment look stuck at once).
+                let height = self.tip().await?.max(self.last_tip.unwrap_or(0));
                 self.record(w, Outcome::Broadcast { height })?;
                 Ok(true)
             }
             Err(e) if e.is_transient() => Err(e.into()),
+            // Refused, but a version is in a block (sent before a crash, its outputs since
+            // spent, so bitcoind says its inputs are missing): it was sent.
+            Err(e) if self.confirmed_in_index(w).await?.is_some() => {
+                tracing::info!(id = w.id, refusal = %e, "a version is already in a block");
+                let height = self.tip().await?;
+                self.record(w, Outcome::Broadcast { height })?;
+                Ok(true)
+            }
+            // Inputs spent, and the index does not show what spent them yet: only these
+            // keys can spend them, so wait for the index rather than give up on a payment
+            // that may be made.
+            Err(e) if e.to_string().contains("missingorspent") => {
+                tracing::warn!(id = w.id, refusal = %e, "inputs already spent; waiting for the index to show the spending transaction");
+                Ok(false)
+            }
             // Refused for good before it was ever sent: nothing is on the network.
             Err(e) if w.state == State::Signed => {
                 self.record(w, Outcome::Failed(format!("bitcoind refused it: {e}")))?;
@@ -533,17 +547,50 @@ impl Executor {
             )?;
             return Ok(true);
         }
-        // None of its versions is confirmed: one that was is reorged out.
+        // None of its versions is confirmed as recorded: one that was is reorged out, or
+        // one is stuck. Both are acted on only once the indexer itself agrees (the record
+        // may stop mid-block: a block's event comes first, its transfers' next).
         if w.confirmed.is_some() {
+            if self.confirmed_in_index(w).await?.is_some() {
+                return Ok(false);
+            }
             self.record(w, Outcome::ReorgedOut)?;
             return Ok(true);
         }
-        let stuck = w.state == State::Broadcast
-            && w.broadcast_height
-                .is_some_and(|h| tip >= h + self.policy.bump_after_blocks);
-        if stuck {
+        let after = self.policy.bump_after_blocks;
+        let stuck = |tip: u32| {
+            w.state == State::Broadcast && w.broadcast_height.is_some_and(|h| tip >= h + after)
+        };
+        if stuck(tip) && stuck(self.tip().await?) && self.confirmed_in_index(w).await?.is_none() {
             return self.bump(w).await;
         }
         Ok(false)
+    }
+
+    /// The height of the block holding one of `w`'s versions, asked of the indexer: the
+    /// authority for the decisions the monitor's record only prompts.
+    async fn confirmed_in_index(&mut self, w: &Withdrawal) -> Result<Option<u32>, StepError> {
+        for attempt in w.attempts.iter().rev() {
+            let found = self
+                .indexer
+                .get_transfer(ipb::GetTransferRequest {
+                    txid: attempt.txid.to_string(),
+                })
+                .await;
+            let transfers = match found {
+                Ok(t) => t.into_inner().transfers,
+                Err(s) if s.code() == tonic::Code::NotFound => continue,
+                Err(s) => return Err(s.into()),
+            };
+            let confirmed = transfers
+                .iter()
+                .filter(|t| t.status == ipb::TransferStatus::Confirmed as i32)
+                .map(|t| t.height)
+                .max();
+            if confirmed.is_some() {
+                return Ok(confirmed);
+            }
+        }
+        Ok(None)
     }
 }

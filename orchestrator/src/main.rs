@@ -17,7 +17,7 @@ use orchestrator::config::FileConfig;
 use orchestrator::executor::Executor;
 use orchestrator::grpc::WithdrawalService;
 use orchestrator::metrics::OrchestratorProbe;
-use orchestrator::signer::KeyFileSigner;
+use orchestrator::signer::{KeyFileSigner, Signer};
 use orchestrator::store::SagaStore;
 use orchestrator::upstream;
 
@@ -95,6 +95,12 @@ struct RunArgs {
     /// Blocks a payment may stay unmined before it is replaced (default 3).
     #[arg(long, env = "ORCHESTRATOR_BUMP_AFTER_BLOCKS")]
     bump_after_blocks: Option<u32>,
+    /// Lowest fee rate used, sat/vB (default 1).
+    #[arg(long, env = "ORCHESTRATOR_FEE_FLOOR")]
+    fee_floor: Option<f64>,
+    /// Highest fee rate used, sat/vB (default 500).
+    #[arg(long, env = "ORCHESTRATOR_FEE_CEILING")]
+    fee_ceiling: Option<f64>,
     /// Serve Prometheus metrics, /health and /ready over HTTP here.
     #[arg(long, env = "ORCHESTRATOR_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -145,8 +151,8 @@ fn run(args: RunArgs) -> Result<()> {
         confirmations: args.confirmations,
         settle_confirmations: args.settle_confirmations,
         bump_after_blocks: args.bump_after_blocks,
-        fee_floor: None,
-        fee_ceiling: None,
+        fee_floor: args.fee_floor,
+        fee_ceiling: args.fee_ceiling,
         metrics_listen: args.metrics_listen,
     };
     let file = match &args.config {
@@ -157,6 +163,15 @@ fn run(args: RunArgs) -> Result<()> {
     let token = indexer::auth::BearerToken::from_file(&config.token_file)?;
     let signer = KeyFileSigner::open(&config.key_file, config.network)
         .context("the signer's key_file (`orchestrator keygen` creates one)")?;
+    if !signer.scripts().contains(&config.change) {
+        let address = bitcoin::Address::from_script(&config.change, config.network)
+            .map_or_else(|_| config.change.to_hex_string(), |a| a.to_string());
+        anyhow::bail!(
+            "change_address {address} is not paid to a key of key_file {}: change sent there \
+             would be out of the wallet's reach; give an address of those keys",
+            config.key_file.display()
+        );
+    }
     let store = Arc::new(SagaStore::open(&config.db)?);
     let daemon = Arc::new(indexer::daemon::Daemon::new(
         &config.bitcoind_rpc_url,
@@ -197,14 +212,16 @@ fn run(args: RunArgs) -> Result<()> {
         let mut stop_exec = stop_rx.clone();
         let running = Arc::new(AtomicBool::new(true));
         let executing = tokio::spawn({
-            let running = running.clone();
+            // Cleared when the executor ends, however it ends (a panic included), so
+            // /health stops saying it runs.
+            let alive = Alive(running.clone());
             async move {
                 executor
                     .run(async move {
                         let _ = stop_exec.wait_for(|s| *s).await;
                     })
                     .await;
-                running.store(false, Ordering::Relaxed);
+                drop(alive);
             }
         });
         let latency = GrpcLatency::default();
@@ -269,5 +286,14 @@ async fn wait_for_indexer(
         }
         tracing::warn!(%url, error = status.message(), "the indexer is not answering yet; will keep trying");
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Clears its flag when dropped.
+struct Alive(Arc<AtomicBool>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
     }
 }

@@ -22,6 +22,8 @@ use crate::store::{Observation, SagaStore, SagaStoreError};
 /// Events applied before their effect is written, at most (a burst is written in one
 /// batch; a quiet stream is written event by event).
 const BATCH: usize = 4096;
+/// Wait before following again after the first failure; it doubles up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait before following again after a failure.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -89,6 +91,8 @@ pub struct Monitor {
     store: Arc<SagaStore>,
     indexer: Indexer,
     wake: Arc<tokio::sync::Notify>,
+    /// Wait before the next attempt after a failure.
+    backoff: Duration,
 }
 
 impl Monitor {
@@ -98,24 +102,21 @@ impl Monitor {
             store,
             indexer,
             wake,
+            backoff: FIRST_BACKOFF,
         }
     }
 
     /// Follows the stream for good, reconnecting with backoff after any failure.
     pub async fn run(mut self) {
-        let mut backoff = Duration::from_millis(100);
         loop {
             match self.follow().await {
-                Ok(()) => {
-                    tracing::info!("the indexer ended the event stream; following again");
-                    backoff = Duration::from_millis(100);
-                }
+                Ok(()) => tracing::info!("the indexer ended the event stream; following again"),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "following the indexer's events");
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    tracing::warn!(error = %e, retry_in = ?self.backoff, "following the indexer's events")
                 }
             }
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(self.backoff).await;
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -126,7 +127,7 @@ impl Monitor {
             Some(from) => from,
             None => self.reconcile().await?,
         };
-        let mut stream = match self.subscribe(from).await {
+        let (mut stream, from) = match self.subscribe(from).await {
             // Pruned, or past the end of a rebuilt index: start again from the present.
             Err(s) if matches!(s.code(), Code::OutOfRange | Code::InvalidArgument) => {
                 tracing::warn!(
@@ -135,10 +136,12 @@ impl Monitor {
                     "resuming the indexer's events from the present"
                 );
                 let from = self.reconcile().await?;
-                self.subscribe(from).await?
+                (self.subscribe(from).await?, from)
             }
-            other => other?,
+            other => (other?, from),
         };
+        // Connected: the next failure starts its backoff afresh.
+        self.backoff = FIRST_BACKOFF;
         let mut cursor = from;
         loop {
             let Some(first) = stream.message().await? else {

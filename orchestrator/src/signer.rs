@@ -141,8 +141,12 @@ pub fn generate_key_file(path: &Path, network: Network) -> Result<bitcoin::Addre
         .mode(0o600)
         .open(path)
         .map_err(write_err)?;
-    writeln!(file, "# {address}\n{}", key.to_wif()).map_err(write_err)?;
-    file.sync_all().map_err(write_err)?;
+    let written = writeln!(file, "# {address}\n{}", key.to_wif()).and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        // A partial file would block the next attempt (never overwritten) and sign nothing.
+        let _ = std::fs::remove_file(path);
+        return Err(write_err(e));
+    }
     Ok(address)
 }
 

@@ -132,8 +132,13 @@ impl SagaStore {
                 ColumnFamilyDescriptor::new(name, cf)
             });
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
-            // RocksDB's only sign of a second process is its LOCK file's error.
-            if e.to_string().contains("LOCK") {
+            // RocksDB's only sign of a second process is the error of locking its LOCK
+            // file: EAGAIN from another process, or its own message within one process.
+            let text = e.to_string();
+            if text.contains("LOCK")
+                && (text.contains("Resource temporarily unavailable")
+                    || text.contains("lock hold by current process"))
+            {
                 SagaStoreError::InUse(path.to_owned())
             } else {
                 SagaStoreError::Rocks(e)

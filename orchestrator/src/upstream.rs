@@ -3,6 +3,7 @@
 //! bearer token on every call.
 
 use std::path::Path;
+use std::time::Duration;
 
 use proto::indexer::v1::indexer_client::IndexerClient;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -70,7 +71,24 @@ pub fn channel(url: &str, ca_file: Option<&Path>) -> Result<Channel, LinkError> 
         url: url.to_owned(),
         detail: e.to_string(),
     };
-    let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(&e))?;
+    // Keepalives: the event stream is quiet between blocks, and a peer that vanished
+    // without a reset (a crashed host, a firewall's idle timeout) must end it as an error
+    // instead of leaving the monitor waiting for good.
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| bad(&e))?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    if url.starts_with("https://") && ca_file.is_none() {
+        // This build carries no system trust roots.
+        return Err(LinkError::Url {
+            url: url.to_owned(),
+            detail: "https needs indexer_ca_file, the CA that signed the indexer's certificate"
+                .into(),
+        });
+    }
     if let Some(path) = ca_file {
         let pem = std::fs::read(path).map_err(|source| LinkError::Read {
             what: "indexer_ca_file",
@@ -94,9 +112,11 @@ pub fn client(channel: Channel, token_file: Option<&Path>) -> Result<Indexer, Li
                 path: path.to_owned(),
                 source,
             })?;
-            let value = format!("Bearer {}", text.trim())
+            let mut value: MetadataValue<Ascii> = format!("Bearer {}", text.trim())
                 .parse()
                 .map_err(|_| LinkError::BadToken(path.to_owned()))?;
+            // Kept out of HTTP/2 header compression tables and debug output.
+            value.set_sensitive(true);
             Some(value)
         }
     };

@@ -20,7 +20,7 @@ fn config(dir: &Path, rpc_url: &str, cookie: &str, extra: &str) -> String {
     std::fs::write(dir.join(".cookie"), "__cookie__:secret").unwrap();
     let keys = dir.join("hot.keys");
     if !keys.exists() {
-        orchestrator::signer::generate_key_file(&keys, bitcoin::Network::Regtest).unwrap();
+        hot_address(dir);
     }
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
     format!(
@@ -29,6 +29,20 @@ fn config(dir: &Path, rpc_url: &str, cookie: &str, extra: &str) -> String {
          bitcoind_cookie_file = \"{cookie}\"\nstartup_wait_secs = 1\n{extra}",
         d = dir.display()
     )
+}
+
+/// The address of the key file `dir/hot.keys`, created on first use.
+fn hot_address(dir: &Path) -> String {
+    let saved = dir.join("hot.address");
+    if let Ok(address) = std::fs::read_to_string(&saved) {
+        return address;
+    }
+    let address =
+        orchestrator::signer::generate_key_file(&dir.join("hot.keys"), bitcoin::Network::Regtest)
+            .unwrap()
+            .to_string();
+    std::fs::write(&saved, &address).unwrap();
+    address
 }
 
 /// Runs `orchestrator run --config` over `text`; returns its one error line.
@@ -91,6 +105,13 @@ fn unknown_keys_bad_addresses_and_missing_files_are_named_with_the_fix() {
     let line = error_line(d, &config(d, rpc, cookie, ""));
     assert!(line.contains("change_address is required"), "{line}");
 
+    // An address of the network, but not of the keys: its change would be lost.
+    let line = error_line(
+        d,
+        &config(d, rpc, cookie, &format!("change_address = \"{CHANGE}\"\n")),
+    );
+    assert!(line.contains("is not paid to a key of key_file"), "{line}");
+
     std::fs::remove_file(d.join("hot.keys")).unwrap();
     std::fs::write(d.join("hot.keys"), "").unwrap();
     let text = config(d, rpc, cookie, &format!("change_address = \"{CHANGE}\"\n"));
@@ -104,7 +125,7 @@ fn unknown_keys_bad_addresses_and_missing_files_are_named_with_the_fix() {
 fn a_missing_cookie_or_an_unreachable_bitcoind_or_indexer_says_what_to_check() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let change = format!("change_address = \"{CHANGE}\"\n");
+    let change = format!("change_address = \"{}\"\n", hot_address(d));
     // Nothing listens on port 1 of loopback.
     let missing = d.join("no-such/.cookie");
     let line = error_line(
@@ -151,7 +172,7 @@ fn a_second_process_on_the_same_saga_database_is_refused() {
         d,
         "http://127.0.0.1:1/",
         cookie.to_str().unwrap(),
-        &format!("change_address = \"{CHANGE}\"\n"),
+        &format!("change_address = \"{}\"\n", hot_address(d)),
     );
     let _first = orchestrator::store::SagaStore::open(&d.join("sagas")).unwrap();
     let line = error_line(d, &text);
