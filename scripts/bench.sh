@@ -8,7 +8,8 @@ source scripts/setup.sh
 name=${1:?usage: scripts/bench.sh NAME [ARGS...]}
 shift
 # The example's own executable, not the test harness `--all-targets` also builds from it.
-exe=$(cargo build --workspace --all-targets --message-format=json 2>/dev/null | python3 -c '
+# Diagnostics go to stderr as cargo renders them; the artifacts' JSON to the pipe.
+exe=$(cargo build --workspace --all-targets --message-format=json-render-diagnostics | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)

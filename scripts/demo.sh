@@ -31,6 +31,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Runs "$@" every 0.1 s until it succeeds, for at most 60 s.
+retry() {
+  for _ in $(seq 600); do "$@" && return 0; sleep 0.1; done
+  echo "timed out waiting for: $*" >&2; return 1
+}
+
 # Waits until file $1 has a line starting with $2 and prints that line.
 wait_line() {
   for _ in $(seq 600); do
@@ -71,7 +77,8 @@ pids+=($!)
 grpc=$(wait_line "$tmp/indexer.out" "listening" | cut -f2)
 echo "indexer run: gRPC on $grpc"
 client() { python3 examples/python/indexer_client.py --addr "$grpc" --token-file "$tmp/indexer-token" "$@"; }
-until client tip | grep -q '"height": 110'; do sleep 0.1; done
+at_height() { client tip | grep -q "\"height\": $1"; }
+retry at_height 110
 echo "caught up:                  $(client tip)"
 echo "treasury (its coinbases):   $(client balance --wallet treasury)"
 
@@ -79,14 +86,15 @@ txid=$(cli sendtoaddress "$deposit" 1.25)
 sleep 1
 echo "deposit $txid sent 1 s ago: $(client balance --wallet deposits)"
 cli generatetoaddress 1 "$treasury" >/dev/null
-until client tip | grep -q '"height": 111'; do sleep 0.1; done
+retry at_height 111
 echo "after one block:            $(client balance --wallet deposits)"
 
 # Withdrawals. Fund the hot wallet with two coins of 5 BTC.
 cli sendtoaddress "$hot" 5 >/dev/null
 cli sendtoaddress "$hot" 5 >/dev/null
 cli generatetoaddress 1 "$treasury" >/dev/null
-until client balance --wallet hot | grep -q '"confirmed_sat": 1000000000'; do sleep 0.1; done
+hot_has() { client balance --wallet hot | grep -q "\"confirmed_sat\": $1"; }
+retry hot_has 1000000000
 echo "hot wallet funded:          $(client balance --wallet hot)"
 sat() { python3 -c 'import json,sys; print(json.loads(sys.stdin.read())[sys.argv[1]])' "$1"; }
 hot_before=$(client balance --wallet hot | sat confirmed_sat)
@@ -109,7 +117,7 @@ pay watch --id 1 >"$tmp/watch.out" &
 pids+=($!)
 # Prints the watcher's line about withdrawal 1 starting with $1, once it came.
 said() { wait_line "$tmp/watch.out" "withdrawal 1: $1"; }
-said "coins reserved"
+said "coins reserved, signed"
 cli generatetoaddress 1 "$treasury" >/dev/null
 echo "a block is mined"
 said "in a block"
@@ -129,7 +137,8 @@ import json, sys
 tx = json.load(sys.stdin)
 print(sum(round(o['value'] * 1e8) for o in tx['vout'] if o['scriptPubKey'].get('address') == sys.argv[1]))
 " "$customer")
-until [ "$(client balance --wallet hot | sat height)" -ge 115 ]; do sleep 0.1; done
+hot_at() { [ "$(client balance --wallet hot | sat height)" -ge "$1" ]; }
+retry hot_at 115
 hot_after=$(client balance --wallet hot | sat confirmed_sat)
 echo "the customer received $paid sat; the hot wallet went from $hot_before to $hot_after sat (fee $fee sat)"
 if [ "$paid" -ne "$amount" ] || [ $((hot_before - hot_after)) -ne $((amount + fee)) ]; then

@@ -1,8 +1,10 @@
 """Compiles one of the project's .proto files at start (grpcio-tools), so the example
 clients always match the checkout."""
 
+import atexit
 import importlib
 import pathlib
+import shutil
 import sys
 import tempfile
 
@@ -15,6 +17,7 @@ def load(proto, module):
     """Compiles proto/<proto> into a temporary package; returns (messages, services) of
     `module` (for example "indexer.v1.indexer")."""
     out = tempfile.mkdtemp(prefix="stubs-")
+    atexit.register(shutil.rmtree, out, True)
     include = str(pathlib.Path(protoc.__file__).parent / "_proto")
     status = protoc.main([
         "protoc", f"-I{ROOT / 'proto'}", f"-I{include}",
