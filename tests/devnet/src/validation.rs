@@ -94,7 +94,15 @@ pub(crate) fn check(
     policy: &Policy,
 ) -> Result<Checked, Reject> {
     let txid = tx.compute_txid();
-    if chain.tx_location(&txid).is_some() {
+    // Like Core, which looks at the UTXO set, not a transaction index: a transaction is
+    // "already in block chain" while one of its outputs is unspent; once all are spent it
+    // is refused for its missing inputs instead.
+    let unspent = (0..tx.output.len() as u32).any(|vout| {
+        chain
+            .utxos()
+            .contains_key(&bitcoin::OutPoint::new(txid, vout))
+    });
+    if unspent {
         return Err(Reject {
             code: -27,
             reason: "txn-already-known".into(),
