@@ -332,3 +332,79 @@ fn sigkill_at_random_moments_then_restart_pays_each_withdrawal_exactly_once() {
         );
     }
 }
+
+#[test]
+fn a_payment_sent_before_a_crash_and_spent_onward_meanwhile_still_completes() {
+    use bitcoin::psbt::Psbt;
+    use orchestrator::signer::{KeyFileSigner, Signer};
+    let rig = Rig::new(2);
+    // Paid to the hot wallet itself, so the test holds the key of every output.
+    let process = rig.start(Some("sent"));
+    let mut c = rig.client(&process);
+    rig.submit(&mut c, "onward", &rig.hot.to_string(), 1_000_000)
+        .unwrap();
+    let mut process = process;
+    let started = Instant::now();
+    while process.0.try_wait().unwrap().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(30), "never sent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(process);
+    let sent: Transaction = {
+        let store = orchestrator::store::SagaStore::open(&rig.dir.path().join("sagas")).unwrap();
+        let w = store.by_request("onward").unwrap().unwrap();
+        assert_eq!(w.state, orchestrator::saga::State::Signed, "{w:?}");
+        deserialize(&w.attempts[0].raw).unwrap()
+    };
+    // It confirms, then every one of its outputs is spent onward.
+    rig.node.mine_to(1, &rig.miner);
+    let total: u64 = sent.output.iter().map(|o| o.value.to_sat()).sum();
+    let onward = Transaction {
+        version: bitcoin::transaction::Version::TWO,
+        lock_time: bitcoin::absolute::LockTime::ZERO,
+        input: (0..sent.output.len() as u32)
+            .map(|vout| bitcoin::TxIn {
+                previous_output: bitcoin::OutPoint::new(sent.compute_txid(), vout),
+                ..Default::default()
+            })
+            .collect(),
+        output: vec![bitcoin::TxOut {
+            value: bitcoin::Amount::from_sat(total - 5_000),
+            script_pubkey: script_of(&rig.miner),
+        }],
+    };
+    let mut psbt = Psbt::from_unsigned_tx(onward).unwrap();
+    for (input, prev) in psbt.inputs.iter_mut().zip(&sent.output) {
+        input.witness_utxo = Some(prev.clone());
+    }
+    let signer =
+        KeyFileSigner::open(&rig.dir.path().join("hot.keys"), bitcoin::Network::Regtest).unwrap();
+    assert_eq!(signer.sign(&mut psbt).unwrap(), sent.output.len());
+    let hex = bitcoin::consensus::encode::serialize_hex(&psbt.extract_tx().unwrap());
+    rig.node.call("sendrawtransaction", json!([hex]));
+    let tip = rig.node.mine_to(1, &rig.miner)[0];
+    assert!(rig.f.wait_for(tip, Duration::from_secs(30)));
+    // Sending it again is refused now (its inputs are spent): the orchestrator must see
+    // that it is in a block rather than call the withdrawal failed.
+    let process = rig.start(None);
+    let mut c = rig.client(&process);
+    let started = Instant::now();
+    loop {
+        let w = rig
+            .list(&mut c)
+            .into_iter()
+            .find(|w| w.request_id == "onward")
+            .unwrap();
+        assert_ne!(w.state, pb::WithdrawalState::Failed as i32, "{w:?}");
+        if w.state == pb::WithdrawalState::Completed as i32 {
+            assert_eq!(w.confirmed_txid, sent.compute_txid().to_string());
+            assert_eq!(w.txids.len(), 1);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "stuck at {w:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
