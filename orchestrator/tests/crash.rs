@@ -155,6 +155,18 @@ impl Rig {
             .withdrawals
     }
 
+    /// The withdrawal submitted as `request_id`.
+    fn withdrawal(
+        &self,
+        c: &mut WithdrawalsClient<tonic::transport::Channel>,
+        request_id: &str,
+    ) -> pb::Withdrawal {
+        self.list(c)
+            .into_iter()
+            .find(|w| w.request_id == request_id)
+            .unwrap()
+    }
+
     /// What every transaction spending the hot wallet's coins paid, by script, from the
     /// chain; asserts no coin was spent twice.
     fn paid(&self) -> HashMap<bitcoin::ScriptBuf, Vec<u64>> {
@@ -235,11 +247,7 @@ fn a_crash_at_each_step_boundary_then_restart_pays_exactly_once() {
         let mut c = rig.client(&process);
         let started = Instant::now();
         loop {
-            let w = rig
-                .list(&mut c)
-                .into_iter()
-                .find(|w| w.request_id == format!("step-{i}"))
-                .unwrap();
+            let w = rig.withdrawal(&mut c, &format!("step-{i}"));
             if w.state == pb::WithdrawalState::Completed as i32 {
                 assert_eq!(w.txids.len(), 1, "{at}: {w:?}");
                 break;
@@ -390,11 +398,7 @@ fn a_payment_sent_before_a_crash_and_spent_onward_meanwhile_still_completes() {
     let mut c = rig.client(&process);
     let started = Instant::now();
     loop {
-        let w = rig
-            .list(&mut c)
-            .into_iter()
-            .find(|w| w.request_id == "onward")
-            .unwrap();
+        let w = rig.withdrawal(&mut c, "onward");
         assert_ne!(w.state, pb::WithdrawalState::Failed as i32, "{w:?}");
         if w.state == pb::WithdrawalState::Completed as i32 {
             assert_eq!(w.confirmed_txid, sent.compute_txid().to_string());
