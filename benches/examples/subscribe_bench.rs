@@ -116,7 +116,10 @@ fn main() -> Result<()> {
         runtime.spawn(async move {
             let mut client = IndexerClient::new(channel);
             let mut events = client
-                .subscribe(pb::SubscribeRequest { from_offset: 0 })
+                .subscribe(pb::SubscribeRequest {
+                    from_offset: 0,
+                    ..Default::default()
+                })
                 .await
                 .expect("subscribe")
                 .into_inner();

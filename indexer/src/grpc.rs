@@ -138,7 +138,19 @@ impl Indexer for IndexerService {
         &self,
         req: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let from = req.into_inner().from_offset;
+        let req = req.into_inner();
+        let from = req.from_offset;
+        if !req.log_id.is_empty() {
+            let ours = self.quick(|q| q.log_id())?;
+            if req.log_id != ours {
+                return Err(Status::failed_precondition(format!(
+                    "offset {from} belongs to event log {}, and this index's log is {ours} (the \
+                     index was rebuilt): read the present state and subscribe from GetTip's \
+                     next_offset",
+                    req.log_id
+                )));
+            }
+        }
         let feed = self.events.get_or_init(|| {
             EventFeed::start(self.store.clone(), self.network, self.stopping.clone())
         });
@@ -231,7 +243,8 @@ impl Indexer for IndexerService {
         &self,
         _: Request<pb::GetTipRequest>,
     ) -> Result<Response<pb::GetTipResponse>, Status> {
-        let (tip, next_offset) = self.quick(|q| Ok((q.tip(), q.next_offset()?)))?;
+        let (tip, next_offset, log_id) =
+            self.quick(|q| Ok((q.tip(), q.next_offset()?, q.log_id()?)))?;
         let (height, hash) = tip.ok_or_else(|| {
             Status::failed_precondition("the index is empty: run `indexer rescan`")
         })?;
@@ -239,6 +252,7 @@ impl Indexer for IndexerService {
             height,
             hash: hash.to_string(),
             next_offset,
+            log_id,
         }))
     }
 

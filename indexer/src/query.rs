@@ -415,6 +415,11 @@ impl<'a> Query<'a> {
         Ok((page.into_iter().map(|(_, e)| e).collect(), next))
     }
 
+    /// The event log's identity.
+    pub fn log_id(&self) -> Result<String, QueryError> {
+        Ok(self.snap.log_id()?)
+    }
+
     /// The offset the event log writes next, as of this snapshot.
     pub fn next_offset(&self) -> Result<u64, QueryError> {
         Ok(self.snap.next_event()?)

@@ -290,7 +290,10 @@ fn run_serves_metrics_that_follow_the_chain_and_logs_json() {
     let called = Scrape::from(&metrics);
     assert_eq!(called.value(get_tip), before.value_or_zero(get_tip) + 1.0);
     let stream = rt
-        .block_on(client.subscribe(pb::SubscribeRequest { from_offset: 0 }))
+        .block_on(client.subscribe(pb::SubscribeRequest {
+            from_offset: 0,
+            ..Default::default()
+        }))
         .unwrap();
     observe::wait_for(&metrics, Duration::from_secs(30), |s| {
         s.value("indexer_subscribers") == 1.0

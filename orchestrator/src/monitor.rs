@@ -127,16 +127,24 @@ impl Monitor {
             Some(from) => from,
             None => self.reconcile().await?,
         };
-        let (mut stream, from) = match self.subscribe(from).await {
-            // Pruned, or past the end of a rebuilt index: start again from the present.
-            Err(s) if matches!(s.code(), Code::OutOfRange | Code::InvalidArgument) => {
+        let log_id = self.store.log_id()?;
+        let (mut stream, from) = match self.subscribe(from, log_id).await {
+            // Pruned, past the end of the log, or another log (a rebuilt index): start
+            // again from the present.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::OutOfRange | Code::InvalidArgument | Code::FailedPrecondition
+                ) =>
+            {
                 tracing::warn!(
                     from,
                     reason = s.message(),
                     "resuming the indexer's events from the present"
                 );
                 let from = self.reconcile().await?;
-                (self.subscribe(from).await?, from)
+                let log_id = self.store.log_id()?;
+                (self.subscribe(from, log_id).await?, from)
             }
             other => (other?, from),
         };
@@ -178,13 +186,18 @@ impl Monitor {
         }
     }
 
+    /// The stream from `from` in the log the store's cursor belongs to.
     async fn subscribe(
         &mut self,
         from: u64,
+        log_id: String,
     ) -> Result<tonic::Streaming<ipb::Event>, tonic::Status> {
         Ok(self
             .indexer
-            .subscribe(ipb::SubscribeRequest { from_offset: from })
+            .subscribe(ipb::SubscribeRequest {
+                from_offset: from,
+                log_id,
+            })
             .await?
             .into_inner())
     }
@@ -199,6 +212,7 @@ impl Monitor {
             .into_inner();
         let mut seen = Observation {
             cursor: tip.next_offset,
+            log_id: Some(tip.log_id.clone()),
             tip: Some(tip.height),
             ..Observation::default()
         };

@@ -30,6 +30,7 @@ const CHAIN: &str = "chain";
 const NEXT_ID: &[u8] = b"next_id";
 const CURSOR: &[u8] = b"cursor";
 const TIP: &[u8] = b"tip";
+const LOG_ID: &[u8] = b"log_id";
 /// Set once the attempts of withdrawals stored before `ATTEMPTS` existed are indexed.
 const ATTEMPTS_INDEXED: &[u8] = b"attempts_indexed";
 
@@ -77,6 +78,8 @@ pub enum SagaStoreError {
 pub struct Observation {
     /// The offset to read from next.
     pub cursor: u64,
+    /// The indexer's event log the cursor belongs to, when it is (re)chosen.
+    pub log_id: Option<String>,
     /// The indexed tip height, when it changed.
     pub tip: Option<u32>,
     /// Transactions' latest known state: the height that confirmed them, or `None` when
@@ -337,6 +340,9 @@ impl SagaStore {
             }
             changed = true;
         }
+        if let Some(log_id) = &seen.log_id {
+            batch.put_cf(chain, LOG_ID, log_id.as_bytes());
+        }
         batch.put_cf(chain, CURSOR, seen.cursor.to_be_bytes());
         let mut opts = WriteOptions::default();
         opts.set_sync(changed);
@@ -351,6 +357,15 @@ impl SagaStore {
             Some(v) => Ok(Some(id_of(&v)?)),
             None => Ok(None),
         }
+    }
+
+    /// The indexer's event log the cursor belongs to (empty before the first reconcile).
+    pub fn log_id(&self) -> Result<String, SagaStoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CHAIN), LOG_ID)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default())
     }
 
     /// The indexer's tip height as last observed.
@@ -585,6 +600,7 @@ mod tests {
             assert_eq!(store.watched_txids().unwrap(), vec![attempt.txid]);
             let seen = Observation {
                 cursor: 42,
+                log_id: Some("log-a".into()),
                 tip: Some(120),
                 txs: BTreeMap::from([(attempt.txid, Some(118)), (stranger, Some(119))]),
             };
@@ -600,6 +616,8 @@ mod tests {
         };
         let store = SagaStore::open(dir.path()).unwrap();
         assert_eq!(store.cursor().unwrap(), Some(50));
+        // The log the cursor belongs to stays until a reconcile chooses another.
+        assert_eq!(store.log_id().unwrap(), "log-a");
         assert_eq!(store.chain_tip().unwrap(), Some(120));
         assert_eq!(store.confirmed_height(&attempt.txid).unwrap(), Some(118));
         assert_eq!(store.confirmed_height(&stranger).unwrap(), None);

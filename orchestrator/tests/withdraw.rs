@@ -43,6 +43,7 @@ struct World {
     miner: String,
     hot: Address,
     key_file: std::path::PathBuf,
+    wallets: Vec<system_tests::harness::TestWallet>,
     policy: Policy,
     store: Arc<SagaStore>,
     served: Served,
@@ -52,6 +53,7 @@ struct World {
         tokio::task::JoinHandle<()>,
     )>,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
+    _rebuilt: Vec<tempfile::TempDir>,
 }
 
 impl World {
@@ -84,12 +86,14 @@ impl World {
             miner,
             hot: keyed.address.clone(),
             key_file: keyed.key_file.clone(),
+            wallets: keyed.wallets.clone(),
             policy,
             store,
             served,
             following,
             executor: None,
             _dirs: (dir, db),
+            _rebuilt: Vec::new(),
         };
         world.start_executor();
         world
@@ -111,6 +115,17 @@ impl World {
             let _ = stopped.await;
         }));
         self.executor = Some((stop, running));
+    }
+
+    /// Replaces the indexer with one rebuilt from scratch into a new database (another
+    /// event log), serving on a new address.
+    fn rebuild_indexer(&mut self) {
+        let db = tempfile::tempdir().unwrap();
+        let following = Following::caught_up(&self.node, db.path(), &self.wallets);
+        let served = Served::start(&following, indexer::grpc::Access::default());
+        self.served = served;
+        self.following = following;
+        self._rebuilt.push(db);
     }
 
     /// Stops the executor and waits until it has.
@@ -487,6 +502,7 @@ fn after_a_stop_long_enough_for_the_event_log_to_be_pruned_monitoring_resumes_fr
         .runtime
         .block_on(client.subscribe(ipb::SubscribeRequest {
             from_offset: stopped_at,
+            ..Default::default()
         }))
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
@@ -500,4 +516,47 @@ fn after_a_stop_long_enough_for_the_event_log_to_be_pruned_monitoring_resumes_fr
     assert_eq!(done.confirmations, tip + 1 - moved_to, "{done:?}");
     assert!(world.store.cursor().unwrap().unwrap() > stopped_at);
     assert!(world.store.reserved().unwrap().is_empty());
+}
+
+#[test]
+fn after_the_indexer_is_rebuilt_monitoring_moves_to_the_new_log_and_completes() {
+    let mut world = World::start(
+        2,
+        0.5,
+        Policy {
+            confirmations: 3,
+            settle_at: 4,
+            ..Policy::default()
+        },
+    );
+    let destination = world.node.new_address("bech32");
+    let id = world
+        .store
+        .submit(request("rebuilt", &destination, 10_000_000, 3.0, 20_000), 0)
+        .unwrap()
+        .withdrawal
+        .id;
+    wait_for(&world.store, id, |w| w.state == State::Broadcast);
+    let w = mine_until(&world, id, |w| w.confirmed.is_some());
+    world.stop_executor();
+    let old_log = world.store.log_id().unwrap();
+    assert_eq!(old_log.len(), 32, "{old_log}");
+    world.rebuild_indexer();
+    let mut client = IndexerClient::new(world.served.channel.clone());
+    let new_log = world
+        .served
+        .runtime
+        .block_on(client.get_tip(ipb::GetTipRequest {}))
+        .unwrap()
+        .into_inner()
+        .log_id;
+    assert_ne!(new_log, old_log);
+    world.start_executor();
+    let done = mine_until(&world, id, |w| w.settled);
+    assert_eq!(
+        (done.state, done.confirmed, done.attempts.len()),
+        (State::Completed, w.confirmed, 1)
+    );
+    // The cursor now belongs to the rebuilt index's log.
+    assert_eq!(world.store.log_id().unwrap(), new_log);
 }

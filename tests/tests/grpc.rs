@@ -286,7 +286,10 @@ async fn queries_over_grpc_match_the_model_and_bad_requests_get_clear_statuses()
     assert_eq!(c, Code::NotFound);
     // Subscribe: the whole log in order, then a resume from the middle, then a bad offset.
     let mut events = client
-        .subscribe(pb::SubscribeRequest { from_offset: 0 })
+        .subscribe(pb::SubscribeRequest {
+            from_offset: 0,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -302,7 +305,10 @@ async fn queries_over_grpc_match_the_model_and_bad_requests_get_clear_statuses()
     }
     drop(events);
     let mut resumed = client
-        .subscribe(pb::SubscribeRequest { from_offset: 123 })
+        .subscribe(pb::SubscribeRequest {
+            from_offset: 123,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -312,10 +318,39 @@ async fn queries_over_grpc_match_the_model_and_bad_requests_get_clear_statuses()
         client
             .subscribe(pb::SubscribeRequest {
                 from_offset: log_len + 5,
+                ..Default::default()
             })
             .await,
     );
     assert_eq!(c, Code::InvalidArgument, "{m}");
+    // An offset of another log (a rebuilt index) is refused; one of this log is served.
+    let log_id = client
+        .get_tip(pb::GetTipRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .log_id;
+    assert_eq!(log_id.len(), 32, "{log_id}");
+    let (c, m) = code(
+        client
+            .subscribe(pb::SubscribeRequest {
+                from_offset: 0,
+                log_id: "0".repeat(32),
+            })
+            .await,
+    );
+    assert_eq!(c, Code::FailedPrecondition, "{m}");
+    assert!(m.contains("rebuilt"), "{m}");
+    let mut same = client
+        .subscribe(pb::SubscribeRequest {
+            from_offset: 0,
+            log_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(same.message().await.unwrap().unwrap().offset, 0);
+    drop(same);
 
     // Still serving after all of that.
     assert_eq!(

@@ -74,10 +74,10 @@ impl Api {
         let mut stream = self
             .served
             .runtime
-            .block_on(
-                self.client
-                    .subscribe(pb::SubscribeRequest { from_offset: 0 }),
-            )
+            .block_on(self.client.subscribe(pb::SubscribeRequest {
+                from_offset: 0,
+                ..Default::default()
+            }))
             .unwrap()
             .into_inner();
         let mut events = Vec::new();

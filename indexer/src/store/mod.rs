@@ -149,6 +149,18 @@ impl Store {
             event_lock: std::sync::Mutex::new(()),
         };
         store.check_format(network)?;
+        if store.get(Cf::Meta, schema::META_LOG_ID)?.is_none() {
+            // A new database (or one from before log ids): its log gets its identity now.
+            let id: [u8; 16] = bitcoin::secp256k1::rand::random();
+            let mut batch = Batch::default();
+            batch.put(
+                &store,
+                Cf::Meta,
+                schema::META_LOG_ID,
+                hex::encode(id).as_bytes(),
+            );
+            store.commit(batch, true)?;
+        }
         Ok(store)
     }
 
@@ -497,6 +509,14 @@ impl Store {
 pub trait Reader {
     /// Reads one raw value.
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The event log's identity (see `schema::META_LOG_ID`).
+    fn log_id(&self) -> Result<String, StoreError> {
+        Ok(self
+            .get(Cf::Meta, schema::META_LOG_ID)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default())
+    }
 
     /// The offset the next event will get.
     fn next_event(&self) -> Result<u64, StoreError> {

@@ -189,6 +189,9 @@ pub const META_TIP: &[u8] = b"tip";
 pub const META_NEXT_WALLET: &[u8] = b"next_wallet";
 /// Meta key of the next event offset (u64 BE).
 pub const META_NEXT_EVENT: &[u8] = b"next_event";
+/// Meta key of the event log's identity: random hex written when the database is created,
+/// so a consumer can tell a rebuilt index's log from the one its offset belongs to.
+pub const META_LOG_ID: &[u8] = b"log_id";
 /// Meta key of a rescan in progress (from u32 BE, to u32 BE).
 pub const META_RESCAN: &[u8] = b"rescan";
 /// Meta key prefix of accepted, unmerged backfill jobs (+ id u64 BE; value: JSON job).
