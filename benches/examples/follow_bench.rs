@@ -7,16 +7,20 @@
 //! - catch-up throughput from an empty index over REST, over JSON-RPC hex, and as a ratio
 //!   to `rescan --blocks-dir` of the node's own blk files, on the same blocks.
 //!
-//! `follow_bench [--blocks N] [--fillers N] [--rounds N]`
+//! - with `--subscribers N`: the tip latency again, side by side in the same run, while N
+//!   gRPC subscribers follow the event log live.
+//!
+//! `follow_bench [--blocks N] [--fillers N] [--rounds N] [--subscribers N] [--watched-share F]`
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bitcoin::consensus::deserialize;
 use bitcoin::hashes::Hash;
+use bitcoin::hex::FromHex;
 use bitcoin::{block, Address, BlockHash, Network, ScriptBuf};
 use clap::Parser;
 use crossbeam_channel::RecvTimeoutError;
@@ -27,6 +31,8 @@ use indexer::pipeline::PipelineOptions;
 use indexer::rescan::{rescan_blocks_dir, RescanRequest};
 use indexer::store::{Reader, Store};
 use indexer::wallets;
+use proto::indexer::v1 as pb;
+use proto::indexer::v1::indexer_client::IndexerClient;
 use serde_json::json;
 use system_tests::harness::{open_with_wallets, TestWallet};
 use system_tests::live::{Devnet, Following};
@@ -45,9 +51,16 @@ struct Args {
     /// Follow without the `rawtx` topic (no mempool tracking), to see what it costs.
     #[arg(long)]
     no_rawtx: bool,
-    /// Catch-up runs of each kind, interleaved.
+    /// Catch-up runs of each kind, interleaved (0: none).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// After the tip-latency blocks, mine as many again while this many gRPC subscribers
+    /// follow the event log live, then as many again without them, and compare.
+    #[arg(long, default_value_t = 0)]
+    subscribers: usize,
+    /// Also watch this share of the scripts the node's traffic pays (more events a block).
+    #[arg(long, default_value_t = 0.0)]
+    watched_share: f64,
 }
 
 /// When each block's `rawblock` arrived (and its bytes), and when it became visible.
@@ -87,6 +100,47 @@ fn watched(miner: &str) -> Result<Vec<TestWallet>> {
         name: "bench".into(),
         scripts,
     }])
+}
+
+/// Serves `store` over gRPC and starts `n` subscribers following its event log from
+/// offset 0; returns the runtime (dropping it stops them) and their event counts.
+fn start_subscribers(
+    store: Arc<Store>,
+    n: usize,
+) -> Result<(tokio::runtime::Runtime, Arc<AtomicU64>)> {
+    let runtime = indexer::grpc::runtime()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    runtime.spawn(indexer::grpc::serve(
+        store,
+        Network::Regtest,
+        listener,
+        None,
+        std::future::pending(),
+    ));
+    let received = Arc::new(AtomicU64::new(0));
+    let channel = runtime
+        .block_on(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect())?;
+    for _ in 0..n {
+        let (channel, received) = (channel.clone(), received.clone());
+        runtime.spawn(async move {
+            let mut client = IndexerClient::new(channel);
+            let Ok(events) = client
+                .subscribe(pb::SubscribeRequest {
+                    from_offset: 0,
+                    ..Default::default()
+                })
+                .await
+            else {
+                return;
+            };
+            let mut events = events.into_inner();
+            while let Ok(Some(_)) = events.message().await {
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    Ok((runtime, received))
 }
 
 /// Records when every `rawblock` reaches a subscriber of its own (what the indexer's
@@ -156,13 +210,18 @@ fn watch_commits(
 }
 
 /// Tip latency over `blocks` freshly mined blocks: (latencies ms, parse ms, sizes).
+/// Tip latency over `blocks` blocks; with `subscribers`, then over as many again while
+/// they follow the event log, then as many again without them (counted with the first):
+/// (latencies, parse times, sizes, latencies with subscribers, events they received).
+#[allow(clippy::type_complexity)]
 fn tip_latency(
     node: &Devnet,
     miner: &str,
     wallets: &[TestWallet],
     blocks: u32,
     rawtx: bool,
-) -> Result<(Vec<f64>, Vec<f64>, Vec<usize>)> {
+    subscribers: usize,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<usize>, Vec<f64>, u64)> {
     let db = tempfile::tempdir()?;
     let mut zmq = node.zmq();
     zmq.topics.retain(|(t, _)| rawtx || *t != Topic::RawTx);
@@ -182,24 +241,49 @@ fn tip_latency(
     let committing = watch_commits(following.store.clone(), timeline.clone(), stop.clone());
     std::thread::sleep(Duration::from_millis(300)); // let the subscriber connect
 
-    let mut samples = Vec::new();
-    for i in 0..blocks {
-        let hash = node.mine_to(1, miner)[0];
-        let until = Instant::now() + Duration::from_secs(60);
-        loop {
-            let t = timeline.lock().unwrap_or_else(|e| e.into_inner());
-            if let (Some((arrived, raw)), Some(visible)) =
-                (t.arrived.get(&hash), t.visible.get(&hash))
-            {
-                samples.push((hash, *visible - *arrived, raw.clone()));
-                break;
+    let sample = |samples: &mut Vec<(BlockHash, Duration, Vec<u8>)>| -> Result<()> {
+        for i in 0..blocks {
+            let hash = node.mine_to(1, miner)[0];
+            let until = Instant::now() + Duration::from_secs(60);
+            loop {
+                let t = timeline.lock().unwrap_or_else(|e| e.into_inner());
+                if let (Some((arrived, raw)), Some(visible)) =
+                    (t.arrived.get(&hash), t.visible.get(&hash))
+                {
+                    samples.push((hash, *visible - *arrived, raw.clone()));
+                    break;
+                }
+                drop(t);
+                if Instant::now() > until {
+                    bail!("block {i} ({hash}) never became visible");
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
-            drop(t);
-            if Instant::now() > until {
-                bail!("block {i} ({hash}) never became visible");
-            }
-            std::thread::sleep(Duration::from_millis(1));
         }
+        Ok(())
+    };
+    let mut samples = Vec::new();
+    sample(&mut samples)?;
+    let mut with_subscribers = Vec::new();
+    let mut delivered = 0;
+    if subscribers > 0 {
+        let (runtime, received) = start_subscribers(following.store.clone(), subscribers)?;
+        // Let them replay the log so far and catch up before measuring.
+        let total = following.store.next_event()? * subscribers as u64;
+        let until = Instant::now() + Duration::from_secs(120);
+        while received.load(Ordering::Relaxed) < total && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let before = received.load(Ordering::Relaxed);
+        sample(&mut with_subscribers)?;
+        std::thread::sleep(Duration::from_millis(500));
+        delivered = received.load(Ordering::Relaxed) - before;
+        drop(runtime);
+        // And without them again, so neither side has the quieter moment to itself
+        // (compactions after the catch-up fall on the first phase).
+        let mut after = Vec::new();
+        sample(&mut after)?;
+        samples.extend(after);
     }
     stop.store(true, Ordering::Relaxed);
     let _ = committing.join();
@@ -232,7 +316,11 @@ fn tip_latency(
         parses.push(best.as_secs_f64() * 1e3);
         sizes.push(size);
     }
-    Ok((latencies, parses, sizes))
+    let with_subscribers = with_subscribers
+        .into_iter()
+        .map(|(_, latency, _)| latency.as_secs_f64() * 1e3)
+        .collect();
+    Ok((latencies, parses, sizes, with_subscribers, delivered))
 }
 
 /// How one catch-up read its blocks.
@@ -303,11 +391,36 @@ fn main() -> Result<()> {
     let miner = node.new_address("bech32");
     node.mine_to(110, &miner);
     node.call("devnet_setfiller", json!([args.fillers]));
-    let wallets = watched(&miner)?;
+    let mut wallets = watched(&miner)?;
+    if args.watched_share > 0.0 {
+        // Sample the scripts the node's traffic pays from a few full blocks.
+        node.mine_to(5, &miner);
+        let (height, _) = node.best();
+        for h in height - 4..=height {
+            let hex = node.call("getblock", json!([node.hash_at(h).to_string(), 0]));
+            let raw = Vec::<u8>::from_hex(hex.as_str().unwrap_or_default())?;
+            let block: bitcoin::Block = deserialize(&raw)?;
+            for out in block.txdata.iter().flat_map(|tx| &tx.output) {
+                let bucket = bitcoin::hashes::sha256::Hash::hash(out.script_pubkey.as_bytes())
+                    .to_byte_array()[0];
+                if f64::from(bucket) < args.watched_share * 256.0
+                    && !out.script_pubkey.is_op_return()
+                {
+                    wallets[0].scripts.insert(out.script_pubkey.clone());
+                }
+            }
+        }
+    }
 
     eprintln!("tip latency over {} full blocks...", args.blocks);
-    let (latencies, parses, sizes) =
-        tip_latency(&node, &miner, &wallets, args.blocks, !args.no_rawtx)?;
+    let (latencies, parses, sizes, with_subscribers, delivered) = tip_latency(
+        &node,
+        &miner,
+        &wallets,
+        args.blocks,
+        !args.no_rawtx,
+        args.subscribers,
+    )?;
     eprintln!(
         "latencies (ms): {:?}",
         latencies.iter().map(|l| l.round()).collect::<Vec<_>>()
@@ -341,6 +454,20 @@ fn main() -> Result<()> {
         percentile(&latencies, 0.99) / percentile(&parses, 0.5)
     );
 
+    if args.subscribers > 0 {
+        let with = sorted(with_subscribers);
+        println!(
+            "tip latency with {} subscribers following the event log ({delivered} events delivered during it): p50 {:.1} ms, p99 {:.1} ms; ratio to without: p50 {:.2}, p99 {:.2}",
+            args.subscribers,
+            percentile(&with, 0.5),
+            percentile(&with, 0.99),
+            percentile(&with, 0.5) / percentile(&latencies, 0.5),
+            percentile(&with, 0.99) / percentile(&latencies, 0.99)
+        );
+    }
+    if args.rounds == 0 {
+        return Ok(());
+    }
     eprintln!("catch-up, {} rounds...", args.rounds);
     let mut runs: HashMap<&'static str, Vec<f64>> = HashMap::new();
     let mut digests = BTreeSet::new();
