@@ -284,6 +284,7 @@ impl Follower {
             self.opts.bloom_fp_rate,
         )?;
         *self.scripts.write().expect("filter lock is never poisoned") = Arc::new(filter);
+        self.mempool_mut().forget_checked();
         Ok(())
     }
 

@@ -71,6 +71,13 @@ pub struct Mempool {
 }
 
 impl Mempool {
+    /// Forgets which mempool transactions were already looked at: after the watched
+    /// scripts change, the next resync looks at every one again (one may pay a script
+    /// watched only now).
+    pub fn forget_checked(&mut self) {
+        self.checked.clear();
+    }
+
     /// An empty tracker.
     pub fn new() -> Self {
         Self::default()
