@@ -27,8 +27,6 @@ use crossbeam_channel::RecvTimeoutError;
 use indexer::daemon::zmq::{self as izmq, Notice, Topic, ZmqEndpoints};
 use indexer::follow::{FollowOptions, Follower};
 use indexer::pipeline::parse::{parse_block, RawBlock};
-use indexer::pipeline::PipelineOptions;
-use indexer::rescan::{rescan_blocks_dir, RescanRequest};
 use indexer::store::{Reader, Store};
 use indexer::wallets;
 use proto::indexer::v1 as pb;
@@ -274,6 +272,11 @@ fn tip_latency(
         while received.load(Ordering::Relaxed) < total && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(20));
         }
+        if received.load(Ordering::Relaxed) < total {
+            bail!(
+                "the {subscribers} subscribers did not all replay the log before the measurement"
+            );
+        }
         let before = received.load(Ordering::Relaxed);
         sample(&mut with_subscribers)?;
         std::thread::sleep(Duration::from_millis(500));
@@ -351,22 +354,9 @@ fn catch_up(node: &Devnet, wallets: &[TestWallet], path: Path) -> Result<(f64, f
             follower.sync(None)?.progress.bytes
         }
         Path::BlocksDir => {
-            let req = RescanRequest {
-                blocks_dir: node.blocks_dir(),
-                from: None,
-                to: None,
-            };
-            rescan_blocks_dir(
-                &store,
-                Network::Regtest,
-                &scripts,
-                &req,
-                &PipelineOptions::default(),
-                &|_| {},
-                &|_| {},
-            )?
-            .progress
-            .bytes
+            benches::rescan(&store, &scripts, &node.blocks_dir(), &|_| {})?
+                .0
+                .bytes
         }
     };
     let secs = started.elapsed().as_secs_f64();

@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use bitcoin::Network;
 use clap::Parser;
-use indexer::pipeline::PipelineOptions;
-use indexer::rescan::{rescan_blocks_dir, RescanRequest};
 use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use tonic::transport::Channel;
@@ -73,20 +71,7 @@ fn main() -> Result<()> {
     }
     let args = Args::parse();
     let (_db, store, scripts) = benches::bench_store(&args.chain)?;
-    let req = RescanRequest {
-        blocks_dir: args.chain.clone(),
-        from: None,
-        to: None,
-    };
-    rescan_blocks_dir(
-        &store,
-        Network::Regtest,
-        &scripts,
-        &req,
-        &PipelineOptions::default(),
-        &|_| {},
-        &|_| {},
-    )?;
+    benches::rescan(&store, &scripts, &args.chain, &|_| {})?;
     let utxos = store.count(indexer::store::schema::Cf::Utxo)?;
 
     let runtime = tokio::runtime::Runtime::new()?;

@@ -12,10 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use bitcoin::Network;
 use clap::Parser;
-use indexer::pipeline::PipelineOptions;
-use indexer::rescan::{rescan_blocks_dir, RescanRequest};
 use indexer::store::{Reader, Store};
 use indexer::watchlist::ScriptFilter;
 
@@ -34,22 +31,8 @@ struct Args {
 
 /// Rescans (or resumes) `chain` into `store`: (blocks connected, seconds).
 fn rescan(store: &Store, scripts: &ScriptFilter, chain: &Path) -> Result<(u64, f64)> {
-    let req = RescanRequest {
-        blocks_dir: chain.to_owned(),
-        from: None,
-        to: None,
-    };
-    let started = Instant::now();
-    let report = rescan_blocks_dir(
-        store,
-        Network::Regtest,
-        scripts,
-        &req,
-        &PipelineOptions::default(),
-        &|_| {},
-        &|_| {},
-    )?;
-    Ok((report.progress.blocks, started.elapsed().as_secs_f64()))
+    let (progress, secs) = benches::rescan(store, scripts, chain, &|_| {})?;
+    Ok((progress.blocks, secs))
 }
 
 fn main() -> Result<()> {
@@ -71,7 +54,9 @@ fn main() -> Result<()> {
         let Some((tip, _)) = store.tip()? else {
             bail!("empty index");
         };
-        let keep = tip - depth;
+        let Some(keep) = tip.checked_sub(depth) else {
+            bail!("a reorg of {depth} blocks is deeper than the index ({tip} blocks)");
+        };
         let started = Instant::now();
         let undone = store.disconnect_above(Some(keep), true)?;
         let down = started.elapsed().as_secs_f64() * 1e3;

@@ -11,13 +11,12 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use benches::mix::{script, WATCHED};
 use benches::rss::rss;
+use bitcoin::block;
 use bitcoin::consensus::deserialize;
 use bitcoin::hashes::{sha256, Hash};
-use bitcoin::{block, Network};
 use clap::Parser;
 use indexer::pipeline::parse::{parse_block, RawBlock};
-use indexer::pipeline::{PipelineOptions, Progress};
-use indexer::rescan::{rescan_blocks_dir, RescanRequest};
+use indexer::pipeline::Progress;
 use indexer::watchlist::ScriptFilter;
 use rayon::prelude::*;
 
@@ -150,28 +149,12 @@ fn main() -> Result<()> {
 
     let (_db, store, scripts) = benches::bench_store(&args.chain)?;
     let samples: Mutex<Vec<(u32, u64)>> = Mutex::new(Vec::new());
-    let req = RescanRequest {
-        blocks_dir: args.chain.clone(),
-        from: None,
-        to: None,
-    };
-    let started = Instant::now();
-    let report = rescan_blocks_dir(
-        &store,
-        Network::Regtest,
-        &scripts,
-        &req,
-        &PipelineOptions::default(),
-        &|_| {},
-        &|p: &Progress| {
-            samples
-                .lock()
-                .expect("not poisoned")
-                .push((p.height, rss().0))
-        },
-    )?;
-    let secs = started.elapsed().as_secs_f64();
-    let p = report.progress;
+    let (p, secs) = benches::rescan(&store, &scripts, &args.chain, &|p: &Progress| {
+        samples
+            .lock()
+            .expect("not poisoned")
+            .push((p.height, rss().0))
+    })?;
     let (_, peak) = rss();
     let rescan = mb_s(p.bytes, secs);
     let samples = samples.into_inner().expect("not poisoned");

@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use bitcoin::Network;
 use clap::Parser;
-use indexer::pipeline::PipelineOptions;
-use indexer::rescan::{rescan_blocks_dir, RescanRequest};
 use indexer::store::{Reader, Store};
 use indexer::watchlist::ScriptFilter;
 use proto::indexer::v1 as pb;
@@ -57,23 +55,8 @@ fn cpu_seconds() -> Result<(f64, f64)> {
 
 /// Rescans `chain` into `store`: (MB/s, seconds).
 fn rescan(store: &Store, scripts: &ScriptFilter, chain: &std::path::Path) -> Result<(f64, f64)> {
-    let req = RescanRequest {
-        blocks_dir: chain.to_owned(),
-        from: None,
-        to: None,
-    };
-    let started = Instant::now();
-    let report = rescan_blocks_dir(
-        store,
-        Network::Regtest,
-        scripts,
-        &req,
-        &PipelineOptions::default(),
-        &|_| {},
-        &|_| {},
-    )?;
-    let secs = started.elapsed().as_secs_f64();
-    Ok((report.progress.bytes as f64 / secs / 1e6, secs))
+    let (progress, secs) = benches::rescan(store, scripts, chain, &|_| {})?;
+    Ok((progress.bytes as f64 / secs / 1e6, secs))
 }
 
 fn main() -> Result<()> {
@@ -124,6 +107,11 @@ fn main() -> Result<()> {
                 .expect("subscribe")
                 .into_inner();
             while let Ok(Some(e)) = events.message().await {
+                // Every offset once, in order; anything else marks the subscriber failed.
+                if e.offset != received[i].load(Ordering::Relaxed) {
+                    received[i].store(u64::MAX, Ordering::Relaxed);
+                    return;
+                }
                 received[i].store(e.offset + 1, Ordering::Relaxed);
             }
         });

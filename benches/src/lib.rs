@@ -13,6 +13,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use bitcoin::Network;
+use indexer::pipeline::{PipelineOptions, Progress};
+use indexer::rescan::{rescan_blocks_dir, RescanRequest};
 use indexer::store::Store;
 use indexer::wallets;
 use indexer::watchlist::ScriptFilter;
@@ -39,4 +41,31 @@ pub fn invoked_as_test() -> bool {
         .skip(1)
         .any(|a| a == "--list" || a == "--test" || a == "--exact" || a == "--nocapture")
         || std::env::args().len() == 1 && std::env::var_os("NEXTEST").is_some()
+}
+
+/// Rescans (or resumes) the whole chain of the blk files in `dir` into `store` with the
+/// default pipeline, calling `on_commit` after each commit: what was committed and the
+/// seconds it took.
+pub fn rescan(
+    store: &Store,
+    scripts: &ScriptFilter,
+    dir: &Path,
+    on_commit: &(dyn Fn(&Progress) + Sync),
+) -> Result<(Progress, f64)> {
+    let req = RescanRequest {
+        blocks_dir: dir.to_owned(),
+        from: None,
+        to: None,
+    };
+    let started = std::time::Instant::now();
+    let report = rescan_blocks_dir(
+        store,
+        Network::Regtest,
+        scripts,
+        &req,
+        &PipelineOptions::default(),
+        &|_| {},
+        on_commit,
+    )?;
+    Ok((report.progress, started.elapsed().as_secs_f64()))
 }
