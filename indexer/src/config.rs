@@ -235,7 +235,8 @@ impl BitcoindFileConfig {
             ),
             zmq_silence: secs(self.zmq_silence_secs.unwrap_or(30).max(1)),
             rpc_timeout: secs(self.rpc_timeout_secs.unwrap_or(60).max(1)),
-            startup_wait: secs(self.startup_wait_secs.unwrap_or(60)),
+            // Capped at a day: far beyond any start, and clear of time arithmetic overflow.
+            startup_wait: secs(self.startup_wait_secs.unwrap_or(60).min(86_400)),
         })
     }
 }

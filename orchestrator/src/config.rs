@@ -191,7 +191,10 @@ impl FileConfig {
             indexer_ca_file: self.indexer_ca_file,
             bitcoind_rpc_url,
             bitcoind_cookie_file: need(self.bitcoind_cookie_file, "bitcoind_cookie_file")?,
-            startup_wait: std::time::Duration::from_secs(self.startup_wait_secs.unwrap_or(60)),
+            // Capped at a day: far beyond any start, and clear of time arithmetic overflow.
+            startup_wait: std::time::Duration::from_secs(
+                self.startup_wait_secs.unwrap_or(60).min(86_400),
+            ),
             db: need(self.db, "db")?,
             key_file: need(self.key_file, "key_file")?,
             token_file: need(self.token_file, "token_file")?,

@@ -88,6 +88,11 @@ pub struct Executor {
     /// Each wallet's spendable coins as the indexer listed them this round (read once per
     /// round, not once per reservation; reservations are checked on every use).
     utxos: std::collections::HashMap<String, Vec<Candidate>>,
+    /// Every coin some withdrawal holds, read once per round (see `candidates`).
+    reserved: Option<std::collections::HashSet<OutPoint>>,
+    /// Withdrawals whose bump failed (the fee cap reached), with the tip then: not tried
+    /// again before the chain moves.
+    bump_failed: std::collections::HashMap<u64, u32>,
     /// Fault injection for the crash tests: the step boundary at which the process dies,
     /// as kill -9 would (`ORCHESTRATOR_CRASH_AT`: reserved, signed, sent, broadcast,
     /// confirmed). Unset in production.
@@ -126,6 +131,8 @@ impl Executor {
             last_tip: None,
             wake: Arc::new(tokio::sync::Notify::new()),
             utxos: std::collections::HashMap::new(),
+            reserved: None,
+            bump_failed: std::collections::HashMap::new(),
             crash_at: std::env::var("ORCHESTRATOR_CRASH_AT").ok(),
         }
     }
@@ -140,6 +147,7 @@ impl Executor {
             None
         };
         self.utxos.clear();
+        self.reserved = None;
         let mut moved = 0;
         for w in self.store.unfinished()? {
             if w.next_step() == Step::Watch && !observed {
@@ -225,7 +233,12 @@ impl Executor {
             let listed = self.list_wallet(wallet).await?;
             self.utxos.insert(wallet.to_owned(), listed);
         }
-        let reserved = self.store.reserved()?;
+        // Read once per round, then kept up to date by this executor's own reservations
+        // (the store still refuses a coin another writer took meanwhile).
+        if self.reserved.is_none() {
+            self.reserved = Some(self.store.reserved()?);
+        }
+        let reserved = self.reserved.as_ref().expect("just read");
         Ok(self.utxos[wallet]
             .iter()
             .filter(|c| !reserved.contains(&c.outpoint))
@@ -303,7 +316,7 @@ impl Executor {
             w.request.max_fee,
         ) {
             Ok(selection) => {
-                let coins = selection
+                let coins: Vec<Coin> = selection
                     .coins
                     .into_iter()
                     .map(|c| Coin {
@@ -312,7 +325,12 @@ impl Executor {
                         script: c.script,
                     })
                     .collect();
-                self.record(w, Outcome::Reserved(coins))
+                let taken: Vec<OutPoint> = coins.iter().map(|c| c.outpoint).collect();
+                let after = self.record(w, Outcome::Reserved(coins))?;
+                if let Some(reserved) = &mut self.reserved {
+                    reserved.extend(taken);
+                }
+                Ok(after)
             }
             Err(e @ (SelectError::InsufficientFunds { .. } | SelectError::FeeAboveCap { .. })) => {
                 self.record(w, Outcome::Failed(e.to_string()))
@@ -559,10 +577,21 @@ impl Executor {
         }
         let after = self.policy.bump_after_blocks;
         let stuck = |tip: u32| {
-            w.state == State::Broadcast && w.broadcast_height.is_some_and(|h| tip >= h + after)
+            w.state == State::Broadcast
+                && w.broadcast_height
+                    .is_some_and(|h| tip >= h.saturating_add(after))
         };
+        if self.bump_failed.get(&w.id) == Some(&tip) {
+            return Ok(false);
+        }
         if stuck(tip) && stuck(self.tip().await?) && self.confirmed_in_index(w).await?.is_none() {
-            return self.bump(w).await;
+            let bumped = self.bump(w).await?;
+            if bumped {
+                self.bump_failed.remove(&w.id);
+            } else {
+                self.bump_failed.insert(w.id, tip);
+            }
+            return Ok(bumped);
         }
         Ok(false)
     }

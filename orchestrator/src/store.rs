@@ -422,7 +422,10 @@ impl SagaStore {
 
     /// Withdrawals by id from `after` on (exclusive), at most `limit`.
     pub fn list(&self, after: u64, limit: usize) -> Result<Vec<Withdrawal>, SagaStoreError> {
-        let start = (after + 1).to_be_bytes();
+        let Some(first) = after.checked_add(1) else {
+            return Ok(Vec::new()); // nothing comes after the last id
+        };
+        let start = first.to_be_bytes();
         let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(WITHDRAWALS), mode) {

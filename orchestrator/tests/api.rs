@@ -286,4 +286,15 @@ async fn watchers_see_every_change_and_cancel_stops_at_broadcast() {
         }))
         .await;
     assert_eq!(code(bad_token), tonic::Code::InvalidArgument);
+    // The largest token is past every id: an empty page, not an overflow.
+    let past_the_end = api
+        .client
+        .list_withdrawals(auth(pb::ListWithdrawalsRequest {
+            page_token: u64::MAX.to_string(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(past_the_end.withdrawals.is_empty());
 }
