@@ -443,7 +443,7 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
             .await
             .with_context(|| format!("listening on {addr}"))?;
         let local = listener.local_addr().context("reading the bound address")?;
-        serve_metrics(config, Arc::new(metrics.probe(true))).await?;
+        serve_metrics(config, Arc::new(metrics.probe(true)))?;
         tracing::info!(%local, "following bitcoind; serving indexer.v1.Indexer, grpc.health.v1 and reflection");
         println!("listening\t{local}");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -492,7 +492,7 @@ fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Resul
             .await
             .with_context(|| format!("listening on {addr}"))?;
         let local = listener.local_addr().context("reading the bound address")?;
-        serve_metrics(config, Arc::new(metrics.probe(false))).await?;
+        serve_metrics(config, Arc::new(metrics.probe(false)))?;
         tracing::info!(%local, "serving indexer.v1.Indexer, grpc.health.v1 and reflection");
         println!("listening\t{local}");
         // Stop on Ctrl-C or SIGTERM (what service managers send), finishing open calls.
@@ -520,12 +520,11 @@ fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Resul
 }
 
 /// Starts the metrics endpoint when `metrics_listen` is set, and prints `metrics<TAB>ADDR`.
-async fn serve_metrics(config: &Config, probe: Arc<dyn Probe>) -> Result<()> {
+fn serve_metrics(config: &Config, probe: Arc<dyn Probe>) -> Result<()> {
     let Some(addr) = config.metrics_listen else {
         return Ok(());
     };
     let local = indexer::metrics::http::start(addr, probe)
-        .await
         .with_context(|| format!("serving metrics on {addr}"))?;
     println!("metrics\t{local}");
     Ok(())

@@ -228,7 +228,6 @@ fn run(args: RunArgs) -> Result<()> {
         if let Some(addr) = config.metrics_listen {
             let probe = OrchestratorProbe::new(store.clone(), &latency, running);
             let local = indexer::metrics::http::start(addr, Arc::new(probe))
-                .await
                 .with_context(|| format!("serving metrics on {addr}"))?;
             println!("metrics\t{local}");
         }

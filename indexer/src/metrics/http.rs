@@ -23,22 +23,33 @@ pub trait Probe: Send + Sync + 'static {
     fn ready(&self) -> bool;
 }
 
-/// Binds `addr` and serves `probe` there from a task of the current runtime, for as long
-/// as the runtime runs; returns the bound address (`addr` may name port 0).
-pub async fn start(addr: SocketAddr, probe: Arc<dyn Probe>) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+/// Binds `addr` and serves `probe` there for the rest of the process's life, from a thread
+/// of its own at the process's own priority: health probes answer even while the gRPC
+/// threads yield the CPU to a catch-up. Returns the bound address (`addr` may name port 0).
+pub fn start(addr: SocketAddr, probe: Arc<dyn Probe>) -> std::io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .thread_name("metrics-render")
+        .build()?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .with_state(probe);
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            let served = runtime.block_on(async move {
+                axum::serve(tokio::net::TcpListener::from_std(listener)?, app).await
+            });
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the metrics endpoint stopped");
+            }
+        })?;
     tracing::info!(%local, "serving metrics on /metrics, /health and /ready");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "the metrics endpoint stopped");
-        }
-    });
     Ok(local)
 }
 
