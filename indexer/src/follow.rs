@@ -25,6 +25,7 @@ use crate::metrics::IndexerMetrics;
 use crate::pipeline::apply::ApplyError;
 use crate::pipeline::parse::{txid_of, RawBlock};
 use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
+use crate::serve_priority::FlatOut;
 use crate::store::{Batch, Reader, Store, StoreError};
 use crate::types::{Event, EventKind};
 use crate::wallets;
@@ -164,6 +165,11 @@ const MERGE_RETRY: Duration = Duration::from_secs(5);
 
 /// Longest a live block holds up mempool notices while it is indexed.
 const BLOCK_FIRST_LIMIT: Duration = Duration::from_secs(2);
+
+/// A catch-up of more blocks than this runs with the serving threads yielding the CPU to
+/// it ([`FlatOut`]): a few blocks take milliseconds and queries should not wait behind
+/// them, while a long catch-up is where indexing speed counts.
+const FLAT_OUT_BLOCKS: u32 = 10;
 
 /// Waits until `committed` reports `height` (or `limit` passes, or the pipeline ended:
 /// the notice loop finds out about those on its own).
@@ -743,6 +749,7 @@ impl Follower {
                 return Ok(report);
             }
             info!(from, to = target, "catching up from bitcoind");
+            let _flat_out = (target - from >= FLAT_OUT_BLOCKS).then(FlatOut::begin);
             let source = Prefetch::new(self.daemon.clone(), from, target, self.opts.fetch);
             let stop = self.stop.clone();
             // Stopping ends the source; the pipeline commits what it already has.

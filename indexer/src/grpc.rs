@@ -18,6 +18,7 @@ use crate::event_feed::{EventFeed, EventStream};
 use crate::mempool::{Gone, Mempool};
 use crate::metrics::IndexerMetrics;
 use crate::query::{Query, QueryError};
+use crate::serve_priority;
 use crate::store::Store;
 use crate::wallets::WalletError;
 use crate::watching::{self, AddWatchError, WatchChanges, WatchRequest};
@@ -82,10 +83,13 @@ impl IndexerService {
         f: impl FnOnce(&Query<'_>) -> Result<T, QueryError> + Send + 'static,
     ) -> Result<T, Status> {
         let (store, network) = (self.store.clone(), self.network);
-        tokio::task::spawn_blocking(move || f(&Query::new(&store, network)?))
-            .await
-            .map_err(|e| Status::internal(format!("query task failed: {e}")))?
-            .map_err(Status::from)
+        tokio::task::spawn_blocking(move || {
+            serve_priority::adjust();
+            f(&Query::new(&store, network)?)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("query task failed: {e}")))?
+        .map_err(Status::from)
     }
 }
 
@@ -182,9 +186,12 @@ impl Indexer for IndexerService {
             WatchChanges::Direct { gap_limit } => {
                 let (store, network) = (self.store.clone(), self.network);
                 let request = request(*gap_limit);
-                tokio::task::spawn_blocking(move || watching::apply(&store, network, request))
-                    .await
-                    .map_err(|e| Status::internal(format!("AddWatch task failed: {e}")))?;
+                tokio::task::spawn_blocking(move || {
+                    serve_priority::adjust();
+                    watching::apply(&store, network, request)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("AddWatch task failed: {e}")))?;
             }
             WatchChanges::Follower {
                 requests,
@@ -390,27 +397,16 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// How much lower than the indexing threads the server's threads are scheduled (a nice
-/// increment): on a busy machine, queries and subscriptions yield to indexing.
-const SERVE_NICENESS: i32 = 10;
-
-/// The async runtime the gRPC server runs on. Its threads run at a lower scheduling
-/// priority than the indexing pipeline, so a rescan or catch-up is slowed down less by
-/// consumers: subscriptions are back-pressured and catch up when indexing idles, and
-/// queries answer as soon as a core is free.
+/// The async runtime the gRPC server runs on. Its threads run below the indexing pipeline
+/// ([`serve_priority`]), so a rescan or catch-up is not slowed down by consumers:
+/// subscriptions are back-pressured and catch up when indexing idles, and queries answer
+/// as soon as a core is free.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("grpc")
-        .on_thread_start(|| {
-            // Linux applies a thread id's priority to that thread alone.
-            let me = rustix::thread::gettid();
-            let current = rustix::process::getpriority_process(Some(me)).unwrap_or(0);
-            if let Err(e) = rustix::process::setpriority_process(Some(me), current + SERVE_NICENESS)
-            {
-                tracing::debug!(error = %e, "could not lower the gRPC threads' priority");
-            }
-        })
+        .on_thread_start(serve_priority::enroll)
+        .on_thread_unpark(serve_priority::adjust)
         .build()
 }
 

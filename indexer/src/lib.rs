@@ -11,7 +11,8 @@
 //! Modules, from the entry down to the pure core:
 //! - [`auth`] checks bearer tokens on gRPC calls;
 //! - [`grpc`] serves `indexer.v1.Indexer` (with [`convert`] between queries and messages,
-//!   and [`event_feed`] reading the event log once for every subscriber);
+//!   [`event_feed`] reading the event log once for every subscriber, and
+//!   [`serve_priority`] keeping serving out of indexing's way);
 //! - [`query`] answers balance and UTXO queries from one snapshot;
 //! - [`follow`] keeps the index on bitcoind's best chain ([`daemon`] talks to bitcoind over
 //!   RPC, REST and ZMQ; [`fetch`] prefetches blocks for catch-up);
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod query;
 pub mod rescan;
+pub mod serve_priority;
 pub mod store;
 pub mod types;
 pub mod wallets;

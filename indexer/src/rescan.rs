@@ -13,6 +13,7 @@ use crate::blkfile::{BlkError, BlocksDir, PartialTail};
 use crate::chain::{self, ChainEntry, ChainError, Rejected};
 use crate::pipeline::parse::RawBlock;
 use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
+use crate::serve_priority::FlatOut;
 use crate::store::schema::{self, Cf};
 use crate::store::{Batch, Reader, Store, StoreError};
 use crate::watchlist::ScriptFilter;
@@ -131,7 +132,9 @@ pub fn rescan_blocks_dir(
             origin: dir.describe(e.loc),
         })
     });
+    let flat_out = FlatOut::begin();
     let progress = pipeline::run(store, scripts, source, opts, on_commit)?;
+    drop(flat_out);
     let mut batch = Batch::default();
     batch.delete(store, Cf::Meta, schema::META_RESCAN);
     store.commit(batch, true)?;

@@ -5,7 +5,8 @@
 //! Scenarios:
 //! 1. 1,000 blocks with transactions (fillers of every script type, payments and coinbases
 //!    to watched addresses), caught up over REST and then followed live over ZMQ, with
-//!    XOR-obfuscated block files: digest == `rescan --blocks-dir` of the node's files.
+//!    XOR-obfuscated block files: digest == `rescan --blocks-dir` of the node's files; the
+//!    serving threads yield to the catch-up, and only to it.
 //! 2. random reorgs (depth 1..20; `FOLLOW_REORGS`, default 200), some while the follower is
 //!    still catching up, with ZMQ messages randomly dropped, reordered or garbled: after
 //!    each, the follower reaches the node's tip; every 25 and at the end, digest == fresh.
@@ -15,10 +16,13 @@
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bitcoin::{Address, ScriptBuf};
 use indexer::follow::FollowOptions;
+use indexer::serve_priority;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use system_tests::harness::TestWallet;
@@ -87,6 +91,19 @@ fn follows_a_thousand_blocks_to_the_digest_of_the_nodes_own_block_files() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     // A backlog to catch up on (coinbases to watched addresses fund the fillers).
     activity(&node, &addresses, &mut rng, 300);
+    // A catch-up this long runs with the serving threads yielding the CPU to it.
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = std::thread::spawn({
+        let done = done.clone();
+        move || {
+            let mut seen = false;
+            while !done.load(Ordering::Relaxed) {
+                seen |= serve_priority::indexing_flat_out();
+                std::thread::yield_now();
+            }
+            seen
+        }
+    });
     let db = tempfile::tempdir().unwrap();
     let f = Following::start(
         node.daemon(true),
@@ -96,6 +113,20 @@ fn follows_a_thousand_blocks_to_the_digest_of_the_nodes_own_block_files() {
         FollowOptions::default(),
     );
     assert!(f.wait_for(node.best().1, WAIT), "caught up");
+    done.store(true, Ordering::Relaxed);
+    assert!(
+        sampler.join().unwrap(),
+        "the catch-up never asked the serving threads to yield"
+    );
+    // ... and only while it runs.
+    let until = std::time::Instant::now() + WAIT;
+    while serve_priority::indexing_flat_out() && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        !serve_priority::indexing_flat_out(),
+        "the serving threads still yield after the catch-up"
+    );
     // Then live, a few blocks at a time.
     activity(&node, &addresses, &mut rng, 700);
     let (height, tip) = node.best();
