@@ -1,21 +1,25 @@
-//! Does streaming the event log to many subscribers slow indexing? One process indexes the
-//! generated chain while N gRPC subscribers follow its event log live (the server and the
-//! rescan share the database), against the same rescan with no subscribers.
+//! Does streaming the event log to many subscribers slow indexing? Rescans the generated
+//! chain into a fresh database, alone and while N gRPC subscribers follow its event log
+//! live (server and rescan share the database, as in `indexer run`), in rounds that
+//! alternate which goes first. Run it also with `--subscribers 0` (the same comparison with
+//! nothing to serve: how much two rescans differ on this machine anyway) and with
+//! `--busy-loop` (a thread at the serving threads' priority that only spins: what any work
+//! on the CPU indexing leaves idle costs it).
 //!
-//! `subscribe_bench [--chain DIR] [--subscribers N]`
+//! `subscribe_bench [--chain DIR] [--subscribers N | --busy-loop] [--rounds N]`
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use bitcoin::Network;
 use clap::Parser;
-use indexer::store::{Reader, Store};
-use indexer::watchlist::ScriptFilter;
+use indexer::store::Reader;
 use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_client::IndexerClient;
+use tokio::runtime::Runtime;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -28,6 +32,13 @@ struct Args {
     /// Concurrent subscribers.
     #[arg(long, default_value_t = 100)]
     subscribers: usize,
+    /// Rounds of one rescan alone and one with the subscribers (order alternating).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Instead of subscribers, one thread at the serving threads' priority that only
+    /// spins: the least that any work on the CPU indexing leaves idle costs it here.
+    #[arg(long)]
+    busy_loop: bool,
 }
 
 /// CPU seconds this process's threads have used, split into the gRPC runtime's threads
@@ -53,28 +64,37 @@ fn cpu_seconds() -> Result<(f64, f64)> {
     Ok((grpc, rest))
 }
 
-/// Rescans `chain` into `store`: (MB/s, seconds).
-fn rescan(store: &Store, scripts: &ScriptFilter, chain: &std::path::Path) -> Result<(f64, f64)> {
-    let (progress, secs) = benches::rescan(store, scripts, chain, &|_| {})?;
-    Ok((progress.bytes as f64 / secs / 1e6, secs))
+/// One rescan of the chain into a fresh database.
+struct Run {
+    /// Indexing speed.
+    mb_per_s: f64,
+    /// CPU seconds of the rescan's threads.
+    indexing_cpu: f64,
+    /// CPU seconds of the gRPC threads (server and clients) during the rescan.
+    serving_cpu: f64,
+    /// Subscribers that received every event once, in order.
+    complete: usize,
 }
 
-fn main() -> Result<()> {
-    if benches::invoked_as_test() {
-        return Ok(());
-    }
-    let args = Args::parse();
+/// Rescans the chain with nobody subscribed.
+fn alone(chain: &Path) -> Result<Run> {
+    let (_db, store, scripts) = benches::bench_store(chain)?;
+    let (_, before) = cpu_seconds()?;
+    let (progress, secs) = benches::rescan(&store, &scripts, chain, &|_| {})?;
+    let (_, after) = cpu_seconds()?;
+    Ok(Run {
+        mb_per_s: progress.bytes as f64 / secs / 1e6,
+        indexing_cpu: after - before,
+        serving_cpu: 0.0,
+        complete: 0,
+    })
+}
 
-    let (_quiet_db, quiet, quiet_scripts) = benches::bench_store(&args.chain)?;
-    let (_, cpu_before) = cpu_seconds()?;
-    let (alone, _) = rescan(&quiet, &quiet_scripts, &args.chain)?;
-    let indexing_alone = cpu_seconds()?.1 - cpu_before;
-    drop(quiet);
-
-    let (_db, store, scripts) = benches::bench_store(&args.chain)?;
+/// Rescans the chain while `subscribers` gRPC clients follow its event log from offset 0,
+/// served as `indexer serve`/`run` serve it (the server and the rescan share the database).
+fn with_subscribers(chain: &Path, runtime: &Runtime, subscribers: usize) -> Result<Run> {
+    let (_db, store, scripts) = benches::bench_store(chain)?;
     let store = Arc::new(store);
-    // The server's runtime as `indexer serve`/`run` build it (below indexing's priority).
-    let runtime = indexer::grpc::runtime()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;
@@ -88,68 +108,147 @@ fn main() -> Result<()> {
         },
     ));
     let received: Arc<Vec<AtomicU64>> =
-        Arc::new((0..args.subscribers).map(|_| AtomicU64::new(0)).collect());
+        Arc::new((0..subscribers).map(|_| AtomicU64::new(0)).collect());
     let channel = runtime.block_on(async {
         tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .connect()
             .await
     })?;
-    for i in 0..args.subscribers {
-        let (channel, received) = (channel.clone(), received.clone());
-        runtime.spawn(async move {
-            let mut client = IndexerClient::new(channel);
-            let mut events = client
-                .subscribe(pb::SubscribeRequest {
-                    from_offset: 0,
-                    ..Default::default()
-                })
-                .await
-                .expect("subscribe")
-                .into_inner();
-            while let Ok(Some(e)) = events.message().await {
-                // Every offset once, in order; anything else marks the subscriber failed.
-                if e.offset != received[i].load(Ordering::Relaxed) {
-                    received[i].store(u64::MAX, Ordering::Relaxed);
-                    return;
+    let clients: Vec<_> = (0..subscribers)
+        .map(|i| {
+            let (channel, received) = (channel.clone(), received.clone());
+            runtime.spawn(async move {
+                let mut client = IndexerClient::new(channel);
+                let mut events = client
+                    .subscribe(pb::SubscribeRequest {
+                        from_offset: 0,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("subscribe")
+                    .into_inner();
+                while let Ok(Some(e)) = events.message().await {
+                    // Every offset once, in order; anything else marks the subscriber failed.
+                    if e.offset != received[i].load(Ordering::Relaxed) {
+                        received[i].store(u64::MAX, Ordering::Relaxed);
+                        return;
+                    }
+                    received[i].store(e.offset + 1, Ordering::Relaxed);
                 }
-                received[i].store(e.offset + 1, Ordering::Relaxed);
-            }
-        });
-    }
-    let (grpc_before, cpu_before) = cpu_seconds()?;
-    let (followed, secs) = rescan(&store, &scripts, &args.chain)?;
-    let (grpc_after, cpu_after) = cpu_seconds()?;
-    let indexing_with = cpu_after - cpu_before;
-    let serving = grpc_after - grpc_before;
+            })
+        })
+        .collect();
+    let (grpc_before, before) = cpu_seconds()?;
+    let (progress, secs) = benches::rescan(&store, &scripts, chain, &|_| {})?;
+    let (grpc_after, after) = cpu_seconds()?;
     let total = store.next_event()?;
     // Let every subscriber reach the end of the log (bounded wait).
     let deadline = Instant::now() + Duration::from_secs(60);
     while received.iter().any(|r| r.load(Ordering::Relaxed) < total) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let caught_up = received
+    let complete = received
         .iter()
         .filter(|r| r.load(Ordering::Relaxed) == total)
         .count();
+    for client in clients {
+        client.abort();
+    }
     let _ = stop.send(());
     drop(runtime.block_on(server));
+    Ok(Run {
+        mb_per_s: progress.bytes as f64 / secs / 1e6,
+        indexing_cpu: after - before,
+        serving_cpu: grpc_after - grpc_before,
+        complete,
+    })
+}
 
-    println!("| measure | value |");
-    println!("|---|---|");
-    println!("| rescan alone | {alone:.0} MB/s |");
-    println!("| rescan while {} subscribers follow its event log over gRPC | {followed:.0} MB/s ({secs:.1} s) |", args.subscribers);
-    println!("| ratio (with / without) | {:.2} |", followed / alone);
+/// Rescans the chain while one thread at the serving threads' priority spins.
+fn with_busy_loop(chain: &Path) -> Result<Run> {
+    let (_db, store, scripts) = benches::bench_store(chain)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    // Named like the server's threads, so its CPU is counted as serving.
+    let spinner = std::thread::Builder::new().name("grpc".into()).spawn({
+        let stop = stop.clone();
+        move || {
+            indexer::serve_priority::enroll();
+            while !stop.load(Ordering::Relaxed) {
+                indexer::serve_priority::adjust();
+                std::hint::spin_loop();
+            }
+        }
+    })?;
+    let (grpc_before, before) = cpu_seconds()?;
+    let (progress, secs) = benches::rescan(&store, &scripts, chain, &|_| {})?;
+    let (grpc_after, after) = cpu_seconds()?;
+    stop.store(true, Ordering::Relaxed);
+    spinner.join().expect("the busy loop does not panic");
+    Ok(Run {
+        mb_per_s: progress.bytes as f64 / secs / 1e6,
+        indexing_cpu: after - before,
+        serving_cpu: grpc_after - grpc_before,
+        complete: 0,
+    })
+}
+
+fn main() -> Result<()> {
+    if benches::invoked_as_test() {
+        return Ok(());
+    }
+    let args = Args::parse();
+    // The server's runtime as `indexer serve`/`run` build it (below indexing's priority).
+    let runtime = indexer::grpc::runtime()?;
+    let (with, subscribers) = if args.busy_loop {
+        ("with a busy loop at serving priority".to_string(), 0)
+    } else {
+        (
+            format!("with {} subscribers", args.subscribers),
+            args.subscribers,
+        )
+    };
+    let other = |chain: &Path| {
+        if args.busy_loop {
+            with_busy_loop(chain)
+        } else {
+            with_subscribers(chain, &runtime, subscribers)
+        }
+    };
     println!(
-        "| CPU of the rescan's threads: alone / with subscribers | {indexing_alone:.1} s / {indexing_with:.1} s (ratio {:.2}) |",
-        indexing_alone / indexing_with
+        "| round | alone | {with} | ratio | CPU of the rescan's threads: alone / with | CPU of the serving threads during the rescan | subscribers that received every event, in order |"
     );
+    println!("|---|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for round in 1..=args.rounds {
+        // Alternating which goes first cancels a drift of the machine's speed.
+        let (a, w) = if round % 2 == 1 {
+            let a = alone(&args.chain)?;
+            (a, other(&args.chain)?)
+        } else {
+            let w = other(&args.chain)?;
+            (alone(&args.chain)?, w)
+        };
+        let ratio = w.mb_per_s / a.mb_per_s;
+        ratios.push(ratio);
+        println!(
+            "| {round} | {:.0} MB/s | {:.0} MB/s | {ratio:.2} | {:.1} s / {:.1} s | {:.1} s | {} of {} |",
+            a.mb_per_s, w.mb_per_s, a.indexing_cpu, w.indexing_cpu, w.serving_cpu, w.complete, subscribers
+        );
+        if w.complete != subscribers {
+            anyhow::bail!(
+                "only {} of {subscribers} subscribers received every event",
+                w.complete
+            );
+        }
+    }
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    let median = (ratios[(n - 1) / 2] + ratios[n / 2]) / 2.0;
+    let mean = ratios.iter().sum::<f64>() / n as f64;
     println!(
-        "| CPU of the gRPC threads (server and these clients) during the rescan | {serving:.1} s |"
-    );
-    println!("| events in the log | {total} |");
-    println!(
-        "| subscribers that received every event, in order | {caught_up} of {} |",
-        args.subscribers
+        "\nratio (with / without): median {median:.2}, mean {mean:.2}, range {:.2}-{:.2} over {n} rounds",
+        ratios[0],
+        ratios[n - 1],
     );
     Ok(())
 }
