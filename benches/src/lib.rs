@@ -44,8 +44,9 @@ pub fn invoked_as_test() -> bool {
 }
 
 /// Rescans (or resumes) the whole chain of the blk files in `dir` into `store` with the
-/// default pipeline, calling `on_commit` after each commit: what was committed and the
-/// seconds it took.
+/// default pipeline, calling `on_commit` after each commit, with this process's serving
+/// threads yielding as in `indexer run`'s catch-up: what was committed and the seconds it
+/// took.
 pub fn rescan(
     store: &Store,
     scripts: &ScriptFilter,
@@ -57,6 +58,8 @@ pub fn rescan(
         from: None,
         to: None,
     };
+    // Flat out, as `indexer run`'s catch-up is: serving threads in this process yield.
+    let _flat_out = indexer::serve_priority::FlatOut::begin();
     let started = std::time::Instant::now();
     let report = rescan_blocks_dir(
         store,

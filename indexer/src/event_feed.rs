@@ -126,13 +126,11 @@ impl EventFeed {
     /// Up to `max` events from `from`, converted, read off the async threads.
     async fn read_events(&self, from: u64, max: usize) -> Result<Vec<pb::Event>, ReadError> {
         let (store, network) = (self.store.clone(), self.network);
-        let events = tokio::task::spawn_blocking(move || {
-            crate::serve_priority::adjust();
-            Query::new(&store, network)?.events(from, max)
-        })
-        .await
-        .map_err(ReadError::Task)?
-        .map_err(ReadError::Query)?;
+        let events =
+            tokio::task::spawn_blocking(move || Query::new(&store, network)?.events(from, max))
+                .await
+                .map_err(ReadError::Task)?
+                .map_err(ReadError::Query)?;
         Ok(events
             .into_iter()
             .map(|(offset, e)| convert::event(offset, e))

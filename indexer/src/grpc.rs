@@ -83,13 +83,10 @@ impl IndexerService {
         f: impl FnOnce(&Query<'_>) -> Result<T, QueryError> + Send + 'static,
     ) -> Result<T, Status> {
         let (store, network) = (self.store.clone(), self.network);
-        tokio::task::spawn_blocking(move || {
-            serve_priority::adjust();
-            f(&Query::new(&store, network)?)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("query task failed: {e}")))?
-        .map_err(Status::from)
+        tokio::task::spawn_blocking(move || f(&Query::new(&store, network)?))
+            .await
+            .map_err(|e| Status::internal(format!("query task failed: {e}")))?
+            .map_err(Status::from)
     }
 }
 
@@ -186,12 +183,9 @@ impl Indexer for IndexerService {
             WatchChanges::Direct { gap_limit } => {
                 let (store, network) = (self.store.clone(), self.network);
                 let request = request(*gap_limit);
-                tokio::task::spawn_blocking(move || {
-                    serve_priority::adjust();
-                    watching::apply(&store, network, request)
-                })
-                .await
-                .map_err(|e| Status::internal(format!("AddWatch task failed: {e}")))?;
+                tokio::task::spawn_blocking(move || watching::apply(&store, network, request))
+                    .await
+                    .map_err(|e| Status::internal(format!("AddWatch task failed: {e}")))?;
             }
             WatchChanges::Follower {
                 requests,
@@ -397,16 +391,17 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// The async runtime the gRPC server runs on. Its threads run below the indexing pipeline
-/// ([`serve_priority`]), so a rescan or catch-up is not slowed down by consumers:
-/// subscriptions are back-pressured and catch up when indexing idles, and queries answer
-/// as soon as a core is free.
+/// The async runtime the gRPC server runs on. Its threads are serving threads
+/// ([`serve_priority`]): 10 nice steps below the thread that builds it, and on idle CPU
+/// only while a long catch-up runs, so consumers do not slow it down: subscriptions are
+/// back-pressured and catch up when indexing idles, and queries answer when a core is free.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let nice = serve_priority::serve_nice();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("grpc")
-        .on_thread_start(serve_priority::enroll)
-        .on_thread_unpark(serve_priority::adjust)
+        .on_thread_start(move || serve_priority::enroll(nice))
+        .on_thread_stop(serve_priority::leave)
         .build()
 }
 

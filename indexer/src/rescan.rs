@@ -13,7 +13,6 @@ use crate::blkfile::{BlkError, BlocksDir, PartialTail};
 use crate::chain::{self, ChainEntry, ChainError, Rejected};
 use crate::pipeline::parse::RawBlock;
 use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
-use crate::serve_priority::FlatOut;
 use crate::store::schema::{self, Cf};
 use crate::store::{Batch, Reader, Store, StoreError};
 use crate::watchlist::ScriptFilter;
@@ -132,9 +131,7 @@ pub fn rescan_blocks_dir(
             origin: dir.describe(e.loc),
         })
     });
-    let flat_out = FlatOut::begin();
     let progress = pipeline::run(store, scripts, source, opts, on_commit)?;
-    drop(flat_out);
     let mut batch = Batch::default();
     batch.delete(store, Cf::Meta, schema::META_RESCAN);
     store.commit(batch, true)?;
