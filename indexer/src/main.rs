@@ -448,12 +448,16 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
         println!("listening\t{local}");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
+        let stop_following = stop.clone();
         let shutdown = async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
                 _ = term.recv() => tracing::info!("shutting down"),
                 _ = follower_ended => {}
             }
+            // Before the server drains: a catch-up ends with its block in hand, so the
+            // drain does not run yielding to it.
+            stop_following.store(true, Ordering::Relaxed);
         };
         grpc::serve_observed(
             store.clone(),
@@ -467,7 +471,7 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
         .await?;
         anyhow::Ok(())
     });
-    // Finish the block in hand, then stop.
+    // Also when serving failed: finish the block in hand, then stop.
     stop.store(true, Ordering::Relaxed);
     let followed = follow.join().expect("follower thread panicked");
     served?;

@@ -24,31 +24,46 @@ pub trait Probe: Send + Sync + 'static {
 }
 
 /// Binds `addr` and serves `probe` there for the rest of the process's life, from a thread
-/// of its own at the process's own priority: health probes answer even while the gRPC
-/// threads yield the CPU to a catch-up. Returns the bound address (`addr` may name port 0).
+/// of its own at the calling thread's priority (call it from the main thread, not from a
+/// gRPC thread): health probes then answer even while the gRPC threads yield the CPU to a
+/// catch-up. Returns the bound address (`addr` may name port 0).
 pub fn start(addr: SocketAddr, probe: Arc<dyn Probe>) -> std::io::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .thread_name("metrics-render")
-        .build()?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .with_state(probe);
+    let (started, result) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            let served = runtime.block_on(async move {
-                axum::serve(tokio::net::TcpListener::from_std(listener)?, app).await
-            });
-            if let Err(e) = served {
+            // Timers too: axum waits a moment after a failed accept (out of descriptors).
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .thread_name("metrics-render")
+                .build();
+            let (runtime, listener) = match runtime.and_then(|r| {
+                let _entered = r.enter();
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                Ok((r, listener))
+            }) {
+                Ok(ready) => ready,
+                Err(e) => {
+                    let _ = started.send(Err(e));
+                    return;
+                }
+            };
+            let _ = started.send(Ok(()));
+            if let Err(e) = runtime.block_on(async { axum::serve(listener, app).await }) {
                 tracing::error!(error = %e, "the metrics endpoint stopped");
             }
         })?;
+    result
+        .recv()
+        .map_err(|_| std::io::Error::other("the metrics thread ended while starting"))??;
     tracing::info!(%local, "serving metrics on /metrics, /health and /ready");
     Ok(local)
 }
