@@ -6,14 +6,21 @@
 //! `--busy-loop` (a thread at the serving threads' priority that only spins: what any work
 //! on the CPU indexing leaves idle costs it).
 //!
+//! The rescan holds a `FlatOut`, as `indexer run`'s catch-up does. The 100 clients run in
+//! this process on the server's runtime, so they yield with it: real subscribers run in
+//! other processes, usually on other machines, and what is measured is the server's cost.
+//! A separate client of normal priority calls GetTip every 20 ms during the rescans with
+//! subscribers, to show how long queries wait meanwhile.
+//!
 //! `subscribe_bench [--chain DIR] [--subscribers N | --busy-loop] [--rounds N]`
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bitcoin::Network;
 use clap::Parser;
 use indexer::store::Reader;
@@ -33,7 +40,7 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     subscribers: usize,
     /// Rounds of one rescan alone and one with the subscribers (order alternating).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Instead of subscribers, one thread at the serving threads' priority that only
     /// spins: the least that any work on the CPU indexing leaves idle costs it here.
@@ -41,27 +48,59 @@ struct Args {
     busy_loop: bool,
 }
 
-/// CPU seconds this process's threads have used, split into the gRPC runtime's threads
-/// (named `grpc`) and all the others (the rescan's; the main thread only waits).
+/// CPU seconds this process has used: (the live threads named `grpc`, the server's and
+/// the in-process clients'; everything else). The rescan's threads have ended by the time
+/// it returns, so they are counted from the process total, which keeps ended threads' time.
 fn cpu_seconds() -> Result<(f64, f64)> {
+    // "pid (comm) state ppid ...": utime and stime are fields 14 and 15.
+    fn ticks(stat: &str) -> Option<(&str, f64)> {
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let user: f64 = fields.get(11)?.parse().ok()?;
+        let system: f64 = fields.get(12)?.parse().ok()?;
+        Some((&stat[open + 1..close], user + system))
+    }
     let tick = 100.0; // USER_HZ on Linux
-    let (mut grpc, mut rest) = (0.0, 0.0);
+    let total = std::fs::read_to_string("/proc/self/stat")?;
+    let (_, total) = ticks(&total).context("reading /proc/self/stat")?;
+    let mut grpc = 0.0;
     for task in std::fs::read_dir("/proc/self/task")? {
-        let stat = std::fs::read_to_string(task?.path().join("stat"))?;
-        // "tid (comm) state ppid ..." : utime and stime are fields 14 and 15.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        // A thread that ended meanwhile has no stat any more.
+        let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else {
             continue;
         };
-        let comm = &stat[open + 1..close];
-        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-        if comm == "grpc" {
-            grpc += ticks / tick;
-        } else {
-            rest += ticks / tick;
+        if let Some(("grpc", t)) = ticks(&stat) {
+            grpc += t;
         }
     }
-    Ok((grpc, rest))
+    Ok((grpc / tick, (total - grpc) / tick))
+}
+
+/// Calls GetTip on `addr` every 20 ms from a thread of normal priority (like a client on
+/// another machine) until `stop`; the latencies, sorted.
+fn probe_queries(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> JoinHandle<Vec<Duration>> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime");
+        let mut latencies = runtime.block_on(async {
+            let mut latencies = Vec::new();
+            let Ok(mut client) = IndexerClient::connect(format!("http://{addr}")).await else {
+                return latencies;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                if client.get_tip(pb::GetTipRequest {}).await.is_ok() {
+                    latencies.push(started.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            latencies
+        });
+        latencies.sort();
+        latencies
+    })
 }
 
 /// One rescan of the chain into a fresh database.
@@ -74,6 +113,8 @@ struct Run {
     serving_cpu: f64,
     /// Subscribers that received every event once, in order.
     complete: usize,
+    /// GetTip latencies during the rescan, sorted (with subscribers only).
+    queries: Vec<Duration>,
 }
 
 /// Rescans the chain with nobody subscribed.
@@ -87,6 +128,7 @@ fn alone(chain: &Path) -> Result<Run> {
         indexing_cpu: after - before,
         serving_cpu: 0.0,
         complete: 0,
+        queries: Vec::new(),
     })
 }
 
@@ -138,9 +180,13 @@ fn with_subscribers(chain: &Path, runtime: &Runtime, subscribers: usize) -> Resu
             })
         })
         .collect();
+    let stop_probing = Arc::new(AtomicBool::new(false));
+    let prober = probe_queries(addr, stop_probing.clone());
     let (grpc_before, before) = cpu_seconds()?;
     let (progress, secs) = benches::rescan(&store, &scripts, chain, &|_| {})?;
     let (grpc_after, after) = cpu_seconds()?;
+    stop_probing.store(true, Ordering::Relaxed);
+    let queries = prober.join().expect("the query prober does not panic");
     let total = store.next_event()?;
     // Let every subscriber reach the end of the log (bounded wait).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -161,6 +207,7 @@ fn with_subscribers(chain: &Path, runtime: &Runtime, subscribers: usize) -> Resu
         indexing_cpu: after - before,
         serving_cpu: grpc_after - grpc_before,
         complete,
+        queries,
     })
 }
 
@@ -168,15 +215,16 @@ fn with_subscribers(chain: &Path, runtime: &Runtime, subscribers: usize) -> Resu
 fn with_busy_loop(chain: &Path) -> Result<Run> {
     let (_db, store, scripts) = benches::bench_store(chain)?;
     let stop = Arc::new(AtomicBool::new(false));
+    let nice = indexer::serve_priority::serve_nice();
     // Named like the server's threads, so its CPU is counted as serving.
     let spinner = std::thread::Builder::new().name("grpc".into()).spawn({
         let stop = stop.clone();
         move || {
-            indexer::serve_priority::enroll();
+            indexer::serve_priority::enroll(nice);
             while !stop.load(Ordering::Relaxed) {
-                indexer::serve_priority::adjust();
                 std::hint::spin_loop();
             }
+            indexer::serve_priority::leave();
         }
     })?;
     let (grpc_before, before) = cpu_seconds()?;
@@ -189,6 +237,7 @@ fn with_busy_loop(chain: &Path) -> Result<Run> {
         indexing_cpu: after - before,
         serving_cpu: grpc_after - grpc_before,
         complete: 0,
+        queries: Vec::new(),
     })
 }
 
@@ -214,11 +263,18 @@ fn main() -> Result<()> {
             with_subscribers(chain, &runtime, subscribers)
         }
     };
+    // The first rescan of a run reads the block files cold: not counted.
+    let warm_up = alone(&args.chain)?;
     println!(
-        "| round | alone | {with} | ratio | CPU of the rescan's threads: alone / with | CPU of the serving threads during the rescan | subscribers that received every event, in order |"
+        "warm-up rescan, not counted: {:.0} MB/s\n",
+        warm_up.mb_per_s
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| round | alone | {with} | ratio | CPU of the rescan: alone / with | CPU of the serving threads during the rescan | subscribers that received every event, in order | GetTip during the rescan: calls, p50 / max |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
+    let mut queries = Vec::new();
     for round in 1..=args.rounds {
         // Alternating which goes first cancels a drift of the machine's speed.
         let (a, w) = if round % 2 == 1 {
@@ -231,9 +287,17 @@ fn main() -> Result<()> {
         let ratio = w.mb_per_s / a.mb_per_s;
         ratios.push(ratio);
         println!(
-            "| {round} | {:.0} MB/s | {:.0} MB/s | {ratio:.2} | {:.1} s / {:.1} s | {:.1} s | {} of {} |",
-            a.mb_per_s, w.mb_per_s, a.indexing_cpu, w.indexing_cpu, w.serving_cpu, w.complete, subscribers
+            "| {round} | {:.0} MB/s | {:.0} MB/s | {ratio:.2} | {:.1} s / {:.1} s | {:.1} s | {} of {} | {} |",
+            a.mb_per_s,
+            w.mb_per_s,
+            a.indexing_cpu,
+            w.indexing_cpu,
+            w.serving_cpu,
+            w.complete,
+            subscribers,
+            latencies(&w.queries),
         );
+        queries.extend(w.queries);
         if w.complete != subscribers {
             anyhow::bail!(
                 "only {} of {subscribers} subscribers received every event",
@@ -250,5 +314,25 @@ fn main() -> Result<()> {
         ratios[0],
         ratios[n - 1],
     );
+    if !args.busy_loop {
+        queries.sort();
+        println!(
+            "GetTip from a client of normal priority during the rescans: {}",
+            latencies(&queries)
+        );
+    }
     Ok(())
+}
+
+/// "calls, p50 / max" of sorted latencies.
+fn latencies(sorted: &[Duration]) -> String {
+    match (sorted.get(sorted.len() / 2), sorted.last()) {
+        (Some(p50), Some(max)) => format!(
+            "{}, {:.1} / {:.1} ms",
+            sorted.len(),
+            p50.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3
+        ),
+        _ => "-".into(),
+    }
 }
