@@ -48,9 +48,10 @@ struct Args {
     busy_loop: bool,
 }
 
-/// CPU seconds this process has used: (the live threads named `grpc`, the server's and
-/// the in-process clients'; everything else). The rescan's threads have ended by the time
-/// it returns, so they are counted from the process total, which keeps ended threads' time.
+/// CPU seconds this process has used: (the serving threads, the server's and the
+/// in-process clients', live or ended; everything else). The rescan's threads have ended by
+/// the time it returns, so they are counted from the process total, which keeps ended
+/// threads' time.
 fn cpu_seconds() -> Result<(f64, f64)> {
     // "pid (comm) state ppid ...": utime and stime are fields 14 and 15.
     fn ticks(stat: &str) -> Option<(&str, f64)> {
@@ -73,11 +74,12 @@ fn cpu_seconds() -> Result<(f64, f64)> {
             grpc += t;
         }
     }
-    Ok((grpc / tick, (total - grpc) / tick))
+    let serving = grpc / tick + indexer::serve_priority::ended_serving_cpu().as_secs_f64();
+    Ok((serving, total / tick - serving))
 }
 
-/// Calls GetTip on `addr` every 20 ms from a thread of normal priority (like a client on
-/// another machine) until `stop`; the latencies, sorted.
+/// Calls GetTip on `addr` every 20 ms from a thread of normal priority until `stop`; the
+/// latencies of the calls that succeeded, sorted.
 fn probe_queries(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> JoinHandle<Vec<Duration>> {
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()

@@ -18,6 +18,7 @@
 
 use std::io;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use rustix::thread::Pid;
 
@@ -41,6 +42,8 @@ struct Serving {
     yielding: bool,
     /// Whether a thread at their nice value may leave `SCHED_IDLE` (tried when first needed).
     can_return: Option<bool>,
+    /// CPU time of the serving threads that have ended.
+    ended_cpu: Duration,
 }
 
 static SERVING: Mutex<Serving> = Mutex::new(Serving {
@@ -50,6 +53,7 @@ static SERVING: Mutex<Serving> = Mutex::new(Serving {
     nice: None,
     yielding: false,
     can_return: None,
+    ended_cpu: Duration::ZERO,
 });
 
 fn serving() -> MutexGuard<'static, Serving> {
@@ -111,12 +115,26 @@ pub fn enroll(nice: i32) {
         tracing::warn!(error = %e, yielding = s.yielding, "could not set a new serving thread's scheduling");
     }
     s.threads.push(me);
+    // The first thread brings the nice value a flat-out run already waiting needs.
+    s.update();
 }
 
 /// Takes the calling thread off the serving threads (it is about to exit).
 pub fn leave() {
     let me = rustix::thread::gettid();
-    serving().threads.retain(|t| *t != me);
+    let used = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    let used = Duration::new(
+        u64::try_from(used.tv_sec).unwrap_or(0),
+        u32::try_from(used.tv_nsec).unwrap_or(0),
+    );
+    let mut s = serving();
+    s.threads.retain(|t| *t != me);
+    s.ended_cpu += used;
+}
+
+/// CPU time used by serving threads that have ended (the live ones' is in `/proc`).
+pub fn ended_serving_cpu() -> Duration {
+    serving().ended_cpu
 }
 
 impl Serving {
@@ -156,27 +174,35 @@ impl Serving {
             // No serving thread yet: nothing to move.
             return false;
         };
-        *self.can_return.get_or_insert_with(|| {
-            let tried = std::thread::Builder::new()
-                .name("sched-probe".into())
-                .spawn(move || -> io::Result<()> {
-                    let me = rustix::thread::gettid();
-                    rustix::process::setpriority_process(Some(me), nice)?;
-                    set_policy(me, true)?;
-                    set_policy(me, false)
-                })
-                .and_then(|t| {
-                    t.join()
-                        .unwrap_or_else(|_| Err(io::Error::other("the probe panicked")))
-                });
-            match tried {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::info!(error = %e, "serving threads stay at nice +10 during catch-ups: leaving SCHED_IDLE needs CAP_SYS_NICE or LimitNICE=+10");
-                    false
-                }
+        if let Some(known) = self.can_return {
+            return known;
+        }
+        let probe = std::thread::Builder::new()
+            .name("sched-probe".into())
+            .spawn(move || -> io::Result<()> {
+                let me = rustix::thread::gettid();
+                rustix::process::setpriority_process(Some(me), nice)?;
+                set_policy(me, true)?;
+                set_policy(me, false)
+            });
+        let probe = match probe {
+            Ok(probe) => probe,
+            // Says nothing about the permission: tried again next time.
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start the scheduling probe; serving stays at nice +10 for now");
+                return false;
             }
-        })
+        };
+        let can = match probe.join() {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "serving threads stay at nice +10 during catch-ups: leaving SCHED_IDLE needs CAP_SYS_NICE or LimitNICE=+10");
+                false
+            }
+            Err(_) => false,
+        };
+        self.can_return = Some(can);
+        can
     }
 }
 
@@ -227,8 +253,8 @@ mod tests {
         }
     }
 
-    /// (policy, nice) of every thread named `grpc`.
-    fn grpc_threads() -> Vec<(i32, i32)> {
+    /// Thread ids of every thread named `grpc`.
+    fn grpc_tids() -> Vec<String> {
         std::fs::read_dir("/proc/self/task")
             .unwrap()
             .map(|t| t.unwrap().file_name().into_string().unwrap())
@@ -236,8 +262,26 @@ mod tests {
                 std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
                     .is_ok_and(|c| c.trim() == "grpc")
             })
-            .map(|tid| scheduling(&tid))
             .collect()
+    }
+
+    /// (policy, nice) of every thread named `grpc`, once each has enrolled: a thread the
+    /// runtime just spawned shows its spawner's scheduling until it runs `enroll`.
+    fn grpc_threads() -> Vec<(i32, i32)> {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let tids = grpc_tids();
+            let enrolled = serving().threads.clone();
+            let all = tids.iter().all(|tid| {
+                enrolled
+                    .iter()
+                    .any(|t| t.as_raw_nonzero().to_string() == *tid)
+            });
+            if all || std::time::Instant::now() > until {
+                return tids.iter().map(|tid| scheduling(tid)).collect();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Starts `n` blocking tasks at once from a worker (so the pool grows to `n` threads,
@@ -258,12 +302,19 @@ mod tests {
         rt.block_on(from_worker).unwrap();
     }
 
-    // Each test has a process of its own under nextest, so no other test's run holds a
-    // `FlatOut` meanwhile.
+    // The one test of this process-wide state: with a second one, `cargo test` would run
+    // both in one process at once (nextest gives each test a process of its own).
     #[test]
     fn every_serving_thread_yields_while_flat_out_even_a_busy_one_and_returns_after() {
+        let me = rustix::thread::gettid().as_raw_nonzero().to_string();
+        let mine = scheduling(&me);
         let nice = serve_nice();
         let rt = crate::grpc::runtime().unwrap();
+        if rt.metrics().num_workers() < 2 {
+            // One worker kept busy would leave none for the blocking tasks below.
+            eprintln!("one CPU: a busy worker cannot be tested here");
+            return;
+        }
         // A worker that never waits for work: it must be switched all the same. Stopped
         // before the runtime drops, also when an assertion fails (or the drop would hang).
         let stop = Stop::default();
@@ -284,6 +335,11 @@ mod tests {
         assert!(before.iter().all(|&t| t == (libc::SCHED_OTHER, nice)));
 
         let run = FlatOut::begin();
+        assert_eq!(
+            scheduling(&me),
+            mine,
+            "a thread that is not serving is left alone"
+        );
         let idle = if serving().can_return() {
             libc::SCHED_IDLE
         } else {
@@ -304,15 +360,5 @@ mod tests {
         );
         drop(stop);
         rt.block_on(busy).unwrap();
-    }
-
-    #[test]
-    fn other_threads_are_left_alone() {
-        let rt = crate::grpc::runtime().unwrap();
-        blocking(&rt, 1);
-        let me = rustix::thread::gettid().as_raw_nonzero().to_string();
-        let before = scheduling(&me);
-        let _run = FlatOut::begin();
-        assert_eq!(scheduling(&me), before);
     }
 }
