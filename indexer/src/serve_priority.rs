@@ -148,8 +148,6 @@ impl Serving {
         for &tid in &self.threads {
             match set_policy(tid, want) {
                 Ok(()) => {}
-                // It exited between its last task and `leave`.
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
                 Err(e) => {
                     failed += 1;
                     tracing::debug!(error = %e, tid = tid.as_raw_nonzero(), "could not change a serving thread's scheduling");
