@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::upstream::Indexer;
+use crate::upstream::{self, Indexer};
 use bitcoin::absolute::LockTime;
 use bitcoin::consensus::serialize;
 use bitcoin::hex::DisplayHex;
@@ -188,6 +188,8 @@ impl Executor {
             }
         }
         monitoring.abort();
+        // Gone before this returns, so a restarted executor never has two monitors.
+        let _ = monitoring.await;
     }
 
     fn record(&self, w: &Withdrawal, outcome: Outcome) -> Result<Withdrawal, StepError> {
@@ -550,7 +552,7 @@ impl Executor {
                 continue;
             };
             // At least 1: the block that confirmed it was indexed.
-            let confirmations = (tip + 1).saturating_sub(height).max(1);
+            let confirmations = tip.saturating_sub(height).saturating_add(1);
             if w.confirmed == Some(attempt.txid) && w.confirmations == confirmations {
                 return Ok(false);
             }
@@ -600,24 +602,10 @@ impl Executor {
     /// authority for the decisions the monitor's record only prompts.
     async fn confirmed_in_index(&mut self, w: &Withdrawal) -> Result<Option<u32>, StepError> {
         for attempt in w.attempts.iter().rev() {
-            let found = self
-                .indexer
-                .get_transfer(ipb::GetTransferRequest {
-                    txid: attempt.txid.to_string(),
-                })
-                .await;
-            let transfers = match found {
-                Ok(t) => t.into_inner().transfers,
-                Err(s) if s.code() == tonic::Code::NotFound => continue,
-                Err(s) => return Err(s.into()),
-            };
-            let confirmed = transfers
-                .iter()
-                .filter(|t| t.status == ipb::TransferStatus::Confirmed as i32)
-                .map(|t| t.height)
-                .max();
-            if confirmed.is_some() {
-                return Ok(confirmed);
+            if let Some(height) =
+                upstream::confirmed_height(&mut self.indexer, &attempt.txid).await?
+            {
+                return Ok(Some(height));
             }
         }
         Ok(None)

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::upstream::Indexer;
+use crate::upstream::{self, Indexer};
 use bitcoin::Txid;
 use proto::indexer::v1 as ipb;
 use tonic::Code;
@@ -82,7 +82,10 @@ pub fn apply(seen: &mut Observation, event: &ipb::Event) -> Result<(), MonitorEr
         // A kind newer than this build: nothing it knows to do.
         Ok(ipb::EventKind::Unspecified) | Err(_) => {}
     }
-    seen.cursor = event.offset + 1;
+    seen.cursor = event
+        .offset
+        .checked_add(1)
+        .ok_or_else(|| bad("offset at the end of the range"))?;
     Ok(())
 }
 
@@ -148,8 +151,6 @@ impl Monitor {
             }
             other => (other?, from),
         };
-        // Connected: the next failure starts its backoff afresh.
-        self.backoff = FIRST_BACKOFF;
         let mut cursor = from;
         loop {
             let Some(first) = stream.message().await? else {
@@ -177,7 +178,11 @@ impl Monitor {
                 }
             }
             cursor = seen.cursor;
-            if self.store.observe(&seen)? {
+            let observed = self.store.observe(&seen)?;
+            // Progress, not a mere connection, resets the backoff: a stream that fails at
+            // once every time must not be retried every 200 ms for good.
+            self.backoff = FIRST_BACKOFF;
+            if observed {
                 self.wake.notify_one();
             }
             if let Some(end) = ended {
@@ -217,7 +222,7 @@ impl Monitor {
             ..Observation::default()
         };
         for txid in self.store.watched_txids()? {
-            let height = self.confirmed_height(&txid).await?;
+            let height = upstream::confirmed_height(&mut self.indexer, &txid).await?;
             // Read after the tip: a block above it that confirms a watched txid means
             // the tip was at least there.
             if let Some(h) = height {
@@ -234,27 +239,6 @@ impl Monitor {
         self.store.observe(&seen)?;
         self.wake.notify_one();
         Ok(seen.cursor)
-    }
-
-    /// The height of the block confirming `txid` on the indexed chain, if one does.
-    async fn confirmed_height(&mut self, txid: &Txid) -> Result<Option<u32>, MonitorError> {
-        let found = self
-            .indexer
-            .get_transfer(ipb::GetTransferRequest {
-                txid: txid.to_string(),
-            })
-            .await;
-        let transfers = match found {
-            Ok(t) => t.into_inner().transfers,
-            Err(s) if s.code() == Code::NotFound => return Ok(None),
-            Err(s) => return Err(s.into()),
-        };
-        // (Several only for a BIP30 duplicate txid: the latest counts.)
-        Ok(transfers
-            .into_iter()
-            .filter(|t| t.status == ipb::TransferStatus::Confirmed as i32)
-            .map(|t| t.height)
-            .max())
     }
 }
 

@@ -127,3 +127,27 @@ pub fn client(channel: Channel, token_file: Option<&Path>) -> Result<Indexer, Li
 pub fn open_client(channel: Channel) -> Indexer {
     IndexerClient::with_interceptor(channel, Bearer(None))
 }
+
+/// The height of the block confirming `txid` on the indexer's chain, if one does: the
+/// one reading of GetTransfer that the monitor and the executor must agree on.
+pub async fn confirmed_height(
+    indexer: &mut Indexer,
+    txid: &bitcoin::Txid,
+) -> Result<Option<u32>, tonic::Status> {
+    let found = indexer
+        .get_transfer(proto::indexer::v1::GetTransferRequest {
+            txid: txid.to_string(),
+        })
+        .await;
+    let transfers = match found {
+        Ok(t) => t.into_inner().transfers,
+        Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+        Err(s) => return Err(s),
+    };
+    // (Several only for a BIP30 duplicate txid: the latest counts.)
+    Ok(transfers
+        .into_iter()
+        .filter(|t| t.status == proto::indexer::v1::TransferStatus::Confirmed as i32)
+        .map(|t| t.height)
+        .max())
+}
