@@ -182,6 +182,13 @@ impl SagaStore {
             .expect("every column family is opened")
     }
 
+    /// Every key of column family `name`, in order.
+    fn keys(&self, name: &str) -> impl Iterator<Item = Result<Box<[u8]>, SagaStoreError>> + '_ {
+        self.db
+            .iterator_cf(self.cf(name), rocksdb::IteratorMode::Start)
+            .map(|item| Ok(item?.0))
+    }
+
     fn commit(&self, batch: WriteBatch) -> Result<(), SagaStoreError> {
         let mut opts = WriteOptions::default();
         // The outcome must be on disk before the next side effect.
@@ -392,32 +399,22 @@ impl SagaStore {
 
     /// Every txid unfinished withdrawals watch.
     pub fn watched_txids(&self) -> Result<Vec<Txid>, SagaStoreError> {
-        let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(ATTEMPTS), rocksdb::IteratorMode::Start)
-        {
-            let (k, _) = item?;
-            let bytes: [u8; 32] = k
-                .as_ref()
-                .try_into()
-                .map_err(|_| corrupt("attempt", "txid not 32 bytes"))?;
-            out.push(Txid::from_byte_array(bytes));
-        }
-        Ok(out)
+        self.keys(ATTEMPTS)
+            .map(|k| {
+                let bytes: [u8; 32] = k?
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| corrupt("attempt", "txid not 32 bytes"))?;
+                Ok(Txid::from_byte_array(bytes))
+            })
+            .collect()
     }
 
     /// Every coin some withdrawal holds (coin selection must not pick them).
     pub fn reserved(&self) -> Result<HashSet<OutPoint>, SagaStoreError> {
-        let mut out = HashSet::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(RESERVATIONS), rocksdb::IteratorMode::Start)
-        {
-            let (k, _) = item?;
-            out.insert(deserialize(&k).map_err(|e| corrupt("reservation", e))?);
-        }
-        Ok(out)
+        self.keys(RESERVATIONS)
+            .map(|k| deserialize(&k?).map_err(|e| corrupt("reservation", e)))
+            .collect()
     }
 
     /// Withdrawals by id from `after` on (exclusive), at most `limit`.
