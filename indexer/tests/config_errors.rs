@@ -6,6 +6,8 @@
 
 use std::process::Command;
 
+use system_tests::observe::startup_error;
+
 const BIN: &str = env!("CARGO_BIN_EXE_indexer");
 
 /// Runs `indexer` with `config` as its config file and `args`; returns its one error line.
@@ -15,19 +17,13 @@ fn error_line(config: &str, args: &[&str]) -> String {
     let config = config.replace("{dir}", dir.path().to_str().unwrap());
     std::fs::write(&path, &config).unwrap();
     std::fs::write(dir.path().join(".cookie"), "__cookie__:secret").unwrap();
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .args(args)
-        .env("INDEXER_LOG", "error")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(!out.status.success(), "exit 0 for {config}: {stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(errors.len(), 1, "one line, not {errors:?}");
-    assert!(errors[0].starts_with("error: "), "{stderr}");
-    errors[0].to_owned()
+    startup_error(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .env("INDEXER_LOG", "error"),
+    )
 }
 
 #[test]

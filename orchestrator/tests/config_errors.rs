@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use system_tests::live::Devnet;
+use system_tests::observe::startup_error;
 
 const BIN: &str = env!("CARGO_BIN_EXE_orchestrator");
 const CHANGE: &str = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080";
@@ -49,18 +50,12 @@ fn hot_address(dir: &Path) -> String {
 fn error_line(dir: &Path, text: &str) -> String {
     let path = dir.join("orchestrator.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(BIN)
-        .args(["run", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&path)
-        .env("ORCHESTRATOR_LOG", "error")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(!out.status.success(), "exit 0 for {text}: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line, not {lines:?}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    lines[0].to_owned()
+    startup_error(
+        Command::new(BIN)
+            .args(["run", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .env("ORCHESTRATOR_LOG", "error"),
+    )
 }
 
 #[test]

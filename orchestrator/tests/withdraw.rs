@@ -341,6 +341,20 @@ fn request(id: &str, destination: &str, sat: u64, rate: f64, max_fee: u64) -> Re
     }
 }
 
+/// Submits a withdrawal of `sat` to a new address of the node at `rate` sat/vB (fee at
+/// most 20,000 sat) and waits until it is broadcast: its id and destination.
+fn broadcast(world: &World, name: &str, sat: u64, rate: f64) -> (u64, String) {
+    let destination = world.node.new_address("bech32");
+    let id = world
+        .store
+        .submit(request(name, &destination, sat, rate, 20_000), 0)
+        .unwrap()
+        .withdrawal
+        .id;
+    wait_for(&world.store, id, |w| w.state == State::Broadcast);
+    (id, destination)
+}
+
 /// Mines a block at a time until `ok` holds for withdrawal `id`.
 fn mine_until(world: &World, id: u64, ok: impl Fn(&Withdrawal) -> bool) -> Withdrawal {
     let started = Instant::now();
@@ -372,14 +386,7 @@ fn a_stuck_withdrawal_is_replaced_at_a_higher_fee_and_completes() {
     );
     // The node mines nothing below 6 sat/vB: a payment at 2 stays in its mempool.
     world.node.call("devnet_setminingfeerate", json!([6]));
-    let destination = world.node.new_address("bech32");
-    let id = world
-        .store
-        .submit(request("stuck", &destination, 30_000_000, 2.0, 20_000), 0)
-        .unwrap()
-        .withdrawal
-        .id;
-    wait_for(&world.store, id, |w| w.state == State::Broadcast);
+    let (id, destination) = broadcast(&world, "stuck", 30_000_000, 2.0);
     let done = mine_until(&world, id, |w| w.state == State::Completed);
     assert!(done.attempts.len() >= 2, "{done:?}");
     let first = &done.attempts[0];
@@ -414,14 +421,7 @@ fn a_reorg_that_drops_a_confirmed_withdrawal_sends_it_back_and_it_completes_agai
             ..Policy::default()
         },
     );
-    let destination = world.node.new_address("bech32");
-    let id = world
-        .store
-        .submit(request("reorg", &destination, 10_000_000, 3.0, 20_000), 0)
-        .unwrap()
-        .withdrawal
-        .id;
-    wait_for(&world.store, id, |w| w.state == State::Broadcast);
+    let (id, _) = broadcast(&world, "reorg", 10_000_000, 3.0);
     let w = mine_until(&world, id, |w| w.state == State::Completed);
     let txid = w.confirmed.unwrap();
     // Replace the blocks since the one that confirmed it: the payment returns to the
@@ -463,14 +463,7 @@ fn after_a_stop_long_enough_for_the_event_log_to_be_pruned_monitoring_resumes_fr
         },
         follow,
     );
-    let destination = world.node.new_address("bech32");
-    let id = world
-        .store
-        .submit(request("pruned", &destination, 10_000_000, 3.0, 20_000), 0)
-        .unwrap()
-        .withdrawal
-        .id;
-    wait_for(&world.store, id, |w| w.state == State::Broadcast);
+    let (id, _) = broadcast(&world, "pruned", 10_000_000, 3.0);
     let w = mine_until(&world, id, |w| w.confirmed.is_some());
     assert_eq!(w.state, State::Confirming);
     world.stop_executor();
@@ -529,14 +522,7 @@ fn after_the_indexer_is_rebuilt_monitoring_moves_to_the_new_log_and_completes() 
             ..Policy::default()
         },
     );
-    let destination = world.node.new_address("bech32");
-    let id = world
-        .store
-        .submit(request("rebuilt", &destination, 10_000_000, 3.0, 20_000), 0)
-        .unwrap()
-        .withdrawal
-        .id;
-    wait_for(&world.store, id, |w| w.state == State::Broadcast);
+    let (id, _) = broadcast(&world, "rebuilt", 10_000_000, 3.0);
     let w = mine_until(&world, id, |w| w.confirmed.is_some());
     world.stop_executor();
     let old_log = world.store.log_id().unwrap();

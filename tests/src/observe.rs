@@ -1,9 +1,22 @@
 //! What a running `indexer` or `orchestrator` shows from outside: the addresses it
 //! announces on stdout, its metrics endpoint read the way Prometheus does (plain HTTP GETs,
-//! the text format parsed into series and values), and its JSON log lines.
+//! the text format parsed into series and values), its JSON log lines, and the one line it
+//! says when it refuses to start.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+/// Runs `command` to its end and checks that it refused to start the way an operator
+/// should see it: a non-zero exit and one line on stderr, `error: ...`; returns that line.
+pub fn startup_error(command: &mut std::process::Command) -> String {
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success(), "exit 0 for {command:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line, not {lines:?}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    lines[0].to_owned()
+}
 
 /// `GET http://{addr}{path}`: the status and the body, whatever the status.
 pub fn get(addr: &str, path: &str) -> (u16, String) {

@@ -227,14 +227,18 @@ fn scripts_added_while_following_are_indexed_from_the_next_block_on() {
     // too: the mempool is looked at again with the new scripts.
     let early = node.new_address("bech32");
     node.call("sendtoaddress", json!([early, 0.3]));
-    std::thread::sleep(Duration::from_millis(300)); // the follower sees it, unwatched
+    // Mempool notices are handled in order: once this later, watched deposit shows, the
+    // follower has seen the one to `early`, while it was not watched.
+    node.call("sendtoaddress", json!([fresh, 0.1]));
+    let b = api.wait_balance("deposits", |b| b.unconfirmed_sat > 70_000_000);
+    assert_eq!(b.unconfirmed_sat, 80_000_000);
     api.add(Some(TOKEN), "early", &[&early], None).unwrap();
     let b = api.wait_balance("early", |b| b.unconfirmed_sat > 0);
     assert_eq!(b.unconfirmed_sat, 30_000_000);
     let mined = node.mine_to(1, &miner)[0];
     assert!(f.wait_for(mined, WAIT));
     let b = api.wait_balance("deposits", |b| b.confirmed_sat > 0);
-    assert_eq!((b.confirmed_sat, b.unconfirmed_sat), (70_000_000, 0));
+    assert_eq!((b.confirmed_sat, b.unconfirmed_sat), (80_000_000, 0));
     let mut deposits = BTreeSet::from([script(&fresh)]);
 
     // More addresses added between blocks while the node keeps mining and paying them;
