@@ -41,7 +41,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 struct Args {
     /// Full blocks mined while the indexer follows live (each one a latency sample).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
     blocks: u32,
     /// Wallet transactions the node packs into each block (the weight limit caps them).
     #[arg(long, default_value_t = 20_000)]
@@ -207,7 +207,6 @@ fn watch_commits(
     })
 }
 
-/// Tip latency over `blocks` freshly mined blocks: (latencies ms, parse ms, sizes).
 /// Tip latency over `blocks` blocks; with `subscribers`, then over as many again while
 /// they follow the event log, then as many again without them (counted with the first):
 /// (latencies, parse times, sizes, latencies with subscribers, events they received).
@@ -279,8 +278,20 @@ fn tip_latency(
         }
         let before = received.load(Ordering::Relaxed);
         sample(&mut with_subscribers)?;
-        std::thread::sleep(Duration::from_millis(500));
-        delivered = received.load(Ordering::Relaxed) - before;
+        // Every subscriber must have received every event: one that dropped out would
+        // make the "with" side lighter than it claims.
+        let total = following.store.next_event()? * subscribers as u64;
+        let until = Instant::now() + Duration::from_secs(60);
+        while received.load(Ordering::Relaxed) < total && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if received.load(Ordering::Relaxed) != total {
+            bail!(
+                "the {subscribers} subscribers received {} of {total} events during the measurement",
+                received.load(Ordering::Relaxed)
+            );
+        }
+        delivered = total - before;
         drop(runtime);
         // And without them again, so neither side has the quieter moment to itself
         // (compactions after the catch-up fall on the first phase).

@@ -44,7 +44,7 @@ struct Args {
     rounds: u32,
     /// Instead of subscribers, one thread at the serving threads' priority that only
     /// spins: the least that any work on the CPU indexing leaves idle costs it here.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "subscribers")]
     busy_loop: bool,
 }
 
@@ -70,8 +70,11 @@ fn cpu_seconds() -> Result<(f64, f64)> {
         let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else {
             continue;
         };
-        if let Some(("grpc", t)) = ticks(&stat) {
-            grpc += t;
+        // The server's threads, and the clients' (`grpc-client`).
+        if let Some((name, t)) = ticks(&stat) {
+            if name.starts_with("grpc") {
+                grpc += t;
+            }
         }
     }
     let serving = grpc / tick + indexer::serve_priority::ended_serving_cpu().as_secs_f64();
@@ -80,8 +83,13 @@ fn cpu_seconds() -> Result<(f64, f64)> {
 
 /// Calls GetTip on `addr` every 20 ms from a thread of normal priority until `stop`; the
 /// latencies of the calls that succeeded, sorted.
-fn probe_queries(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> JoinHandle<Vec<Duration>> {
-    std::thread::spawn(move || {
+fn probe_queries(
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<Vec<Duration>>> {
+    // Named, so its CPU is not counted as the rescan's.
+    let named = std::thread::Builder::new().name("grpc-client".into());
+    named.spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -183,12 +191,15 @@ fn with_subscribers(chain: &Path, runtime: &Runtime, subscribers: usize) -> Resu
         })
         .collect();
     let stop_probing = Arc::new(AtomicBool::new(false));
-    let prober = probe_queries(addr, stop_probing.clone());
+    let prober = probe_queries(addr, stop_probing.clone())?;
     let (grpc_before, before) = cpu_seconds()?;
     let (progress, secs) = benches::rescan(&store, &scripts, chain, &|_| {})?;
     let (grpc_after, after) = cpu_seconds()?;
     stop_probing.store(true, Ordering::Relaxed);
     let queries = prober.join().expect("the query prober does not panic");
+    if queries.is_empty() {
+        anyhow::bail!("GetTip never answered during the rescan");
+    }
     let total = store.next_event()?;
     // Let every subscriber reach the end of the log (bounded wait).
     let deadline = Instant::now() + Duration::from_secs(60);
