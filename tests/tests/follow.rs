@@ -11,20 +11,28 @@
 //!    still catching up, with ZMQ messages randomly dropped, reordered or garbled: after
 //!    each, the follower reaches the node's tip; every 25 and at the end, digest == fresh.
 //! 3. without ZMQ (polling), and over RPC hex instead of REST: same digest.
+//! 4. a gRPC subscriber that disconnects after a random number of events and resumes from
+//!    where it stopped, while the node mines, pays watched addresses and reorganises,
+//!    receives every event of the log exactly once, in order.
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bitcoin::{Address, ScriptBuf};
 use indexer::follow::FollowOptions;
 use indexer::serve_priority;
+use indexer::store::Reader;
+use proto::indexer::v1 as pb;
+use proto::indexer::v1::indexer_client::IndexerClient;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use system_tests::harness::TestWallet;
-use system_tests::live::{fresh_digest, Devnet, Following};
+use system_tests::live::{fresh_digest, Devnet, Following, Served};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -344,4 +352,85 @@ fn a_killed_and_restarted_node_with_a_new_cookie_is_followed_without_loss() {
         fresh_digest(&dir.path().join("regtest/blocks"), &wallets)
     );
     f.stop().unwrap();
+}
+
+#[test]
+fn a_subscriber_resuming_at_random_offsets_gets_every_event_once_in_order_across_reorgs() {
+    let node = Devnet::start(|c| c.filler_txs = 3);
+    let (addresses, wallets) = watched(&node);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    activity(&node, &addresses, &mut rng, 30);
+    let db = tempfile::tempdir().unwrap();
+    let f = Following::caught_up(&node, db.path(), &wallets);
+    let served = Served::start(&f, indexer::grpc::Access::default());
+
+    // Where the consumer may stop: unknown until the node is done.
+    let end = Arc::new(AtomicU64::new(u64::MAX));
+    let consumer = served.runtime.spawn({
+        let (channel, end) = (served.channel.clone(), end.clone());
+        async move {
+            let mut client = IndexerClient::new(channel);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+            let mut got: Vec<pb::Event> = Vec::new();
+            while (got.len() as u64) < end.load(Ordering::Relaxed) {
+                let mut stream = client
+                    .subscribe(pb::SubscribeRequest {
+                        from_offset: got.len() as u64,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                // At most 10 events a connection: the log is read in many resumed pieces,
+                // some of them starting inside a reorg's run of events.
+                for _ in 0..rng.gen_range(1..=10) {
+                    let next = tokio::time::timeout(Duration::from_millis(200), stream.message());
+                    // Nothing new for now: disconnect and come back.
+                    let Ok(Ok(Some(e))) = next.await else { break };
+                    assert_eq!(e.offset, got.len() as u64, "the next offset, once");
+                    got.push(e);
+                }
+            }
+            got
+        }
+    });
+
+    for i in 0..6 {
+        let (height, _) = node.best();
+        let depth = rng.gen_range(1..=6);
+        node.call(
+            "invalidateblock",
+            json!([node.hash_at(height - depth + 1).to_string()]),
+        );
+        let longer = depth + rng.gen_range(1..=3);
+        activity(&node, &addresses, &mut rng, longer);
+        let (h, tip) = node.best();
+        assert!(f.wait_for(tip, WAIT), "reorg {i}: reached tip {h} {tip}");
+    }
+    // Events after this (the mempool's) may follow; the check covers the log up to here.
+    let total = f.store.next_event().unwrap();
+    end.store(total, Ordering::Relaxed);
+    let got = served.runtime.block_on(consumer).unwrap();
+
+    // The same log read in one go.
+    let mut client = IndexerClient::new(served.channel.clone());
+    let mut whole = served
+        .runtime
+        .block_on(client.subscribe(pb::SubscribeRequest::default()))
+        .unwrap()
+        .into_inner();
+    let mut log = Vec::new();
+    while (log.len() as u64) < total {
+        log.push(served.runtime.block_on(whole.message()).unwrap().unwrap());
+    }
+    assert_eq!(got[..total as usize], log[..]);
+    assert!(total > 100, "a log of {total} events");
+    let disconnects = log
+        .iter()
+        .filter(|e| e.kind == pb::EventKind::BlockDisconnected as i32)
+        .count();
+    assert!(disconnects >= 6, "{disconnects} blocks disconnected");
+    assert!(log
+        .iter()
+        .any(|e| e.kind == pb::EventKind::TransferReorgedOut as i32));
 }
