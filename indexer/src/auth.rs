@@ -32,20 +32,74 @@ pub enum TokenError {
     /// The file holds no token, or one too short to resist guessing.
     #[error("token file {0} must hold a token of at least 16 characters")]
     TooShort(std::path::PathBuf),
+    /// Anyone but its owner may read it.
+    #[error(transparent)]
+    Exposed(#[from] SecretFileError),
+}
+
+/// A secret file that others than its owner can read.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    /// The file cannot be read.
+    #[error("reading {what} {path}: {source}")]
+    Read {
+        /// What it holds (`token_file`, `rpc_password_file`...).
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Group or others may read it.
+    #[error("{what} {path} is readable by group or others (mode {mode:o}): chmod 600 it")]
+    Exposed {
+        /// What it holds.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+/// Reads a file holding a secret (`what` names it in errors): refused when group or others
+/// may read it, as ssh refuses a private key they may read. Surrounding whitespace is
+/// trimmed.
+pub fn read_secret_file(what: &'static str, path: &Path) -> Result<String, SecretFileError> {
+    use std::os::unix::fs::PermissionsExt;
+    let read = |source| SecretFileError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let mode = std::fs::metadata(path).map_err(read)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(SecretFileError::Exposed {
+            what,
+            path: path.to_owned(),
+            mode: mode & 0o777,
+        });
+    }
+    Ok(std::fs::read_to_string(path)
+        .map_err(read)?
+        .trim()
+        .to_owned())
 }
 
 impl BearerToken {
-    /// Reads the token from `path` (surrounding whitespace ignored).
+    /// Reads the token from `path` (surrounding whitespace ignored; mode 600).
     pub fn from_file(path: &Path) -> Result<Self, TokenError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
-            path: path.to_owned(),
-            source,
+        let token = read_secret_file("token file", path).map_err(|e| match e {
+            SecretFileError::Read { source, .. } => TokenError::Read {
+                path: path.to_owned(),
+                source,
+            },
+            exposed => TokenError::Exposed(exposed),
         })?;
-        let token = text.trim();
         if token.len() < 16 {
             return Err(TokenError::TooShort(path.to_owned()));
         }
-        Ok(Self::new(token))
+        Ok(Self::new(&token))
     }
 
     /// A token given directly (tests, embedding).

@@ -174,15 +174,10 @@ impl BitcoindFileConfig {
         let auth = match &self.rpc_user {
             Some(user) => {
                 let password = match (&self.rpc_password_file, password_env) {
-                    (Some(file), _) => std::fs::read_to_string(file)
-                        .map_err(|e| {
-                            ConfigError::Invalid(format!(
-                                "bitcoind.rpc_password_file {}: {e}",
-                                file.display()
-                            ))
-                        })?
-                        .trim()
-                        .to_owned(),
+                    (Some(file), _) => {
+                        crate::auth::read_secret_file("bitcoind.rpc_password_file", file)
+                            .map_err(|e| ConfigError::Invalid(e.to_string()))?
+                    }
                     (None, Some(p)) => p,
                     (None, None) => {
                         return Err(ConfigError::Invalid(

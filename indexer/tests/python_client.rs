@@ -86,7 +86,7 @@ fn python_client_reads_what_the_indexer_serves() {
     assert!(utxos > 0);
 
     let token = tmp.path().join("token");
-    std::fs::write(&token, "python-example-token-42\n").unwrap();
+    system_tests::harness::write_secret(&token, "python-example-token-42\n");
     let mut server = Command::new(BIN)
         .args([
             "--db",

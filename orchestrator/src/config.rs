@@ -28,6 +28,11 @@ pub struct FileConfig {
     pub bitcoind_rpc_url: Option<String>,
     /// bitcoind's cookie file.
     pub bitcoind_cookie_file: Option<PathBuf>,
+    /// bitcoind's `rpcuser`, instead of the cookie; the password comes from
+    /// `bitcoind_rpc_password_file` or `ORCHESTRATOR_BITCOIND_RPC_PASSWORD`.
+    pub bitcoind_rpc_user: Option<String>,
+    /// File holding bitcoind's RPC password (mode 600).
+    pub bitcoind_rpc_password_file: Option<PathBuf>,
     /// At start, seconds bitcoind and the indexer may stay unreachable before the
     /// process exits with what to check (default 60).
     pub startup_wait_secs: Option<u64>,
@@ -73,8 +78,8 @@ pub struct Config {
     pub indexer_ca_file: Option<PathBuf>,
     /// bitcoind RPC URL.
     pub bitcoind_rpc_url: String,
-    /// bitcoind cookie file.
-    pub bitcoind_cookie_file: PathBuf,
+    /// bitcoind credentials (a password is never printed).
+    pub bitcoind_auth: indexer::daemon::Auth,
     /// How long bitcoind and the indexer may stay unreachable at start.
     pub startup_wait: std::time::Duration,
     /// Saga database.
@@ -109,6 +114,10 @@ impl FileConfig {
             indexer_ca_file: self.indexer_ca_file.or(other.indexer_ca_file),
             bitcoind_rpc_url: self.bitcoind_rpc_url.or(other.bitcoind_rpc_url),
             bitcoind_cookie_file: self.bitcoind_cookie_file.or(other.bitcoind_cookie_file),
+            bitcoind_rpc_user: self.bitcoind_rpc_user.or(other.bitcoind_rpc_user),
+            bitcoind_rpc_password_file: self
+                .bitcoind_rpc_password_file
+                .or(other.bitcoind_rpc_password_file),
             startup_wait_secs: self.startup_wait_secs.or(other.startup_wait_secs),
             db: self.db.or(other.db),
             key_file: self.key_file.or(other.key_file),
@@ -123,8 +132,9 @@ impl FileConfig {
         }
     }
 
-    /// Checks everything and fills defaults.
-    pub fn resolve(self) -> Result<Config, ConfigError> {
+    /// Checks everything and fills defaults; `password_env` is
+    /// `ORCHESTRATOR_BITCOIND_RPC_PASSWORD`.
+    pub fn resolve_with(self, password_env: Option<String>) -> Result<Config, ConfigError> {
         let need = |v: Option<PathBuf>, key: &str| {
             v.ok_or_else(|| {
                 ConfigError(format!(
@@ -150,27 +160,15 @@ impl FileConfig {
             })?
             .script_pubkey();
         let defaults = Policy::default();
-        let confirmations = self.confirmations.unwrap_or(defaults.confirmations).max(1);
         let policy = Policy {
             min_conf: defaults.min_conf,
-            confirmations,
-            settle_at: self
-                .settle_confirmations
-                .unwrap_or(defaults.settle_at)
-                .max(confirmations),
-            bump_after_blocks: self
-                .bump_after_blocks
-                .unwrap_or(defaults.bump_after_blocks)
-                .max(1),
+            confirmations: self.confirmations.unwrap_or(defaults.confirmations),
+            settle_at: self.settle_confirmations.unwrap_or(defaults.settle_at),
+            bump_after_blocks: self.bump_after_blocks.unwrap_or(defaults.bump_after_blocks),
             fee_floor: self.fee_floor.unwrap_or(defaults.fee_floor),
             fee_ceiling: self.fee_ceiling.unwrap_or(defaults.fee_ceiling),
         };
-        if !(policy.fee_floor >= 1.0 && policy.fee_floor <= policy.fee_ceiling) {
-            return Err(ConfigError(format!(
-                "fee_floor {} and fee_ceiling {} must satisfy 1 <= floor <= ceiling",
-                policy.fee_floor, policy.fee_ceiling
-            )));
-        }
+        check_policy(&policy)?;
         let bitcoind_rpc_url = self.bitcoind_rpc_url.unwrap_or_else(|| {
             format!(
                 "http://127.0.0.1:{}/",
@@ -190,7 +188,12 @@ impl FileConfig {
             indexer_token_file: self.indexer_token_file,
             indexer_ca_file: self.indexer_ca_file,
             bitcoind_rpc_url,
-            bitcoind_cookie_file: need(self.bitcoind_cookie_file, "bitcoind_cookie_file")?,
+            bitcoind_auth: bitcoind_auth(
+                self.bitcoind_cookie_file,
+                self.bitcoind_rpc_user,
+                self.bitcoind_rpc_password_file,
+                password_env,
+            )?,
             // Capped at a day: far beyond any start, and clear of time arithmetic overflow.
             startup_wait: std::time::Duration::from_secs(
                 self.startup_wait_secs.unwrap_or(60).min(86_400),
@@ -205,6 +208,69 @@ impl FileConfig {
     }
 }
 
+/// Refuses a policy that makes no sense, in one line, rather than adjusting it quietly.
+fn check_policy(p: &Policy) -> Result<(), ConfigError> {
+    let refuse = |m: String| Err(ConfigError(m));
+    if p.confirmations == 0 {
+        return refuse(
+            "confirmations 0: a withdrawal completes at 1 confirmation at the least".into(),
+        );
+    }
+    if p.settle_at < p.confirmations {
+        return refuse(format!(
+            "settle_confirmations {} is below confirmations {}: coins are released only after completion, so settle at {} or more",
+            p.settle_at, p.confirmations, p.confirmations
+        ));
+    }
+    if p.bump_after_blocks == 0 {
+        return refuse("bump_after_blocks 0: give the blocks a payment may wait unmined before it is replaced (1 or more)".into());
+    }
+    if !p.fee_floor.is_finite() || !p.fee_ceiling.is_finite() {
+        return refuse(format!(
+            "fee_floor {} and fee_ceiling {} must be finite numbers of sat/vB",
+            p.fee_floor, p.fee_ceiling
+        ));
+    }
+    if !(p.fee_floor >= 1.0 && p.fee_floor <= p.fee_ceiling) {
+        return refuse(format!(
+            "fee_floor {} and fee_ceiling {} must satisfy 1 <= floor <= ceiling",
+            p.fee_floor, p.fee_ceiling
+        ));
+    }
+    Ok(())
+}
+
+/// bitcoind's credentials: `rpcuser` with a password (file or environment), else the
+/// cookie file.
+fn bitcoind_auth(
+    cookie_file: Option<PathBuf>,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+) -> Result<indexer::daemon::Auth, ConfigError> {
+    match (user, cookie_file) {
+        (Some(user), _) => {
+            let password = match (password_file, password_env) {
+                (Some(file), _) => {
+                    indexer::auth::read_secret_file("bitcoind_rpc_password_file", &file)
+                        .map_err(|e| ConfigError(e.to_string()))?
+                }
+                (None, Some(p)) => p,
+                (None, None) => {
+                    return Err(ConfigError(
+                        "bitcoind_rpc_user is set but no password: set bitcoind_rpc_password_file or ORCHESTRATOR_BITCOIND_RPC_PASSWORD".into(),
+                    ))
+                }
+            };
+            Ok(indexer::daemon::Auth::UserPass { user, password })
+        }
+        (None, Some(cookie)) => Ok(indexer::daemon::Auth::Cookie(cookie)),
+        (None, None) => Err(ConfigError(
+            "bitcoind credentials are required: bitcoind_cookie_file, or bitcoind_rpc_user with bitcoind_rpc_password_file (config keys or --flags)".into(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -215,15 +281,78 @@ mod tests {
         let file: FileConfig =
             toml::from_str(include_str!("../orchestrator.example.toml")).unwrap();
         // The one key the operator must fill in.
-        let missing = file.clone().resolve().unwrap_err().to_string();
+        let missing = file.clone().resolve_with(None).unwrap_err().to_string();
         assert!(missing.contains("change_address is required"), "{missing}");
         let mine = FileConfig {
             change_address: Some("bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq".into()),
             ..FileConfig::default()
         };
-        let c = mine.or(file).resolve().unwrap();
+        let c = mine.or(file).resolve_with(None).unwrap();
         assert_eq!(c.network, Network::Bitcoin);
         assert_eq!(c.indexer, "http://127.0.0.1:50051");
         assert_eq!(c.policy.confirmations, 3);
+    }
+
+    #[test]
+    fn policies_that_make_no_sense_are_refused_not_adjusted() {
+        let base = || FileConfig {
+            change_address: Some("bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080".into()),
+            network: Some("regtest".into()),
+            bitcoind_cookie_file: Some("/dev/null".into()),
+            db: Some("db".into()),
+            key_file: Some("keys".into()),
+            token_file: Some("token".into()),
+            ..FileConfig::default()
+        };
+        base().resolve_with(None).unwrap();
+        for (bad, says) in [
+            (
+                FileConfig {
+                    confirmations: Some(0),
+                    ..base()
+                },
+                "confirmations 0",
+            ),
+            (
+                FileConfig {
+                    confirmations: Some(6),
+                    settle_confirmations: Some(3),
+                    ..base()
+                },
+                "below confirmations",
+            ),
+            (
+                FileConfig {
+                    bump_after_blocks: Some(0),
+                    ..base()
+                },
+                "bump_after_blocks 0",
+            ),
+            (
+                FileConfig {
+                    fee_ceiling: Some(f64::INFINITY),
+                    ..base()
+                },
+                "finite",
+            ),
+            (
+                FileConfig {
+                    fee_floor: Some(f64::NAN),
+                    ..base()
+                },
+                "finite",
+            ),
+            (
+                FileConfig {
+                    fee_floor: Some(0.5),
+                    ..base()
+                },
+                "1 <= floor",
+            ),
+        ] {
+            let e = bad.resolve_with(None).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
     }
 }

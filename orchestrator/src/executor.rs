@@ -93,18 +93,53 @@ pub struct Executor {
     /// Withdrawals whose bump failed (the fee cap reached), with the tip then: not tried
     /// again before the chain moves.
     bump_failed: std::collections::HashMap<u64, u32>,
-    /// Fault injection for the crash tests: the step boundary at which the process dies,
-    /// as kill -9 would (`ORCHESTRATOR_CRASH_AT`: reserved, signed, sent, broadcast,
-    /// confirmed). Unset in production.
-    crash_at: Option<String>,
+    /// Told of every step boundary (tests: a crash or a cancel at an exact moment).
+    boundaries: Option<Arc<dyn Boundaries>>,
+}
+
+/// A moment between two steps of a saga, where a crash or a concurrent call must leave
+/// everything consistent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boundary {
+    /// RESERVED was recorded.
+    Reserved,
+    /// SIGNED was recorded.
+    Signed,
+    /// The intent to send was recorded; the transaction has not left yet.
+    Sending,
+    /// bitcoind accepted the transaction; BROADCAST is not recorded yet.
+    Sent,
+    /// BROADCAST was recorded.
+    Broadcast,
+    /// CONFIRMING or COMPLETED was recorded.
+    Confirmed,
+}
+
+impl Boundary {
+    /// Its name (`reserved`, `signed`, `sending`, `sent`, `broadcast`, `confirmed`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Boundary::Reserved => "reserved",
+            Boundary::Signed => "signed",
+            Boundary::Sending => "sending",
+            Boundary::Sent => "sent",
+            Boundary::Broadcast => "broadcast",
+            Boundary::Confirmed => "confirmed",
+        }
+    }
+}
+
+/// Observes step boundaries, synchronously, before the executor goes on: the hook tests
+/// use to crash or race a cancel at an exact moment. Production runs without one.
+pub trait Boundaries: Send + Sync {
+    /// `w` (as recorded) reached `at`.
+    fn reached(&self, at: Boundary, w: &Withdrawal);
 }
 
 impl Executor {
-    /// Dies here when told to (see `crash_at`).
-    fn boundary(&self, name: &str) {
-        if self.crash_at.as_deref() == Some(name) {
-            eprintln!("ORCHESTRATOR_CRASH_AT={name}: dying here");
-            std::process::abort();
+    fn boundary(&self, at: Boundary, w: &Withdrawal) {
+        if let Some(b) = &self.boundaries {
+            b.reached(at, w);
         }
     }
 }
@@ -133,8 +168,14 @@ impl Executor {
             utxos: std::collections::HashMap::new(),
             reserved: None,
             bump_failed: std::collections::HashMap::new(),
-            crash_at: std::env::var("ORCHESTRATOR_CRASH_AT").ok(),
+            boundaries: None,
         }
+    }
+
+    /// Tells `boundaries` of every step boundary (tests).
+    pub fn with_boundaries(mut self, boundaries: Arc<dyn Boundaries>) -> Self {
+        self.boundaries = Some(boundaries);
+        self
     }
 
     /// Steps every unfinished saga once; returns how many moved.
@@ -195,12 +236,16 @@ impl Executor {
     fn record(&self, w: &Withdrawal, outcome: Outcome) -> Result<Withdrawal, StepError> {
         let after = self.store.record(w, outcome, now_ms())?;
         tracing::info!(id = after.id, state = ?after.state, "withdrawal moved");
-        match after.state {
-            State::Reserved => self.boundary("reserved"),
-            State::Signed => self.boundary("signed"),
-            State::Broadcast => self.boundary("broadcast"),
-            State::Confirming | State::Completed => self.boundary("confirmed"),
-            _ => {}
+        let at = match after.state {
+            State::Reserved => Some(Boundary::Reserved),
+            State::Signed if after.sends > w.sends => Some(Boundary::Sending),
+            State::Signed => Some(Boundary::Signed),
+            State::Broadcast if w.state == State::Signed => Some(Boundary::Broadcast),
+            State::Confirming | State::Completed => Some(Boundary::Confirmed),
+            _ => None,
+        };
+        if let Some(at) = at {
+            self.boundary(at, &after);
         }
         Ok(after)
     }
@@ -224,7 +269,17 @@ impl Executor {
                 let per_kvb = tokio::task::spawn_blocking(move || daemon.estimate_smart_fee(t))
                     .await
                     .map_err(|e| tonic::Status::internal(e.to_string()))??;
-                per_kvb.map_or(self.policy.fee_floor, |a| a.to_sat() as f64 / 1000.0)
+                match per_kvb {
+                    Some(a) => a.to_sat() as f64 / 1000.0,
+                    None => {
+                        tracing::warn!(
+                            target_blocks = t,
+                            fee_floor = self.policy.fee_floor,
+                            "bitcoind has no fee estimate for this target (estimatesmartfee): paying the fee floor"
+                        );
+                        self.policy.fee_floor
+                    }
+                }
             }
         };
         Ok(rate.clamp(self.policy.fee_floor, self.policy.fee_ceiling))
@@ -308,7 +363,19 @@ impl Executor {
             return self.record(w, Outcome::Failed("invalid destination".into()));
         };
         let rate = self.fee_rate(w.request.fee_rate).await?;
-        let candidates = self.candidates(&w.request.wallet).await?;
+        let candidates = match self.candidates(&w.request.wallet).await {
+            // The indexer watches no such wallet: waiting will not make one.
+            Err(StepError::Indexer(status)) if status.code() == tonic::Code::NotFound => {
+                return self.record(
+                    w,
+                    Outcome::Failed(format!(
+                        "wallet {} is not one the indexer watches",
+                        w.request.wallet
+                    )),
+                );
+            }
+            other => other?,
+        };
         match select::select(
             &candidates,
             w.request.amount,
@@ -483,9 +550,23 @@ impl Executor {
     }
 
     async fn broadcast(&mut self, w: &Withdrawal) -> Result<bool, StepError> {
-        let Some(attempt) = w.current() else {
+        if w.current().is_none() {
             return Ok(false);
+        }
+        // A first send is recorded before the transaction leaves, under the lock a cancel
+        // takes: either the cancel came first (this write is stale, nothing is sent) or
+        // the cancel is refused from now on.
+        let intended;
+        let w = if w.state == State::Signed {
+            intended = match self.record(w, Outcome::Sending) {
+                Err(StepError::Store(SagaStoreError::Stale(_))) => return Ok(false),
+                other => other?,
+            };
+            &intended
+        } else {
+            w
         };
+        let attempt = w.current().expect("checked above");
         let hex = attempt.raw.to_lower_hex_string();
         let daemon = self.daemon.clone();
         let sent = tokio::task::spawn_blocking(move || daemon.send_raw_transaction(&hex))
@@ -495,7 +576,7 @@ impl Executor {
             Ok(_) => {
                 // Sent, not yet recorded: the boundary a crash must survive without paying
                 // twice (the restart sends the same bytes again).
-                self.boundary("sent");
+                self.boundary(Boundary::Sent, w);
                 // The indexer's tip now, not the recorded one, which lags after a restart
                 // (a stale height would make the payment look stuck at once).
                 let height = self.tip().await?.max(self.last_tip.unwrap_or(0));
@@ -518,9 +599,18 @@ impl Executor {
                 tracing::warn!(id = w.id, refusal = %e, "inputs already spent; waiting for the index to show the spending transaction");
                 Ok(false)
             }
-            // Refused for good before it was ever sent: nothing is on the network.
-            Err(e) if w.state == State::Signed => {
+            // Refused for good at its first send: nothing is on the network.
+            Err(e) if w.state == State::Signed && w.sends == 1 => {
                 self.record(w, Outcome::Failed(format!("bitcoind refused it: {e}")))?;
+                Ok(true)
+            }
+            // Refused at a later send (after a restart): an earlier one may have gone
+            // through, so an operator decides; the coins stay reserved.
+            Err(e) if w.state == State::Signed => {
+                self.record(
+                    w,
+                    Outcome::Unclear(format!("send refused after an earlier send: {e}")),
+                )?;
                 Ok(true)
             }
             // Refused after it was sent once (a conflict may have confirmed): an operator

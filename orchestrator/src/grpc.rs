@@ -50,17 +50,40 @@ fn status(e: SagaStoreError) -> Status {
     }
 }
 
+/// Longest request id.
+pub const MAX_REQUEST_ID: usize = 128;
+/// Longest wallet name (the indexer's limit).
+pub const MAX_WALLET: usize = 64;
+/// Longest destination (bech32 addresses are at most 90 characters).
+pub const MAX_DESTINATION: usize = 100;
+
 /// Checks a submission and turns it into the saga's request.
 pub fn validate(
     req: pb::SubmitWithdrawalRequest,
     network: Network,
 ) -> Result<crate::saga::Request, Status> {
     let bad = |m: String| Err(Status::invalid_argument(m));
-    if req.request_id.is_empty() || req.request_id.len() > 128 {
-        return bad("request_id must be 1 to 128 characters".into());
+    if req.request_id.is_empty() || req.request_id.len() > MAX_REQUEST_ID {
+        return bad(format!(
+            "request_id must be 1 to {MAX_REQUEST_ID} bytes (it is {})",
+            req.request_id.len()
+        ));
     }
-    if req.wallet.is_empty() {
-        return bad("wallet is required".into());
+    let wallet_ok = (1..=MAX_WALLET).contains(&req.wallet.len())
+        && req
+            .wallet
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !wallet_ok {
+        return bad(format!(
+            "wallet must be 1 to {MAX_WALLET} letters, digits, '-', '_' or '.' (as the indexer names wallets)"
+        ));
+    }
+    if req.destination.len() > MAX_DESTINATION {
+        return bad(format!(
+            "destination is {} bytes long; an address is at most {MAX_DESTINATION}",
+            req.destination.len()
+        ));
     }
     let unchecked: Address<_> = match req.destination.parse() {
         Ok(a) => a,
@@ -195,6 +218,12 @@ impl Withdrawals for WithdrawalService {
         let found = match req.into_inner().key {
             Some(pb::get_withdrawal_request::Key::Id(id)) => self.find(id).await?,
             Some(pb::get_withdrawal_request::Key::RequestId(r)) => {
+                if r.len() > MAX_REQUEST_ID {
+                    return Err(Status::invalid_argument(format!(
+                        "request_id is {} bytes long; at most {MAX_REQUEST_ID}",
+                        r.len()
+                    )));
+                }
                 let shown = r.clone();
                 self.blocking(move |s| s.by_request(&r))
                     .await?
@@ -219,12 +248,18 @@ impl Withdrawals for WithdrawalService {
         };
         let mut after = match req.page_token.as_str() {
             "" => 0,
-            t => t
-                .parse::<u64>()
-                .map_err(|_| Status::invalid_argument(format!("bad page_token {t:?}")))?,
+            t => t.parse::<u64>().map_err(|_| {
+                Status::invalid_argument("bad page_token: give back a next_page_token as it came")
+            })?,
         };
         let only_state = pb::WithdrawalState::try_from(req.state)
             .map_err(|_| Status::invalid_argument(format!("unknown state {}", req.state)))?;
+        if req.wallet.len() > MAX_WALLET {
+            return Err(Status::invalid_argument(format!(
+                "wallet is {} bytes long; at most {MAX_WALLET}",
+                req.wallet.len()
+            )));
+        }
         let mut out = Vec::new();
         // Filtered pages are filled from as many stored pages as it takes.
         loop {

@@ -71,6 +71,13 @@ struct RunArgs {
     /// bitcoind's cookie file.
     #[arg(long, env = "ORCHESTRATOR_BITCOIND_COOKIE_FILE")]
     bitcoind_cookie_file: Option<PathBuf>,
+    /// bitcoind's rpcuser, instead of the cookie (password: the file below, or
+    /// ORCHESTRATOR_BITCOIND_RPC_PASSWORD).
+    #[arg(long, env = "ORCHESTRATOR_BITCOIND_RPC_USER")]
+    bitcoind_rpc_user: Option<String>,
+    /// File holding bitcoind's RPC password (mode 600).
+    #[arg(long, env = "ORCHESTRATOR_BITCOIND_RPC_PASSWORD_FILE")]
+    bitcoind_rpc_password_file: Option<PathBuf>,
     /// At start, seconds bitcoind and the indexer may stay unreachable (default 60).
     #[arg(long, env = "ORCHESTRATOR_STARTUP_WAIT_SECS")]
     startup_wait_secs: Option<u64>,
@@ -143,6 +150,8 @@ fn run(args: RunArgs) -> Result<()> {
         indexer_ca_file: args.indexer_ca_file,
         bitcoind_rpc_url: args.bitcoind_rpc_url,
         bitcoind_cookie_file: args.bitcoind_cookie_file,
+        bitcoind_rpc_user: args.bitcoind_rpc_user,
+        bitcoind_rpc_password_file: args.bitcoind_rpc_password_file,
         startup_wait_secs: args.startup_wait_secs,
         db: args.db,
         key_file: args.key_file,
@@ -159,7 +168,9 @@ fn run(args: RunArgs) -> Result<()> {
         Some(path) => FileConfig::read(path)?,
         None => FileConfig::default(),
     };
-    let config = flags.or(file).resolve()?;
+    let config = flags
+        .or(file)
+        .resolve_with(std::env::var("ORCHESTRATOR_BITCOIND_RPC_PASSWORD").ok())?;
     let token = indexer::auth::BearerToken::from_file(&config.token_file)?;
     let signer = KeyFileSigner::open(&config.key_file, config.network)
         .context("the signer's key_file (`orchestrator keygen` creates one)")?;
@@ -175,7 +186,7 @@ fn run(args: RunArgs) -> Result<()> {
     let store = Arc::new(SagaStore::open(&config.db)?);
     let daemon = Arc::new(indexer::daemon::Daemon::new(
         &config.bitcoind_rpc_url,
-        indexer::daemon::Auth::Cookie(config.bitcoind_cookie_file.clone()),
+        config.bitcoind_auth.clone(),
         false,
         std::time::Duration::from_secs(30),
     ));
@@ -185,8 +196,9 @@ fn run(args: RunArgs) -> Result<()> {
         Ok(_) => {}
         Err(e @ indexer::daemon::DaemonError::WrongNetwork { .. }) => return Err(e.into()),
         Err(e) => anyhow::bail!(
-            "{e} (after {}s: check bitcoind_rpc_url and bitcoind_cookie_file, and that \
-             bitcoind runs with server=1; startup_wait_secs waits longer)",
+            "{e} (after {}s: check bitcoind_rpc_url and bitcoind_cookie_file or \
+             bitcoind_rpc_user, and that bitcoind runs with server=1; startup_wait_secs waits \
+             longer)",
             config.startup_wait.as_secs()
         ),
     }
@@ -195,7 +207,7 @@ fn run(args: RunArgs) -> Result<()> {
         let channel = upstream::channel(&config.indexer, config.indexer_ca_file.as_deref())?;
         let indexer = upstream::client(channel, config.indexer_token_file.as_deref())?;
         wait_for_indexer(indexer.clone(), &config.indexer, config.startup_wait).await?;
-        let executor = Executor::new(
+        let mut executor = Executor::new(
             store.clone(),
             indexer,
             daemon,
@@ -204,6 +216,9 @@ fn run(args: RunArgs) -> Result<()> {
             config.change.clone(),
             config.policy.clone(),
         );
+        if let Ok(at) = std::env::var("ORCHESTRATOR_CRASH_AT") {
+            executor = executor.with_boundaries(Arc::new(CrashAt(at)));
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
@@ -285,6 +300,18 @@ async fn wait_for_indexer(
         }
         tracing::warn!(%url, error = status.message(), "the indexer is not answering yet; will keep trying");
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// The crash tests' fault injection: dies at the named step boundary, as kill -9 would.
+struct CrashAt(String);
+
+impl orchestrator::executor::Boundaries for CrashAt {
+    fn reached(&self, at: orchestrator::executor::Boundary, _: &orchestrator::saga::Withdrawal) {
+        if at.name() == self.0 {
+            eprintln!("ORCHESTRATOR_CRASH_AT={}: dying here", self.0);
+            std::process::abort();
+        }
     }
 }
 

@@ -20,6 +20,12 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// `sends` of a record written before the field existed: an earlier version sent without
+/// recording it first, so a SIGNED one of those may be on the network.
+fn possibly_sent() -> u32 {
+    1
+}
+
 /// Where a withdrawal is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum State {
@@ -54,8 +60,9 @@ impl State {
         )
     }
 
-    /// Whether a transaction for it may be on the network: from then on it can never
-    /// go back to unpaid.
+    /// Whether a transaction for it was handed to bitcoind: from then on it can never go
+    /// back to unpaid. (A SIGNED withdrawal whose send was begun may be on the network too:
+    /// see [`Withdrawal::may_have_left`].)
     pub fn may_be_on_chain(self) -> bool {
         matches!(
             self,
@@ -136,6 +143,11 @@ pub struct Withdrawal {
     pub broadcast_height: Option<u32>,
     /// The transaction must be sent (again): after signing, a replacement or a reorg.
     pub needs_broadcast: bool,
+    /// How many times a send of the first signed version was begun: each is recorded
+    /// before the transaction is handed to bitcoind, so from the first one on it may be on
+    /// the network and the withdrawal can only be followed to its outcome.
+    #[serde(default = "possibly_sent")]
+    pub sends: u32,
     /// Whether it is settled (confirmed past the settlement depth): its coins are
     /// released and the record is archived.
     pub settled: bool,
@@ -154,6 +166,9 @@ pub enum Outcome {
     Reserved(Vec<Coin>),
     /// A transaction spending exactly the reserved coins was signed and stored.
     Signed(Attempt),
+    /// The signed transaction is about to be handed to bitcoind (recorded before the send,
+    /// so that a cancel can no longer win once it may have left the process).
+    Sending,
     /// bitcoind accepted the current version (or already had it) at this tip height.
     Broadcast {
         /// Tip height then.
@@ -222,6 +237,7 @@ impl Withdrawal {
             confirmations: 0,
             broadcast_height: None,
             needs_broadcast: false,
+            sends: 0,
             settled: false,
             failure_reason: None,
             created_ms: now_ms,
@@ -232,6 +248,12 @@ impl Withdrawal {
     /// The current signed version.
     pub fn current(&self) -> Option<&Attempt> {
         self.attempts.last()
+    }
+
+    /// Whether a signed version may have left the process (a send was begun, or it was
+    /// broadcast): from then on it can never be cancelled or failed back to unpaid.
+    pub fn may_have_left(&self) -> bool {
+        self.state.may_be_on_chain() || (self.state == State::Signed && self.sends > 0)
     }
 
     /// Whether its coins are still held (not released by failure, cancel or settlement).
@@ -252,6 +274,14 @@ impl Withdrawal {
             State::Completed if !self.settled => Step::Watch,
             _ => Step::Rest,
         }
+    }
+
+    /// "transaction TXID" for the current version, for messages.
+    fn txid_shown(&self) -> String {
+        self.current().map_or_else(
+            || "its transaction".into(),
+            |a| format!("transaction {}", a.txid),
+        )
     }
 
     fn refuse(&self, what: impl Into<String>) -> TransitionError {
@@ -275,13 +305,20 @@ impl Withdrawal {
                 w.state = State::Reserved;
             }
             (State::Reserved, Outcome::Signed(attempt)) => {
+                w.sends = 0;
                 w.attempts.push(attempt);
                 w.needs_broadcast = true;
                 w.state = State::Signed;
             }
+            (State::Signed, Outcome::Sending) => {
+                w.sends = self.sends.saturating_add(1);
+            }
             (State::Signed, Outcome::Broadcast { height })
             | (State::Broadcast, Outcome::Broadcast { height })
             | (State::Confirming, Outcome::Broadcast { height }) => {
+                if self.state == State::Signed && self.sends == 0 {
+                    return Err(self.refuse("broadcast without a send recorded first"));
+                }
                 if !self.needs_broadcast && self.state != State::Signed {
                     return Err(self.refuse("broadcast when nothing needed sending"));
                 }
@@ -346,7 +383,16 @@ impl Withdrawal {
                 w.state = State::Failed;
             }
             (State::Signed, Outcome::Failed(reason)) => {
-                // Never broadcast (bitcoind rejected it for good): safe to release.
+                // Only the first send may fail the withdrawal: bitcoind refused it for good,
+                // so it never reached the network. After a second send began, an earlier
+                // one may have been accepted (and the refusal be about something else): an
+                // operator decides (`Unclear`).
+                if self.sends > 1 {
+                    return Err(self.refuse(format!(
+                        "{} may have been sent before: it cannot fail, only be reviewed",
+                        self.txid_shown()
+                    )));
+                }
                 w.failure_reason = Some(reason);
                 w.state = State::Failed;
             }
@@ -360,11 +406,28 @@ impl Withdrawal {
                     w.state = State::Failed;
                 }
             }
-            (State::Received | State::Reserved | State::Signed, Outcome::Cancelled) => {
+            (State::Received | State::Reserved, Outcome::Cancelled) => {
                 w.state = State::Cancelled;
             }
+            (State::Signed, Outcome::Cancelled) if self.sends == 0 => {
+                // Signed but never handed to anyone: the bytes are discarded, so the
+                // transaction can never be sent and its inputs are free again.
+                let discarded = std::mem::take(&mut w.attempts);
+                w.needs_broadcast = false;
+                w.failure_reason = Some(format!(
+                    "cancelled before sending: the signed transaction {} never left the orchestrator and was discarded",
+                    discarded.last().map_or_else(String::new, |a| a.txid.to_string())
+                ));
+                w.state = State::Cancelled;
+            }
+            (_, Outcome::Cancelled) if self.may_have_left() => {
+                return Err(self.refuse(format!(
+                    "{} may already be on the network: it can no longer be cancelled, only followed to its outcome",
+                    self.txid_shown()
+                )))
+            }
             (_, Outcome::Cancelled) => {
-                return Err(self.refuse("only a withdrawal not yet broadcast can be cancelled"))
+                return Err(self.refuse("only a withdrawal not yet sent can be cancelled"))
             }
             (_, other) => return Err(self.refuse(format!("{other:?} cannot happen now"))),
         }
@@ -419,7 +482,58 @@ mod tests {
         let w = w.apply(Outcome::Reserved(vec![coin()]), 1).unwrap();
         let w = w.apply(Outcome::Signed(attempt(1, 1_000)), 2).unwrap();
         assert_eq!(w.next_step(), Step::Broadcast);
+        let w = w.apply(Outcome::Sending, 3).unwrap();
         w.apply(Outcome::Broadcast { height: 100 }, 3).unwrap()
+    }
+
+    fn signed() -> Withdrawal {
+        Withdrawal::new(1, request(), 0)
+            .apply(Outcome::Reserved(vec![coin()]), 1)
+            .unwrap()
+            .apply(Outcome::Signed(attempt(1, 1_000)), 2)
+            .unwrap()
+    }
+
+    #[test]
+    fn once_a_send_began_it_cannot_be_cancelled_only_followed() {
+        let w = signed();
+        assert!(!w.may_have_left());
+        assert!(
+            w.apply(Outcome::Broadcast { height: 1 }, 3).is_err(),
+            "the send's intent is recorded first"
+        );
+        // Before the send: cancelled, and the signed bytes are gone for good.
+        let c = w.apply(Outcome::Cancelled, 3).unwrap();
+        assert_eq!((c.state, c.holds_coins()), (State::Cancelled, false));
+        assert!(c.attempts.is_empty() && c.current().is_none());
+        let reason = c.failure_reason.unwrap();
+        assert!(reason.contains(&w.attempts[0].txid.to_string()), "{reason}");
+        // After the intent: refused, naming the transaction.
+        let sending = w.apply(Outcome::Sending, 3).unwrap();
+        assert!(sending.may_have_left() && sending.holds_coins());
+        let refused = sending.apply(Outcome::Cancelled, 4).unwrap_err();
+        assert!(
+            refused.what.contains(&w.attempts[0].txid.to_string()),
+            "{refused}"
+        );
+        let sent = sending.apply(Outcome::Broadcast { height: 7 }, 4).unwrap();
+        assert!(sent.apply(Outcome::Cancelled, 5).is_err());
+    }
+
+    #[test]
+    fn only_a_first_send_refused_for_good_fails_a_signed_withdrawal() {
+        let once = signed().apply(Outcome::Sending, 3).unwrap();
+        let f = once.apply(Outcome::Failed("rejected".into()), 4).unwrap();
+        assert_eq!((f.state, f.holds_coins()), (State::Failed, false));
+        // A second send (after a restart): the first may have gone through.
+        let twice = once.apply(Outcome::Sending, 4).unwrap();
+        assert_eq!(twice.sends, 2);
+        assert!(twice.apply(Outcome::Failed("rejected".into()), 5).is_err());
+        let review = twice.apply(Outcome::Unclear("rejected".into()), 5).unwrap();
+        assert_eq!(
+            (review.state, review.holds_coins()),
+            (State::NeedsReview, true)
+        );
     }
 
     #[test]
@@ -491,6 +605,12 @@ mod tests {
         let b = broadcast();
         assert!(b.apply(Outcome::Cancelled, 4).is_err());
         assert!(b.apply(Outcome::Failed("x".into()), 4).is_err());
+        // A SIGNED record written before `sends` existed may have been sent.
+        let mut old = serde_json::to_value(signed()).unwrap();
+        old.as_object_mut().unwrap().remove("sends");
+        let old: Withdrawal = serde_json::from_value(old).unwrap();
+        assert_eq!((old.sends, old.may_have_left()), (1, true));
+        assert!(old.apply(Outcome::Cancelled, 4).is_err());
     }
 
     #[test]

@@ -303,8 +303,8 @@ impl SagaStore {
         }
         let attempts = self.cf(ATTEMPTS);
         if after.next_step() == Step::Rest {
-            // Nothing watches its transactions any more.
-            for a in &after.attempts {
+            // Nothing watches its transactions any more (a cancel may have discarded one).
+            for a in before.attempts.iter().chain(&after.attempts) {
                 batch.delete_cf(attempts, a.txid.as_byte_array());
                 batch.delete_cf(self.cf(CHAIN), a.txid.as_byte_array());
             }
@@ -629,8 +629,9 @@ mod tests {
         };
         assert!(store.observe(&out).unwrap());
         assert_eq!(store.confirmed_height(&attempt.txid).unwrap(), None);
+        let w = store.record(&watched, Outcome::Sending, 4).unwrap();
         let w = store
-            .record(&watched, Outcome::Broadcast { height: 120 }, 4)
+            .record(&w, Outcome::Broadcast { height: 120 }, 4)
             .unwrap();
         store
             .record(&w, Outcome::Unclear("operator".into()), 5)

@@ -63,6 +63,9 @@ pub enum LinkError {
     /// The token cannot travel in a header.
     #[error("indexer_token_file {0}: the token must be printable ASCII")]
     BadToken(std::path::PathBuf),
+    /// The token file cannot be read, or others than its owner can.
+    #[error(transparent)]
+    Secret(#[from] indexer::auth::SecretFileError),
 }
 
 /// A lazily connecting channel to `url`; with `ca_file`, TLS trusting that CA (PEM).
@@ -107,12 +110,8 @@ pub fn client(channel: Channel, token_file: Option<&Path>) -> Result<Indexer, Li
     let token = match token_file {
         None => None,
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| LinkError::Read {
-                what: "indexer_token_file",
-                path: path.to_owned(),
-                source,
-            })?;
-            let mut value: MetadataValue<Ascii> = format!("Bearer {}", text.trim())
+            let text = indexer::auth::read_secret_file("indexer_token_file", path)?;
+            let mut value: MetadataValue<Ascii> = format!("Bearer {text}")
                 .parse()
                 .map_err(|_| LinkError::BadToken(path.to_owned()))?;
             // Kept out of HTTP/2 header compression tables and debug output.

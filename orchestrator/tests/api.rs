@@ -143,6 +143,49 @@ async fn submissions_are_validated_idempotent_and_need_the_token() {
         let r = api.client.submit_withdrawal(auth(req)).await;
         assert_eq!(code(r), tonic::Code::InvalidArgument, "{why}");
     }
+    // A megabyte in any string field: refused, and not echoed back.
+    let huge = "w".repeat(1 << 20);
+    for (req, why) in [
+        (
+            pb::SubmitWithdrawalRequest {
+                wallet: huge.clone(),
+                ..submit("huge-1", DEST, 50_000)
+            },
+            "wallet",
+        ),
+        (
+            pb::SubmitWithdrawalRequest {
+                wallet: "hot wallet".into(),
+                ..submit("huge-2", DEST, 50_000)
+            },
+            "wallet name",
+        ),
+        (
+            pb::SubmitWithdrawalRequest {
+                destination: huge.clone(),
+                ..submit("huge-3", DEST, 50_000)
+            },
+            "destination",
+        ),
+        (submit(&huge, DEST, 50_000), "request id"),
+    ] {
+        let status = api.client.submit_withdrawal(auth(req)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{why}");
+        assert!(
+            status.message().len() < 200,
+            "{why}: {}",
+            status.message().len()
+        );
+    }
+    let status = api
+        .client
+        .get_withdrawal(auth(pb::GetWithdrawalRequest {
+            key: Some(pb::get_withdrawal_request::Key::RequestId(huge.clone())),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().len() < 200);
     // Without the token: refused, nothing created.
     let anonymous = api
         .client
@@ -226,6 +269,8 @@ async fn watchers_see_every_change_and_cancel_stops_at_broadcast() {
     let signed = next(&mut stream).await;
     assert_eq!(signed.state, pb::WithdrawalState::Signed as i32);
     assert_eq!((signed.fee_sat, signed.txids.len()), (500, 1));
+    let w = api.store.record(&w, Outcome::Sending, 12).unwrap();
+    let _ = next(&mut stream).await;
     api.store
         .record(&w, Outcome::Broadcast { height: 120 }, 12)
         .unwrap();

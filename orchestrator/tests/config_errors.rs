@@ -17,7 +17,7 @@ const CHANGE: &str = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080";
 /// after it; TOML keeps the first of a repeated key as an error, so `extra` adds keys only.
 fn config(dir: &Path, rpc_url: &str, cookie: &str, extra: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::write(dir.join("token"), "0123456789abcdef0123").unwrap();
+    system_tests::harness::write_secret(dir.join("token"), "0123456789abcdef0123");
     std::fs::write(dir.join(".cookie"), "__cookie__:secret").unwrap();
     let keys = dir.join("hot.keys");
     if !keys.exists() {
@@ -175,4 +175,70 @@ fn a_second_process_on_the_same_saga_database_is_refused() {
         line.contains("is open in another orchestrator process: one process at a time"),
         "{line}"
     );
+}
+
+#[test]
+fn a_token_others_can_read_and_senseless_policies_are_refused_in_one_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cookie = d.join(".cookie");
+    let cookie = cookie.to_str().unwrap();
+    let change = format!("change_address = \"{}\"\n", hot_address(d));
+    let rpc = "http://127.0.0.1:1/";
+    for (extra, says) in [
+        ("confirmations = 0\n", "confirmations 0"),
+        (
+            "confirmations = 6\nsettle_confirmations = 2\n",
+            "settle_confirmations 2 is below confirmations 6",
+        ),
+        ("bump_after_blocks = 0\n", "bump_after_blocks 0"),
+        ("fee_ceiling = inf\n", "must be finite"),
+        ("fee_floor = nan\n", "must be finite"),
+    ] {
+        let line = error_line(d, &config(d, rpc, cookie, &format!("{change}{extra}")));
+        assert!(line.contains(says), "{extra}: {line}");
+    }
+    let text = config(d, rpc, cookie, &change);
+    std::fs::set_permissions(d.join("token"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let line = error_line(d, &text);
+    assert!(
+        line.contains("is readable by group or others (mode 644)"),
+        "{line}"
+    );
+    assert!(line.contains("chmod 600"), "{line}");
+}
+
+#[test]
+fn bitcoind_rpc_user_with_a_password_file_is_accepted_and_a_wrong_one_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let change = format!("change_address = \"{}\"\n", hot_address(d));
+    let node_dir = tempfile::tempdir().unwrap();
+    let mut node_config = devnet::Config::new(node_dir.path());
+    node_config.rpc_auth = devnet::RpcAuth::UserPass {
+        user: "payer".into(),
+        password: "correct horse".into(),
+    };
+    let node = devnet::Node::start(node_config).unwrap();
+    let password = d.join("bitcoind-password");
+    let with = |secret: &str| {
+        system_tests::harness::write_secret(&password, secret);
+        config(
+            d,
+            &node.rpc_url(),
+            "/no/cookie/needed",
+            &format!(
+                "{change}bitcoind_rpc_user = \"payer\"\nbitcoind_rpc_password_file = \"{}\"\n\
+                 indexer = \"http://127.0.0.1:1\"\n",
+                password.display()
+            ),
+        )
+    };
+    // bitcoind accepted the credentials: what stops the start is the absent indexer.
+    let line = error_line(d, &with("correct horse\n"));
+    assert!(line.contains("indexer at http://127.0.0.1:1"), "{line}");
+    let line = error_line(d, &with("wrong"));
+    assert!(line.contains("refused the credentials"), "{line}");
+    assert!(!line.contains("wrong"), "the password is not shown: {line}");
 }

@@ -4,17 +4,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use bitcoin::consensus::deserialize;
-use bitcoin::hex::FromHex;
 use bitcoin::{Address, Transaction};
-use proto::indexer::v1 as ipb;
-use proto::indexer::v1::indexer_client::IndexerClient;
 use proto::orchestrator::v1 as pb;
 use proto::orchestrator::v1::withdrawals_client::WithdrawalsClient;
 use rand::{Rng, SeedableRng};
@@ -65,7 +62,7 @@ impl Rig {
         let db = tempfile::tempdir().unwrap();
         let f = Following::caught_up(&node, db.path(), &keyed.wallets);
         let served = Served::start(&f, indexer::grpc::Access::default());
-        std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+        system_tests::harness::write_secret(dir.path().join("token"), TOKEN);
         Rig {
             node,
             miner,
@@ -172,34 +169,7 @@ impl Rig {
     fn paid(&self) -> HashMap<bitcoin::ScriptBuf, Vec<u64>> {
         let tip = self.node.mine_to(1, &self.miner)[0];
         assert!(self.f.wait_for(tip, Duration::from_secs(30)));
-        let mut indexer = IndexerClient::new(self.served.channel.clone());
-        let transfers = self
-            .served
-            .runtime
-            .block_on(indexer.list_transfers(ipb::ListTransfersRequest {
-                wallet: "hot".into(),
-                limit: 1000,
-                ..Default::default()
-            }))
-            .unwrap()
-            .into_inner()
-            .transfers;
-        let mut paid: HashMap<bitcoin::ScriptBuf, Vec<u64>> = HashMap::new();
-        let mut coins = HashSet::new();
-        for t in transfers.iter().filter(|t| !t.spent.is_empty()) {
-            let raw = self.node.call("getrawtransaction", json!([t.txid]));
-            let tx: Transaction =
-                deserialize(&Vec::<u8>::from_hex(raw.as_str().unwrap()).unwrap()).unwrap();
-            for input in &tx.input {
-                assert!(coins.insert(input.previous_output), "a coin spent twice");
-            }
-            for o in &tx.output {
-                paid.entry(o.script_pubkey.clone())
-                    .or_default()
-                    .push(o.value.to_sat());
-            }
-        }
-        paid
+        self.served.payments(&self.node, "hot")
     }
 }
 
@@ -213,7 +183,14 @@ fn script_of(address: &str) -> bitcoin::ScriptBuf {
 #[test]
 fn a_crash_at_each_step_boundary_then_restart_pays_exactly_once() {
     let rig = Rig::new(8);
-    let boundaries = ["reserved", "signed", "sent", "broadcast", "confirmed"];
+    let boundaries = [
+        "reserved",
+        "signed",
+        "sending",
+        "sent",
+        "broadcast",
+        "confirmed",
+    ];
     let mut destinations = Vec::new();
     for (i, at) in boundaries.iter().enumerate() {
         let destination = rig.node.new_address("bech32");

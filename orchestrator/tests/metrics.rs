@@ -52,7 +52,7 @@ fn run_counts_sagas_by_state_and_times_calls_on_its_metrics_endpoint() {
     let f = Following::caught_up(&node, db.path(), &keyed.wallets);
     let served = Served::start(&f, indexer::grpc::Access::default());
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
-    std::fs::write(path("token"), TOKEN).unwrap();
+    system_tests::harness::write_secret(path("token"), TOKEN);
     let config = format!(
         "network = \"regtest\"\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
          indexer = \"http://{}\"\nbitcoind_rpc_url = \"{}\"\nbitcoind_cookie_file = \"{}\"\n\

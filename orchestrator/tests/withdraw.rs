@@ -13,7 +13,7 @@ use bitcoin::consensus::deserialize;
 use bitcoin::hex::FromHex;
 use bitcoin::{Address, Amount, Network, Transaction};
 use indexer::follow::FollowOptions;
-use orchestrator::executor::{Executor, Policy};
+use orchestrator::executor::{Boundaries, Boundary, Executor, Policy};
 use orchestrator::saga::{FeeRate, Request, State, Withdrawal};
 use orchestrator::signer::KeyFileSigner;
 use orchestrator::store::SagaStore;
@@ -62,6 +62,13 @@ impl World {
     }
 
     fn start_with(coins: usize, btc: f64, policy: Policy, follow: FollowOptions) -> World {
+        let mut world = Self::idle(coins, btc, policy, follow);
+        world.start_executor();
+        world
+    }
+
+    /// The world with no executor running yet.
+    fn idle(coins: usize, btc: f64, policy: Policy, follow: FollowOptions) -> World {
         let node = Devnet::start(|c| c.filler_txs = 0);
         let miner = node.new_address("bech32");
         node.mine_to(101 + coins.div_ceil(25) as u32, &miner);
@@ -81,7 +88,7 @@ impl World {
         );
         let served = Served::start(&following, indexer::grpc::Access::default());
         let store = Arc::new(SagaStore::open(&dir.path().join("sagas")).unwrap());
-        let mut world = World {
+        World {
             node,
             miner,
             hot: keyed.address.clone(),
@@ -94,22 +101,33 @@ impl World {
             executor: None,
             _dirs: (dir, db),
             _rebuilt: Vec::new(),
-        };
-        world.start_executor();
-        world
+        }
     }
 
     /// Starts an executor on the saga database (as a restarted process would).
     fn start_executor(&mut self) {
-        let executor = Executor::new(
+        self.start_executor_with(self.served.channel.clone(), None);
+    }
+
+    /// Starts an executor reaching the indexer over `indexer`, told of every step
+    /// boundary when `boundaries` is given.
+    fn start_executor_with(
+        &mut self,
+        indexer: tonic::transport::Channel,
+        boundaries: Option<Arc<dyn Boundaries>>,
+    ) {
+        let mut executor = Executor::new(
             self.store.clone(),
-            orchestrator::upstream::open_client(self.served.channel.clone()),
+            orchestrator::upstream::open_client(indexer),
             Arc::new(self.node.daemon(false)),
             Arc::new(KeyFileSigner::open(&self.key_file, Network::Regtest).unwrap()),
             Network::Regtest,
             self.hot.script_pubkey(),
             self.policy.clone(),
         );
+        if let Some(b) = boundaries {
+            executor = executor.with_boundaries(b);
+        }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = self.served.runtime.spawn(executor.run(async {
             let _ = stopped.await;
@@ -293,7 +311,7 @@ fn a_withdrawal_is_paid_exactly_once_and_completes() {
 }
 
 #[test]
-fn insufficient_funds_and_fee_caps_fail_without_reserving_anything() {
+fn insufficient_funds_fee_caps_and_unknown_wallets_fail_without_reserving_anything() {
     let world = World::start(1, 0.1, Policy::default());
     let destination = world.node.new_address("bech32");
     let ask = |id: &str, sat: u64, max_fee: u64| Request {
@@ -312,7 +330,21 @@ fn insufficient_funds_and_fee_caps_fail_without_reserving_anything() {
         .store
         .submit(ask("fee-cap", 1_000_000, 100), 0)
         .unwrap();
-    for id in [poor.withdrawal.id, capped.withdrawal.id] {
+    let unknown = world
+        .store
+        .submit(
+            Request {
+                wallet: "nosuch".into(),
+                ..ask("no-wallet", 1_000_000, 50_000)
+            },
+            0,
+        )
+        .unwrap();
+    for id in [
+        poor.withdrawal.id,
+        capped.withdrawal.id,
+        unknown.withdrawal.id,
+    ] {
         let w = wait_for(&world.store, id, |w| w.state == State::Failed);
         assert!(w.coins.is_empty() && w.attempts.is_empty(), "{w:?}");
     }
@@ -327,6 +359,11 @@ fn insufficient_funds_and_fee_caps_fail_without_reserving_anything() {
     };
     assert!(reason(poor.withdrawal.id).contains("insufficient funds"));
     assert!(reason(capped.withdrawal.id).contains("max_fee"));
+    assert!(
+        reason(unknown.withdrawal.id).contains("wallet nosuch is not one the indexer watches"),
+        "{}",
+        reason(unknown.withdrawal.id)
+    );
     assert!(world.store.reserved().unwrap().is_empty());
 }
 
@@ -545,4 +582,284 @@ fn after_the_indexer_is_rebuilt_monitoring_moves_to_the_new_log_and_completes() 
     );
     // The cursor now belongs to the rebuilt index's log.
     assert_eq!(world.store.log_id().unwrap(), new_log);
+}
+
+fn cancel(world: &World, id: u64) -> Result<Withdrawal, tonic::Status> {
+    use proto::orchestrator::v1::withdrawals_server::Withdrawals;
+    let service = orchestrator::grpc::WithdrawalService::new(world.store.clone(), Network::Regtest);
+    let req = tonic::Request::new(proto::orchestrator::v1::CancelWithdrawalRequest { id });
+    world
+        .served
+        .runtime
+        .block_on(service.cancel_withdrawal(req))
+        .map(|_| world.store.get(id).unwrap().unwrap())
+}
+
+/// Mines until every withdrawal of `ids` is settled or cancelled, then returns what each
+/// destination was paid.
+fn settle_all(
+    world: &World,
+    ids: &[u64],
+) -> std::collections::HashMap<bitcoin::ScriptBuf, Vec<u64>> {
+    let started = Instant::now();
+    while ids.iter().any(|id| {
+        let w = world.store.get(*id).unwrap().unwrap();
+        !(w.settled || w.state == State::Cancelled)
+    }) {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "not all settled"
+        );
+        world.node.mine_to(1, &world.miner);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let tip = world.node.mine_to(1, &world.miner)[0];
+    assert!(world.following.wait_for(tip, WAIT));
+    world.served.payments(&world.node, "hot")
+}
+
+/// A cancelled withdrawal holds no transaction that could still confirm: nothing signed
+/// is kept, and none of what was signed is in the node's mempool or chain.
+fn assert_nothing_can_confirm(world: &World, w: &Withdrawal, signed: &[bitcoin::Txid]) {
+    assert_eq!(w.state, State::Cancelled, "{w:?}");
+    assert!(w.attempts.is_empty() && !w.holds_coins(), "{w:?}");
+    for txid in signed {
+        let known = world
+            .node
+            .try_call("getrawtransaction", json!([txid.to_string()]));
+        assert!(known.is_err(), "cancelled, yet {txid} reached the node");
+    }
+}
+
+/// 1. The indexer answers every call two seconds late (a proxy in front of it), so a
+///    payment's send and the BROADCAST record after it lie seconds apart.
+/// 2. A client cancels each withdrawal once its transaction has reached the node, while
+///    the executor still waits for the indexer: the cancel is refused with
+///    FAILED_PRECONDITION naming the txid, and the payment completes.
+/// 3. Each destination is paid exactly once, its amount (a client that had been told
+///    CANCELLED would have retried under a new request_id and paid again).
+#[test]
+fn a_cancel_after_the_send_is_refused_even_while_the_indexer_is_slow() {
+    let mut world = World::idle(
+        3,
+        0.2,
+        Policy {
+            confirmations: 1,
+            settle_at: 1,
+            ..Policy::default()
+        },
+        FollowOptions::default(),
+    );
+    let proxy = system_tests::proxy::SlowProxy::start(
+        &world.served.runtime,
+        world.served.addr,
+        Duration::from_secs(2),
+    );
+    let slow = {
+        let _in_runtime = world.served.runtime.enter();
+        tonic::transport::Channel::from_shared(format!("http://{}", proxy.addr))
+            .unwrap()
+            .connect_lazy()
+    };
+    world.start_executor_with(slow, None);
+    let mut ids = Vec::new();
+    let mut expected = Vec::new();
+    for round in 0..2 {
+        let destination = world.node.new_address("bech32");
+        let amount = 1_000_000 + round;
+        let mut updates = world.store.updates();
+        let id = world
+            .store
+            .submit(
+                request(&format!("race-{round}"), &destination, amount, 2.0, 20_000),
+                0,
+            )
+            .unwrap()
+            .withdrawal
+            .id;
+        let signed = loop {
+            let w = updates.blocking_recv().unwrap();
+            if w.id == id && w.state == State::Signed {
+                break w;
+            }
+        };
+        let txid = signed.current().unwrap().txid;
+        let started = Instant::now();
+        while world
+            .node
+            .try_call("getrawtransaction", json!([txid.to_string()]))
+            .is_err()
+        {
+            assert!(started.elapsed() < WAIT, "{txid} never reached the node");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let status = cancel(&world, id).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains(&txid.to_string()), "{status:?}");
+        ids.push(id);
+        expected.push((destination, amount));
+    }
+    let paid = settle_all(&world, &ids);
+    for (destination, amount) in expected {
+        assert_eq!(
+            paid.get(&script_of(&destination)),
+            Some(&vec![amount]),
+            "{destination}"
+        );
+    }
+}
+
+/// A cancel made at a boundary: the request id, the boundary, the answer (the state after
+/// it, or the refusal) and the txids signed by then.
+type CancelAnswer = (
+    String,
+    Boundary,
+    Result<State, tonic::Status>,
+    Vec<bitcoin::Txid>,
+);
+
+/// Cancels the withdrawal of a request id when it reaches a chosen step boundary, from
+/// inside the executor (so the cancel lands exactly there), and keeps the answer.
+#[derive(Default)]
+struct CancelAt {
+    targets: std::sync::Mutex<std::collections::HashMap<String, Boundary>>,
+    answers: std::sync::Mutex<Vec<CancelAnswer>>,
+    store: std::sync::OnceLock<Arc<SagaStore>>,
+}
+
+impl Boundaries for CancelAt {
+    fn reached(&self, at: Boundary, w: &Withdrawal) {
+        let request_id = w.request.request_id.clone();
+        if self.targets.lock().unwrap().get(&request_id) != Some(&at) {
+            return;
+        }
+        self.targets.lock().unwrap().remove(&request_id);
+        let store = self.store.get().unwrap().clone();
+        let id = w.id;
+        let signed: Vec<bitcoin::Txid> = w.attempts.iter().map(|a| a.txid).collect();
+        // The gRPC handler, on a runtime of its own: the executor waits here meanwhile.
+        let answer = std::thread::spawn(move || {
+            use proto::orchestrator::v1::withdrawals_server::Withdrawals;
+            let service =
+                orchestrator::grpc::WithdrawalService::new(store.clone(), Network::Regtest);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let req = tonic::Request::new(proto::orchestrator::v1::CancelWithdrawalRequest { id });
+            runtime
+                .block_on(service.cancel_withdrawal(req))
+                .map(|_| store.get(id).unwrap().unwrap().state)
+        })
+        .join()
+        .unwrap();
+        self.answers
+            .lock()
+            .unwrap()
+            .push((request_id, at, answer, signed));
+    }
+}
+
+/// 1. One withdrawal per step boundary: reserved, signed, about to send, sent but not
+///    recorded, broadcast, confirmed. The executor stops at that boundary while the
+///    client's cancel runs through the gRPC handler.
+/// 2. Before the send: CANCELLED, the coins released, the signed transaction discarded and
+///    never on the node; a retry under a new request_id pays.
+/// 3. From the send on: FAILED_PRECONDITION naming the txid; the payment completes.
+/// 4. Each destination is paid exactly once, its amount; no coin is spent twice.
+#[test]
+fn a_cancel_at_every_step_boundary_pays_each_destination_at_most_once() {
+    let mut world = World::idle(
+        8,
+        0.2,
+        Policy {
+            confirmations: 1,
+            settle_at: 2,
+            ..Policy::default()
+        },
+        FollowOptions::default(),
+    );
+    let hook = Arc::new(CancelAt::default());
+    let _ = hook.store.set(world.store.clone());
+    world.start_executor_with(world.served.channel.clone(), Some(hook.clone()));
+    let boundaries = [
+        Boundary::Reserved,
+        Boundary::Signed,
+        Boundary::Sending,
+        Boundary::Sent,
+        Boundary::Broadcast,
+        Boundary::Confirmed,
+    ];
+    let mut ids = Vec::new();
+    let mut destinations = std::collections::HashMap::new();
+    for (i, at) in boundaries.iter().enumerate() {
+        let name = format!("cancel-at-{}", at.name());
+        hook.targets.lock().unwrap().insert(name.clone(), *at);
+        let destination = world.node.new_address("bech32");
+        let amount = 2_000_000 + i as u64;
+        let id = world
+            .store
+            .submit(request(&name, &destination, amount, 2.0, 20_000), 0)
+            .unwrap()
+            .withdrawal
+            .id;
+        destinations.insert(name, (destination, amount, id));
+        ids.push(id);
+    }
+    // Blocks for the confirmed boundary; every hook has run once all are final.
+    let started = Instant::now();
+    while !hook.targets.lock().unwrap().is_empty() {
+        assert!(
+            started.elapsed() < WAIT,
+            "boundaries never reached: {:?}",
+            hook.targets.lock().unwrap()
+        );
+        world.node.mine_to(1, &world.miner);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let answers = std::mem::take(&mut *hook.answers.lock().unwrap());
+    assert_eq!(answers.len(), boundaries.len());
+    let mut retried = Vec::new();
+    for (name, at, answer, signed) in answers {
+        let (destination, amount, id) = destinations[&name].clone();
+        let before_send = matches!(at, Boundary::Reserved | Boundary::Signed);
+        match answer {
+            Ok(state) => {
+                assert!(before_send, "{name}: cancelled after the send began");
+                assert_eq!(state, State::Cancelled);
+                let w = world.store.get(id).unwrap().unwrap();
+                assert_nothing_can_confirm(&world, &w, &signed);
+                let retry = world
+                    .store
+                    .submit(
+                        request(&format!("{name}-retry"), &destination, amount, 2.0, 20_000),
+                        0,
+                    )
+                    .unwrap()
+                    .withdrawal
+                    .id;
+                retried.push(retry);
+            }
+            Err(status) => {
+                assert!(!before_send, "{name}: refused before the send: {status:?}");
+                assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{name}");
+                let txid = signed.last().unwrap().to_string();
+                assert!(status.message().contains(&txid), "{name}: {status:?}");
+            }
+        }
+    }
+    assert_eq!(
+        retried.len(),
+        2,
+        "the two cancels before the send were accepted"
+    );
+    ids.extend(retried);
+    let paid = settle_all(&world, &ids);
+    for (name, (destination, amount, _)) in &destinations {
+        assert_eq!(
+            paid.get(&script_of(destination)),
+            Some(&vec![*amount]),
+            "{name}"
+        );
+    }
+    assert!(world.store.reserved().unwrap().is_empty());
 }

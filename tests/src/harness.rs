@@ -175,3 +175,12 @@ pub fn assert_store_matches(store: &Store, model: &Model, wallets: &[TestWallet]
         );
     }
 }
+
+/// Writes a secret (a token, a password) as its owner alone may read it: mode 600, as the
+/// binaries require of secret files.
+pub fn write_secret(path: impl AsRef<Path>, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = path.as_ref();
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}

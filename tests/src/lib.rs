@@ -1,7 +1,8 @@
 //! Support for the end-to-end tests: where the shared fixtures are, a plain reference model
 //! of the watched UTXO set (written apart from the pipeline, slow and obviously right), a
-//! generator of valid regtest chains, a writer of bitcoind-format block files, and what a
-//! running binary shows (metrics, announced addresses, JSON logs).
+//! generator of valid regtest chains, a writer of bitcoind-format block files, what a
+//! running binary shows (metrics, announced addresses, JSON logs), and a proxy that makes a
+//! server slow.
 
 // Test support: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
@@ -11,4 +12,5 @@ pub mod fixtures;
 pub mod harness;
 pub mod live;
 pub mod observe;
+pub mod proxy;
 pub mod reference;

@@ -373,6 +373,47 @@ impl Served {
     }
 }
 
+impl Served {
+    /// What every indexed transaction spending `wallet`'s coins paid, by script (read from
+    /// the index and the node); asserts that no coin was spent twice. The caller makes sure
+    /// the index has caught up.
+    pub fn payments(
+        &self,
+        node: &Devnet,
+        wallet: &str,
+    ) -> std::collections::HashMap<bitcoin::ScriptBuf, Vec<u64>> {
+        use proto::indexer::v1 as ipb;
+        let mut indexer = ipb::indexer_client::IndexerClient::new(self.channel.clone());
+        let transfers = self
+            .runtime
+            .block_on(indexer.list_transfers(ipb::ListTransfersRequest {
+                wallet: wallet.into(),
+                limit: 1000,
+                ..Default::default()
+            }))
+            .unwrap()
+            .into_inner()
+            .transfers;
+        let mut paid: std::collections::HashMap<bitcoin::ScriptBuf, Vec<u64>> =
+            std::collections::HashMap::new();
+        let mut coins = std::collections::HashSet::new();
+        for t in transfers.iter().filter(|t| !t.spent.is_empty()) {
+            let raw = node.call("getrawtransaction", json!([t.txid]));
+            let tx: bitcoin::Transaction =
+                bitcoin::consensus::encode::deserialize_hex(raw.as_str().unwrap()).unwrap();
+            for input in &tx.input {
+                assert!(coins.insert(input.previous_output), "a coin spent twice");
+            }
+            for o in &tx.output {
+                paid.entry(o.script_pubkey.clone())
+                    .or_default()
+                    .push(o.value.to_sat());
+            }
+        }
+        paid
+    }
+}
+
 /// A wallet whose key the test holds, as the orchestrator's signer would: a regtest P2WPKH
 /// key written as a WIF key file only its owner may read, funded by the node.
 pub struct KeyedWallet {
