@@ -134,6 +134,12 @@ fn main() -> Result<()> {
         for _ in 0..n {
             txdata.push(gen.tx());
         }
+        let mut block = Block {
+            header: prev,
+            txdata,
+        };
+        system_tests::chaingen::commit_witnesses(&mut block);
+        let txdata = block.txdata;
         let txids: Vec<Txid> = txdata.par_iter().map(|t| t.compute_txid()).collect();
         for (tx, txid) in txdata.iter().zip(&txids).skip(1) {
             for vout in 0..tx.output.len() as u32 {
@@ -178,23 +184,13 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// A coinbase paying `payee`, with a segwit witness commitment as mainnet coinbases have.
+/// A coinbase paying `payee` (the witness commitment is added with the block's).
 fn coinbase(height: u32, payee: ScriptBuf) -> Transaction {
-    let mut witness = Witness::new();
-    witness.push([0u8; 32]);
-    let mut commitment = vec![0x6a, 0x24, 0xaa, 0x21, 0xa9, 0xed];
-    commitment.extend_from_slice(&[0x5a; 32]);
-    let outputs = vec![
-        TxOut {
-            value: Amount::from_sat(312_500_000),
-            script_pubkey: payee,
-        },
-        TxOut {
-            value: Amount::ZERO,
-            script_pubkey: ScriptBuf::from_bytes(commitment),
-        },
-    ];
-    system_tests::chaingen::coinbase_tx(height, &[], witness, outputs)
+    let outputs = vec![TxOut {
+        value: Amount::from_sat(312_500_000),
+        script_pubkey: payee,
+    }];
+    system_tests::chaingen::coinbase_tx(height, &[], Witness::new(), outputs)
 }
 
 /// Appends blocks to blkNNNNN.dat files of at most 128 MiB, as bitcoind does.

@@ -99,6 +99,29 @@ pub struct PartialTail {
     pub offset: u64,
 }
 
+/// Something in the files that may cut the chain short: skipped, and said at warn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanNote {
+    /// The file.
+    pub path: PathBuf,
+    /// Where in it.
+    pub offset: u64,
+    /// What was there.
+    pub what: String,
+}
+
+impl std::fmt::Display for ScanNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} offset {}: {}",
+            self.path.display(),
+            self.offset,
+            self.what
+        )
+    }
+}
+
 /// Every block header found in a directory, with where each block is.
 pub struct HeaderScan {
     /// Headers in file order.
@@ -107,6 +130,9 @@ pub struct HeaderScan {
     pub partial_tail: Option<PartialTail>,
     /// Total bytes of block data found.
     pub block_bytes: u64,
+    /// What was skipped that may cut the chain (files of unreadable names, data after a
+    /// run of zeros, a partial tail).
+    pub notes: Vec<ScanNote>,
 }
 
 /// A bitcoind blocks directory opened for reading.
@@ -114,6 +140,8 @@ pub struct BlocksDir {
     files: Vec<PathBuf>,
     xor_key: [u8; 8],
     magic: [u8; 4],
+    /// `blk*.dat` files whose number does not parse, skipped.
+    skipped: Vec<PathBuf>,
 }
 
 impl BlocksDir {
@@ -124,15 +152,19 @@ impl BlocksDir {
             source,
         };
         let mut files: Vec<(u64, PathBuf)> = Vec::new();
+        let mut skipped = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if let Some(num) = name
+            let Some(number) = name
                 .strip_prefix("blk")
                 .and_then(|n| n.strip_suffix(".dat"))
-                .and_then(|n| n.parse::<u64>().ok())
-            {
-                files.push((num, path));
+            else {
+                continue;
+            };
+            match number.parse::<u64>() {
+                Ok(num) if number.bytes().all(|b| b.is_ascii_digit()) => files.push((num, path)),
+                _ => skipped.push(path),
             }
         }
         if files.is_empty() {
@@ -157,6 +189,7 @@ impl BlocksDir {
             files: files.into_iter().map(|(_, p)| p).collect(),
             xor_key,
             magic: network.magic().to_bytes(),
+            skipped,
         })
     }
 
@@ -176,22 +209,48 @@ impl BlocksDir {
             headers: Vec::new(),
             partial_tail: None,
             block_bytes: 0,
+            notes: self
+                .skipped
+                .iter()
+                .map(|path| ScanNote {
+                    path: path.clone(),
+                    offset: 0,
+                    what: "not a blkNNNNN.dat name: the file is skipped".into(),
+                })
+                .collect(),
         };
-        for (headers, tail) in per_file {
+        for (headers, tail, note) in per_file {
             scan.block_bytes += headers.iter().map(|(_, l)| u64::from(l.len)).sum::<u64>();
             scan.headers.extend(headers);
+            if let Some(t) = &tail {
+                scan.notes.push(ScanNote {
+                    path: t.path.clone(),
+                    offset: t.offset,
+                    what: "a record runs past the end of the newest file (still being written?): skipped".into(),
+                });
+            }
             scan.partial_tail = scan.partial_tail.or(tail);
+            scan.notes.extend(note);
         }
         Ok(scan)
     }
 
     /// Reads the headers of one file; a partial last record is tolerated only in the newest.
+    /// Zeros where a record should start end the file (bitcoind preallocates); when data
+    /// follows them, that is noted.
     #[allow(clippy::type_complexity)]
     fn scan_file(
         &self,
         index: usize,
         newest: bool,
-    ) -> Result<(Vec<(block::Header, BlockLocation)>, Option<PartialTail>), BlkError> {
+    ) -> Result<
+        (
+            Vec<(block::Header, BlockLocation)>,
+            Option<PartialTail>,
+            Option<ScanNote>,
+        ),
+        BlkError,
+    > {
         let path = &self.files[index];
         let io = |source| BlkError::Io {
             path: path.clone(),
@@ -204,10 +263,20 @@ impl BlocksDir {
         let mut frame = [0u8; 8];
         let mut header = [0u8; HEADER_SIZE];
         while offset + 8 <= size {
-            self.read_at(&file, path, offset, &mut frame)?;
+            // Preallocated space is zeros on disk, before any de-obfuscation.
+            read_raw_at(&file, path, offset, &mut frame)?;
             if frame[..4] == [0; 4] {
-                break; // preallocated, never written
+                // Preallocated, never written; unless something follows the zeros.
+                let note = self.data_after(&file, path, offset, size)?.map(|at| ScanNote {
+                    path: path.clone(),
+                    offset,
+                    what: format!(
+                        "zeros where a record should start, but data follows at offset {at}: the rest of the file is skipped"
+                    ),
+                });
+                return Ok((out, None, note));
             }
+            self.deobfuscate(offset, &mut frame);
             if frame[..4] != self.magic {
                 return Err(BlkError::BadMagic {
                     path: path.clone(),
@@ -230,7 +299,7 @@ impl BlocksDir {
                         path: path.clone(),
                         offset,
                     };
-                    return Ok((out, Some(tail)));
+                    return Ok((out, Some(tail), None));
                 }
                 return Err(BlkError::Truncated {
                     path: path.clone(),
@@ -254,7 +323,28 @@ impl BlocksDir {
             ));
             offset += 8 + u64::from(len);
         }
-        Ok((out, None))
+        Ok((out, None, None))
+    }
+
+    /// The offset of the first non-zero byte of `file` from `from` on, if any.
+    fn data_after(
+        &self,
+        file: &File,
+        path: &Path,
+        from: u64,
+        size: u64,
+    ) -> Result<Option<u64>, BlkError> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = from;
+        while at < size {
+            let n = (size - at).min(buf.len() as u64) as usize;
+            read_raw_at(file, path, at, &mut buf[..n])?;
+            if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+                return Ok(Some(at + i as u64));
+            }
+            at += n as u64;
+        }
+        Ok(None)
     }
 
     /// Reads one block's bytes, de-obfuscated.
@@ -285,11 +375,13 @@ impl BlocksDir {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), BlkError> {
-        file.read_exact_at(buf, offset)
-            .map_err(|source| BlkError::Io {
-                path: path.to_owned(),
-                source,
-            })?;
+        read_raw_at(file, path, offset, buf)?;
+        self.deobfuscate(offset, buf);
+        Ok(())
+    }
+
+    /// Undoes `xor.dat`'s obfuscation of `buf`, read at file offset `offset`.
+    fn deobfuscate(&self, offset: u64, buf: &mut [u8]) {
         if self.xor_key != [0; 8] {
             // Rotate the key to this offset once, then XOR whole words: the compiler
             // vectorizes this, which a per-byte modulo would prevent.
@@ -301,8 +393,16 @@ impl BlocksDir {
                 }
             }
         }
-        Ok(())
     }
+}
+
+/// Reads `buf.len()` bytes of `file` at `offset`, as stored.
+fn read_raw_at(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<(), BlkError> {
+    file.read_exact_at(buf, offset)
+        .map_err(|source| BlkError::Io {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 fn hex(bytes: &[u8]) -> String {

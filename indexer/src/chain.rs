@@ -32,6 +32,9 @@ pub struct ChainEntry<L> {
     pub header: block::Header,
     /// Where the caller keeps the block.
     pub loc: L,
+    /// Where later copies of the same block are (a body under the same header may be
+    /// damaged or mutated in one copy and good in another).
+    pub copies: Vec<L>,
 }
 
 /// What was set aside while choosing the chain.
@@ -48,9 +51,16 @@ pub struct Rejected {
 struct Node<L> {
     header: block::Header,
     loc: L,
+    copies: Vec<L>,
     order: usize,
     // Cumulative work and height once linked to genesis; `None` while unknown or orphaned.
     linked: Option<(Work, u32)>,
+}
+
+/// Whether `header` meets its own target, and that target is within `network`'s limit.
+pub fn pow_ok(header: &block::Header, network: Network) -> bool {
+    let target = header.target();
+    target <= network.params().max_attainable_target && header.validate_pow(target).is_ok()
 }
 
 /// Returns the most-work chain from genesis among `headers`, in height order.
@@ -61,18 +71,17 @@ pub fn best_chain<L: Clone>(
     headers: impl IntoIterator<Item = (block::Header, L)>,
 ) -> Result<(Vec<ChainEntry<L>>, Rejected), ChainError> {
     let genesis = genesis_block(network).block_hash();
-    let pow_limit = network.params().max_attainable_target;
     let mut rejected = Rejected::default();
     let mut nodes: HashMap<BlockHash, Node<L>> = HashMap::new();
     for (order, (header, loc)) in headers.into_iter().enumerate() {
         let hash = header.block_hash();
-        let target = header.target();
-        if target > pow_limit || header.validate_pow(target).is_err() {
+        if !pow_ok(&header, network) {
             rejected.bad_pow += 1;
             continue;
         }
-        if nodes.contains_key(&hash) {
+        if let Some(first) = nodes.get_mut(&hash) {
             rejected.duplicates += 1;
+            first.copies.push(loc);
             continue;
         }
         let linked = (hash == genesis).then(|| (header.work(), 0));
@@ -81,6 +90,7 @@ pub fn best_chain<L: Clone>(
             Node {
                 header,
                 loc,
+                copies: Vec::new(),
                 order,
                 linked,
             },
@@ -114,6 +124,7 @@ pub fn best_chain<L: Clone>(
             hash,
             header: node.header,
             loc: node.loc.clone(),
+            copies: node.copies.clone(),
         });
         cursor = (height > 0).then_some(node.header.prev_blockhash);
     }
@@ -221,6 +232,11 @@ mod tests {
         assert_eq!(chain.len(), 4);
         assert_eq!(rejected.bad_pow, 1);
         assert_eq!(rejected.duplicates, 1);
+        assert_eq!(
+            chain[1].copies.len(),
+            1,
+            "the second copy of block 1 is kept"
+        );
         assert_eq!(rejected.off_chain, 2);
     }
 

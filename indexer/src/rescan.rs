@@ -43,6 +43,19 @@ pub enum RescanError {
     /// A block failed in the pipeline; everything before it is committed.
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    /// The best chain in the files ends below a height the index had or `--to` asked for;
+    /// what it holds is indexed.
+    #[error("the best chain in the block files ends at height {found}, below {wanted} ({why}){}; blocks up to {found} are indexed", notes_shown(.notes))]
+    ShortChain {
+        /// The files' best chain's tip.
+        found: u32,
+        /// The height expected.
+        wanted: u32,
+        /// Where `wanted` came from.
+        why: &'static str,
+        /// What in the files may have cut it.
+        notes: Vec<String>,
+    },
     /// `--from` would leave a hole above the indexed tip.
     #[error("--from {from} would leave blocks {next}..{from} unindexed (the index ends at {tip}); use --from {next} or less")]
     Gap {
@@ -53,6 +66,19 @@ pub enum RescanError {
         /// The next height to index.
         next: u32,
     },
+}
+
+fn notes_shown(notes: &[String]) -> String {
+    const SHOWN: usize = 10;
+    match notes.len() {
+        0 => String::new(),
+        n if n <= SHOWN => format!("; possible cuts: {}", notes.join("; ")),
+        n => format!(
+            "; possible cuts: {}; and {} more (see the warnings)",
+            notes[..SHOWN].join("; "),
+            n - SHOWN
+        ),
+    }
 }
 
 /// What a rescan did.
@@ -95,9 +121,22 @@ pub fn rescan_blocks_dir(
 ) -> Result<RescanReport, RescanError> {
     let dir = BlocksDir::open(&req.blocks_dir, network)?;
     let scan = dir.scan_headers()?;
-    if let Some(t) = &scan.partial_tail {
-        warn!(file = %t.path.display(), offset = t.offset, "partial record at the end of the newest file skipped (still being written?)");
+    let mut notes: Vec<String> = Vec::new();
+    for note in &scan.notes {
+        warn!(file = %note.path.display(), offset = note.offset, "{}", note.what);
+        notes.push(note.to_string());
     }
+    for (header, loc) in &scan.headers {
+        if !chain::pow_ok(header, network) {
+            let place = dir.describe(*loc);
+            warn!(at = %place, hash = %header.block_hash(), "a block header without valid proof of work: skipped");
+            notes.push(format!(
+                "{place}: header {} without valid proof of work",
+                header.block_hash()
+            ));
+        }
+    }
+    let indexed_before = store.tip()?.map(|(h, _)| h);
     info!(
         files = dir.files().len(),
         blocks = scan.headers.len(),
@@ -122,19 +161,24 @@ pub fn rescan_blocks_dir(
         Some(end) => &chain[start as usize..=end as usize],
         None => &[],
     };
-    let source = range.iter().map(|e| {
-        let bytes = dir.read_block(e.loc)?;
-        Ok(RawBlock {
-            height: e.height,
-            hash: e.hash,
-            bytes,
-            origin: dir.describe(e.loc),
-        })
-    });
+    let source = range.iter().map(|e| read_good_copy(&dir, e));
     let progress = pipeline::run(store, scripts, source, opts, on_commit)?;
     let mut batch = Batch::default();
     batch.delete(store, Cf::Meta, schema::META_RESCAN);
     store.commit(batch, true)?;
+    let wanted = match (req.to, indexed_before) {
+        (Some(to), _) => Some((to, "asked for with --to")),
+        (None, Some(tip)) => Some((tip, "the index's tip before the rescan")),
+        (None, None) => None,
+    };
+    if let Some((wanted, why)) = wanted.filter(|(w, _)| *w > chain_tip) {
+        return Err(RescanError::ShortChain {
+            found: chain_tip,
+            wanted,
+            why,
+            notes,
+        });
+    }
     Ok(RescanReport {
         disconnected,
         progress,
@@ -144,6 +188,40 @@ pub fn rescan_blocks_dir(
         rejected,
         partial_tail: scan.partial_tail,
     })
+}
+
+/// The block of `entry`: its first copy, or, when the files hold it more than once, the
+/// first copy whose body checks out against the header (a damaged or mutated copy can sit
+/// before the good one; each bad one is skipped with a warning). When none does, the first
+/// copy goes on, for the parse stage to report.
+fn read_good_copy(
+    dir: &BlocksDir,
+    entry: &ChainEntry<BlockLocation>,
+) -> Result<RawBlock, crate::pipeline::SourceError> {
+    let raw = |loc: BlockLocation| -> Result<RawBlock, BlkError> {
+        Ok(RawBlock {
+            height: entry.height,
+            hash: entry.hash,
+            bytes: dir.read_block(loc)?,
+            origin: dir.describe(loc),
+        })
+    };
+    let first = raw(entry.loc)?;
+    if entry.copies.is_empty() {
+        return Ok(first);
+    }
+    let nothing = ScriptFilter::new(1, 0.5);
+    for loc in std::iter::once(entry.loc).chain(entry.copies.iter().copied()) {
+        let copy = raw(loc)?;
+        let origin = copy.origin.clone();
+        match crate::pipeline::parse::parse_block(copy, &nothing) {
+            Ok(_) => return Ok(raw(loc)?),
+            Err(e) => {
+                warn!(height = entry.height, %origin, error = %e, "a copy of the block is damaged or mutated; trying the next one")
+            }
+        }
+    }
+    Ok(first)
 }
 
 /// The first height to connect, after disconnecting what `--from` asks to redo (returns

@@ -104,6 +104,35 @@ pub fn coinbase_tx(
     }
 }
 
+/// Makes `block`'s coinbase commit to its witnesses (BIP141) when any transaction has
+/// witness data: a reserved value of zeros in the coinbase witness and the commitment as
+/// its last output. The merkle root is the caller's to compute afterwards (the coinbase
+/// changed). A block without witness data is left as it is.
+pub fn commit_witnesses(block: &mut Block) {
+    let segwit = block
+        .txdata
+        .iter()
+        .skip(1)
+        .any(|t| t.input.iter().any(|i| !i.witness.is_empty()));
+    if !segwit {
+        return;
+    }
+    let reserved = [0u8; 32];
+    let root = block.witness_root().expect("at least the coinbase");
+    let commitment = Block::compute_witness_commitment(&root, &reserved);
+    let mut script = vec![0x6a, 0x24, 0xaa, 0x21, 0xa9, 0xed];
+    script.extend_from_slice(commitment.as_byte_array());
+    let coinbase = &mut block.txdata[0];
+    coinbase.input[0].witness = Witness::from_slice(&[reserved]);
+    coinbase
+        .output
+        .retain(|o| !o.script_pubkey.as_bytes().starts_with(&script[..6]));
+    coinbase.output.push(TxOut {
+        value: Amount::ZERO,
+        script_pubkey: ScriptBuf::from_bytes(script),
+    });
+}
+
 /// An OP_RETURN output script carrying `data`.
 pub fn op_return(data: &[u8]) -> ScriptBuf {
     let push = PushBytesBuf::try_from(data.to_vec()).expect("short data");
@@ -268,7 +297,6 @@ impl ChainGen {
     /// Coins the body spends are not tracked: use it for hand-made edge cases.
     pub fn add_block(&mut self, coinbase: Transaction, body: Vec<Transaction>) -> &Block {
         let height = self.height() + 1;
-        self.add_coins(&coinbase, height);
         let mut txdata = vec![coinbase];
         txdata.extend(body);
         let prev = self.blocks.last().expect("genesis at least");
@@ -283,6 +311,8 @@ impl ChainGen {
             },
             txdata,
         };
+        commit_witnesses(&mut block);
+        self.add_coins(&block.txdata[0].clone(), height);
         block.header.merkle_root = block.compute_merkle_root().expect("at least the coinbase");
         while block.header.validate_pow(block.header.target()).is_err() {
             block.header.nonce += 1;

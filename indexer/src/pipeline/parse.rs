@@ -1,17 +1,26 @@
 //! Parse stage: raw block bytes -> transactions with txids, inputs and the outputs that may
-//! pay watched scripts (the bloom pass of the filter), checked against the header (hash and
-//! merkle root) so a damaged block is never applied.
+//! pay watched scripts (the bloom pass of the filter), checked against the header (hash,
+//! merkle root without mutation, witness commitment, limits: [`crate::block_check`]) so a
+//! damaged or mutated block is never applied. Nothing is allocated from a count the bytes
+//! claim: only from what is present.
 
 use std::ops::{ControlFlow, Range};
 
 use bitcoin::consensus::deserialize;
-use bitcoin::hashes::Hash;
+use bitcoin::hashes::{sha256d, Hash};
 use bitcoin::opcodes::all::OP_RETURN;
 use bitcoin::{block, Amount, BlockHash, OutPoint, ScriptBuf, TxOut, Txid};
 use bitcoin_slices::{bsl, Parse, Visit, Visitor};
 use rayon::prelude::*;
 
+use crate::block_check::{self, BlockCheckError, Commitment, TxFacts};
 use crate::watchlist::ScriptFilter;
+
+/// The smallest serialized transaction (one input, one output, empty scripts): a count
+/// above `bytes / MIN_TX_SIZE` cannot be true.
+const MIN_TX_SIZE: usize = 60;
+/// The smallest serialized input.
+const MIN_TXIN_SIZE: usize = 41;
 
 /// A block as read from its source, before parsing.
 pub struct RawBlock {
@@ -78,16 +87,27 @@ pub enum ParseError {
         /// Hash expected.
         expected: BlockHash,
     },
-    /// The transactions do not match the header's merkle root.
-    #[error("{origin}: block {height} ({hash}): transactions do not match the merkle root")]
-    Merkle {
+    /// The transactions are not the ones the header commits to (a damaged or mutated
+    /// body under a valid header), or break a consensus limit.
+    #[error("{origin}: block {height} ({hash}): {reason}")]
+    Invalid {
         /// Where it came from.
         origin: String,
         /// Height.
         height: u32,
         /// Hash.
         hash: BlockHash,
+        /// What is wrong with it.
+        reason: BlockCheckError,
     },
+}
+
+impl ParseError {
+    /// Whether the header is right and only the body is not (another copy of the same
+    /// block may be good): a mutated or damaged body, rather than another block.
+    pub fn is_bad_body(&self) -> bool {
+        matches!(self, ParseError::Invalid { .. } | ParseError::Decode { .. })
+    }
 }
 
 /// Parses and checks one block without allocating for what is not kept: every input's
@@ -110,6 +130,7 @@ pub fn parse_block(raw: RawBlock, scripts: &ScriptFilter) -> Result<ParsedBlock,
     };
     let mut layout = Layout {
         base: bytes.as_ptr() as usize,
+        len: bytes.len(),
         header: None,
         txs: Vec::new(),
     };
@@ -133,20 +154,41 @@ pub fn parse_block(raw: RawBlock, scripts: &ScriptFilter) -> Result<ParsedBlock,
             expected: hash,
         });
     }
-    let txs: Vec<ParsedTx> = layout
-        .txs
-        .par_iter()
-        .with_min_len(64)
-        .enumerate()
-        .map(|(i, range)| parse_tx(&bytes[range.clone()], i == 0, scripts))
-        .collect::<Result<_, String>>()
-        .map_err(decode_error)?;
-    let root = bitcoin::merkle_tree::calculate_root(txs.iter().map(|t| t.txid.to_raw_hash()));
-    if root != Some(header.merkle_root.to_raw_hash()) {
-        return Err(ParseError::Merkle {
+    let Some(first) = layout.txs.first() else {
+        return Err(ParseError::Invalid {
             origin,
             height,
             hash,
+            reason: BlockCheckError::Empty,
+        });
+    };
+    // The coinbase first: whether the block commits to witnesses decides whether the
+    // others' wtxids are needed.
+    let header_and_count = first.start as u64;
+    let (coinbase, coinbase_facts, commitment) =
+        parse_tx(&bytes[first.clone()], true, scripts, false).map_err(&decode_error)?;
+    let wtxids = commitment.root_hash.is_some();
+    let rest: Vec<(ParsedTx, TxFacts, Commitment)> = layout.txs[1..]
+        .par_iter()
+        .with_min_len(64)
+        .map(|range| parse_tx(&bytes[range.clone()], false, scripts, wtxids))
+        .collect::<Result<_, String>>()
+        .map_err(decode_error)?;
+    let mut facts = Vec::with_capacity(rest.len() + 1);
+    facts.push(coinbase_facts);
+    let mut txs = Vec::with_capacity(rest.len() + 1);
+    txs.push(coinbase);
+    for (tx, f, _) in rest {
+        txs.push(tx);
+        facts.push(f);
+    }
+    let root = header.merkle_root.to_raw_hash().to_byte_array();
+    if let Err(reason) = block_check::check_block(root, header_and_count, &facts, &commitment) {
+        return Err(ParseError::Invalid {
+            origin,
+            height,
+            hash,
+            reason,
         });
     }
     Ok(ParsedBlock {
@@ -172,28 +214,60 @@ pub fn txid_of(bytes: &[u8]) -> Result<Txid, String> {
     Ok(Txid::from_raw_hash(parsed.parsed().txid()))
 }
 
-/// Parses one transaction's bytes: txid, inputs, outputs that pass the bloom filter.
-fn parse_tx(bytes: &[u8], coinbase: bool, scripts: &ScriptFilter) -> Result<ParsedTx, String> {
+/// Parses one transaction's bytes: txid, inputs, outputs that pass the bloom filter, what
+/// the block checks need (the wtxid only when `wtxid` asks for it), and for the coinbase
+/// its witness commitment.
+fn parse_tx(
+    bytes: &[u8],
+    coinbase: bool,
+    scripts: &ScriptFilter,
+    wtxid: bool,
+) -> Result<(ParsedTx, TxFacts, Commitment), String> {
     let mut visitor = TxVisitor {
         scripts,
+        len: bytes.len(),
+        coinbase,
         inputs: Vec::new(),
         outputs: Vec::new(),
+        commitment: Commitment::default(),
+        witness_of: None,
+        first_witness_items: 0,
     };
     let parsed = bsl::Transaction::visit(bytes, &mut visitor).map_err(|e| format!("{e:?}"))?;
+    let tx = parsed.parsed();
+    let txid = tx.txid().to_byte_array();
+    let total = tx.as_ref().len() as u64;
+    let weight = tx.weight();
+    // BIP141: weight = stripped * 3 + total.
+    let stripped_size = (weight - total) / 3;
+    let has_witness = stripped_size != total;
+    let null = OutPoint::null();
+    let coinbase_shaped = visitor.inputs.len() == 1 && visitor.inputs[0] == null;
+    let facts = TxFacts {
+        txid,
+        wtxid: (wtxid && has_witness).then(|| sha256d::Hash::hash(bytes).to_byte_array()),
+        has_witness,
+        stripped_size,
+        weight,
+        coinbase_shaped,
+    };
     if coinbase {
         visitor.inputs.clear();
     }
-    Ok(ParsedTx {
-        txid: Txid::from_raw_hash(parsed.parsed().txid()),
+    let tx = ParsedTx {
+        txid: Txid::from_byte_array(txid),
         coinbase,
         inputs: visitor.inputs,
         outputs: visitor.outputs,
-    })
+    };
+    Ok((tx, facts, visitor.commitment))
 }
 
 /// First pass: the header, and where each transaction's bytes are in the block.
 struct Layout {
     base: usize,
+    /// The block's length: no count can claim more transactions than fit in it.
+    len: usize,
     header: Option<block::Header>,
     txs: Vec<Range<usize>>,
 }
@@ -210,7 +284,9 @@ impl Visitor for Layout {
     }
 
     fn visit_block_begin(&mut self, total_transactions: usize) {
-        self.txs.reserve(total_transactions);
+        // The count is untrusted: a header with valid proof of work can precede any body.
+        self.txs
+            .reserve(total_transactions.min(self.len / MIN_TX_SIZE));
     }
 
     fn visit_transaction(&mut self, tx: &bsl::Transaction) -> ControlFlow<()> {
@@ -225,13 +301,40 @@ impl Visitor for Layout {
 /// Second pass over one transaction: inputs and the outputs worth an exact lookup.
 struct TxVisitor<'f> {
     scripts: &'f ScriptFilter,
+    /// The transaction's length, which bounds what its counts may claim.
+    len: usize,
+    coinbase: bool,
     inputs: Vec<OutPoint>,
     outputs: Vec<(u32, TxOut)>,
+    /// The coinbase's witness commitment (coinbase only).
+    commitment: Commitment,
+    /// The input whose witness is being read.
+    witness_of: Option<usize>,
+    /// How many items the first input's witness has.
+    first_witness_items: usize,
 }
 
 impl Visitor for TxVisitor<'_> {
     fn visit_tx_ins(&mut self, total_inputs: usize) {
-        self.inputs.reserve(total_inputs);
+        self.inputs
+            .reserve(total_inputs.min(self.len / MIN_TXIN_SIZE));
+    }
+
+    fn visit_witness(&mut self, vin: usize) -> ControlFlow<()> {
+        self.witness_of = Some(vin);
+        ControlFlow::Continue(())
+    }
+
+    fn visit_witness_total_element(&mut self, witness_total: usize) {
+        if self.witness_of == Some(0) {
+            self.first_witness_items = witness_total;
+        }
+    }
+
+    fn visit_witness_element(&mut self, _witness_i: usize, witness_element: &[u8]) {
+        if self.coinbase && self.witness_of == Some(0) && self.first_witness_items == 1 {
+            self.commitment.reserved_value = witness_element.try_into().ok();
+        }
     }
 
     fn visit_tx_in(&mut self, _vin: usize, tx_in: &bsl::TxIn) -> ControlFlow<()> {
@@ -249,6 +352,13 @@ impl Visitor for TxVisitor<'_> {
 
     fn visit_tx_out(&mut self, vout: usize, tx_out: &bsl::TxOut) -> ControlFlow<()> {
         let script = tx_out.script_pubkey();
+        // The last output that carries a commitment is the one (as Core reads it).
+        if self.coinbase
+            && script.len() >= 38
+            && script.starts_with(&block_check::WITNESS_COMMITMENT_PREFIX)
+        {
+            self.commitment.root_hash = script[6..38].try_into().ok();
+        }
         if self.scripts.may_contain(script) && script.first() != Some(&OP_RETURN.to_u8()) {
             self.outputs.push((
                 vout as u32,
@@ -320,7 +430,193 @@ mod tests {
         let Err(err) = parse_block(raw(bytes, g.block_hash()), &all()) else {
             panic!("a damaged block parsed");
         };
-        assert!(matches!(err, ParseError::Merkle { .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ParseError::Invalid {
+                    reason: BlockCheckError::MerkleRoot,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    /// A block of `txs` after a coinbase (with a witness commitment when any has witness
+    /// data), its header committing to them: (block, its hash).
+    fn block_of(mut txs: Vec<bitcoin::Transaction>) -> bitcoin::Block {
+        use bitcoin::{absolute::LockTime, transaction::Version, Sequence, TxIn, Witness};
+        let segwit = txs
+            .iter()
+            .any(|t| t.input.iter().any(|i| !i.witness.is_empty()));
+        let mut coinbase = bitcoin::Transaction {
+            version: Version::ONE,
+            lock_time: LockTime::ZERO,
+            input: vec![TxIn {
+                previous_output: OutPoint::null(),
+                script_sig: ScriptBuf::from_bytes(vec![1, 7, 0]),
+                sequence: Sequence::MAX,
+                witness: if segwit {
+                    Witness::from_slice(&[[0u8; 32]])
+                } else {
+                    Witness::new()
+                },
+            }],
+            output: vec![TxOut {
+                value: Amount::from_sat(50),
+                script_pubkey: genesis_block(Network::Bitcoin).txdata[0].output[0]
+                    .script_pubkey
+                    .clone(),
+            }],
+        };
+        txs.insert(0, coinbase.clone());
+        let mut block = bitcoin::Block {
+            header: genesis_block(Network::Regtest).header,
+            txdata: txs,
+        };
+        if segwit {
+            let root = block.witness_root().unwrap();
+            let commitment = bitcoin::Block::compute_witness_commitment(&root, &[0u8; 32]);
+            let mut script = vec![0x6a, 0x24, 0xaa, 0x21, 0xa9, 0xed];
+            script.extend_from_slice(commitment.as_byte_array());
+            coinbase.output.push(TxOut {
+                value: Amount::ZERO,
+                script_pubkey: ScriptBuf::from_bytes(script),
+            });
+            block.txdata[0] = coinbase;
+        }
+        block.header.merkle_root = block.compute_merkle_root().unwrap();
+        block
+    }
+
+    /// A transaction spending `n`'s outpoint, with a witness when `witness` is given.
+    fn spend(n: u8, witness: Option<&[u8]>) -> bitcoin::Transaction {
+        use bitcoin::{absolute::LockTime, transaction::Version, Sequence, TxIn, Witness};
+        bitcoin::Transaction {
+            version: Version::TWO,
+            lock_time: LockTime::ZERO,
+            input: vec![TxIn {
+                previous_output: OutPoint::new(Txid::from_byte_array([n; 32]), 0),
+                script_sig: ScriptBuf::new(),
+                sequence: Sequence::MAX,
+                witness: witness.map_or_else(Witness::new, |w| Witness::from_slice(&[w])),
+            }],
+            output: vec![TxOut {
+                value: Amount::from_sat(1_000),
+                script_pubkey: ScriptBuf::from_bytes(vec![0x51; 30]),
+            }],
+        }
+    }
+
+    fn check(block: &bitcoin::Block, bytes: Vec<u8>) -> Result<ParsedBlock, ParseError> {
+        parse_block(raw(bytes, block.block_hash()), &all())
+    }
+
+    #[test]
+    fn a_block_with_its_last_transaction_repeated_is_refused_though_its_root_matches() {
+        let block = block_of(vec![spend(1, None), spend(2, None)]);
+        let parsed = check(&block, serialize(&block)).unwrap();
+        assert_eq!(parsed.txs.len(), 3);
+        let mut mutated = block.clone();
+        mutated.txdata.push(block.txdata[2].clone());
+        assert_eq!(
+            mutated.compute_merkle_root(),
+            Some(block.header.merkle_root)
+        );
+        let Err(err) = check(&block, serialize(&mutated)) else {
+            panic!("a mutated block parsed");
+        };
+        assert!(
+            matches!(
+                &err,
+                ParseError::Invalid {
+                    reason: BlockCheckError::Duplicated,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.is_bad_body());
+    }
+
+    #[test]
+    fn witness_data_must_match_the_coinbase_commitment() {
+        let block = block_of(vec![spend(1, Some(&[1, 2, 3])), spend(2, None)]);
+        check(&block, serialize(&block)).unwrap();
+        // Other witness bytes keep every txid and the merkle root, not the commitment.
+        let mut altered = block.clone();
+        altered.txdata[1].input[0].witness = bitcoin::Witness::from_slice(&[[9u8, 9, 9]]);
+        assert_eq!(
+            altered.compute_merkle_root(),
+            Some(block.header.merkle_root)
+        );
+        let Err(err) = check(&block, serialize(&altered)) else {
+            panic!("a block with altered witnesses parsed");
+        };
+        assert!(
+            matches!(
+                &err,
+                ParseError::Invalid {
+                    reason: BlockCheckError::WitnessCommitment(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Witness data in a block that commits to none.
+        let mut bare = block_of(vec![spend(1, None)]);
+        bare.txdata[1].input[0].witness = bitcoin::Witness::from_slice(&[[1u8]]);
+        let Err(err) = check(&bare, serialize(&bare)) else {
+            panic!("uncommitted witness data parsed");
+        };
+        assert!(
+            matches!(
+                &err,
+                ParseError::Invalid {
+                    reason: BlockCheckError::UnexpectedWitness,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_first_transaction_that_is_not_a_coinbase_is_refused() {
+        let mut block = block_of(vec![spend(1, None)]);
+        block.txdata.remove(0);
+        block.header.merkle_root = block.compute_merkle_root().unwrap();
+        let Err(err) = check(&block, serialize(&block)) else {
+            panic!("a block without a coinbase parsed");
+        };
+        assert!(
+            matches!(
+                &err,
+                ParseError::Invalid {
+                    reason: BlockCheckError::Coinbase(0, _),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_count_of_2_64_transactions_or_inputs_is_an_error_not_an_allocation() {
+        let g = genesis_block(Network::Bitcoin);
+        let mut bytes = serialize(&g.header);
+        bytes.extend([0xff; 9]); // varint u64::MAX
+        let Err(err) = parse_block(raw(bytes.clone(), g.block_hash()), &all()) else {
+            panic!("a block of no transactions parsed");
+        };
+        assert!(err.to_string().contains("does not decode"), "{err}");
+        // One transaction claiming 2^64-1 inputs.
+        let mut one = serialize(&g.header);
+        one.push(1);
+        one.extend([1, 0, 0, 0]);
+        one.extend([0xff; 9]);
+        one.extend([0u8; 100]);
+        assert!(parse_block(raw(one, g.block_hash()), &all()).is_err());
     }
 
     #[test]
