@@ -30,13 +30,41 @@ impl From<QueryError> for Status {
     }
 }
 
+/// Longest wallet name.
+pub const MAX_WALLET: usize = 64;
+/// Longest address (bech32 allows 90 characters).
+pub const MAX_ADDRESS: usize = 100;
+/// Longest script, hex (consensus caps a script at 10,000 bytes).
+pub const MAX_SCRIPT_HEX: usize = 20_000;
+/// A txid or log id: 64 hex digits (log ids are 32).
+pub const MAX_ID: usize = 64;
+/// Longest page token this server issues, with room to spare.
+pub const MAX_PAGE_TOKEN: usize = 256;
+/// Longest descriptor.
+pub const MAX_DESCRIPTOR: usize = 4096;
+/// Most descriptors in one `AddWatch` (larger sets go in several calls).
+pub const MAX_DESCRIPTORS: usize = 100_000;
+
+/// Refuses a request field longer than `max` bytes, without echoing it.
+pub fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes long; at most {max}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The query target of a request; exactly one field must be set.
 pub fn target(t: Option<pb::Target>) -> Result<Target, Status> {
     use pb::target::Target as T;
     match t.and_then(|t| t.target) {
-        Some(T::Wallet(w)) => Ok(Target::Wallet(w)),
-        Some(T::Address(a)) => Ok(Target::Address(a)),
-        Some(T::ScriptHex(h)) => Ok(Target::ScriptHex(h)),
+        Some(T::Wallet(w)) => bounded("wallet", &w, MAX_WALLET).map(|()| Target::Wallet(w)),
+        Some(T::Address(a)) => bounded("address", &a, MAX_ADDRESS).map(|()| Target::Address(a)),
+        Some(T::ScriptHex(h)) => {
+            bounded("script_hex", &h, MAX_SCRIPT_HEX).map(|()| Target::ScriptHex(h))
+        }
         None => Err(Status::invalid_argument(
             "target: set one of wallet, address, script_hex",
         )),
@@ -44,8 +72,9 @@ pub fn target(t: Option<pb::Target>) -> Result<Target, Status> {
 }
 
 /// A page token field: empty means the first page.
-pub fn page_token(token: &str) -> Option<&str> {
-    (!token.is_empty()).then_some(token)
+pub fn page_token(token: &str) -> Result<Option<&str>, Status> {
+    bounded("page_token", token, MAX_PAGE_TOKEN)?;
+    Ok((!token.is_empty()).then_some(token))
 }
 
 /// Tip height and display hash, as every response names them.

@@ -98,12 +98,16 @@ impl IndexerService {
     }
 
     /// `txid` as the mempool tracker knows it: waiting, replaced or evicted.
-    async fn mempool_transfer(&self, txid: &str) -> Result<Option<pb::Transfer>, Status> {
+    /// `txid` as the mempool tracker knows it: pending, or gone (replaced or evicted).
+    async fn mempool_transfer(
+        &self,
+        txid: &str,
+    ) -> Result<(Option<pb::Transfer>, Option<pb::Transfer>), Status> {
         let Some(mempool) = self.mempool.clone() else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let Ok(parsed) = txid.parse::<bitcoin::Txid>() else {
-            return Ok(None); // the store query already refused a malformed txid
+            return Ok((None, None)); // the store query already refused a malformed txid
         };
         let (pending, gone) = {
             let m = mempool.read().expect("mempool lock is never poisoned");
@@ -114,20 +118,23 @@ impl IndexerService {
             let mut t = convert::transfer(entry);
             t.status = pb::TransferStatus::Mempool.into();
             t.block_hash = String::new();
-            return Ok(Some(t));
+            return Ok((Some(t), None));
         }
-        Ok(gone.map(|g| {
-            let (status, by) = match g {
-                Gone::Replaced { by } => (pb::TransferStatus::Replaced, by.to_string()),
-                Gone::Evicted => (pb::TransferStatus::Evicted, String::new()),
-            };
-            pb::Transfer {
-                txid: txid.to_owned(),
-                status: status.into(),
-                replaced_by: by,
-                ..Default::default()
-            }
-        }))
+        Ok((
+            None,
+            gone.map(|g| {
+                let (status, by) = match g {
+                    Gone::Replaced { by } => (pb::TransferStatus::Replaced, by.to_string()),
+                    Gone::Evicted => (pb::TransferStatus::Evicted, String::new()),
+                };
+                pb::Transfer {
+                    txid: txid.to_owned(),
+                    status: status.into(),
+                    replaced_by: by,
+                    ..Default::default()
+                }
+            }),
+        ))
     }
 }
 
@@ -141,6 +148,7 @@ impl Indexer for IndexerService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = req.into_inner();
         let from = req.from_offset;
+        convert::bounded("log_id", &req.log_id, convert::MAX_ID)?;
         if !req.log_id.is_empty() {
             let ours = self.quick(|q| q.log_id())?;
             if req.log_id != ours {
@@ -165,6 +173,17 @@ impl Indexer for IndexerService {
         req: Request<pb::AddWatchRequest>,
     ) -> Result<Response<pb::AddWatchResponse>, Status> {
         let req = req.into_inner();
+        convert::bounded("wallet", &req.wallet, convert::MAX_WALLET)?;
+        if req.descriptors.len() > convert::MAX_DESCRIPTORS {
+            return Err(Status::invalid_argument(format!(
+                "{} descriptors in one call; at most {} (send larger sets in several calls)",
+                req.descriptors.len(),
+                convert::MAX_DESCRIPTORS
+            )));
+        }
+        for d in &req.descriptors {
+            convert::bounded("a descriptor", d, convert::MAX_DESCRIPTOR)?;
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let request = |gap_limit: u32| WatchRequest {
             wallet: req.wallet.clone(),
@@ -302,14 +321,11 @@ impl Indexer for IndexerService {
     ) -> Result<Response<pb::ListUtxosResponse>, Status> {
         let req = req.into_inner();
         let target = convert::target(req.target)?;
+        convert::page_token(&req.page_token)?;
         let (page, next, tip) = self
             .query(move |q| {
-                let (page, next) = q.list_utxos(
-                    &target,
-                    req.min_conf,
-                    req.limit,
-                    convert::page_token(&req.page_token),
-                )?;
+                let token = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
+                let (page, next) = q.list_utxos(&target, req.min_conf, req.limit, token)?;
                 Ok((page, next, q.tip()))
             })
             .await?;
@@ -327,12 +343,21 @@ impl Indexer for IndexerService {
         req: Request<pb::GetTransferRequest>,
     ) -> Result<Response<pb::GetTransferResponse>, Status> {
         let txid = req.into_inner().txid;
+        convert::bounded("txid", &txid, convert::MAX_ID)?;
         let asked = txid.clone();
-        let (found, tip) = self
-            .query(move |q| Ok((q.transfer(&txid)?, q.tip())))
+        let (found, reorged, tip) = self
+            .query(move |q| Ok((q.transfer(&txid)?, q.reorged_transfer(&txid)?, q.tip())))
             .await?;
         if found.is_empty() {
-            if let Some(t) = self.mempool_transfer(&asked).await? {
+            // Confirmed first, then pending in the mempool, then reorged out (and not
+            // back in the mempool), then replaced or evicted.
+            let (pending, gone) = self.mempool_transfer(&asked).await?;
+            let reorged = reorged.map(|entry| {
+                let mut t = convert::transfer(entry);
+                t.status = pb::TransferStatus::ReorgedOut.into();
+                t
+            });
+            if let Some(t) = pending.or(reorged).or(gone) {
                 let (height, tip_hash) = convert::tip(tip);
                 return Ok(Response::new(pb::GetTransferResponse {
                     transfers: vec![t],
@@ -358,15 +383,13 @@ impl Indexer for IndexerService {
     ) -> Result<Response<pb::ListTransfersResponse>, Status> {
         let req = req.into_inner();
         let to = (req.to_height != 0).then_some(req.to_height);
+        convert::bounded("wallet", &req.wallet, convert::MAX_WALLET)?;
+        convert::page_token(&req.page_token)?;
         let (page, next, tip) = self
             .query(move |q| {
-                let (page, next) = q.list_transfers(
-                    &req.wallet,
-                    req.from_height,
-                    to,
-                    req.limit,
-                    convert::page_token(&req.page_token),
-                )?;
+                let token = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
+                let (page, next) =
+                    q.list_transfers(&req.wallet, req.from_height, to, req.limit, token)?;
                 Ok((page, next, q.tip()))
             })
             .await?;

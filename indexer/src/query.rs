@@ -352,6 +352,19 @@ impl<'a> Query<'a> {
             .collect()
     }
 
+    /// A transfer whose block left the chain and that is not confirmed again: as it was
+    /// (height and block hash of the block that held it), with no confirmations.
+    pub fn reorged_transfer(&self, txid: &str) -> Result<Option<TransferEntry>, QueryError> {
+        let txid = Txid::from_str(txid).map_err(|_| QueryError::InvalidTxid(txid.to_string()))?;
+        let Some(value) = self.snap.get(Cf::Reorged, txid.as_byte_array())? else {
+            return Ok(None);
+        };
+        let t = schema::decode_reorged(txid.as_byte_array(), &value)?;
+        let mut entry = self.transfer_entry(&t, &self.wallet_names()?)?;
+        entry.confirmations = 0;
+        Ok(Some(entry))
+    }
+
     /// One page of `wallet`'s transfers with heights in `from..=to` (`to`: the tip when
     /// `None`), in chain order, and the token of the next page if there is one.
     pub fn list_transfers(

@@ -284,6 +284,63 @@ async fn queries_over_grpc_match_the_model_and_bad_requests_get_clear_statuses()
             .await,
     );
     assert_eq!(c, Code::NotFound);
+    // A megabyte in any string field: refused, and not echoed back.
+    let huge = "a".repeat(1 << 20);
+    let refusals = [
+        code(
+            client
+                .get_balance(pb::GetBalanceRequest {
+                    target: wallet(&huge),
+                    min_conf: 0,
+                })
+                .await,
+        ),
+        code(
+            client
+                .get_balance(pb::GetBalanceRequest {
+                    target: Some(pb::Target {
+                        target: Some(pb::target::Target::Address(huge.clone())),
+                    }),
+                    min_conf: 0,
+                })
+                .await,
+        ),
+        code(
+            client
+                .get_transfer(pb::GetTransferRequest { txid: huge.clone() })
+                .await,
+        ),
+        code(
+            client
+                .list_transfers(pb::ListTransfersRequest {
+                    wallet: huge.clone(),
+                    ..Default::default()
+                })
+                .await,
+        ),
+        code(
+            client
+                .list_utxos(pb::ListUtxosRequest {
+                    target: wallet("hot"),
+                    min_conf: 0,
+                    limit: 10,
+                    page_token: huge.clone(),
+                })
+                .await,
+        ),
+        code(
+            client
+                .subscribe(pb::SubscribeRequest {
+                    from_offset: 0,
+                    log_id: huge.clone(),
+                })
+                .await,
+        ),
+    ];
+    for (c, m) in refusals {
+        assert_eq!(c, Code::InvalidArgument, "{}", &m[..m.len().min(100)]);
+        assert!(m.len() < 200, "{} bytes echoed", m.len());
+    }
     // Subscribe: the whole log in order, then a resume from the middle, then a bad offset.
     let mut events = client
         .subscribe(pb::SubscribeRequest {

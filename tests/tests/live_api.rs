@@ -211,3 +211,88 @@ fn deposits_show_unconfirmed_then_confirmed_and_replacements_are_marked() {
     drop(api);
     f.stop().unwrap();
 }
+
+/// 1. A deposit confirms: CONFIRMED at its block.
+/// 2. Its block leaves the chain and the deposit goes back to the mempool: MEMPOOL.
+/// 3. bitcoind drops it from the mempool: REORGED_OUT, with the height and block that held
+///    it and no confirmations (not NOT_FOUND, though no block holds it).
+/// 4. Sent and mined again: CONFIRMED at its new block; the log says confirmed, reorged
+///    out, confirmed.
+#[test]
+fn a_transfer_reorged_out_and_not_in_the_mempool_is_served_as_reorged_out() {
+    let node = Devnet::start(|c| c.filler_txs = 0);
+    let deposit = node.new_address("bech32");
+    let miner = node.new_address("bech32");
+    let script = Address::from_str(&deposit)
+        .unwrap()
+        .assume_checked()
+        .script_pubkey();
+    let wallets = vec![TestWallet {
+        name: "hot".into(),
+        scripts: BTreeSet::from([script]),
+    }];
+    node.mine_to(110, &miner);
+    let db = tempfile::tempdir().unwrap();
+    let f = Following::start(
+        node.daemon(true),
+        Some(&node.zmq()),
+        db.path(),
+        &wallets,
+        FollowOptions::default(),
+    );
+    let mut api = Api::serve(&f);
+    let txid = node.call("sendtoaddress", json!([deposit, 0.5]));
+    let txid = txid.as_str().unwrap().to_owned();
+    let raw = node.call("getrawtransaction", json!([txid]));
+    let block = node.mine_to(1, &miner)[0];
+    assert!(f.wait_for(block, WAIT));
+    let t = api.transfer(&txid).unwrap();
+    assert_eq!(
+        (status(&t), t.confirmations),
+        (pb::TransferStatus::Confirmed, 1)
+    );
+    let confirmed_at = t.height;
+
+    node.call("invalidateblock", json!([block.to_string()]));
+    let (t, _) = api.until(|a| {
+        a.transfer(&txid)
+            .filter(|t| status(t) == pb::TransferStatus::Mempool)
+    });
+    assert_eq!(t.confirmations, 0);
+    node.call("devnet_evict", json!([txid]));
+    let (t, _) = api.until(|a| {
+        a.transfer(&txid)
+            .filter(|t| status(t) == pb::TransferStatus::ReorgedOut)
+    });
+    assert_eq!(
+        (t.height, t.block_hash.as_str(), t.confirmations),
+        (confirmed_at, block.to_string().as_str(), 0)
+    );
+    assert_eq!(t.received[0].value_sat, 50_000_000);
+
+    node.call("sendrawtransaction", json!([raw]));
+    let again = node.mine_to(2, &miner);
+    assert!(f.wait_for(again[1], WAIT));
+    let t = api.transfer(&txid).unwrap();
+    assert_eq!(
+        (status(&t), t.block_hash),
+        (pb::TransferStatus::Confirmed, again[0].to_string())
+    );
+    let story: Vec<pb::EventKind> = api
+        .events()
+        .into_iter()
+        .filter(|e| e.txid == txid)
+        .map(|e| pb::EventKind::try_from(e.kind).unwrap())
+        .filter(|k| *k != pb::EventKind::TransferSeen && *k != pb::EventKind::TransferEvicted)
+        .collect();
+    assert_eq!(
+        story,
+        vec![
+            pb::EventKind::TransferConfirmed,
+            pb::EventKind::TransferReorgedOut,
+            pb::EventKind::TransferConfirmed
+        ]
+    );
+    drop(api);
+    f.stop().unwrap();
+}

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use bitcoin::hashes::Hash;
 use bitcoin::{BlockHash, OutPoint};
 // Keys are txids and script hashes, uniform already: a cryptographic hasher buys nothing.
 use rustc_hash::FxHashMap as HashMap;
@@ -89,6 +90,8 @@ pub struct ApplyState<'s> {
     wallets_of: HashMap<ScriptId, Vec<WalletId>>,
     // Coinbase outputs not yet mature, by creation height.
     immature: BTreeMap<u32, Vec<OutPoint>>,
+    // Transfers kept as reorged out: confirming one again ends that record.
+    reorged: std::collections::HashSet<bitcoin::Txid>,
 }
 
 fn encode_balance(b: &Balance) -> Option<Vec<u8>> {
@@ -119,6 +122,14 @@ impl<'s> ApplyState<'s> {
                 }
             }
         }
+        let mut reorged = std::collections::HashSet::new();
+        store.for_each(Cf::Reorged, |k, _| {
+            let txid: [u8; 32] = k
+                .try_into()
+                .map_err(|_| schema::DecodeError::missing("reorged transfer's txid"))?;
+            reorged.insert(bitcoin::Txid::from_byte_array(txid));
+            Ok::<_, StoreError>(())
+        })?;
         Ok(ApplyState {
             store,
             tip,
@@ -127,6 +138,7 @@ impl<'s> ApplyState<'s> {
             wallet_balances,
             wallets_of: HashMap::default(),
             immature,
+            reorged,
         })
     }
 
@@ -363,6 +375,11 @@ impl<'s> ApplyState<'s> {
             || None,
             Some(schema::encode_transfer(t)),
         );
+        // No undo entry: disconnecting this block records it as reorged out again.
+        if self.reorged.remove(&t.txid) {
+            ch.writes
+                .insert((Cf::Reorged, t.txid.as_byte_array().to_vec()), None);
+        }
         let mut wallets = BTreeSet::new();
         for s in t.script_ids() {
             wallets.extend(self.wallets(&s)?);

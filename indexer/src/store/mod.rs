@@ -374,6 +374,13 @@ impl Store {
             if *cf == Cf::Transfers {
                 if let Some(value) = self.get(Cf::Transfers, key)? {
                     let t = schema::decode_transfer(key, &value)?;
+                    // Kept, so the transfer can still be asked about.
+                    batch.put(
+                        self,
+                        Cf::Reorged,
+                        t.txid.as_byte_array(),
+                        &schema::encode_reorged(&t),
+                    );
                     events.push(Event {
                         kind: EventKind::TransferReorgedOut,
                         height: t.height,

@@ -45,11 +45,14 @@ pub enum Cf {
     WalletScripts = 12,
     /// offset -> event: the durable, append-only log consumers replay.
     Events = 13,
+    /// txid -> height + transfer: confirmed transfers whose block left the chain and that
+    /// are not confirmed again (what GetTransfer shows as REORGED_OUT).
+    Reorged = 14,
 }
 
 impl Cf {
     /// Every column family, in id order.
-    pub const ALL: [Cf; 14] = [
+    pub const ALL: [Cf; 15] = [
         Cf::Meta,
         Cf::Headers,
         Cf::Wallets,
@@ -64,6 +67,7 @@ impl Cf {
         Cf::Undo,
         Cf::WalletScripts,
         Cf::Events,
+        Cf::Reorged,
     ];
 
     /// The families that make up the indexed state compared by the state digest.
@@ -93,6 +97,7 @@ impl Cf {
             Cf::Undo => "undo",
             Cf::WalletScripts => "wallet_scripts",
             Cf::Events => "events",
+            Cf::Reorged => "reorged",
         }
     }
 
@@ -468,6 +473,23 @@ pub fn decode_transfer(key: &[u8], bytes: &[u8]) -> Result<Transfer, DecodeError
         received,
         spent,
     })
+}
+
+/// Reorged-out value: the height the transfer had, then the transfer as stored.
+pub fn encode_reorged(t: &Transfer) -> Vec<u8> {
+    let mut v = t.height.to_be_bytes().to_vec();
+    v.extend_from_slice(&encode_transfer(t));
+    v
+}
+
+/// Decodes a reorged-out record (key: txid).
+pub fn decode_reorged(key: &[u8], bytes: &[u8]) -> Result<Transfer, DecodeError> {
+    if bytes.len() < 4 || key.len() != 32 {
+        return Err(corrupt("reorged transfer", "too short"));
+    }
+    let mut transfer_key = key.to_vec();
+    transfer_key.extend_from_slice(&bytes[..4]);
+    decode_transfer(&transfer_key, &bytes[4..])
 }
 
 /// Wallet history key: wallet id + height + txid.
