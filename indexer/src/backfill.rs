@@ -130,10 +130,10 @@ impl BackfillError {
     /// Whether trying again later may succeed (bitcoind unavailable, the chain moving).
     pub fn is_transient(&self) -> bool {
         match self {
-            BackfillError::Daemon(e) => e.is_transient() || chain_moved(e),
+            BackfillError::Daemon(e) => e.worth_retrying(),
             BackfillError::Pipeline(PipelineError::Source(e)) => {
                 if let Some(d) = e.downcast_ref::<DaemonError>() {
-                    d.is_transient() || chain_moved(d)
+                    d.worth_retrying()
                 } else if let Some(b) = e.downcast_ref::<BackfillError>() {
                     b.is_transient()
                 } else {
@@ -142,16 +142,13 @@ impl BackfillError {
             }
             // The blocks fetched straddle a reorg, or the index moved below the birth
             // height: aligning again later resolves it.
+            // A block that failed its checks is fetched again.
             BackfillError::Pipeline(PipelineError::Apply(ApplyError::NotConnecting { .. }))
+            | BackfillError::Pipeline(PipelineError::Parse(_))
             | BackfillError::Misaligned { .. } => true,
             _ => false,
         }
     }
-}
-
-/// bitcoind answered "not found" for a block it named a moment ago.
-fn chain_moved(e: &DaemonError) -> bool {
-    matches!(e, DaemonError::Rpc { code, .. } if *code == -5 || *code == -8)
 }
 
 fn job_key(id: u64) -> Vec<u8> {

@@ -102,10 +102,11 @@ impl FollowError {
     /// moved while we read it.
     pub fn is_transient(&self) -> bool {
         match self {
-            FollowError::Daemon(e) => e.is_transient() || chain_moved(e),
+            // No answer of the node ends following (see `worth_retrying`).
+            FollowError::Daemon(e) => e.worth_retrying(),
             FollowError::Pipeline(PipelineError::Source(e)) => e
                 .downcast_ref::<DaemonError>()
-                .is_none_or(|d| d.is_transient() || chain_moved(d)),
+                .is_none_or(DaemonError::worth_retrying),
             // The hashes listed and the blocks fetched straddle a reorg: look again.
             FollowError::Pipeline(PipelineError::Apply(ApplyError::NotConnecting { .. })) => true,
             // A block that fails its own hash or merkle root: fetch it again.
@@ -115,11 +116,6 @@ impl FollowError {
             FollowError::Pipeline(_) | FollowError::Store(_) | FollowError::ZmqStopped => false,
         }
     }
-}
-
-/// bitcoind answered "not found" or "out of range" for something it just named.
-fn chain_moved(e: &DaemonError) -> bool {
-    matches!(e, DaemonError::Rpc { code, .. } if *code == -5 || *code == -8)
 }
 
 /// What one catch-up did.
@@ -674,7 +670,12 @@ impl Follower {
             .reconcile(&self.store, &in_mempool, |s, t| s.has_transfer(t))?;
         self.log_changes(changes)?;
         for chunk in new.chunks(500) {
-            for raw in self.daemon.raw_transactions(chunk)?.into_iter().flatten() {
+            for raw in self
+                .daemon
+                .mempool_transactions(chunk)?
+                .into_iter()
+                .flatten()
+            {
                 match deserialize::<Transaction>(&raw) {
                     Ok(tx) => self.mempool_added(&tx)?,
                     Err(e) => warn!(error = %e, "bitcoind sent an unreadable mempool transaction"),
@@ -709,6 +710,9 @@ impl Follower {
         loop {
             let info = self.daemon.chain_info(self.network)?;
             self.metrics.bitcoind_height.set(i64::from(info.blocks));
+            self.metrics
+                .blocks_over_rest
+                .set(i64::from(self.daemon.rest_in_use()));
             let tip = self.store.tip()?;
             let at_tip =
                 tip.is_some_and(|(h, hash)| h == info.blocks && hash == info.bestblockhash);
@@ -767,6 +771,9 @@ impl Follower {
             report.progress.bytes += progress.bytes;
             report.progress.txs += progress.txs;
             report.progress.height = progress.height;
+            self.metrics
+                .blocks_over_rest
+                .set(i64::from(self.daemon.rest_in_use()));
         }
     }
 
@@ -1035,7 +1042,7 @@ impl Follower {
                             }
                             let raw = match raw_txs.remove(&txid) {
                                 Some(raw) => Some(raw),
-                                None => self.daemon.raw_transaction(&txid)?,
+                                None => self.daemon.mempool_transaction(&txid)?,
                             };
                             match raw.map(|r| deserialize::<Transaction>(&r)) {
                                 Some(Ok(tx)) => self.mempool_added(&tx)?,

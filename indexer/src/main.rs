@@ -376,10 +376,11 @@ fn follower(store: Arc<Store>, config: &Config, stop: Arc<AtomicBool>) -> Result
             bitcoind.startup_wait.as_secs()
         ),
     };
+    daemon.probe_rest();
     tracing::info!(
         url = %bitcoind.rpc_url,
         height = info.blocks,
-        rest = bitcoind.rest,
+        blocks_over = if daemon.rest_in_use() { "rest" } else { "rpc getblock" },
         zmq = bitcoind.zmq.topics.len(),
         "connected to bitcoind"
     );

@@ -358,3 +358,51 @@ fn run_serves_metrics_that_follow_the_chain_and_logs_json() {
         "{messages:?}"
     );
 }
+
+/// 1. bitcoind serves no REST (its default, `-rest=0`: 404 under `/rest/`) while the
+///    indexer is told `rest = true`.
+/// 2. `indexer run` says so once at warn, shows it in `indexer_blocks_over_rest` (0) and
+///    in its startup line, and catches up over RPC `getblock` instead of retrying forever.
+/// 3. Blocks mined after that are indexed too.
+#[test]
+fn run_against_a_node_without_rest_warns_once_and_fetches_blocks_over_rpc() {
+    use system_tests::observe::{self, Scrape};
+    let tmp = tempfile::tempdir().unwrap();
+    let (node, miner) = node_at_105(tmp.path());
+    rpc(&node, "devnet_setrest", serde_json::json!([false]));
+    let db = tmp.path().join("db");
+    let common = ["--db", db.to_str().unwrap(), "--network", "regtest"];
+    let stderr = tmp.path().join("stderr");
+    let mut run = Running(
+        run_command(&node, &common)
+            .args(["--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
+            .env("INDEXER_LOG", "info")
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let observe::Announced { metrics, .. } = observe::announced(run.0.stdout.take().unwrap());
+    let at = |height: f64| move |s: &Scrape| s.value("indexer_indexed_height") == height;
+    let caught_up = observe::wait_for(&metrics, Duration::from_secs(30), at(105.0));
+    assert_eq!(caught_up.value("indexer_blocks_over_rest"), 0.0);
+    // Block 106 can only come over RPC when a catch-up fetches it (ZMQ may bring it
+    // first); either way it is indexed.
+    rpc(&node, "generatetoaddress", serde_json::json!([3, miner]));
+    observe::wait_for(&metrics, Duration::from_secs(30), at(108.0));
+    let status = terminate(&mut run);
+    assert!(status.success(), "{status:?}");
+    let logged = std::fs::read_to_string(&stderr).unwrap();
+    let cookie = std::fs::read_to_string(node.cookie_file().unwrap()).unwrap();
+    let secret = cookie.trim().split_once(':').unwrap().1;
+    let messages = observe::json_log_messages(&logged, secret);
+    let warned = messages
+        .iter()
+        .filter(|m| m.starts_with("bitcoind does not serve REST"))
+        .count();
+    assert_eq!(warned, 1, "{messages:?}");
+    let started = logged
+        .lines()
+        .find(|l| l.contains("connected to bitcoind"))
+        .unwrap();
+    assert!(started.contains("rpc getblock"), "{started}");
+}

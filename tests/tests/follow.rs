@@ -434,3 +434,38 @@ fn a_subscriber_resuming_at_random_offsets_gets_every_event_once_in_order_across
         .iter()
         .any(|e| e.kind == pb::EventKind::TransferReorgedOut as i32));
 }
+
+/// 5. A mempool transaction's `rawtx` message is lost, so the follower asks for it over
+///    RPC, and the node answers with another implementation's error code (-1) instead of
+///    Core's -5. The follower takes the transaction as gone and goes on: the next block,
+///    which confirms it, is indexed.
+#[test]
+fn an_unexpected_rpc_error_for_a_mempool_transaction_does_not_stop_following() {
+    let node = Devnet::start(|c| c.filler_txs = 0);
+    let deposit = node.new_address("bech32");
+    let miner = node.new_address("bech32");
+    node.mine_to(101, &miner);
+    let wallets = vec![TestWallet {
+        name: "hot".into(),
+        scripts: BTreeSet::from([script(&deposit)]),
+    }];
+    let db = tempfile::tempdir().unwrap();
+    let f = Following::caught_up(&node, db.path(), &wallets);
+    let fault = json!({"code": -1, "message": "No such mempool transaction", "count": 100});
+    node.call("devnet_rpcfault", json!(["getrawtransaction", fault]));
+    node.call("devnet_zmqfaults", json!([{"drop_next": 1}]));
+    let txid = node.call("sendtoaddress", json!([deposit, 0.3]));
+    let asked = std::time::Instant::now();
+    while node.call("devnet_rpcfaults", json!([]))["getrawtransaction"]["count"] == 100 {
+        assert!(
+            asked.elapsed() < WAIT,
+            "the follower never asked for the transaction"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let block = node.mine_to(1, &miner)[0];
+    assert!(f.wait_for(block, WAIT), "following stopped");
+    let txid: bitcoin::Txid = txid.as_str().unwrap().parse().unwrap();
+    assert!(f.store.has_transfer(&txid).unwrap());
+    f.stop().unwrap();
+}

@@ -104,6 +104,15 @@ impl DaemonError {
     }
 }
 
+impl DaemonError {
+    /// Whether a long-running reader of the node should keep trying: every answer may be
+    /// different later (a restart, a reorg under our feet, another implementation's error
+    /// codes), except a node on another network, which is a configuration to fix.
+    pub fn worth_retrying(&self) -> bool {
+        !matches!(self, DaemonError::WrongNetwork { .. })
+    }
+}
+
 /// What the indexer needs from `getblockchaininfo`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ChainInfo {
@@ -134,17 +143,67 @@ pub fn chain_name(network: Network) -> &'static str {
 /// A bitcoind node: RPC, and REST for raw blocks when enabled.
 pub struct Daemon {
     rpc: RpcClient,
-    /// `http://host:port` of the REST interface (the RPC port), when `rest=1`.
-    rest: Option<String>,
+    /// The REST interface (on the RPC port), when configured.
+    rest: Option<Rest>,
+}
+
+/// bitcoind's REST interface, as configured and as found.
+struct Rest {
+    /// `http://host:port`.
+    base: String,
+    /// Cleared for good once the node shows it does not serve REST.
+    on: std::sync::atomic::AtomicBool,
+}
+
+/// Whether an HTTP answer under `/rest/` says the node serves no REST at all: bitcoind
+/// without `-rest` (its default) has no handler there and answers 404 with an empty body,
+/// while a REST 404 for an unknown block names it ("... not found"); a proxy in front may
+/// answer 401 or 403.
+fn rest_refused(status: u16, body: &str) -> bool {
+    matches!(status, 401 | 403) || (status == 404 && !body.contains("not found"))
 }
 
 impl Daemon {
     /// A client of the node at `rpc_url`; `rest` fetches blocks over REST from the same port.
     pub fn new(rpc_url: &str, auth: Auth, rest: bool, timeout: Duration) -> Daemon {
-        let rest = rest.then(|| rpc_url.trim_end_matches('/').to_owned());
+        let rest = rest.then(|| Rest {
+            base: rpc_url.trim_end_matches('/').to_owned(),
+            on: std::sync::atomic::AtomicBool::new(true),
+        });
         Daemon {
             rpc: RpcClient::new(rpc_url, auth, timeout),
             rest,
+        }
+    }
+
+    /// Whether blocks are fetched over REST (configured, and the node serves it).
+    pub fn rest_in_use(&self) -> bool {
+        self.rest
+            .as_ref()
+            .is_some_and(|r| r.on.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Turns REST off for good, with one warning saying why and what to do.
+    fn rest_off(&self, url: &str, status: u16) {
+        if let Some(r) = &self.rest {
+            if r.on.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(%url, status, "bitcoind does not serve REST (start it with -rest=1; its default is off): fetching blocks with getblock over RPC instead");
+            }
+        }
+    }
+
+    /// Checks at start that the node serves REST when configured to use it (see
+    /// [`Daemon::rest_in_use`]); a node out of reach is left for later calls to find.
+    pub fn probe_rest(&self) {
+        let Some(r) = &self.rest else {
+            return;
+        };
+        let url = format!("{}/rest/chaininfo.json", r.base);
+        if let Err(ureq::Error::Status(status, response)) = self.rpc.agent().get(&url).call() {
+            let body: String = response.into_string().unwrap_or_default();
+            if rest_refused(status, &body) {
+                self.rest_off(&url, status);
+            }
         }
     }
 
@@ -197,18 +256,21 @@ impl Daemon {
             .batch("getblockhash", heights.iter().map(|h| json!([h])))
     }
 
-    /// The serialized block `hash`: REST when enabled, else RPC hex.
+    /// The serialized block `hash`: REST when in use, else RPC hex.
     pub fn block(&self, hash: &BlockHash) -> Result<Vec<u8>, DaemonError> {
-        match &self.rest {
-            Some(base) => self.rest_block(base, hash),
-            None => {
-                let hex: String = self.rpc.call("getblock", json!([hash, 0]))?;
-                Vec::<u8>::from_hex(&hex).map_err(|e| DaemonError::Decode {
-                    what: format!("getblock {hash} hex"),
-                    detail: e.to_string(),
-                })
+        if let Some(rest) = self.rest.as_ref().filter(|_| self.rest_in_use()) {
+            match self.rest_block(&rest.base, hash) {
+                Err(DaemonError::Http {
+                    url, status, body, ..
+                }) if rest_refused(status, &body) => self.rest_off(&url, status),
+                other => return other,
             }
         }
+        let hex: String = self.rpc.call("getblock", json!([hash, 0]))?;
+        Vec::<u8>::from_hex(&hex).map_err(|e| DaemonError::Decode {
+            what: format!("getblock {hash} hex"),
+            detail: e.to_string(),
+        })
     }
 
     fn rest_block(&self, base: &str, hash: &BlockHash) -> Result<Vec<u8>, DaemonError> {
@@ -251,36 +313,30 @@ impl Daemon {
         self.rpc.call("getrawmempool", json!([]))
     }
 
-    /// `getrawtransaction txid`: the serialized transaction, `None` when unknown.
-    pub fn raw_transaction(&self, txid: &Txid) -> Result<Option<Vec<u8>>, DaemonError> {
-        match self.rpc.call::<String>("getrawtransaction", json!([txid])) {
-            Ok(hex) => Vec::<u8>::from_hex(&hex)
-                .map(Some)
-                .map_err(|e| DaemonError::Decode {
-                    what: format!("getrawtransaction {txid}"),
-                    detail: e.to_string(),
-                }),
-            Err(DaemonError::Rpc { code, .. }) if code == RPC_NOT_FOUND => Ok(None),
-            Err(e) => Err(e),
-        }
+    /// `getrawtransaction txid` for a mempool transaction: the serialized transaction, or
+    /// `None` when the node cannot give it. A mempool transaction can leave at any moment,
+    /// and nodes say so with different codes (Core -5, others -1 or their own) or send
+    /// something unreadable: any answer of the node other than the transaction is `None`,
+    /// logged; only a node that does not answer at all is an error.
+    pub fn mempool_transaction(&self, txid: &Txid) -> Result<Option<Vec<u8>>, DaemonError> {
+        let answer = self
+            .rpc
+            .call::<String>("getrawtransaction", json!([txid]))
+            .and_then(|hex| decode_tx_hex(txid, &hex));
+        missing_is_none(txid, answer)
     }
 
-    /// Serialized transactions for `txids` in one round trip (`None`: no longer known).
-    pub fn raw_transactions(&self, txids: &[Txid]) -> Result<Vec<Option<Vec<u8>>>, DaemonError> {
+    /// Serialized mempool transactions for `txids` in one round trip, each `None` when the
+    /// node cannot give it (see [`Daemon::mempool_transaction`]).
+    pub fn mempool_transactions(
+        &self,
+        txids: &[Txid],
+    ) -> Result<Vec<Option<Vec<u8>>>, DaemonError> {
         self.rpc
             .batch_each::<String>("getrawtransaction", txids.iter().map(|t| json!([t])))?
             .into_iter()
             .zip(txids)
-            .map(|(r, txid)| match r {
-                Ok(hex) => Vec::<u8>::from_hex(&hex)
-                    .map(Some)
-                    .map_err(|e| DaemonError::Decode {
-                        what: format!("getrawtransaction {txid}"),
-                        detail: e.to_string(),
-                    }),
-                Err(DaemonError::Rpc { code, .. }) if code == RPC_NOT_FOUND => Ok(None),
-                Err(e) => Err(e),
-            })
+            .map(|(r, txid)| missing_is_none(txid, r.and_then(|hex| decode_tx_hex(txid, &hex))))
             .collect()
     }
 
@@ -305,6 +361,30 @@ impl Daemon {
         Ok(v.get("feerate")
             .and_then(Value::as_f64)
             .and_then(|btc| Amount::from_btc(btc).ok()))
+    }
+}
+
+fn decode_tx_hex(txid: &Txid, hex: &str) -> Result<Vec<u8>, DaemonError> {
+    Vec::<u8>::from_hex(hex).map_err(|e| DaemonError::Decode {
+        what: format!("getrawtransaction {txid}"),
+        detail: e.to_string(),
+    })
+}
+
+/// A mempool transaction's answer: the node's refusal or an unreadable reply mean it is
+/// gone (or unusable); a node out of reach stays an error.
+fn missing_is_none(
+    txid: &Txid,
+    answer: Result<Vec<u8>, DaemonError>,
+) -> Result<Option<Vec<u8>>, DaemonError> {
+    match answer {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(DaemonError::Rpc { code, .. }) if code == RPC_NOT_FOUND => Ok(None),
+        Err(e @ (DaemonError::Rpc { .. } | DaemonError::Decode { .. })) => {
+            tracing::warn!(%txid, error = %e, "bitcoind did not give a mempool transaction; taken as gone");
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -46,6 +46,8 @@ pub struct IndexerMetrics {
     pub reorg_depth: Histogram,
     /// Times following went back to reconciling with bitcoind over RPC.
     pub reconciles: Counter,
+    /// 1 while blocks are fetched over bitcoind's REST interface, 0 over RPC `getblock`.
+    pub blocks_over_rest: Gauge,
     /// Gaps in ZMQ sequence numbers (lost messages), by topic.
     zmq_gaps: Family<StaticLabel, Counter>,
     /// Stage input queues.
@@ -77,6 +79,7 @@ impl Default for IndexerMetrics {
             reorgs: Counter::default(),
             reorg_depth: Histogram::new(REORG_DEPTH_BUCKETS),
             reconciles: Counter::default(),
+            blocks_over_rest: Gauge::default(),
             zmq_gaps: zmq_gaps(),
             queues: QueueDepths::default(),
             subscribers: Gauge::default(),
@@ -177,6 +180,11 @@ impl IndexerMetrics {
                 "reconciles",
                 "Times following went back to asking bitcoind for its best chain",
                 self.reconciles.clone(),
+            );
+            r.register(
+                "blocks_over_rest",
+                "1 while blocks come over bitcoind's REST interface, 0 over RPC getblock (REST off or refused)",
+                self.blocks_over_rest.clone(),
             );
             r.register(
                 "zmq_gaps",

@@ -89,11 +89,14 @@ pub struct Config {
     pub filler_txs: usize,
     /// A new `blkNNNNN.dat` is started once a file grows past this many bytes.
     pub max_blockfile_size: u64,
+    /// Serve REST (Core's `-rest=1`); without it `/rest/` answers 404, as Core's default
+    /// `-rest=0` does.
+    pub rest: bool,
 }
 
 impl Config {
     /// Defaults: loopback with ephemeral ports for RPC and one ZMQ socket, cookie auth,
-    /// plain block files, no warmup, 20 filler transactions a block.
+    /// plain block files, no warmup, 20 filler transactions a block, REST on.
     pub fn new(datadir: impl Into<PathBuf>) -> Config {
         Config {
             datadir: datadir.into(),
@@ -104,6 +107,7 @@ impl Config {
             warmup: Duration::ZERO,
             filler_txs: 20,
             max_blockfile_size: 16 * 1024 * 1024,
+            rest: true,
         }
     }
 

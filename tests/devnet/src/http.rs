@@ -158,6 +158,10 @@ async fn rest(
     Path(path): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
+    // Core without -rest registers no REST handler: its HTTP server answers 404.
+    if !shared.state().rest {
+        return StatusCode::NOT_FOUND.into_response();
+    }
     if shared.warming_up() {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -56,7 +56,23 @@ pub(crate) struct State {
     pub mining_fee_rate: u64,
     /// Filler transactions per mined block.
     pub fillers: usize,
+    /// Whether `/rest/` answers (see [`Config::rest`]).
+    pub rest: bool,
+    /// Calls that fail on purpose: method -> the error and how many more calls get it
+    /// (another node implementation's error codes, a node in trouble).
+    pub rpc_faults: std::collections::HashMap<String, RpcFault>,
     rng: StdRng,
+}
+
+/// An RPC method made to fail: the error its next calls answer.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub(crate) struct RpcFault {
+    /// The JSON-RPC error code.
+    pub code: i32,
+    /// Its message.
+    pub message: String,
+    /// How many calls still fail.
+    pub count: u32,
 }
 
 impl State {
@@ -89,6 +105,8 @@ impl State {
             fee_estimate: None,
             mining_fee_rate: 0,
             fillers: config.filler_txs,
+            rest: config.rest,
+            rpc_faults: std::collections::HashMap::new(),
             rng: StdRng::from_entropy(),
         })
     }

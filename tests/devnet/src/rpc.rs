@@ -205,6 +205,15 @@ fn fee_rate_arg(v: Option<&Value>, default: u64) -> Result<u64, RpcError> {
 }
 
 fn call(shared: &Shared, method: &str, p: &[Value]) -> RpcResult {
+    {
+        let mut state = shared.state();
+        if let Some(fault) = state.rpc_faults.get_mut(method) {
+            if fault.count > 0 {
+                fault.count -= 1;
+                return Err(RpcError::new(fault.code, fault.message.clone()));
+            }
+        }
+    }
     match method {
         "getblockchaininfo" => Ok(blockchain_info(shared)),
         "getbestblockhash" => Ok(json!(shared.state().chain.tip().hash.to_string())),
@@ -424,6 +433,35 @@ fn call(shared: &Shared, method: &str, p: &[Value]) -> RpcResult {
                     .map_err(|e| RpcError::invalid_param(e.to_string()))?,
             };
             shared.state().zmq.set_faults(faults);
+            Ok(Value::Null)
+        }
+        "devnet_rpcfault" => {
+            let method = as_str(required(p, 0, "method")?)?.to_owned();
+            let fault: crate::node::RpcFault =
+                serde_json::from_value(required(p, 1, "fault")?.clone())
+                    .map_err(|e| RpcError::invalid_param(e.to_string()))?;
+            shared.state().rpc_faults.insert(method, fault);
+            Ok(Value::Null)
+        }
+        "devnet_rpcfaults" => {
+            let state = shared.state();
+            Ok(state
+                .rpc_faults
+                .iter()
+                .map(|(m, f)| {
+                    (
+                        m.clone(),
+                        json!({"code": f.code, "message": f.message, "count": f.count}),
+                    )
+                })
+                .collect::<serde_json::Map<String, Value>>()
+                .into())
+        }
+        "devnet_setrest" => {
+            let on = required(p, 0, "enabled")?
+                .as_bool()
+                .ok_or_else(|| RpcError::invalid_param("enabled must be a boolean"))?;
+            shared.state().rest = on;
             Ok(Value::Null)
         }
         "devnet_evict" => {
