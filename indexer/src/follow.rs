@@ -766,6 +766,7 @@ impl Follower {
                 &self.opts.pipeline,
                 &self.counting(),
                 &self.metrics.queues,
+                &AtomicBool::new(false),
             )?;
             report.progress.blocks += progress.blocks;
             report.progress.bytes += progress.bytes;
@@ -868,6 +869,16 @@ impl Follower {
         // Heights as they commit, so the notice loop can wait for a block it handed over.
         let (committed_tx, committed) = bounded::<u32>(64);
         let scripts = self.scripts();
+        // Set when a stage fails (a block that failed its checks): the feed below and the
+        // notice loop must then end and reconcile, rather than wait for a next block.
+        let failed = AtomicBool::new(false);
+        let feed = std::iter::from_fn(|| loop {
+            match source.recv_timeout(Duration::from_millis(50)) {
+                Ok(block) => return Some(Ok(block)),
+                Err(RecvTimeoutError::Timeout) if !failed.load(Ordering::Relaxed) => {}
+                Err(_) => return None,
+            }
+        });
         std::thread::scope(|s| {
             let pipeline = std::thread::Builder::new()
                 .name("live".into())
@@ -876,17 +887,18 @@ impl Follower {
                     pipeline::run_observed(
                         &self.store,
                         &scripts,
-                        source.into_iter().map(Ok),
+                        feed,
                         &opts,
                         &move |p: &Progress| {
                             on_commit(p);
                             let _ = committed_tx.try_send(p.height);
                         },
                         &self.metrics.queues,
+                        &failed,
                     )
                 })
                 .expect("spawn live pipeline");
-            let exit = self.follow_notices(notices, blocks, &committed, tip);
+            let exit = self.follow_notices(notices, blocks, &committed, &failed, tip);
             match pipeline.join().expect("live pipeline panicked") {
                 // A block that failed its checks: bitcoind will tell the truth.
                 Err(e) => {
@@ -921,6 +933,7 @@ impl Follower {
         notices: &Feed,
         blocks: Sender<RawBlock>,
         committed: &Receiver<u32>,
+        pipeline_failed: &AtomicBool,
         mut tip: (u32, BlockHash),
     ) -> Result<LiveExit, FollowError> {
         let mut announced: Option<(BlockHash, Instant)> = None;
@@ -930,6 +943,9 @@ impl Follower {
         loop {
             if self.stopping() {
                 return Ok(LiveExit::Stop);
+            }
+            if pipeline_failed.load(Ordering::Relaxed) {
+                return Ok(LiveExit::Reconcile("a block failed in the live pipeline"));
             }
             match notices.recv_timeout(Duration::from_millis(100)) {
                 Ok(notice) => {

@@ -469,3 +469,49 @@ fn an_unexpected_rpc_error_for_a_mempool_transaction_does_not_stop_following() {
     assert!(f.store.has_transfer(&txid).unwrap());
     f.stop().unwrap();
 }
+
+/// 6. bitcoind's ZMQ publisher sends hostile bodies under valid headers (proof of work
+///    covers only the header): a block claiming 2^64-1 transactions, then one of three
+///    transactions with its last repeated (the same merkle root, CVE-2012-2459). The
+///    follower refuses both, takes the real blocks over RPC, confirms no transfer twice,
+///    and ends on the state a fresh index of the node's files gives.
+#[test]
+fn hostile_block_bodies_over_zmq_are_refused_and_the_real_blocks_indexed() {
+    let node = Devnet::start(|c| c.filler_txs = 2);
+    let (addresses, wallets) = watched(&node);
+    node.mine_to(110, &addresses[0]);
+    let db = tempfile::tempdir().unwrap();
+    let f = Following::caught_up(&node, db.path(), &wallets);
+    for faults in [
+        json!({"huge_count_next": 1}),
+        json!({"duplicate_tail_next": 1}),
+    ] {
+        node.call("devnet_zmqfaults", json!([faults]));
+        let block = node.mine_to(1, &addresses[1])[0];
+        let txs = node.call("getblock", json!([block.to_string(), 1]))["nTx"].clone();
+        assert_eq!(
+            txs, 3,
+            "a coinbase and two fillers, so a repeated tail keeps the root"
+        );
+        assert!(f.wait_for(block, WAIT), "{faults}: following stopped");
+    }
+    let events = indexer::query::Query::new(&f.store, bitcoin::Network::Regtest)
+        .unwrap()
+        .events(0, 1_000_000)
+        .unwrap();
+    let mut confirmed = std::collections::HashSet::new();
+    for (_, e) in events {
+        if e.kind == indexer::types::EventKind::TransferConfirmed {
+            assert!(
+                confirmed.insert((e.txid, e.block_hash)),
+                "{:?} confirmed twice in one block",
+                e.txid
+            );
+        }
+    }
+    assert_eq!(
+        f.store.digest().unwrap(),
+        fresh_digest(&node.blocks_dir(), &wallets)
+    );
+    f.stop().unwrap();
+}

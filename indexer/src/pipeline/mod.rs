@@ -15,6 +15,7 @@ pub mod filter;
 pub mod parse;
 pub mod write;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -98,10 +99,13 @@ where
         opts,
         on_commit,
         &QueueDepths::default(),
+        &AtomicBool::new(false),
     )
 }
 
-/// [`run`], recording how full each stage's input queue is in `queues`.
+/// [`run`], recording how full each stage's input queue is in `queues`, and setting
+/// `failed` as soon as a stage fails: a source that waits for blocks (the live feed) must
+/// end then, for the pipeline to end.
 pub fn run_observed<I>(
     store: &Store,
     scripts: &ScriptFilter,
@@ -109,6 +113,7 @@ pub fn run_observed<I>(
     opts: &PipelineOptions,
     on_commit: &(dyn Fn(&Progress) + Sync),
     queues: &QueueDepths,
+    failed: &AtomicBool,
 ) -> Result<Progress, PipelineError>
 where
     I: Iterator<Item = Result<RawBlock, SourceError>> + Send,
@@ -119,27 +124,42 @@ where
     let (filtered_tx, filtered_rx) = bounded::<FilteredBlock>(64);
     let (changes_tx, changes_rx) = bounded::<BlockChanges>(64);
     let filter = Filter { store };
+    // A stage's result, noted in `failed` when it is an error.
+    let noted = |r: Result<(), PipelineError>| {
+        if r.is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
+        r
+    };
     thread::scope(|s| {
         let spawn = |name: &str| thread::Builder::new().name(name.to_string());
         let read = spawn("read")
-            .spawn_scoped(s, move || read_stage(source, opts.chunk_bytes, raw_tx))
+            .spawn_scoped(s, move || {
+                noted(read_stage(source, opts.chunk_bytes, raw_tx))
+            })
             .expect("spawn read thread");
         let parse = spawn("parse")
-            .spawn_scoped(s, move || parse_stage(scripts, raw_rx, parsed_tx, queues))
+            .spawn_scoped(s, move || {
+                noted(parse_stage(scripts, raw_rx, parsed_tx, queues))
+            })
             .expect("spawn parse thread");
         let filter = spawn("filter")
             .spawn_scoped(s, move || {
-                filter_stage(&filter, parsed_rx, filtered_tx, queues)
+                noted(filter_stage(&filter, parsed_rx, filtered_tx, queues))
             })
             .expect("spawn filter thread");
         let apply = spawn("apply")
             .spawn_scoped(s, move || {
-                apply_stage(state, filtered_rx, changes_tx, queues)
+                noted(apply_stage(state, filtered_rx, changes_tx, queues))
             })
             .expect("spawn apply thread");
         let write = spawn("write")
             .spawn_scoped(s, move || {
-                write_stage(store, &opts.write, changes_rx, on_commit, queues)
+                let r = write_stage(store, &opts.write, changes_rx, on_commit, queues);
+                if r.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                r
             })
             .expect("spawn write thread");
         // The earliest stage's error is the cause; later ones only saw their input end.

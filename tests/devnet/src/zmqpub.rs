@@ -28,6 +28,35 @@ pub struct ZmqFaults {
     pub reorder_next: u32,
     /// Replace the next n messages with malformed frames.
     pub garbage_next: u32,
+    /// The next n `rawblock` bodies keep their header and claim 2^64-1 transactions (what
+    /// a hostile publisher can send: proof of work covers only the header).
+    pub huge_count_next: u32,
+    /// The next n `rawblock` bodies of an odd number of transactions (3 or more) repeat
+    /// their last transaction: the merkle root stays the same (CVE-2012-2459).
+    pub duplicate_tail_next: u32,
+}
+
+/// `body` (a serialized block) as the faults for the next `rawblock` change it.
+fn corrupt_block(faults: &mut ZmqFaults, body: Vec<u8>) -> Vec<u8> {
+    if faults.huge_count_next > 0 && body.len() > 80 {
+        faults.huge_count_next -= 1;
+        let mut out = body[..80].to_vec();
+        out.extend_from_slice(&[0xff; 9]);
+        out.extend_from_slice(&body[81..]);
+        return out;
+    }
+    if faults.duplicate_tail_next > 0 {
+        if let Ok(mut block) = bitcoin::consensus::deserialize::<bitcoin::Block>(&body) {
+            let n = block.txdata.len();
+            if n >= 3 && n % 2 == 1 {
+                faults.duplicate_tail_next -= 1;
+                let last = block.txdata[n - 1].clone();
+                block.txdata.push(last);
+                return bitcoin::consensus::serialize(&block);
+            }
+        }
+    }
+    body
 }
 
 enum Msg {
@@ -74,6 +103,11 @@ impl Worker {
         let counter = self.counters.entry(topic).or_insert(0);
         let seq = *counter;
         *counter = counter.wrapping_add(1);
+        let body = if topic == Topic::RawBlock {
+            corrupt_block(&mut self.faults, body)
+        } else {
+            body
+        };
         let mut frames = vec![
             topic.name().as_bytes().to_vec(),
             body,
