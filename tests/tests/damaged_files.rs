@@ -43,7 +43,7 @@ fn chain() -> (Vec<Block>, Vec<TestWallet>) {
     for _ in 0..6 {
         gen.add_random_block(3);
     }
-    let wallets = deal(palette.into_iter(), &["a", "b"], 7);
+    let wallets = deal(palette, &["a", "b"], 7);
     (gen.blocks().to_vec(), wallets)
 }
 
