@@ -690,11 +690,13 @@ fn page_limit(limit: u32) -> usize {
     n as usize
 }
 
-fn encode_token(key: &[u8; 68]) -> String {
+/// A page token for the key a page ended at (opaque to clients: hex of the key).
+pub fn encode_token(key: &[u8; 68]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn decode_token(token: &str) -> Result<[u8; 68], QueryError> {
+/// The key a page token names; anything this server did not issue is refused.
+pub fn decode_token(token: &str) -> Result<[u8; 68], QueryError> {
     let bytes = Vec::<u8>::from_hex(token).map_err(|_| QueryError::BadPageToken)?;
     bytes.try_into().map_err(|_| QueryError::BadPageToken)
 }

@@ -358,10 +358,17 @@ impl Daemon {
     /// `estimatesmartfee target`: sat/kvB, `None` when bitcoind has no estimate yet.
     pub fn estimate_smart_fee(&self, target: u16) -> Result<Option<Amount>, DaemonError> {
         let v: Value = self.rpc.call("estimatesmartfee", json!([target]))?;
-        Ok(v.get("feerate")
-            .and_then(Value::as_f64)
-            .and_then(|btc| Amount::from_btc(btc).ok()))
+        Ok(fee_rate_of(&v))
     }
+}
+
+/// The fee rate (per kvB) of an `estimatesmartfee` result, `None` when it has none or an
+/// impossible one (negative, above all bitcoin, not a number).
+pub fn fee_rate_of(result: &Value) -> Option<Amount> {
+    result
+        .get("feerate")
+        .and_then(Value::as_f64)
+        .and_then(|btc| Amount::from_btc(btc).ok())
 }
 
 fn decode_tx_hex(txid: &Txid, hex: &str) -> Result<Vec<u8>, DaemonError> {

@@ -213,6 +213,16 @@ impl RpcClient {
     }
 }
 
+/// The `result` of the reply body `body` to `method`, or its `error` as a typed error: the
+/// one reading of an untrusted JSON-RPC answer.
+pub fn reply_of<T: DeserializeOwned>(method: &str, body: &str) -> Result<T, DaemonError> {
+    let reply: Value = serde_json::from_str(body).map_err(|e| DaemonError::Decode {
+        what: "RPC reply".into(),
+        detail: e.to_string(),
+    })?;
+    result_of(method, reply)
+}
+
 /// The `result` of a reply, or its `error` as a typed error.
 fn result_of<T: DeserializeOwned>(method: &str, mut reply: Value) -> Result<T, DaemonError> {
     let error = reply

@@ -252,15 +252,16 @@ fn receive_loop(
     }
 }
 
-/// Per-notifier sequence numbers, to see lost messages.
+/// Decodes ZMQ messages into notices, keeping per-notifier sequence numbers to see lost
+/// messages. Every frame is untrusted: anything malformed becomes [`Notice::Garbage`].
 #[derive(Default)]
-struct SequenceTracker {
+pub struct SequenceTracker {
     next: HashMap<String, HashMap<Topic, u32>>,
 }
 
 impl SequenceTracker {
     /// Checks one message and turns it into notices (a gap first, then the message).
-    fn decode(&mut self, endpoint: &str, frames: Vec<Vec<u8>>) -> Vec<Notice> {
+    pub fn decode(&mut self, endpoint: &str, frames: Vec<Vec<u8>>) -> Vec<Notice> {
         let garbage = |reason: String| {
             vec![Notice::Garbage {
                 endpoint: endpoint.to_owned(),
