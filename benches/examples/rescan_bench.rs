@@ -74,7 +74,7 @@ fn read_framed(path: &Path) -> Result<Vec<Vec<u8>>> {
 }
 
 fn watched_filter() -> ScriptFilter {
-    let mut f = ScriptFilter::new(1_000_000, 1e-3);
+    let f = ScriptFilter::new(1_000_000, 1e-3);
     for i in 0..WATCHED {
         f.insert(script(i).as_bytes());
     }

@@ -65,7 +65,7 @@ pub fn block_parse(data: &[u8]) {
         .and_then(|h| deserialize::<block::Header>(h).ok())
         .map_or(BlockHash::all_zeros(), |h| h.block_hash());
     // Every script theirs has is watched, so ours keeps every spendable output.
-    let mut filter = ScriptFilter::new(1024, 1e-6);
+    let filter = ScriptFilter::new(1024, 1e-6);
     if let Some(b) = &theirs {
         for tx in &b.txdata {
             for out in &tx.output {

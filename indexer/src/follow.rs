@@ -324,9 +324,19 @@ impl Follower {
             }
         }
         if changed {
-            self.reload_filter()?;
+            self.watched_more()?;
         }
         outcome
+    }
+
+    /// After scripts were added (into the filter in place): a filter that outgrew its size
+    /// is rebuilt bigger, and the mempool looks at every transaction again.
+    fn watched_more(&self) -> Result<(), FollowError> {
+        if self.scripts().outgrown() {
+            return self.reload_filter();
+        }
+        self.mempool_mut().forget_checked();
+        Ok(())
     }
 
     /// Puts a backfill back for a later pause between blocks.
@@ -349,7 +359,7 @@ impl Follower {
         let tip = self.store.tip()?.map(|(h, _)| h);
         let needs_history = matches!((req.birth_height, tip), (Some(b), Some(t)) if b <= t);
         if !needs_history {
-            watching::apply(&self.store, self.network, req);
+            watching::apply(&self.store, self.network, req, Some(&self.scripts()));
             return Ok(true);
         }
         let birth = req.birth_height.unwrap_or(0);
@@ -371,13 +381,14 @@ impl Follower {
         };
         if counts.new_scripts == 0 {
             // Every script is watched already: their history is indexed, and joins.
-            let added = wallets::add(
+            let added = wallets::add_into(
                 &self.store,
                 self.network,
                 &req.wallet,
                 &req.descriptors,
                 req.birth_height,
                 req.gap_limit,
+                &self.scripts(),
             );
             let _ = req
                 .reply
@@ -554,6 +565,10 @@ impl Follower {
         };
         match aligned {
             Ok(added) => {
+                let filter = self.scripts();
+                for script in job.scripts() {
+                    filter.insert(script.as_bytes());
+                }
                 info!(id = job.id, wallet = %job.wallet, new = added.new_scripts, "backfill merged: the scripts are watched with their history");
                 set_state(backfill::State::Done);
                 drop(scratch);

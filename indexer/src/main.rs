@@ -231,27 +231,23 @@ fn run(cli: Cli) -> Result<()> {
                     wallet,
                     birth_height,
                     file,
-                    mut descriptors,
+                    descriptors,
                 },
         } => {
-            if let Some(file) = file {
-                let text = std::fs::read_to_string(&file)
-                    .with_context(|| format!("reading descriptors from {}", file.display()))?;
-                descriptors.extend(
-                    text.lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                        .map(String::from),
-                );
-            }
-            let added = wallets::add(
-                &store,
-                config.network,
-                &wallet,
-                &descriptors,
-                birth_height,
-                config.gap_limit,
-            )?;
+            // Streamed in chunks: a file of millions of scripts never sits in memory whole.
+            let given = descriptors.into_iter().map(Ok);
+            let added = match &file {
+                Some(path) => {
+                    let reader = std::fs::File::open(path)
+                        .with_context(|| format!("reading descriptors from {}", path.display()))?;
+                    let lines = std::io::BufRead::lines(std::io::BufReader::with_capacity(
+                        1 << 20,
+                        reader,
+                    ));
+                    add_watched(&store, &config, &wallet, given.chain(lines), birth_height)?
+                }
+                None => add_watched(&store, &config, &wallet, given, birth_height)?,
+            };
             println!(
                 "wallet {wallet}: {} new scripts, {} already watched",
                 added.new_scripts, added.known_scripts
@@ -570,6 +566,37 @@ fn load_config(args: &CommonArgs) -> Result<Config> {
         None => FileConfig::default(),
     };
     Ok(Config::resolve(flags.or(file))?)
+}
+
+/// `watch add`: the descriptors of `lines` under `wallet`, with progress on stderr for
+/// large sets.
+fn add_watched(
+    store: &Store,
+    config: &Config,
+    wallet: &str,
+    lines: impl Iterator<Item = std::io::Result<String>>,
+    birth_height: Option<u32>,
+) -> Result<wallets::Added> {
+    let started = Instant::now();
+    let added = wallets::add_lines(
+        store,
+        config.network,
+        wallet,
+        lines,
+        birth_height,
+        config.gap_limit,
+        &|so_far| {
+            if started.elapsed() > std::time::Duration::from_secs(2) {
+                eprintln!(
+                    "{} scripts so far ({:.0}/s)",
+                    so_far.new_scripts + so_far.known_scripts,
+                    (so_far.new_scripts + so_far.known_scripts) as f64
+                        / started.elapsed().as_secs_f64()
+                );
+            }
+        },
+    )?;
+    Ok(added)
 }
 
 fn rescan_cmd(store: Store, config: &Config, args: RescanArgs) -> Result<()> {

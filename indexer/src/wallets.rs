@@ -1,9 +1,11 @@
 //! Wallets in the database: adding descriptors under a wallet name, listing them, and
 //! loading the watch set into the filter stage's bloom filter.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
-use bitcoin::Network;
+use rayon::prelude::*;
+
+use bitcoin::{Network, ScriptBuf};
 
 use crate::store::schema::{self, Cf, WatchRecord};
 use crate::store::{Batch, Reader, Store, StoreError};
@@ -74,6 +76,25 @@ pub fn add(
     Ok(prepared.added)
 }
 
+/// [`add`], and the scripts it makes the wallet watch inserted into `filter` (in place:
+/// the pipeline reading it sees them from its next block on).
+pub fn add_into(
+    store: &Store,
+    network: Network,
+    wallet: &str,
+    descriptors: &[String],
+    birth_height: Option<u32>,
+    gap_limit: u32,
+    filter: &ScriptFilter,
+) -> Result<Added, WalletError> {
+    let prepared = prepare(store, network, wallet, descriptors, birth_height, gap_limit)?;
+    store.commit(prepared.batch, true)?;
+    for script in &prepared.watched {
+        filter.insert(script.as_bytes());
+    }
+    Ok(prepared.added)
+}
+
 /// The writes of an [`add`], not yet committed.
 pub struct Prepared {
     /// The writes.
@@ -82,9 +103,15 @@ pub struct Prepared {
     pub added: Added,
     /// The wallet's balance they write (its old one plus scripts other wallets watched).
     pub wallet_balance: Balance,
+    /// The scripts the wallet watches once they are committed that it did not before.
+    pub watched: Vec<ScriptBuf>,
 }
 
 /// Prepares an [`add`] for a caller that commits more in the same batch.
+///
+/// The work is proportional to the descriptors given, never to what the wallet or the
+/// index already holds: descriptors are expanded and hashed in parallel, the scripts'
+/// existing records read in one batched lookup, and the writes sorted by key.
 pub fn prepare(
     store: &Store,
     network: Network,
@@ -100,7 +127,7 @@ pub fn prepare(
         return Err(WalletError::Empty);
     }
     let expanded = descriptors
-        .iter()
+        .par_iter()
         .map(|d| watchlist::expand(d, network, gap_limit))
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -127,57 +154,72 @@ pub fn prepare(
             next
         }
     };
-    let mut seq = 0u32;
-    store.for_each_prefix(Cf::Descriptors, &schema::wallet_key(id), |_, _| {
+    // Key-derived descriptors are listed one by one; scripts given as such (addresses,
+    // raw scripts: an exchange's millions of deposit scripts) as one line per call.
+    let mut seq = match store.last_with_prefix(Cf::Descriptors, &schema::wallet_key(id))? {
+        Some((k, _)) => schema::decode_descriptor_seq(&k).map_err(StoreError::from)? + 1,
+        None => 0,
+    };
+    let birth = birth_height.unwrap_or(u32::MAX).to_be_bytes();
+    let mut describe = |batch: &mut Batch, text: &str| {
+        let mut value = birth.to_vec();
+        value.extend_from_slice(text.as_bytes());
+        batch.put(store, Cf::Descriptors, &schema::descriptor_key(id, seq), &value);
         seq += 1;
-        Ok::<_, StoreError>(())
-    })?;
+    };
+    let singles = expanded.iter().filter(|e| e.single).count();
+    for e in expanded.iter().filter(|e| !e.single) {
+        describe(&mut batch, &e.descriptor);
+    }
+    if singles > 0 {
+        describe(&mut batch, &format!("{singles} scripts given as addresses or raw()"));
+    }
+    // Every script once, by id.
+    let mut scripts: Vec<(ScriptId, &ScriptBuf)> = expanded
+        .par_iter()
+        .flat_map_iter(|e| e.scripts.iter().map(|s| (ScriptId::of(s), s)))
+        .collect();
+    scripts.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    scripts.dedup_by(|a, b| a.0 == b.0);
+    let keys: Vec<&[u8]> = scripts.iter().map(|(sid, _)| &sid.0[..]).collect();
+    let existing = store.multi_get(Cf::Watch, &keys)?;
+
     let mut wallet_balance = store.wallet_balance(id)?;
-    let mut records: BTreeMap<ScriptId, WatchRecord> = BTreeMap::new();
     let (mut new_scripts, mut known_scripts) = (0, 0);
     // Scripts other wallets already watch: their indexed history now belongs here too.
     let mut joined = BTreeSet::new();
-    for e in &expanded {
-        let mut value = birth_height.unwrap_or(u32::MAX).to_be_bytes().to_vec();
-        value.extend_from_slice(e.descriptor.as_bytes());
-        batch.put(
-            store,
-            Cf::Descriptors,
-            &schema::descriptor_key(id, seq),
-            &value,
-        );
-        seq += 1;
-        for script in &e.scripts {
-            let sid = ScriptId::of(script);
-            let rec = match records.remove(&sid) {
-                Some(r) => r,
-                None => store.watch(&sid)?.unwrap_or(WatchRecord {
-                    wallets: Vec::new(),
-                    script: script.clone(),
-                }),
-            };
-            let mut rec = rec;
-            if rec.wallets.is_empty() {
-                new_scripts += 1;
-            } else {
-                known_scripts += 1;
-            }
-            if let Err(pos) = rec.wallets.binary_search(&id) {
-                if !rec.wallets.is_empty() {
-                    joined.insert(sid);
-                }
-                rec.wallets.insert(pos, id);
-                // Already watched by another wallet: its coins now count for this one too.
-                let b = store.script_balance(&sid)?;
-                wallet_balance.confirmed += b.confirmed;
-                wallet_balance.immature += b.immature;
-                wallet_balance.utxo_count += b.utxo_count;
-            }
-            records.insert(sid, rec);
+    let mut watch_puts = Vec::with_capacity(scripts.len());
+    for ((sid, script), old) in scripts.iter().zip(existing) {
+        let mut rec = match old {
+            Some(v) => schema::decode_watch(&v).map_err(StoreError::from)?,
+            None => WatchRecord {
+                wallets: Vec::new(),
+                script: (*script).clone(),
+            },
+        };
+        if rec.wallets.is_empty() {
+            new_scripts += 1;
+        } else {
+            known_scripts += 1;
         }
+        let Err(pos) = rec.wallets.binary_search(&id) else {
+            continue; // this wallet watches it already
+        };
+        if !rec.wallets.is_empty() {
+            joined.insert(*sid);
+            // Already watched by another wallet: its coins now count for this one too.
+            let b = store.script_balance(sid)?;
+            wallet_balance.confirmed += b.confirmed;
+            wallet_balance.immature += b.immature;
+            wallet_balance.utxo_count += b.utxo_count;
+        }
+        rec.wallets.insert(pos, id);
+        watch_puts.push((*sid, schema::encode_watch(&rec), rec.script));
     }
-    for (sid, rec) in &records {
-        batch.put(store, Cf::Watch, &sid.0, &schema::encode_watch(rec));
+    for (sid, value, _) in &watch_puts {
+        batch.put(store, Cf::Watch, &sid.0, value);
+    }
+    for (sid, _, _) in &watch_puts {
         batch.put(
             store,
             Cf::WalletScripts,
@@ -215,7 +257,73 @@ pub fn prepare(
             known_scripts,
         },
         wallet_balance,
+        watched: watch_puts.into_iter().map(|(_, _, script)| script).collect(),
     })
+}
+
+/// Descriptors read per committed chunk by [`add_lines`].
+pub const CHUNK: usize = 100_000;
+
+/// Watches the descriptors of `lines` (one per line; blank lines and `#` comments
+/// skipped) under `wallet`, [`CHUNK`] lines per committed batch, so that millions of
+/// scripts stream through in bounded memory. Each chunk is atomic; a run cut short is
+/// completed by running it again (scripts the wallet watches already are skipped). The
+/// new entries are flushed to disk at the end, so the next process to open the database
+/// does not replay them from the log. `on_chunk` hears the running totals.
+pub fn add_lines(
+    store: &Store,
+    network: Network,
+    wallet: &str,
+    lines: impl Iterator<Item = std::io::Result<String>>,
+    birth_height: Option<u32>,
+    gap_limit: u32,
+    on_chunk: &dyn Fn(&Added),
+) -> Result<Added, AddLinesError> {
+    let mut total: Option<Added> = None;
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut lines = lines.peekable();
+    while lines.peek().is_some() {
+        chunk.clear();
+        for line in lines.by_ref() {
+            let line = line.map_err(AddLinesError::Read)?;
+            let line = line.trim();
+            if !line.is_empty() && !line.starts_with('#') {
+                chunk.push(line.to_owned());
+                if chunk.len() == CHUNK {
+                    break;
+                }
+            }
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        let prepared = prepare(store, network, wallet, &chunk, birth_height, gap_limit)?;
+        store.commit(prepared.batch, true).map_err(WalletError::from)?;
+        let t = total.get_or_insert(Added {
+            wallet: prepared.added.wallet,
+            new_scripts: 0,
+            known_scripts: 0,
+        });
+        t.new_scripts += prepared.added.new_scripts;
+        t.known_scripts += prepared.added.known_scripts;
+        on_chunk(t);
+    }
+    let total = total.ok_or(AddLinesError::Wallet(WalletError::Empty))?;
+    for cf in [Cf::Watch, Cf::WalletScripts, Cf::Descriptors] {
+        store.flush(cf).map_err(WalletError::from)?;
+    }
+    Ok(total)
+}
+
+/// Why [`add_lines`] stopped (the chunks before it are committed).
+#[derive(Debug, thiserror::Error)]
+pub enum AddLinesError {
+    /// The input could not be read.
+    #[error("reading the descriptors: {0}")]
+    Read(std::io::Error),
+    /// A descriptor or the database failed.
+    #[error(transparent)]
+    Wallet(#[from] WalletError),
 }
 
 /// Every wallet with its descriptors, script count and balance, by name.
@@ -243,15 +351,13 @@ pub fn list(store: &Store) -> Result<Vec<WalletInfo>, StoreError> {
             Ok::<_, StoreError>(())
         })?;
     }
-    let mut counts: BTreeMap<WalletId, usize> = BTreeMap::new();
-    store.for_each(Cf::Watch, |_, v| {
-        for w in schema::decode_watch(v)?.wallets {
-            *counts.entry(w).or_default() += 1;
-        }
-        Ok::<_, StoreError>(())
-    })?;
     for w in &mut wallets {
-        w.scripts = counts.get(&w.id).copied().unwrap_or(0);
+        let mut n = 0;
+        store.for_each_prefix(Cf::WalletScripts, &schema::wallet_key(w.id), |_, _| {
+            n += 1;
+            Ok::<_, StoreError>(())
+        })?;
+        w.scripts = n;
     }
     Ok(wallets)
 }
@@ -264,10 +370,11 @@ pub fn load_filter(
     min_capacity: usize,
     fp_rate: f64,
 ) -> Result<ScriptFilter, StoreError> {
-    let count = usize::try_from(store.count(Cf::Watch)?).unwrap_or(usize::MAX);
-    let mut filter = ScriptFilter::new(min_capacity.max(count.saturating_mul(2)), fp_rate);
+    // An estimate is enough to size it: it takes twice as many before it is outgrown.
+    let count = usize::try_from(store.estimate_keys(Cf::Watch)).unwrap_or(usize::MAX);
+    let filter = ScriptFilter::new(min_capacity.max(count.saturating_mul(2)), fp_rate);
     store.for_each(Cf::Watch, |_, v| {
-        filter.insert(schema::decode_watch(v)?.script.as_bytes());
+        filter.insert(schema::watch_script(v)?);
         Ok::<_, StoreError>(())
     })?;
     Ok(filter)

@@ -11,6 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::backfill::Registry;
 use crate::store::{Reader, Store, StoreError};
 use crate::wallets::{self, Added, WalletError};
+use crate::watchlist::ScriptFilter;
 
 /// One `AddWatch`, with where to send its outcome.
 pub struct WatchRequest {
@@ -85,8 +86,9 @@ impl From<StoreError> for AddWatchError {
     }
 }
 
-/// Applies `req` to `store` (by the thread that writes blocks) and answers it.
-pub fn apply(store: &Store, network: Network, req: WatchRequest) {
+/// Applies `req` to `store` (by the thread that writes blocks) and answers it; the new
+/// scripts go into `filter` when one is given (the follower's, in place).
+pub fn apply(store: &Store, network: Network, req: WatchRequest, filter: Option<&ScriptFilter>) {
     let outcome = add(
         store,
         network,
@@ -94,6 +96,7 @@ pub fn apply(store: &Store, network: Network, req: WatchRequest) {
         &req.descriptors,
         req.birth_height,
         req.gap_limit,
+        filter,
     );
     match &outcome {
         Ok(added) => tracing::info!(
@@ -114,20 +117,25 @@ fn add(
     descriptors: &[String],
     birth_height: Option<u32>,
     gap_limit: u32,
+    filter: Option<&ScriptFilter>,
 ) -> Result<Added, AddWatchError> {
     if let (Some(birth), Some((tip, _))) = (birth_height, store.tip()?) {
         if birth <= tip {
             return Err(AddWatchError::History { birth, tip });
         }
     }
-    Ok(wallets::add(
-        store,
-        network,
-        wallet,
-        descriptors,
-        birth_height,
-        gap_limit,
-    )?)
+    Ok(match filter {
+        Some(f) => wallets::add_into(
+            store,
+            network,
+            wallet,
+            descriptors,
+            birth_height,
+            gap_limit,
+            f,
+        )?,
+        None => wallets::add(store, network, wallet, descriptors, birth_height, gap_limit)?,
+    })
 }
 
 /// Where the gRPC server sends `AddWatch`es.

@@ -4,7 +4,8 @@
 use std::str::FromStr;
 
 use bitcoin::{Address, Network, NetworkKind, ScriptBuf};
-use fastbloom::BloomFilter;
+use fastbloom::AtomicBloomFilter;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use miniscript::descriptor::{checksum::desc_checksum, DescriptorPublicKey};
 use miniscript::{Descriptor, ForEachKey};
 
@@ -44,6 +45,9 @@ pub struct Expanded {
     pub descriptor: String,
     /// Its scripts; ranged descriptors are derived for indices `0..gap_limit`.
     pub scripts: Vec<ScriptBuf>,
+    /// Whether it is one script given as such (`addr()`, `raw()`, a bare address), with no
+    /// key to derive from.
+    pub single: bool,
 }
 
 /// Expands a Bitcoin Core output descriptor (or a bare address) into scripts.
@@ -54,6 +58,7 @@ pub fn expand(text: &str, network: Network, gap_limit: u32) -> Result<Expanded, 
         detail,
     };
     let body = strip_checksum(&descriptor)?;
+    let single = inner(body, "addr").is_some() || inner(body, "raw").is_some() || !body.contains('(');
     let scripts = if let Some(addr) = inner(body, "addr") {
         vec![address_script(addr, network, &descriptor)?]
     } else if let Some(hex) = inner(body, "raw") {
@@ -88,6 +93,7 @@ pub fn expand(text: &str, network: Network, gap_limit: u32) -> Result<Expanded, 
     Ok(Expanded {
         descriptor,
         scripts,
+        single,
     })
 }
 
@@ -139,40 +145,50 @@ fn key_network(key: &DescriptorPublicKey) -> Option<NetworkKind> {
     }
 }
 
-/// A bloom filter over watched scripts: `false` means certainly not watched.
+/// A bloom filter over watched scripts: `false` means certainly not watched. Scripts are
+/// added in place (the parse workers keep probing it meanwhile), so watching more never
+/// rebuilds it until it outgrows the size it was made for.
 pub struct ScriptFilter {
-    bloom: BloomFilter,
-    len: usize,
+    bloom: AtomicBloomFilter,
+    len: AtomicUsize,
+    capacity: usize,
 }
 
 impl ScriptFilter {
     /// An empty filter sized for `capacity` scripts at false-positive rate `fp_rate`.
     pub fn new(capacity: usize, fp_rate: f64) -> Self {
         ScriptFilter {
-            bloom: BloomFilter::with_false_pos(fp_rate).expected_items(capacity.max(1)),
-            len: 0,
+            bloom: AtomicBloomFilter::with_false_pos(fp_rate).expected_items(capacity.max(1)),
+            len: AtomicUsize::new(0),
+            capacity: capacity.max(1),
         }
     }
 
     /// Adds a script.
-    pub fn insert(&mut self, script: &[u8]) {
+    pub fn insert(&self, script: &[u8]) {
         self.bloom.insert(script);
-        self.len += 1;
+        self.len.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `false` if `script` is certainly not watched.
     pub fn may_contain(&self, script: &[u8]) -> bool {
-        self.len > 0 && self.bloom.contains(script)
+        self.len.load(Ordering::Relaxed) > 0 && self.bloom.contains(script)
     }
 
     /// Scripts inserted.
     pub fn len(&self) -> usize {
-        self.len
+        self.len.load(Ordering::Relaxed)
     }
 
     /// True when nothing is watched.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
+    }
+
+    /// Whether it holds more scripts than it was sized for (its false-positive rate rises
+    /// from there: time to build a bigger one).
+    pub fn outgrown(&self) -> bool {
+        self.len() > self.capacity
     }
 
     /// Bytes of the bit array.
@@ -254,7 +270,7 @@ mod tests {
 
     #[test]
     fn bloom_has_no_false_negatives() {
-        let mut f = ScriptFilter::new(1000, 0.001);
+        let f = ScriptFilter::new(1000, 0.001);
         assert!(!f.may_contain(b"x"));
         for i in 0u32..1000 {
             f.insert(&i.to_be_bytes());

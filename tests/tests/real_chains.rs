@@ -265,7 +265,7 @@ fn large_blocks_parse_exactly_like_rust_bitcoin() {
         "large-blocks/testnet3_large_blocks.blk",
     ] {
         for block in read_blk_blocks(&fixture(file)) {
-            let mut everything = ScriptFilter::new(100_000, 1e-6);
+            let everything = ScriptFilter::new(100_000, 1e-6);
             for tx in &block.txdata {
                 for o in &tx.output {
                     everything.insert(o.script_pubkey.as_bytes());

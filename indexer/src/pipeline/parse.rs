@@ -380,7 +380,7 @@ mod tests {
     use bitcoin::Network;
 
     fn all() -> ScriptFilter {
-        let mut f = ScriptFilter::new(10, 0.01);
+        let f = ScriptFilter::new(10, 0.01);
         f.insert(
             genesis_block(Network::Bitcoin).txdata[0].output[0]
                 .script_pubkey

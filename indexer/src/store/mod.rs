@@ -131,6 +131,16 @@ impl Store {
             table.set_bloom_filter(10.0, false);
             table.set_block_cache(&cache);
             table.set_cache_index_and_filter_blocks(true);
+            // Filters and indexes in 4 KiB partitions under a pinned top level: a family of
+            // millions of keys (the watched scripts) has a filter of megabytes, bigger than
+            // one shard of the cache, which an LRU cache drops as soon as it is released;
+            // every lookup then read and parsed the whole filter again (a rescan with 5M
+            // watched scripts ran 27x slower than with 100k).
+            table.set_partition_filters(true);
+            table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+            table.set_metadata_block_size(4096);
+            table.set_pin_top_level_index_and_filter(true);
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
             let mut opts = Options::default();
             opts.set_block_based_table_factory(&table);
             opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
@@ -269,6 +279,54 @@ impl Store {
             f(&k, &v)?;
         }
         Ok(())
+    }
+
+    /// Writes `cf`'s memtable to disk: after a bulk load, so the next process to open the
+    /// database does not replay it from the log (seconds and hundreds of MB at millions of
+    /// scripts).
+    pub fn flush(&self, cf: Cf) -> Result<(), StoreError> {
+        self.db.flush_cf(self.cf(cf)).map_err(|e| self.rocks(e))
+    }
+
+    /// RocksDB's estimate of the number of keys in `cf` (no scan: for sizing).
+    pub fn estimate_keys(&self, cf: Cf) -> u64 {
+        self.db
+            .property_int_value_cf(self.cf(cf), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    /// The values of `keys` in `cf`, in order, in one batched read (sorted keys read
+    /// fastest).
+    pub fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let handle = self.cf(cf);
+        self.db
+            .batched_multi_get_cf(handle, keys, false)
+            .into_iter()
+            .map(|r| {
+                r.map(|v| v.map(|v| v.to_vec()))
+                    .map_err(|e| self.rocks(e))
+            })
+            .collect()
+    }
+
+    /// The last entry of `cf` whose key starts with `prefix`, if any (one seek).
+    pub fn last_with_prefix(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+    ) -> Result<Option<(Box<[u8]>, Box<[u8]>)>, StoreError> {
+        let mut end = prefix.to_vec();
+        end.extend_from_slice(&[0xff; 16]);
+        let mode = IteratorMode::From(&end, rocksdb::Direction::Reverse);
+        match self.db.iterator_cf(self.cf(cf), mode).next() {
+            Some(item) => {
+                let (k, v) = item.map_err(|e| self.rocks(e))?;
+                Ok(k.starts_with(prefix).then_some((k, v)))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Number of entries in `cf` (a full scan: for status, not for hot paths).

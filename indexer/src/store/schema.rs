@@ -364,6 +364,14 @@ pub fn descriptor_key(wallet: WalletId, seq: u32) -> [u8; 8] {
     k
 }
 
+/// The sequence number of a descriptor key.
+pub fn decode_descriptor_seq(key: &[u8]) -> Result<u32, DecodeError> {
+    key.get(4..8)
+        .and_then(|s| s.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| corrupt("descriptor key", "not 8 bytes"))
+}
+
 /// Wallet-scripts key: wallet id + script id.
 pub fn wallet_script_key(wallet: WalletId, script: &ScriptId) -> [u8; 36] {
     let mut k = [0u8; 36];
@@ -403,6 +411,17 @@ pub fn decode_watch(bytes: &[u8]) -> Result<WatchRecord, DecodeError> {
         wallets,
         script: ScriptBuf::from_bytes(r.rest().to_vec()),
     })
+}
+
+/// The script of a watch value, read in place (loading millions of them allocates nothing).
+pub fn watch_script(bytes: &[u8]) -> Result<&[u8], DecodeError> {
+    let count = bytes
+        .get(..2)
+        .map(|c| usize::from(u16::from_be_bytes([c[0], c[1]])))
+        .ok_or_else(|| corrupt("watch", "too short"))?;
+    bytes
+        .get(2 + 4 * count..)
+        .ok_or_else(|| corrupt("watch", "shorter than its wallet list"))
 }
 
 /// Transfer key: txid + height (a txid can confirm twice: BIP30 duplicate coinbases).
