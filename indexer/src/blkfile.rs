@@ -2,6 +2,7 @@
 //! `xor.dat` obfuscation key, preallocated zero tails and a record still being written.
 
 use std::fs::File;
+use std::io::{Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -354,8 +355,25 @@ impl BlocksDir {
             path: path.clone(),
             source,
         })?;
-        let mut buf = vec![0u8; loc.len as usize];
-        self.read_at(&file, path, loc.offset, &mut buf)?;
+        // Read into uninitialised capacity: zeroing a block's buffer first cost a tenth of
+        // the read thread's time.
+        let io = |source| BlkError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut buf = crate::buffers::take(loc.len as usize);
+        let mut reader = &file;
+        reader
+            .seek(std::io::SeekFrom::Start(loc.offset))
+            .map_err(io)?;
+        reader
+            .take(u64::from(loc.len))
+            .read_to_end(&mut buf)
+            .map_err(io)?;
+        if buf.len() != loc.len as usize {
+            return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        self.deobfuscate(loc.offset, &mut buf);
         Ok(buf)
     }
 

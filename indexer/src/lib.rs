@@ -29,6 +29,7 @@ pub mod auth;
 pub mod backfill;
 pub mod blkfile;
 pub mod block_check;
+pub mod buffers;
 pub mod chain;
 pub mod config;
 pub mod convert;

@@ -182,6 +182,8 @@ pub fn parse_block(raw: RawBlock, scripts: &ScriptFilter) -> Result<ParsedBlock,
         txs.push(tx);
         facts.push(f);
     }
+    let size = bytes.len();
+    crate::buffers::give(bytes);
     let root = header.merkle_root.to_raw_hash().to_byte_array();
     if let Err(reason) = block_check::check_block(root, header_and_count, &facts, &commitment) {
         return Err(ParseError::Invalid {
@@ -196,7 +198,7 @@ pub fn parse_block(raw: RawBlock, scripts: &ScriptFilter) -> Result<ParsedBlock,
         hash,
         header,
         txs,
-        size: bytes.len(),
+        size,
         origin,
     })
 }

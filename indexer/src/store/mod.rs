@@ -263,6 +263,25 @@ impl Store {
         Ok(())
     }
 
+    /// Visits the entries of `cf` with keys in `from..to` (`to`: the end), in key order.
+    pub fn for_each_range<E: From<StoreError>>(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mode = IteratorMode::From(from, rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(cf), mode) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if to.is_some_and(|to| &k[..] >= to) {
+                break;
+            }
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
+
     /// Visits the entries of `cf` whose key starts with `prefix`, in key order.
     pub fn for_each_prefix<E: From<StoreError>>(
         &self,
