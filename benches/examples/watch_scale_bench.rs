@@ -27,7 +27,11 @@ use rayon::prelude::*;
 #[derive(Parser)]
 struct Args {
     /// Watched-set sizes (random scripts), comma-separated.
-    #[arg(long, default_value = "100000,1000000,5000000,10000000", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "100000,1000000,5000000,10000000",
+        value_delimiter = ','
+    )]
     scripts: Vec<u64>,
     /// Size of the chain of repeated real blocks.
     #[arg(long, default_value_t = 1 << 30)]
@@ -167,12 +171,13 @@ fn measured(cmd: &mut Command) -> Result<(f64, String, u64)> {
     })?;
     let secs = started.elapsed().as_secs_f64();
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok((secs, String::from_utf8_lossy(&out.stdout).into_owned(), peak))
+    Ok((
+        secs,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        peak,
+    ))
 }
 
 fn main() -> Result<()> {
@@ -186,7 +191,10 @@ fn main() -> Result<()> {
         .map(|d| d.join("indexer"))
         .context("the build directory")?;
     if !indexer.exists() {
-        bail!("{} is missing: build the workspace first", indexer.display());
+        bail!(
+            "{} is missing: build the workspace first",
+            indexer.display()
+        );
     }
     let real: Vec<Block> = ["mainnet_large_blocks.blk", "testnet3_large_blocks.blk"]
         .iter()
@@ -200,7 +208,9 @@ fn main() -> Result<()> {
         eprintln!("writing the chain to {}", args.chain.display());
         write_chain(&real, args.chain_bytes, &args.chain)?;
     }
-    let chain_bytes: u64 = std::fs::read_to_string(args.chain.join("bytes"))?.trim().parse()?;
+    let chain_bytes: u64 = std::fs::read_to_string(args.chain.join("bytes"))?
+        .trim()
+        .parse()?;
     // The matches: the first distinct spendable output scripts of the real blocks.
     let mut seen = std::collections::HashSet::new();
     let matches: Vec<String> = real
@@ -225,7 +235,11 @@ fn main() -> Result<()> {
             let mut rng = rand::rngs::StdRng::seed_from_u64(n);
             for _ in 0..n {
                 let program: [u8; 20] = rng.gen();
-                writeln!(f, "raw(0014{})", bitcoin::hex::DisplayHex::to_lower_hex_string(&program[..]))?;
+                writeln!(
+                    f,
+                    "raw(0014{})",
+                    bitcoin::hex::DisplayHex::to_lower_hex_string(&program[..])
+                )?;
             }
             for m in &matches {
                 writeln!(f, "{m}")?;
@@ -238,7 +252,8 @@ fn main() -> Result<()> {
         };
         let mut add = Command::new(&indexer);
         base(&mut add);
-        add.args(["watch", "add", "--wallet", "deposits", "--file"]).arg(&list);
+        add.args(["watch", "add", "--wallet", "deposits", "--file"])
+            .arg(&list);
         let (add_s, _, add_rss) = measured(&mut add)?;
         let mut rescan = Command::new(&indexer);
         base(&mut rescan);

@@ -863,6 +863,9 @@ impl Follower {
                 Err(e) => return Err(e),
             }
         }
+        // Stopped: nothing adds scripts any more, so the filter in memory is the watched
+        // set at its current generation, and the next start loads it instead of a scan.
+        wallets::save_filter(&self.store, &self.scripts())?;
         Ok(())
     }
 

@@ -202,9 +202,11 @@ impl Indexer for IndexerService {
             WatchChanges::Direct { gap_limit } => {
                 let (store, network) = (self.store.clone(), self.network);
                 let request = request(*gap_limit);
-                tokio::task::spawn_blocking(move || watching::apply(&store, network, request, None))
-                    .await
-                    .map_err(|e| Status::internal(format!("AddWatch task failed: {e}")))?;
+                tokio::task::spawn_blocking(move || {
+                    watching::apply(&store, network, request, None)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("AddWatch task failed: {e}")))?;
             }
             WatchChanges::Follower {
                 requests,

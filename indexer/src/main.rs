@@ -235,19 +235,43 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => {
             // Streamed in chunks: a file of millions of scripts never sits in memory whole.
+            let file_bytes = file
+                .as_ref()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .map_or(0, |m| m.len());
+            // Room in the watched set's filter for what is there and what comes (a line
+            // is 30 bytes or more), so that it is saved ready for the next start.
+            let expected = store.estimate_keys(indexer::store::schema::Cf::Watch)
+                + file_bytes / 30
+                + descriptors.len() as u64 * u64::from(config.gap_limit);
+            let filter = wallets::load_filter(
+                &store,
+                config
+                    .bloom_capacity
+                    .max(usize::try_from(expected).unwrap_or(usize::MAX)),
+                config.bloom_fp_rate,
+            )?;
             let given = descriptors.into_iter().map(Ok);
             let added = match &file {
                 Some(path) => {
                     let reader = std::fs::File::open(path)
                         .with_context(|| format!("reading descriptors from {}", path.display()))?;
-                    let lines = std::io::BufRead::lines(std::io::BufReader::with_capacity(
-                        1 << 20,
-                        reader,
-                    ));
-                    add_watched(&store, &config, &wallet, given.chain(lines), birth_height)?
+                    let lines =
+                        std::io::BufRead::lines(std::io::BufReader::with_capacity(1 << 20, reader));
+                    add_watched(
+                        &store,
+                        &config,
+                        &wallet,
+                        given.chain(lines),
+                        birth_height,
+                        &filter,
+                    )?
                 }
-                None => add_watched(&store, &config, &wallet, given, birth_height)?,
+                None => add_watched(&store, &config, &wallet, given, birth_height, &filter)?,
             };
+            if !filter.outgrown() {
+                wallets::save_filter(&store, &filter)?;
+            }
             println!(
                 "wallet {wallet}: {} new scripts, {} already watched",
                 added.new_scripts, added.known_scripts
@@ -576,26 +600,25 @@ fn add_watched(
     wallet: &str,
     lines: impl Iterator<Item = std::io::Result<String>>,
     birth_height: Option<u32>,
+    filter: &indexer::watchlist::ScriptFilter,
 ) -> Result<wallets::Added> {
     let started = Instant::now();
-    let added = wallets::add_lines(
-        store,
-        config.network,
+    let target = wallets::WatchTarget {
+        network: config.network,
         wallet,
-        lines,
         birth_height,
-        config.gap_limit,
-        &|so_far| {
-            if started.elapsed() > std::time::Duration::from_secs(2) {
-                eprintln!(
-                    "{} scripts so far ({:.0}/s)",
-                    so_far.new_scripts + so_far.known_scripts,
-                    (so_far.new_scripts + so_far.known_scripts) as f64
-                        / started.elapsed().as_secs_f64()
-                );
-            }
-        },
-    )?;
+        gap_limit: config.gap_limit,
+    };
+    let added = wallets::add_lines(store, &target, lines, Some(filter), &|so_far| {
+        if started.elapsed() > std::time::Duration::from_secs(2) {
+            eprintln!(
+                "{} scripts so far ({:.0}/s)",
+                so_far.new_scripts + so_far.known_scripts,
+                (so_far.new_scripts + so_far.known_scripts) as f64
+                    / started.elapsed().as_secs_f64()
+            );
+        }
+    })?;
     Ok(added)
 }
 

@@ -156,15 +156,20 @@ pub fn prepare(
     };
     // Key-derived descriptors are listed one by one; scripts given as such (addresses,
     // raw scripts: an exchange's millions of deposit scripts) as one line per call.
-    let mut seq = match store.last_with_prefix(Cf::Descriptors, &schema::wallet_key(id))? {
-        Some((k, _)) => schema::decode_descriptor_seq(&k).map_err(StoreError::from)? + 1,
+    let mut seq = match store.last_key_with_prefix(Cf::Descriptors, &schema::wallet_key(id))? {
+        Some(k) => schema::decode_descriptor_seq(&k).map_err(StoreError::from)? + 1,
         None => 0,
     };
     let birth = birth_height.unwrap_or(u32::MAX).to_be_bytes();
     let mut describe = |batch: &mut Batch, text: &str| {
         let mut value = birth.to_vec();
         value.extend_from_slice(text.as_bytes());
-        batch.put(store, Cf::Descriptors, &schema::descriptor_key(id, seq), &value);
+        batch.put(
+            store,
+            Cf::Descriptors,
+            &schema::descriptor_key(id, seq),
+            &value,
+        );
         seq += 1;
     };
     let singles = expanded.iter().filter(|e| e.single).count();
@@ -172,7 +177,10 @@ pub fn prepare(
         describe(&mut batch, &e.descriptor);
     }
     if singles > 0 {
-        describe(&mut batch, &format!("{singles} scripts given as addresses or raw()"));
+        describe(
+            &mut batch,
+            &format!("{singles} scripts given as addresses or raw()"),
+        );
     }
     // Every script once, by id.
     let mut scripts: Vec<(ScriptId, &ScriptBuf)> = expanded
@@ -257,8 +265,24 @@ pub fn prepare(
             known_scripts,
         },
         wallet_balance,
-        watched: watch_puts.into_iter().map(|(_, _, script)| script).collect(),
+        watched: watch_puts
+            .into_iter()
+            .map(|(_, _, script)| script)
+            .collect(),
     })
+}
+
+/// Where [`add_lines`] adds scripts, and how.
+#[derive(Clone, Copy, Debug)]
+pub struct WatchTarget<'a> {
+    /// The index's network.
+    pub network: Network,
+    /// The wallet (created when new).
+    pub wallet: &'a str,
+    /// First height that may pay them (`None`: from the next block on).
+    pub birth_height: Option<u32>,
+    /// Scripts derived from each ranged descriptor.
+    pub gap_limit: u32,
 }
 
 /// Descriptors read per committed chunk by [`add_lines`].
@@ -266,19 +290,24 @@ pub const CHUNK: usize = 100_000;
 
 /// Watches the descriptors of `lines` (one per line; blank lines and `#` comments
 /// skipped) under `wallet`, [`CHUNK`] lines per committed batch, so that millions of
-/// scripts stream through in bounded memory. Each chunk is atomic; a run cut short is
-/// completed by running it again (scripts the wallet watches already are skipped). The
-/// new entries are flushed to disk at the end, so the next process to open the database
-/// does not replay them from the log. `on_chunk` hears the running totals.
+/// scripts stream through in bounded memory. Chunks are committed without the
+/// write-ahead log and flushed to disk together at the end (the next process to open the
+/// database replays nothing): a run cut short loses the chunks not yet flushed, and is
+/// completed by running it again (scripts the wallet watches already are skipped). The new scripts go into `filter` when one is given.
+/// `on_chunk` hears the running totals.
 pub fn add_lines(
     store: &Store,
-    network: Network,
-    wallet: &str,
+    to: &WatchTarget<'_>,
     lines: impl Iterator<Item = std::io::Result<String>>,
-    birth_height: Option<u32>,
-    gap_limit: u32,
+    filter: Option<&ScriptFilter>,
     on_chunk: &dyn Fn(&Added),
 ) -> Result<Added, AddLinesError> {
+    let WatchTarget {
+        network,
+        wallet,
+        birth_height,
+        gap_limit,
+    } = *to;
     let mut total: Option<Added> = None;
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut lines = lines.peekable();
@@ -298,7 +327,14 @@ pub fn add_lines(
             break;
         }
         let prepared = prepare(store, network, wallet, &chunk, birth_height, gap_limit)?;
-        store.commit(prepared.batch, true).map_err(WalletError::from)?;
+        store
+            .commit_unlogged(prepared.batch)
+            .map_err(WalletError::from)?;
+        if let Some(f) = filter {
+            for script in &prepared.watched {
+                f.insert(script.as_bytes());
+            }
+        }
         let t = total.get_or_insert(Added {
             wallet: prepared.added.wallet,
             new_scripts: 0,
@@ -309,9 +345,7 @@ pub fn add_lines(
         on_chunk(t);
     }
     let total = total.ok_or(AddLinesError::Wallet(WalletError::Empty))?;
-    for cf in [Cf::Watch, Cf::WalletScripts, Cf::Descriptors] {
-        store.flush(cf).map_err(WalletError::from)?;
-    }
+    store.flush_all().map_err(WalletError::from)?;
     Ok(total)
 }
 
@@ -362,27 +396,128 @@ pub fn list(store: &Store) -> Result<Vec<WalletInfo>, StoreError> {
     Ok(wallets)
 }
 
+/// Where the watched set's bloom filter is saved beside the database.
+fn filter_file(store: &Store) -> std::path::PathBuf {
+    store.path().join("watch-filter.bin")
+}
+
 /// A bloom filter holding every watched script, sized for twice their number and at least
 /// `min_capacity`: big enough to take new scripts, small enough to stay in cache (the
 /// filter is probed for every output of every block).
+///
+/// The filter saved beside the database is used when it was saved at the watched set's
+/// current generation and is big enough (milliseconds, where scanning ten million scripts
+/// takes seconds); otherwise it is built from the `watch` family and saved.
 pub fn load_filter(
     store: &Store,
     min_capacity: usize,
     fp_rate: f64,
 ) -> Result<ScriptFilter, StoreError> {
+    let generation = store.watch_generation()?;
+    if let Ok(bytes) = std::fs::read(filter_file(store)) {
+        match ScriptFilter::from_bytes(&bytes) {
+            Some((filter, saved)) if saved == generation && filter.capacity() >= min_capacity => {
+                return Ok(filter);
+            }
+            Some((filter, saved)) => tracing::info!(
+                saved,
+                generation,
+                capacity = filter.capacity(),
+                "the saved filter of the watched set is out of date: rebuilding it"
+            ),
+            None => {
+                tracing::info!("the saved filter of the watched set is unreadable: rebuilding it")
+            }
+        }
+    }
     // An estimate is enough to size it: it takes twice as many before it is outgrown.
     let count = usize::try_from(store.estimate_keys(Cf::Watch)).unwrap_or(usize::MAX);
     let filter = ScriptFilter::new(min_capacity.max(count.saturating_mul(2)), fp_rate);
     // Script ids are uniform hashes: 16 ranges of the first byte load in parallel.
-    (0u8..16)
-        .into_par_iter()
-        .try_for_each(|part| {
-            let from = [part << 4];
-            let to = (part < 15).then(|| [(part + 1) << 4]);
-            store.for_each_range(Cf::Watch, &from, to.as_ref().map(|t| &t[..]), |_, v| {
-                filter.insert(schema::watch_script(v)?);
-                Ok::<_, StoreError>(())
-            })
-        })?;
+    (0u8..16).into_par_iter().try_for_each(|part| {
+        let from = [part << 4];
+        let to = (part < 15).then(|| [(part + 1) << 4]);
+        store.for_each_range(Cf::Watch, &from, to.as_ref().map(|t| &t[..]), |_, v| {
+            filter.insert(schema::watch_script(v)?);
+            Ok::<_, StoreError>(())
+        })
+    })?;
+    if store.watch_generation()? == generation {
+        save_filter_at(store, &filter, generation);
+    }
     Ok(filter)
+}
+
+/// Saves `filter` as holding the watched set at its current generation: only when no
+/// other writer can add scripts meanwhile (the follower stopped, a command's own add done).
+pub fn save_filter(store: &Store, filter: &ScriptFilter) -> Result<(), StoreError> {
+    save_filter_at(store, filter, store.watch_generation()?);
+    Ok(())
+}
+
+/// Writes the filter (to a temporary file renamed over the old one); a failure only costs
+/// a rebuild at the next start, so it is logged, not returned.
+fn save_filter_at(store: &Store, filter: &ScriptFilter, generation: u64) {
+    let path = filter_file(store);
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::write(&tmp, filter.to_bytes(generation))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "could not save the watched set's filter; it is rebuilt at the next start");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn raw(n: u32) -> String {
+        format!("raw(0014{:040x})", n)
+    }
+
+    fn script(n: u32) -> Vec<u8> {
+        let mut s = vec![0x00, 0x14];
+        s.extend_from_slice(&[0; 16]);
+        s.extend_from_slice(&n.to_be_bytes());
+        s
+    }
+
+    #[test]
+    fn a_saved_filter_is_used_only_at_the_generation_it_was_saved_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Network::Regtest).unwrap();
+        let lines = (0..250_000u32).map(|n| Ok(raw(n)));
+        let target = WatchTarget {
+            network: Network::Regtest,
+            wallet: "deposits",
+            birth_height: None,
+            gap_limit: 20,
+        };
+        let filter = load_filter(&store, 300_000, 1e-3).unwrap();
+        let added = add_lines(&store, &target, lines, Some(&filter), &|_| {}).unwrap();
+        assert_eq!((added.new_scripts, added.known_scripts), (250_000, 0));
+        assert!((0..250_000)
+            .step_by(997)
+            .all(|n| filter.may_contain(&script(n))));
+        save_filter(&store, &filter).unwrap();
+        // Loaded back as saved (the same seed and bits), every script in it.
+        let loaded = load_filter(&store, 1000, 1e-3).unwrap();
+        assert_eq!(
+            (loaded.len(), loaded.capacity()),
+            (250_000, filter.capacity())
+        );
+        // A change of the watched set that skipped the filter: the saved one is stale.
+        add(&store, Network::Regtest, "other", &[raw(900_000)], None, 20).unwrap();
+        let rebuilt = load_filter(&store, 1000, 1e-3).unwrap();
+        assert!(rebuilt.may_contain(&script(900_000)));
+        assert_eq!(rebuilt.len(), 250_001);
+        // A damaged file is rebuilt from the database, never trusted.
+        let path = dir.path().join("watch-filter.bin");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(bytes.len() / 2);
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(load_filter(&store, 1000, 1e-3).unwrap().len(), 250_001);
+        assert_eq!(list(&store).unwrap()[0].scripts, 250_000);
+    }
 }

@@ -186,6 +186,9 @@ impl<'a> Reader<'a> {
 
 /// Meta key of the format version (u32 BE).
 pub const META_VERSION: &[u8] = b"version";
+/// Meta key: u64, moved by every commit that changes the `watch` family; a saved bloom
+/// filter of the watched set is valid for the generation it names only.
+pub const META_WATCH_GENERATION: &[u8] = b"watch_generation";
 /// Meta key of the network name.
 pub const META_NETWORK: &[u8] = b"network";
 /// Meta key of the tip (height u32 BE + block hash).
