@@ -357,6 +357,22 @@ impl Store {
         Ok(())
     }
 
+    /// Whether RocksDB still has compactions or flushes to run (after a bulk load).
+    pub fn background_work_pending(&self) -> bool {
+        let int = |cf: Cf, name: &str| {
+            self.db
+                .property_int_value_cf(self.cf(cf), name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        Cf::ALL.iter().any(|cf| {
+            int(*cf, "rocksdb.compaction-pending") > 0
+                || int(*cf, "rocksdb.num-running-compactions") > 0
+                || int(*cf, "rocksdb.num-running-flushes") > 0
+        })
+    }
+
     /// RocksDB's estimate of the number of keys in `cf` (no scan: for sizing).
     pub fn estimate_keys(&self, cf: Cf) -> u64 {
         self.db
