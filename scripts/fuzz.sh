@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of every parser of untrusted input, with libFuzzer and the
 # address sanitizer: `bash scripts/fuzz.sh [SECONDS] [TARGET...]` runs each target (all by
-# default) for SECONDS (default 60), two at a time, starting from fuzz/corpus/TARGET,
+# default) for SECONDS (default 60), two at a time (FUZZ_JOBS), starting from fuzz/corpus/TARGET,
 # fuzz/regressions/TARGET and seeds made from ../shared/fixtures. New corpus entries go to
 # target/fuzz-corpus/TARGET (kept between runs, not committed); a crash stops its target
 # and is left in target/fuzz-artifacts/TARGET. Prints executions per target at the end.
@@ -56,8 +56,8 @@ pids=()
 for t in "${targets[@]}"; do
   run_one "$t" &
   pids+=($!)
-  # Two at a time: one per core.
-  if [ ${#pids[@]} -ge 2 ]; then
+  # Two at a time by default: one per core.
+  if [ ${#pids[@]} -ge "${FUZZ_JOBS:-2}" ]; then
     wait "${pids[0]}" || failed=1
     pids=("${pids[@]:1}")
   fi

@@ -268,7 +268,9 @@ fn main() -> Result<()> {
         };
         let mut rescan = Command::new(&indexer);
         base(&mut rescan);
-        rescan.args(["rescan", "--reset", "--blocks-dir"]).arg(&args.chain);
+        rescan
+            .args(["rescan", "--reset", "--blocks-dir"])
+            .arg(&args.chain);
         let (rescan_s, out, rescan_rss) = measured(&mut rescan)?;
         if !out.contains("connected") {
             bail!("rescan printed no outcome: {out}");

@@ -650,6 +650,8 @@ fn rescan_cmd(store: Store, config: &Config, args: RescanArgs) -> Result<()> {
         &|p| reporter.commit(p),
     )
     .context("rescan failed; every block before the failure is committed and a rerun resumes")?;
+    // The look-ahead may have watched more: the next start loads this filter, not a scan.
+    wallets::save_filter(&store, &scripts)?;
     reporter.finish(&report.progress);
     print_outcome(report.tip, &report.progress, report.disconnected);
     Ok(())

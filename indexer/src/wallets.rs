@@ -171,10 +171,54 @@ pub fn prepare(
             &value,
         );
         seq += 1;
+        seq - 1
     };
     let singles = expanded.iter().filter(|e| e.single).count();
+    // Ranged descriptors: where each derived script comes from, and each branch's
+    // look-ahead, which grows as its scripts are paid (the filter stage extends it).
+    let mut derived: std::collections::BTreeMap<ScriptId, Vec<schema::Derivation>> =
+        std::collections::BTreeMap::new();
     for e in expanded.iter().filter(|e| !e.single) {
-        describe(&mut batch, &e.descriptor);
+        let this = describe(&mut batch, &e.descriptor);
+        let mut branches = BTreeSet::new();
+        for (script, &(branch, index)) in e.scripts.iter().zip(&e.derivations) {
+            branches.insert(branch);
+            derived
+                .entry(ScriptId::of(script))
+                .or_default()
+                .push(schema::Derivation {
+                    wallet: id,
+                    seq: this,
+                    branch,
+                    index,
+                });
+        }
+        for branch in branches {
+            let range = schema::Range {
+                next: gap_limit,
+                gap: gap_limit,
+            };
+            batch.put(
+                store,
+                Cf::Ranges,
+                &schema::range_key(id, this, branch),
+                &schema::encode_range(&range),
+            );
+        }
+    }
+    if !derived.is_empty() {
+        let keys: Vec<&[u8]> = derived.keys().map(|sid| &sid.0[..]).collect();
+        let known = store.multi_get(Cf::Derived, &keys)?;
+        for ((sid, new), old) in derived.iter().zip(known) {
+            let mut all = match old {
+                Some(v) => schema::decode_derived(&v).map_err(StoreError::from)?,
+                None => Vec::new(),
+            };
+            all.extend_from_slice(new);
+            all.sort();
+            all.dedup();
+            batch.put(store, Cf::Derived, &sid.0, &schema::encode_derived(&all));
+        }
     }
     if singles > 0 {
         describe(

@@ -8,7 +8,7 @@ use fastbloom::AtomicBloomFilter;
 use foldhash::fast::FixedState;
 use miniscript::descriptor::{checksum::desc_checksum, DescriptorPublicKey};
 use miniscript::{Descriptor, ForEachKey};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// A descriptor that cannot be watched.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +49,9 @@ pub struct Expanded {
     /// Whether it is one script given as such (`addr()`, `raw()`, a bare address), with no
     /// key to derive from.
     pub single: bool,
+    /// For a ranged descriptor, the (branch, index) of each script, in `scripts`' order;
+    /// empty otherwise.
+    pub derivations: Vec<(u32, u32)>,
 }
 
 /// Expands a Bitcoin Core output descriptor (or a bare address) into scripts.
@@ -61,6 +64,7 @@ pub fn expand(text: &str, network: Network, gap_limit: u32) -> Result<Expanded, 
     let body = strip_checksum(&descriptor)?;
     let single =
         inner(body, "addr").is_some() || inner(body, "raw").is_some() || !body.contains('(');
+    let mut derivations = Vec::new();
     let scripts = if let Some(addr) = inner(body, "addr") {
         vec![address_script(addr, network, &descriptor)?]
     } else if let Some(hex) = inner(body, "raw") {
@@ -81,13 +85,17 @@ pub fn expand(text: &str, network: Network, gap_limit: u32) -> Result<Expanded, 
             .into_single_descriptors()
             .map_err(|e| invalid(e.to_string()))?;
         let mut scripts = Vec::new();
-        for single in singles {
-            let count = if single.has_wildcard() { gap_limit } else { 1 };
+        for (branch, single) in singles.iter().enumerate() {
+            let ranged = single.has_wildcard();
+            let count = if ranged { gap_limit } else { 1 };
             for index in 0..count {
                 let definite = single
                     .at_derivation_index(index)
                     .map_err(|e| invalid(format!("index {index}: {e}")))?;
                 scripts.push(definite.script_pubkey());
+                if ranged {
+                    derivations.push((branch as u32, index));
+                }
             }
         }
         scripts
@@ -96,7 +104,37 @@ pub fn expand(text: &str, network: Network, gap_limit: u32) -> Result<Expanded, 
         descriptor,
         scripts,
         single,
+        derivations,
     })
+}
+
+/// The scripts of branch `branch` of ranged descriptor `text` at indices `indices`: what
+/// the look-ahead derives when a script near the end of what is watched is paid.
+pub fn derive(
+    text: &str,
+    branch: u32,
+    indices: std::ops::Range<u32>,
+) -> Result<Vec<ScriptBuf>, WatchError> {
+    let invalid = |detail: String| WatchError::Invalid {
+        descriptor: text.to_owned(),
+        detail,
+    };
+    let parsed = Descriptor::<DescriptorPublicKey>::from_str(text.trim())
+        .map_err(|e| invalid(e.to_string()))?;
+    let singles = parsed
+        .into_single_descriptors()
+        .map_err(|e| invalid(e.to_string()))?;
+    let single = singles
+        .get(branch as usize)
+        .ok_or_else(|| invalid(format!("no branch {branch}")))?;
+    indices
+        .map(|i| {
+            single
+                .at_derivation_index(i)
+                .map(|d| d.script_pubkey())
+                .map_err(|e| invalid(format!("index {i}: {e}")))
+        })
+        .collect()
 }
 
 /// Verifies and removes a trailing `#checksum`.
@@ -159,6 +197,9 @@ pub struct ScriptFilter {
     seed: u64,
     len: AtomicUsize,
     capacity: usize,
+    /// Moves after each group of scripts added while blocks are parsed (the look-ahead):
+    /// a block parsed at an older generation is checked again for the scripts added since.
+    generation: AtomicU64,
 }
 
 /// What a saved filter starts with.
@@ -179,7 +220,19 @@ impl ScriptFilter {
             seed,
             len: AtomicUsize::new(0),
             capacity: capacity.max(1),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// The generation a parse worker reads before probing (see [`ScriptFilter::advance`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Marks the scripts inserted so far as a new generation: a block parsed at an older
+    /// one may have missed them.
+    pub fn advance(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     /// The filter as bytes, with `generation` (the watched set's, see
@@ -214,7 +267,7 @@ impl ScriptFilter {
         let (generation, seed, capacity, len, hashes, check) =
             (word(0)?, word(1)?, word(2)?, word(3)?, word(4)?, word(5)?);
         let bits = rest.get(48..)?;
-        if bits.is_empty() || bits.len() % 8 != 0 || hashes == 0 || hashes > 64 {
+        if bits.is_empty() || !bits.len().is_multiple_of(8) || hashes == 0 || hashes > 64 {
             return None;
         }
         let words: Vec<u64> = bits
@@ -232,6 +285,7 @@ impl ScriptFilter {
             seed,
             len: AtomicUsize::new(usize::try_from(len).ok()?),
             capacity: usize::try_from(capacity).ok()?.max(1),
+            generation: AtomicU64::new(0),
         };
         Some((filter, generation))
     }

@@ -515,3 +515,55 @@ fn hostile_block_bodies_over_zmq_are_refused_and_the_real_blocks_indexed() {
     );
     f.stop().unwrap();
 }
+
+/// 7. The look-ahead live: a wallet of `wpkh(tpub/0/*)` with a gap of 3 watches indices
+///    0..3. A payment to index 2 in one block grows it to 0..6; a payment to index 5 in
+///    the next block is found; one to index 9 (past the end) is not.
+#[test]
+fn the_look_ahead_grows_while_following_live() {
+    use bitcoin::bip32::{Xpriv, Xpub};
+    let secp = bitcoin::secp256k1::Secp256k1::new();
+    let master = Xpriv::new_master(bitcoin::Network::Regtest, &[5; 32]).unwrap();
+    let descriptor = format!("wpkh({}/0/*)", Xpub::from_priv(&secp, &master));
+    let address = |i: u32| {
+        let script = indexer::watchlist::derive(&descriptor, 0, i..i + 1)
+            .unwrap()
+            .remove(0);
+        bitcoin::Address::from_script(&script, bitcoin::Network::Regtest)
+            .unwrap()
+            .to_string()
+    };
+    let node = Devnet::start(|c| c.filler_txs = 0);
+    let miner = node.new_address("bech32");
+    node.mine_to(101, &miner);
+    let db = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(indexer::store::Store::open(db.path(), bitcoin::Network::Regtest).unwrap());
+    indexer::wallets::add(
+        &store,
+        bitcoin::Network::Regtest,
+        "deposits",
+        std::slice::from_ref(&descriptor),
+        None,
+        3,
+    )
+    .unwrap();
+    let f = Following::resume(
+        node.daemon(true),
+        Some(&node.zmq()),
+        store,
+        FollowOptions::default(),
+    );
+    assert!(f.wait_for(node.best().1, WAIT));
+    let mut paid = std::collections::HashMap::new();
+    for i in [2u32, 5, 9] {
+        let txid = node.call("sendtoaddress", json!([address(i), 0.1]));
+        paid.insert(i, txid.as_str().unwrap().parse::<bitcoin::Txid>().unwrap());
+        let block = node.mine_to(1, &miner)[0];
+        assert!(f.wait_for(block, WAIT));
+    }
+    let found = |i: u32| f.store.has_transfer(&paid[&i]).unwrap();
+    assert!(found(2) && found(5), "2 grew the range over 5");
+    assert!(!found(9), "9 is past the end of what 5 grew");
+    f.stop().unwrap();
+}

@@ -229,6 +229,10 @@ impl<'s> ApplyState<'s> {
             }],
         };
         let mut touched = Touched::default();
+        // The look-ahead's new scripts: no undo entry, a derived range never shrinks.
+        for (cf, key, value) in block.writes {
+            ch.writes.insert((cf, key), Some(value));
+        }
         for (tx_index, tx) in block.txs.into_iter().enumerate() {
             let mut transfer = Transfer {
                 txid: tx.txid,

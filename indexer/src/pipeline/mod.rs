@@ -44,6 +44,9 @@ pub enum PipelineError {
     /// A block does not connect.
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    /// The filter stage failed.
+    #[error(transparent)]
+    Filter(#[from] filter::FilterError),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -123,7 +126,7 @@ where
     let (parsed_tx, parsed_rx) = bounded::<Vec<ParsedBlock>>(2);
     let (filtered_tx, filtered_rx) = bounded::<FilteredBlock>(64);
     let (changes_tx, changes_rx) = bounded::<BlockChanges>(64);
-    let filter = Filter { store };
+    let filter = Filter::new(store, scripts)?;
     // A stage's result, noted in `failed` when it is an error.
     let noted = |r: Result<(), PipelineError>| {
         if r.is_err() {
@@ -145,7 +148,7 @@ where
             .expect("spawn parse thread");
         let filter = spawn("filter")
             .spawn_scoped(s, move || {
-                noted(filter_stage(&filter, parsed_rx, filtered_tx, queues))
+                noted(filter_stage(filter, parsed_rx, filtered_tx, queues))
             })
             .expect("spawn filter thread");
         let apply = spawn("apply")
@@ -249,7 +252,7 @@ fn parse_stage(
 }
 
 fn filter_stage(
-    filter: &Filter<'_>,
+    mut filter: Filter<'_>,
     input: Receiver<Vec<ParsedBlock>>,
     out: Sender<FilteredBlock>,
     queues: &QueueDepths,

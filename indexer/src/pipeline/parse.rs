@@ -60,6 +60,11 @@ pub struct ParsedBlock {
     pub size: usize,
     /// Where it came from.
     pub origin: String,
+    /// The block's bytes, for the filter stage to look through again when the watched
+    /// set grew after the bloom pass (the look-ahead); returned to [`crate::buffers`] after.
+    pub bytes: Vec<u8>,
+    /// The filter's generation when the bloom pass ran.
+    pub filter_generation: u64,
 }
 
 /// A block that cannot be indexed.
@@ -128,6 +133,8 @@ pub fn parse_block(raw: RawBlock, scripts: &ScriptFilter) -> Result<ParsedBlock,
         height,
         detail,
     };
+    // Read before any probe: scripts added after it are looked for again later.
+    let filter_generation = scripts.generation();
     let mut layout = Layout {
         base: bytes.as_ptr() as usize,
         len: bytes.len(),
@@ -183,7 +190,6 @@ pub fn parse_block(raw: RawBlock, scripts: &ScriptFilter) -> Result<ParsedBlock,
         facts.push(f);
     }
     let size = bytes.len();
-    crate::buffers::give(bytes);
     let root = header.merkle_root.to_raw_hash().to_byte_array();
     if let Err(reason) = block_check::check_block(root, header_and_count, &facts, &commitment) {
         return Err(ParseError::Invalid {
@@ -200,7 +206,51 @@ pub fn parse_block(raw: RawBlock, scripts: &ScriptFilter) -> Result<ParsedBlock,
         txs,
         size,
         origin,
+        bytes,
+        filter_generation,
     })
+}
+
+/// The outputs of `bytes` (a block that parsed) paying one of `scripts`: (transaction
+/// index, output index, output).
+pub fn outputs_paying(
+    bytes: &[u8],
+    scripts: &std::collections::HashSet<ScriptBuf>,
+) -> Vec<(usize, u32, TxOut)> {
+    struct Finder<'s> {
+        scripts: &'s std::collections::HashSet<ScriptBuf>,
+        tx: usize,
+        found: Vec<(usize, u32, TxOut)>,
+    }
+    impl Visitor for Finder<'_> {
+        fn visit_tx_out(&mut self, vout: usize, tx_out: &bsl::TxOut) -> ControlFlow<()> {
+            let script = tx_out.script_pubkey();
+            if self.scripts.contains(bitcoin::Script::from_bytes(script)) {
+                self.found.push((
+                    self.tx,
+                    vout as u32,
+                    TxOut {
+                        value: Amount::from_sat(tx_out.value()),
+                        script_pubkey: ScriptBuf::from_bytes(script.to_vec()),
+                    },
+                ));
+            }
+            ControlFlow::Continue(())
+        }
+
+        fn visit_transaction(&mut self, _tx: &bsl::Transaction) -> ControlFlow<()> {
+            self.tx += 1;
+            ControlFlow::Continue(())
+        }
+    }
+    let mut finder = Finder {
+        scripts,
+        tx: 0,
+        found: Vec::new(),
+    };
+    // The block parsed once already: a failure here cannot happen, and finds nothing.
+    let _ = bsl::Block::visit(bytes, &mut finder);
+    finder.found
 }
 
 /// The txid of one serialized transaction, without decoding it into owned parts: bitcoind

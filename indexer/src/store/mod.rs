@@ -111,6 +111,7 @@ impl Batch {
 pub struct Store {
     db: DB,
     path: PathBuf,
+    network: Network,
     /// Counts commits, so readers following the event log wake on new data instead of polling.
     commits: tokio::sync::watch::Sender<u64>,
     /// Held from reading the next event offset to committing: the block writer and the
@@ -164,6 +165,7 @@ impl Store {
         let store = Store {
             db,
             path: path.to_owned(),
+            network,
             commits: tokio::sync::watch::Sender::new(0),
             event_lock: std::sync::Mutex::new(()),
             watch_generation_lock: std::sync::Mutex::new(()),
@@ -229,6 +231,11 @@ impl Store {
             path: self.path.clone(),
             source,
         }
+    }
+
+    /// The network the database indexes.
+    pub fn network(&self) -> Network {
+        self.network
     }
 
     /// The database directory.

@@ -48,11 +48,16 @@ pub enum Cf {
     /// txid -> height + transfer: confirmed transfers whose block left the chain and that
     /// are not confirmed again (what GetTransfer shows as REORGED_OUT).
     Reorged = 14,
+    /// script id -> the (wallet, descriptor, branch, index) it was derived at, each.
+    Derived = 15,
+    /// wallet + descriptor + branch -> derived up to (exclusive) and the gap limit: the
+    /// look-ahead of a ranged descriptor, which grows as its scripts are paid.
+    Ranges = 16,
 }
 
 impl Cf {
     /// Every column family, in id order.
-    pub const ALL: [Cf; 15] = [
+    pub const ALL: [Cf; 17] = [
         Cf::Meta,
         Cf::Headers,
         Cf::Wallets,
@@ -68,6 +73,8 @@ impl Cf {
         Cf::WalletScripts,
         Cf::Events,
         Cf::Reorged,
+        Cf::Derived,
+        Cf::Ranges,
     ];
 
     /// The families that make up the indexed state compared by the state digest.
@@ -98,6 +105,8 @@ impl Cf {
             Cf::WalletScripts => "wallet_scripts",
             Cf::Events => "events",
             Cf::Reorged => "reorged",
+            Cf::Derived => "derived",
+            Cf::Ranges => "ranges",
         }
     }
 
@@ -365,6 +374,84 @@ pub fn descriptor_key(wallet: WalletId, seq: u32) -> [u8; 8] {
     k[..4].copy_from_slice(&wallet.0.to_be_bytes());
     k[4..].copy_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// Where a ranged descriptor's script came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Derivation {
+    /// The wallet.
+    pub wallet: WalletId,
+    /// The descriptor's sequence number in the wallet.
+    pub seq: u32,
+    /// Its branch (0 for a single path; multipath `<0;1>` gives 0 and 1).
+    pub branch: u32,
+    /// The derivation index.
+    pub index: u32,
+}
+
+/// Derived value: each derivation, 16 bytes.
+pub fn encode_derived(all: &[Derivation]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 * all.len());
+    for d in all {
+        for n in [d.wallet.0, d.seq, d.branch, d.index] {
+            v.extend_from_slice(&n.to_be_bytes());
+        }
+    }
+    v
+}
+
+/// Decodes a derived value.
+pub fn decode_derived(bytes: &[u8]) -> Result<Vec<Derivation>, DecodeError> {
+    if !bytes.len().is_multiple_of(16) {
+        return Err(corrupt("derived", "not a multiple of 16 bytes"));
+    }
+    Ok(bytes
+        .chunks_exact(16)
+        .map(|c| {
+            let n = |i: usize| u32::from_be_bytes(c[i..i + 4].try_into().expect("4 bytes"));
+            Derivation {
+                wallet: WalletId(n(0)),
+                seq: n(4),
+                branch: n(8),
+                index: n(12),
+            }
+        })
+        .collect())
+}
+
+/// Ranges key: wallet + descriptor sequence + branch.
+pub fn range_key(wallet: WalletId, seq: u32, branch: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&wallet.0.to_be_bytes());
+    k[4..8].copy_from_slice(&seq.to_be_bytes());
+    k[8..].copy_from_slice(&branch.to_be_bytes());
+    k
+}
+
+/// A ranged descriptor branch's look-ahead: scripts derived up to `next` (exclusive), and
+/// the gap of unused scripts kept after the highest one paid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Range {
+    /// Derived up to this index (exclusive).
+    pub next: u32,
+    /// The gap limit.
+    pub gap: u32,
+}
+
+/// Ranges value: next + gap.
+pub fn encode_range(r: &Range) -> [u8; 8] {
+    let mut v = [0u8; 8];
+    v[..4].copy_from_slice(&r.next.to_be_bytes());
+    v[4..].copy_from_slice(&r.gap.to_be_bytes());
+    v
+}
+
+/// Decodes a ranges value.
+pub fn decode_range(bytes: &[u8]) -> Result<Range, DecodeError> {
+    let mut r = Reader::new("range", bytes);
+    let (next, gap) = (r.u32()?, r.u32()?);
+    r.finish()?;
+    Ok(Range { next, gap })
 }
 
 /// The sequence number of a descriptor key.
