@@ -36,13 +36,97 @@ struct Args {
     /// Share of payments that go to the watched scripts (0.02: a busy exchange wallet).
     #[arg(long, default_value_t = 0.02)]
     watched_share: f64,
+    /// Mainnet-shaped instead: about this many GB whose blocks follow mainnet's history by
+    /// era (sizes, transaction counts, inputs and outputs, script types, segwit, taproot,
+    /// inscriptions' large witnesses), each era's share of the bytes as on mainnet.
+    #[arg(long)]
+    mainnet_gb: Option<f64>,
 }
+
+/// One era of mainnet's history, as the generator reproduces it.
+struct Era {
+    name: &'static str,
+    /// The era's share of mainnet's block bytes (they sum to 1).
+    share: f64,
+    /// Transactions a block, from..to.
+    txs: (usize, usize),
+    /// Script types paid, in percent: P2PK, P2PKH, P2SH, P2WPKH, P2WSH, P2TR.
+    types: [u32; 6],
+    /// Percent of inputs with witnesses (segwit, taproot).
+    witness_inputs: u32,
+    /// Permille of transactions with a large witness (an inscription), 4..60 KB.
+    inscriptions: u32,
+}
+
+/// Mainnet by era (heights, approximate averages): 0-150k tiny blocks of coinbases and
+/// P2PK; to 300k P2PKH; to 390k fuller blocks with P2SH; to 480k full 1 MB blocks; to
+/// 630k segwit's adoption; to 780k segwit-majority blocks and taproot; then inscriptions.
+const ERAS: [Era; 7] = [
+    Era {
+        name: "2009-11",
+        share: 0.003,
+        txs: (1, 40),
+        types: [40, 60, 0, 0, 0, 0],
+        witness_inputs: 0,
+        inscriptions: 0,
+    },
+    Era {
+        name: "2011-14",
+        share: 0.034,
+        txs: (100, 600),
+        types: [2, 88, 10, 0, 0, 0],
+        witness_inputs: 0,
+        inscriptions: 0,
+    },
+    Era {
+        name: "2014-16",
+        share: 0.07,
+        txs: (500, 1600),
+        types: [0, 80, 20, 0, 0, 0],
+        witness_inputs: 0,
+        inscriptions: 0,
+    },
+    Era {
+        name: "2016-17",
+        share: 0.13,
+        txs: (1500, 2600),
+        types: [0, 70, 30, 0, 0, 0],
+        witness_inputs: 0,
+        inscriptions: 0,
+    },
+    Era {
+        name: "2017-20",
+        share: 0.25,
+        txs: (1800, 2800),
+        types: [0, 45, 30, 20, 5, 0],
+        witness_inputs: 40,
+        inscriptions: 0,
+    },
+    Era {
+        name: "2020-23",
+        share: 0.30,
+        txs: (2000, 3200),
+        types: [0, 20, 20, 45, 5, 10],
+        witness_inputs: 85,
+        inscriptions: 0,
+    },
+    Era {
+        name: "2023-24",
+        share: 0.213,
+        txs: (3000, 5500),
+        types: [0, 10, 10, 40, 5, 35],
+        witness_inputs: 90,
+        inscriptions: 15,
+    },
+];
 
 const FILE_LIMIT: usize = 128 << 20;
 
 struct Gen {
     rng: StdRng,
     watched_share: f64,
+    /// The era the next transactions follow (`None`: the default mix).
+    era: Option<&'static Era>,
     // Outputs waiting to be spent, oldest first.
     coins: VecDeque<OutPoint>,
 }
@@ -50,10 +134,25 @@ struct Gen {
 impl Gen {
     fn payee(&mut self) -> ScriptBuf {
         if self.rng.gen_bool(self.watched_share) {
-            script(self.rng.gen_range(0..WATCHED))
-        } else {
-            script(self.rng.gen_range(WATCHED..POPULATION))
+            return script(self.rng.gen_range(0..WATCHED));
         }
+        let i = self.rng.gen_range(WATCHED..POPULATION);
+        let Some(era) = self.era else {
+            return script(i);
+        };
+        // The population's script of the era's type: `script` types by index mod 100.
+        let pick = self.rng.gen_range(0..100);
+        let mut acc = 0;
+        let kind = era
+            .types
+            .iter()
+            .position(|p| {
+                acc += p;
+                pick < acc
+            })
+            .unwrap_or(1);
+        let base = [99, 70, 85, 0, 95, 50][kind];
+        script(i - i % 100 + base)
     }
 
     fn input(&mut self) -> TxIn {
@@ -63,7 +162,18 @@ impl Gen {
         });
         let mut witness = Witness::new();
         let mut script_sig = ScriptBuf::new();
-        match self.rng.gen_range(0..10) {
+        let style = match self.era {
+            None => self.rng.gen_range(0..10),
+            Some(era) if self.rng.gen_range(0..100) < era.witness_inputs => {
+                if era.types[5] > 0 && self.rng.gen_range(0..100) < era.types[5] * 2 {
+                    6
+                } else {
+                    0
+                }
+            }
+            Some(_) => 9,
+        };
+        match style {
             0..=5 => {
                 witness.push([0x30u8; 72]);
                 witness.push([0x02u8; 33]);
@@ -90,7 +200,16 @@ impl Gen {
             1..=8 => 2,
             _ => self.rng.gen_range(3..=5),
         };
-        let input = (0..n_in).map(|_| self.input()).collect();
+        let mut input: Vec<TxIn> = (0..n_in).map(|_| self.input()).collect();
+        if let Some(era) = self.era {
+            if self.rng.gen_range(0..1000) < era.inscriptions {
+                // An inscription: data pushed in a taproot witness.
+                let len = self.rng.gen_range(4_000..60_000);
+                input[0].witness =
+                    Witness::from_slice(&[vec![0x01u8; 64], vec![0x63; len], vec![0xc0; 33]]);
+                input[0].script_sig = ScriptBuf::new();
+            }
+        }
         let output = (0..n_out)
             .map(|_| TxOut {
                 value: Amount::from_sat(self.rng.gen_range(546..10_000_000)),
@@ -120,15 +239,45 @@ fn main() -> Result<()> {
     let mut gen = Gen {
         rng: StdRng::seed_from_u64(42),
         watched_share: args.watched_share,
+        era: None,
         coins: VecDeque::new(),
     };
+    // Blocks of each era: its share of the bytes over its mean block size (measured on a
+    // sample of its blocks, so the whole lands near the size asked for).
+    let plan: Vec<(Option<&'static Era>, u32)> = match args.mainnet_gb {
+        None => vec![(None, args.blocks)],
+        Some(gb) => ERAS
+            .iter()
+            .map(|era| {
+                gen.era = Some(era);
+                let sample: usize = (0..3)
+                    .map(|_| {
+                        let n = gen.rng.gen_range(era.txs.0..=era.txs.1);
+                        (0..n).map(|_| serialize(&gen.tx()).len()).sum::<usize>()
+                    })
+                    .sum::<usize>()
+                    / 3;
+                let blocks = (gb * 1e9 * era.share / sample.max(1) as f64).ceil() as u32;
+                eprintln!("era {}: {blocks} blocks of ~{} KB", era.name, sample / 1000);
+                (Some(era), blocks.max(1))
+            })
+            .collect(),
+    };
+    let total_blocks: u32 = plan.iter().map(|(_, n)| n).sum();
+    let mut era_of = plan
+        .iter()
+        .flat_map(|(era, n)| std::iter::repeat_n(*era, *n as usize));
     let genesis = genesis_block(Network::Regtest);
     let mut prev = genesis.header;
     let mut writer = BlkWriter::new(args.out.clone());
     writer.write(&genesis)?;
     let magic_bits = CompactTarget::from_consensus(0x207f_ffff);
-    for height in 1..=args.blocks {
-        let n = gen.rng.gen_range(2000..=4000);
+    for height in 1..=total_blocks {
+        gen.era = era_of.next().flatten();
+        let n = match gen.era {
+            Some(era) => gen.rng.gen_range(era.txs.0..=era.txs.1),
+            None => gen.rng.gen_range(2000..=4000),
+        };
         let mut txdata: Vec<Transaction> = Vec::with_capacity(n + 1);
         txdata.push(coinbase(height, gen.payee()));
         for _ in 0..n {
@@ -167,7 +316,7 @@ fn main() -> Result<()> {
         writer.write(&block)?;
         prev = header;
         if height % 100 == 0 {
-            eprintln!("{height}/{} blocks, {} MB", args.blocks, writer.total >> 20);
+            eprintln!("{height}/{total_blocks} blocks, {} MB", writer.total >> 20);
         }
     }
     writer.finish()?;
