@@ -280,8 +280,15 @@ fn main() -> Result<()> {
         };
         let mut txdata: Vec<Transaction> = Vec::with_capacity(n + 1);
         txdata.push(coinbase(height, gen.payee()));
+        // Within the consensus weight limit, with room for the coinbase.
+        let mut weight = 4_000u64;
         for _ in 0..n {
-            txdata.push(gen.tx());
+            let tx = gen.tx();
+            weight += tx.weight().to_wu();
+            if weight > 3_990_000 {
+                break;
+            }
+            txdata.push(tx);
         }
         let mut block = Block {
             header: prev,
