@@ -378,6 +378,18 @@ pub fn merge(
             Ok::<_, StoreError>(())
         })?;
     }
+    // Their unspent outputs, by creation height, for the wallet (scripts merged since
+    // joined it in the add above).
+    let mut recent = crate::recent::RecentChanges::default();
+    scratch.for_each(Cf::ScriptUtxo, |k, v| {
+        if merged_since.contains(&schema::decode_script_id(&k[..32])?) {
+            return Ok(());
+        }
+        let (value, height, coinbase) = schema::decode_script_utxo(v)?;
+        recent.add(id, height, value, coinbase, 1);
+        Ok::<_, StoreError>(())
+    })?;
+    recent.write(main, &mut batch)?;
     scratch.for_each(Cf::ScriptBalance, |k, v| {
         if merged_since.contains(&schema::decode_script_id(k)?) {
             return Ok(());

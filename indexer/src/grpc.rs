@@ -293,12 +293,8 @@ impl Indexer for IndexerService {
             };
             Ok((q.balance(&target, req.min_conf)?, ids))
         };
-        // Up to one confirmation it is a stored aggregate; more walks recent history.
-        let (b, ids) = if req.min_conf <= 1 {
-            self.quick(answer)?
-        } else {
-            self.query(answer).await?
-        };
+        // Stored aggregates: the total, less the last `min_conf - 1` heights' outputs.
+        let (b, ids) = self.quick(answer)?;
         let unconfirmed = match (&self.mempool, ids) {
             (Some(m), Some((wallet, script))) => m
                 .read()

@@ -43,6 +43,7 @@ pub mod mempool;
 pub mod metrics;
 pub mod pipeline;
 pub mod query;
+pub mod recent;
 pub mod rescan;
 pub mod serve_priority;
 pub mod store;

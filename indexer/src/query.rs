@@ -257,40 +257,24 @@ impl<'a> Query<'a> {
     }
 
     /// The wallet's unspent outputs created above height `cutoff`, counted as the stored
-    /// aggregate counts them at the tip.
+    /// aggregate counts them at the tip: one short scan of its per-height aggregates.
     fn recent_unspent(&self, wallet: WalletId, cutoff: u32) -> Result<Balance, QueryError> {
         let prefix = schema::wallet_key(wallet);
-        let seek = schema::history_key(wallet, cutoff + 1, &Txid::all_zeros());
+        let seek = schema::wallet_recent_key(wallet, cutoff.saturating_add(1));
+        let tip = self.tip.map_or(0, |(t, _)| t);
         let mut recent = Balance::default();
         self.snap
-            .scan(Cf::WalletHistory, &prefix, Some(&seek), |k, _| {
-                let height = u32::from_be_bytes(k[4..8].try_into().expect("40-byte history key"));
-                let txid = Txid::from_byte_array(k[8..40].try_into().expect("40-byte history key"));
-                let key = schema::transfer_key(&txid, height);
-                let Some(value) = self.snap.get(Cf::Transfers, &key)? else {
-                    return Ok(true);
-                };
-                for r in schema::decode_transfer(&key, &value)?.received {
-                    let mine = self
-                        .snap
-                        .get(
-                            Cf::WalletScripts,
-                            &schema::wallet_script_key(wallet, &r.script_id),
-                        )?
-                        .is_some();
-                    if !mine {
-                        continue;
-                    }
-                    if let Some(u) = self.snap.utxo(&OutPoint::new(txid, r.vout))? {
-                        // A BIP30 duplicate may have replaced it since: count only this block's.
-                        if u.height == height {
-                            recent.add(
-                                u.value,
-                                self.tip.is_some_and(|(tip, _)| u.is_immature_at(tip)),
-                            );
-                        }
-                    }
+            .scan(Cf::WalletRecent, &prefix, Some(&seek), |k, v| {
+                let height = u32::from_be_bytes(k[4..8].try_into().expect("8-byte key"));
+                let r = schema::decode_recent(v)?;
+                let immature = tip < height.saturating_add(COINBASE_MATURITY);
+                recent.confirmed += r.plain;
+                if immature {
+                    recent.immature += r.coinbase;
+                } else {
+                    recent.confirmed += r.coinbase;
                 }
+                recent.utxo_count += r.count;
                 Ok::<_, QueryError>(true)
             })?;
         Ok(recent)

@@ -280,6 +280,16 @@ pub fn prepare(
         );
     }
     if !joined.is_empty() {
+        // Their unspent outputs now count for this wallet too, by creation height.
+        let mut recent = crate::recent::RecentChanges::default();
+        for sid in &joined {
+            store.for_each_prefix(Cf::ScriptUtxo, &sid.0, |_, v| {
+                let (value, height, coinbase) = schema::decode_script_utxo(v)?;
+                recent.add(id, height, value, coinbase, 1);
+                Ok::<_, StoreError>(())
+            })?;
+        }
+        recent.write(store, &mut batch)?;
         store.for_each(Cf::Transfers, |k, v| {
             let t = schema::decode_transfer(k, v)?;
             if t.script_ids().iter().any(|s| joined.contains(s)) {

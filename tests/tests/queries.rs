@@ -268,3 +268,36 @@ fn targets_agree_and_bad_requests_are_clear_errors() {
     let (page, _) = q.list_utxos(&wallet_target, 0, u32::MAX, None).unwrap();
     assert!(page.len() <= indexer::query::MAX_PAGE as usize);
 }
+
+/// A database from before the per-height aggregates existed (simulated: the family
+/// emptied and its built flag removed) builds them when opened, equal to those kept
+/// while indexing: the same state digest, the same `min_conf` balances.
+#[test]
+fn an_older_database_builds_its_per_height_aggregates_on_open() {
+    use indexer::store::schema::{self, Cf};
+    use indexer::store::Batch;
+    let file = fixture("mainnet-0-599/blk00000.dat");
+    let chain = read_blk_blocks(&file);
+    let wallets = wallets_over(&chain, 5);
+    let blocks = tempfile::tempdir().unwrap();
+    std::fs::copy(&file, blocks.path().join("blk00000.dat")).unwrap();
+    let db = tempfile::tempdir().unwrap();
+    let kept = {
+        let store = open_with_wallets(db.path(), Network::Bitcoin, &wallets);
+        rescan(&store, Network::Bitcoin, blocks.path(), None, None, None).unwrap();
+        let digest = store.digest().unwrap();
+        let q = Query::new(&store, Network::Bitcoin).unwrap();
+        let b = q.balance(&Target::Wallet("hot".into()), 150).unwrap();
+        let mut batch = Batch::default();
+        batch.delete_range(&store, Cf::WalletRecent, &[0], &[0xff; 9]);
+        batch.delete(&store, Cf::Meta, schema::META_RECENT_BUILT);
+        store.commit(batch, true).unwrap();
+        assert_ne!(store.digest().unwrap(), digest, "the aggregates are gone");
+        (digest, (b.confirmed, b.immature, b.utxo_count))
+    };
+    let store = indexer::store::Store::open(db.path(), Network::Bitcoin).unwrap();
+    assert_eq!(store.digest().unwrap(), kept.0);
+    let q = Query::new(&store, Network::Bitcoin).unwrap();
+    let b = q.balance(&Target::Wallet("hot".into()), 150).unwrap();
+    assert_eq!((b.confirmed, b.immature, b.utxo_count), kept.1);
+}

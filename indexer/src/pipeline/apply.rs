@@ -10,7 +10,7 @@ use bitcoin::{BlockHash, OutPoint};
 use rustc_hash::FxHashMap as HashMap;
 
 use super::filter::FilteredBlock;
-use crate::store::schema::{self, Cf, UndoEntry};
+use crate::store::schema::{self, Cf, Recent, UndoEntry};
 use crate::store::{Reader, Store, StoreError};
 use crate::types::{
     Balance, Event, EventKind, Received, ScriptId, Spent, Transfer, Utxo, WalletId,
@@ -92,6 +92,8 @@ pub struct ApplyState<'s> {
     immature: BTreeMap<u32, Vec<OutPoint>>,
     // Transfers kept as reorged out: confirming one again ends that record.
     reorged: std::collections::HashSet<bitcoin::Txid>,
+    // Wallets' unspent outputs by creation height, as read or changed in this run.
+    recent: HashMap<(WalletId, u32), Recent>,
 }
 
 fn encode_balance(b: &Balance) -> Option<Vec<u8>> {
@@ -139,6 +141,7 @@ impl<'s> ApplyState<'s> {
             wallets_of: HashMap::default(),
             immature,
             reorged,
+            recent: HashMap::default(),
         })
     }
 
@@ -176,6 +179,46 @@ impl<'s> ApplyState<'s> {
         Ok(())
     }
 
+    /// An unspent output of `utxo`'s joins (`sign` 1) or leaves (-1) its wallets' outputs
+    /// of its creation height.
+    fn recent_change(
+        &mut self,
+        touched: &mut Touched,
+        utxo: &Utxo,
+        sign: i8,
+    ) -> Result<(), StoreError> {
+        for w in self.wallets(&utxo.script_id)? {
+            let key = (w, utxo.height);
+            let r = match self.recent.entry(key) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let stored = match self
+                        .store
+                        .get(Cf::WalletRecent, &schema::wallet_recent_key(w, utxo.height))?
+                    {
+                        Some(v) => schema::decode_recent(&v)?,
+                        None => Recent::default(),
+                    };
+                    e.insert(stored)
+                }
+            };
+            let field = if utxo.coinbase {
+                &mut r.coinbase
+            } else {
+                &mut r.plain
+            };
+            if sign > 0 {
+                *field += utxo.value;
+                r.count += 1;
+            } else {
+                *field = field.saturating_sub(utxo.value);
+                r.count = r.count.saturating_sub(1);
+            }
+            touched.recent.insert(key);
+        }
+        Ok(())
+    }
+
     /// Removes a watched UTXO (spent, or overwritten by a BIP30 duplicate).
     fn remove_utxo(
         &mut self,
@@ -195,6 +238,7 @@ impl<'s> ApplyState<'s> {
             None,
         );
         let immature = utxo.is_immature_at(prev_tip);
+        self.recent_change(touched, utxo, -1)?;
         self.update_balances(ch, touched, &utxo.script_id, |b| {
             b.remove(utxo.value, immature)
         })
@@ -291,6 +335,7 @@ impl<'s> ApplyState<'s> {
                 self.update_balances(&mut ch, &mut touched, &utxo.script_id, |b| {
                     b.add(utxo.value, immature)
                 })?;
+                self.recent_change(&mut touched, &utxo, 1)?;
                 if immature {
                     self.immature.entry(height).or_default().push(op);
                 }
@@ -312,6 +357,22 @@ impl<'s> ApplyState<'s> {
                 self.script_balances.remove(id);
             }
             ch.writes.insert((Cf::ScriptBalance, id.0.to_vec()), value);
+        }
+        // No undo entries: disconnecting derives them from the scripts' outputs, as it
+        // does wallet balances.
+        for key in &touched.recent {
+            let value = self
+                .recent
+                .get(key)
+                .filter(|r| !r.is_empty())
+                .map(|r| schema::encode_recent(r).to_vec());
+            ch.writes.insert(
+                (
+                    Cf::WalletRecent,
+                    schema::wallet_recent_key(key.0, key.1).to_vec(),
+                ),
+                value,
+            );
         }
         for w in &touched.wallets {
             let value = self.wallet_balances.get(w).and_then(encode_balance);
@@ -403,4 +464,5 @@ impl<'s> ApplyState<'s> {
 struct Touched {
     scripts: BTreeSet<ScriptId>,
     wallets: BTreeSet<WalletId>,
+    recent: BTreeSet<(WalletId, u32)>,
 }

@@ -171,6 +171,7 @@ impl Store {
             watch_generation_lock: std::sync::Mutex::new(()),
         };
         store.check_format(network)?;
+        crate::recent::build_once(&store)?;
         if store.get(Cf::Meta, schema::META_LOG_ID)?.is_none() {
             // A new database (or one from before log ids): its log gets its identity now.
             let id: [u8; 16] = bitcoin::secp256k1::rand::random();
@@ -463,7 +464,10 @@ impl Store {
     pub fn reset_chain_state(&self) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         let end = [0xffu8; 80];
-        for cf in [Cf::Headers, Cf::Undo].into_iter().chain(Cf::STATE) {
+        for cf in [Cf::Headers, Cf::Undo, Cf::Reorged]
+            .into_iter()
+            .chain(Cf::STATE)
+        {
             batch.inner.delete_range_cf(self.cf(cf), &[][..], &end[..]);
         }
         batch.delete(self, Cf::Meta, schema::META_TIP);
@@ -497,6 +501,30 @@ impl Store {
         let mut batch = Batch::default();
         let mut wallets: BTreeMap<WalletId, Balance> = BTreeMap::new();
         let mut events = Vec::new();
+        // A wallet's outputs by creation height follow its scripts' outputs, as its balance
+        // does: from each output key's state before the block and now.
+        let mut recent = crate::recent::RecentChanges::default();
+        let mut seen = std::collections::HashSet::new();
+        for UndoEntry { cf, key, prior } in &entries {
+            if *cf != Cf::ScriptUtxo || !seen.insert(key.clone()) {
+                continue;
+            }
+            let id = schema::decode_script_id(&key[..32])?;
+            let owners = self.watch(&id)?.map(|r| r.wallets).unwrap_or_default();
+            let mut apply = |bytes: &[u8], sign: i128| -> Result<(), StoreError> {
+                let (value, height, coinbase) = schema::decode_script_utxo(bytes)?;
+                for w in &owners {
+                    recent.add(*w, height, value, coinbase, sign);
+                }
+                Ok(())
+            };
+            if let Some(now) = self.get(Cf::ScriptUtxo, key)? {
+                apply(&now, -1)?;
+            }
+            if let Some(before) = prior {
+                apply(before, 1)?;
+            }
+        }
         // Restore in reverse: if a block touched a key twice, the first prior wins.
         for UndoEntry { cf, key, prior } in entries.iter().rev() {
             if *cf == Cf::ScriptBalance {
@@ -547,6 +575,7 @@ impl Store {
             }
             batch.set(self, *cf, key, prior.as_deref());
         }
+        recent.write(self, &mut batch)?;
         for (w, b) in &wallets {
             let value = (!b.is_empty()).then(|| schema::encode_balance(b));
             batch.set(

@@ -53,11 +53,15 @@ pub enum Cf {
     /// wallet + descriptor + branch -> derived up to (exclusive) and the gap limit: the
     /// look-ahead of a ranged descriptor, which grows as its scripts are paid.
     Ranges = 16,
+    /// wallet + creation height -> the wallet's unspent outputs created at that height
+    /// (value outside coinbases, value in coinbases, count): `min_conf` balances subtract
+    /// the last `min_conf - 1` heights from the wallet's total.
+    WalletRecent = 17,
 }
 
 impl Cf {
     /// Every column family, in id order.
-    pub const ALL: [Cf; 17] = [
+    pub const ALL: [Cf; 18] = [
         Cf::Meta,
         Cf::Headers,
         Cf::Wallets,
@@ -75,16 +79,18 @@ impl Cf {
         Cf::Reorged,
         Cf::Derived,
         Cf::Ranges,
+        Cf::WalletRecent,
     ];
 
     /// The families that make up the indexed state compared by the state digest.
-    pub const STATE: [Cf; 6] = [
+    pub const STATE: [Cf; 7] = [
         Cf::Utxo,
         Cf::ScriptUtxo,
         Cf::ScriptBalance,
         Cf::WalletBalance,
         Cf::Transfers,
         Cf::WalletHistory,
+        Cf::WalletRecent,
     ];
 
     /// RocksDB's name for the family.
@@ -107,6 +113,7 @@ impl Cf {
             Cf::Reorged => "reorged",
             Cf::Derived => "derived",
             Cf::Ranges => "ranges",
+            Cf::WalletRecent => "wallet_recent",
         }
     }
 
@@ -198,6 +205,9 @@ pub const META_VERSION: &[u8] = b"version";
 /// Meta key: u64, moved by every commit that changes the `watch` family; a saved bloom
 /// filter of the watched set is valid for the generation it names only.
 pub const META_WATCH_GENERATION: &[u8] = b"watch_generation";
+/// Meta key, present once `wallet_recent` holds every wallet's unspent outputs (built once
+/// for a database from before it existed).
+pub const META_RECENT_BUILT: &[u8] = b"wallet_recent_built";
 /// Meta key of the network name.
 pub const META_NETWORK: &[u8] = b"network";
 /// Meta key of the tip (height u32 BE + block hash).
@@ -330,6 +340,53 @@ pub fn encode_script_utxo(utxo: &Utxo) -> [u8; 13] {
 pub fn decode_script_utxo(bytes: &[u8]) -> Result<(u64, u32, bool), DecodeError> {
     let mut r = Reader::new("script utxo", bytes);
     let v = (r.u64()?, r.u32()?, r.u8()? != 0);
+    r.finish()?;
+    Ok(v)
+}
+
+/// A wallet's unspent outputs created at one height.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recent {
+    /// Value outside coinbases.
+    pub plain: u64,
+    /// Value in coinbases (immature until 100 blocks have passed).
+    pub coinbase: u64,
+    /// How many.
+    pub count: u64,
+}
+
+impl Recent {
+    /// Whether it holds nothing (its key is then deleted).
+    pub fn is_empty(&self) -> bool {
+        self.count == 0 && self.plain == 0 && self.coinbase == 0
+    }
+}
+
+/// Wallet-recent key: wallet + height.
+pub fn wallet_recent_key(wallet: WalletId, height: u32) -> [u8; 8] {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&wallet.0.to_be_bytes());
+    k[4..].copy_from_slice(&height.to_be_bytes());
+    k
+}
+
+/// Wallet-recent value: plain, coinbase, count (u64 BE each).
+pub fn encode_recent(r: &Recent) -> [u8; 24] {
+    let mut v = [0u8; 24];
+    v[..8].copy_from_slice(&r.plain.to_be_bytes());
+    v[8..16].copy_from_slice(&r.coinbase.to_be_bytes());
+    v[16..].copy_from_slice(&r.count.to_be_bytes());
+    v
+}
+
+/// Decodes a wallet-recent value.
+pub fn decode_recent(bytes: &[u8]) -> Result<Recent, DecodeError> {
+    let mut r = Reader::new("wallet recent", bytes);
+    let v = Recent {
+        plain: r.u64()?,
+        coinbase: r.u64()?,
+        count: r.u64()?,
+    };
     r.finish()?;
     Ok(v)
 }
