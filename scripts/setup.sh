@@ -18,11 +18,5 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest" >&2
   cargo install --locked cargo-nextest >/dev/null
 fi
-# One persistent target dir outside the clone, so a fresh clone reuses RocksDB's C++ build.
-if [ -z "${CARGO_TARGET_DIR:-}" ]; then
-  if [ -d /work ] && [ -w /work ]; then
-    export CARGO_TARGET_DIR=/work/target
-  else
-    export CARGO_TARGET_DIR="$PWD/target"
-  fi
-fi
+# A clone builds in ./target; CI (.ci/run) sets a persistent CARGO_TARGET_DIR instead.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
