@@ -346,8 +346,9 @@ pub const CHUNK: usize = 100_000;
 /// skipped) under `wallet`, [`CHUNK`] lines per committed batch, so that millions of
 /// scripts stream through in bounded memory. Chunks are committed without the
 /// write-ahead log and flushed to disk together at the end (the next process to open the
-/// database replays nothing): a run cut short loses the chunks not yet flushed, and is
-/// completed by running it again (scripts the wallet watches already are skipped). The new scripts go into `filter` when one is given.
+/// database replays nothing) and, for a large load, compacted: a run cut short loses the
+/// chunks not yet flushed, and is completed by running it again (scripts the wallet
+/// watches already are skipped). The new scripts go into `filter` when one is given.
 /// `on_chunk` hears the running totals.
 pub fn add_lines(
     store: &Store,
@@ -400,6 +401,13 @@ pub fn add_lines(
     }
     let total = total.ok_or(AddLinesError::Wallet(WalletError::Empty))?;
     store.flush_all().map_err(WalletError::from)?;
+    if total.new_scripts + total.known_scripts >= CHUNK {
+        // A bulk load of random script ids leaves a long compaction behind; done now, it
+        // is not paid by the rescan that follows.
+        for cf in [Cf::Watch, Cf::WalletScripts] {
+            store.compact(cf);
+        }
+    }
     Ok(total)
 }
 
