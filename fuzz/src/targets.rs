@@ -176,7 +176,10 @@ pub fn rpc_answers(data: &[u8]) {
     }
     if let Ok(v) = reply_of::<serde_json::Value>("estimatesmartfee", body) {
         if let Some(rate) = indexer::daemon::fee_rate_of(&v) {
-            assert!(rate <= bitcoin::Amount::MAX_MONEY);
+            assert!(
+                rate <= bitcoin::Amount::ONE_BTC,
+                "{rate} per kvB taken as an estimate"
+            );
         }
     }
 }

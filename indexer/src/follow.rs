@@ -1012,6 +1012,11 @@ impl Follower {
                             tip = (tip.0 + 1, hash);
                             // bitcoind announces its new tip.
                             self.metrics.bitcoind_height.set(i64::from(tip.0));
+                            // The block first: what it mined out of the mempool, and the
+                            // transactions bitcoind announced with it, wait until it is
+                            // indexed (decoding and hashing thousands of them alongside
+                            // took the cores the block's parse needs).
+                            await_commit(committed, tip.0, BLOCK_FIRST_LIMIT);
                             if let Some(mined) =
                                 kept.and_then(|b| deserialize::<bitcoin::Block>(&b).ok())
                             {
@@ -1022,10 +1027,6 @@ impl Follower {
                                 drop(m);
                                 self.log_changes(changes)?;
                             }
-                            // The transactions bitcoind announced with the block wait until
-                            // it is indexed: on a small machine, handling thousands of them
-                            // alongside would slow the block down several times.
-                            await_commit(committed, tip.0, BLOCK_FIRST_LIMIT);
                         }
                         Notice::HashBlock(hash)
                         | Notice::Sequence(SequenceEvent::Connected(hash)) => {

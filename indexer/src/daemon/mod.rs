@@ -363,12 +363,15 @@ impl Daemon {
 }
 
 /// The fee rate (per kvB) of an `estimatesmartfee` result, `None` when it has none or an
-/// impossible one (negative, above all bitcoin, not a number).
+/// impossible one: negative, not a number, or above 1 BTC/kvB (100,000 sat/vB, ten times
+/// bitcoind's own `maxfeerate` for sending; found by fuzzing: an answer of 42 million BTC
+/// per kvB was taken as an estimate).
 pub fn fee_rate_of(result: &Value) -> Option<Amount> {
     result
         .get("feerate")
         .and_then(Value::as_f64)
         .and_then(|btc| Amount::from_btc(btc).ok())
+        .filter(|rate| *rate <= Amount::ONE_BTC)
 }
 
 fn decode_tx_hex(txid: &Txid, hex: &str) -> Result<Vec<u8>, DaemonError> {
