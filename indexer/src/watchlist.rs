@@ -74,6 +74,11 @@ pub fn expand(text: &str, network: Network, gap_limit: u32) -> Result<Expanded, 
     } else {
         let parsed = Descriptor::<DescriptorPublicKey>::from_str(&descriptor)
             .map_err(|e| invalid(e.to_string()))?;
+        if parsed.for_any_key(hardened_from_public) {
+            return Err(invalid(
+                "a hardened step after an extended public key (`h` or `'`) needs the private key: use an xpub already derived past it".into(),
+            ));
+        }
         let wrong_kind = NetworkKind::from(network);
         if parsed.for_any_key(|k| key_network(k).is_some_and(|kind| kind != wrong_kind)) {
             return Err(WatchError::WrongNetwork {
@@ -174,6 +179,23 @@ fn address_script(addr: &str, network: Network, descriptor: &str) -> Result<Scri
             network,
         })?;
     Ok(checked.script_pubkey())
+}
+
+/// Whether an extended public key is derived with a hardened step (or a hardened
+/// wildcard): impossible without the private key. Found by fuzzing: miniscript 12 panics
+/// deriving `xpub/<0;1h>/*` instead of returning an error.
+fn hardened_from_public(key: &DescriptorPublicKey) -> bool {
+    use miniscript::descriptor::Wildcard;
+    let hardened = |p: &bitcoin::bip32::DerivationPath| p.into_iter().any(|c| c.is_hardened());
+    match key {
+        DescriptorPublicKey::Single(_) => false,
+        DescriptorPublicKey::XPub(x) => {
+            hardened(&x.derivation_path) || x.wildcard == Wildcard::Hardened
+        }
+        DescriptorPublicKey::MultiXPub(x) => {
+            x.derivation_paths.paths().iter().any(hardened) || x.wildcard == Wildcard::Hardened
+        }
+    }
 }
 
 /// The network kind an extended key is for; single keys belong to every network.
@@ -404,6 +426,21 @@ mod tests {
         assert!(expand(&format!("{body}#{sum}"), Network::Bitcoin, 1).is_ok());
         let err = expand(&format!("{body}#aaaaaaaa"), Network::Bitcoin, 1).unwrap_err();
         assert!(matches!(err, WatchError::Checksum { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_hardened_step_after_an_xpub_is_refused_not_a_panic() {
+        for bad in [
+            format!("tr({XPUB}/<0;1h>/*)"),
+            format!("wpkh({XPUB}/1'/*)"),
+            format!("wpkh({XPUB}/0/*h)"),
+        ] {
+            let err = expand(&bad, Network::Bitcoin, 3).unwrap_err();
+            assert!(
+                err.to_string().contains("needs the private key"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]
