@@ -89,6 +89,14 @@ pub fn expand(text: &str, network: Network, gap_limit: u32) -> Result<Expanded, 
         let singles = parsed
             .into_single_descriptors()
             .map_err(|e| invalid(e.to_string()))?;
+        // Each branch is derived gap_limit times: a descriptor of a thousand branches would
+        // make one request watch millions of scripts.
+        if singles.len() > MAX_BRANCHES {
+            return Err(invalid(format!(
+                "{} multipath branches; at most {MAX_BRANCHES}",
+                singles.len()
+            )));
+        }
         let mut scripts = Vec::new();
         for (branch, single) in singles.iter().enumerate() {
             let ranged = single.has_wildcard();
@@ -112,6 +120,9 @@ pub fn expand(text: &str, network: Network, gap_limit: u32) -> Result<Expanded, 
         derivations,
     })
 }
+
+/// Most multipath branches (`<0;1;...>`) in one descriptor.
+pub const MAX_BRANCHES: usize = 8;
 
 /// The scripts of branch `branch` of ranged descriptor `text` at indices `indices`: what
 /// the look-ahead derives when a script near the end of what is watched is paid.
@@ -441,6 +452,25 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_descriptor_of_too_many_branches_is_refused() {
+        let many: Vec<String> = (0..9).map(|i| i.to_string()).collect();
+        let bad = format!("wpkh({XPUB}/<{}>/*)", many.join(";"));
+        let err = expand(&bad, Network::Bitcoin, 3).unwrap_err();
+        assert!(err.to_string().contains("9 multipath branches"), "{err}");
+        assert_eq!(
+            expand(
+                &format!("wpkh({XPUB}/<0;1;2;3;4;5;6;7>/*)"),
+                Network::Bitcoin,
+                2
+            )
+            .unwrap()
+            .scripts
+            .len(),
+            16
+        );
     }
 
     #[test]
