@@ -24,11 +24,11 @@ use bitcoin::hex::FromHex;
 use bitcoin::{block, Address, BlockHash, Network, ScriptBuf};
 use clap::Parser;
 use crossbeam_channel::RecvTimeoutError;
-use indexer::daemon::zmq::{self as izmq, Notice, Topic, ZmqEndpoints};
 use indexer::follow::{FollowOptions, Follower};
 use indexer::pipeline::parse::{parse_block, RawBlock};
 use indexer::store::{Reader, Store};
 use indexer::wallets;
+use indexer::zmq_feed::{self as izmq, Notice, Topic, ZmqEndpoints};
 use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use serde_json::json;
@@ -106,7 +106,7 @@ fn start_subscribers(
     store: Arc<Store>,
     n: usize,
 ) -> Result<(tokio::runtime::Runtime, Arc<AtomicU64>)> {
-    let runtime = indexer::grpc::runtime()?;
+    let runtime = indexer::serve_priority::runtime()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;
     runtime.spawn(indexer::grpc::serve(

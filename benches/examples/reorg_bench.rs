@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Parser;
+use indexer::script_filter::ScriptFilter;
 use indexer::store::{Reader, Store};
-use indexer::watchlist::ScriptFilter;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -17,7 +17,7 @@ use bitcoin::hashes::{sha256, Hash};
 use clap::Parser;
 use indexer::pipeline::parse::{parse_block, RawBlock};
 use indexer::pipeline::Progress;
-use indexer::watchlist::ScriptFilter;
+use indexer::script_filter::ScriptFilter;
 use rayon::prelude::*;
 
 #[global_allocator]

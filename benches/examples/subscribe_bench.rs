@@ -260,7 +260,7 @@ fn main() -> Result<()> {
     }
     let args = Args::parse();
     // The server's runtime as `indexer serve`/`run` build it (below indexing's priority).
-    let runtime = indexer::grpc::runtime()?;
+    let runtime = indexer::serve_priority::runtime()?;
     let (with, subscribers) = if args.busy_loop {
         ("with a busy loop at serving priority".to_string(), 0)
     } else {

@@ -15,9 +15,9 @@ use anyhow::{Context, Result};
 use bitcoin::Network;
 use indexer::pipeline::{PipelineOptions, Progress};
 use indexer::rescan::{rescan_blocks_dir, RescanRequest};
+use indexer::script_filter::ScriptFilter;
 use indexer::store::Store;
 use indexer::wallets;
-use indexer::watchlist::ScriptFilter;
 
 /// A fresh database in a temp dir watching `chain`'s `watched.txt` as wallet `bench`, and
 /// the bloom filter over it: what both benchmarks index into.

@@ -5,7 +5,7 @@ use bitcoin::hashes::Hash;
 use bitcoin::{block, Block, BlockHash, Network};
 use indexer::blkfile::BlocksDir;
 use indexer::pipeline::parse::{parse_block, RawBlock};
-use indexer::watchlist::ScriptFilter;
+use indexer::script_filter::ScriptFilter;
 
 /// The network of a fuzz input's selector byte.
 fn network(selector: u8) -> Network {
@@ -110,7 +110,7 @@ pub fn block_parse(data: &[u8]) {
 /// each frame as a length and its bytes (see [`zmq_message`]); all messages go through one
 /// tracker, so sequence numbers are checked across them too.
 pub fn zmq_frames(data: &[u8]) {
-    let mut tracker = indexer::daemon::zmq::SequenceTracker::default();
+    let mut tracker = indexer::zmq_feed::SequenceTracker::default();
     let mut rest = data;
     while let Some((&count, after)) = rest.split_first() {
         rest = after;
@@ -162,11 +162,11 @@ pub fn zmq_message(frames: &[&[u8]]) -> Vec<u8> {
 
 /// A JSON-RPC answer body, read as each reply the indexer and orchestrator use.
 pub fn rpc_answers(data: &[u8]) {
-    use indexer::daemon::rpc::reply_of;
+    use bitcoind::rpc::reply_of;
     let Ok(body) = std::str::from_utf8(data) else {
         return;
     };
-    let _ = reply_of::<indexer::daemon::ChainInfo>("getblockchaininfo", body);
+    let _ = reply_of::<bitcoind::ChainInfo>("getblockchaininfo", body);
     let _ = reply_of::<BlockHash>("getbestblockhash", body);
     let _ = reply_of::<Vec<bitcoin::Txid>>("getrawmempool", body);
     let _ = reply_of::<bitcoin::Txid>("sendrawtransaction", body);
@@ -175,7 +175,7 @@ pub fn rpc_answers(data: &[u8]) {
         let _ = Vec::<u8>::from_hex(&hex);
     }
     if let Ok(v) = reply_of::<serde_json::Value>("estimatesmartfee", body) {
-        if let Some(rate) = indexer::daemon::fee_rate_of(&v) {
+        if let Some(rate) = bitcoind::fee_rate_of(&v) {
             assert!(
                 rate <= bitcoin::Amount::ONE_BTC,
                 "{rate} per kvB taken as an estimate"
@@ -194,10 +194,10 @@ pub fn descriptors(data: &[u8]) {
         return;
     };
     let gap_limit = 1 + u32::from(*gap % 64);
-    if let Ok(expanded) = indexer::watchlist::expand(text, network(*selector), gap_limit) {
+    if let Ok(expanded) = indexer::descriptors::expand(text, network(*selector), gap_limit) {
         assert!(!expanded.scripts.is_empty(), "a descriptor with no script");
         assert!(
-            expanded.scripts.len() <= indexer::watchlist::MAX_BRANCHES * gap_limit as usize,
+            expanded.scripts.len() <= indexer::descriptors::MAX_BRANCHES * gap_limit as usize,
             "{} scripts from one descriptor",
             expanded.scripts.len()
         );
@@ -225,8 +225,8 @@ pub fn config_toml(data: &[u8]) {
         return;
     };
     let path = std::path::Path::new("fuzz.toml");
-    if let Ok(file) = indexer::config::parse_toml::<indexer::config::FileConfig>(path, text) {
+    if let Ok(file) = service::config::parse_toml::<indexer::config::FileConfig>(path, text) {
         let _ = indexer::config::Config::resolve(file);
     }
-    let _ = indexer::config::parse_toml::<orchestrator::config::FileConfig>(path, text);
+    let _ = service::config::parse_toml::<orchestrator::config::FileConfig>(path, text);
 }

@@ -6,31 +6,9 @@ use std::path::{Path, PathBuf};
 use bitcoin::Network;
 use serde::Deserialize;
 
-/// A setting that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The config file cannot be read.
-    #[error("reading config file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML for these settings.
-    #[error("config file {}{}: {message}", path.display(), line.map(|l| format!(", line {l}")).unwrap_or_default())]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The line at fault, when known.
-        line: Option<usize>,
-        /// What is wrong (for an unknown key: the keys there are).
-        message: String,
-    },
-    /// A value is out of range or unknown.
-    #[error("{0}")]
-    Invalid(String),
-}
+use bitcoind::default_rpc_port;
+pub use service::config::ConfigError;
+use service::config::{check_no_credentials, parse_network, parse_toml};
 
 /// Settings as they may appear in the config file (every one optional).
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -126,11 +104,11 @@ pub struct BitcoindConfig {
     /// JSON-RPC URL.
     pub rpc_url: String,
     /// Credentials (a password is never printed).
-    pub auth: crate::daemon::Auth,
+    pub auth: bitcoind::Auth,
     /// Fetch blocks over REST.
     pub rest: bool,
     /// ZMQ topics and their endpoints.
-    pub zmq: crate::daemon::zmq::ZmqEndpoints,
+    pub zmq: crate::zmq_feed::ZmqEndpoints,
     /// Tip polling interval without ZMQ.
     pub poll_interval: std::time::Duration,
     /// Silence after which the tip is checked over RPC.
@@ -141,17 +119,6 @@ pub struct BitcoindConfig {
     pub startup_wait: std::time::Duration,
 }
 
-/// bitcoind's default RPC port for a network.
-pub fn default_rpc_port(network: Network) -> u16 {
-    match network {
-        Network::Bitcoin => 8332,
-        Network::Testnet => 18332,
-        Network::Testnet4 => 48332,
-        Network::Signet => 38332,
-        _ => 18443,
-    }
-}
-
 impl BitcoindFileConfig {
     /// Resolves the settings for `network`; `password_env` is `INDEXER_BITCOIND_RPC_PASSWORD`.
     pub fn resolve(
@@ -159,7 +126,7 @@ impl BitcoindFileConfig {
         network: Network,
         password_env: Option<String>,
     ) -> Result<BitcoindConfig, ConfigError> {
-        use crate::daemon::zmq::{Topic, ZmqEndpoints};
+        use crate::zmq_feed::{Topic, ZmqEndpoints};
         let rpc_url = self
             .rpc_url
             .clone()
@@ -175,7 +142,7 @@ impl BitcoindFileConfig {
             Some(user) => {
                 let password = match (&self.rpc_password_file, password_env) {
                     (Some(file), _) => {
-                        crate::auth::read_secret_file("bitcoind.rpc_password_file", file)
+                        service::auth::read_secret_file("bitcoind.rpc_password_file", file)
                             .map_err(|e| ConfigError::Invalid(e.to_string()))?
                     }
                     (None, Some(p)) => p,
@@ -185,7 +152,7 @@ impl BitcoindFileConfig {
                         ))
                     }
                 };
-                crate::daemon::Auth::UserPass {
+                bitcoind::Auth::UserPass {
                     user: user.clone(),
                     password,
                 }
@@ -199,7 +166,7 @@ impl BitcoindFileConfig {
                         )
                     })?,
                 };
-                crate::daemon::Auth::Cookie(cookie)
+                bitcoind::Auth::Cookie(cookie)
             }
         };
         let mut zmq = ZmqEndpoints::default();
@@ -236,19 +203,6 @@ impl BitcoindFileConfig {
     }
 }
 
-/// Refuses a URL with a user or password in it: URLs appear in logs and error messages.
-pub fn check_no_credentials(url: &str, key: &str) -> Result<(), ConfigError> {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.contains('@') {
-        return Err(ConfigError::Invalid(format!(
-            "{key} must not hold credentials (they would show in logs): use a cookie file, \
-             or a user with a password file"
-        )));
-    }
-    Ok(())
-}
-
 /// Where bitcoind writes its cookie by default (`~/.bitcoin/[<network>/].cookie`).
 fn default_cookie_file(network: Network) -> Option<PathBuf> {
     let home = std::env::var_os("HOME")?;
@@ -261,21 +215,6 @@ fn default_cookie_file(network: Network) -> Option<PathBuf> {
         _ => p.push("regtest"),
     }
     Some(p.join(".cookie"))
-}
-
-/// Parses the text of config file `path`; a failure names the file, the line and the
-/// problem in one line (no source excerpt), as an operator's log wants it.
-pub fn parse_toml<T: serde::de::DeserializeOwned>(
-    path: &Path,
-    text: &str,
-) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        line: e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1),
-        message: e.message().trim().to_owned(),
-    })
 }
 
 impl FileConfig {
@@ -347,20 +286,6 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// CA whose certificates clients must present (`None`: no client certificates).
     pub client_ca: Option<PathBuf>,
-}
-
-/// Parses a network name as the CLI and config take it.
-pub fn parse_network(name: &str) -> Result<Network, ConfigError> {
-    match name {
-        "mainnet" | "bitcoin" | "main" => Ok(Network::Bitcoin),
-        "testnet3" | "testnet" | "test" => Ok(Network::Testnet),
-        "testnet4" => Ok(Network::Testnet4),
-        "signet" => Ok(Network::Signet),
-        "regtest" => Ok(Network::Regtest),
-        other => Err(ConfigError::Invalid(format!(
-            "unknown network {other:?}: use mainnet, testnet3, testnet4, signet or regtest"
-        ))),
-    }
 }
 
 impl Config {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use bitcoin::BlockHash;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::daemon::{Daemon, DaemonError};
 use crate::pipeline::parse::RawBlock;
 use crate::pipeline::SourceError;
+use bitcoind::{Daemon, DaemonError};
 
 /// Heights listed per `getblockhash` batch.
 const HASH_BATCH: u32 = 500;

@@ -8,20 +8,18 @@ use bitcoin::Network;
 use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_server::{Indexer, IndexerServer};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status};
 
-use crate::auth::BearerToken;
+use crate::add_watch::{self, AddWatchError, WatchChanges, WatchRequest};
 use crate::convert;
 use crate::event_feed::{EventFeed, EventStream};
-use crate::mempool::{Gone, Mempool};
+use crate::mempool::{Gone, SharedMempool};
 use crate::metrics::IndexerMetrics;
 use crate::query::{Query, QueryError};
-use crate::serve_priority;
 use crate::store::Store;
 use crate::wallets::WalletError;
-use crate::watching::{self, AddWatchError, WatchChanges, WatchRequest};
+use service::auth::BearerToken;
 
 /// The query service over one database.
 pub struct IndexerService {
@@ -37,9 +35,6 @@ pub struct IndexerService {
     events: std::sync::OnceLock<Arc<EventFeed>>,
     metrics: IndexerMetrics,
 }
-
-/// The mempool tracker as the follower and the server share it.
-pub type SharedMempool = Arc<std::sync::RwLock<Mempool>>;
 
 impl IndexerService {
     /// A service answering from `store`; its subscriptions end when `stopping` turns true.
@@ -203,7 +198,7 @@ impl Indexer for IndexerService {
                 let (store, network) = (self.store.clone(), self.network);
                 let request = request(*gap_limit);
                 tokio::task::spawn_blocking(move || {
-                    watching::apply(&store, network, request, None)
+                    add_watch::apply(&store, network, request, None)
                 })
                 .await
                 .map_err(|e| Status::internal(format!("AddWatch task failed: {e}")))?;
@@ -284,24 +279,29 @@ impl Indexer for IndexerService {
     ) -> Result<Response<pb::GetBalanceResponse>, Status> {
         let req = req.into_inner();
         let target = convert::target(req.target)?;
-        let with_ids = self.mempool.is_some();
+        let mempool = self.mempool.as_ref();
+        // One snapshot for both: a transaction the snapshot has confirmed is not also
+        // counted from the mempool.
         let answer = move |q: &Query<'_>| {
-            let ids = if with_ids {
-                Some(q.target_ids(&target)?)
-            } else {
-                None
+            let b = q.balance(&target, req.min_conf)?;
+            let unconfirmed = match mempool {
+                Some(m) => {
+                    let (wallet, script) = q.target_ids(&target)?;
+                    let m = m.read().expect("mempool lock is never poisoned");
+                    let mut indexed = std::collections::HashSet::new();
+                    for txid in m.txids() {
+                        if q.has_transfer(&txid)? {
+                            indexed.insert(txid);
+                        }
+                    }
+                    m.unconfirmed(wallet, script.as_ref(), |t| indexed.contains(t))
+                }
+                None => 0,
             };
-            Ok((q.balance(&target, req.min_conf)?, ids))
+            Ok((b, unconfirmed))
         };
         // Stored aggregates: the total, less the last `min_conf - 1` heights' outputs.
-        let (b, ids) = self.quick(answer)?;
-        let unconfirmed = match (&self.mempool, ids) {
-            (Some(m), Some((wallet, script))) => m
-                .read()
-                .expect("mempool lock is never poisoned")
-                .unconfirmed(wallet, script.as_ref()),
-            _ => 0,
-        };
+        let (b, unconfirmed) = self.quick(answer)?;
         let (height, tip_hash) = convert::tip(b.tip);
         Ok(Response::new(pb::GetBalanceResponse {
             confirmed_sat: b.confirmed,
@@ -412,37 +412,6 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// The async runtime the gRPC server runs on. Its threads are serving threads
-/// ([`serve_priority`]): 10 nice steps below the thread that builds it, and on idle CPU
-/// only while a long catch-up runs, so consumers do not slow it down: subscriptions are
-/// back-pressured and catch up when indexing idles, and queries answer when a core is free.
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let nice = serve_priority::serve_nice();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("grpc")
-        .on_thread_start(move || serve_priority::enroll(nice))
-        .on_thread_stop(serve_priority::leave)
-        .build()
-}
-
-/// The connections `listener` accepts, with Nagle's algorithm off. Serving from our own
-/// listener skips tonic's `tcp_nodelay`, and a small answer then waited for the client's
-/// delayed ACK: 40 ms for each call of a client that calls one at a time.
-pub fn no_delay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|accepted| {
-        if let Ok(stream) = &accepted {
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
-        }
-        accepted
-    })
-}
-
 /// Who may call, over what, and where writes go.
 #[derive(Clone, Default)]
 pub struct Access {
@@ -533,7 +502,7 @@ pub async fn serve_observed(
                 None => Ok(req),
             },
         ))
-        .serve_with_incoming_shutdown(no_delay(listener), shutdown)
+        .serve_with_incoming_shutdown(service::listener::no_delay(listener), shutdown)
         .await?;
     Ok(())
 }

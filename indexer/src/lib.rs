@@ -1,31 +1,38 @@
 //! Block indexer for watched wallets.
 //!
 //! ```text
-//!  blk*.dat ─▶ blkfile ─▶ chain (most work) ─┐
-//!                                            ▼
-//!        pipeline: read ─▶ parse ─▶ filter ─▶ apply ─▶ write ─▶ store (RocksDB)
-//!                          rayon    bloom +   UTXOs,   one batch:
-//!                                   exact     balances data + undo + tip
+//!  bitcoind ──RPC/REST──▶ fetch ─┐        (catch-up; ZMQ rawblock at the tip)
+//!  blk*.dat ─▶ blkfile ─▶ chain ─┤
+//!                                ▼
+//!   pipeline: read ─▶ parse ─▶ filter ─▶ apply ─▶ write ─▶ store (RocksDB)
+//!                     rayon    bloom +   UTXOs,   one batch:
+//!                              exact     balances data + undo + tip + events
+//!                                                           │
+//!   gRPC (grpc, query, event_feed) ◀── reads snapshots ─────┘
 //! ```
 //!
-//! Modules, from the entry down to the pure core:
-//! - [`auth`] checks bearer tokens on gRPC calls;
-//! - [`grpc`] serves `indexer.v1.Indexer` (with [`convert`] between queries and messages,
-//!   [`event_feed`] reading the event log once for every subscriber, and
-//!   [`serve_priority`] keeping serving out of indexing's way);
-//! - [`query`] answers balance and UTXO queries from one snapshot;
-//! - [`follow`] keeps the index on bitcoind's best chain ([`daemon`] talks to bitcoind over
-//!   RPC, REST and ZMQ; [`fetch`] prefetches blocks for catch-up);
-//! - [`rescan`] drives a rescan from block files (chain choice, reorg, resume);
-//! - [`pipeline`] is the staged block pipeline;
-//! - [`wallets`] keeps wallets and watched scripts in the database;
-//! - [`store`] is the only module that names RocksDB, and [`store::schema`] holds every layout;
-//! - [`blkfile`] reads bitcoind's block files;
-//! - [`config`] holds the settings;
-//! - [`metrics`] counts what the others do and serves it over HTTP; [`logs`] sets up logging;
-//! - the pure core: [`chain`] (best chain), [`watchlist`] (descriptors, bloom), [`types`].
+//! Modules by layer; each imports only from the layers below it:
+//! - serving: [`grpc`] serves `indexer.v1.Indexer` ([`convert`] between queries and
+//!   messages, [`event_feed`] reading the event log once for every subscriber,
+//!   [`serve_priority`] keeping serving out of indexing's way); [`query`] answers balance
+//!   and UTXO queries from one snapshot;
+//! - driving: [`follow`] keeps the index on bitcoind's best chain (over the `bitcoind`
+//!   crate, [`zmq_feed`] and [`fetch`]); [`rescan`] indexes bitcoind's block files;
+//!   [`add_watch`] takes `AddWatch` requests and [`backfill`] indexes new scripts' history;
+//!   [`mempool`] tracks watched transactions in bitcoind's mempool;
+//! - the block path: [`pipeline`] (parse, filter, apply, write), [`wallets`] (wallets and
+//!   watched scripts in the database);
+//! - edges: [`store`] is the only module that names RocksDB ([`store::schema`] holds every
+//!   layout); [`blkfile`] reads block files; [`zmq_feed`] reads bitcoind's notifications;
+//!   [`metrics`] counts what the others do; [`config`] holds the settings;
+//! - the pure core: [`chain`] (best chain of headers), [`descriptors`] (descriptors to
+//!   scripts), [`script_filter`] (the bloom filter), [`block_check`] (a body against its
+//!   header), [`buffers`], [`types`].
+//!
+//! What both binaries share lives in crates of its own: `bitcoind` (the RPC/REST client)
+//! and `service` (auth, logging, metrics HTTP, config helpers).
 
-pub mod auth;
+pub mod add_watch;
 pub mod backfill;
 pub mod blkfile;
 pub mod block_check;
@@ -33,21 +40,19 @@ pub mod buffers;
 pub mod chain;
 pub mod config;
 pub mod convert;
-pub mod daemon;
+pub mod descriptors;
 pub mod event_feed;
 pub mod fetch;
 pub mod follow;
 pub mod grpc;
-pub mod logs;
 pub mod mempool;
 pub mod metrics;
 pub mod pipeline;
 pub mod query;
-pub mod recent;
 pub mod rescan;
+pub mod script_filter;
 pub mod serve_priority;
 pub mod store;
 pub mod types;
 pub mod wallets;
-pub mod watching;
-pub mod watchlist;
+pub mod zmq_feed;

@@ -10,18 +10,19 @@ use clap::{Args, Parser, Subcommand};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use indexer::auth::BearerToken;
+use bitcoind::{Daemon, DaemonError};
 use indexer::config::{BitcoindFileConfig, Config, FileConfig};
-use indexer::daemon::{Daemon, DaemonError};
 use indexer::follow::{FollowOptions, Follower};
-use indexer::logs::{self, LogFormat};
-use indexer::metrics::{IndexerMetrics, Probe};
+use indexer::metrics::IndexerMetrics;
 use indexer::pipeline::{PipelineOptions, Progress, WriteOptions};
 use indexer::rescan::{self, Plan, RescanRequest};
 use indexer::store::schema::Cf;
 use indexer::store::{Reader, Store};
 use indexer::{grpc, wallets};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use service::auth::BearerToken;
+use service::logs::{self, LogFormat};
+use service::metrics_http::Probe;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 // Parsing allocates and frees many small objects across the pipeline's threads: mimalloc's
@@ -350,7 +351,7 @@ fn grpc_access(config: &Config, addr: std::net::SocketAddr) -> Result<grpc::Acce
     Ok(grpc::Access {
         token,
         tls,
-        watch: indexer::watching::WatchChanges::Refused,
+        watch: indexer::add_watch::WatchChanges::Refused,
     })
 }
 
@@ -408,7 +409,7 @@ fn follower(store: Arc<Store>, config: &Config, stop: Arc<AtomicBool>) -> Result
         tracing::info!(interval = ?bitcoind.poll_interval, "no ZMQ endpoints configured: polling bitcoind");
         None
     } else {
-        Some(indexer::daemon::zmq::spawn(&bitcoind.zmq, stop.clone())?)
+        Some(indexer::zmq_feed::spawn(&bitcoind.zmq, stop.clone())?)
     };
     let opts = FollowOptions {
         poll_interval: bitcoind.poll_interval,
@@ -434,7 +435,7 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
     let mut access = grpc_access(config, addr)?;
     let store = Arc::new(store);
     let stop = Arc::new(AtomicBool::new(false));
-    let (watch, watch_requests, backfills) = indexer::watching::channel(config.gap_limit);
+    let (watch, watch_requests, backfills) = indexer::add_watch::channel(config.gap_limit);
     access.watch = watch;
     let metrics = IndexerMetrics::default();
     let (follower, node_height) = follower(store.clone(), config, stop.clone())?;
@@ -447,7 +448,7 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
         .with_metrics(metrics.clone())
         .on_commit(move |p| sink.caught_up_to(p));
     let mempool = follower.mempool();
-    let runtime = grpc::runtime().context("starting the async runtime")?;
+    let runtime = indexer::serve_priority::runtime().context("starting the async runtime")?;
     let (follower_done, follower_ended) = tokio::sync::oneshot::channel::<()>();
     // Before the thread starts, so /health never answers "down" while it is starting.
     metrics.set_follower_alive(true);
@@ -503,7 +504,7 @@ fn run_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<
 fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Result<()> {
     let mut access = grpc_access(config, addr)?;
     // Nothing else writes to the database here: AddWatch applies directly.
-    access.watch = indexer::watching::WatchChanges::Direct {
+    access.watch = indexer::add_watch::WatchChanges::Direct {
         gap_limit: config.gap_limit,
     };
     let metrics = IndexerMetrics::default();
@@ -511,7 +512,7 @@ fn serve_cmd(store: Store, config: &Config, addr: std::net::SocketAddr) -> Resul
         // Nothing here moves the tip.
         metrics.indexed_height.set(i64::from(height));
     }
-    let runtime = grpc::runtime().context("starting the async runtime")?;
+    let runtime = indexer::serve_priority::runtime().context("starting the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -549,7 +550,7 @@ fn serve_metrics(config: &Config, probe: Arc<dyn Probe>) -> Result<()> {
     let Some(addr) = config.metrics_listen else {
         return Ok(());
     };
-    let local = indexer::metrics::http::start(addr, probe)
+    let local = service::metrics_http::start(addr, probe)
         .with_context(|| format!("serving metrics on {addr}"))?;
     println!("metrics\t{local}");
     Ok(())
@@ -600,7 +601,7 @@ fn add_watched(
     wallet: &str,
     lines: impl Iterator<Item = std::io::Result<String>>,
     birth_height: Option<u32>,
-    filter: &indexer::watchlist::ScriptFilter,
+    filter: &indexer::script_filter::ScriptFilter,
 ) -> Result<wallets::Added> {
     let started = Instant::now();
     let target = wallets::WatchTarget {

@@ -319,6 +319,18 @@ impl<'a> Query<'a> {
         Ok((page.into_iter().map(|(_, e)| e).collect(), next))
     }
 
+    /// Whether transaction `txid` is confirmed in this snapshot (it touched watched scripts
+    /// in a block of the chain).
+    pub fn has_transfer(&self, txid: &Txid) -> Result<bool, QueryError> {
+        let mut found = false;
+        self.snap
+            .scan(Cf::Transfers, txid.as_byte_array(), None, |_, _| {
+                found = true;
+                Ok::<_, QueryError>(false)
+            })?;
+        Ok(found)
+    }
+
     /// What transaction `txid` (display hex) did to watched scripts: one entry, or two for
     /// a BIP30 duplicate coinbase; empty if it touched none.
     pub fn transfer(&self, txid: &str) -> Result<Vec<TransferEntry>, QueryError> {

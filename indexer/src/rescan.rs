@@ -13,9 +13,9 @@ use crate::blkfile::{BlkError, BlocksDir, PartialTail};
 use crate::chain::{self, ChainEntry, ChainError, Rejected};
 use crate::pipeline::parse::RawBlock;
 use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
+use crate::script_filter::ScriptFilter;
 use crate::store::schema::{self, Cf};
 use crate::store::{Batch, Reader, Store, StoreError};
-use crate::watchlist::ScriptFilter;
 
 /// What to rescan.
 #[derive(Clone, Debug)]

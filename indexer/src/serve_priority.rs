@@ -224,6 +224,20 @@ fn set_policy(tid: Pid, idle: bool) -> io::Result<()> {
     }
 }
 
+/// The async runtime the gRPC server runs on. Its threads are serving threads
+/// (this module): 10 nice steps below the thread that builds it, and on idle CPU
+/// only while a long catch-up runs, so consumers do not slow it down: subscriptions are
+/// back-pressured and catch up when indexing idles, and queries answer when a core is free.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let nice = serve_nice();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("grpc")
+        .on_thread_start(move || enroll(nice))
+        .on_thread_stop(leave)
+        .build()
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -307,7 +321,7 @@ mod tests {
         let me = rustix::thread::gettid().as_raw_nonzero().to_string();
         let mine = scheduling(&me);
         let nice = serve_nice();
-        let rt = crate::grpc::runtime().unwrap();
+        let rt = runtime().unwrap();
         if rt.metrics().num_workers() < 2 {
             // One worker kept busy would leave none for the blocking tasks below.
             eprintln!("one CPU: a busy worker cannot be tested here");

@@ -7,10 +7,11 @@ use rayon::prelude::*;
 
 use bitcoin::{Network, ScriptBuf};
 
+use crate::descriptors::{self, WatchError};
+use crate::script_filter::ScriptFilter;
 use crate::store::schema::{self, Cf, WatchRecord};
 use crate::store::{Batch, Reader, Store, StoreError};
 use crate::types::{Balance, ScriptId, WalletId};
-use crate::watchlist::{self, ScriptFilter, WatchError};
 
 /// Why a watch could not be added.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +129,7 @@ pub fn prepare(
     }
     let expanded = descriptors
         .par_iter()
-        .map(|d| watchlist::expand(d, network, gap_limit))
+        .map(|d| descriptors::expand(d, network, gap_limit))
         .collect::<Result<Vec<_>, _>>()?;
 
     let mut batch = Batch::default();
@@ -281,7 +282,7 @@ pub fn prepare(
     }
     if !joined.is_empty() {
         // Their unspent outputs now count for this wallet too, by creation height.
-        let mut recent = crate::recent::RecentChanges::default();
+        let mut recent = crate::store::recent::RecentChanges::default();
         for sid in &joined {
             store.for_each_prefix(Cf::ScriptUtxo, &sid.0, |_, v| {
                 let (value, height, coinbase) = schema::decode_script_utxo(v)?;

@@ -69,9 +69,9 @@ fn run_command(node: &devnet::NodeHandle, common: &[&str]) -> Command {
 }
 
 fn rpc(node: &devnet::NodeHandle, method: &str, params: serde_json::Value) -> serde_json::Value {
-    let client = indexer::daemon::RpcClient::new(
+    let client = bitcoind::RpcClient::new(
         &node.rpc_url(),
-        indexer::daemon::Auth::Cookie(node.cookie_file().unwrap()),
+        bitcoind::Auth::Cookie(node.cookie_file().unwrap()),
         Duration::from_secs(60),
     );
     client.call(method, params).unwrap()

@@ -79,7 +79,7 @@ pub struct Config {
     /// bitcoind RPC URL.
     pub bitcoind_rpc_url: String,
     /// bitcoind credentials (a password is never printed).
-    pub bitcoind_auth: indexer::daemon::Auth,
+    pub bitcoind_auth: bitcoind::Auth,
     /// How long bitcoind and the indexer may stay unreachable at start.
     pub startup_wait: std::time::Duration,
     /// Saga database.
@@ -101,7 +101,7 @@ impl FileConfig {
     pub fn read(path: &Path) -> Result<FileConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
-        indexer::config::parse_toml(path, &text).map_err(|e| ConfigError(e.to_string()))
+        service::config::parse_toml(path, &text).map_err(|e| ConfigError(e.to_string()))
     }
 
     /// Fills what this one lacks from `other`.
@@ -143,7 +143,7 @@ impl FileConfig {
                 ))
             })
         };
-        let network = indexer::config::parse_network(self.network.as_deref().unwrap_or("mainnet"))
+        let network = service::config::parse_network(self.network.as_deref().unwrap_or("mainnet"))
             .map_err(|e| ConfigError(e.to_string()))?;
         let change_text = self.change_address.ok_or_else(|| {
             ConfigError("change_address is required: an address of the paying wallet".into())
@@ -170,12 +170,9 @@ impl FileConfig {
         };
         check_policy(&policy)?;
         let bitcoind_rpc_url = self.bitcoind_rpc_url.unwrap_or_else(|| {
-            format!(
-                "http://127.0.0.1:{}/",
-                indexer::config::default_rpc_port(network)
-            )
+            format!("http://127.0.0.1:{}/", bitcoind::default_rpc_port(network))
         });
-        indexer::config::check_no_credentials(&bitcoind_rpc_url, "bitcoind_rpc_url")
+        service::config::check_no_credentials(&bitcoind_rpc_url, "bitcoind_rpc_url")
             .map_err(|e| ConfigError(e.to_string()))?;
         Ok(Config {
             network,
@@ -247,12 +244,12 @@ fn bitcoind_auth(
     user: Option<String>,
     password_file: Option<PathBuf>,
     password_env: Option<String>,
-) -> Result<indexer::daemon::Auth, ConfigError> {
+) -> Result<bitcoind::Auth, ConfigError> {
     match (user, cookie_file) {
         (Some(user), _) => {
             let password = match (password_file, password_env) {
                 (Some(file), _) => {
-                    indexer::auth::read_secret_file("bitcoind_rpc_password_file", &file)
+                    service::auth::read_secret_file("bitcoind_rpc_password_file", &file)
                         .map_err(|e| ConfigError(e.to_string()))?
                 }
                 (None, Some(p)) => p,
@@ -262,9 +259,9 @@ fn bitcoind_auth(
                     ))
                 }
             };
-            Ok(indexer::daemon::Auth::UserPass { user, password })
+            Ok(bitcoind::Auth::UserPass { user, password })
         }
-        (None, Some(cookie)) => Ok(indexer::daemon::Auth::Cookie(cookie)),
+        (None, Some(cookie)) => Ok(bitcoind::Auth::Cookie(cookie)),
         (None, None) => Err(ConfigError(
             "bitcoind credentials are required: bitcoind_cookie_file, or bitcoind_rpc_user with bitcoind_rpc_password_file (config keys or --flags)".into(),
         )),

@@ -63,7 +63,7 @@ pub enum StepError {
     Indexer(#[from] tonic::Status),
     /// bitcoind failed or is unreachable.
     #[error(transparent)]
-    Daemon(#[from] indexer::daemon::DaemonError),
+    Daemon(#[from] bitcoind::DaemonError),
     /// The saga database failed, or the saga moved meanwhile.
     #[error(transparent)]
     Store(#[from] SagaStoreError),
@@ -76,7 +76,7 @@ pub enum StepError {
 pub struct Executor {
     store: Arc<SagaStore>,
     indexer: Indexer,
-    daemon: Arc<indexer::daemon::Daemon>,
+    daemon: Arc<bitcoind::Daemon>,
     signer: Arc<dyn Signer>,
     network: Network,
     change: ScriptBuf,
@@ -149,7 +149,7 @@ impl Executor {
     pub fn new(
         store: Arc<SagaStore>,
         indexer: Indexer,
-        daemon: Arc<indexer::daemon::Daemon>,
+        daemon: Arc<bitcoind::Daemon>,
         signer: Arc<dyn Signer>,
         network: Network,
         change: ScriptBuf,

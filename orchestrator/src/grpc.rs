@@ -27,7 +27,7 @@ impl WithdrawalService {
     /// The tonic server for it, every call checked against `token`.
     pub fn into_server(
         self,
-        token: indexer::auth::BearerToken,
+        token: service::auth::BearerToken,
     ) -> tonic::service::interceptor::InterceptedService<
         WithdrawalsServer<Self>,
         impl tonic::service::Interceptor + Clone,

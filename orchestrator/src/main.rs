@@ -11,8 +11,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use indexer::logs::{self, LogFormat};
-use indexer::metrics::GrpcLatency;
 use orchestrator::config::FileConfig;
 use orchestrator::executor::Executor;
 use orchestrator::grpc::WithdrawalService;
@@ -20,6 +18,8 @@ use orchestrator::metrics::OrchestratorProbe;
 use orchestrator::signer::{KeyFileSigner, Signer};
 use orchestrator::store::SagaStore;
 use orchestrator::upstream;
+use service::grpc_latency::GrpcLatency;
+use service::logs::{self, LogFormat};
 
 /// The withdrawal orchestrator.
 #[derive(Parser)]
@@ -134,7 +134,7 @@ fn main() {
 }
 
 fn keygen(path: &std::path::Path, network: &str) -> Result<()> {
-    let network = indexer::config::parse_network(network)?;
+    let network = service::config::parse_network(network)?;
     let address = orchestrator::signer::generate_key_file(path, network)
         .with_context(|| format!("creating the key file {}", path.display()))?;
     println!("{address}");
@@ -171,7 +171,7 @@ fn run(args: RunArgs) -> Result<()> {
     let config = flags
         .or(file)
         .resolve_with(std::env::var("ORCHESTRATOR_BITCOIND_RPC_PASSWORD").ok())?;
-    let token = indexer::auth::BearerToken::from_file(&config.token_file)?;
+    let token = service::auth::BearerToken::from_file(&config.token_file)?;
     let signer = KeyFileSigner::open(&config.key_file, config.network)
         .context("the signer's key_file (`orchestrator keygen` creates one)")?;
     if !signer.scripts().contains(&config.change) {
@@ -184,7 +184,7 @@ fn run(args: RunArgs) -> Result<()> {
         );
     }
     let store = Arc::new(SagaStore::open(&config.db)?);
-    let daemon = Arc::new(indexer::daemon::Daemon::new(
+    let daemon = Arc::new(bitcoind::Daemon::new(
         &config.bitcoind_rpc_url,
         config.bitcoind_auth.clone(),
         false,
@@ -194,7 +194,7 @@ fn run(args: RunArgs) -> Result<()> {
     // endless retry. (Once running, outages are retried for as long as they last.)
     match daemon.wait_ready(config.network, config.startup_wait) {
         Ok(_) => {}
-        Err(e @ indexer::daemon::DaemonError::WrongNetwork { .. }) => return Err(e.into()),
+        Err(e @ bitcoind::DaemonError::WrongNetwork { .. }) => return Err(e.into()),
         Err(e) => anyhow::bail!(
             "{e} (after {}s: check bitcoind_rpc_url and bitcoind_cookie_file or \
              bitcoind_rpc_user, and that bitcoind runs with server=1; startup_wait_secs waits \
@@ -242,7 +242,7 @@ fn run(args: RunArgs) -> Result<()> {
         let latency = GrpcLatency::default();
         if let Some(addr) = config.metrics_listen {
             let probe = OrchestratorProbe::new(store.clone(), &latency, running);
-            let local = indexer::metrics::http::start(addr, Arc::new(probe))
+            let local = service::metrics_http::start(addr, Arc::new(probe))
                 .with_context(|| format!("serving metrics on {addr}"))?;
             println!("metrics\t{local}");
         }
@@ -266,7 +266,7 @@ fn run(args: RunArgs) -> Result<()> {
             .layer(latency.layer())
             .add_service(WithdrawalService::new(store.clone(), config.network).into_server(token))
             .serve_with_incoming_shutdown(
-                indexer::grpc::no_delay(listener),
+                service::listener::no_delay(listener),
                 shutdown,
             )
             .await?;

@@ -8,13 +8,14 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use indexer::metrics::{GrpcLatency, Probe};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use service::grpc_latency::GrpcLatency;
+use service::metrics_http::Probe;
 
 use crate::saga::{State, Withdrawal};
 use crate::store::{SagaStore, SagaStoreError};

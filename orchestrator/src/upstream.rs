@@ -65,7 +65,7 @@ pub enum LinkError {
     BadToken(std::path::PathBuf),
     /// The token file cannot be read, or others than its owner can.
     #[error(transparent)]
-    Secret(#[from] indexer::auth::SecretFileError),
+    Secret(#[from] service::auth::SecretFileError),
 }
 
 /// A lazily connecting channel to `url`; with `ca_file`, TLS trusting that CA (PEM).
@@ -110,7 +110,7 @@ pub fn client(channel: Channel, token_file: Option<&Path>) -> Result<Indexer, Li
     let token = match token_file {
         None => None,
         Some(path) => {
-            let text = indexer::auth::read_secret_file("indexer_token_file", path)?;
+            let text = service::auth::read_secret_file("indexer_token_file", path)?;
             let mut value: MetadataValue<Ascii> = format!("Bearer {text}")
                 .parse()
                 .map_err(|_| LinkError::BadToken(path.to_owned()))?;

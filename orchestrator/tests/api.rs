@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use bitcoin::hashes::Hash;
 use bitcoin::{Amount, Network, OutPoint, Txid};
-use indexer::auth::BearerToken;
 use orchestrator::grpc::WithdrawalService;
 use orchestrator::saga::{Attempt, Coin, Outcome};
 use orchestrator::store::SagaStore;
 use proto::orchestrator::v1 as pb;
 use proto::orchestrator::v1::withdrawals_client::WithdrawalsClient;
+use service::auth::BearerToken;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 

@@ -2,7 +2,7 @@
 //! it stored with the reference model.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bitcoin::{Block, Network, OutPoint, ScriptBuf};
 use indexer::pipeline::{PipelineOptions, WriteOptions};
@@ -183,4 +183,23 @@ pub fn write_secret(path: impl AsRef<Path>, text: &str) {
     let path = path.as_ref();
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A binary of this workspace, built beside the running test (`target/<profile>/<name>`):
+/// tests of this crate run another package's binaries, which `CARGO_BIN_EXE_*` does not name.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{name} is not built in {}: build with `cargo build --workspace --all-targets` \
+         (scripts/test.sh does)",
+        dir.display()
+    );
+    bin
 }

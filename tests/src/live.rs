@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use bitcoin::hashes::sha256;
 use bitcoin::{Address, BlockHash, Network};
+use bitcoind::{Auth, Daemon, DaemonError, RpcClient};
 use devnet::{Node, NodeHandle, Topic as NodeTopic};
-use indexer::daemon::zmq::{Topic, ZmqEndpoints};
-use indexer::daemon::{Auth, Daemon, DaemonError, RpcClient};
+use indexer::add_watch::WatchChanges;
 use indexer::follow::{FollowError, FollowOptions, Follower};
-use indexer::grpc::SharedMempool;
+use indexer::mempool::SharedMempool;
 use indexer::store::{Reader, Store};
 use indexer::wallets;
-use indexer::watching::WatchChanges;
+use indexer::zmq_feed::{Topic, ZmqEndpoints};
 use serde_json::{json, Value};
 
 use crate::harness::{open_with_wallets, rescan, TestWallet};
@@ -178,7 +178,7 @@ impl Following {
         let scripts = wallets::load_filter(&store, 100_000, 1e-4).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let notices =
-            zmq.map(|endpoints| indexer::daemon::zmq::spawn(endpoints, stop.clone()).unwrap());
+            zmq.map(|endpoints| indexer::zmq_feed::spawn(endpoints, stop.clone()).unwrap());
         let follower = Follower::new(
             store.clone(),
             Arc::new(daemon),
@@ -188,7 +188,7 @@ impl Following {
             stop.clone(),
             notices,
         );
-        let (watch, requests, backfills) = indexer::watching::channel(20);
+        let (watch, requests, backfills) = indexer::add_watch::channel(20);
         let follower = follower.with_watch_requests(requests, backfills);
         let mempool = follower.mempool();
         let thread = std::thread::Builder::new()

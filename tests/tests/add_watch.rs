@@ -10,11 +10,11 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use bitcoin::{Address, Network, ScriptBuf};
-use indexer::auth::BearerToken;
 use indexer::follow::FollowOptions;
 use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use serde_json::json;
+use service::auth::BearerToken;
 use system_tests::harness::TestWallet;
 use system_tests::live::{fresh_digest, Devnet, Following, Served};
 use tonic::metadata::MetadataValue;
@@ -294,7 +294,7 @@ fn without_a_follower_writes_apply_directly_and_need_a_configured_token() {
             indexer::grpc::Access {
                 token,
                 tls: None,
-                watch: indexer::watching::WatchChanges::Direct { gap_limit: 20 },
+                watch: indexer::add_watch::WatchChanges::Direct { gap_limit: 20 },
             },
             std::future::pending(),
         ));

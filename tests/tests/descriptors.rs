@@ -11,7 +11,7 @@
 
 use bitcoin::base58;
 use bitcoin::Network;
-use indexer::watchlist::{expand, WatchError};
+use indexer::descriptors::{expand, WatchError};
 use system_tests::fixtures::fixture;
 
 fn network(chain: &str) -> Network {

@@ -275,8 +275,8 @@ impl Drop for NodeProcess {
 
 #[test]
 fn a_killed_and_restarted_node_with_a_new_cookie_is_followed_without_loss() {
-    use indexer::daemon::zmq::{Topic, ZmqEndpoints};
-    use indexer::daemon::{Auth, Daemon, RpcClient};
+    use bitcoind::{Auth, Daemon, RpcClient};
+    use indexer::zmq_feed::{Topic, ZmqEndpoints};
     let dir = tempfile::tempdir().unwrap();
     let (rpc_port, zmq_port) = (free_port(), free_port());
     let url = format!("http://127.0.0.1:{rpc_port}/");
@@ -526,7 +526,7 @@ fn the_look_ahead_grows_while_following_live() {
     let master = Xpriv::new_master(bitcoin::Network::Regtest, &[5; 32]).unwrap();
     let descriptor = format!("wpkh({}/0/*)", Xpub::from_priv(&secp, &master));
     let address = |i: u32| {
-        let script = indexer::watchlist::derive(&descriptor, 0, i..i + 1)
+        let script = indexer::descriptors::derive(&descriptor, 0, i..i + 1)
             .unwrap()
             .remove(0);
         bitcoin::Address::from_script(&script, bitcoin::Network::Regtest)

@@ -15,9 +15,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bitcoin::Network;
-use indexer::auth::BearerToken;
 use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_client::IndexerClient;
+use service::auth::BearerToken;
 use system_tests::fixtures::{fixture, read_blk_blocks};
 use system_tests::harness::{all_scripts, open_with_wallets, rescan, wallets_over};
 use system_tests::reference;

@@ -95,11 +95,9 @@ fn status(t: &pb::Transfer) -> pb::TransferStatus {
     pb::TransferStatus::try_from(t.status).unwrap()
 }
 
-#[test]
-fn deposits_show_unconfirmed_then_confirmed_and_replacements_are_marked() {
-    let node = Devnet::start(|c| c.filler_txs = 2);
+/// Wallet `hot` watching one new address of `node`: the address, its script, the wallet.
+fn hot_wallet(node: &Devnet) -> (String, bitcoin::ScriptBuf, Vec<TestWallet>) {
     let deposit = node.new_address("bech32");
-    let elsewhere = node.new_address("bech32m");
     let script = Address::from_str(&deposit)
         .unwrap()
         .assume_checked()
@@ -108,6 +106,14 @@ fn deposits_show_unconfirmed_then_confirmed_and_replacements_are_marked() {
         name: "hot".into(),
         scripts: BTreeSet::from([script.clone()]),
     }];
+    (deposit, script, wallets)
+}
+
+#[test]
+fn deposits_show_unconfirmed_then_confirmed_and_replacements_are_marked() {
+    let node = Devnet::start(|c| c.filler_txs = 2);
+    let (deposit, script, wallets) = hot_wallet(&node);
+    let elsewhere = node.new_address("bech32m");
     node.mine_to(110, &node.new_address("bech32"));
     let key = TestKey::new();
     let (coin, value) = fund(&node, &key, 1.0);
@@ -221,16 +227,8 @@ fn deposits_show_unconfirmed_then_confirmed_and_replacements_are_marked() {
 #[test]
 fn a_transfer_reorged_out_and_not_in_the_mempool_is_served_as_reorged_out() {
     let node = Devnet::start(|c| c.filler_txs = 0);
-    let deposit = node.new_address("bech32");
+    let (deposit, _, wallets) = hot_wallet(&node);
     let miner = node.new_address("bech32");
-    let script = Address::from_str(&deposit)
-        .unwrap()
-        .assume_checked()
-        .script_pubkey();
-    let wallets = vec![TestWallet {
-        name: "hot".into(),
-        scripts: BTreeSet::from([script]),
-    }];
     node.mine_to(110, &miner);
     let db = tempfile::tempdir().unwrap();
     let f = Following::start(
@@ -295,4 +293,52 @@ fn a_transfer_reorged_out_and_not_in_the_mempool_is_served_as_reorged_out() {
     );
     drop(api);
     f.stop().unwrap();
+}
+
+/// 1. A deposit from the node's wallet is confirmed by a block; following stops there.
+/// 2. The mempool tracker still holds the deposit, as it does for a moment after a live
+///    block commits and before the tracker hears the block mined it.
+/// 3. GetBalance counts the deposit once: confirmed, and not also unconfirmed.
+#[test]
+fn a_deposit_confirmed_before_the_mempool_hears_of_it_is_counted_once() {
+    let node = Devnet::start(|c| c.filler_txs = 0);
+    let (deposit, script, wallets) = hot_wallet(&node);
+    let miner = node.new_address("bech32");
+    node.mine_to(110, &miner);
+    let db = tempfile::tempdir().unwrap();
+    let f = Following::start(
+        node.daemon(true),
+        Some(&node.zmq()),
+        db.path(),
+        &wallets,
+        FollowOptions::default(),
+    );
+    let mut api = Api::serve(&f);
+    let txid = node.call("sendtoaddress", json!([deposit, 0.5]));
+    let raw = node.call("getrawtransaction", json!([txid]));
+    let tx: bitcoin::Transaction =
+        bitcoin::consensus::encode::deserialize_hex(raw.as_str().unwrap()).unwrap();
+    let block = node.mine_to(1, &miner)[0];
+    assert!(f.wait_for(block, WAIT));
+    let (store, mempool) = (f.store.clone(), f.mempool.clone());
+    f.stop().unwrap();
+
+    let filter = indexer::script_filter::ScriptFilter::new(10, 0.001);
+    filter.insert(script.as_bytes());
+    // The tracker may still hold it (stopped inside that moment), or take it back here.
+    mempool
+        .write()
+        .unwrap()
+        .added(&store, &filter, &tx)
+        .unwrap();
+    assert!(
+        mempool.read().unwrap().get(&tx.compute_txid()).is_some(),
+        "the tracker holds the deposit"
+    );
+    let b = api.balance();
+    assert_eq!(
+        (b.confirmed_sat, b.unconfirmed_sat),
+        (50_000_000, 0),
+        "counted once: {b:?}"
+    );
 }

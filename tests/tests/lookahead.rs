@@ -42,7 +42,7 @@ fn descriptor() -> String {
 
 /// The script of `branch` at `index`.
 fn script(branch: u32, index: u32) -> ScriptBuf {
-    indexer::watchlist::derive(&descriptor(), branch, index..index + 1)
+    indexer::descriptors::derive(&descriptor(), branch, index..index + 1)
         .unwrap()
         .remove(0)
 }

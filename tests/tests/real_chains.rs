@@ -257,7 +257,7 @@ fn a_damaged_block_body_stops_at_that_block_with_everything_before_committed() {
 #[test]
 fn large_blocks_parse_exactly_like_rust_bitcoin() {
     use indexer::pipeline::parse::{parse_block, RawBlock};
-    use indexer::watchlist::ScriptFilter;
+    use indexer::script_filter::ScriptFilter;
 
     let mut total_txs = 0;
     for file in [

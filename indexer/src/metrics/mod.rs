@@ -1,12 +1,10 @@
 //! The indexer's metrics: one struct of handles ([`IndexerMetrics`]) handed to the follower,
 //! the pipeline and the gRPC server, each handle an atomic so the hot path only increments;
 //! the registry that names them for Prometheus; and what `/health` and `/ready` answer.
-//! [`http`] serves them, [`grpc`] times gRPC calls (both shared with the orchestrator).
+//! `service::metrics_http` serves them and `service::grpc_latency` times gRPC calls (both
+//! shared with the orchestrator).
 //!
 //! Only this module and its children name `prometheus-client`.
-
-pub mod grpc;
-pub mod http;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,9 +15,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::daemon::zmq::Topic;
-pub use grpc::GrpcLatency;
-pub use http::Probe;
+use crate::zmq_feed::Topic;
+use service::grpc_latency::GrpcLatency;
+use service::metrics_http::Probe;
 
 /// A label set of one static pair (no allocation to look one up).
 type StaticLabel = [(&'static str, &'static str); 1];

@@ -8,10 +8,11 @@ use std::collections::{HashMap, HashSet};
 use bitcoin::{block, BlockHash, OutPoint, ScriptBuf, Txid};
 
 use super::parse::ParsedBlock;
+use crate::descriptors;
+use crate::script_filter::ScriptFilter;
 use crate::store::schema::{self, Cf, Derivation, Range, WatchRecord};
 use crate::store::{Reader, Store, StoreError};
 use crate::types::{ScriptId, WalletId};
-use crate::watchlist::{self, ScriptFilter};
 
 /// An output paying a watched script.
 pub struct WatchedOutput {
@@ -243,7 +244,7 @@ impl<'a> Filter<'a> {
         for g in growths {
             let range = self.range(g.wallet, g.seq, g.branch)?;
             let text = self.descriptor(g.wallet, g.seq)?;
-            let scripts = watchlist::derive(&text, g.branch, range.next..g.to)?;
+            let scripts = descriptors::derive(&text, g.branch, range.next..g.to)?;
             for (index, script) in (range.next..g.to).zip(scripts) {
                 self.watch_derived(g.wallet, g.seq, g.branch, index, &script, writes)?;
                 new.insert(script);
@@ -373,5 +374,5 @@ pub enum FilterError {
     Store(#[from] StoreError),
     /// A stored descriptor no longer derives (it was checked when added).
     #[error(transparent)]
-    Derive(#[from] crate::watchlist::WatchError),
+    Derive(#[from] crate::descriptors::WatchError),
 }

@@ -22,8 +22,8 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use rayon::prelude::*;
 
 use crate::metrics::{QueueDepths, Stage};
+use crate::script_filter::ScriptFilter;
 use crate::store::{Store, StoreError};
-use crate::watchlist::ScriptFilter;
 use apply::{ApplyError, ApplyState, BlockChanges};
 use filter::{Filter, FilteredBlock};
 use parse::{ParseError, ParsedBlock, RawBlock};

@@ -14,7 +14,7 @@ use bitcoin_slices::{bsl, Parse, Visit, Visitor};
 use rayon::prelude::*;
 
 use crate::block_check::{self, BlockCheckError, Commitment, TxFacts};
-use crate::watchlist::ScriptFilter;
+use crate::script_filter::ScriptFilter;
 
 /// The smallest serialized transaction (one input, one output, empty scripts): a count
 /// above `bytes / MIN_TX_SIZE` cannot be true.

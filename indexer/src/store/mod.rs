@@ -1,6 +1,7 @@
 //! The one module that names RocksDB: opening with a checked format, reads, atomic batches,
 //! undo application and the state digest.
 
+pub mod recent;
 pub mod schema;
 
 use std::collections::btree_map::Entry;
@@ -179,7 +180,7 @@ impl Store {
             watch_generation_lock: std::sync::Mutex::new(()),
         };
         store.check_format(network)?;
-        crate::recent::build_once(&store)?;
+        recent::build_once(&store)?;
         if store.get(Cf::Meta, schema::META_LOG_ID)?.is_none() {
             // A new database (or one from before log ids): its log gets its identity now.
             let id: [u8; 16] = bitcoin::secp256k1::rand::random();
@@ -518,7 +519,7 @@ impl Store {
         let mut events = Vec::new();
         // A wallet's outputs by creation height follow its scripts' outputs, as its balance
         // does: from each output key's state before the block and now.
-        let mut recent = crate::recent::RecentChanges::default();
+        let mut recent = recent::RecentChanges::default();
         let mut seen = std::collections::HashSet::new();
         for UndoEntry { cf, key, prior } in &entries {
             if *cf != Cf::ScriptUtxo || !seen.insert(key.clone()) {

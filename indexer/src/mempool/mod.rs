@@ -4,14 +4,18 @@
 //! leaves the mempool without being mined, replaced (a conflicting transaction took its
 //! inputs) or evicted.
 
+mod tracker;
+
+pub use tracker::{SharedMempool, TrackError, Tracker};
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bitcoin::{OutPoint, Transaction, Txid};
 
+use crate::script_filter::ScriptFilter;
 use crate::store::{Reader, Store, StoreError};
 use crate::types::{Received, ScriptId, Spent, WalletId};
-use crate::watchlist::ScriptFilter;
 
 /// What became of a transaction that left the mempool unmined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,10 +113,17 @@ impl Mempool {
     }
 
     /// Satoshis unconfirmed transactions pay to `script` or to `wallet`'s scripts, not yet
-    /// spent by another unconfirmed transaction.
-    pub fn unconfirmed(&self, wallet: Option<WalletId>, script: Option<&ScriptId>) -> u64 {
+    /// spent by another unconfirmed transaction. Transactions `indexed` says are in the
+    /// reader's snapshot already count as confirmed there: a block is committed a moment
+    /// before the tracker hears it mined them, and they must not count twice meanwhile.
+    pub fn unconfirmed(
+        &self,
+        wallet: Option<WalletId>,
+        script: Option<&ScriptId>,
+        indexed: impl Fn(&Txid) -> bool,
+    ) -> u64 {
         let mut total = 0;
-        for tx in self.txs.values() {
+        for tx in self.txs.values().filter(|tx| !indexed(&tx.txid)) {
             for (r, wallets) in &tx.received {
                 let ours = wallet.is_some_and(|w| wallets.contains(&w))
                     || script.is_some_and(|s| *s == r.script_id);

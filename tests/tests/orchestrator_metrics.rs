@@ -13,7 +13,9 @@ use system_tests::live::{Devnet, Following, KeyedWallet, Served};
 use system_tests::observe::{self, Scrape};
 use tonic::metadata::MetadataValue;
 
-const BIN: &str = env!("CARGO_BIN_EXE_orchestrator");
+fn bin() -> std::path::PathBuf {
+    system_tests::harness::workspace_binary("orchestrator")
+}
 const TOKEN: &str = "metrics-test-token";
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -68,7 +70,7 @@ fn run_counts_sagas_by_state_and_times_calls_on_its_metrics_endpoint() {
     );
     std::fs::write(path("orchestrator.toml"), config).unwrap();
     let mut process = Process(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["run", "--config", &path("orchestrator.toml")])
             .args(["--log-format", "json"])
             .env("ORCHESTRATOR_LOG", "info")

@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::store::schema::{self, Cf, Recent};
-use crate::store::{Batch, Reader, Store, StoreError};
+use super::schema::{self, Cf, Recent};
+use super::{Batch, Reader, Store, StoreError};
 use crate::types::WalletId;
 
 /// Signed changes per (wallet, height).

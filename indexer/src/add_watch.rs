@@ -9,9 +9,9 @@ use bitcoin::Network;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::backfill::Registry;
+use crate::script_filter::ScriptFilter;
 use crate::store::{Reader, Store, StoreError};
 use crate::wallets::{self, Added, WalletError};
-use crate::watchlist::ScriptFilter;
 
 /// One `AddWatch`, with where to send its outcome.
 pub struct WatchRequest {
@@ -161,7 +161,7 @@ pub enum WatchChanges {
 }
 
 /// A channel from the gRPC server to a follower
-/// ([`crate::follow::Follower::with_watch_requests`]), and the registry of its backfills.
+/// (`Follower::with_watch_requests`), and the registry of its backfills.
 pub fn channel(gap_limit: u32) -> (WatchChanges, Receiver<WatchRequest>, Registry) {
     let (requests, rx) = crossbeam_channel::bounded(64);
     let backfills = Registry::default();

@@ -1,8 +1,9 @@
-//! bitcoind as a data source: typed calls over JSON-RPC ([`rpc`]), raw blocks over REST when
-//! enabled, and the ZMQ notification feed ([`zmq`]).
+//! A bitcoind client: typed calls over JSON-RPC ([`rpc`]) with cookie or password auth, and
+//! raw blocks over REST when the node enables it (`getblock` otherwise). Both services use
+//! it; neither needs the other's code for it. The ZMQ feed stays with the indexer, the only
+//! one that follows blocks.
 
 pub mod rpc;
-pub mod zmq;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -15,6 +16,17 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 pub use rpc::{Auth, RpcClient};
+
+/// bitcoind's default RPC port for a network.
+pub fn default_rpc_port(network: Network) -> u16 {
+    match network {
+        Network::Bitcoin => 8332,
+        Network::Testnet => 18332,
+        Network::Testnet4 => 48332,
+        Network::Signet => 38332,
+        _ => 18443,
+    }
+}
 
 /// A failed exchange with bitcoind.
 #[derive(Debug, thiserror::Error)]

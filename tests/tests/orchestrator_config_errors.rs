@@ -10,7 +10,9 @@ use std::process::Command;
 use system_tests::live::Devnet;
 use system_tests::observe::startup_error;
 
-const BIN: &str = env!("CARGO_BIN_EXE_orchestrator");
+fn bin() -> std::path::PathBuf {
+    system_tests::harness::workspace_binary("orchestrator")
+}
 const CHANGE: &str = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080";
 
 /// A complete config in `dir` (token, key file, cookie written there), with `extra` lines
@@ -51,7 +53,7 @@ fn error_line(dir: &Path, text: &str) -> String {
     let path = dir.join("orchestrator.toml");
     std::fs::write(&path, text).unwrap();
     startup_error(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["run", "--listen", "127.0.0.1:0", "--config"])
             .arg(&path)
             .env("ORCHESTRATOR_LOG", "error"),

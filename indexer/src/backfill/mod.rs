@@ -14,6 +14,10 @@
 //! A job is recorded in the main database when accepted and deleted in the merge batch, so
 //! a job cut short by a crash starts over at the next start.
 
+mod coordinator;
+
+pub use coordinator::Coordinator;
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +27,7 @@ use bitcoin::consensus::deserialize;
 use bitcoin::{block, BlockHash, Network, ScriptBuf};
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::{Daemon, DaemonError};
+use crate::descriptors;
 use crate::fetch::{FetchOptions, Prefetch};
 use crate::pipeline::apply::ApplyError;
 use crate::pipeline::parse::RawBlock;
@@ -32,7 +36,7 @@ use crate::store::schema::{self, Cf};
 use crate::store::{Reader, Store, StoreError};
 use crate::types::{Balance, ScriptId};
 use crate::wallets::{self, Added, WalletError};
-use crate::watchlist;
+use bitcoind::{Daemon, DaemonError};
 
 /// One accepted backfill.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,7 +215,8 @@ pub fn new_scripts(
 ) -> Result<Vec<ScriptBuf>, BackfillError> {
     let mut out = Vec::new();
     for d in descriptors {
-        let expanded = watchlist::expand(d, network, gap_limit).map_err(WalletError::Descriptor)?;
+        let expanded =
+            descriptors::expand(d, network, gap_limit).map_err(WalletError::Descriptor)?;
         for script in expanded.scripts {
             if main.watch(&ScriptId::of(&script))?.is_none() {
                 out.push(script);
@@ -380,7 +385,7 @@ pub fn merge(
     }
     // Their unspent outputs, by creation height, for the wallet (scripts merged since
     // joined it in the add above).
-    let mut recent = crate::recent::RecentChanges::default();
+    let mut recent = crate::store::recent::RecentChanges::default();
     scratch.for_each(Cf::ScriptUtxo, |k, v| {
         if merged_since.contains(&schema::decode_script_id(&k[..32])?) {
             return Ok(());

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bitcoin::{BlockHash, Txid};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::hash_from_display;
+use bitcoind::hash_from_display;
 
 /// A topic bitcoind publishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -19,7 +19,9 @@ use serde_json::json;
 use system_tests::live::{Devnet, Following, KeyedWallet, Served};
 use tonic::metadata::MetadataValue;
 
-const BIN: &str = env!("CARGO_BIN_EXE_orchestrator");
+fn bin() -> std::path::PathBuf {
+    system_tests::harness::workspace_binary("orchestrator")
+}
 const TOKEN: &str = "crash-test-token";
 
 /// The orchestrator process, killed on drop.
@@ -77,7 +79,7 @@ impl Rig {
     /// `orchestrator run` on the rig's database, dying at `crash_at` when given.
     fn start(&self, crash_at: Option<&str>) -> Process {
         let dir = self.dir.path();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(["run", "--network", "regtest", "--listen", "127.0.0.1:0"])
             .args(["--indexer", &format!("http://{}", self.served.addr)])
             .args(["--bitcoind-rpc-url", &self.node.node.rpc_url()])

@@ -1,0 +1,512 @@
+//! Following bitcoind: catch up to its best chain (finding the fork point and disconnecting
+//! with the undo journal when it reorganised), then stay on its tip, taking new blocks
+//! straight from ZMQ `rawblock` when they extend the tip. Anything ZMQ cannot vouch for (a
+//! gap in sequence numbers, a block that does not extend the tip, a disconnect, silence)
+//! sends the follower back to reconciling over RPC, which is always right; ZMQ only makes it
+//! fast. Without ZMQ it polls.
+
+mod fork_point;
+mod notices;
+
+pub use fork_point::{find_fork_point, BlockSource};
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bitcoin::{BlockHash, Network};
+use bitcoind::{Daemon, DaemonError};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError};
+use tracing::{debug, info, warn};
+
+use crate::add_watch::WatchRequest;
+use crate::backfill::{self, Coordinator};
+use crate::fetch::{FetchOptions, Prefetch};
+use crate::mempool::{SharedMempool, TrackError, Tracker};
+use crate::metrics::IndexerMetrics;
+use crate::pipeline::apply::ApplyError;
+use crate::pipeline::parse::RawBlock;
+use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
+use crate::script_filter::ScriptFilter;
+use crate::serve_priority::FlatOut;
+use crate::store::{Reader, Store, StoreError};
+use crate::wallets;
+use crate::zmq_feed::Feed;
+
+/// How the follower paces itself.
+#[derive(Clone, Copy, Debug)]
+pub struct FollowOptions {
+    /// How often to ask bitcoind for its tip when ZMQ is not configured.
+    pub poll_interval: Duration,
+    /// With ZMQ: ask bitcoind for its tip after this long without news of a block (lost
+    /// notifications cost at most this long, even while transactions keep arriving).
+    pub zmq_silence: Duration,
+    /// How long a block announced by hash may wait for its `rawblock` before fetching it.
+    pub announce_grace: Duration,
+    /// Catch-up prefetch.
+    pub fetch: FetchOptions,
+    /// Pipeline tuning for catch-up.
+    pub pipeline: PipelineOptions,
+    /// Longest wait between retries while bitcoind is unavailable.
+    pub max_backoff: Duration,
+    /// Least number of scripts the bloom filter is sized for, when it is rebuilt.
+    pub bloom_capacity: usize,
+    /// The bloom filter's false-positive rate, when it is rebuilt.
+    pub bloom_fp_rate: f64,
+}
+
+impl Default for FollowOptions {
+    fn default() -> Self {
+        FollowOptions {
+            poll_interval: Duration::from_secs(1),
+            zmq_silence: Duration::from_secs(30),
+            announce_grace: Duration::from_millis(500),
+            fetch: FetchOptions::default(),
+            pipeline: PipelineOptions::default(),
+            max_backoff: Duration::from_secs(30),
+            bloom_capacity: 100_000,
+            bloom_fp_rate: 1e-4,
+        }
+    }
+}
+
+/// Why following stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// bitcoind failed in a way waiting will not fix (or it was not retried).
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    /// The database failed, or a reorg is deeper than the undo journal.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A block failed in the pipeline.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// The ZMQ thread ended.
+    #[error("the ZMQ subscriber stopped")]
+    ZmqStopped,
+    /// Merging a backfill failed.
+    #[error("backfill: {0}")]
+    Backfill(#[from] backfill::BackfillError),
+    /// bitcoind's chain is shorter than the index while it is still syncing.
+    #[error("bitcoind is in initial block download at height {daemon}, below the index's {index}: waiting for it")]
+    DaemonBehind {
+        /// bitcoind's height.
+        daemon: u32,
+        /// The index's height.
+        index: u32,
+    },
+}
+
+impl From<TrackError> for FollowError {
+    fn from(e: TrackError) -> Self {
+        match e {
+            TrackError::Daemon(e) => FollowError::Daemon(e),
+            TrackError::Store(e) => FollowError::Store(e),
+        }
+    }
+}
+
+impl FollowError {
+    /// Whether trying again later may succeed: bitcoind down or restarting, or its chain
+    /// moved while we read it.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            // No answer of the node ends following (see `worth_retrying`).
+            FollowError::Daemon(e) => e.worth_retrying(),
+            FollowError::Pipeline(PipelineError::Source(e)) => e
+                .downcast_ref::<DaemonError>()
+                .is_none_or(DaemonError::worth_retrying),
+            // The hashes listed and the blocks fetched straddle a reorg: look again.
+            FollowError::Pipeline(PipelineError::Apply(ApplyError::NotConnecting { .. })) => true,
+            // A block that fails its own hash or merkle root: fetch it again.
+            FollowError::Pipeline(PipelineError::Parse(_)) => true,
+            FollowError::DaemonBehind { .. } => true,
+            FollowError::Backfill(e) => e.is_transient(),
+            FollowError::Pipeline(_) | FollowError::Store(_) | FollowError::ZmqStopped => false,
+        }
+    }
+}
+
+/// What one catch-up did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncReport {
+    /// Blocks disconnected by reorgs.
+    pub disconnected: u32,
+    /// Deepest reorg seen (blocks).
+    pub deepest_reorg: u32,
+    /// What was connected.
+    pub progress: Progress,
+    /// The index's tip afterwards.
+    pub tip: Option<(u32, BlockHash)>,
+}
+
+/// Follows one bitcoind into one database.
+pub struct Follower {
+    store: Arc<Store>,
+    daemon: Arc<Daemon>,
+    /// Replaced when watched scripts are added.
+    scripts: RwLock<Arc<ScriptFilter>>,
+    network: Network,
+    opts: FollowOptions,
+    stop: Arc<AtomicBool>,
+    notices: Option<Feed>,
+    on_commit: Arc<dyn Fn(&Progress) + Send + Sync>,
+    /// The watched part of bitcoind's mempool.
+    mempool: Tracker,
+    /// `AddWatch` requests and backfills, handled between blocks.
+    watch: Coordinator,
+    metrics: IndexerMetrics,
+}
+
+/// A catch-up of more blocks than this runs with the serving threads yielding the CPU to
+/// it ([`FlatOut`]): a few blocks take milliseconds and queries should not wait behind
+/// them, while a long catch-up is where indexing speed counts.
+const FLAT_OUT_BLOCKS: u32 = 10;
+
+/// Marks the follower gone when [`Follower::run`] returns or panics.
+struct Alive<'a>(&'a IndexerMetrics);
+
+impl Drop for Alive<'_> {
+    fn drop(&mut self) {
+        self.0.set_follower_alive(false);
+    }
+}
+
+/// Why the live loop handed back to reconciliation.
+enum LiveExit {
+    Stop,
+    Reconcile(&'static str),
+}
+
+impl Follower {
+    /// A follower; `notices` is the ZMQ feed (`None`: poll), `stop` ends [`Follower::run`].
+    pub fn new(
+        store: Arc<Store>,
+        daemon: Arc<Daemon>,
+        scripts: Arc<ScriptFilter>,
+        network: Network,
+        opts: FollowOptions,
+        stop: Arc<AtomicBool>,
+        notices: Option<Feed>,
+    ) -> Follower {
+        let retention = opts.pipeline.write.event_retention;
+        Follower {
+            mempool: Tracker::new(store.clone(), daemon.clone(), retention),
+            watch: Coordinator::new(store.clone(), daemon.clone(), network, stop.clone()),
+            store,
+            daemon,
+            scripts: RwLock::new(scripts),
+            network,
+            opts,
+            stop,
+            notices,
+            on_commit: Arc::new(|_| {}),
+            metrics: IndexerMetrics::default(),
+        }
+    }
+
+    /// Counts what it does into `metrics`.
+    pub fn with_metrics(mut self, metrics: IndexerMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The commit callback of one pipeline run: the caller's, after the metrics (a run
+    /// reports running totals, the counters take the increments).
+    fn counting(&self) -> impl Fn(&Progress) + Send + Sync + 'static {
+        let on_commit = self.on_commit.clone();
+        let metrics = self.metrics.clone();
+        let (blocks, txs) = (AtomicU64::new(0), AtomicU64::new(0));
+        move |p: &Progress| {
+            let m = &metrics;
+            m.blocks_connected
+                .inc_by(p.blocks - blocks.swap(p.blocks, Ordering::Relaxed));
+            m.transactions
+                .inc_by(p.txs - txs.swap(p.txs, Ordering::Relaxed));
+            m.indexed_height.set(i64::from(p.height));
+            on_commit(p);
+        }
+    }
+
+    /// Takes `AddWatch` requests from `requests` and applies them between blocks; their
+    /// backfills show in `backfills`.
+    pub fn with_watch_requests(
+        mut self,
+        requests: Receiver<WatchRequest>,
+        backfills: backfill::Registry,
+    ) -> Self {
+        self.watch = self.watch.with_requests(requests, backfills);
+        self
+    }
+
+    /// The bloom filter in force.
+    fn scripts(&self) -> Arc<ScriptFilter> {
+        self.scripts
+            .read()
+            .expect("filter lock is never poisoned")
+            .clone()
+    }
+
+    /// Rebuilds the bloom filter from the watched scripts.
+    fn reload_filter(&self) -> Result<(), FollowError> {
+        let filter = wallets::load_filter(
+            &self.store,
+            self.opts.bloom_capacity,
+            self.opts.bloom_fp_rate,
+        )?;
+        *self.scripts.write().expect("filter lock is never poisoned") = Arc::new(filter);
+        self.mempool.forget_checked();
+        Ok(())
+    }
+
+    /// Applies pending `AddWatch`es and merges finished backfills (the pipeline is idle),
+    /// then reloads the filter (also when one of them failed: what was applied stays).
+    fn apply_watch_changes(&self) -> Result<(), FollowError> {
+        let mut changed = false;
+        let outcome = self.watch.apply(&self.scripts(), &mut changed);
+        if changed {
+            self.watched_more()?;
+        }
+        Ok(outcome?)
+    }
+
+    /// After scripts were added (into the filter in place): a filter that outgrew its size
+    /// is rebuilt bigger, and the mempool looks at every transaction again.
+    fn watched_more(&self) -> Result<(), FollowError> {
+        if self.scripts().outgrown() {
+            return self.reload_filter();
+        }
+        self.mempool.forget_checked();
+        Ok(())
+    }
+
+    /// The mempool tracker this follower keeps (share it with the gRPC server).
+    pub fn mempool(&self) -> SharedMempool {
+        self.mempool.shared()
+    }
+
+    /// Calls `f` after every committed group of blocks (progress bars, metrics).
+    pub fn on_commit(mut self, f: impl Fn(&Progress) + Send + Sync + 'static) -> Self {
+        self.on_commit = Arc::new(f);
+        self
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps `d`, waking early when asked to stop.
+    fn pause(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stopping() && Instant::now() < until && !self.watch.waiting() {
+            std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
+        }
+    }
+
+    /// Brings the index onto bitcoind's best chain, up to height `to` when given: finds the
+    /// fork point, disconnects what bitcoind no longer has, fetches and connects the rest.
+    pub fn sync(&self, to: Option<u32>) -> Result<SyncReport, FollowError> {
+        let mut report = SyncReport::default();
+        loop {
+            let info = self.daemon.chain_info(self.network)?;
+            self.metrics.bitcoind_height.set(i64::from(info.blocks));
+            self.metrics
+                .blocks_over_rest
+                .set(i64::from(self.daemon.rest_in_use()));
+            let tip = self.store.tip()?;
+            let at_tip =
+                tip.is_some_and(|(h, hash)| h == info.blocks && hash == info.bestblockhash);
+            if at_tip {
+                self.metrics.set_caught_up();
+            }
+            if at_tip || tip.is_some_and(|(h, _)| to.is_some_and(|t| h >= t)) || self.stopping() {
+                report.tip = tip;
+                return Ok(report);
+            }
+            if let Some((height, _)) = tip {
+                if info.initialblockdownload && height > info.blocks {
+                    return Err(FollowError::DaemonBehind {
+                        daemon: info.blocks,
+                        index: height,
+                    });
+                }
+            }
+            let fork = match tip {
+                Some((height, _)) => find_fork_point(
+                    &*self.daemon,
+                    |h| Ok::<_, FollowError>(self.store.header(h)?.map(|h| h.block_hash())),
+                    height,
+                    info.blocks,
+                )?,
+                None => None,
+            };
+            if let Some((height, hash)) = tip {
+                if fork.is_none_or(|f| f < height) {
+                    let depth = height - fork.map_or(0, |f| f + 1) + 1;
+                    warn!(depth, from = %hash, fork = ?fork, "bitcoind's chain no longer has our tip: disconnecting to the fork point");
+                    let disconnected = self.store.disconnect_above(fork, true)?;
+                    report.disconnected += disconnected;
+                    report.deepest_reorg = report.deepest_reorg.max(depth);
+                    let m = &self.metrics;
+                    m.reorgs.inc();
+                    m.reorg_depth.observe(f64::from(depth));
+                    m.blocks_disconnected.inc_by(u64::from(disconnected));
+                    m.indexed_height.set(fork.map_or(0, i64::from));
+                }
+            }
+            let from = fork.map_or(0, |f| f + 1);
+            let target = to.map_or(info.blocks, |t| t.min(info.blocks));
+            if from > target {
+                report.tip = self.store.tip()?;
+                return Ok(report);
+            }
+            info!(from, to = target, "catching up from bitcoind");
+            let _flat_out = (target - from >= FLAT_OUT_BLOCKS).then(FlatOut::begin);
+            let source = Prefetch::new(self.daemon.clone(), from, target, self.opts.fetch);
+            let stop = self.stop.clone();
+            // Stopping ends the source; the pipeline commits what it already has.
+            let source = source.take_while(move |_| !stop.load(Ordering::Relaxed));
+            let scripts = self.scripts();
+            let progress = pipeline::run_observed(
+                &self.store,
+                &scripts,
+                source,
+                &self.opts.pipeline,
+                &self.counting(),
+                &self.metrics.queues,
+                &AtomicBool::new(false),
+            )?;
+            report.progress.blocks += progress.blocks;
+            report.progress.bytes += progress.bytes;
+            report.progress.txs += progress.txs;
+            report.progress.height = progress.height;
+            self.metrics
+                .blocks_over_rest
+                .set(i64::from(self.daemon.rest_in_use()));
+        }
+    }
+
+    /// Follows bitcoind until asked to stop: reconcile, then follow the tip live; errors
+    /// bitcoind may recover from are logged and retried with backoff.
+    pub fn run(&self) -> Result<(), FollowError> {
+        self.metrics.set_follower_alive(true);
+        let _alive = Alive(&self.metrics);
+        if let Some((height, _)) = self.store.tip()? {
+            self.metrics.indexed_height.set(i64::from(height));
+        }
+        let mut backoff = Duration::from_millis(250);
+        self.watch.resume()?;
+        while !self.stopping() {
+            let step = self
+                .apply_watch_changes()
+                .and_then(|()| self.sync(None))
+                .and_then(|report| {
+                    if report.progress.blocks > 0 || report.disconnected > 0 {
+                        info!(
+                            connected = report.progress.blocks,
+                            disconnected = report.disconnected,
+                            tip = ?report.tip,
+                            "in step with bitcoind"
+                        );
+                    }
+                    self.mempool.resync(&self.scripts())?;
+                    self.live()
+                });
+            match step {
+                Ok(LiveExit::Stop) => break,
+                Ok(LiveExit::Reconcile(why)) => {
+                    debug!(why, "reconciling with bitcoind");
+                    self.metrics.reconciles.inc();
+                    backoff = Duration::from_millis(250);
+                }
+                Err(e) if e.is_transient() => {
+                    warn!(error = %e, retry_in = ?backoff, "bitcoind unavailable or changing; retrying");
+                    self.pause(backoff);
+                    backoff = (backoff * 2).min(self.opts.max_backoff);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Stopped: nothing adds scripts any more, so the filter in memory is the watched
+        // set at its current generation, and the next start loads it instead of a scan.
+        wallets::save_filter(&self.store, &self.scripts())?;
+        Ok(())
+    }
+
+    /// Stays on the tip until something needs reconciling.
+    fn live(&self) -> Result<LiveExit, FollowError> {
+        let Some(tip) = self.store.tip()? else {
+            return Ok(LiveExit::Reconcile("the index is empty"));
+        };
+        let Some(notices) = &self.notices else {
+            return self.poll(tip);
+        };
+        // A long-lived pipeline: each block from ZMQ is parsed, applied and committed on
+        // its own, with the watched state kept in memory between blocks.
+        let (blocks, source) = bounded::<RawBlock>(8);
+        let opts = PipelineOptions {
+            chunk_bytes: 0,
+            ..self.opts.pipeline
+        };
+        // Heights as they commit, so the notice loop can wait for a block it handed over.
+        let (committed_tx, committed) = bounded::<u32>(64);
+        let scripts = self.scripts();
+        // Set when a stage fails (a block that failed its checks): the feed below and the
+        // notice loop must then end and reconcile, rather than wait for a next block.
+        let failed = AtomicBool::new(false);
+        let feed = std::iter::from_fn(|| loop {
+            match source.recv_timeout(Duration::from_millis(50)) {
+                Ok(block) => return Some(Ok(block)),
+                Err(RecvTimeoutError::Timeout) if !failed.load(Ordering::Relaxed) => {}
+                Err(_) => return None,
+            }
+        });
+        std::thread::scope(|s| {
+            let pipeline = std::thread::Builder::new()
+                .name("live".into())
+                .spawn_scoped(s, || {
+                    let on_commit = self.counting();
+                    pipeline::run_observed(
+                        &self.store,
+                        &scripts,
+                        feed,
+                        &opts,
+                        &move |p: &Progress| {
+                            on_commit(p);
+                            let _ = committed_tx.try_send(p.height);
+                        },
+                        &self.metrics.queues,
+                        &failed,
+                    )
+                })
+                .expect("spawn live pipeline");
+            let exit = self.follow_notices(notices, blocks, &committed, &failed, tip);
+            match pipeline.join().expect("live pipeline panicked") {
+                // A block that failed its checks: bitcoind will tell the truth.
+                Err(e) => {
+                    warn!(error = %e, "a block from ZMQ failed; reconciling over RPC");
+                    exit.map(|_| LiveExit::Reconcile("a block from ZMQ failed"))
+                }
+                Ok(_) => exit,
+            }
+        })
+    }
+
+    /// Without ZMQ: asks bitcoind for its tip every `poll_interval`.
+    fn poll(&self, tip: (u32, BlockHash)) -> Result<LiveExit, FollowError> {
+        loop {
+            self.pause(self.opts.poll_interval);
+            if self.stopping() {
+                return Ok(LiveExit::Stop);
+            }
+            if self.watch.waiting() {
+                return Ok(LiveExit::Reconcile("watched scripts were added"));
+            }
+            if self.daemon.best_block_hash()? != tip.1 {
+                return Ok(LiveExit::Reconcile("bitcoind's tip changed"));
+            }
+            self.mempool.resync(&self.scripts())?;
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Following the tip live from ZMQ notices: a block that extends the tip goes straight to
+//! the live pipeline; anything ZMQ cannot vouch for hands back to reconciliation over RPC.
+//! One handler per kind of notice.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bitcoin::consensus::deserialize;
+use bitcoin::{block, BlockHash, Txid};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use tracing::{debug, warn};
+
+use super::{FollowError, Follower, LiveExit};
+use crate::pipeline::parse::RawBlock;
+use crate::zmq_feed::{Feed, Notice, SequenceEvent, Topic};
+
+/// Longest a live block holds up mempool notices while it is indexed.
+const BLOCK_FIRST_LIMIT: Duration = Duration::from_secs(2);
+
+/// What the notice loop knows between notices.
+struct Live<'a> {
+    /// The newest block handed to the pipeline.
+    tip: (u32, BlockHash),
+    /// A new tip announced by hash, and since when it waits for its block.
+    announced: Option<(BlockHash, Instant)>,
+    /// The last notice about blocks (their silence is checked against bitcoind).
+    last_block_news: Instant,
+    blocks: Sender<RawBlock>,
+    committed: &'a Receiver<u32>,
+}
+
+/// What one notice asks of the loop.
+type Step = Result<Option<LiveExit>, FollowError>;
+
+/// Waits until `committed` reports `height` (or `limit` passes, or the pipeline ended:
+/// the notice loop finds out about those on its own).
+fn await_commit(committed: &Receiver<u32>, height: u32, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while let Ok(h) = committed.recv_deadline(deadline) {
+        if h >= height {
+            return;
+        }
+    }
+}
+
+impl Follower {
+    /// Feeds blocks that extend the tip to the live pipeline (`blocks`, dropped on return).
+    pub(super) fn follow_notices(
+        &self,
+        notices: &Feed,
+        blocks: Sender<RawBlock>,
+        committed: &Receiver<u32>,
+        pipeline_failed: &AtomicBool,
+        tip: (u32, BlockHash),
+    ) -> Result<LiveExit, FollowError> {
+        let mut live = Live {
+            tip,
+            announced: None,
+            last_block_news: Instant::now(),
+            blocks,
+            committed,
+        };
+        loop {
+            if self.stopping() {
+                return Ok(LiveExit::Stop);
+            }
+            if pipeline_failed.load(Ordering::Relaxed) {
+                return Ok(LiveExit::Reconcile("a block failed in the live pipeline"));
+            }
+            let step = match notices.recv_timeout(Duration::from_millis(100)) {
+                Ok(notice) => self.on_notice(notice, notices, &mut live),
+                Err(RecvTimeoutError::Timeout) => Ok(None),
+                // The ZMQ thread also ends when asked to stop.
+                Err(RecvTimeoutError::Disconnected) if self.stopping() => Ok(Some(LiveExit::Stop)),
+                Err(RecvTimeoutError::Disconnected) => Err(FollowError::ZmqStopped),
+            };
+            if let Some(exit) = step? {
+                return Ok(exit);
+            }
+            if let Some(exit) = self.between_notices(&mut live)? {
+                return Ok(exit);
+            }
+        }
+    }
+
+    /// Hands one notice to its handler.
+    fn on_notice(&self, notice: Notice, notices: &Feed, live: &mut Live) -> Step {
+        if matches!(
+            notice,
+            Notice::RawBlock(_)
+                | Notice::HashBlock(_)
+                | Notice::Sequence(SequenceEvent::Connected(_) | SequenceEvent::Disconnected(_))
+        ) {
+            live.last_block_news = Instant::now();
+        }
+        match notice {
+            Notice::RawBlock(bytes) => self.on_raw_block(bytes, live),
+            Notice::HashBlock(hash) | Notice::Sequence(SequenceEvent::Connected(hash)) => {
+                if hash != live.tip.1 && live.announced.is_none() {
+                    live.announced = Some((hash, Instant::now()));
+                }
+                Ok(None)
+            }
+            Notice::Sequence(SequenceEvent::Disconnected(_)) => {
+                Ok(Some(LiveExit::Reconcile("bitcoind disconnected a block")))
+            }
+            Notice::Gap {
+                topic,
+                expected,
+                got,
+            } => Ok(self.on_gap(topic, expected, got)),
+            Notice::Garbage { endpoint, reason } => {
+                warn!(%endpoint, %reason, "malformed ZMQ message dropped");
+                Ok(None)
+            }
+            Notice::RawTx(bytes) => {
+                self.mempool.raw_tx(bytes)?;
+                Ok(None)
+            }
+            Notice::Sequence(SequenceEvent::Added(txid, _)) => {
+                self.on_mempool_entry(txid, notices)?;
+                Ok(None)
+            }
+            Notice::Sequence(SequenceEvent::Removed(txid, _)) => {
+                self.mempool.removed(txid);
+                Ok(None)
+            }
+        }
+    }
+
+    /// A new block: to the pipeline when it extends the tip, else reconcile.
+    fn on_raw_block(&self, bytes: Vec<u8>, live: &mut Live) -> Step {
+        let Ok(header) = deserialize::<block::Header>(&bytes[..80]) else {
+            warn!("ZMQ rawblock with an unreadable header dropped");
+            return Ok(None);
+        };
+        let hash = header.block_hash();
+        if hash == live.tip.1 {
+            return Ok(None); // already have it
+        }
+        if header.prev_blockhash != live.tip.1 {
+            return Ok(Some(LiveExit::Reconcile(
+                "a block that does not extend the tip",
+            )));
+        }
+        if header.validate_pow(header.target()).is_err() {
+            warn!(%hash, "ZMQ rawblock without valid proof of work dropped");
+            return Ok(None);
+        }
+        // The block goes to the pipeline first: the mempool's view of it is only needed
+        // while watched transactions are pending.
+        let kept = (!self.mempool.is_empty()).then(|| bytes.clone());
+        let block = RawBlock {
+            height: live.tip.0 + 1,
+            hash,
+            bytes,
+            origin: format!("ZMQ rawblock {hash}"),
+        };
+        if live.blocks.send(block).is_err() {
+            return Ok(Some(LiveExit::Reconcile("the live pipeline stopped")));
+        }
+        live.tip = (live.tip.0 + 1, hash);
+        // bitcoind announces its new tip.
+        self.metrics.bitcoind_height.set(i64::from(live.tip.0));
+        // The block first: what it mined out of the mempool, and the transactions bitcoind
+        // announced with it, wait until it is indexed (decoding and hashing thousands of
+        // them alongside took the cores the block's parse needs).
+        await_commit(live.committed, live.tip.0, BLOCK_FIRST_LIMIT);
+        if let Some(mined) = kept.and_then(|b| deserialize::<bitcoin::Block>(&b).ok()) {
+            self.mempool.mined(&mined)?;
+        }
+        Ok(None)
+    }
+
+    /// Lost messages: on `rawtx` expected, else reconcile.
+    fn on_gap(&self, topic: Topic, expected: u32, got: u32) -> Option<LiveExit> {
+        self.metrics.zmq_gap(topic);
+        if topic == Topic::RawTx {
+            // Expected when a block's burst of transactions overflows a queue; `sequence`
+            // still says what entered the mempool, and missing bodies are fetched over RPC.
+            debug!(expected, got, "rawtx messages were lost");
+            return None;
+        }
+        warn!(
+            topic = topic.name(),
+            expected, got, "ZMQ messages were lost"
+        );
+        Some(LiveExit::Reconcile("ZMQ messages were lost"))
+    }
+
+    /// `sequence` says `txid` entered the mempool.
+    fn on_mempool_entry(&self, txid: Txid, notices: &Feed) -> Result<(), FollowError> {
+        if !self.mempool.has_body(&txid) {
+            // Its body travels on the other socket: take what came.
+            while let Some(notice) = notices.try_recv_tx() {
+                match notice {
+                    Notice::RawTx(bytes) => self.mempool.raw_tx(bytes)?,
+                    Notice::Garbage { endpoint, reason } => {
+                        warn!(%endpoint, %reason, "malformed ZMQ message dropped")
+                    }
+                    _ => {} // rawtx gaps: see `on_gap`
+                }
+            }
+        }
+        Ok(self.mempool.entered(txid, &self.scripts())?)
+    }
+
+    /// Checks made after every notice or quiet spell: expired mempool removals, waiting
+    /// `AddWatch`es, a tip announced without its block, and ZMQ silence.
+    fn between_notices(&self, live: &mut Live) -> Step {
+        self.mempool.expire()?;
+        if self.watch.waiting() {
+            return Ok(Some(LiveExit::Reconcile("watched scripts were added")));
+        }
+        if let Some((hash, since)) = live.announced {
+            if hash == live.tip.1 {
+                live.announced = None;
+            } else if since.elapsed() >= self.opts.announce_grace {
+                return Ok(Some(LiveExit::Reconcile(
+                    "a new tip was announced without its block",
+                )));
+            }
+        }
+        if live.last_block_news.elapsed() >= self.opts.zmq_silence {
+            live.last_block_news = Instant::now();
+            if self.daemon.best_block_hash()? != live.tip.1 {
+                warn!("ZMQ was silent while bitcoind's tip moved; reconciling");
+                return Ok(Some(LiveExit::Reconcile("ZMQ silence")));
+            }
+        }
+        Ok(None)
+    }
+}
