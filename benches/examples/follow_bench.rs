@@ -111,9 +111,8 @@ fn start_subscribers(
     let addr = listener.local_addr()?;
     runtime.spawn(indexer::grpc::serve(
         store,
-        Network::Regtest,
         listener,
-        None,
+        indexer::grpc::ServeOptions::new(Network::Regtest),
         std::future::pending(),
     ));
     let received = Arc::new(AtomicU64::new(0));

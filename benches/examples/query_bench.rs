@@ -79,7 +79,7 @@ fn main() -> Result<()> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(indexer::grpc::serve(Arc::new(store), Network::Regtest, listener, None, async {
+        let server = tokio::spawn(indexer::grpc::serve(Arc::new(store), listener, indexer::grpc::ServeOptions::new(Network::Regtest), async {
             let _ = stopped.await;
         }));
         let channel: Channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;

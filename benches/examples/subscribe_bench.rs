@@ -152,9 +152,8 @@ fn with_subscribers(chain: &Path, runtime: &Runtime, subscribers: usize) -> Resu
     let addr = listener.local_addr()?;
     let server = runtime.spawn(indexer::grpc::serve(
         store.clone(),
-        Network::Regtest,
         listener,
-        None,
+        indexer::grpc::ServeOptions::new(Network::Regtest),
         async {
             let _ = stopped.await;
         },

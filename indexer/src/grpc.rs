@@ -423,47 +423,47 @@ pub struct Access {
     pub watch: WatchChanges,
 }
 
+/// What the server answers from besides the database, and who may call.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// The network of the database's addresses.
+    pub network: Network,
+    /// The follower's mempool tracker (`None`: no unconfirmed transactions, as in
+    /// `indexer serve`).
+    pub mempool: Option<SharedMempool>,
+    /// Token, TLS and where `AddWatch` goes.
+    pub access: Access,
+    /// Where calls are timed and subscribers counted.
+    pub metrics: IndexerMetrics,
+}
+
+impl ServeOptions {
+    /// Open on loopback, no mempool, no writes, metrics of its own.
+    pub fn new(network: Network) -> Self {
+        ServeOptions {
+            network,
+            mempool: None,
+            access: Access::default(),
+            metrics: IndexerMetrics::default(),
+        }
+    }
+}
+
 /// Serves the indexer service, health checking and reflection on `listener` until
-/// `shutdown` completes. With a `token`, every indexer call must present it; health and
-/// reflection stay open (they reveal nothing about wallets).
+/// `shutdown` completes. With a token, every indexer call must present it; health and
+/// reflection stay open (they reveal nothing about wallets). Writes need a token.
 pub async fn serve(
     store: Arc<Store>,
-    network: Network,
     listener: TcpListener,
-    token: Option<BearerToken>,
+    opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let access = Access {
-        token,
-        ..Access::default()
-    };
-    serve_live(store, network, None, listener, access, shutdown).await
-}
-
-/// [`serve`] with TLS when `access` has it, also answering from the follower's mempool
-/// tracker when there is one.
-pub async fn serve_live(
-    store: Arc<Store>,
-    network: Network,
-    mempool: Option<SharedMempool>,
-    listener: TcpListener,
-    access: Access,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
-    let metrics = IndexerMetrics::default();
-    serve_observed(store, network, mempool, listener, access, metrics, shutdown).await
-}
-
-/// [`serve_live`], timing every call and counting subscribers into `metrics`.
-pub async fn serve_observed(
-    store: Arc<Store>,
-    network: Network,
-    mempool: Option<SharedMempool>,
-    listener: TcpListener,
-    access: Access,
-    metrics: IndexerMetrics,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
+    let ServeOptions {
+        network,
+        mempool,
+        access,
+        metrics,
+    } = opts;
     let Access { token, tls, watch } = access;
     // Writes need a token: without one, the server is open to anyone on loopback.
     let watch = if token.is_some() {

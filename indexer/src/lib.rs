@@ -33,6 +33,7 @@
 //! and `service` (auth, logging, metrics HTTP, config helpers).
 
 pub mod add_watch;
+pub mod app;
 pub mod backfill;
 pub mod blkfile;
 pub mod block_check;

@@ -347,12 +347,14 @@ impl Served {
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        runtime.spawn(indexer::grpc::serve_live(
+        runtime.spawn(indexer::grpc::serve(
             f.store.clone(),
-            Network::Regtest,
-            Some(f.mempool.clone()),
             listener,
-            access,
+            indexer::grpc::ServeOptions {
+                mempool: Some(f.mempool.clone()),
+                access,
+                ..indexer::grpc::ServeOptions::new(Network::Regtest)
+            },
             async {
                 let _ = stopped.await;
             },

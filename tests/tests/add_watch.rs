@@ -286,15 +286,16 @@ fn without_a_follower_writes_apply_directly_and_need_a_configured_token() {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        runtime.spawn(indexer::grpc::serve_live(
+        runtime.spawn(indexer::grpc::serve(
             store.clone(),
-            Network::Regtest,
-            None,
             listener,
-            indexer::grpc::Access {
-                token,
-                tls: None,
-                watch: indexer::add_watch::WatchChanges::Direct { gap_limit: 20 },
+            indexer::grpc::ServeOptions {
+                access: indexer::grpc::Access {
+                    token,
+                    tls: None,
+                    watch: indexer::add_watch::WatchChanges::Direct { gap_limit: 20 },
+                },
+                ..indexer::grpc::ServeOptions::new(Network::Regtest)
             },
             std::future::pending(),
         ));

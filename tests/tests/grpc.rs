@@ -58,11 +58,12 @@ async fn queries_over_grpc_match_the_model_and_bad_requests_get_clear_statuses()
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut opts = indexer::grpc::ServeOptions::new(Network::Bitcoin);
+    opts.access.token = Some(BearerToken::new(TOKEN));
     let server = tokio::spawn(indexer::grpc::serve(
         Arc::new(store),
-        Network::Bitcoin,
         listener,
-        Some(BearerToken::new(TOKEN)),
+        opts,
         async {
             let _ = stopped.await;
         },

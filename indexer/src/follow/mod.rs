@@ -5,31 +5,32 @@
 //! sends the follower back to reconciling over RPC, which is always right; ZMQ only makes it
 //! fast. Without ZMQ it polls.
 
+mod error;
 mod fork_point;
-mod notices;
+mod live;
 
+pub use error::FollowError;
 pub use fork_point::{find_fork_point, BlockSource};
+use live::LiveExit;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bitcoin::{BlockHash, Network};
-use bitcoind::{Daemon, DaemonError};
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError};
+use bitcoind::Daemon;
+use crossbeam_channel::Receiver;
 use tracing::{debug, info, warn};
 
 use crate::add_watch::WatchRequest;
 use crate::backfill::{self, Coordinator};
 use crate::fetch::{FetchOptions, Prefetch};
-use crate::mempool::{SharedMempool, TrackError, Tracker};
+use crate::mempool::{SharedMempool, Tracker};
 use crate::metrics::IndexerMetrics;
-use crate::pipeline::apply::ApplyError;
-use crate::pipeline::parse::RawBlock;
-use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
+use crate::pipeline::{self, PipelineOptions, Progress};
 use crate::script_filter::ScriptFilter;
 use crate::serve_priority::FlatOut;
-use crate::store::{Reader, Store, StoreError};
+use crate::store::{Reader, Store};
 use crate::wallets;
 use crate::zmq_feed::Feed;
 
@@ -66,64 +67,6 @@ impl Default for FollowOptions {
             max_backoff: Duration::from_secs(30),
             bloom_capacity: 100_000,
             bloom_fp_rate: 1e-4,
-        }
-    }
-}
-
-/// Why following stopped for good.
-#[derive(Debug, thiserror::Error)]
-pub enum FollowError {
-    /// bitcoind failed in a way waiting will not fix (or it was not retried).
-    #[error(transparent)]
-    Daemon(#[from] DaemonError),
-    /// The database failed, or a reorg is deeper than the undo journal.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A block failed in the pipeline.
-    #[error(transparent)]
-    Pipeline(#[from] PipelineError),
-    /// The ZMQ thread ended.
-    #[error("the ZMQ subscriber stopped")]
-    ZmqStopped,
-    /// Merging a backfill failed.
-    #[error("backfill: {0}")]
-    Backfill(#[from] backfill::BackfillError),
-    /// bitcoind's chain is shorter than the index while it is still syncing.
-    #[error("bitcoind is in initial block download at height {daemon}, below the index's {index}: waiting for it")]
-    DaemonBehind {
-        /// bitcoind's height.
-        daemon: u32,
-        /// The index's height.
-        index: u32,
-    },
-}
-
-impl From<TrackError> for FollowError {
-    fn from(e: TrackError) -> Self {
-        match e {
-            TrackError::Daemon(e) => FollowError::Daemon(e),
-            TrackError::Store(e) => FollowError::Store(e),
-        }
-    }
-}
-
-impl FollowError {
-    /// Whether trying again later may succeed: bitcoind down or restarting, or its chain
-    /// moved while we read it.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            // No answer of the node ends following (see `worth_retrying`).
-            FollowError::Daemon(e) => e.worth_retrying(),
-            FollowError::Pipeline(PipelineError::Source(e)) => e
-                .downcast_ref::<DaemonError>()
-                .is_none_or(DaemonError::worth_retrying),
-            // The hashes listed and the blocks fetched straddle a reorg: look again.
-            FollowError::Pipeline(PipelineError::Apply(ApplyError::NotConnecting { .. })) => true,
-            // A block that fails its own hash or merkle root: fetch it again.
-            FollowError::Pipeline(PipelineError::Parse(_)) => true,
-            FollowError::DaemonBehind { .. } => true,
-            FollowError::Backfill(e) => e.is_transient(),
-            FollowError::Pipeline(_) | FollowError::Store(_) | FollowError::ZmqStopped => false,
         }
     }
 }
@@ -171,12 +114,6 @@ impl Drop for Alive<'_> {
     fn drop(&mut self) {
         self.0.set_follower_alive(false);
     }
-}
-
-/// Why the live loop handed back to reconciliation.
-enum LiveExit {
-    Stop,
-    Reconcile(&'static str),
 }
 
 impl Follower {
@@ -432,81 +369,5 @@ impl Follower {
         // set at its current generation, and the next start loads it instead of a scan.
         wallets::save_filter(&self.store, &self.scripts())?;
         Ok(())
-    }
-
-    /// Stays on the tip until something needs reconciling.
-    fn live(&self) -> Result<LiveExit, FollowError> {
-        let Some(tip) = self.store.tip()? else {
-            return Ok(LiveExit::Reconcile("the index is empty"));
-        };
-        let Some(notices) = &self.notices else {
-            return self.poll(tip);
-        };
-        // A long-lived pipeline: each block from ZMQ is parsed, applied and committed on
-        // its own, with the watched state kept in memory between blocks.
-        let (blocks, source) = bounded::<RawBlock>(8);
-        let opts = PipelineOptions {
-            chunk_bytes: 0,
-            ..self.opts.pipeline
-        };
-        // Heights as they commit, so the notice loop can wait for a block it handed over.
-        let (committed_tx, committed) = bounded::<u32>(64);
-        let scripts = self.scripts();
-        // Set when a stage fails (a block that failed its checks): the feed below and the
-        // notice loop must then end and reconcile, rather than wait for a next block.
-        let failed = AtomicBool::new(false);
-        let feed = std::iter::from_fn(|| loop {
-            match source.recv_timeout(Duration::from_millis(50)) {
-                Ok(block) => return Some(Ok(block)),
-                Err(RecvTimeoutError::Timeout) if !failed.load(Ordering::Relaxed) => {}
-                Err(_) => return None,
-            }
-        });
-        std::thread::scope(|s| {
-            let pipeline = std::thread::Builder::new()
-                .name("live".into())
-                .spawn_scoped(s, || {
-                    let on_commit = self.counting();
-                    pipeline::run_observed(
-                        &self.store,
-                        &scripts,
-                        feed,
-                        &opts,
-                        &move |p: &Progress| {
-                            on_commit(p);
-                            let _ = committed_tx.try_send(p.height);
-                        },
-                        &self.metrics.queues,
-                        &failed,
-                    )
-                })
-                .expect("spawn live pipeline");
-            let exit = self.follow_notices(notices, blocks, &committed, &failed, tip);
-            match pipeline.join().expect("live pipeline panicked") {
-                // A block that failed its checks: bitcoind will tell the truth.
-                Err(e) => {
-                    warn!(error = %e, "a block from ZMQ failed; reconciling over RPC");
-                    exit.map(|_| LiveExit::Reconcile("a block from ZMQ failed"))
-                }
-                Ok(_) => exit,
-            }
-        })
-    }
-
-    /// Without ZMQ: asks bitcoind for its tip every `poll_interval`.
-    fn poll(&self, tip: (u32, BlockHash)) -> Result<LiveExit, FollowError> {
-        loop {
-            self.pause(self.opts.poll_interval);
-            if self.stopping() {
-                return Ok(LiveExit::Stop);
-            }
-            if self.watch.waiting() {
-                return Ok(LiveExit::Reconcile("watched scripts were added"));
-            }
-            if self.daemon.best_block_hash()? != tip.1 {
-                return Ok(LiveExit::Reconcile("bitcoind's tip changed"));
-            }
-            self.mempool.resync(&self.scripts())?;
-        }
     }
 }

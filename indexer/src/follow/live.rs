@@ -1,18 +1,26 @@
-//! Following the tip live from ZMQ notices: a block that extends the tip goes straight to
-//! the live pipeline; anything ZMQ cannot vouch for hands back to reconciliation over RPC.
-//! One handler per kind of notice.
+//! Following the tip live: from ZMQ notices, a block that extends the tip goes straight to
+//! a long-lived pipeline, and anything ZMQ cannot vouch for hands back to reconciliation
+//! over RPC (one handler per kind of notice); without ZMQ, polling bitcoind's tip.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bitcoin::consensus::deserialize;
 use bitcoin::{block, BlockHash, Txid};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use tracing::{debug, warn};
 
-use super::{FollowError, Follower, LiveExit};
+use super::{FollowError, Follower};
 use crate::pipeline::parse::RawBlock;
+use crate::pipeline::{self, PipelineOptions, Progress};
+use crate::store::Reader;
 use crate::zmq_feed::{Feed, Notice, SequenceEvent, Topic};
+
+/// Why the live loop handed back to reconciliation.
+pub(super) enum LiveExit {
+    Stop,
+    Reconcile(&'static str),
+}
 
 /// Longest a live block holds up mempool notices while it is indexed.
 const BLOCK_FIRST_LIMIT: Duration = Duration::from_secs(2);
@@ -44,6 +52,82 @@ fn await_commit(committed: &Receiver<u32>, height: u32, limit: Duration) {
 }
 
 impl Follower {
+    /// Stays on the tip until something needs reconciling.
+    pub(super) fn live(&self) -> Result<LiveExit, FollowError> {
+        let Some(tip) = self.store.tip()? else {
+            return Ok(LiveExit::Reconcile("the index is empty"));
+        };
+        let Some(notices) = &self.notices else {
+            return self.poll(tip);
+        };
+        // A long-lived pipeline: each block from ZMQ is parsed, applied and committed on
+        // its own, with the watched state kept in memory between blocks.
+        let (blocks, source) = bounded::<RawBlock>(8);
+        let opts = PipelineOptions {
+            chunk_bytes: 0,
+            ..self.opts.pipeline
+        };
+        // Heights as they commit, so the notice loop can wait for a block it handed over.
+        let (committed_tx, committed) = bounded::<u32>(64);
+        let scripts = self.scripts();
+        // Set when a stage fails (a block that failed its checks): the feed below and the
+        // notice loop must then end and reconcile, rather than wait for a next block.
+        let failed = AtomicBool::new(false);
+        let feed = std::iter::from_fn(|| loop {
+            match source.recv_timeout(Duration::from_millis(50)) {
+                Ok(block) => return Some(Ok(block)),
+                Err(RecvTimeoutError::Timeout) if !failed.load(Ordering::Relaxed) => {}
+                Err(_) => return None,
+            }
+        });
+        std::thread::scope(|s| {
+            let pipeline = std::thread::Builder::new()
+                .name("live".into())
+                .spawn_scoped(s, || {
+                    let on_commit = self.counting();
+                    pipeline::run_observed(
+                        &self.store,
+                        &scripts,
+                        feed,
+                        &opts,
+                        &move |p: &Progress| {
+                            on_commit(p);
+                            let _ = committed_tx.try_send(p.height);
+                        },
+                        &self.metrics.queues,
+                        &failed,
+                    )
+                })
+                .expect("spawn live pipeline");
+            let exit = self.follow_notices(notices, blocks, &committed, &failed, tip);
+            match pipeline.join().expect("live pipeline panicked") {
+                // A block that failed its checks: bitcoind will tell the truth.
+                Err(e) => {
+                    warn!(error = %e, "a block from ZMQ failed; reconciling over RPC");
+                    exit.map(|_| LiveExit::Reconcile("a block from ZMQ failed"))
+                }
+                Ok(_) => exit,
+            }
+        })
+    }
+
+    /// Without ZMQ: asks bitcoind for its tip every `poll_interval`.
+    fn poll(&self, tip: (u32, BlockHash)) -> Result<LiveExit, FollowError> {
+        loop {
+            self.pause(self.opts.poll_interval);
+            if self.stopping() {
+                return Ok(LiveExit::Stop);
+            }
+            if self.watch.waiting() {
+                return Ok(LiveExit::Reconcile("watched scripts were added"));
+            }
+            if self.daemon.best_block_hash()? != tip.1 {
+                return Ok(LiveExit::Reconcile("bitcoind's tip changed"));
+            }
+            self.mempool.resync(&self.scripts())?;
+        }
+    }
+
     /// Feeds blocks that extend the tip to the live pipeline (`blocks`, dropped on return).
     pub(super) fn follow_notices(
         &self,
