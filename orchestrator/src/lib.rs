@@ -7,6 +7,8 @@
 //! indexer's `Subscribe` stream ([`monitor`]); and the [`executor`] that reserves, signs,
 //! broadcasts, bumps and completes each withdrawal.
 
+pub mod app;
+pub mod cli;
 pub mod config;
 pub mod executor;
 pub mod grpc;

@@ -79,7 +79,17 @@ impl Rig {
     /// `orchestrator run` on the rig's database, dying at `crash_at` when given.
     fn start(&self, crash_at: Option<&str>) -> Process {
         let dir = self.dir.path();
-        let mut cmd = Command::new(bin());
+        let mut cmd = match crash_at {
+            // The production binary has no crash hook: a build of it with one.
+            Some(at) => {
+                let mut cmd = Command::new(system_tests::harness::workspace_binary(
+                    "orchestrator-crash-at",
+                ));
+                cmd.arg(at);
+                cmd
+            }
+            None => Command::new(bin()),
+        };
         cmd.args(["run", "--network", "regtest", "--listen", "127.0.0.1:0"])
             .args(["--indexer", &format!("http://{}", self.served.addr)])
             .args(["--bitcoind-rpc-url", &self.node.node.rpc_url()])
@@ -93,12 +103,8 @@ impl Rig {
             .args(["--change-address", &self.hot.to_string()])
             .args(["--confirmations", "1", "--settle-confirmations", "2"])
             .env("ORCHESTRATOR_LOG", "warn")
-            .env_remove("ORCHESTRATOR_CRASH_AT")
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        if let Some(at) = crash_at {
-            cmd.env("ORCHESTRATOR_CRASH_AT", at);
-        }
         let mut child = cmd.spawn().unwrap();
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.take().unwrap())
