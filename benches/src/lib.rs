@@ -1,10 +1,19 @@
-//! Benchmarks (run as examples so they build with the workspace's one cargo selection):
+//! Benchmarks, run as examples so they build with the workspace's one cargo selection
+//! (`bash scripts/bench.sh NAME [ARGS]`); each prints the ratios `BENCHMARKS.md` records:
 //!
 //! - `gen_chain`: writes a mainnet-like chain as bitcoind blk files, plus the descriptors
-//!   of 100k watched scripts, under `fixtures/generated/` (kept out of git).
-//! - `rescan_bench`: in one run, SHA-256 throughput on one and two cores, parse + filter
-//!   throughput on the real large blocks, and the end-to-end rescan of the generated
-//!   chain with its peak RSS; prints the ratios that go into `BENCHMARKS.md`.
+//!   of 100k watched scripts, under `fixtures/generated/` (kept out of git); with
+//!   `--mainnet-gb`, a chain shaped like mainnet's eras.
+//! - `rescan_bench`: SHA-256 on one and two cores, parse + filter on real large blocks,
+//!   and the end-to-end rescan of the generated chain with its peak RSS, in one run.
+//! - `mainnet_run_bench`: `watch add` then `rescan --blocks-dir` of a mainnet-shaped chain
+//!   as child processes, their resident memory sampled.
+//! - `watch_scale_bench`: watched sets of 100k to 10M scripts, side by side.
+//! - `reorg_bench`: undoing the last d blocks against connecting one.
+//! - `follow_bench`: following the devnet, tip latency against the parse time of a block.
+//! - `subscribe_bench`: a rescan with and without 100 live event subscribers.
+//! - `query_bench`: gRPC queries under 64 clients against a health check.
+//! - `withdraw_bench`: withdrawals end to end against synced RocksDB writes.
 
 pub mod mix;
 pub mod rss;

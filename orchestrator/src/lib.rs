@@ -5,7 +5,10 @@
 //! validates, records and shows withdrawals ([`grpc`]); coin selection ([`select`]); the
 //! key-file [`signer`] behind the `Signer` trait; the event -> saga adapter following the
 //! indexer's `Subscribe` stream ([`monitor`]); and the [`executor`] that reserves, signs,
-//! broadcasts, bumps and completes each withdrawal.
+//! broadcasts, bumps and completes each withdrawal. [`app`] wires them into the service
+//! `orchestrator run` is, from the flags of [`cli`] and the settings of [`config`]; the
+//! bitcoind client and what both services share come from the `bitcoind` and `service`
+//! crates, never from the indexer.
 
 pub mod app;
 pub mod cli;
