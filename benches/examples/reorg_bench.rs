@@ -58,7 +58,7 @@ fn main() -> Result<()> {
             bail!("a reorg of {depth} blocks is deeper than the index ({tip} blocks)");
         };
         let started = Instant::now();
-        let undone = store.disconnect_above(Some(keep), true)?;
+        let undone = indexer::pipeline::disconnect::disconnect_above(&store, Some(keep), true)?;
         let down = started.elapsed().as_secs_f64() * 1e3;
         if undone != depth || store.tip()?.map(|(h, _)| h) != Some(keep) {
             bail!("disconnected {undone} blocks, not {depth}");

@@ -236,7 +236,11 @@ fn start_height(store: &Store, req: &RescanRequest) -> Result<(u32, u32), Rescan
             if store.get(Cf::Meta, schema::META_RESCAN)?.as_deref() == Some(&job[..]) {
                 tip + 1 // the same rescan, interrupted: resume
             } else {
-                disconnected = store.disconnect_above(from.checked_sub(1), false)?;
+                disconnected = crate::pipeline::disconnect::disconnect_above(
+                    store,
+                    from.checked_sub(1),
+                    false,
+                )?;
                 from
             }
         }
@@ -284,7 +288,7 @@ fn disconnect_to_fork<L>(store: &Store, chain: &[ChainEntry<L>]) -> Result<u32, 
     if fork.is_some_and(|f| f >= last.height) {
         return Ok(0); // on the chain, possibly ahead of the files
     }
-    let count = store.disconnect_above(fork, false)?;
+    let count = crate::pipeline::disconnect::disconnect_above(store, fork, false)?;
     if count > 0 {
         warn!(count, fork = ?fork, "disconnected blocks that are not on the files' best chain");
     }

@@ -315,7 +315,7 @@ pub fn align(
         common = h.checked_sub(1);
     }
     let keep = common.or(job.birth.checked_sub(1));
-    scratch.disconnect_above(keep, false)?;
+    pipeline::disconnect::disconnect_above(scratch, keep, false)?;
     let from = keep.map_or(0, |k| k + 1);
     if from <= main_tip {
         let filter = wallets::load_filter(scratch, 1_000, 1e-6)?;

@@ -282,7 +282,8 @@ impl Follower {
                 if fork.is_none_or(|f| f < height) {
                     let depth = height - fork.map_or(0, |f| f + 1) + 1;
                     warn!(depth, from = %hash, fork = ?fork, "bitcoind's chain no longer has our tip: disconnecting to the fork point");
-                    let disconnected = self.store.disconnect_above(fork, true)?;
+                    let disconnected =
+                        pipeline::disconnect::disconnect_above(&self.store, fork, true)?;
                     report.disconnected += disconnected;
                     report.deepest_reorg = report.deepest_reorg.max(depth);
                     let m = &self.metrics;

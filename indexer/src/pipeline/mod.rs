@@ -11,6 +11,7 @@
 //! they already have, so every block before the failure is committed and none after it.
 
 pub mod apply;
+pub mod disconnect;
 pub mod filter;
 pub mod parse;
 pub mod write;

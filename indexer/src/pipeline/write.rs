@@ -3,7 +3,7 @@
 
 use super::apply::BlockChanges;
 use crate::store::schema::{self, Cf};
-use crate::store::{Batch, Store, StoreError};
+use crate::store::{Store, StoreError, Writes};
 
 /// How the writer groups and keeps undo records.
 #[derive(Clone, Copy, Debug)]
@@ -29,13 +29,16 @@ impl Default for WriteOptions {
     }
 }
 
-/// Adds one block's undo record and undo pruning to `batch`.
-fn add_undo(store: &Store, batch: &mut Batch, ch: &BlockChanges, undo_depth: Option<u32>) {
+/// Adds one block's undo record and undo pruning to `writes`.
+fn add_undo(writes: &mut Writes, ch: &BlockChanges, undo_depth: Option<u32>) {
     let undo_key = schema::height_key(ch.height);
-    batch.put(store, Cf::Undo, &undo_key, &schema::encode_undo(&ch.undo));
+    writes.insert(
+        (Cf::Undo, undo_key.to_vec()),
+        Some(schema::encode_undo(&ch.undo)),
+    );
     if let Some(depth) = undo_depth {
         if let Some(old) = ch.height.checked_sub(depth) {
-            batch.delete(store, Cf::Undo, &schema::height_key(old));
+            writes.insert((Cf::Undo, schema::height_key(old).to_vec()), None);
         }
     }
 }
@@ -48,19 +51,15 @@ pub fn commit_group(
     group: &mut [BlockChanges],
     opts: &WriteOptions,
 ) -> Result<(), StoreError> {
-    let mut batch = Batch::default();
-    let mut merged = std::collections::BTreeMap::new();
+    let mut merged = Writes::new();
     let mut events = Vec::new();
     for ch in group.iter_mut() {
         // `extend` inserts one by one (later blocks win); `append` would re-merge the
         // whole accumulated map for every block.
         merged.extend(std::mem::take(&mut ch.writes));
-        add_undo(store, &mut batch, ch, opts.undo_depth);
+        add_undo(&mut merged, ch, opts.undo_depth);
         events.append(&mut ch.events);
     }
-    for ((cf, key), value) in &merged {
-        batch.set(store, *cf, key, value.as_deref());
-    }
-    store.commit_with_events(batch, &events, opts.event_retention, false)?;
+    store.commit_writes(&merged, &events, opts.event_retention, false)?;
     Ok(())
 }

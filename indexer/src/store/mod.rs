@@ -4,7 +4,6 @@
 pub mod recent;
 pub mod schema;
 
-use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -15,8 +14,8 @@ use rocksdb::{
     WriteOptions, DB,
 };
 
-use crate::types::{Balance, Event, EventKind, ScriptId, Utxo, WalletId};
-use schema::{Cf, DecodeError, UndoEntry, WatchRecord};
+use crate::types::{Balance, Event, ScriptId, Utxo, WalletId};
+use schema::{Cf, DecodeError, WatchRecord};
 
 /// What can go wrong with the database.
 #[derive(Debug, thiserror::Error)]
@@ -455,26 +454,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Disconnects every block above `keep` (all of them for `None`), newest first, each
-    /// atomically; refuses before changing anything if an undo record is missing.
-    pub fn disconnect_above(&self, keep: Option<u32>, sync: bool) -> Result<u32, StoreError> {
-        let Some((tip, _)) = self.tip()? else {
-            return Ok(0);
-        };
-        let lowest = keep.map_or(0, |k| k + 1);
-        for height in (lowest..=tip).rev() {
-            if self.get(Cf::Undo, &schema::height_key(height))?.is_none() {
-                return Err(StoreError::UndoMissing { height });
-            }
-        }
-        let mut count = 0;
-        while self.tip()?.is_some_and(|(h, _)| h >= lowest) {
-            self.disconnect_tip(sync)?;
-            count += 1;
-        }
-        Ok(count)
-    }
-
     /// Forgets the indexed chain (UTXOs, balances, history, headers, undo, tip) and keeps
     /// the wallets and watched scripts, so the next rescan starts from scratch.
     pub fn reset_chain_state(&self) -> Result<(), StoreError> {
@@ -500,124 +479,6 @@ impl Store {
         self.commit(batch, true)
     }
 
-    /// Undoes the tip block with its undo record; returns the new tip.
-    ///
-    /// Wallet balances and history are not in undo records: they follow from the scripts'
-    /// state and the wallets each script belongs to now. A wallet's balance moves by the
-    /// change of its scripts' balances, and the history entries of the block's transfers
-    /// are deleted for every wallet of their scripts. So a script added to a wallet after its
-    /// blocks were indexed leaves that wallet exact through any disconnect.
-    pub fn disconnect_tip(&self, sync: bool) -> Result<Option<(u32, BlockHash)>, StoreError> {
-        let (height, _) = self.tip()?.ok_or(StoreError::Empty)?;
-        let key = schema::height_key(height);
-        let record = self
-            .get(Cf::Undo, &key)?
-            .ok_or(StoreError::UndoMissing { height })?;
-        let entries = schema::decode_undo(&record)?;
-        let mut batch = Batch::default();
-        let mut wallets: BTreeMap<WalletId, Balance> = BTreeMap::new();
-        let mut events = Vec::new();
-        // A wallet's outputs by creation height follow its scripts' outputs, as its balance
-        // does: from each output key's state before the block and now.
-        let mut recent = recent::RecentChanges::default();
-        let mut seen = std::collections::HashSet::new();
-        for UndoEntry { cf, key, prior } in &entries {
-            if *cf != Cf::ScriptUtxo || !seen.insert(key.clone()) {
-                continue;
-            }
-            let id = schema::decode_script_id(&key[..32])?;
-            let owners = self.watch(&id)?.map(|r| r.wallets).unwrap_or_default();
-            let mut apply = |bytes: &[u8], sign: i128| -> Result<(), StoreError> {
-                let (value, height, coinbase) = schema::decode_script_utxo(bytes)?;
-                for w in &owners {
-                    recent.add(*w, height, value, coinbase, sign);
-                }
-                Ok(())
-            };
-            if let Some(now) = self.get(Cf::ScriptUtxo, key)? {
-                apply(&now, -1)?;
-            }
-            if let Some(before) = prior {
-                apply(before, 1)?;
-            }
-        }
-        // Restore in reverse: if a block touched a key twice, the first prior wins.
-        for UndoEntry { cf, key, prior } in entries.iter().rev() {
-            if *cf == Cf::ScriptBalance {
-                let id = schema::decode_script_id(key)?;
-                let now = self.script_balance(&id)?;
-                let before = prior
-                    .as_deref()
-                    .map(schema::decode_balance)
-                    .transpose()?
-                    .unwrap_or_default();
-                for w in self.watch(&id)?.map(|r| r.wallets).unwrap_or_default() {
-                    let b = match wallets.entry(w) {
-                        Entry::Occupied(e) => e.into_mut(),
-                        Entry::Vacant(e) => e.insert(self.wallet_balance(w)?),
-                    };
-                    *b = b.moved(&now, &before).ok_or(StoreError::Inconsistent {
-                        wallet: w.0,
-                        height,
-                    })?;
-                }
-            }
-            if *cf == Cf::Transfers {
-                if let Some(value) = self.get(Cf::Transfers, key)? {
-                    let t = schema::decode_transfer(key, &value)?;
-                    // Kept, so the transfer can still be asked about.
-                    batch.put(
-                        self,
-                        Cf::Reorged,
-                        t.txid.as_byte_array(),
-                        &schema::encode_reorged(&t),
-                    );
-                    events.push(Event {
-                        kind: EventKind::TransferReorgedOut,
-                        height: t.height,
-                        block_hash: t.block_hash,
-                        txid: Some(t.txid),
-                    });
-                    for id in t.script_ids() {
-                        for w in self.watch(&id)?.map(|r| r.wallets).unwrap_or_default() {
-                            batch.delete(
-                                self,
-                                Cf::WalletHistory,
-                                &schema::history_key(w, t.height, &t.txid),
-                            );
-                        }
-                    }
-                }
-            }
-            batch.set(self, *cf, key, prior.as_deref());
-        }
-        recent.write(self, &mut batch)?;
-        for (w, b) in &wallets {
-            let value = (!b.is_empty()).then(|| schema::encode_balance(b));
-            batch.set(
-                self,
-                Cf::WalletBalance,
-                &schema::wallet_key(*w),
-                value.as_ref().map(|v| &v[..]),
-            );
-        }
-        batch.delete(self, Cf::Undo, &key);
-        let hash = self
-            .header(height)?
-            .map(|h| h.block_hash())
-            .ok_or(StoreError::Decode(schema::DecodeError::missing(
-                "header of the tip",
-            )))?;
-        events.push(Event {
-            kind: EventKind::BlockDisconnected,
-            height,
-            block_hash: hash,
-            txid: None,
-        });
-        self.commit_with_events(batch, &events, None, sync)?;
-        self.tip()
-    }
-
     /// Whether `txid` is a confirmed watched transfer on the indexed chain.
     pub fn has_transfer(&self, txid: &bitcoin::Txid) -> Result<bool, StoreError> {
         let mut found = false;
@@ -627,6 +488,22 @@ impl Store {
                 Ok::<_, StoreError>(false)
             })?;
         Ok(found)
+    }
+
+    /// Commits `writes` with `events` appended to the event log, in one atomic write;
+    /// returns the next free offset.
+    pub fn commit_writes(
+        &self,
+        writes: &Writes,
+        events: &[Event],
+        retention: Option<u64>,
+        sync: bool,
+    ) -> Result<u64, StoreError> {
+        let mut batch = Batch::default();
+        for ((cf, key), value) in writes {
+            batch.set(self, *cf, key, value.as_deref());
+        }
+        self.commit_with_events(batch, events, retention, sync)
     }
 
     /// Commits `batch` with `events` appended to the event log in the same write, keeping
@@ -703,6 +580,10 @@ impl Store {
             .sum()
     }
 }
+
+/// Writes to make, by column family and key, each to its final value (`None`: delete).
+/// In key order, which RocksDB's memtable takes fastest.
+pub type Writes = BTreeMap<(Cf, Vec<u8>), Option<Vec<u8>>>;
 
 /// Typed reads, the same over the live database and over a [`Snapshot`].
 pub trait Reader {
@@ -848,16 +729,5 @@ mod tests {
             matches!(err, StoreError::Version { found: 99, .. }),
             "{err}"
         );
-    }
-
-    #[test]
-    fn disconnecting_an_empty_index_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), Network::Regtest).unwrap();
-        assert!(matches!(
-            store.disconnect_tip(false),
-            Err(StoreError::Empty)
-        ));
-        assert_eq!(store.disconnect_above(None, false).unwrap(), 0);
     }
 }

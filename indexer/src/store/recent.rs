@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::schema::{self, Cf, Recent};
-use super::{Batch, Reader, Store, StoreError};
+use super::{Batch, Reader, Store, StoreError, Writes};
 use crate::types::WalletId;
 
 /// Signed changes per (wallet, height).
@@ -31,9 +31,20 @@ impl RecentChanges {
 
     /// Applies the changes to the stored aggregates, writing them into `batch`.
     pub fn write(&self, store: &Store, batch: &mut Batch) -> Result<(), StoreError> {
+        let mut writes = Writes::new();
+        self.add_writes(store, &mut writes)?;
+        for ((cf, key), value) in &writes {
+            batch.set(store, *cf, key, value.as_deref());
+        }
+        Ok(())
+    }
+
+    /// Applies the changes to the aggregates `reader` holds, adding the new values to
+    /// `writes`.
+    pub fn add_writes(&self, reader: &impl Reader, writes: &mut Writes) -> Result<(), StoreError> {
         for (&(wallet, height), &(plain, coinbase, count)) in &self.changes {
             let key = schema::wallet_recent_key(wallet, height);
-            let now = match store.get(Cf::WalletRecent, &key)? {
+            let now = match reader.get(Cf::WalletRecent, &key)? {
                 Some(v) => schema::decode_recent(&v)?,
                 None => Recent::default(),
             };
@@ -48,13 +59,8 @@ impl RecentChanges {
                 coinbase: moved(now.coinbase, coinbase)?,
                 count: moved(now.count, count)?,
             };
-            let value = (!after.is_empty()).then(|| schema::encode_recent(&after));
-            batch.set(
-                store,
-                Cf::WalletRecent,
-                &key,
-                value.as_ref().map(|v| &v[..]),
-            );
+            let value = (!after.is_empty()).then(|| schema::encode_recent(&after).to_vec());
+            writes.insert((Cf::WalletRecent, key.to_vec()), value);
         }
         Ok(())
     }

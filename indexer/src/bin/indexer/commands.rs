@@ -92,7 +92,8 @@ fn rescan_from_bitcoind(
     let mut disconnected = 0;
     if let Some(from) = from {
         if store.tip()?.is_some_and(|(h, _)| h >= from) {
-            disconnected = store.disconnect_above(from.checked_sub(1), true)?;
+            disconnected =
+                indexer::pipeline::disconnect::disconnect_above(&store, from.checked_sub(1), true)?;
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
