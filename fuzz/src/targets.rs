@@ -225,8 +225,8 @@ pub fn config_toml(data: &[u8]) {
         return;
     };
     let path = std::path::Path::new("fuzz.toml");
-    if let Ok(file) = service::config::parse_toml::<indexer::config::FileConfig>(path, text) {
+    if let Ok(file) = service::config::parse_toml::<indexer::config::Settings>(path, text) {
         let _ = indexer::config::Config::resolve(file);
     }
-    let _ = service::config::parse_toml::<orchestrator::config::FileConfig>(path, text);
+    let _ = service::config::parse_toml::<orchestrator::config::Settings>(path, text);
 }

@@ -1,101 +1,135 @@
-//! Settings, parsed once into a typed struct: command-line flags and `INDEXER_*` variables
-//! first, then the TOML config file, then defaults.
+//! Settings, each declared once in [`Settings`] and layered: flags over `INDEXER_*`
+//! variables over the TOML config file over defaults; then checked into a typed [`Config`].
 
 use std::path::{Path, PathBuf};
 
 use bitcoin::Network;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use bitcoind::default_rpc_port;
 pub use service::config::ConfigError;
-use service::config::{check_no_credentials, parse_network, parse_toml};
+use service::config::{check_no_credentials, layered, parse_network};
 
-/// Settings as they may appear in the config file (every one optional).
-#[derive(Clone, Debug, Default, Deserialize)]
+/// Every setting, declared once: a key of the config file, a `--flag` and an `INDEXER_*`
+/// variable. Unset ones are `None` and do not serialize, so each layer (defaults < file <
+/// variable < flag) only overrides what it gives.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, clap::Args)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// Database directory.
+pub struct Settings {
+    /// Database directory (default indexer-db).
+    #[arg(long, global = true, env = "INDEXER_DB")]
     pub db: Option<PathBuf>,
-    /// Network name.
+    /// mainnet, testnet3, testnet4, signet or regtest (default mainnet).
+    #[arg(long, global = true, env = "INDEXER_NETWORK")]
     pub network: Option<String>,
-    /// Scripts the bloom filter is sized for.
+    /// Least scripts the bloom filter is sized for; it takes 2x the watched count when more
+    /// (default 1,000,000).
+    #[arg(long, global = true, env = "INDEXER_BLOOM_CAPACITY")]
     pub bloom_capacity: Option<usize>,
-    /// Bloom filter false-positive rate.
+    /// Bloom filter false-positive rate (default 0.001).
+    #[arg(long, global = true, env = "INDEXER_BLOOM_FP_RATE")]
     pub bloom_fp_rate: Option<f64>,
-    /// Blocks of undo journal to keep (absent: all).
+    /// Blocks of undo journal to keep (default: all).
+    #[arg(long, global = true, env = "INDEXER_UNDO_DEPTH")]
     pub undo_depth: Option<u32>,
-    /// Scripts derived from each ranged descriptor.
+    /// Scripts derived from each ranged descriptor (default 1000).
+    #[arg(long, global = true, env = "INDEXER_GAP_LIMIT")]
     pub gap_limit: Option<u32>,
-    /// File holding the bearer token gRPC calls must present.
+    /// File holding the bearer token gRPC calls must present (required off loopback).
+    #[arg(long, global = true, env = "INDEXER_GRPC_TOKEN_FILE")]
     pub grpc_token_file: Option<PathBuf>,
-    /// PEM certificate chain for gRPC over TLS.
+    /// PEM certificate chain: serve gRPC over TLS (with the key file).
+    #[arg(long, global = true, env = "INDEXER_GRPC_TLS_CERT_FILE")]
     pub grpc_tls_cert_file: Option<PathBuf>,
-    /// PEM private key of that certificate.
+    /// PEM private key of the TLS certificate.
+    #[arg(long, global = true, env = "INDEXER_GRPC_TLS_KEY_FILE")]
     pub grpc_tls_key_file: Option<PathBuf>,
-    /// PEM CA certificates: with it, clients must present a certificate it signed (mTLS).
+    /// PEM CA: clients must present a certificate it signed (mutual TLS).
+    #[arg(long, global = true, env = "INDEXER_GRPC_TLS_CLIENT_CA_FILE")]
     pub grpc_tls_client_ca_file: Option<PathBuf>,
-    /// Events kept in the event log (absent: all).
+    /// Events kept in the event log; older offsets are pruned (default: all).
+    #[arg(long, global = true, env = "INDEXER_EVENT_RETENTION")]
     pub event_retention: Option<u64>,
-    /// Where to serve Prometheus metrics, `/health` and `/ready` over HTTP (absent: not).
+    /// Serve Prometheus metrics, /health and /ready over HTTP here (run and serve).
+    #[arg(long, global = true, env = "INDEXER_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// How to reach bitcoind (`[bitcoind]` table).
+    /// How to reach bitcoind (the `[bitcoind]` table).
+    #[command(flatten)]
     #[serde(default)]
-    pub bitcoind: BitcoindFileConfig,
+    pub bitcoind: BitcoindSettings,
 }
 
 /// The `[bitcoind]` table: how to reach the node `indexer run` follows.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, clap::Args)]
 #[serde(deny_unknown_fields)]
-pub struct BitcoindFileConfig {
-    /// JSON-RPC URL (default `http://127.0.0.1:<the network's rpcport>/`).
+pub struct BitcoindSettings {
+    /// bitcoind's JSON-RPC URL (default `http://127.0.0.1:<the network's rpcport>/`).
+    #[arg(
+        long = "bitcoind-rpc-url",
+        global = true,
+        env = "INDEXER_BITCOIND_RPC_URL"
+    )]
     pub rpc_url: Option<String>,
-    /// bitcoind's `.cookie` file (default `~/.bitcoin/[<network>/].cookie`).
+    /// bitcoind's .cookie file (default `~/.bitcoin/[<network>/].cookie`).
+    #[arg(
+        long = "bitcoind-cookie-file",
+        global = true,
+        env = "INDEXER_BITCOIND_COOKIE_FILE"
+    )]
     pub cookie_file: Option<PathBuf>,
-    /// `rpcuser`, instead of the cookie; the password comes from `rpc_password_file` or
-    /// `INDEXER_BITCOIND_RPC_PASSWORD`, never from the config file itself.
+    /// rpcuser, instead of the cookie; the password comes from the password file or
+    /// INDEXER_BITCOIND_RPC_PASSWORD, never from the config file itself.
+    #[arg(
+        long = "bitcoind-rpc-user",
+        global = true,
+        env = "INDEXER_BITCOIND_RPC_USER"
+    )]
     pub rpc_user: Option<String>,
     /// File holding the RPC password.
+    #[arg(
+        long = "bitcoind-rpc-password-file",
+        global = true,
+        env = "INDEXER_BITCOIND_RPC_PASSWORD_FILE"
+    )]
     pub rpc_password_file: Option<PathBuf>,
-    /// Fetch blocks over REST (`rest=1` in bitcoin.conf): faster than RPC hex.
+    /// Fetch blocks over REST (rest=1 in bitcoin.conf): faster than RPC hex.
+    #[arg(long = "bitcoind-rest", global = true, env = "INDEXER_BITCOIND_REST")]
     pub rest: Option<bool>,
-    /// `zmqpubrawblock` endpoint.
+    /// zmqpubrawblock endpoint, e.g. tcp://127.0.0.1:28332.
+    #[arg(long, global = true, env = "INDEXER_ZMQ_RAWBLOCK")]
     pub zmq_rawblock: Option<String>,
-    /// `zmqpubhashblock` endpoint.
+    /// zmqpubhashblock endpoint.
+    #[arg(long, global = true, env = "INDEXER_ZMQ_HASHBLOCK")]
     pub zmq_hashblock: Option<String>,
-    /// `zmqpubsequence` endpoint.
+    /// zmqpubsequence endpoint.
+    #[arg(long, global = true, env = "INDEXER_ZMQ_SEQUENCE")]
     pub zmq_sequence: Option<String>,
-    /// `zmqpubrawtx` endpoint.
+    /// zmqpubrawtx endpoint.
+    #[arg(long, global = true, env = "INDEXER_ZMQ_RAWTX")]
     pub zmq_rawtx: Option<String>,
-    /// Tip polling interval without ZMQ, in milliseconds (default 1000).
+    /// Tip polling interval without ZMQ, milliseconds (default 1000).
+    #[arg(long, global = true, env = "INDEXER_POLL_INTERVAL_MS")]
     pub poll_interval_ms: Option<u64>,
-    /// With ZMQ, ask bitcoind for its tip after this many seconds of silence (default 30).
+    /// With ZMQ, check bitcoind's tip after this many seconds of silence (default 30).
+    #[arg(long, global = true, env = "INDEXER_ZMQ_SILENCE_SECS")]
     pub zmq_silence_secs: Option<u64>,
-    /// RPC call timeout in seconds (default 60).
+    /// RPC call timeout, seconds (default 60).
+    #[arg(
+        long = "bitcoind-rpc-timeout-secs",
+        global = true,
+        env = "INDEXER_BITCOIND_RPC_TIMEOUT_SECS"
+    )]
     pub rpc_timeout_secs: Option<u64>,
-    /// At start, how long bitcoind may stay unreachable before that is reported as a
+    /// At start, seconds bitcoind may stay unreachable before that is reported as a
     /// configuration error (default 60; a node that answers "warming up" is waited for).
+    #[arg(
+        long = "bitcoind-startup-wait-secs",
+        global = true,
+        env = "INDEXER_BITCOIND_STARTUP_WAIT_SECS"
+    )]
     pub startup_wait_secs: Option<u64>,
-}
-
-impl BitcoindFileConfig {
-    /// Fills every setting this one lacks from `other`.
-    pub fn or(self, other: BitcoindFileConfig) -> BitcoindFileConfig {
-        BitcoindFileConfig {
-            rpc_url: self.rpc_url.or(other.rpc_url),
-            cookie_file: self.cookie_file.or(other.cookie_file),
-            rpc_user: self.rpc_user.or(other.rpc_user),
-            rpc_password_file: self.rpc_password_file.or(other.rpc_password_file),
-            rest: self.rest.or(other.rest),
-            zmq_rawblock: self.zmq_rawblock.or(other.zmq_rawblock),
-            zmq_hashblock: self.zmq_hashblock.or(other.zmq_hashblock),
-            zmq_sequence: self.zmq_sequence.or(other.zmq_sequence),
-            zmq_rawtx: self.zmq_rawtx.or(other.zmq_rawtx),
-            poll_interval_ms: self.poll_interval_ms.or(other.poll_interval_ms),
-            zmq_silence_secs: self.zmq_silence_secs.or(other.zmq_silence_secs),
-            rpc_timeout_secs: self.rpc_timeout_secs.or(other.rpc_timeout_secs),
-            startup_wait_secs: self.startup_wait_secs.or(other.startup_wait_secs),
-        }
-    }
 }
 
 /// How to reach bitcoind, resolved.
@@ -119,7 +153,7 @@ pub struct BitcoindConfig {
     pub startup_wait: std::time::Duration,
 }
 
-impl BitcoindFileConfig {
+impl BitcoindSettings {
     /// Resolves the settings for `network`; `password_env` is `INDEXER_BITCOIND_RPC_PASSWORD`.
     pub fn resolve(
         &self,
@@ -217,35 +251,11 @@ fn default_cookie_file(network: Network) -> Option<PathBuf> {
     Some(p.join(".cookie"))
 }
 
-impl FileConfig {
-    /// Reads a config file.
-    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        parse_toml(path, &text)
-    }
-
-    /// Fills every setting this one lacks from `other`.
-    pub fn or(self, other: FileConfig) -> FileConfig {
-        FileConfig {
-            db: self.db.or(other.db),
-            network: self.network.or(other.network),
-            bloom_capacity: self.bloom_capacity.or(other.bloom_capacity),
-            bloom_fp_rate: self.bloom_fp_rate.or(other.bloom_fp_rate),
-            undo_depth: self.undo_depth.or(other.undo_depth),
-            gap_limit: self.gap_limit.or(other.gap_limit),
-            grpc_token_file: self.grpc_token_file.or(other.grpc_token_file),
-            grpc_tls_cert_file: self.grpc_tls_cert_file.or(other.grpc_tls_cert_file),
-            grpc_tls_key_file: self.grpc_tls_key_file.or(other.grpc_tls_key_file),
-            grpc_tls_client_ca_file: self
-                .grpc_tls_client_ca_file
-                .or(other.grpc_tls_client_ca_file),
-            event_retention: self.event_retention.or(other.event_retention),
-            metrics_listen: self.metrics_listen.or(other.metrics_listen),
-            bitcoind: self.bitcoind.or(other.bitcoind),
-        }
+impl Settings {
+    /// The settings in force: `given` (flags and variables) over config file `file`, over
+    /// the defaults.
+    pub fn load(file: Option<&Path>, given: &Settings) -> Result<Config, ConfigError> {
+        Config::resolve(layered(file, given)?)
     }
 }
 
@@ -274,7 +284,7 @@ pub struct Config {
     /// Where the metrics endpoint listens (`None`: no endpoint).
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The `[bitcoind]` settings, resolved when a command needs the node.
-    pub bitcoind: BitcoindFileConfig,
+    pub bitcoind: BitcoindSettings,
 }
 
 /// The PEM files of the gRPC server's TLS.
@@ -290,7 +300,7 @@ pub struct TlsFiles {
 
 impl Config {
     /// Resolves settings, with defaults for whatever is unset.
-    pub fn resolve(c: FileConfig) -> Result<Config, ConfigError> {
+    pub fn resolve(c: Settings) -> Result<Config, ConfigError> {
         let network = parse_network(c.network.as_deref().unwrap_or("mainnet"))?;
         let bloom_fp_rate = c.bloom_fp_rate.unwrap_or(1e-3);
         if !(bloom_fp_rate > 0.0 && bloom_fp_rate < 1.0) {
@@ -339,25 +349,58 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// A config file holding `text`, in a directory that lives as long as the guard.
+    fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("indexer.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    /// The flags as clap parses them (without variables: clap reads those the same way).
+    fn flags(args: &[&str]) -> Settings {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let argv = std::iter::once("indexer").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv)
+            .unwrap()
+            .settings
+    }
+
     #[test]
     fn flags_win_over_the_file_and_defaults_fill_the_rest() {
-        let file: FileConfig =
-            toml::from_str("db = \"/a\"\nnetwork = \"regtest\"\nundo_depth = 7").unwrap();
-        let flags = FileConfig {
-            db: Some("/b".into()),
-            ..FileConfig::default()
-        };
-        let c = Config::resolve(flags.or(file)).unwrap();
+        let (_dir, path) = config_file(
+            "db = \"/a\"\nnetwork = \"regtest\"\nundo_depth = 7\n\
+             [bitcoind]\nrpc_url = \"http://127.0.0.1:1/\"\nrest = true\n",
+        );
+        let given = flags(&[
+            "--db",
+            "/b",
+            "--bitcoind-rest",
+            "false",
+            "--zmq-rawtx",
+            "tcp://x:1",
+        ]);
+        let c = Settings::load(Some(&path), &given).unwrap();
         assert_eq!(c.db, PathBuf::from("/b"));
         assert_eq!(c.network, Network::Regtest);
         assert_eq!(c.undo_depth, Some(7));
         assert_eq!(c.gap_limit, 1000);
+        assert_eq!(c.bitcoind.rpc_url.as_deref(), Some("http://127.0.0.1:1/"));
+        assert_eq!(c.bitcoind.rest, Some(false));
+        assert_eq!(c.bitcoind.zmq_rawtx.as_deref(), Some("tcp://x:1"));
+        let c = Settings::load(None, &flags(&[])).unwrap();
+        assert_eq!(c.db, PathBuf::from("indexer-db"));
+        assert_eq!(c.network, Network::Bitcoin);
     }
 
     #[test]
     fn the_example_config_is_valid() {
         let text = include_str!("../indexer.example.toml");
-        let file: FileConfig = toml::from_str(text).unwrap();
+        let file: Settings = toml::from_str(text).unwrap();
         let c = Config::resolve(file).unwrap();
         assert_eq!(c.network, Network::Bitcoin);
         let b = c.bitcoind.resolve(c.network, None).unwrap();
@@ -368,28 +411,28 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused() {
-        assert!(toml::from_str::<FileConfig>("colour = 1").is_err());
-        let bad = FileConfig {
+        assert!(toml::from_str::<Settings>("colour = 1").is_err());
+        let bad = Settings {
             network: Some("moon".into()),
-            ..FileConfig::default()
+            ..Settings::default()
         };
         assert!(Config::resolve(bad)
             .unwrap_err()
             .to_string()
             .contains("moon"));
-        let bad = FileConfig {
+        let bad = Settings {
             bloom_fp_rate: Some(1.5),
-            ..FileConfig::default()
+            ..Settings::default()
         };
         assert!(Config::resolve(bad).is_err());
     }
 
     #[test]
     fn credentials_in_the_rpc_url_are_refused_without_being_repeated() {
-        let with = |url: &str| BitcoindFileConfig {
+        let with = |url: &str| BitcoindSettings {
             rpc_url: Some(url.into()),
             cookie_file: Some("/c".into()),
-            ..BitcoindFileConfig::default()
+            ..BitcoindSettings::default()
         };
         let err = with("http://alice:hunter2@127.0.0.1:8332/")
             .resolve(Network::Regtest, None)
@@ -405,16 +448,13 @@ mod tests {
 
     #[test]
     fn the_metrics_address_comes_from_the_file_unless_a_flag_gives_one() {
-        let file: FileConfig = toml::from_str("metrics_listen = \"127.0.0.1:9332\"").unwrap();
-        let c = Config::resolve(FileConfig::default().or(file.clone())).unwrap();
+        let (_dir, path) = config_file("metrics_listen = \"127.0.0.1:9332\"");
+        let c = Settings::load(Some(&path), &flags(&[])).unwrap();
         assert_eq!(c.metrics_listen, Some("127.0.0.1:9332".parse().unwrap()));
-        let flags = FileConfig {
-            metrics_listen: Some("0.0.0.0:9400".parse().unwrap()),
-            ..FileConfig::default()
-        };
-        let c = Config::resolve(flags.or(file)).unwrap();
+        let given = flags(&["--metrics-listen", "0.0.0.0:9400"]);
+        let c = Settings::load(Some(&path), &given).unwrap();
         assert_eq!(c.metrics_listen, Some("0.0.0.0:9400".parse().unwrap()));
-        assert!(Config::resolve(FileConfig::default())
+        assert!(Config::resolve(Settings::default())
             .unwrap()
             .metrics_listen
             .is_none());

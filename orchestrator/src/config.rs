@@ -1,60 +1,84 @@
 //! `orchestrator run --config FILE`: the TOML settings, every one also a flag or an
-//! `ORCHESTRATOR_<NAME>` environment variable (see `orchestrator --help`). Secrets (the
+//! `ORCHESTRATOR_<NAME>` environment variable (see `orchestrator run --help`), declared once
+//! in [`Settings`] and layered: flags over variables over the file over defaults. Secrets (the
 //! bearer token, the signer's keys, bitcoind's cookie) come from files only.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use bitcoin::{Address, Network, ScriptBuf};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::executor::Policy;
 
-/// The file as written; every key optional so flags can fill or override it.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// Every setting, declared once: a key of the config file, a `--flag` and an
+/// `ORCHESTRATOR_*` variable. Unset ones are `None` and do not serialize, so each layer
+/// (defaults < file < variable < flag) only overrides what it gives.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, clap::Args)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub struct Settings {
     /// mainnet, testnet3, testnet4, signet or regtest.
+    #[arg(long, env = "ORCHESTRATOR_NETWORK")]
     pub network: Option<String>,
     /// gRPC listen address (default 127.0.0.1:50061).
+    #[arg(long, env = "ORCHESTRATOR_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// The indexer's gRPC endpoint, e.g. `http://127.0.0.1:50051` (https: TLS).
+    #[arg(long, env = "ORCHESTRATOR_INDEXER")]
     pub indexer: Option<String>,
     /// The file holding the token the indexer asks for (when its reads are protected).
+    #[arg(long, env = "ORCHESTRATOR_INDEXER_TOKEN_FILE")]
     pub indexer_token_file: Option<PathBuf>,
     /// PEM CA the indexer's TLS certificate must chain to (with an https endpoint).
+    #[arg(long, env = "ORCHESTRATOR_INDEXER_CA_FILE")]
     pub indexer_ca_file: Option<PathBuf>,
     /// bitcoind's JSON-RPC URL.
+    #[arg(long, env = "ORCHESTRATOR_BITCOIND_RPC_URL")]
     pub bitcoind_rpc_url: Option<String>,
     /// bitcoind's cookie file.
+    #[arg(long, env = "ORCHESTRATOR_BITCOIND_COOKIE_FILE")]
     pub bitcoind_cookie_file: Option<PathBuf>,
     /// bitcoind's `rpcuser`, instead of the cookie; the password comes from
     /// `bitcoind_rpc_password_file` or `ORCHESTRATOR_BITCOIND_RPC_PASSWORD`.
+    #[arg(long, env = "ORCHESTRATOR_BITCOIND_RPC_USER")]
     pub bitcoind_rpc_user: Option<String>,
     /// File holding bitcoind's RPC password (mode 600).
+    #[arg(long, env = "ORCHESTRATOR_BITCOIND_RPC_PASSWORD_FILE")]
     pub bitcoind_rpc_password_file: Option<PathBuf>,
     /// At start, seconds bitcoind and the indexer may stay unreachable before the
     /// process exits with what to check (default 60).
+    #[arg(long, env = "ORCHESTRATOR_STARTUP_WAIT_SECS")]
     pub startup_wait_secs: Option<u64>,
     /// The saga database directory.
+    #[arg(long, env = "ORCHESTRATOR_DB")]
     pub db: Option<PathBuf>,
     /// The signer's key file (WIF keys, mode 600).
+    #[arg(long, env = "ORCHESTRATOR_KEY_FILE")]
     pub key_file: Option<PathBuf>,
     /// The file holding the bearer token every call must present.
+    #[arg(long, env = "ORCHESTRATOR_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// Where change goes (an address of the wallet the keys sign for).
+    #[arg(long, env = "ORCHESTRATOR_CHANGE_ADDRESS")]
     pub change_address: Option<String>,
     /// Confirmations that complete a withdrawal (default 3).
+    #[arg(long, env = "ORCHESTRATOR_CONFIRMATIONS")]
     pub confirmations: Option<u32>,
     /// Confirmations after which its coins are released (default 6).
+    #[arg(long, env = "ORCHESTRATOR_SETTLE_CONFIRMATIONS")]
     pub settle_confirmations: Option<u32>,
     /// Blocks a payment may stay unmined before it is replaced (default 3).
+    #[arg(long, env = "ORCHESTRATOR_BUMP_AFTER_BLOCKS")]
     pub bump_after_blocks: Option<u32>,
     /// Fee rate floor and ceiling, sat/vB (defaults 1 and 500).
+    #[arg(long, env = "ORCHESTRATOR_FEE_FLOOR")]
     pub fee_floor: Option<f64>,
     /// See `fee_floor`.
+    #[arg(long, env = "ORCHESTRATOR_FEE_CEILING")]
     pub fee_ceiling: Option<f64>,
     /// Where to serve Prometheus metrics, `/health` and `/ready` over HTTP (absent: not).
+    #[arg(long, env = "ORCHESTRATOR_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -96,40 +120,13 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-impl FileConfig {
-    /// Reads `path`.
-    pub fn read(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
-        service::config::parse_toml(path, &text).map_err(|e| ConfigError(e.to_string()))
-    }
-
-    /// Fills what this one lacks from `other`.
-    pub fn or(self, other: FileConfig) -> FileConfig {
-        FileConfig {
-            network: self.network.or(other.network),
-            listen: self.listen.or(other.listen),
-            indexer: self.indexer.or(other.indexer),
-            indexer_token_file: self.indexer_token_file.or(other.indexer_token_file),
-            indexer_ca_file: self.indexer_ca_file.or(other.indexer_ca_file),
-            bitcoind_rpc_url: self.bitcoind_rpc_url.or(other.bitcoind_rpc_url),
-            bitcoind_cookie_file: self.bitcoind_cookie_file.or(other.bitcoind_cookie_file),
-            bitcoind_rpc_user: self.bitcoind_rpc_user.or(other.bitcoind_rpc_user),
-            bitcoind_rpc_password_file: self
-                .bitcoind_rpc_password_file
-                .or(other.bitcoind_rpc_password_file),
-            startup_wait_secs: self.startup_wait_secs.or(other.startup_wait_secs),
-            db: self.db.or(other.db),
-            key_file: self.key_file.or(other.key_file),
-            token_file: self.token_file.or(other.token_file),
-            change_address: self.change_address.or(other.change_address),
-            confirmations: self.confirmations.or(other.confirmations),
-            settle_confirmations: self.settle_confirmations.or(other.settle_confirmations),
-            bump_after_blocks: self.bump_after_blocks.or(other.bump_after_blocks),
-            fee_floor: self.fee_floor.or(other.fee_floor),
-            fee_ceiling: self.fee_ceiling.or(other.fee_ceiling),
-            metrics_listen: self.metrics_listen.or(other.metrics_listen),
-        }
+impl Settings {
+    /// The settings in force: `given` (flags and variables) over config file `file`, over
+    /// the defaults.
+    pub fn load(file: Option<&Path>, given: &Settings) -> Result<Config, ConfigError> {
+        service::config::layered(file, given)
+            .map_err(|e| ConfigError(e.to_string()))?
+            .resolve_with(std::env::var("ORCHESTRATOR_BITCOIND_RPC_PASSWORD").ok())
     }
 
     /// Checks everything and fills defaults; `password_env` is
@@ -275,16 +272,20 @@ mod tests {
 
     #[test]
     fn the_example_config_is_valid() {
-        let file: FileConfig =
-            toml::from_str(include_str!("../orchestrator.example.toml")).unwrap();
+        let example = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/orchestrator.example.toml"
+        ));
         // The one key the operator must fill in.
-        let missing = file.clone().resolve_with(None).unwrap_err().to_string();
+        let missing = Settings::load(Some(example), &Settings::default())
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("change_address is required"), "{missing}");
-        let mine = FileConfig {
+        let mine = Settings {
             change_address: Some("bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq".into()),
-            ..FileConfig::default()
+            ..Settings::default()
         };
-        let c = mine.or(file).resolve_with(None).unwrap();
+        let c = Settings::load(Some(example), &mine).unwrap();
         assert_eq!(c.network, Network::Bitcoin);
         assert_eq!(c.indexer, "http://127.0.0.1:50051");
         assert_eq!(c.policy.confirmations, 3);
@@ -292,26 +293,26 @@ mod tests {
 
     #[test]
     fn policies_that_make_no_sense_are_refused_not_adjusted() {
-        let base = || FileConfig {
+        let base = || Settings {
             change_address: Some("bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080".into()),
             network: Some("regtest".into()),
             bitcoind_cookie_file: Some("/dev/null".into()),
             db: Some("db".into()),
             key_file: Some("keys".into()),
             token_file: Some("token".into()),
-            ..FileConfig::default()
+            ..Settings::default()
         };
         base().resolve_with(None).unwrap();
         for (bad, says) in [
             (
-                FileConfig {
+                Settings {
                     confirmations: Some(0),
                     ..base()
                 },
                 "confirmations 0",
             ),
             (
-                FileConfig {
+                Settings {
                     confirmations: Some(6),
                     settle_confirmations: Some(3),
                     ..base()
@@ -319,28 +320,28 @@ mod tests {
                 "below confirmations",
             ),
             (
-                FileConfig {
+                Settings {
                     bump_after_blocks: Some(0),
                     ..base()
                 },
                 "bump_after_blocks 0",
             ),
             (
-                FileConfig {
+                Settings {
                     fee_ceiling: Some(f64::INFINITY),
                     ..base()
                 },
                 "finite",
             ),
             (
-                FileConfig {
+                Settings {
                     fee_floor: Some(f64::NAN),
                     ..base()
                 },
                 "finite",
             ),
             (
-                FileConfig {
+                Settings {
                     fee_floor: Some(0.5),
                     ..base()
                 },

@@ -1,9 +1,19 @@
-//! Config helpers both services use: one error type with the file and line at fault, TOML
-//! parsing that names unknown keys, network names, and URLs that must not carry secrets.
+//! Config helpers both services use: the layering of settings (defaults < config file <
+//! environment < flags), one error type with the file and line at fault, TOML parsing that
+//! names unknown keys, network names, and URLs that must not carry secrets.
+//!
+//! Each binary declares every setting once, in one struct that is at the same time the
+//! config file's schema (serde) and its flags and variables (clap): every field an
+//! `Option`, absent when not given, so that a layer above leaves the one below alone.
+//! clap already puts a flag above its variable; [`layered`] puts both above the file.
 
 use std::path::{Path, PathBuf};
 
 use bitcoin::Network;
+use figment::providers::Serialized;
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +56,32 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// The settings of config file `file` (when one is given) with `given` (the flags and
+/// variables that were set) laid over them. Unset fields must not serialize (mark the
+/// struct `#[serde_with::skip_serializing_none]`), or they would erase the file's values.
+pub fn layered<T>(file: Option<&Path>, given: &T) -> Result<T, ConfigError>
+where
+    T: Serialize + DeserializeOwned + Default,
+{
+    let below = match file {
+        Some(path) => read_toml(path)?,
+        None => T::default(),
+    };
+    Figment::from(Serialized::defaults(below))
+        .merge(Serialized::defaults(given))
+        .extract()
+        .map_err(|e| ConfigError::Invalid(format!("settings do not combine: {e}")))
+}
+
+/// Reads and parses config file `path` (see [`parse_toml`]).
+pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_toml(path, &text)
+}
+
 /// Parses a network name as the CLI and config take it.
 pub fn parse_network(name: &str) -> Result<Network, ConfigError> {
     match name {
@@ -71,4 +107,75 @@ pub fn check_no_credentials(url: &str, key: &str) -> Result<(), ConfigError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[serde_with::skip_serializing_none]
+    #[derive(Debug, Default, PartialEq, serde::Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    struct Settings {
+        db: Option<PathBuf>,
+        depth: Option<u64>,
+        #[serde(default)]
+        node: Node,
+    }
+
+    #[serde_with::skip_serializing_none]
+    #[derive(Debug, Default, PartialEq, serde::Deserialize, Serialize)]
+    #[serde(deny_unknown_fields)]
+    struct Node {
+        url: Option<String>,
+        rest: Option<bool>,
+    }
+
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn what_is_given_wins_over_the_file_key_by_key_in_nested_tables_too() {
+        let (_dir, path) = file("db = \"/file\"\ndepth = 7\n[node]\nurl = \"u\"\nrest = true\n");
+        let given = Settings {
+            db: Some("/flag".into()),
+            node: Node {
+                rest: Some(false),
+                ..Node::default()
+            },
+            ..Settings::default()
+        };
+        let s = layered(Some(&path), &given).unwrap();
+        assert_eq!(
+            s,
+            Settings {
+                db: Some("/flag".into()),
+                depth: Some(7),
+                node: Node {
+                    url: Some("u".into()),
+                    rest: Some(false)
+                },
+            }
+        );
+        assert_eq!(layered(None, &given).unwrap(), given);
+    }
+
+    #[test]
+    fn a_bad_file_is_named_with_its_line_in_one_line() {
+        let (_dir, path) = file("db = \"/a\"\n\ncolour = 1\n");
+        let e = layered(Some(&path), &Settings::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3") && e.contains("colour"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = layered(Some(Path::new("/nonexistent/c.toml")), &Settings::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/c.toml"), "{e}");
+    }
 }
