@@ -80,6 +80,10 @@ impl Follower {
                 Err(_) => return None,
             }
         });
+        // The pipeline's write stage is the event log's one writer while it runs: the
+        // mempool's changes go to it, between blocks.
+        let (events_tx, events) = bounded(64);
+        self.mempool.log_through(Some(events_tx));
         std::thread::scope(|s| {
             let pipeline = std::thread::Builder::new()
                 .name("live".into())
@@ -94,13 +98,19 @@ impl Follower {
                             on_commit(p);
                             let _ = committed_tx.try_send(p.height);
                         },
-                        &self.metrics.queues,
-                        &failed,
+                        pipeline::Hooks {
+                            queues: &self.metrics.queues,
+                            failed: &failed,
+                            events: &events,
+                        },
                     )
                 })
                 .expect("spawn live pipeline");
             let exit = self.follow_notices(notices, blocks, &committed, &failed, tip);
-            match pipeline.join().expect("live pipeline panicked") {
+            let ended = pipeline.join().expect("live pipeline panicked");
+            // The pipeline is gone: this thread writes the log again.
+            self.mempool.log_through(None);
+            match ended {
                 // A block that failed its checks: bitcoind will tell the truth.
                 Err(e) => {
                     warn!(error = %e, "a block from ZMQ failed; reconciling over RPC");

@@ -312,8 +312,12 @@ impl Follower {
                 source,
                 &self.opts.pipeline,
                 &self.counting(),
-                &self.metrics.queues,
-                &AtomicBool::new(false),
+                pipeline::Hooks {
+                    queues: &self.metrics.queues,
+                    failed: &AtomicBool::new(false),
+                    // Nothing else writes the log while the follower waits for this pipeline.
+                    events: &crossbeam_channel::never(),
+                },
             )?;
             report.progress.blocks += progress.blocks;
             report.progress.bytes += progress.bytes;

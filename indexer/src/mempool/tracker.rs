@@ -1,5 +1,6 @@
 //! The follower's side of the mempool: what bitcoind's notices and its `getrawmempool` say
-//! goes into the shared [`Mempool`], and every change it reports goes into the event log.
+//! goes into the shared [`Mempool`], and every change it reports goes to the event log's
+//! one writer: the live pipeline's write stage while one runs, else the follower's thread.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
@@ -8,6 +9,7 @@ use std::time::Instant;
 use bitcoin::consensus::deserialize;
 use bitcoin::{Transaction, Txid};
 use bitcoind::{Daemon, DaemonError};
+use crossbeam_channel::Sender;
 use tracing::{info, warn};
 
 use super::{Change, Gone, Mempool};
@@ -42,6 +44,8 @@ pub struct Tracker {
     retention: Option<u64>,
     /// Transactions from `rawtx`, kept until `sequence` says which entered the mempool.
     raw_txs: std::sync::Mutex<HashMap<Txid, Vec<u8>>>,
+    /// Where events go while a live pipeline owns the event log (`None`: written here).
+    writer: std::sync::Mutex<Option<Sender<Vec<Event>>>>,
 }
 
 impl Tracker {
@@ -53,7 +57,14 @@ impl Tracker {
             daemon,
             retention,
             raw_txs: std::sync::Mutex::default(),
+            writer: std::sync::Mutex::default(),
         }
+    }
+
+    /// Sends events to `writer` (the live pipeline's write stage) from now on; `None`
+    /// writes them on the calling thread again, once that pipeline has ended.
+    pub fn log_through(&self, writer: Option<Sender<Vec<Event>>>) {
+        *self.writer.lock().expect("writer lock is never poisoned") = writer;
     }
 
     /// The mempool it keeps, to share with the gRPC server.
@@ -217,8 +228,18 @@ impl Tracker {
                 }
             })
             .collect();
-        self.store
-            .commit_with_events(Batch::default(), &events, self.retention, false)?;
+        let writer = self.writer.lock().expect("writer lock is never poisoned");
+        match writer.as_ref() {
+            // A pipeline that ended drops its receiver: its failure is reported by it, and
+            // the mempool is resynced when following resumes.
+            Some(w) => {
+                let _ = w.send(events);
+            }
+            None => {
+                self.store
+                    .commit_with_events(Batch::default(), &events, self.retention, false)?;
+            }
+        }
         Ok(())
     }
 }

@@ -25,6 +25,7 @@ use rayon::prelude::*;
 use crate::metrics::{QueueDepths, Stage};
 use crate::script_filter::ScriptFilter;
 use crate::store::{Store, StoreError};
+use crate::types::Event;
 use apply::{ApplyError, ApplyState, BlockChanges};
 use filter::{Filter, FilteredBlock};
 use parse::{ParseError, ParsedBlock, RawBlock};
@@ -96,32 +97,49 @@ pub fn run<I>(
 where
     I: Iterator<Item = Result<RawBlock, SourceError>> + Send,
 {
-    run_observed(
-        store,
-        scripts,
-        source,
-        opts,
-        on_commit,
-        &QueueDepths::default(),
-        &AtomicBool::new(false),
-    )
+    let (queues, failed, events) = (
+        QueueDepths::default(),
+        AtomicBool::new(false),
+        crossbeam_channel::never(),
+    );
+    let hooks = Hooks {
+        queues: &queues,
+        failed: &failed,
+        events: &events,
+    };
+    run_observed(store, scripts, source, opts, on_commit, hooks)
 }
 
-/// [`run`], recording how full each stage's input queue is in `queues`, and setting
-/// `failed` as soon as a stage fails: a source that waits for blocks (the live feed) must
-/// end then, for the pipeline to end.
+/// What a long-running caller watches and feeds while the pipeline runs.
+#[derive(Clone, Copy)]
+pub struct Hooks<'a> {
+    /// Where each stage records how full its input queue is.
+    pub queues: &'a QueueDepths,
+    /// Set as soon as a stage fails: a source that waits for blocks (the live feed) must
+    /// end then, for the pipeline to end.
+    pub failed: &'a AtomicBool,
+    /// Events that come with no block (mempool changes): the write stage is the event log's
+    /// one writer while the pipeline runs, and appends them between blocks.
+    pub events: &'a Receiver<Vec<Event>>,
+}
+
+/// [`run`], with `hooks`.
 pub fn run_observed<I>(
     store: &Store,
     scripts: &ScriptFilter,
     source: I,
     opts: &PipelineOptions,
     on_commit: &(dyn Fn(&Progress) + Sync),
-    queues: &QueueDepths,
-    failed: &AtomicBool,
+    hooks: Hooks<'_>,
 ) -> Result<Progress, PipelineError>
 where
     I: Iterator<Item = Result<RawBlock, SourceError>> + Send,
 {
+    let Hooks {
+        queues,
+        failed,
+        events,
+    } = hooks;
     let state = ApplyState::load(store)?;
     let (raw_tx, raw_rx) = bounded::<Vec<RawBlock>>(2);
     let (parsed_tx, parsed_rx) = bounded::<Vec<ParsedBlock>>(2);
@@ -159,7 +177,7 @@ where
             .expect("spawn apply thread");
         let write = spawn("write")
             .spawn_scoped(s, move || {
-                let r = write_stage(store, &opts.write, changes_rx, on_commit, queues);
+                let r = write_stage(store, &opts.write, changes_rx, events, on_commit, queues);
                 if r.is_err() {
                     failed.store(true, Ordering::Relaxed);
                 }
@@ -288,12 +306,29 @@ fn write_stage(
     store: &Store,
     opts: &WriteOptions,
     input: Receiver<BlockChanges>,
+    events: &Receiver<Vec<Event>>,
     on_commit: &(dyn Fn(&Progress) + Sync),
     queues: &QueueDepths,
 ) -> Result<Progress, PipelineError> {
     let mut progress = Progress::default();
     let mut group: Vec<BlockChanges> = Vec::new();
-    while let Ok(first) = input.recv() {
+    let never = crossbeam_channel::never();
+    let mut events = events;
+    loop {
+        let first = crossbeam_channel::select! {
+            recv(input) -> block => match block {
+                Ok(block) => block,
+                Err(_) => break,
+            },
+            recv(events) -> logged => {
+                match logged {
+                    Ok(logged) => write::commit_events(store, &logged, opts)?,
+                    // Nothing more comes that way.
+                    Err(_) => events = &never,
+                }
+                continue;
+            },
+        };
         queues.set(Stage::Write, input.len());
         let mut pending = first.writes.len() * 64;
         group.push(first);
@@ -316,6 +351,11 @@ fn write_stage(
             progress.txs += ch.tx_count as u64;
         }
         on_commit(&progress);
+    }
+    // What was sent before the blocks ended; the sender writes again only after the
+    // pipeline has ended.
+    while let Ok(logged) = events.try_recv() {
+        write::commit_events(store, &logged, opts)?;
     }
     store.sync_wal()?;
     Ok(progress)

@@ -4,6 +4,7 @@
 use super::apply::BlockChanges;
 use crate::store::schema::{self, Cf};
 use crate::store::{Store, StoreError, Writes};
+use crate::types::Event;
 
 /// How the writer groups and keeps undo records.
 #[derive(Clone, Copy, Debug)]
@@ -61,5 +62,15 @@ pub fn commit_group(
         events.append(&mut ch.events);
     }
     store.commit_writes(&merged, &events, opts.event_retention, false)?;
+    Ok(())
+}
+
+/// Appends events that come with no block (mempool changes) to the log, at the tip.
+pub fn commit_events(
+    store: &Store,
+    events: &[Event],
+    opts: &WriteOptions,
+) -> Result<(), StoreError> {
+    store.commit_writes(&Writes::new(), events, opts.event_retention, false)?;
     Ok(())
 }

@@ -47,6 +47,9 @@ pub enum StoreError {
         /// Network asked for.
         requested: String,
     },
+    /// Two threads appended to the event log at once: it has one writer by design.
+    #[error("two writers appended to the event log at once (a bug: it has one writer)")]
+    SecondLogWriter,
     /// A disconnect needs an undo record the journal no longer keeps.
     #[error("no undo record for block {height}: the reorg is deeper than the kept undo journal; re-index with `indexer rescan --reset`")]
     UndoMissing {
@@ -114,9 +117,10 @@ pub struct Store {
     network: Network,
     /// Counts commits, so readers following the event log wake on new data instead of polling.
     commits: tokio::sync::watch::Sender<u64>,
-    /// Held from reading the next event offset to committing: the block writer and the
-    /// mempool tracker append to one log, and no two events may get one offset.
-    event_lock: std::sync::Mutex<()>,
+    /// Set while events are appended. The log has one writer at a time (the pipeline's
+    /// write stage while one runs, else the follower's thread), so this is never contended;
+    /// it turns a second writer, which would give two events one offset, into an error.
+    appending: std::sync::atomic::AtomicBool,
     /// Held from reading the watch generation to committing its successor.
     watch_generation_lock: std::sync::Mutex<()>,
 }
@@ -175,7 +179,7 @@ impl Store {
             path: path.to_owned(),
             network,
             commits: tokio::sync::watch::Sender::new(0),
-            event_lock: std::sync::Mutex::new(()),
+            appending: std::sync::atomic::AtomicBool::new(false),
             watch_generation_lock: std::sync::Mutex::new(()),
         };
         store.check_format(network)?;
@@ -515,10 +519,7 @@ impl Store {
         retention: Option<u64>,
         sync: bool,
     ) -> Result<u64, StoreError> {
-        let _appending = self
-            .event_lock
-            .lock()
-            .expect("event lock is never poisoned");
+        let _appending = Appending::claim(&self.appending)?;
         let mut next = self.next_event()?;
         for e in events {
             batch.put(
@@ -578,6 +579,26 @@ impl Store {
                     .flatten()
             })
             .sum()
+    }
+}
+
+/// The event log's writer for as long as it lives: a second one at the same time is a
+/// wiring bug, refused before it could give two events one offset.
+struct Appending<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> Appending<'a> {
+    fn claim(flag: &'a std::sync::atomic::AtomicBool) -> Result<Self, StoreError> {
+        use std::sync::atomic::Ordering;
+        if flag.swap(true, Ordering::Acquire) {
+            return Err(StoreError::SecondLogWriter);
+        }
+        Ok(Appending(flag))
+    }
+}
+
+impl Drop for Appending<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -711,6 +732,31 @@ impl Snapshot<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_writer_of_the_event_log_is_refused_while_the_first_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Network::Regtest).unwrap();
+        let first = Appending::claim(&store.appending).unwrap();
+        let event = Event {
+            kind: crate::types::EventKind::BlockConnected,
+            height: 0,
+            block_hash: bitcoin::BlockHash::all_zeros(),
+            txid: None,
+        };
+        let err = store
+            .commit_writes(&Writes::new(), &[event], None, false)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::SecondLogWriter), "{err}");
+        assert_eq!(store.next_event().unwrap(), 0, "nothing was appended");
+        drop(first);
+        assert_eq!(
+            store
+                .commit_writes(&Writes::new(), &[event], None, false)
+                .unwrap(),
+            1
+        );
+    }
 
     #[test]
     fn a_database_of_another_network_or_format_is_refused() {
