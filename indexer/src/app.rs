@@ -104,7 +104,7 @@ pub enum Mode {
 /// Runs the service on `listener` until `shutdown` completes (or, in [`Mode::Run`], the
 /// follower ends), then finishes open calls and the block in hand.
 pub fn run(
-    store: Store,
+    store: Arc<Store>,
     config: &Config,
     listener: std::net::TcpListener,
     mode: Mode,
@@ -115,7 +115,6 @@ pub fn run(
         .local_addr()
         .map_err(io("reading the bound address"))?;
     let mut access = grpc_access(config, local)?;
-    let store = Arc::new(store);
     let stop = Arc::new(AtomicBool::new(false));
     let metrics = IndexerMetrics::default();
     let mut mempool = None;

@@ -1,6 +1,7 @@
 //! Live following against the devnet (the project's bitcoind-compatible node): a node in a
-//! temp dir with a JSON-RPC client, an indexer follower on it, and the fresh index of the
-//! node's own block files that a follower must equal.
+//! temp dir with a JSON-RPC client, `indexer run` on it in-process ([`Indexer`], wired by
+//! `indexer::app::run` as the binary is), a bare follower for the follower's own tests, and
+//! the fresh index of the node's own block files that a follower must equal.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -14,6 +15,8 @@ use bitcoin::{Address, BlockHash, Network};
 use bitcoind::{Auth, Daemon, DaemonError, RpcClient};
 use devnet::{Node, NodeHandle, Topic as NodeTopic};
 use indexer::add_watch::WatchChanges;
+use indexer::app::{self, AppError, Mode, Observer};
+use indexer::config::{BitcoindSettings, Settings};
 use indexer::follow::{FollowError, FollowOptions, Follower};
 use indexer::mempool::SharedMempool;
 use indexer::store::{Reader, Store};
@@ -326,8 +329,9 @@ pub fn fund(node: &Devnet, key: &TestKey, btc: f64) -> (bitcoin::OutPoint, bitco
     )
 }
 
-/// A gRPC server over a [`Following`] on 127.0.0.1, with its runtime and a channel to it;
-/// the server stops when this is dropped.
+/// A gRPC server over a bare [`Following`]'s database and mempool on 127.0.0.1, with its
+/// runtime and a channel to it, for tests that stage that state by hand (others run the
+/// whole service: [`Indexer`]); the server stops when this is dropped.
 pub struct Served {
     /// The runtime the server and the test's calls run on.
     pub runtime: tokio::runtime::Runtime,
@@ -375,7 +379,155 @@ impl Served {
     }
 }
 
-impl Served {
+/// `indexer run` in this process, wired by [`indexer::app::run`] as the binary wires it:
+/// following a devnet over REST and every ZMQ topic, serving gRPC on an ephemeral loopback
+/// port, with a runtime and a channel for the test's calls. Stops when dropped.
+pub struct Indexer {
+    /// Its database (read it to see what was committed).
+    pub store: Arc<Store>,
+    /// The runtime the test's calls run on.
+    pub runtime: tokio::runtime::Runtime,
+    /// A connection to its gRPC server.
+    pub channel: tonic::transport::Channel,
+    /// Where it serves gRPC.
+    pub addr: std::net::SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), AppError>>>,
+}
+
+/// An observer that sees nothing: the tests read the database and gRPC instead.
+struct Unobserved;
+
+impl Observer for Unobserved {
+    fn listening(&self, _: std::net::SocketAddr, _: Option<std::net::SocketAddr>) {}
+    fn catching_up(&self, _: u32, _: u32) {}
+    fn committed(&self, _: &indexer::pipeline::Progress) {}
+}
+
+impl Indexer {
+    /// The settings that follow `node` (REST, every ZMQ topic) into `db` on regtest; a
+    /// test changes what it needs on top.
+    pub fn settings(node: &Devnet, db: &Path) -> Settings {
+        let zmq = |topic: NodeTopic| node.node.zmq_endpoint(topic);
+        Settings {
+            db: Some(db.to_owned()),
+            network: Some("regtest".into()),
+            bitcoind: BitcoindSettings {
+                rpc_url: Some(node.node.rpc_url()),
+                cookie_file: node.node.cookie_file(),
+                rest: Some(true),
+                zmq_rawblock: zmq(NodeTopic::RawBlock),
+                zmq_hashblock: zmq(NodeTopic::HashBlock),
+                zmq_sequence: zmq(NodeTopic::Sequence),
+                zmq_rawtx: zmq(NodeTopic::RawTx),
+                ..BitcoindSettings::default()
+            },
+            ..Settings::default()
+        }
+    }
+
+    /// Runs with `settings` on a new database at their `db` watching `wallets`.
+    pub fn start(settings: Settings, wallets: &[TestWallet]) -> Indexer {
+        let config = Settings::load(None, &settings).unwrap();
+        let store = Arc::new(open_with_wallets(&config.db, config.network, wallets));
+        Self::resume(settings, store)
+    }
+
+    /// Runs with `settings` on their database, open already as `store`.
+    pub fn resume(settings: Settings, store: Arc<Store>) -> Indexer {
+        let config = Settings::load(None, &settings).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = {
+            let store = store.clone();
+            std::thread::Builder::new()
+                .name("indexer-run".into())
+                .spawn(move || {
+                    let shutdown = async {
+                        let _ = stopped.await;
+                    };
+                    app::run(
+                        store,
+                        &config,
+                        listener,
+                        Mode::Run,
+                        Arc::new(Unobserved),
+                        shutdown,
+                    )
+                })
+                .unwrap()
+        };
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        // The listener is bound already: connecting waits for nothing but the handshake.
+        let channel = match runtime.block_on(
+            tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect(),
+        ) {
+            Ok(channel) => channel,
+            Err(e) => {
+                // The service ended at start: its error says why.
+                let _ = shutdown.send(());
+                let ended = thread.join().unwrap();
+                panic!("connecting to the indexer: {e}; the service ended with {ended:?}");
+            }
+        };
+        Indexer {
+            store,
+            runtime,
+            channel,
+            addr,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        }
+    }
+
+    /// Follows `node` into a new database at `db` watching `wallets`, and waits until it
+    /// has the node's tip.
+    pub fn caught_up(node: &Devnet, db: &Path, wallets: &[TestWallet]) -> Indexer {
+        let i = Self::start(Self::settings(node, db), wallets);
+        assert!(
+            i.wait_for(node.best().1, Duration::from_secs(60)),
+            "the indexer did not catch up"
+        );
+        i
+    }
+
+    /// Waits until the index's tip is `hash`; false on timeout or when the service ended.
+    pub fn wait_for(&self, hash: BlockHash, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if self.store.tip().unwrap().is_some_and(|(_, h)| h == hash) {
+                return true;
+            }
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    /// Shuts the service down as SIGTERM does and returns how it ended.
+    pub fn stop(mut self) -> Result<(), AppError> {
+        let _ = self.shutdown.take().unwrap().send(());
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Indexer {
+    fn drop(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Indexer {
     /// What every indexed transaction spending `wallet`'s coins paid, by script (read from
     /// the index and the node); asserts that no coin was spent twice. The caller makes sure
     /// the index has caught up.

@@ -10,17 +10,18 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use bitcoin::{Address, Network, ScriptBuf};
+use indexer::config::Settings;
 use indexer::follow::FollowOptions;
 use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use serde_json::json;
 use service::auth::BearerToken;
 use system_tests::harness::TestWallet;
-use system_tests::live::{fresh_digest, Devnet, Following, Served};
+use system_tests::live::{fresh_digest, Devnet, Following, Indexer};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-const TOKEN: &str = "s3cret-token";
+const TOKEN: &str = "s3cret-token-of-32-characters-xy";
 const WAIT: Duration = Duration::from_secs(30);
 
 fn script(address: &str) -> ScriptBuf {
@@ -38,12 +39,12 @@ fn authorized<T>(mut req: tonic::Request<T>, token: &str) -> tonic::Request<T> {
     req
 }
 
-/// A gRPC server with a token over the follower, and a client that may or may not send it.
-struct Api {
-    served: Served,
+/// Calls to `indexer run` guarded by the token, each with the token or without.
+struct Api<'a> {
+    served: &'a Indexer,
 }
 
-impl Api {
+impl Api<'_> {
     fn backfills(&self) -> Vec<pb::Backfill> {
         let mut client = IndexerClient::new(self.served.channel.clone());
         let req = authorized(tonic::Request::new(pb::ListBackfillsRequest {}), TOKEN);
@@ -53,17 +54,6 @@ impl Api {
             .unwrap()
             .into_inner()
             .backfills
-    }
-
-    fn serve(f: &Following) -> Api {
-        let access = indexer::grpc::Access {
-            token: Some(BearerToken::new(TOKEN)),
-            tls: None,
-            watch: f.watch.clone(),
-        };
-        Api {
-            served: Served::start(f, access),
-        }
     }
 
     fn add(
@@ -121,17 +111,27 @@ impl Api {
     }
 }
 
-/// Wallet `hot` of one address, followed from `node` into a new database until caught up,
-/// and served with the token.
-fn follow_hot(node: &Devnet, hot: &str) -> (Vec<TestWallet>, tempfile::TempDir, Following, Api) {
+/// The settings of `indexer run` on `node` into `db`, its gRPC guarded by the token.
+fn with_token(node: &Devnet, db: &std::path::Path) -> Settings {
+    let token = db.join("grpc.token");
+    system_tests::harness::write_secret(&token, TOKEN);
+    Settings {
+        grpc_token_file: Some(token),
+        ..Indexer::settings(node, db)
+    }
+}
+
+/// Wallet `hot` of one address, followed from `node` into a new database by `indexer run`
+/// with the token, until caught up.
+fn follow_hot(node: &Devnet, hot: &str) -> (Vec<TestWallet>, tempfile::TempDir, Indexer) {
     let wallets = vec![TestWallet {
         name: "hot".into(),
         scripts: BTreeSet::from([script(hot)]),
     }];
     let db = tempfile::tempdir().unwrap();
-    let f = Following::caught_up(node, db.path(), &wallets);
-    let api = Api::serve(&f);
-    (wallets, db, f, api)
+    let f = Indexer::start(with_token(node, db.path()), &wallets);
+    assert!(f.wait_for(node.best().1, WAIT), "the indexer caught up");
+    (wallets, db, f)
 }
 
 /// A node past coinbase maturity with a history for each address of `kinds` (and a `hot`
@@ -176,7 +176,8 @@ fn scripts_added_while_following_are_indexed_from_the_next_block_on() {
     let miner = node.new_address("bech32");
     node.mine_to(101, &miner);
     let hot = node.new_address("bech32");
-    let (mut wallets, _db, f, api) = follow_hot(&node, &hot);
+    let (mut wallets, _db, f) = follow_hot(&node, &hot);
+    let api = Api { served: &f };
 
     // Refused, and nothing added: no token, a wrong token, bad descriptors, an address of
     // another network, a bad wallet name, a birth height with history below the tip.
@@ -343,7 +344,8 @@ fn history_below_the_tip_is_backfilled_while_following() {
     // the node's own traffic.
     let (node, miner, hot, old) = node_with_history(&["bech32m", "legacy", "p2sh-segwit"], 1);
     node.mine_to(3, &miner);
-    let (wallets_at_start, _db, f, api) = follow_hot(&node, &hot);
+    let (wallets_at_start, _db, f) = follow_hot(&node, &hot);
+    let api = Api { served: &f };
 
     let mut descriptors: Vec<&str> = old.iter().map(String::as_str).collect();
     descriptors.push(&hot);
@@ -536,13 +538,8 @@ fn a_backfill_cut_short_by_a_crash_is_redone_at_the_next_start() {
 
     let store =
         std::sync::Arc::new(indexer::store::Store::open(db.path(), Network::Regtest).unwrap());
-    let f = Following::resume(
-        node.daemon(true),
-        Some(&node.zmq()),
-        store,
-        FollowOptions::default(),
-    );
-    let api = Api::serve(&f);
+    let f = Indexer::resume(with_token(&node, db.path()), store);
+    let api = Api { served: &f };
     let started = Instant::now();
     while backfill::pending(&f.store).unwrap().contains(&job) {
         assert!(

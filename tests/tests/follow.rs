@@ -32,7 +32,7 @@ use proto::indexer::v1::indexer_client::IndexerClient;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use system_tests::harness::TestWallet;
-use system_tests::live::{fresh_digest, Devnet, Following, Served};
+use system_tests::live::{fresh_digest, Devnet, Following, Indexer};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -361,8 +361,8 @@ fn a_subscriber_resuming_at_random_offsets_gets_every_event_once_in_order_across
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     activity(&node, &addresses, &mut rng, 30);
     let db = tempfile::tempdir().unwrap();
-    let f = Following::caught_up(&node, db.path(), &wallets);
-    let served = Served::start(&f, indexer::grpc::Access::default());
+    let f = Indexer::caught_up(&node, db.path(), &wallets);
+    let served = &f;
 
     // Where the consumer may stop: unknown until the node is done.
     let end = Arc::new(AtomicU64::new(u64::MAX));

@@ -17,20 +17,29 @@ use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use serde_json::json;
 use system_tests::harness::TestWallet;
-use system_tests::live::{fund, Devnet, Following, Served, TestKey};
+use system_tests::live::{fund, Devnet, Following, Indexer, Served, TestKey};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-struct Api {
-    served: Served,
+/// A client of an indexer's gRPC server, and the runtime its calls run on.
+struct Api<'a> {
+    runtime: &'a tokio::runtime::Runtime,
     client: IndexerClient<tonic::transport::Channel>,
 }
 
-impl Api {
-    fn serve(f: &Following) -> Api {
-        let served = Served::start(f, indexer::grpc::Access::default());
-        let client = IndexerClient::new(served.channel.clone());
-        Api { served, client }
+impl<'a> Api<'a> {
+    fn of(f: &'a Indexer) -> Api<'a> {
+        Api {
+            runtime: &f.runtime,
+            client: IndexerClient::new(f.channel.clone()),
+        }
+    }
+
+    fn over(served: &'a Served) -> Api<'a> {
+        Api {
+            runtime: &served.runtime,
+            client: IndexerClient::new(served.channel.clone()),
+        }
     }
 
     fn balance(&mut self) -> pb::GetBalanceResponse {
@@ -40,8 +49,7 @@ impl Api {
             }),
             min_conf: 0,
         };
-        self.served
-            .runtime
+        self.runtime
             .block_on(self.client.get_balance(req))
             .unwrap()
             .into_inner()
@@ -51,15 +59,14 @@ impl Api {
         let req = pb::GetTransferRequest {
             txid: txid.to_owned(),
         };
-        self.served
-            .runtime
+        self.runtime
             .block_on(self.client.get_transfer(req))
             .ok()
             .map(|r| r.into_inner().transfers.remove(0))
     }
 
     /// Polls `f` until it returns `Some`, for at most `WAIT`; returns it and the time taken.
-    fn until<T>(&mut self, mut f: impl FnMut(&mut Api) -> Option<T>) -> (T, Duration) {
+    fn until<T>(&mut self, mut f: impl FnMut(&mut Api<'a>) -> Option<T>) -> (T, Duration) {
         let started = Instant::now();
         while started.elapsed() < WAIT {
             if let Some(v) = f(self) {
@@ -72,7 +79,6 @@ impl Api {
 
     fn events(&mut self) -> Vec<pb::Event> {
         let mut stream = self
-            .served
             .runtime
             .block_on(self.client.subscribe(pb::SubscribeRequest {
                 from_offset: 0,
@@ -82,7 +88,7 @@ impl Api {
             .into_inner();
         let mut events = Vec::new();
         // The stream follows live: read what is there, then stop waiting.
-        while let Ok(Ok(Some(e))) = self.served.runtime.block_on(async {
+        while let Ok(Ok(Some(e))) = self.runtime.block_on(async {
             tokio::time::timeout(Duration::from_millis(500), stream.message()).await
         }) {
             events.push(e);
@@ -119,15 +125,9 @@ fn deposits_show_unconfirmed_then_confirmed_and_replacements_are_marked() {
     let (coin, value) = fund(&node, &key, 1.0);
 
     let db = tempfile::tempdir().unwrap();
-    let f = Following::start(
-        node.daemon(true),
-        Some(&node.zmq()),
-        db.path(),
-        &wallets,
-        FollowOptions::default(),
-    );
+    let f = Indexer::start(Indexer::settings(&node, db.path()), &wallets);
     assert!(f.wait_for(node.best().1, WAIT));
-    let mut api = Api::serve(&f);
+    let mut api = Api::of(&f);
     assert_eq!(api.balance().confirmed_sat, 0);
 
     // 1. A deposit appears as unconfirmed as soon as bitcoind accepts it.
@@ -231,14 +231,8 @@ fn a_transfer_reorged_out_and_not_in_the_mempool_is_served_as_reorged_out() {
     let miner = node.new_address("bech32");
     node.mine_to(110, &miner);
     let db = tempfile::tempdir().unwrap();
-    let f = Following::start(
-        node.daemon(true),
-        Some(&node.zmq()),
-        db.path(),
-        &wallets,
-        FollowOptions::default(),
-    );
-    let mut api = Api::serve(&f);
+    let f = Indexer::start(Indexer::settings(&node, db.path()), &wallets);
+    let mut api = Api::of(&f);
     let txid = node.call("sendtoaddress", json!([deposit, 0.5]));
     let txid = txid.as_str().unwrap().to_owned();
     let raw = node.call("getrawtransaction", json!([txid]));
@@ -313,7 +307,8 @@ fn a_deposit_confirmed_before_the_mempool_hears_of_it_is_counted_once() {
         &wallets,
         FollowOptions::default(),
     );
-    let mut api = Api::serve(&f);
+    let served = Served::start(&f, indexer::grpc::Access::default());
+    let mut api = Api::over(&served);
     let txid = node.call("sendtoaddress", json!([deposit, 0.5]));
     let raw = node.call("getrawtransaction", json!([txid]));
     let tx: bitcoin::Transaction =

@@ -16,7 +16,7 @@ use proto::orchestrator::v1 as pb;
 use proto::orchestrator::v1::withdrawals_client::WithdrawalsClient;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use system_tests::live::{Devnet, Following, KeyedWallet, Served};
+use system_tests::live::{Devnet, Indexer, KeyedWallet};
 use tonic::metadata::MetadataValue;
 
 fn bin() -> std::path::PathBuf {
@@ -47,8 +47,7 @@ struct Rig {
     node: Devnet,
     miner: String,
     hot: Address,
-    f: Following,
-    served: Served,
+    served: Indexer,
     dir: tempfile::TempDir,
     _db: tempfile::TempDir,
 }
@@ -62,14 +61,12 @@ impl Rig {
         let keyed = KeyedWallet::funded(&node, &miner, dir.path(), 21, coins, 0.02);
         let hot = keyed.address.clone();
         let db = tempfile::tempdir().unwrap();
-        let f = Following::caught_up(&node, db.path(), &keyed.wallets);
-        let served = Served::start(&f, indexer::grpc::Access::default());
+        let served = Indexer::caught_up(&node, db.path(), &keyed.wallets);
         system_tests::harness::write_secret(dir.path().join("token"), TOKEN);
         Rig {
             node,
             miner,
             hot,
-            f,
             served,
             dir,
             _db: db,
@@ -176,7 +173,7 @@ impl Rig {
     /// chain; asserts no coin was spent twice.
     fn paid(&self) -> HashMap<bitcoin::ScriptBuf, Vec<u64>> {
         let tip = self.node.mine_to(1, &self.miner)[0];
-        assert!(self.f.wait_for(tip, Duration::from_secs(30)));
+        assert!(self.served.wait_for(tip, Duration::from_secs(30)));
         self.served.payments(&self.node, "hot")
     }
 }
@@ -376,7 +373,7 @@ fn a_payment_sent_before_a_crash_and_spent_onward_meanwhile_still_completes() {
     let hex = bitcoin::consensus::encode::serialize_hex(&psbt.extract_tx().unwrap());
     rig.node.call("sendrawtransaction", json!([hex]));
     let tip = rig.node.mine_to(1, &rig.miner)[0];
-    assert!(rig.f.wait_for(tip, Duration::from_secs(30)));
+    assert!(rig.served.wait_for(tip, Duration::from_secs(30)));
     // Sending it again is refused now (its inputs are spent): the orchestrator must see
     // that it is in a block rather than call the withdrawal failed.
     let process = rig.start(None);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use proto::orchestrator::v1 as pb;
 use proto::orchestrator::v1::withdrawals_client::WithdrawalsClient;
-use system_tests::live::{Devnet, Following, KeyedWallet, Served};
+use system_tests::live::{Devnet, Indexer, KeyedWallet};
 use system_tests::observe::{self, Scrape};
 use tonic::metadata::MetadataValue;
 
@@ -51,8 +51,7 @@ fn run_counts_sagas_by_state_and_times_calls_on_its_metrics_endpoint() {
     let dir = tempfile::tempdir().unwrap();
     let keyed = KeyedWallet::funded(&node, &miner, dir.path(), 31, 2, 0.02);
     let db = tempfile::tempdir().unwrap();
-    let f = Following::caught_up(&node, db.path(), &keyed.wallets);
-    let served = Served::start(&f, indexer::grpc::Access::default());
+    let served = Indexer::caught_up(&node, db.path(), &keyed.wallets);
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
     system_tests::harness::write_secret(path("token"), TOKEN);
     let config = format!(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bitcoin::consensus::deserialize;
 use bitcoin::hex::FromHex;
 use bitcoin::{Address, Amount, Network, Transaction};
-use indexer::follow::FollowOptions;
+use indexer::config::Settings;
 use orchestrator::executor::{Boundaries, Boundary, Executor, Policy};
 use orchestrator::saga::{FeeRate, Request, State, Withdrawal};
 use orchestrator::signer::KeyFileSigner;
@@ -20,7 +20,7 @@ use orchestrator::store::SagaStore;
 use proto::indexer::v1 as ipb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use serde_json::json;
-use system_tests::live::{Devnet, Following, KeyedWallet, Served};
+use system_tests::live::{Devnet, Indexer, KeyedWallet};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -36,7 +36,7 @@ fn wait_for(store: &SagaStore, id: u64, ok: impl Fn(&Withdrawal) -> bool) -> Wit
     }
 }
 
-/// Devnet, a funded hot wallet (one key, `coins` outputs of `btc` each), the indexer
+/// Devnet, a funded hot wallet (one key, `coins` outputs of `btc` each), `indexer run`
 /// following and serving it, a saga database and a running executor.
 struct World {
     node: Devnet,
@@ -46,8 +46,7 @@ struct World {
     wallets: Vec<system_tests::harness::TestWallet>,
     policy: Policy,
     store: Arc<SagaStore>,
-    served: Served,
-    following: Following,
+    served: Indexer,
     executor: Option<(
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
@@ -58,35 +57,33 @@ struct World {
 
 impl World {
     fn start(coins: usize, btc: f64, policy: Policy) -> World {
-        Self::start_with(coins, btc, policy, FollowOptions::default())
+        Self::start_with(coins, btc, policy, None)
     }
 
-    fn start_with(coins: usize, btc: f64, policy: Policy, follow: FollowOptions) -> World {
-        let mut world = Self::idle(coins, btc, policy, follow);
+    fn start_with(coins: usize, btc: f64, policy: Policy, retention: Option<u64>) -> World {
+        let mut world = Self::idle(coins, btc, policy, retention);
         world.start_executor();
         world
     }
 
     /// The world with no executor running yet.
-    fn idle(coins: usize, btc: f64, policy: Policy, follow: FollowOptions) -> World {
+    /// `retention`: events the indexer keeps in its log (`None`: all).
+    fn idle(coins: usize, btc: f64, policy: Policy, retention: Option<u64>) -> World {
         let node = Devnet::start(|c| c.filler_txs = 0);
         let miner = node.new_address("bech32");
         node.mine_to(101 + coins.div_ceil(25) as u32, &miner);
         let dir = tempfile::tempdir().unwrap();
         let keyed = KeyedWallet::funded(&node, &miner, dir.path(), 11, coins, btc);
         let db = tempfile::tempdir().unwrap();
-        let following = Following::start(
-            node.daemon(true),
-            Some(&node.zmq()),
-            db.path(),
-            &keyed.wallets,
-            follow,
-        );
+        let settings = Settings {
+            event_retention: retention,
+            ..Indexer::settings(&node, db.path())
+        };
+        let served = Indexer::start(settings, &keyed.wallets);
         assert!(
-            following.wait_for(node.best().1, WAIT),
+            served.wait_for(node.best().1, WAIT),
             "the indexer caught up"
         );
-        let served = Served::start(&following, indexer::grpc::Access::default());
         let store = Arc::new(SagaStore::open(&dir.path().join("sagas")).unwrap());
         World {
             node,
@@ -97,7 +94,6 @@ impl World {
             policy,
             store,
             served,
-            following,
             executor: None,
             _dirs: (dir, db),
             _rebuilt: Vec::new(),
@@ -139,10 +135,7 @@ impl World {
     /// event log), serving on a new address.
     fn rebuild_indexer(&mut self) {
         let db = tempfile::tempdir().unwrap();
-        let following = Following::caught_up(&self.node, db.path(), &self.wallets);
-        let served = Served::start(&following, indexer::grpc::Access::default());
-        self.served = served;
-        self.following = following;
+        self.served = Indexer::caught_up(&self.node, db.path(), &self.wallets);
         self._rebuilt.push(db);
     }
 
@@ -488,8 +481,6 @@ fn a_reorg_that_drops_a_confirmed_withdrawal_sends_it_back_and_it_completes_agai
 
 #[test]
 fn after_a_stop_long_enough_for_the_event_log_to_be_pruned_monitoring_resumes_from_the_present() {
-    let mut follow = FollowOptions::default();
-    follow.pipeline.write.event_retention = Some(4);
     let mut world = World::start_with(
         2,
         0.5,
@@ -498,7 +489,7 @@ fn after_a_stop_long_enough_for_the_event_log_to_be_pruned_monitoring_resumes_fr
             settle_at: 6,
             ..Policy::default()
         },
-        follow,
+        Some(4),
     );
     let (id, _) = broadcast(&world, "pruned", 10_000_000, 3.0);
     let w = mine_until(&world, id, |w| w.confirmed.is_some());
@@ -513,7 +504,7 @@ fn after_a_stop_long_enough_for_the_event_log_to_be_pruned_monitoring_resumes_fr
         .node
         .call("invalidateblock", json!([parent.to_string()]));
     world.node.mine_to(10, &world.miner);
-    assert!(world.following.wait_for(world.node.best().1, WAIT));
+    assert!(world.served.wait_for(world.node.best().1, WAIT));
     let (tip, _) = world.node.best();
     let info = world.node.call(
         "getrawtransaction",
@@ -614,7 +605,7 @@ fn settle_all(
         std::thread::sleep(Duration::from_millis(300));
     }
     let tip = world.node.mine_to(1, &world.miner)[0];
-    assert!(world.following.wait_for(tip, WAIT));
+    assert!(world.served.wait_for(tip, WAIT));
     world.served.payments(&world.node, "hot")
 }
 
@@ -648,7 +639,7 @@ fn a_cancel_after_the_send_is_refused_even_while_the_indexer_is_slow() {
             settle_at: 1,
             ..Policy::default()
         },
-        FollowOptions::default(),
+        None,
     );
     let proxy = system_tests::proxy::SlowProxy::start(
         &world.served.runtime,
@@ -776,7 +767,7 @@ fn a_cancel_at_every_step_boundary_pays_each_destination_at_most_once() {
             settle_at: 2,
             ..Policy::default()
         },
-        FollowOptions::default(),
+        None,
     );
     let hook = Arc::new(CancelAt::default());
     let _ = hook.store.set(world.store.clone());

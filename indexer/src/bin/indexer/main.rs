@@ -114,7 +114,7 @@ fn serve(store: Store, config: &Config, addr: std::net::SocketAddr, mode: Mode) 
         }
     };
     app::run(
-        store,
+        Arc::new(store),
         config,
         listener,
         mode,
