@@ -9,6 +9,7 @@ use bitcoin::{Network, ScriptBuf};
 
 use crate::descriptors::{self, WatchError};
 use crate::script_filter::ScriptFilter;
+use crate::store::recent::RecentChanges;
 use crate::store::schema::{self, Cf, WatchRecord};
 use crate::store::{Batch, Reader, Store, StoreError};
 use crate::types::{Balance, ScriptId, WalletId};
@@ -72,8 +73,8 @@ pub fn add(
     birth_height: Option<u32>,
     gap_limit: u32,
 ) -> Result<Added, WalletError> {
-    let prepared = prepare(store, network, wallet, descriptors, birth_height, gap_limit)?;
-    store.commit(prepared.batch, true)?;
+    let mut prepared = prepare(store, network, wallet, descriptors, birth_height, gap_limit)?;
+    store.commit(prepared.writes(store)?, true)?;
     Ok(prepared.added)
 }
 
@@ -88,8 +89,8 @@ pub fn add_into(
     gap_limit: u32,
     filter: &ScriptFilter,
 ) -> Result<Added, WalletError> {
-    let prepared = prepare(store, network, wallet, descriptors, birth_height, gap_limit)?;
-    store.commit(prepared.batch, true)?;
+    let mut prepared = prepare(store, network, wallet, descriptors, birth_height, gap_limit)?;
+    store.commit(prepared.writes(store)?, true)?;
     for script in &prepared.watched {
         filter.insert(script.as_bytes());
     }
@@ -106,6 +107,19 @@ pub struct Prepared {
     pub wallet_balance: Balance,
     /// The scripts the wallet watches once they are committed that it did not before.
     pub watched: Vec<ScriptBuf>,
+    /// The wallet's outputs by creation height that scripts other wallets watched bring,
+    /// not yet in `batch`: a caller that adds outputs of its own (a merged backfill) adds
+    /// them here, since two writes of one aggregate would keep only the last.
+    pub recent: RecentChanges,
+}
+
+impl Prepared {
+    /// The writes, with the outputs by creation height, to commit.
+    pub fn writes(&mut self, store: &Store) -> Result<Batch, StoreError> {
+        let mut batch = std::mem::take(&mut self.batch);
+        std::mem::take(&mut self.recent).write(store, &mut batch)?;
+        Ok(batch)
+    }
 }
 
 /// Prepares an [`add`] for a caller that commits more in the same batch.
@@ -280,9 +294,9 @@ pub fn prepare(
             &[],
         );
     }
+    let mut recent = RecentChanges::default();
     if !joined.is_empty() {
         // Their unspent outputs now count for this wallet too, by creation height.
-        let mut recent = crate::store::recent::RecentChanges::default();
         for sid in &joined {
             store.for_each_prefix(Cf::ScriptUtxo, &sid.0, |_, v| {
                 let (value, height, coinbase) = schema::decode_script_utxo(v)?;
@@ -290,7 +304,6 @@ pub fn prepare(
                 Ok::<_, StoreError>(())
             })?;
         }
-        recent.write(store, &mut batch)?;
         store.for_each(Cf::Transfers, |k, v| {
             let t = schema::decode_transfer(k, v)?;
             if t.script_ids().iter().any(|s| joined.contains(s)) {
@@ -324,6 +337,7 @@ pub fn prepare(
             .into_iter()
             .map(|(_, _, script)| script)
             .collect(),
+        recent,
     })
 }
 
@@ -382,10 +396,9 @@ pub fn add_lines(
         if chunk.is_empty() {
             break;
         }
-        let prepared = prepare(store, network, wallet, &chunk, birth_height, gap_limit)?;
-        store
-            .commit_unlogged(prepared.batch)
-            .map_err(WalletError::from)?;
+        let mut prepared = prepare(store, network, wallet, &chunk, birth_height, gap_limit)?;
+        let writes = prepared.writes(store).map_err(WalletError::from)?;
+        store.commit_unlogged(writes).map_err(WalletError::from)?;
         if let Some(f) = filter {
             for script in &prepared.watched {
                 f.insert(script.as_bytes());

@@ -489,6 +489,77 @@ fn a_backfill_overtaken_by_a_reorg_is_realigned_before_merging() {
     assert_recovered_is_exact(&store, &node, wallets_at_start, &addresses, &[]);
 }
 
+/// A backfill's wallet joins a script another wallet watches (its outputs come from the
+/// index) and adds a new one (its outputs come from the scratch database). When both got
+/// an output in the same block, the wallet's outputs at that height are the sum of both:
+/// the merge once wrote the aggregate twice and kept only the new script's part.
+#[test]
+fn a_merge_counts_known_and_new_scripts_paid_in_one_block_both() {
+    use indexer::backfill;
+    use indexer::store::Reader;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let node = Devnet::start(|c| c.filler_txs = 0);
+    let miner = node.new_address("bech32");
+    node.mine_to(101, &miner);
+    // Keys outside the node's wallet, so no later payment of the node spends their coins.
+    let (known, new) = (
+        system_tests::live::TestKey::new().address().to_string(),
+        system_tests::live::TestKey::new().address().to_string(),
+    );
+    node.call("sendtoaddress", json!([known, 1.0]));
+    node.call("sendtoaddress", json!([new, 2.0]));
+    node.mine_to(1, &miner);
+    let wallets_at_start = vec![TestWallet {
+        name: "hot".into(),
+        scripts: BTreeSet::from([script(&known)]),
+    }];
+    let db = tempfile::tempdir().unwrap();
+    let store = Arc::new(system_tests::harness::open_with_wallets(
+        db.path(),
+        Network::Regtest,
+        &wallets_at_start,
+    ));
+    let daemon = Arc::new(node.daemon(true));
+    let filter = indexer::wallets::load_filter(&store, 1_000, 1e-6).unwrap();
+    let follower = indexer::follow::Follower::new(
+        store.clone(),
+        daemon.clone(),
+        Arc::new(filter),
+        Network::Regtest,
+        FollowOptions::default(),
+        Arc::new(AtomicBool::new(false)),
+        None,
+    );
+    follower.sync(None).unwrap();
+
+    let descriptors = vec![new.clone(), known.clone()];
+    let scripts = backfill::new_scripts(&store, Network::Regtest, &descriptors, 20).unwrap();
+    assert_eq!(scripts, vec![script(&new)]);
+    let job = backfill::record(&store, "recovered", &descriptors, 100, 20, &scripts).unwrap();
+    let (target, _) = store.tip().unwrap().unwrap();
+    let dir = backfill::scratch_dir(&store, job.id);
+    let stop = Arc::new(AtomicBool::new(false));
+    let scratch = backfill::index(
+        &job,
+        &scripts,
+        daemon.clone(),
+        &dir,
+        Network::Regtest,
+        target,
+        &stop,
+        &|_| {},
+    )
+    .unwrap();
+    backfill::align(&scratch, &store, &daemon, &job).unwrap();
+    backfill::merge(&store, &scratch, &job, Network::Regtest).unwrap();
+    drop(scratch);
+    backfill::remove_scratch(&dir);
+
+    assert_recovered_is_exact(&store, &node, wallets_at_start, &[&new, &known], &[]);
+}
+
 /// A backfill accepted by a run that then died (its job is in the database, its scratch
 /// database half written) is redone when the indexer starts again.
 #[test]

@@ -375,6 +375,9 @@ pub fn merge(
     )?;
     let (mut batch, added) = (prepared.batch, prepared.added);
     let mut wallet_balance = prepared.wallet_balance;
+    // Scripts others watched bring outputs by creation height; the new scripts add theirs
+    // to the same aggregates, written once below.
+    let mut recent = prepared.recent;
     let id = added.wallet;
     // The new scripts' own state: no other script shares these keys.
     for cf in [Cf::Utxo, Cf::ScriptUtxo] {
@@ -385,7 +388,6 @@ pub fn merge(
     }
     // Their unspent outputs, by creation height, for the wallet (scripts merged since
     // joined it in the add above).
-    let mut recent = crate::store::recent::RecentChanges::default();
     scratch.for_each(Cf::ScriptUtxo, |k, v| {
         if merged_since.contains(&schema::decode_script_id(&k[..32])?) {
             return Ok(());
