@@ -209,17 +209,7 @@ impl Following {
 
     /// Waits until the index's tip is `hash`; false on timeout.
     pub fn wait_for(&self, hash: BlockHash, timeout: Duration) -> bool {
-        let until = Instant::now() + timeout;
-        while Instant::now() < until {
-            if self.store.tip().unwrap().is_some_and(|(_, h)| h == hash) {
-                return true;
-            }
-            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        false
+        tip_reaches(&self.store, hash, timeout, self.thread.as_ref())
     }
 
     /// Stops the follower and returns how it ended.
@@ -236,6 +226,27 @@ impl Drop for Following {
             let _ = t.join();
         }
     }
+}
+
+/// Waits until `store`'s tip is `hash`; false on timeout or once `thread` (what writes
+/// the store) has ended.
+fn tip_reaches<T>(
+    store: &Store,
+    hash: BlockHash,
+    timeout: Duration,
+    thread: Option<&JoinHandle<T>>,
+) -> bool {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if store.tip().unwrap().is_some_and(|(_, h)| h == hash) {
+            return true;
+        }
+        if thread.is_some_and(|t| t.is_finished()) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
 }
 
 /// The state digest of a fresh index of `blocks_dir` (bitcoind's files) for `wallets`.
@@ -496,17 +507,7 @@ impl Indexer {
 
     /// Waits until the index's tip is `hash`; false on timeout or when the service ended.
     pub fn wait_for(&self, hash: BlockHash, timeout: Duration) -> bool {
-        let until = Instant::now() + timeout;
-        while Instant::now() < until {
-            if self.store.tip().unwrap().is_some_and(|(_, h)| h == hash) {
-                return true;
-            }
-            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        false
+        tip_reaches(&self.store, hash, timeout, self.thread.as_ref())
     }
 
     /// Shuts the service down as SIGTERM does and returns how it ended.

@@ -150,6 +150,38 @@ fn node_with_history(kinds: &[&str], blocks: u32) -> (Devnet, String, String, Ve
     (node, miner, hot, old)
 }
 
+/// A new database at `db` watching `wallets`, synced to `node` by a follower (without ZMQ),
+/// with the client of the node it uses and the follower, to sync again.
+fn synced(
+    node: &Devnet,
+    db: &std::path::Path,
+    wallets: &[TestWallet],
+) -> (
+    std::sync::Arc<indexer::store::Store>,
+    std::sync::Arc<bitcoind::Daemon>,
+    indexer::follow::Follower,
+) {
+    use std::sync::Arc;
+    let store = Arc::new(system_tests::harness::open_with_wallets(
+        db,
+        Network::Regtest,
+        wallets,
+    ));
+    let daemon = Arc::new(node.daemon(true));
+    let filter = indexer::wallets::load_filter(&store, 1_000, 1e-6).unwrap();
+    let follower = indexer::follow::Follower::new(
+        store.clone(),
+        daemon.clone(),
+        Arc::new(filter),
+        Network::Regtest,
+        FollowOptions::default(),
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        None,
+    );
+    follower.sync(None).unwrap();
+    (store, daemon, follower)
+}
+
 /// Asserts that `store` equals a fresh index of the node's blk files for `wallets`, a
 /// wallet `recovered` of `addresses`, then `later` (in the order they were created).
 fn assert_recovered_is_exact(
@@ -427,23 +459,7 @@ fn a_backfill_overtaken_by_a_reorg_is_realigned_before_merging() {
         scripts: BTreeSet::from([script(&hot)]),
     }];
     let db = tempfile::tempdir().unwrap();
-    let store = Arc::new(system_tests::harness::open_with_wallets(
-        db.path(),
-        Network::Regtest,
-        &wallets_at_start,
-    ));
-    let daemon = Arc::new(node.daemon(true));
-    let filter = indexer::wallets::load_filter(&store, 1_000, 1e-6).unwrap();
-    let follower = indexer::follow::Follower::new(
-        store.clone(),
-        daemon.clone(),
-        Arc::new(filter),
-        Network::Regtest,
-        FollowOptions::default(),
-        Arc::new(AtomicBool::new(false)),
-        None,
-    );
-    follower.sync(None).unwrap();
+    let (store, daemon, follower) = synced(&node, db.path(), &wallets_at_start);
 
     let descriptors: Vec<String> = old.iter().cloned().chain([hot.clone()]).collect();
     let scripts = backfill::new_scripts(&store, Network::Regtest, &descriptors, 20).unwrap();
@@ -516,23 +532,7 @@ fn a_merge_counts_known_and_new_scripts_paid_in_one_block_both() {
         scripts: BTreeSet::from([script(&known)]),
     }];
     let db = tempfile::tempdir().unwrap();
-    let store = Arc::new(system_tests::harness::open_with_wallets(
-        db.path(),
-        Network::Regtest,
-        &wallets_at_start,
-    ));
-    let daemon = Arc::new(node.daemon(true));
-    let filter = indexer::wallets::load_filter(&store, 1_000, 1e-6).unwrap();
-    let follower = indexer::follow::Follower::new(
-        store.clone(),
-        daemon.clone(),
-        Arc::new(filter),
-        Network::Regtest,
-        FollowOptions::default(),
-        Arc::new(AtomicBool::new(false)),
-        None,
-    );
-    follower.sync(None).unwrap();
+    let (store, daemon, _) = synced(&node, db.path(), &wallets_at_start);
 
     let descriptors = vec![new.clone(), known.clone()];
     let scripts = backfill::new_scripts(&store, Network::Regtest, &descriptors, 20).unwrap();
