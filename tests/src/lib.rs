@@ -10,6 +10,7 @@
 pub mod chaingen;
 pub mod fixtures;
 pub mod harness;
+pub mod kafka;
 pub mod live;
 pub mod observe;
 pub mod proxy;

