@@ -1,6 +1,8 @@
 //! Between the query layer and the `indexer.v1` messages: one error-to-status mapping and
 //! the message conversions, so the handlers stay thin.
 
+use std::collections::BTreeMap;
+
 use bitcoin::BlockHash;
 use proto::indexer::v1 as pb;
 use tonic::Status;
@@ -8,7 +10,7 @@ use tonic::Status;
 use crate::query::{
     QueryError, ReceivedEntry, ScriptInfo, SpentEntry, Target, TransferEntry, UtxoEntry,
 };
-use crate::types::{Event, EventKind};
+use crate::types::{Event, EventKind, WalletId};
 
 impl From<QueryError> for Status {
     fn from(e: QueryError) -> Self {
@@ -152,8 +154,8 @@ pub fn hash_hex<H: bitcoin::hashes::Hash<Bytes = [u8; 32]>>(hash: &H) -> String 
     String::from_utf8(out.to_vec()).expect("hex digits are ASCII")
 }
 
-/// An event of the log, with its offset.
-pub fn event(offset: u64, e: Event) -> pb::Event {
+/// An event of the log, with its offset; `names` names its wallets.
+pub fn event(offset: u64, e: Event, names: &BTreeMap<WalletId, String>) -> pb::Event {
     let kind = match e.kind {
         EventKind::BlockConnected => pb::EventKind::BlockConnected,
         EventKind::BlockDisconnected => pb::EventKind::BlockDisconnected,
@@ -169,6 +171,11 @@ pub fn event(offset: u64, e: Event) -> pb::Event {
         height: e.height,
         block_hash: hash_hex(&e.block_hash),
         txid: e.txid.as_ref().map(hash_hex).unwrap_or_default(),
+        wallets: e
+            .wallets
+            .iter()
+            .filter_map(|w| names.get(w).cloned())
+            .collect(),
     }
 }
 

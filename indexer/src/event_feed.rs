@@ -126,14 +126,16 @@ impl EventFeed {
     /// Up to `max` events from `from`, converted, read off the async threads.
     async fn read_events(&self, from: u64, max: usize) -> Result<Vec<pb::Event>, ReadError> {
         let (store, network) = (self.store.clone(), self.network);
-        let events =
-            tokio::task::spawn_blocking(move || Query::new(&store, network)?.events(from, max))
-                .await
-                .map_err(ReadError::Task)?
-                .map_err(ReadError::Query)?;
+        let (events, names) = tokio::task::spawn_blocking(move || {
+            let query = Query::new(&store, network)?;
+            Ok((query.events(from, max)?, query.wallet_names()?))
+        })
+        .await
+        .map_err(ReadError::Task)?
+        .map_err(ReadError::Query)?;
         Ok(events
             .into_iter()
-            .map(|(offset, e)| convert::event(offset, e))
+            .map(|(offset, e)| convert::event(offset, e, &names))
             .collect())
     }
 
@@ -343,6 +345,7 @@ mod tests {
     fn commit(store: &Store, height: u32, n: u32) {
         let events: Vec<Event> = (height..height + n)
             .map(|h| Event {
+                wallets: Vec::new(),
                 kind: EventKind::BlockConnected,
                 height: h,
                 block_hash: bitcoin::BlockHash::from_byte_array([h as u8; 32]),

@@ -463,7 +463,8 @@ impl<'a> Query<'a> {
             .ok_or_else(|| QueryError::UnknownWallet(name.to_string()))
     }
 
-    fn wallet_names(&self) -> Result<BTreeMap<WalletId, String>, QueryError> {
+    /// Every wallet's name, by id.
+    pub fn wallet_names(&self) -> Result<BTreeMap<WalletId, String>, QueryError> {
         let mut names = BTreeMap::new();
         self.snap.scan(Cf::Wallets, &[], None, |k, v| {
             names.insert(

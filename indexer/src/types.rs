@@ -181,7 +181,7 @@ pub enum EventKind {
 }
 
 /// One entry of the event log.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Event {
     /// What happened.
     pub kind: EventKind,
@@ -191,4 +191,9 @@ pub struct Event {
     pub block_hash: bitcoin::BlockHash,
     /// The transfer's txid, for transfer events.
     pub txid: Option<Txid>,
+    /// For transfer events, the wallets whose scripts the transaction pays or spends, in
+    /// id order, as they were when it was logged (a mempool transaction may be gone by the
+    /// time a consumer reads its event). Empty for block events and for transfer events
+    /// logged before wallets were recorded.
+    pub wallets: Vec<WalletId>,
 }

@@ -254,6 +254,7 @@ mod tests {
             height,
             block_hash: String::new(),
             txid: txid.map(|t| t.to_string()).unwrap_or_default(),
+            wallets: Vec::new(),
         }
     }
 

@@ -196,11 +196,12 @@ fn deposits_show_unconfirmed_then_confirmed_and_replacements_are_marked() {
     });
     assert_eq!(api.balance().unconfirmed_sat, 0);
 
-    // The event log tells the same story, in order.
+    // The event log tells the same story, in order, each event naming the wallet.
     let story: Vec<(pb::EventKind, String)> = api
         .events()
         .into_iter()
         .filter(|e| [&txid1, &txid3, &txid4].contains(&&e.txid))
+        .inspect(|e| assert_eq!(e.wallets, ["hot"], "{e:?}"))
         .map(|e| (pb::EventKind::try_from(e.kind).unwrap(), e.txid))
         .collect();
     assert_eq!(
@@ -274,6 +275,7 @@ fn a_transfer_reorged_out_and_not_in_the_mempool_is_served_as_reorged_out() {
         .events()
         .into_iter()
         .filter(|e| e.txid == txid)
+        .inspect(|e| assert_eq!(e.wallets, ["hot"], "{e:?}"))
         .map(|e| pb::EventKind::try_from(e.kind).unwrap())
         .filter(|k| *k != pb::EventKind::TransferSeen && *k != pb::EventKind::TransferEvicted)
         .collect();

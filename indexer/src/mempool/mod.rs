@@ -44,13 +44,28 @@ pub struct PendingTx {
     pub seen: std::time::SystemTime,
 }
 
+impl PendingTx {
+    /// The wallets it pays or spends from, in id order.
+    pub fn wallets(&self) -> Vec<WalletId> {
+        let all = self.received.iter().map(|(_, w)| w);
+        let mut wallets: Vec<WalletId> = all
+            .chain(self.spent.iter().map(|(_, w)| w))
+            .flatten()
+            .copied()
+            .collect();
+        wallets.sort_unstable();
+        wallets.dedup();
+        wallets
+    }
+}
+
 /// A change to report in the event log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// A watched transaction entered the mempool.
-    Seen(Txid),
-    /// It left the mempool unmined.
-    Gone(Txid, Gone),
+    /// A watched transaction entered the mempool; the wallets it pays or spends from.
+    Seen(Txid, Vec<WalletId>),
+    /// It left the mempool unmined; the wallets it paid or spent from.
+    Gone(Txid, Gone, Vec<WalletId>),
 }
 
 /// Transactions that left the mempool, remembered for queries (bounded).
@@ -179,7 +194,7 @@ impl Mempool {
         while let Some(t) = stack.pop() {
             let Some(tx) = self.forget(&t) else { continue };
             self.remember_gone(t, how);
-            changes.push(Change::Gone(t, how));
+            changes.push(Change::Gone(t, how, tx.wallets()));
             let children: Vec<Txid> = self
                 .txs
                 .values()
@@ -272,17 +287,15 @@ impl Mempool {
             self.spenders.insert(*op, txid);
         }
         self.gone.remove(&txid);
-        self.txs.insert(
+        let pending = PendingTx {
             txid,
-            PendingTx {
-                txid,
-                received,
-                spent,
-                inputs,
-                seen: std::time::SystemTime::now(),
-            },
-        );
-        changes.push(Change::Seen(txid));
+            received,
+            spent,
+            inputs,
+            seen: std::time::SystemTime::now(),
+        };
+        changes.push(Change::Seen(txid, pending.wallets()));
+        self.txs.insert(txid, pending);
         Ok(changes)
     }
 

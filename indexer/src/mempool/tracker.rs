@@ -209,15 +209,15 @@ impl Tracker {
         let events: Vec<Event> = changes
             .iter()
             .map(|c| {
-                let (kind, txid) = match c {
-                    Change::Seen(t) => (EventKind::TransferSeen, *t),
-                    Change::Gone(t, Gone::Replaced { by }) => {
+                let (kind, txid, wallets) = match c {
+                    Change::Seen(t, w) => (EventKind::TransferSeen, *t, w),
+                    Change::Gone(t, Gone::Replaced { by }, w) => {
                         info!(txid = %t, by = %by, "a watched mempool transaction was replaced");
-                        (EventKind::TransferReplaced, *t)
+                        (EventKind::TransferReplaced, *t, w)
                     }
-                    Change::Gone(t, Gone::Evicted) => {
+                    Change::Gone(t, Gone::Evicted, w) => {
                         info!(txid = %t, "a watched mempool transaction was evicted");
-                        (EventKind::TransferEvicted, *t)
+                        (EventKind::TransferEvicted, *t, w)
                     }
                 };
                 Event {
@@ -225,6 +225,7 @@ impl Tracker {
                     height,
                     block_hash,
                     txid: Some(txid),
+                    wallets: wallets.clone(),
                 }
             })
             .collect();

@@ -270,6 +270,7 @@ impl<'s> ApplyState<'s> {
                 height,
                 block_hash: block.hash,
                 txid: None,
+                wallets: Vec::new(),
             }],
         };
         let mut touched = Touched::default();
@@ -428,11 +429,16 @@ impl<'s> ApplyState<'s> {
     }
 
     fn record_transfer(&mut self, ch: &mut BlockChanges, t: &Transfer) -> Result<(), StoreError> {
+        let mut wallets = BTreeSet::new();
+        for s in t.script_ids() {
+            wallets.extend(self.wallets(&s)?);
+        }
         ch.events.push(Event {
             kind: EventKind::TransferConfirmed,
             height: t.height,
             block_hash: t.block_hash,
             txid: Some(t.txid),
+            wallets: wallets.iter().copied().collect(),
         });
         ch.set(
             Cf::Transfers,
@@ -444,10 +450,6 @@ impl<'s> ApplyState<'s> {
         if self.reorged.remove(&t.txid) {
             ch.writes
                 .insert((Cf::Reorged, t.txid.as_byte_array().to_vec()), None);
-        }
-        let mut wallets = BTreeSet::new();
-        for s in t.script_ids() {
-            wallets.extend(self.wallets(&s)?);
         }
         // No undo entry: disconnecting deletes the history of the transfer's wallets.
         for w in wallets {

@@ -10,7 +10,7 @@
 //! blocks were indexed leaves that wallet exact through any disconnect.
 
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use bitcoin::hashes::Hash;
 use bitcoin::BlockHash;
@@ -77,12 +77,7 @@ pub fn disconnect_tip(reader: &impl Reader) -> Result<Disconnected, StoreError> 
                     t.txid.as_byte_array(),
                     Some(schema::encode_reorged(&t).to_vec()),
                 );
-                events.push(Event {
-                    kind: EventKind::TransferReorgedOut,
-                    height: t.height,
-                    block_hash: t.block_hash,
-                    txid: Some(t.txid),
-                });
+                let mut owners = BTreeSet::new();
                 for id in t.script_ids() {
                     for w in reader.watch(&id)?.map(|r| r.wallets).unwrap_or_default() {
                         put(
@@ -90,8 +85,16 @@ pub fn disconnect_tip(reader: &impl Reader) -> Result<Disconnected, StoreError> 
                             &schema::history_key(w, t.height, &t.txid),
                             None,
                         );
+                        owners.insert(w);
                     }
                 }
+                events.push(Event {
+                    kind: EventKind::TransferReorgedOut,
+                    height: t.height,
+                    block_hash: t.block_hash,
+                    txid: Some(t.txid),
+                    wallets: owners.into_iter().collect(),
+                });
             }
         }
         put(*cf, key, prior.clone());
@@ -113,6 +116,7 @@ pub fn disconnect_tip(reader: &impl Reader) -> Result<Disconnected, StoreError> 
         height,
         block_hash: hash,
         txid: None,
+        wallets: Vec::new(),
     });
     Ok(Disconnected {
         height,

@@ -739,13 +739,14 @@ mod tests {
         let store = Store::open(dir.path(), Network::Regtest).unwrap();
         let first = Appending::claim(&store.appending).unwrap();
         let event = Event {
+            wallets: Vec::new(),
             kind: crate::types::EventKind::BlockConnected,
             height: 0,
             block_hash: bitcoin::BlockHash::all_zeros(),
             txid: None,
         };
         let err = store
-            .commit_writes(&Writes::new(), &[event], None, false)
+            .commit_writes(&Writes::new(), std::slice::from_ref(&event), None, false)
             .unwrap_err();
         assert!(matches!(err, StoreError::SecondLogWriter), "{err}");
         assert_eq!(store.next_event().unwrap(), 0, "nothing was appended");

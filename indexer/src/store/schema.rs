@@ -188,6 +188,10 @@ impl<'a> Reader<'a> {
         std::mem::take(&mut self.bytes)
     }
 
+    fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
     fn finish(self) -> Result<(), DecodeError> {
         if self.bytes.is_empty() {
             Ok(())
@@ -689,6 +693,13 @@ pub fn encode_event(e: &Event) -> Vec<u8> {
     if let Some(txid) = e.txid {
         v.extend_from_slice(txid.as_byte_array());
     }
+    // Optional, so events written before wallets were recorded still decode.
+    if !e.wallets.is_empty() {
+        v.extend_from_slice(&(e.wallets.len() as u32).to_be_bytes());
+        for w in &e.wallets {
+            v.extend_from_slice(&w.0.to_be_bytes());
+        }
+    }
     v
 }
 
@@ -711,12 +722,20 @@ pub fn decode_event(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::BlockConnected | EventKind::BlockDisconnected => None,
         _ => Some(Txid::from_byte_array(r.array()?)),
     };
+    let mut wallets = Vec::new();
+    if !r.is_empty() {
+        let n = r.u32()?;
+        for _ in 0..n {
+            wallets.push(WalletId(r.u32()?));
+        }
+    }
     r.finish()?;
     Ok(Event {
         kind,
         height,
         block_hash,
         txid,
+        wallets,
     })
 }
 
@@ -775,6 +794,27 @@ pub fn decode_undo(bytes: &[u8]) -> Result<Vec<UndoEntry>, DecodeError> {
 mod tests {
     use super::*;
     use bitcoin::hashes::Hash;
+
+    #[test]
+    fn events_round_trip_with_their_wallets_and_old_ones_decode_without() {
+        let e = Event {
+            kind: EventKind::TransferSeen,
+            height: 7,
+            block_hash: BlockHash::from_byte_array([1; 32]),
+            txid: Some(Txid::from_byte_array([2; 32])),
+            wallets: vec![WalletId(1), WalletId(300)],
+        };
+        assert_eq!(decode_event(&encode_event(&e)).unwrap(), e);
+        // As written before events named their wallets: kind, height, hash, txid.
+        let old = &encode_event(&e)[..1 + 4 + 32 + 32];
+        let decoded = decode_event(old).unwrap();
+        assert_eq!(decoded.wallets, Vec::<WalletId>::new());
+        assert_eq!(decoded.txid, e.txid);
+        // A count the bytes do not hold is an error, not an allocation.
+        let mut bad = old.to_vec();
+        bad.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_event(&bad).is_err());
+    }
 
     #[test]
     fn transfer_round_trips() {
