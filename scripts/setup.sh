@@ -2,12 +2,14 @@
 # Installs what the build needs on a fresh Debian 12 machine, and chooses the target dir.
 # Sourced by the other scripts.
 set -euo pipefail
-if ! dpkg -s libclang-dev >/dev/null 2>&1; then
-  echo "installing libclang-dev (RocksDB's bindgen needs it)" >&2
+# libclang-dev: RocksDB's bindgen; libssl-dev and pkg-config: librdkafka's TLS (and SASL
+# PLAIN/SCRAM) for the Kafka exporter.
+if ! dpkg -s libclang-dev libssl-dev pkg-config >/dev/null 2>&1; then
+  echo "installing libclang-dev, libssl-dev and pkg-config" >&2
   sudo_cmd=""
   [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq libclang-dev >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq libclang-dev libssl-dev pkg-config >/dev/null
 fi
 if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
   echo "installing grpcio and grpcio-tools (the Python example client and its test)" >&2

@@ -16,6 +16,7 @@ use crate::add_watch::{self, WatchChanges};
 use crate::config::{Config, ConfigError};
 use crate::follow::{FollowError, FollowOptions, Follower};
 use crate::grpc::{self, Access, ServeError, ServeOptions};
+use crate::kafka::Exporter;
 use crate::metrics::IndexerMetrics;
 use crate::pipeline::{PipelineOptions, Progress, WriteOptions};
 use crate::store::{Reader, Store, StoreError};
@@ -143,6 +144,22 @@ pub fn run(
             following = Some(follower);
         }
     }
+    // The log's Kafka export, on its own thread: a slow or absent broker grows its lag,
+    // never the follower's.
+    let exporting = match (&config.kafka, mode) {
+        (Some(kafka), Mode::Run) => Some(
+            Exporter::new(
+                store.clone(),
+                config.network,
+                kafka.clone(),
+                metrics.kafka.clone(),
+                stop.clone(),
+            )
+            .spawn()
+            .map_err(io("starting the kafka exporter thread"))?,
+        ),
+        _ => None,
+    };
     let runtime = crate::serve_priority::runtime().map_err(io("starting the async runtime"))?;
     let (follower_done, follower_ended) = tokio::sync::oneshot::channel::<()>();
     // Before the thread starts, so /health never answers "down" while it is starting.
@@ -200,6 +217,10 @@ pub fn run(
     });
     // Also when serving failed: finish the block in hand, then stop.
     stop.store(true, Ordering::Relaxed);
+    if let Some(exporter) = exporting {
+        // Its failure was logged and counted; it never stops the service.
+        let _ = exporter.join().expect("kafka exporter panicked");
+    }
     if let Some(follow) = follow {
         let followed = follow.join().expect("follower thread panicked");
         served?;

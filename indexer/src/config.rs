@@ -1,6 +1,7 @@
 //! Settings, each declared once in [`Settings`] and layered: flags over `INDEXER_*`
 //! variables over the TOML config file over defaults; then checked into a typed [`Config`].
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use bitcoin::Network;
@@ -58,6 +59,103 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(default)]
     pub bitcoind: BitcoindSettings,
+    /// Where `indexer run` exports the event log (the `[kafka]` table; absent: nowhere).
+    #[command(flatten)]
+    #[serde(default)]
+    pub kafka: KafkaSettings,
+}
+
+/// The `[kafka]` table: the Kafka topic the event log is exported to.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Kafka bootstrap servers, e.g. 127.0.0.1:9092 (set: export the event log).
+    #[arg(long = "kafka-brokers", global = true, env = "INDEXER_KAFKA_BROKERS")]
+    pub brokers: Option<String>,
+    /// The topic events go to (default indexer.events).
+    #[arg(long = "kafka-topic", global = true, env = "INDEXER_KAFKA_TOPIC")]
+    pub topic: Option<String>,
+    /// The producer's client.id (default indexer).
+    #[arg(
+        long = "kafka-client-id",
+        global = true,
+        env = "INDEXER_KAFKA_CLIENT_ID"
+    )]
+    pub client_id: Option<String>,
+    /// librdkafka settings passed through as they are (TLS: `security.protocol`,
+    /// `ssl.ca.location`...; SASL: `sasl.mechanism`...). Config file only.
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// The settings the exporter manages itself: passing them through would break exactly-once.
+const KAFKA_MANAGED: &[&str] = &[
+    "bootstrap.servers",
+    "transactional.id",
+    "enable.idempotence",
+    "acks",
+    "isolation.level",
+];
+
+/// Where the event log is exported, resolved.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// Topic.
+    pub topic: String,
+    /// client.id.
+    pub client_id: String,
+    /// librdkafka settings passed through.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaSettings {
+    /// The export settings, when brokers are given.
+    pub fn resolve(&self) -> Result<Option<KafkaConfig>, ConfigError> {
+        let Some(brokers) = self.brokers.clone() else {
+            if self.topic.is_some() || !self.properties.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "kafka settings without kafka.brokers: set the brokers to export to".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        if brokers.trim().is_empty() {
+            return Err(ConfigError::Invalid("kafka.brokers is empty".into()));
+        }
+        if let Some(k) = self
+            .properties
+            .keys()
+            .find(|k| KAFKA_MANAGED.contains(&k.as_str()))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "kafka.properties.{k:?} is set by the exporter itself (exactly-once needs it)"
+            )));
+        }
+        let topic = self
+            .topic
+            .clone()
+            .unwrap_or_else(|| "indexer.events".into());
+        if topic.is_empty()
+            || topic.len() > 249
+            || !topic
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "kafka.topic {topic:?} is not a Kafka topic name (1-249 of letters, digits, '.', '_', '-')"
+            )));
+        }
+        Ok(Some(KafkaConfig {
+            brokers,
+            topic,
+            client_id: self.client_id.clone().unwrap_or_else(|| "indexer".into()),
+            properties: self.properties.clone(),
+        }))
+    }
 }
 
 /// The `[bitcoind]` table: how to reach the node `indexer run` follows.
@@ -285,6 +383,8 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The `[bitcoind]` settings, resolved when a command needs the node.
     pub bitcoind: BitcoindSettings,
+    /// Where `indexer run` exports the event log (`None`: nowhere).
+    pub kafka: Option<KafkaConfig>,
 }
 
 /// The PEM files of the gRPC server's TLS.
@@ -340,6 +440,7 @@ impl Config {
             grpc_tls,
             event_retention: c.event_retention,
             metrics_listen: c.metrics_listen,
+            kafka: c.kafka.resolve()?,
             bitcoind: c.bitcoind,
         })
     }
@@ -407,6 +508,45 @@ mod tests {
         assert!(b.rest);
         assert_eq!(b.zmq.topics.len(), 4);
         assert_eq!(c.metrics_listen, Some("127.0.0.1:9332".parse().unwrap()));
+    }
+
+    #[test]
+    fn kafka_export_needs_brokers_and_leaves_exactly_once_settings_alone() {
+        let (_dir, path) = config_file(
+            "[kafka]\nbrokers = \"127.0.0.1:9092\"\n[kafka.properties]\n\"security.protocol\" = \"ssl\"\n",
+        );
+        let k = Settings::load(Some(&path), &flags(&[]))
+            .unwrap()
+            .kafka
+            .unwrap();
+        assert_eq!(k.topic, "indexer.events");
+        assert_eq!(k.properties["security.protocol"], "ssl");
+        let k = Settings::load(Some(&path), &flags(&["--kafka-topic", "t1"]))
+            .unwrap()
+            .kafka
+            .unwrap();
+        assert_eq!(
+            (k.topic.as_str(), k.brokers.as_str()),
+            ("t1", "127.0.0.1:9092")
+        );
+        assert!(Settings::load(None, &flags(&[])).unwrap().kafka.is_none());
+        for (text, says) in [
+            ("[kafka]\ntopic = \"t\"\n", "without kafka.brokers"),
+            (
+                "[kafka]\nbrokers = \"b:1\"\n[kafka.properties]\n\"transactional.id\" = \"x\"\n",
+                "set by the exporter",
+            ),
+            (
+                "[kafka]\nbrokers = \"b:1\"\ntopic = \"a b\"\n",
+                "topic name",
+            ),
+        ] {
+            let (_dir, path) = config_file(text);
+            let e = Settings::load(Some(&path), &flags(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub mod event_feed;
 pub mod fetch;
 pub mod follow;
 pub mod grpc;
+pub mod kafka;
 pub mod mempool;
 pub mod metrics;
 pub mod pipeline;

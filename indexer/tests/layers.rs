@@ -35,7 +35,10 @@ const LAYERS: &[(&str, &[&str])] = &[
         "driving",
         &["follow", "rescan", "add_watch", "backfill", "mempool"],
     ),
-    ("serving", &["grpc", "convert", "query", "event_feed"]),
+    (
+        "serving",
+        &["grpc", "convert", "query", "event_feed", "kafka"],
+    ),
     ("entry", &["app"]),
 ];
 

@@ -133,6 +133,93 @@ impl Broker {
     pub fn log_path(&self) -> &Path {
         &self.log
     }
+
+    /// Every record of `topic` as a `read_committed` consumer sees it, partition by
+    /// partition from the start to the end.
+    pub fn read_all(&self, topic: &str) -> Vec<Received> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::error::KafkaError;
+        use rdkafka::message::{Headers, Message};
+        let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("group.id", "test-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .unwrap();
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        let partitions: Vec<i32> = metadata.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| p.id())
+            .collect();
+        let mut out = Vec::new();
+        for p in partitions {
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+                .unwrap();
+            consumer.assign(&tpl).unwrap();
+            let until = Instant::now() + Duration::from_secs(30);
+            loop {
+                assert!(Instant::now() < until, "reading partition {p} timed out");
+                match consumer.poll(Duration::from_millis(200)) {
+                    None => continue,
+                    Some(Err(KafkaError::PartitionEOF(_))) => break,
+                    Some(Err(e)) => panic!("reading {topic}/{p}: {e}"),
+                    Some(Ok(m)) => out.push(Received {
+                        partition: p,
+                        offset: m.offset(),
+                        key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                        value: m.payload().unwrap_or_default().to_vec(),
+                        headers: m
+                            .headers()
+                            .map(|h| {
+                                h.iter()
+                                    .map(|h| {
+                                        (
+                                            h.key.to_owned(),
+                                            String::from_utf8_lossy(h.value.unwrap_or_default())
+                                                .into_owned(),
+                                        )
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    }),
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A record as a consumer received it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset in the partition.
+    pub offset: i64,
+    /// Its key.
+    pub key: String,
+    /// Its value.
+    pub value: Vec<u8>,
+    /// Its headers, in order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Received {
+    /// The value of header `key`.
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 impl Drop for Broker {

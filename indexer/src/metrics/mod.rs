@@ -57,6 +57,21 @@ pub struct IndexerMetrics {
     /// Read at scrape time: bitcoind's height minus the index's.
     tip_lag: Gauge,
     follower: Arc<FollowerState>,
+    /// The Kafka exporter's progress.
+    pub kafka: KafkaMetrics,
+}
+
+/// How far the Kafka exporter got.
+#[derive(Clone, Debug, Default)]
+pub struct KafkaMetrics {
+    /// The log offset below which every event is on the topic.
+    pub exported_offset: Gauge,
+    /// Events committed to the log and not yet on the topic.
+    pub lag_events: Gauge,
+    /// Seconds the exporter has been behind the log (0 when caught up).
+    pub lag_seconds: Gauge,
+    /// Failures (broker unreachable, transactions aborted); each is retried.
+    pub errors: Counter,
 }
 
 /// What `/health` and `/ready` read.
@@ -84,6 +99,7 @@ impl Default for IndexerMetrics {
             grpc: GrpcLatency::default(),
             tip_lag: Gauge::default(),
             follower: Arc::default(),
+            kafka: KafkaMetrics::default(),
         }
     }
 }
@@ -152,6 +168,26 @@ impl IndexerMetrics {
             self.subscribers.clone(),
         );
         self.grpc.register(r);
+        r.register(
+            "kafka_exported_offset",
+            "Log offset below which every event is on the Kafka topic",
+            self.kafka.exported_offset.clone(),
+        );
+        r.register(
+            "kafka_lag_events",
+            "Events in the log not yet on the Kafka topic",
+            self.kafka.lag_events.clone(),
+        );
+        r.register(
+            "kafka_lag_seconds",
+            "Seconds the Kafka exporter has been behind the log",
+            self.kafka.lag_seconds.clone(),
+        );
+        r.register(
+            "kafka_errors",
+            "Kafka export failures, each retried",
+            self.kafka.errors.clone(),
+        );
         if following {
             r.register(
                 "bitcoind_height",

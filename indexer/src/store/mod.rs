@@ -121,6 +121,8 @@ pub struct Store {
     /// write stage while one runs, else the follower's thread), so this is never contended;
     /// it turns a second writer, which would give two events one offset, into an error.
     appending: std::sync::atomic::AtomicBool,
+    /// The first event retention must keep: an exporter's position (`u64::MAX`: none).
+    held_from: std::sync::atomic::AtomicU64,
     /// Held from reading the watch generation to committing its successor.
     watch_generation_lock: std::sync::Mutex<()>,
 }
@@ -180,6 +182,7 @@ impl Store {
             network,
             commits: tokio::sync::watch::Sender::new(0),
             appending: std::sync::atomic::AtomicBool::new(false),
+            held_from: std::sync::atomic::AtomicU64::new(u64::MAX),
             watch_generation_lock: std::sync::Mutex::new(()),
         };
         store.check_format(network)?;
@@ -494,6 +497,13 @@ impl Store {
         Ok(found)
     }
 
+    /// Keeps every event from `offset` on through retention's pruning (an exporter's
+    /// position: what it has not delivered yet).
+    pub fn hold_events_from(&self, offset: u64) {
+        self.held_from
+            .store(offset, std::sync::atomic::Ordering::Release);
+    }
+
     /// Commits `writes` with `events` appended to the event log, in one atomic write;
     /// returns the next free offset.
     pub fn commit_writes(
@@ -532,11 +542,14 @@ impl Store {
         }
         batch.put(self, Cf::Meta, schema::META_NEXT_EVENT, &next.to_be_bytes());
         if let Some(keep) = retention {
+            // Never what an exporter has yet to deliver.
+            let held = self.held_from.load(std::sync::atomic::Ordering::Acquire);
+            let below = next.saturating_sub(keep).min(held);
             batch.delete_range(
                 self,
                 Cf::Events,
                 &schema::event_key(0),
-                &schema::event_key(next.saturating_sub(keep)),
+                &schema::event_key(below),
             );
         }
         self.commit(batch, sync)?;
@@ -732,6 +745,40 @@ impl Snapshot<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_keeps_what_an_exporter_has_not_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Network::Regtest).unwrap();
+        let event = |height| Event {
+            kind: crate::types::EventKind::BlockConnected,
+            height,
+            block_hash: bitcoin::BlockHash::all_zeros(),
+            txid: None,
+            wallets: Vec::new(),
+        };
+        let first = |s: &Store| {
+            let mut first = None;
+            s.for_each(Cf::Events, |k, _| {
+                first.get_or_insert(schema::decode_offset(k)?);
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+            first
+        };
+        store.hold_events_from(3);
+        for h in 0..10 {
+            store
+                .commit_writes(&Writes::new(), &[event(h)], Some(2), false)
+                .unwrap();
+        }
+        assert_eq!(first(&store), Some(3), "held from the exporter's position");
+        store.hold_events_from(9);
+        store
+            .commit_writes(&Writes::new(), &[event(10)], Some(2), false)
+            .unwrap();
+        assert_eq!(first(&store), Some(9), "retention applies once delivered");
+    }
 
     #[test]
     fn a_second_writer_of_the_event_log_is_refused_while_the_first_appends() {

@@ -1,0 +1,225 @@
+//! The exporter thread: tails the committed event log and produces each event's records in
+//! Kafka transactions, resuming from what the topic holds after every restart or failure.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bitcoin::Network;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use tracing::{error, info, warn};
+
+use super::record::{records, Record};
+use super::{position, ExportError};
+use crate::config::KafkaConfig;
+use crate::metrics::KafkaMetrics;
+use crate::query::{Query, QueryError};
+use crate::store::{Reader, Store};
+
+/// Events read and produced in one transaction, at most.
+const CHUNK: usize = 1_000;
+/// How long a transaction's calls may take.
+const REQUEST: Duration = Duration::from_secs(30);
+/// How often the log is looked at when nothing new was exported.
+const IDLE: Duration = Duration::from_millis(20);
+/// Longest wait between attempts when the broker fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Exports one store's event log to one topic.
+pub struct Exporter {
+    store: Arc<Store>,
+    network: Network,
+    config: KafkaConfig,
+    metrics: KafkaMetrics,
+    stop: Arc<AtomicBool>,
+}
+
+impl Exporter {
+    /// An exporter of `store`'s log as `config` says, until `stop` is set.
+    pub fn new(
+        store: Arc<Store>,
+        network: Network,
+        config: KafkaConfig,
+        metrics: KafkaMetrics,
+        stop: Arc<AtomicBool>,
+    ) -> Exporter {
+        // Until the topic says how far it got, no event may be pruned.
+        store.hold_events_from(0);
+        Exporter {
+            store,
+            network,
+            config,
+            metrics,
+            stop,
+        }
+    }
+
+    /// Runs on a thread of its own.
+    pub fn spawn(self) -> std::io::Result<JoinHandle<Result<(), ExportError>>> {
+        std::thread::Builder::new()
+            .name("kafka-export".into())
+            .spawn(move || self.run())
+    }
+
+    /// Exports until stopped; retries what a broker's failure interrupted, from the
+    /// position the topic shows; ends early only on a gap it cannot fill.
+    pub fn run(&self) -> Result<(), ExportError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.stopping() {
+                return Ok(());
+            }
+            match self.session() {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_final() => {
+                    error!(error = %e, topic = %self.config.topic, "kafka export stopped");
+                    self.metrics.errors.inc();
+                    return Err(e);
+                }
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?backoff, "kafka export interrupted");
+                    self.metrics.errors.inc();
+                    self.pause(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps up to `d`, waking early when stopped.
+    fn pause(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stopping() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.config.brokers)
+            .set("client.id", &self.config.client_id);
+        for (k, v) in &self.config.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// One connection: find the position, then export until stopped or a failure.
+    fn session(&self) -> Result<(), ExportError> {
+        let log_id = self.store.log_id()?;
+        // One transactional id per log: a second exporter of this log fences the first.
+        let producer: BaseProducer = self
+            .client()
+            .set("transactional.id", format!("indexer-{log_id}"))
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()?;
+        producer.init_transactions(REQUEST)?;
+        let consumer: BaseConsumer = self
+            .client()
+            .set("group.id", format!("indexer-export-{log_id}"))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .create()?;
+        let mut next = position::next_offset(&consumer, &self.config.topic, &log_id)?;
+        drop(consumer);
+        info!(topic = %self.config.topic, from = next, "exporting the event log to kafka");
+        self.exported(next);
+        let mut behind_since: Option<Instant> = None;
+        while !self.stopping() {
+            let end = self.store.next_event()?;
+            self.metrics.lag_events.set(end.saturating_sub(next) as i64);
+            if next >= end {
+                behind_since = None;
+                self.metrics.lag_seconds.set(0);
+                std::thread::sleep(IDLE);
+                continue;
+            }
+            let since = *behind_since.get_or_insert_with(Instant::now);
+            self.metrics
+                .lag_seconds
+                .set(since.elapsed().as_secs() as i64);
+            next = self.export_chunk(&producer, &log_id, next)?;
+            self.exported(next);
+        }
+        Ok(())
+    }
+
+    /// Produces the events from `from` on (one chunk) in one transaction; returns the next.
+    fn export_chunk(
+        &self,
+        producer: &BaseProducer,
+        log_id: &str,
+        from: u64,
+    ) -> Result<u64, ExportError> {
+        let query = Query::new(&self.store, self.network).map_err(ExportError::Query)?;
+        let events = match query.events(from, CHUNK) {
+            Ok(events) => events,
+            Err(e @ (QueryError::Pruned { .. } | QueryError::FutureOffset { .. })) => {
+                return Err(ExportError::Gap(e))
+            }
+            Err(e) => return Err(ExportError::Query(e)),
+        };
+        let names = query.wallet_names().map_err(ExportError::Query)?;
+        let Some(next) = events.last().map(|(offset, _)| offset + 1) else {
+            return Ok(from);
+        };
+        let network = self.network.to_core_arg();
+        producer.begin_transaction()?;
+        let sent = events.into_iter().try_for_each(|(offset, event)| {
+            records(log_id, network, offset, event, &names)
+                .iter()
+                .try_for_each(|r| self.send(producer, r))
+        });
+        match sent.and_then(|()| producer.commit_transaction(REQUEST)) {
+            Ok(()) => Ok(next),
+            Err(e) => {
+                // The session starts over from what the topic holds, so nothing is lost
+                // and, on a broker that hides aborted records, nothing is doubled.
+                let _ = producer.abort_transaction(REQUEST);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Queues one record, waiting while the client's queue is full.
+    fn send(&self, producer: &BaseProducer, r: &Record) -> Result<(), KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+        for (key, value) in &r.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut record = BaseRecord::to(&self.config.topic)
+            .key(&r.key)
+            .payload(&r.value)
+            .headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(50));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Notes that everything below `next` is on the topic: retention may prune it now.
+    fn exported(&self, next: u64) {
+        self.store.hold_events_from(next);
+        self.metrics.exported_offset.set(next as i64);
+    }
+}

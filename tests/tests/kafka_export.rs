@@ -1,0 +1,206 @@
+//! `indexer run` with a `[kafka]` section against a real Kafka-protocol broker (Tansu,
+//! started by the test): every event of the log reaches the topic once per wallet, as
+//! Subscribe serves it, in order within each key, and a restart of the indexer resumes from
+//! what the topic holds without repeating anything.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use bitcoin::Address;
+use indexer::config::{KafkaSettings, Settings};
+use indexer::store::{Reader, Store};
+use prost::Message;
+use proto::indexer::v1 as pb;
+use serde_json::json;
+use system_tests::harness::TestWallet;
+use system_tests::kafka::{Broker, Received};
+use system_tests::live::{Devnet, Indexer};
+
+const TOPIC: &str = "indexer.events";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The log as Subscribe serves it, from offset 0 to its end.
+fn subscribed(f: &Indexer) -> Vec<pb::Event> {
+    let end = f.store.next_event().unwrap();
+    let mut client = pb::indexer_client::IndexerClient::new(f.channel.clone());
+    let mut stream = f
+        .runtime
+        .block_on(client.subscribe(pb::SubscribeRequest {
+            from_offset: 0,
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while (events.len() as u64) < end {
+        let e = f
+            .runtime
+            .block_on(async { tokio::time::timeout(WAIT, stream.message()).await })
+            .expect("Subscribe went quiet")
+            .unwrap()
+            .unwrap();
+        events.push(e);
+    }
+    events
+}
+
+/// Reads the topic until it holds every offset below the log's end; the records.
+fn exported(broker: &Broker, store: &Store) -> Vec<Received> {
+    let end = store.next_event().unwrap();
+    let until = Instant::now() + WAIT;
+    loop {
+        let records = broker.read_all(TOPIC);
+        let offsets: BTreeSet<u64> = records
+            .iter()
+            .map(|r| r.header("log_offset").unwrap().parse().unwrap())
+            .collect();
+        if offsets.len() as u64 == end && offsets.last() == Some(&(end - 1)) {
+            return records;
+        }
+        assert!(
+            Instant::now() < until,
+            "the topic holds {} of {end} offsets; broker log: {}",
+            offsets.len(),
+            broker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Asserts the records are the log, once each per wallet, keyed and ordered as designed.
+fn assert_is_the_log(records: &[Received], log: &[pb::Event], log_id: &str, network: &str) {
+    // Once per (offset, wallet).
+    let mut seen = BTreeSet::new();
+    for r in records {
+        let offset: u64 = r.header("log_offset").unwrap().parse().unwrap();
+        let wallet = r.header("wallet").map(str::to_owned);
+        assert!(
+            seen.insert((offset, wallet.clone())),
+            "offset {offset} for {wallet:?} twice"
+        );
+        assert_eq!(r.header("log_id"), Some(log_id));
+        let event = pb::Event::decode(&r.value[..]).unwrap();
+        let logged = &log[offset as usize];
+        assert_eq!(&event, logged, "record of offset {offset}");
+        assert_eq!(r.header("kind"), Some(&*logged.kind.to_string()));
+        assert_eq!(r.header("height"), Some(&*logged.height.to_string()));
+        assert_eq!(r.header("block_hash"), Some(&*logged.block_hash));
+        match &wallet {
+            Some(w) => {
+                assert_eq!(&r.key, w);
+                assert!(logged.wallets.contains(w));
+            }
+            None => {
+                assert_eq!(r.key, network);
+                assert!(logged.wallets.is_empty());
+            }
+        }
+    }
+    // Every event, and each transfer event for each of its wallets.
+    let expected: BTreeSet<(u64, Option<String>)> = log
+        .iter()
+        .flat_map(|e| {
+            if e.wallets.is_empty() {
+                vec![(e.offset, None)]
+            } else {
+                e.wallets
+                    .iter()
+                    .map(|w| (e.offset, Some(w.clone())))
+                    .collect()
+            }
+        })
+        .collect();
+    assert_eq!(seen, expected);
+    // In log order within each key: each key lives in one partition.
+    let mut by_key: BTreeMap<&str, Vec<(i32, i64, u64)>> = BTreeMap::new();
+    for r in records {
+        let offset = r.header("log_offset").unwrap().parse().unwrap();
+        by_key
+            .entry(&r.key)
+            .or_default()
+            .push((r.partition, r.offset, offset));
+    }
+    for (key, mut rs) in by_key {
+        rs.sort();
+        assert!(
+            rs.windows(2).all(|w| w[0].0 == w[1].0 && w[0].2 < w[1].2),
+            "key {key}: {rs:?}"
+        );
+    }
+}
+
+#[test]
+fn every_event_reaches_the_topic_once_per_wallet_through_a_reorg_and_a_restart() {
+    let broker = Broker::start();
+    broker.create_topic(TOPIC, 3);
+    let node = Devnet::start(|c| c.filler_txs = 0);
+    let miner = node.new_address("bech32");
+    node.mine_to(101, &miner);
+    let (hot, cold) = (node.new_address("bech32"), node.new_address("bech32m"));
+    let script = |a: &str| {
+        Address::from_str(a)
+            .unwrap()
+            .assume_checked()
+            .script_pubkey()
+    };
+    let wallets = vec![
+        TestWallet {
+            name: "hot".into(),
+            scripts: BTreeSet::from([script(&hot)]),
+        },
+        TestWallet {
+            name: "cold".into(),
+            // Also hot's script: payments to it belong to both wallets.
+            scripts: BTreeSet::from([script(&cold), script(&hot)]),
+        },
+    ];
+    let db = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        kafka: KafkaSettings {
+            brokers: Some(broker.bootstrap()),
+            topic: Some(TOPIC.into()),
+            ..KafkaSettings::default()
+        },
+        ..Indexer::settings(&node, db.path())
+    };
+    let f = Indexer::start(settings.clone(), &wallets);
+    // Payments to each wallet (hot's belong to both), seen in the mempool then mined;
+    // then a reorg takes the last block away and mines its payment again.
+    node.call("sendtoaddress", json!([hot, 1.0]));
+    node.call("sendtoaddress", json!([cold, 2.0]));
+    node.mine_to(1, &miner);
+    node.call("sendtoaddress", json!([hot, 0.1]));
+    let last = node.mine_to(1, &miner)[0];
+    assert!(f.wait_for(last, WAIT));
+    node.call("invalidateblock", json!([last.to_string()]));
+    let tip = node.mine_to(2, &miner)[1];
+    assert!(f.wait_for(tip, WAIT));
+
+    let log_id = f.store.log_id().unwrap();
+    let records = exported(&broker, &f.store);
+    let log = subscribed(&f);
+    assert!(
+        log.iter()
+            .any(|e| e.kind == pb::EventKind::TransferReorgedOut as i32),
+        "the run had a reorg"
+    );
+    assert!(
+        log.iter().any(|e| e.wallets.len() == 2),
+        "a payment to both"
+    );
+    assert_is_the_log(&records, &log, &log_id, "regtest");
+
+    // A restart resumes from what the topic holds: more events, nothing twice.
+    f.stop().unwrap();
+    let store = std::sync::Arc::new(Store::open(db.path(), bitcoin::Network::Regtest).unwrap());
+    let f = Indexer::resume(settings, store);
+    node.call("sendtoaddress", json!([cold, 0.3]));
+    let tip = node.mine_to(1, &miner)[0];
+    assert!(f.wait_for(tip, WAIT));
+    let records = exported(&broker, &f.store);
+    let log = subscribed(&f);
+    assert_is_the_log(&records, &log, &log_id, "regtest");
+}
