@@ -22,9 +22,8 @@ use system_tests::live::{Devnet, Indexer};
 const TOPIC: &str = "indexer.events";
 const WAIT: Duration = Duration::from_secs(60);
 
-/// The log as Subscribe serves it, from offset 0 to its end.
-fn subscribed(f: &Indexer) -> Vec<pb::Event> {
-    let end = f.store.next_event().unwrap();
+/// The first `end` events of the log as Subscribe serves them.
+fn subscribed(f: &Indexer, end: u64) -> Vec<pb::Event> {
     let mut client = pb::indexer_client::IndexerClient::new(f.channel.clone());
     let mut stream = f
         .runtime
@@ -47,22 +46,24 @@ fn subscribed(f: &Indexer) -> Vec<pb::Event> {
     events
 }
 
-/// Reads the topic until it holds every offset below the log's end; the records.
-fn exported(broker: &Broker, store: &Store) -> Vec<Received> {
-    let end = store.next_event().unwrap();
+/// Reads the topic until it holds every offset of the log, the log having stopped growing
+/// meanwhile (mempool notices may still be logged after a block); the records, and the
+/// log's end.
+fn exported(broker: &Broker, store: &Store) -> (Vec<Received>, u64) {
     let until = Instant::now() + WAIT;
     loop {
+        let end = store.next_event().unwrap();
         let records = broker.read_all(TOPIC);
         let offsets: BTreeSet<u64> = records
             .iter()
             .map(|r| r.header("log_offset").unwrap().parse().unwrap())
             .collect();
-        if offsets.len() as u64 == end && offsets.last() == Some(&(end - 1)) {
-            return records;
+        if offsets == (0..end).collect() && store.next_event().unwrap() == end {
+            return (records, end);
         }
         assert!(
             Instant::now() < until,
-            "the topic holds {} of {end} offsets; broker log: {}",
+            "the topic holds {} offsets, the log {end}; broker log: {}",
             offsets.len(),
             broker.log_text()
         );
@@ -180,8 +181,8 @@ fn every_event_reaches_the_topic_once_per_wallet_through_a_reorg_and_a_restart()
     assert!(f.wait_for(tip, WAIT));
 
     let log_id = f.store.log_id().unwrap();
-    let records = exported(&broker, &f.store);
-    let log = subscribed(&f);
+    let (records, end) = exported(&broker, &f.store);
+    let log = subscribed(&f, end);
     assert!(
         log.iter()
             .any(|e| e.kind == pb::EventKind::TransferReorgedOut as i32),
@@ -200,7 +201,44 @@ fn every_event_reaches_the_topic_once_per_wallet_through_a_reorg_and_a_restart()
     node.call("sendtoaddress", json!([cold, 0.3]));
     let tip = node.mine_to(1, &miner)[0];
     assert!(f.wait_for(tip, WAIT));
-    let records = exported(&broker, &f.store);
-    let log = subscribed(&f);
+    let (records, end) = exported(&broker, &f.store);
+    let log = subscribed(&f, end);
     assert_is_the_log(&records, &log, &log_id, "regtest");
+
+    // `indexer kafka export` re-publishes a range to another topic: the same records.
+    f.stop().unwrap();
+    let (from, to) = (2u64, log.len() as u64 - 1);
+    let out = std::process::Command::new(system_tests::harness::workspace_binary("indexer"))
+        .args(["--db", db.path().to_str().unwrap(), "--network", "regtest"])
+        .args(["--kafka-brokers", &broker.bootstrap()])
+        .args(["kafka", "export", "--topic", "replayed"])
+        .args(["--from", &from.to_string(), "--to", &to.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let in_range = |r: &&Received| {
+        let o: u64 = r.header("log_offset").unwrap().parse().unwrap();
+        (from..to).contains(&o)
+    };
+    let summary = |rs: Vec<&Received>| {
+        let mut v: Vec<_> = rs
+            .into_iter()
+            .map(|r| (r.key.clone(), r.value.clone(), r.headers.clone()))
+            .collect();
+        v.sort();
+        v
+    };
+    let replayed = broker.read_all("replayed");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("exported\t{}\treplayed", replayed.len())
+    );
+    assert_eq!(
+        summary(replayed.iter().collect()),
+        summary(records.iter().filter(in_range).collect())
+    );
 }

@@ -30,6 +30,75 @@ const IDLE: Duration = Duration::from_millis(20);
 /// Longest wait between attempts when the broker fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// Queues one record for `topic`, waiting while the client's queue is full.
+fn send(producer: &BaseProducer, topic: &str, r: &Record) -> Result<(), KafkaError> {
+    let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+    for (key, value) in &r.headers {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    let mut record = BaseRecord::to(topic)
+        .key(&r.key)
+        .payload(&r.value)
+        .headers(headers);
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                producer.poll(Duration::from_millis(50));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Re-publishes the events from `from` up to `to` (exclusive; `None`: the log's end) to
+/// `topic`, in the exporter's format: to reconcile a consumer, or to fill a new topic.
+/// Idempotent producer, no transaction (a transaction would fence the running exporter);
+/// consumers deduplicate on the headers as always. Returns the records produced.
+pub fn replay(
+    store: &Store,
+    network: Network,
+    config: &KafkaConfig,
+    topic: &str,
+    from: u64,
+    to: Option<u64>,
+) -> Result<u64, ExportError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers)
+        .set("client.id", &config.client_id);
+    for (k, v) in &config.properties {
+        c.set(k, v);
+    }
+    let producer: BaseProducer = c
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()?;
+    let query = Query::new(store, network).map_err(ExportError::Query)?;
+    let log_id = query.log_id().map_err(ExportError::Query)?;
+    let names = query.wallet_names().map_err(ExportError::Query)?;
+    let end = to.unwrap_or(u64::MAX);
+    let (mut next, mut produced) = (from, 0u64);
+    while next < end {
+        let events = query.events(next, CHUNK).map_err(ExportError::Gap)?;
+        let Some(last) = events.last().map(|(offset, _)| *offset) else {
+            break;
+        };
+        for (offset, event) in events.into_iter().take_while(|(o, _)| *o < end) {
+            for r in records(&log_id, network.to_core_arg(), offset, event, &names) {
+                send(&producer, topic, &r)?;
+                produced += 1;
+            }
+        }
+        next = last + 1;
+    }
+    producer.flush(REQUEST)?;
+    Ok(produced)
+}
+
 /// Exports one store's event log to one topic.
 pub struct Exporter {
     store: Arc<Store>,
@@ -179,7 +248,7 @@ impl Exporter {
         let sent = events.into_iter().try_for_each(|(offset, event)| {
             records(log_id, network, offset, event, &names)
                 .iter()
-                .try_for_each(|r| self.send(producer, r))
+                .try_for_each(|r| send(producer, &self.config.topic, r))
         });
         match sent.and_then(|()| producer.commit_transaction(REQUEST)) {
             Ok(()) => Ok(next),
@@ -188,31 +257,6 @@ impl Exporter {
                 // and, on a broker that hides aborted records, nothing is doubled.
                 let _ = producer.abort_transaction(REQUEST);
                 Err(e.into())
-            }
-        }
-    }
-
-    /// Queues one record, waiting while the client's queue is full.
-    fn send(&self, producer: &BaseProducer, r: &Record) -> Result<(), KafkaError> {
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
-        for (key, value) in &r.headers {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            });
-        }
-        let mut record = BaseRecord::to(&self.config.topic)
-            .key(&r.key)
-            .payload(&r.value)
-            .headers(headers);
-        loop {
-            match producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    producer.poll(Duration::from_millis(50));
-                }
-                Err((e, _)) => return Err(e),
             }
         }
     }

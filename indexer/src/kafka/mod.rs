@@ -6,7 +6,7 @@ pub mod exporter;
 pub mod position;
 pub mod record;
 
-pub use exporter::Exporter;
+pub use exporter::{replay, Exporter};
 
 /// Why exporting stopped or must start over.
 #[derive(Debug, thiserror::Error)]

@@ -58,6 +58,27 @@ pub enum Command {
         #[arg(long, env = "INDEXER_GRPC", default_value = "127.0.0.1:50051")]
         grpc: std::net::SocketAddr,
     },
+    /// The event log on Kafka (the `[kafka]` settings say where).
+    Kafka {
+        #[command(subcommand)]
+        command: KafkaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KafkaCommand {
+    /// Re-publish a range of the event log (to reconcile a consumer, or fill a new topic).
+    Export {
+        /// First log offset.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Offset to stop before (default: the log's end).
+        #[arg(long)]
+        to: Option<u64>,
+        /// Topic (default: kafka.topic).
+        #[arg(long)]
+        topic: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]

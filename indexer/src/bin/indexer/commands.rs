@@ -173,3 +173,21 @@ pub fn watch_add(
     }
     Ok(())
 }
+
+/// `kafka export`: re-publishes a range of the event log.
+pub fn kafka_export(
+    store: &Store,
+    config: &Config,
+    from: u64,
+    to: Option<u64>,
+    topic: Option<String>,
+) -> Result<()> {
+    let Some(kafka) = &config.kafka else {
+        anyhow::bail!("no Kafka to export to: set kafka.brokers (or --kafka-brokers)");
+    };
+    let topic = topic.unwrap_or_else(|| kafka.topic.clone());
+    let produced = indexer::kafka::replay(store, config.network, kafka, &topic, from, to)
+        .with_context(|| format!("exporting the event log to {topic}"))?;
+    println!("exported\t{produced}\t{topic}");
+    Ok(())
+}

@@ -16,7 +16,7 @@ use indexer::store::{Reader, Store};
 use indexer::wallets;
 use service::logs;
 
-use crate::cli::{Cli, Command, WatchCommand};
+use crate::cli::{Cli, Command, KafkaCommand, WatchCommand};
 use crate::progress::Reporter;
 
 // Parsing allocates and frees many small objects across the pipeline's threads: mimalloc's
@@ -69,6 +69,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve { grpc } => serve(store, &config, grpc, Mode::Serve)?,
         Command::Run { grpc } => serve(store, &config, grpc, Mode::Run)?,
         Command::Status => status(&store, &config)?,
+        Command::Kafka {
+            command: KafkaCommand::Export { from, to, topic },
+        } => commands::kafka_export(&store, &config, from, to, topic)?,
     }
     Ok(())
 }
