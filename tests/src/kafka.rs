@@ -18,18 +18,33 @@ pub struct Broker {
     _dir: tempfile::TempDir,
 }
 
-/// Where scripts/setup.sh installs Tansu: `<target>/tools/kafka-venv/...`, or `TANSU_BIN`.
+/// The venv scripts/setup.sh installs the Kafka tools into: `<target>/tools/kafka-venv`.
+fn kafka_venv() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    // target/<profile>/deps/<test> -> target
+    exe.ancestors()
+        .nth(3)
+        .expect("tests run from target/<profile>/deps")
+        .join("tools/kafka-venv")
+}
+
+/// The venv's Python, with confluent-kafka and grpcio-tools (for the consumer example).
+pub fn venv_python() -> PathBuf {
+    let python = kafka_venv().join("bin/python");
+    assert!(
+        python.is_file(),
+        "no Python venv with confluent-kafka at {}: run `bash scripts/setup.sh`",
+        python.display()
+    );
+    python
+}
+
+/// Where scripts/setup.sh installs Tansu (in the venv), or `TANSU_BIN`.
 pub fn tansu_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("TANSU_BIN") {
         return PathBuf::from(bin);
     }
-    let exe = std::env::current_exe().expect("the test knows its own path");
-    // target/<profile>/deps/<test> -> target
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .expect("tests run from target/<profile>/deps");
-    let lib = target.join("tools/kafka-venv/lib");
+    let lib = kafka_venv().join("lib");
     let found = std::fs::read_dir(&lib).ok().and_then(|pythons| {
         pythons
             .flatten()

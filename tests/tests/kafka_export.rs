@@ -100,21 +100,7 @@ fn assert_is_the_log(records: &[Received], log: &[pb::Event], log_id: &str, netw
             }
         }
     }
-    // Every event, and each transfer event for each of its wallets.
-    let expected: BTreeSet<(u64, Option<String>)> = log
-        .iter()
-        .flat_map(|e| {
-            if e.wallets.is_empty() {
-                vec![(e.offset, None)]
-            } else {
-                e.wallets
-                    .iter()
-                    .map(|w| (e.offset, Some(w.clone())))
-                    .collect()
-            }
-        })
-        .collect();
-    assert_eq!(seen, expected);
+    assert_eq!(seen, expected_once(log));
     // In log order within each key: each key lives in one partition.
     let mut by_key: BTreeMap<&str, Vec<(i32, i64, u64)>> = BTreeMap::new();
     for r in records {
@@ -241,4 +227,64 @@ fn every_event_reaches_the_topic_once_per_wallet_through_a_reorg_and_a_restart()
         summary(replayed.iter().collect()),
         summary(records.iter().filter(in_range).collect())
     );
+
+    // Replayed into the topic itself, every record arrives twice; the Python example
+    // consumer's dedup rule applies each (offset, wallet) once.
+    let out = std::process::Command::new(system_tests::harness::workspace_binary("indexer"))
+        .args(["--db", db.path().to_str().unwrap(), "--network", "regtest"])
+        .args(["--kafka-brokers", &broker.bootstrap(), "kafka", "export"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/python/kafka_consumer.py");
+    let out = std::process::Command::new(system_tests::kafka::venv_python())
+        .arg(example)
+        .args(["--brokers", &broker.bootstrap(), "--topic", TOPIC])
+        .args(["--idle-secs", "5"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (summary, applied) = lines.split_last().unwrap();
+    let applied: BTreeSet<(u64, Option<String>)> = applied
+        .iter()
+        .map(|e| {
+            (
+                e["log_offset"].as_u64().unwrap(),
+                e["wallet"].as_str().map(str::to_owned),
+            )
+        })
+        .collect();
+    assert_eq!(applied, expected_once(&log));
+    assert_eq!(summary["applied"].as_u64(), Some(records.len() as u64));
+    assert_eq!(summary["skipped"].as_u64(), Some(records.len() as u64));
+}
+
+/// Each event once, and each transfer event once for each of its wallets.
+fn expected_once(log: &[pb::Event]) -> BTreeSet<(u64, Option<String>)> {
+    log.iter()
+        .flat_map(|e| {
+            if e.wallets.is_empty() {
+                vec![(e.offset, None)]
+            } else {
+                e.wallets
+                    .iter()
+                    .map(|w| (e.offset, Some(w.clone())))
+                    .collect()
+            }
+        })
+        .collect()
 }
