@@ -8,14 +8,15 @@
 //!                     rayon    bloom +   UTXOs,   one batch:
 //!                              exact     balances data + undo + tip + events
 //!                                                           │
-//!   gRPC (grpc, query, event_feed) ◀── reads snapshots ─────┘
+//!   gRPC (grpc, query, event_feed) ◀── reads snapshots ─────┤
+//!   Kafka (kafka: exporter thread) ◀── tails the event log ─┘
 //! ```
 //!
 //! Modules by layer; each imports only from the layers below it:
 //! - serving: [`grpc`] serves `indexer.v1.Indexer` ([`convert`] between queries and
 //!   messages, [`event_feed`] reading the event log once for every subscriber,
 //!   [`serve_priority`] keeping serving out of indexing's way); [`query`] answers balance
-//!   and UTXO queries from one snapshot;
+//!   and UTXO queries from one snapshot; [`kafka`] exports the event log to a topic;
 //! - driving: [`follow`] keeps the index on bitcoind's best chain (over the `bitcoind`
 //!   crate, [`zmq_feed`] and [`fetch`]); [`rescan`] indexes bitcoind's block files;
 //!   [`add_watch`] takes `AddWatch` requests and [`backfill`] indexes new scripts' history;
