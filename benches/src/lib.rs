@@ -14,6 +14,8 @@
 //! - `subscribe_bench`: a rescan with and without 100 live event subscribers.
 //! - `query_bench`: gRPC queries under 64 clients against a health check.
 //! - `withdraw_bench`: withdrawals end to end against synced RocksDB writes.
+//! - `kafka_export_bench`: the Kafka exporter against the log's writer, and commit ->
+//!   consumer latency at the tip, on the broker the tests use.
 
 pub mod mix;
 pub mod rss;

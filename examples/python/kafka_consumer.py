@@ -2,7 +2,8 @@
 """Example consumer of the indexer's event log on Kafka (docs/kafka.md), with
 confluent-kafka: decodes each record's indexer.v1.Event and applies it once.
 
-The dedup rule every consumer applies: records of one key arrive in log order, so a
+Records without a `log_offset` header mark where an exported chunk ends (the exporter
+reads its position from them) and are skipped. The dedup rule every consumer applies: records of one key arrive in log order, so a
 record whose (log_id, log_offset) is not above the last one applied for its key is a
 repeat (a retried or aborted transaction, which some brokers deliver, or a replay into the
 same topic) and is skipped. A real consumer stores the last applied offset per key with the
@@ -59,6 +60,8 @@ def main():
                 sys.exit(f"kafka: {msg.error()}")
             idle = 0.0
             headers = {k: v.decode() for k, v in (msg.headers() or [])}
+            if "log_offset" not in headers:
+                continue  # the marker ending an exported chunk: not an event
             key = msg.key().decode()
             position = (headers["log_id"], int(headers["log_offset"]))
             seen = last.get(key)

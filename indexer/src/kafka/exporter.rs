@@ -14,7 +14,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use tracing::{error, info, warn};
 
-use super::record::{records, Record};
+use super::record::{marker, records, Record};
 use super::{position, ExportError};
 use crate::config::KafkaConfig;
 use crate::metrics::KafkaMetrics;
@@ -22,7 +22,7 @@ use crate::query::{Query, QueryError};
 use crate::store::{Reader, Store};
 
 /// Events read and produced in one transaction, at most.
-const CHUNK: usize = 1_000;
+const CHUNK: usize = 10_000;
 /// How long a transaction's calls may take.
 const REQUEST: Duration = Duration::from_secs(30);
 /// How often the log is looked at when nothing new was exported.
@@ -30,8 +30,14 @@ const IDLE: Duration = Duration::from_millis(20);
 /// Longest wait between attempts when the broker fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Queues one record for `topic`, waiting while the client's queue is full.
-fn send(producer: &BaseProducer, topic: &str, r: &Record) -> Result<(), KafkaError> {
+/// Queues one record for `topic` (in `partition`, or where its key goes), waiting while
+/// the client's queue is full.
+fn send(
+    producer: &BaseProducer,
+    topic: &str,
+    partition: Option<i32>,
+    r: &Record,
+) -> Result<(), KafkaError> {
     let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
     for (key, value) in &r.headers {
         headers = headers.insert(Header {
@@ -39,10 +45,13 @@ fn send(producer: &BaseProducer, topic: &str, r: &Record) -> Result<(), KafkaErr
             value: Some(value.as_bytes()),
         });
     }
-    let mut record = BaseRecord::to(topic)
-        .key(&r.key)
-        .payload(&r.value)
-        .headers(headers);
+    let mut record = BaseRecord::to(topic).payload(&r.value).headers(headers);
+    if !r.key.is_empty() {
+        record = record.key(&r.key);
+    }
+    if let Some(p) = partition {
+        record = record.partition(p);
+    }
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
@@ -89,7 +98,7 @@ pub fn replay(
         };
         for (offset, event) in events.into_iter().take_while(|(o, _)| *o < end) {
             for r in records(&log_id, network.to_core_arg(), offset, event, &names) {
-                send(&producer, topic, &r)?;
+                send(&producer, topic, None, &r)?;
                 produced += 1;
             }
         }
@@ -244,12 +253,27 @@ impl Exporter {
             return Ok(from);
         };
         let network = self.network.to_core_arg();
+        let topic = &self.config.topic;
         producer.begin_transaction()?;
-        let sent = events.into_iter().try_for_each(|(offset, event)| {
-            records(log_id, network, offset, event, &names)
-                .iter()
-                .try_for_each(|r| send(producer, &self.config.topic, r))
-        });
+        let sent = events
+            .into_iter()
+            .try_for_each(|(offset, event)| {
+                records(log_id, network, offset, event, &names)
+                    .iter()
+                    .try_for_each(|r| send(producer, topic, None, r))
+            })
+            .and_then(|()| {
+                // The chunk's end in every partition (after its records: the topic may
+                // only now exist), where the next session reads its position.
+                let partitions =
+                    position::partitions(producer.client(), topic).map_err(|e| match e {
+                        ExportError::Kafka(k) => k,
+                        other => KafkaError::Subscription(other.to_string()),
+                    })?;
+                partitions
+                    .into_iter()
+                    .try_for_each(|p| send(producer, topic, Some(p), &marker(log_id, next)))
+            });
         match sent.and_then(|()| producer.commit_transaction(REQUEST)) {
             Ok(()) => Ok(next),
             Err(e) => {

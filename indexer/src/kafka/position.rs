@@ -1,19 +1,25 @@
-//! Where a previous export stopped, read back from the topic itself: the highest
-//! `log_offset` of this log's committed records, over every partition.
+//! Where a previous export stopped, read back from the topic itself.
+//!
+//! Each chunk ends with a marker record in every partition (`exported_to`: every event
+//! below it is on the topic). The position is the lowest last marker over the partitions:
+//! a chunk cut short by a crash left its marker in some partitions at most, so it is
+//! exported again rather than skipped. That holds on a broker that delivers aborted
+//! transactions too (Tansu does); consumers drop the repeats by the dedup rule.
 //!
 //! Brokers do not all answer "latest" alike (Tansu answers the base offset of the last
-//! batch plus one, not the end), so the last record of a partition is found by reading from
-//! just below that answer to the partition's end, stepping further back when the tail holds
-//! no record of this log (transaction markers, another log's records).
+//! batch plus one, not the end), so the last marker of a partition is found by reading from
+//! just below that answer to the partition's end, stepping further back when the tail
+//! holds none (transaction markers, another log's records).
 
 use std::time::{Duration, Instant};
 
+use rdkafka::client::{Client, ClientContext};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::record::log_offset;
+use super::record::{header_of, EXPORTED_TO};
 use super::ExportError;
 
 /// How long one metadata or watermark request may take.
@@ -21,26 +27,33 @@ const REQUEST: Duration = Duration::from_secs(10);
 /// How long reading one partition's tail may take.
 const TAIL: Duration = Duration::from_secs(30);
 
-/// The offset after the last event of log `log_id` on `topic` (`0`: none there).
-pub fn next_offset(consumer: &BaseConsumer, topic: &str, log_id: &str) -> Result<u64, ExportError> {
-    let metadata = consumer.fetch_metadata(Some(topic), REQUEST)?;
-    let partitions: Vec<i32> = metadata
+/// The partitions of `topic` (none when it does not exist yet).
+pub fn partitions<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+) -> Result<Vec<i32>, ExportError> {
+    let metadata = client.fetch_metadata(Some(topic), REQUEST)?;
+    Ok(metadata
         .topics()
         .iter()
         .filter(|t| t.name() == topic)
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut next = 0;
-    for p in partitions {
-        if let Some(last) = last_in_partition(consumer, topic, p, log_id)? {
-            next = next.max(last + 1);
-        }
-    }
-    Ok(next)
+        .collect())
 }
 
-/// The highest `log_offset` of log `log_id` in partition `p`.
-fn last_in_partition(
+/// The offset below which every event of log `log_id` is on `topic` (`0`: none known).
+pub fn next_offset(consumer: &BaseConsumer, topic: &str, log_id: &str) -> Result<u64, ExportError> {
+    let mut next: Option<u64> = None;
+    for p in partitions(consumer.client(), topic)? {
+        // A partition without a marker (a new topic, or one grown since): start over.
+        let last = last_marker(consumer, topic, p, log_id)?.unwrap_or(0);
+        next = Some(next.map_or(last, |n| n.min(last)));
+    }
+    Ok(next.unwrap_or(0))
+}
+
+/// The last `exported_to` of log `log_id` in partition `p`.
+fn last_marker(
     consumer: &BaseConsumer,
     topic: &str,
     p: i32,
@@ -53,7 +66,7 @@ fn last_in_partition(
         if start >= high {
             return Ok(None);
         }
-        if let Some(found) = highest_from(consumer, topic, p, start, log_id)? {
+        if let Some(found) = last_from(consumer, topic, p, start, log_id)? {
             return Ok(Some(found));
         }
         if start == low {
@@ -63,8 +76,8 @@ fn last_in_partition(
     }
 }
 
-/// The highest `log_offset` of log `log_id` from `start` to the partition's end.
-fn highest_from(
+/// The last `exported_to` of log `log_id` from `start` to the partition's end.
+fn last_from(
     consumer: &BaseConsumer,
     topic: &str,
     p: i32,
@@ -74,7 +87,7 @@ fn highest_from(
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(topic, p, Offset::Offset(start))?;
     consumer.assign(&assignment)?;
-    let mut highest = None;
+    let mut last = None;
     let until = Instant::now() + TAIL;
     let result = loop {
         if Instant::now() > until {
@@ -82,17 +95,18 @@ fn highest_from(
         }
         match consumer.poll(Duration::from_millis(200)) {
             None => continue,
-            Some(Err(KafkaError::PartitionEOF(_))) => break Ok(highest),
+            Some(Err(KafkaError::PartitionEOF(_))) => break Ok(last),
             Some(Err(e)) => break Err(e.into()),
             Some(Ok(m)) => {
                 let found = m.headers().and_then(|h| {
-                    log_offset(
+                    header_of(
                         log_id,
+                        EXPORTED_TO,
                         h.iter().map(|h| (h.key, h.value.unwrap_or_default())),
                     )
                 });
-                if found > highest {
-                    highest = found;
+                if found.is_some() {
+                    last = found;
                 }
             }
         }

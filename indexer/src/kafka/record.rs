@@ -67,21 +67,38 @@ pub fn records(
         .collect()
 }
 
-/// The `log_offset` of a record of log `log_id`, from its headers (`None`: another log's,
-/// or not an exported event).
-pub fn log_offset<'a>(
+/// The header of a chunk's end marker: every event below it is on the topic.
+pub const EXPORTED_TO: &str = "exported_to";
+
+/// The marker that ends a chunk, one per partition: no key, no value, headers `log_id` and
+/// `exported_to`. Consumers skip records without `log_offset`.
+pub fn marker(log_id: &str, next: u64) -> Record {
+    Record {
+        key: String::new(),
+        value: Vec::new(),
+        headers: vec![
+            ("log_id", log_id.to_owned()),
+            (EXPORTED_TO, next.to_string()),
+        ],
+    }
+}
+
+/// The value of header `name` of a record of log `log_id` (`None`: another log's record,
+/// or no such header).
+pub fn header_of<'a>(
     log_id: &str,
-    mut headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+    name: &str,
+    headers: impl Iterator<Item = (&'a str, &'a [u8])>,
 ) -> Option<u64> {
-    let (mut ours, mut offset) = (false, None);
-    for (key, value) in headers.by_ref() {
-        match key {
-            "log_id" => ours = value == log_id.as_bytes(),
-            "log_offset" => offset = std::str::from_utf8(value).ok()?.parse().ok(),
-            _ => {}
+    let (mut ours, mut value) = (false, None);
+    for (key, v) in headers {
+        if key == "log_id" {
+            ours = v == log_id.as_bytes();
+        } else if key == name {
+            value = std::str::from_utf8(v).ok()?.parse().ok();
         }
     }
-    offset.filter(|_| ours)
+    value.filter(|_| ours)
 }
 
 #[cfg(test)]
@@ -122,8 +139,12 @@ mod tests {
         assert_eq!(header(0, "kind").as_deref(), Some("3"));
         assert_eq!(header(1, "wallet").as_deref(), Some("cold"));
         let headers = r[1].headers.iter().map(|(k, v)| (*k, v.as_bytes()));
-        assert_eq!(log_offset("L", headers.clone()), Some(41));
-        assert_eq!(log_offset("other log", headers), None);
+        assert_eq!(header_of("L", "log_offset", headers.clone()), Some(41));
+        assert_eq!(header_of("other log", "log_offset", headers), None);
+        let m = marker("L", 42);
+        let headers = m.headers.iter().map(|(k, v)| (*k, v.as_bytes()));
+        assert_eq!(header_of("L", EXPORTED_TO, headers.clone()), Some(42));
+        assert_eq!(header_of("L", "log_offset", headers), None);
     }
 
     #[test]
