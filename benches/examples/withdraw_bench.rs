@@ -61,7 +61,7 @@ fn main() -> Result<()> {
     let store = Arc::new(SagaStore::open(&dir.path().join("sagas"))?);
     let executor = Executor::new(
         store.clone(),
-        orchestrator::upstream::open_client(served.channel.clone()),
+        orchestrator::indexer_client::open_client(served.channel.clone()),
         Arc::new(node.daemon(false)),
         Arc::new(KeyFileSigner::open(&keyed.key_file, Network::Regtest)?),
         Network::Regtest,

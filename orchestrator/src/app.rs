@@ -14,10 +14,10 @@ use service::grpc_latency::GrpcLatency;
 use crate::config::Config;
 use crate::executor::{Boundaries, Executor};
 use crate::grpc::WithdrawalService;
+use crate::indexer_client::{self, LinkError};
 use crate::metrics::OrchestratorProbe;
 use crate::signer::{KeyFileSigner, SignError, Signer};
 use crate::store::{SagaStore, SagaStoreError};
-use crate::upstream::{self, LinkError};
 
 /// Why the service could not start or ended with an error.
 #[derive(Debug, thiserror::Error)]
@@ -128,8 +128,8 @@ pub fn run(
     }
     let runtime = tokio::runtime::Runtime::new().map_err(io("starting the async runtime"))?;
     runtime.block_on(async {
-        let channel = upstream::channel(&config.indexer, config.indexer_ca_file.as_deref())?;
-        let indexer = upstream::client(channel, config.indexer_token_file.as_deref())?;
+        let channel = indexer_client::channel(&config.indexer, config.indexer_ca_file.as_deref())?;
+        let indexer = indexer_client::client(channel, config.indexer_token_file.as_deref())?;
         wait_for_indexer(indexer.clone(), &config.indexer, config.startup_wait).await?;
         let mut executor = Executor::new(
             store.clone(),
@@ -213,7 +213,7 @@ pub async fn terminated() {
 
 /// Waits at start until the indexer answers GetTip; one that never does is misconfigured.
 async fn wait_for_indexer(
-    mut client: upstream::Indexer,
+    mut client: indexer_client::Indexer,
     url: &str,
     wait: Duration,
 ) -> Result<(), AppError> {

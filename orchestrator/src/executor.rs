@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::upstream::{self, Indexer};
+use crate::indexer_client::{self, Indexer};
 use bitcoin::absolute::LockTime;
 use bitcoin::consensus::serialize;
 use bitcoin::hex::DisplayHex;
@@ -693,7 +693,7 @@ impl Executor {
     async fn confirmed_in_index(&mut self, w: &Withdrawal) -> Result<Option<u32>, StepError> {
         for attempt in w.attempts.iter().rev() {
             if let Some(height) =
-                upstream::confirmed_height(&mut self.indexer, &attempt.txid).await?
+                indexer_client::confirmed_height(&mut self.indexer, &attempt.txid).await?
             {
                 return Ok(Some(height));
             }

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::upstream::{self, Indexer};
+use crate::indexer_client::{self, Indexer};
 use bitcoin::Txid;
 use proto::indexer::v1 as ipb;
 use tonic::Code;
@@ -222,7 +222,7 @@ impl Monitor {
             ..Observation::default()
         };
         for txid in self.store.watched_txids()? {
-            let height = upstream::confirmed_height(&mut self.indexer, &txid).await?;
+            let height = indexer_client::confirmed_height(&mut self.indexer, &txid).await?;
             // Read after the tip: a block above it that confirms a watched txid means
             // the tip was at least there.
             if let Some(h) = height {

@@ -114,7 +114,7 @@ impl World {
     ) {
         let mut executor = Executor::new(
             self.store.clone(),
-            orchestrator::upstream::open_client(indexer),
+            orchestrator::indexer_client::open_client(indexer),
             Arc::new(self.node.daemon(false)),
             Arc::new(KeyFileSigner::open(&self.key_file, Network::Regtest).unwrap()),
             Network::Regtest,
