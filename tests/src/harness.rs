@@ -185,6 +185,16 @@ pub fn write_secret(path: impl AsRef<Path>, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
+/// The output script of regtest address `address`.
+pub fn script_of(address: &str) -> ScriptBuf {
+    address
+        .parse::<bitcoin::Address<_>>()
+        .unwrap()
+        .require_network(Network::Regtest)
+        .unwrap()
+        .script_pubkey()
+}
+
 /// A binary of this workspace, built beside the running test (`target/<profile>/<name>`):
 /// tests of this crate run another package's binaries, which `CARGO_BIN_EXE_*` does not name.
 pub fn workspace_binary(name: &str) -> PathBuf {

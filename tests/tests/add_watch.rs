@@ -6,31 +6,22 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use bitcoin::{Address, Network, ScriptBuf};
+use bitcoin::{Network, ScriptBuf};
 use indexer::config::Settings;
 use indexer::follow::FollowOptions;
 use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use serde_json::json;
 use service::auth::BearerToken;
-use system_tests::harness::TestWallet;
+use system_tests::harness::{script_of, TestWallet};
 use system_tests::live::{fresh_digest, Devnet, Following, Indexer};
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 const TOKEN: &str = "s3cret-token-of-32-characters-xy";
 const WAIT: Duration = Duration::from_secs(30);
-
-fn script(address: &str) -> ScriptBuf {
-    Address::from_str(address)
-        .unwrap()
-        .require_network(Network::Regtest)
-        .unwrap()
-        .script_pubkey()
-}
 
 /// Puts the bearer token on a request.
 fn authorized<T>(mut req: tonic::Request<T>, token: &str) -> tonic::Request<T> {
@@ -126,7 +117,7 @@ fn with_token(node: &Devnet, db: &std::path::Path) -> Settings {
 fn follow_hot(node: &Devnet, hot: &str) -> (Vec<TestWallet>, tempfile::TempDir, Indexer) {
     let wallets = vec![TestWallet {
         name: "hot".into(),
-        scripts: BTreeSet::from([script(hot)]),
+        scripts: BTreeSet::from([script_of(hot)]),
     }];
     let db = tempfile::tempdir().unwrap();
     let f = Indexer::start(with_token(node, db.path()), &wallets);
@@ -182,6 +173,32 @@ fn synced(
     (store, daemon, follower)
 }
 
+/// `job`'s scripts indexed into its scratch database up to `store`'s tip, as a backfill
+/// does before its merge: the scratch database and its directory.
+fn index_scratch(
+    store: &indexer::store::Store,
+    daemon: &std::sync::Arc<bitcoind::Daemon>,
+    job: &indexer::backfill::Job,
+    scripts: &[ScriptBuf],
+) -> (indexer::store::Store, std::path::PathBuf) {
+    use indexer::store::Reader;
+    let (target, _) = store.tip().unwrap().unwrap();
+    let dir = indexer::backfill::scratch_dir(store, job.id);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scratch = indexer::backfill::index(
+        job,
+        scripts,
+        daemon.clone(),
+        &dir,
+        Network::Regtest,
+        target,
+        &stop,
+        &|_| {},
+    )
+    .unwrap();
+    (scratch, dir)
+}
+
 /// Asserts that `store` equals a fresh index of the node's blk files for `wallets`, a
 /// wallet `recovered` of `addresses`, then `later` (in the order they were created).
 fn assert_recovered_is_exact(
@@ -193,7 +210,7 @@ fn assert_recovered_is_exact(
 ) {
     wallets.push(TestWallet {
         name: "recovered".into(),
-        scripts: addresses.iter().map(|a| script(a)).collect(),
+        scripts: addresses.iter().map(|a| script_of(a)).collect(),
     });
     wallets.extend_from_slice(later);
     assert_eq!(
@@ -272,17 +289,17 @@ fn scripts_added_while_following_are_indexed_from_the_next_block_on() {
     assert!(f.wait_for(mined, WAIT));
     let b = api.wait_balance("deposits", |b| b.confirmed_sat > 0);
     assert_eq!((b.confirmed_sat, b.unconfirmed_sat), (80_000_000, 0));
-    let mut deposits = BTreeSet::from([script(&fresh)]);
+    let mut deposits = BTreeSet::from([script_of(&fresh)]);
 
     // More addresses added between blocks while the node keeps mining and paying them;
     // one is already watched by `hot`, so its coins count for both.
     let known = api.add(Some(TOKEN), "deposits", &[&hot], None).unwrap();
     assert_eq!((known.new_scripts, known.known_scripts), (0, 1));
-    deposits.insert(script(&hot));
+    deposits.insert(script_of(&hot));
     for i in 0..12 {
         let address = node.new_address(["bech32", "bech32m", "legacy", "p2sh-segwit"][i % 4]);
         api.add(Some(TOKEN), "deposits", &[&address], None).unwrap();
-        deposits.insert(script(&address));
+        deposits.insert(script_of(&address));
         node.call("sendtoaddress", json!([address, 0.01 * (i + 1) as f64]));
         if i % 3 == 2 {
             node.mine_to(1, &miner);
@@ -300,7 +317,7 @@ fn scripts_added_while_following_are_indexed_from_the_next_block_on() {
     });
     wallets.push(TestWallet {
         name: "early".into(),
-        scripts: BTreeSet::from([script(&early)]),
+        scripts: BTreeSet::from([script_of(&early)]),
     });
     let state = f.store.digest().unwrap();
     assert_eq!(state, fresh_digest(&node.blocks_dir(), &wallets));
@@ -438,7 +455,7 @@ fn history_below_the_tip_is_backfilled_while_following() {
     api.wait_balance("recovered", |b| b.height == node.best().0);
     let copy = TestWallet {
         name: "hot-copy".into(),
-        scripts: BTreeSet::from([script(&hot)]),
+        scripts: BTreeSet::from([script_of(&hot)]),
     };
     assert_recovered_is_exact(&f.store, &node, wallets_at_start, &descriptors, &[copy]);
 }
@@ -450,13 +467,11 @@ fn history_below_the_tip_is_backfilled_while_following() {
 fn a_backfill_overtaken_by_a_reorg_is_realigned_before_merging() {
     use indexer::backfill;
     use indexer::store::Reader;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
 
     let (node, miner, hot, old) = node_with_history(&["bech32m", "bech32m"], 2);
     let wallets_at_start = vec![TestWallet {
         name: "hot".into(),
-        scripts: BTreeSet::from([script(&hot)]),
+        scripts: BTreeSet::from([script_of(&hot)]),
     }];
     let db = tempfile::tempdir().unwrap();
     let (store, daemon, follower) = synced(&node, db.path(), &wallets_at_start);
@@ -467,21 +482,9 @@ fn a_backfill_overtaken_by_a_reorg_is_realigned_before_merging() {
     let job = backfill::record(&store, "recovered", &descriptors, 100, 20, &scripts).unwrap();
     assert_eq!(backfill::pending(&store).unwrap(), vec![job.clone()]);
     assert_eq!(job.scripts(), scripts);
-    let (target, _) = store.tip().unwrap().unwrap();
-    let dir = backfill::scratch_dir(&store, job.id);
-    let stop = Arc::new(AtomicBool::new(false));
-    let scratch = backfill::index(
-        &job,
-        &scripts,
-        daemon.clone(),
-        &dir,
-        Network::Regtest,
-        target,
-        &stop,
-        &|_| {},
-    )
-    .unwrap();
+    let (scratch, dir) = index_scratch(&store, &daemon, &job, &scripts);
     assert_eq!(scratch.tip().unwrap(), store.tip().unwrap());
+    let (target, _) = store.tip().unwrap().unwrap();
 
     // The node replaces the blocks since the second payment; the index follows.
     node.call(
@@ -512,9 +515,6 @@ fn a_backfill_overtaken_by_a_reorg_is_realigned_before_merging() {
 #[test]
 fn a_merge_counts_known_and_new_scripts_paid_in_one_block_both() {
     use indexer::backfill;
-    use indexer::store::Reader;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
 
     let node = Devnet::start(|c| c.filler_txs = 0);
     let miner = node.new_address("bech32");
@@ -529,29 +529,16 @@ fn a_merge_counts_known_and_new_scripts_paid_in_one_block_both() {
     node.mine_to(1, &miner);
     let wallets_at_start = vec![TestWallet {
         name: "hot".into(),
-        scripts: BTreeSet::from([script(&known)]),
+        scripts: BTreeSet::from([script_of(&known)]),
     }];
     let db = tempfile::tempdir().unwrap();
     let (store, daemon, _) = synced(&node, db.path(), &wallets_at_start);
 
     let descriptors = vec![new.clone(), known.clone()];
     let scripts = backfill::new_scripts(&store, Network::Regtest, &descriptors, 20).unwrap();
-    assert_eq!(scripts, vec![script(&new)]);
+    assert_eq!(scripts, vec![script_of(&new)]);
     let job = backfill::record(&store, "recovered", &descriptors, 100, 20, &scripts).unwrap();
-    let (target, _) = store.tip().unwrap().unwrap();
-    let dir = backfill::scratch_dir(&store, job.id);
-    let stop = Arc::new(AtomicBool::new(false));
-    let scratch = backfill::index(
-        &job,
-        &scripts,
-        daemon.clone(),
-        &dir,
-        Network::Regtest,
-        target,
-        &stop,
-        &|_| {},
-    )
-    .unwrap();
+    let (scratch, dir) = index_scratch(&store, &daemon, &job, &scripts);
     backfill::align(&scratch, &store, &daemon, &job).unwrap();
     backfill::merge(&store, &scratch, &job, Network::Regtest).unwrap();
     drop(scratch);
@@ -576,7 +563,7 @@ fn a_backfill_cut_short_by_a_crash_is_redone_at_the_next_start() {
     let db = tempfile::tempdir().unwrap();
     let wallets_at_start = vec![TestWallet {
         name: "hot".into(),
-        scripts: BTreeSet::from([script(&miner)]),
+        scripts: BTreeSet::from([script_of(&miner)]),
     }];
     let job = {
         let f = Following::start(
@@ -595,7 +582,7 @@ fn a_backfill_cut_short_by_a_crash_is_redone_at_the_next_start() {
             std::slice::from_ref(&old),
             101,
             20,
-            &[script(&old)],
+            &[script_of(&old)],
         )
         .unwrap();
         // What a crash leaves: a scratch database with some of the work in it.
@@ -612,7 +599,10 @@ fn a_backfill_cut_short_by_a_crash_is_redone_at_the_next_start() {
     let f = Indexer::resume(with_token(&node, db.path()), store);
     let api = Api { served: &f };
     let started = Instant::now();
-    while backfill::pending(&f.store).unwrap().contains(&job) {
+    // The merge forgets the job, then the scratch database is removed: wait for both.
+    while backfill::pending(&f.store).unwrap().contains(&job)
+        || backfill::scratch_dir(&f.store, job.id).exists()
+    {
         assert!(
             started.elapsed() < WAIT,
             "not redone: {:?}",

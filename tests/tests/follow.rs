@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bitcoin::{Address, ScriptBuf};
 use indexer::follow::FollowOptions;
 use indexer::serve_priority;
 use indexer::store::Reader;
@@ -31,17 +30,10 @@ use proto::indexer::v1 as pb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use system_tests::harness::TestWallet;
+use system_tests::harness::{script_of, TestWallet};
 use system_tests::live::{fresh_digest, Devnet, Following, Indexer};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn script(address: &str) -> ScriptBuf {
-    Address::from_str(address)
-        .unwrap()
-        .assume_checked()
-        .script_pubkey()
-}
 
 /// Node addresses of every kind, split into two wallets sharing one address.
 fn watched(node: &Devnet) -> (Vec<String>, Vec<TestWallet>) {
@@ -51,10 +43,10 @@ fn watched(node: &Devnet) -> (Vec<String>, Vec<TestWallet>) {
     let mut b = BTreeSet::new();
     for (i, addr) in addresses.iter().enumerate() {
         if i % 2 == 0 || i == 1 {
-            a.insert(script(addr));
+            a.insert(script_of(addr));
         }
         if i % 2 == 1 {
-            b.insert(script(addr));
+            b.insert(script_of(addr));
         }
     }
     let wallets = vec![
@@ -312,7 +304,7 @@ fn a_killed_and_restarted_node_with_a_new_cookie_is_followed_without_loss() {
         .to_owned();
     let wallets = vec![TestWallet {
         name: "hot".into(),
-        scripts: BTreeSet::from([script(&address)]),
+        scripts: BTreeSet::from([script_of(&address)]),
     }];
     call("generatetoaddress", json!([120, address]));
     let db = tempfile::tempdir().unwrap();
@@ -447,7 +439,7 @@ fn an_unexpected_rpc_error_for_a_mempool_transaction_does_not_stop_following() {
     node.mine_to(101, &miner);
     let wallets = vec![TestWallet {
         name: "hot".into(),
-        scripts: BTreeSet::from([script(&deposit)]),
+        scripts: BTreeSet::from([script_of(&deposit)]),
     }];
     let db = tempfile::tempdir().unwrap();
     let f = Following::caught_up(&node, db.path(), &wallets);

@@ -6,16 +6,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use bitcoin::Address;
 use indexer::config::{KafkaSettings, Settings};
 use indexer::store::{Reader, Store};
 use prost::Message;
 use proto::indexer::v1 as pb;
 use serde_json::json;
-use system_tests::harness::TestWallet;
+use system_tests::harness::{script_of, TestWallet};
 use system_tests::kafka::{Broker, Received};
 use system_tests::live::{Devnet, Indexer};
 
@@ -127,21 +125,15 @@ fn every_event_reaches_the_topic_once_per_wallet_through_a_reorg_and_a_restart()
     let miner = node.new_address("bech32");
     node.mine_to(101, &miner);
     let (hot, cold) = (node.new_address("bech32"), node.new_address("bech32m"));
-    let script = |a: &str| {
-        Address::from_str(a)
-            .unwrap()
-            .assume_checked()
-            .script_pubkey()
-    };
     let wallets = vec![
         TestWallet {
             name: "hot".into(),
-            scripts: BTreeSet::from([script(&hot)]),
+            scripts: BTreeSet::from([script_of(&hot)]),
         },
         TestWallet {
             name: "cold".into(),
             // Also hot's script: payments to it belong to both wallets.
-            scripts: BTreeSet::from([script(&cold), script(&hot)]),
+            scripts: BTreeSet::from([script_of(&cold), script_of(&hot)]),
         },
     ];
     let db = tempfile::tempdir().unwrap();
@@ -194,17 +186,11 @@ fn every_event_reaches_the_topic_once_per_wallet_through_a_reorg_and_a_restart()
     // `indexer kafka export` re-publishes a range to another topic: the same records.
     f.stop().unwrap();
     let (from, to) = (2u64, log.len() as u64 - 1);
-    let out = std::process::Command::new(system_tests::harness::workspace_binary("indexer"))
-        .args(["--db", db.path().to_str().unwrap(), "--network", "regtest"])
-        .args(["--kafka-brokers", &broker.bootstrap()])
-        .args(["kafka", "export", "--topic", "replayed"])
-        .args(["--from", &from.to_string(), "--to", &to.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (from_arg, to_arg) = (from.to_string(), to.to_string());
+    let stdout = kafka_export(
+        db.path(),
+        &broker,
+        &["--topic", "replayed", "--from", &from_arg, "--to", &to_arg],
     );
     let in_range = |r: &&Received| {
         let o: u64 = r.header("log_offset").unwrap().parse().unwrap();
@@ -220,7 +206,7 @@ fn every_event_reaches_the_topic_once_per_wallet_through_a_reorg_and_a_restart()
     };
     let replayed = events_of(broker.read_all("replayed"));
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        stdout.trim(),
         format!("exported\t{}\treplayed", replayed.len())
     );
     assert_eq!(
@@ -230,16 +216,7 @@ fn every_event_reaches_the_topic_once_per_wallet_through_a_reorg_and_a_restart()
 
     // Replayed into the topic itself, every record arrives twice; the Python example
     // consumer's dedup rule applies each (offset, wallet) once.
-    let out = std::process::Command::new(system_tests::harness::workspace_binary("indexer"))
-        .args(["--db", db.path().to_str().unwrap(), "--network", "regtest"])
-        .args(["--kafka-brokers", &broker.bootstrap(), "kafka", "export"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kafka_export(db.path(), &broker, &[]);
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/python/kafka_consumer.py");
     let out = std::process::Command::new(system_tests::kafka::venv_python())
@@ -271,6 +248,22 @@ fn every_event_reaches_the_topic_once_per_wallet_through_a_reorg_and_a_restart()
     assert_eq!(applied, expected_once(&log));
     assert_eq!(summary["applied"].as_u64(), Some(records.len() as u64));
     assert_eq!(summary["skipped"].as_u64(), Some(records.len() as u64));
+}
+
+/// `indexer kafka export ARGS` on the database at `db` to `broker`: its standard output.
+fn kafka_export(db: &std::path::Path, broker: &Broker, args: &[&str]) -> String {
+    let out = std::process::Command::new(system_tests::harness::workspace_binary("indexer"))
+        .args(["--db", db.to_str().unwrap(), "--network", "regtest"])
+        .args(["--kafka-brokers", &broker.bootstrap(), "kafka", "export"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The records of events: not the markers that end each exported chunk.

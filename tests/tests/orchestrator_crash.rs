@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use bitcoin::consensus::deserialize;
@@ -16,6 +15,7 @@ use proto::orchestrator::v1 as pb;
 use proto::orchestrator::v1::withdrawals_client::WithdrawalsClient;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+use system_tests::harness::script_of;
 use system_tests::live::{Devnet, Indexer, KeyedWallet};
 use tonic::metadata::MetadataValue;
 
@@ -176,13 +176,6 @@ impl Rig {
         assert!(self.served.wait_for(tip, Duration::from_secs(30)));
         self.served.payments(&self.node, "hot")
     }
-}
-
-fn script_of(address: &str) -> bitcoin::ScriptBuf {
-    Address::from_str(address)
-        .unwrap()
-        .assume_checked()
-        .script_pubkey()
 }
 
 #[test]

@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use orchestrator::store::SagaStore;
 use proto::indexer::v1 as ipb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use serde_json::json;
+use system_tests::harness::script_of;
 use system_tests::live::{Devnet, Indexer, KeyedWallet};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -167,13 +167,6 @@ impl World {
             .call("getrawtransaction", json!([txid.to_string()]));
         deserialize(&Vec::<u8>::from_hex(raw.as_str().unwrap()).unwrap()).unwrap()
     }
-}
-
-fn script_of(address: &str) -> bitcoin::ScriptBuf {
-    Address::from_str(address)
-        .unwrap()
-        .assume_checked()
-        .script_pubkey()
 }
 
 #[test]
