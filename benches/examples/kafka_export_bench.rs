@@ -176,6 +176,7 @@ fn main() -> Result<()> {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = exporter.join();
     latencies.sort();
+    anyhow::ensure!(!latencies.is_empty(), "no record reached the consumer");
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
     println!(
         "at the tip: {} events received of {} committed; commit -> consumer p50 {:?}, p99 {:?}",

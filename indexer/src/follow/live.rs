@@ -108,8 +108,12 @@ impl Follower {
                 .expect("spawn live pipeline");
             let exit = self.follow_notices(notices, blocks, &committed, &failed, tip);
             let ended = pipeline.join().expect("live pipeline panicked");
-            // The pipeline is gone: this thread writes the log again.
+            // The pipeline is gone: this thread writes the log again, starting with what a
+            // write stage that failed left unwritten.
             self.mempool.log_through(None);
+            for left in events.try_iter() {
+                self.mempool.append(&left)?;
+            }
             match ended {
                 // A block that failed its checks: bitcoind will tell the truth.
                 Err(e) => {

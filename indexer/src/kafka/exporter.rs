@@ -52,10 +52,14 @@ fn send(
     if let Some(p) = partition {
         record = record.partition(p);
     }
+    // Bounded: a dead broker must not hold up shutdown (the session then starts over).
+    let until = Instant::now() + REQUEST;
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                if Instant::now() < until =>
+            {
                 record = back;
                 producer.poll(Duration::from_millis(50));
             }
@@ -157,6 +161,8 @@ impl Exporter {
                 Err(e) if e.is_final() => {
                     error!(error = %e, topic = %self.config.topic, "kafka export stopped");
                     self.metrics.errors.inc();
+                    // Nothing will be exported: retention may prune again.
+                    self.store.hold_events_from(u64::MAX);
                     return Err(e);
                 }
                 Err(e) => {
@@ -211,6 +217,15 @@ impl Exporter {
             .create()?;
         let mut next = position::next_offset(&consumer, &self.config.topic, &log_id)?;
         drop(consumer);
+        let end = self.store.next_event()?;
+        if next > end {
+            // The topic holds offsets this log never wrote (a database restored from an
+            // older copy): exporting on would give new events offsets consumers have seen.
+            return Err(ExportError::Gap(QueryError::FutureOffset {
+                asked: next,
+                next: end,
+            }));
+        }
         info!(topic = %self.config.topic, from = next, "exporting the event log to kafka");
         self.exported(next);
         let mut behind_since: Option<Instant> = None;

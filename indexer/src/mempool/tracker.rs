@@ -231,16 +231,20 @@ impl Tracker {
             .collect();
         let writer = self.writer.lock().expect("writer lock is never poisoned");
         match writer.as_ref() {
-            // A pipeline that ended drops its receiver: its failure is reported by it, and
-            // the mempool is resynced when following resumes.
+            // The receiver outlives the pipeline: what its write stage did not append, the
+            // follower appends once the pipeline has ended (`append`).
             Some(w) => {
                 let _ = w.send(events);
+                Ok(())
             }
-            None => {
-                self.store
-                    .commit_with_events(Batch::default(), &events, self.retention, false)?;
-            }
+            None => self.append(&events),
         }
+    }
+
+    /// Appends `events` to the log on this thread (no live pipeline writes it now).
+    pub fn append(&self, events: &[Event]) -> Result<(), StoreError> {
+        self.store
+            .commit_with_events(Batch::default(), events, self.retention, false)?;
         Ok(())
     }
 }
