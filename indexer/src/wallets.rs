@@ -111,6 +111,9 @@ pub struct Prepared {
     /// not yet in `batch`: a caller that adds outputs of its own (a merged backfill) adds
     /// them here, since two writes of one aggregate would keep only the last.
     pub recent: RecentChanges,
+    /// Scripts no wallet watched before, with their `watch` records, ascending by id: left
+    /// out of `batch` for a bulk load to ingest as sorted tables (empty otherwise).
+    pub fresh: Vec<(ScriptId, Vec<u8>)>,
 }
 
 impl Prepared {
@@ -135,6 +138,30 @@ pub fn prepare(
     birth_height: Option<u32>,
     gap_limit: u32,
 ) -> Result<Prepared, WalletError> {
+    let to = WatchTarget {
+        network,
+        wallet,
+        birth_height,
+        gap_limit,
+    };
+    prepare_with(store, &to, descriptors, None)
+}
+
+/// [`prepare`]; with `bulk`, a filter holding every watched script, only the scripts it
+/// may hold are looked up (a load of millions of new scripts reads almost nothing) and
+/// the new ones are returned in [`Prepared::fresh`] instead of the batch.
+fn prepare_with(
+    store: &Store,
+    to: &WatchTarget<'_>,
+    descriptors: &[String],
+    bulk: Option<&ScriptFilter>,
+) -> Result<Prepared, WalletError> {
+    let WatchTarget {
+        network,
+        wallet,
+        birth_height,
+        gap_limit,
+    } = *to;
     if !valid_name(wallet) {
         return Err(WalletError::Name(wallet.to_string()));
     }
@@ -248,15 +275,39 @@ pub fn prepare(
         .collect();
     scripts.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
     scripts.dedup_by(|a, b| a.0 == b.0);
-    let keys: Vec<&[u8]> = scripts.iter().map(|(sid, _)| &sid.0[..]).collect();
-    let existing = store.multi_get(Cf::Watch, &keys)?;
+    let existing = match bulk {
+        None => {
+            let keys: Vec<&[u8]> = scripts.iter().map(|(sid, _)| &sid.0[..]).collect();
+            store.multi_get(Cf::Watch, &keys)?
+        }
+        Some(filter) => {
+            let maybe: Vec<bool> = scripts
+                .par_iter()
+                .map(|(_, s)| filter.may_contain(s.as_bytes()))
+                .collect();
+            let keys: Vec<&[u8]> = scripts
+                .iter()
+                .zip(&maybe)
+                .filter(|(_, m)| **m)
+                .map(|((sid, _), _)| &sid.0[..])
+                .collect();
+            let mut found = store.multi_get(Cf::Watch, &keys)?.into_iter();
+            maybe
+                .iter()
+                .map(|m| if *m { found.next().flatten() } else { None })
+                .collect()
+        }
+    };
 
     let mut wallet_balance = store.wallet_balance(id)?;
     let (mut new_scripts, mut known_scripts) = (0, 0);
     // Scripts other wallets already watch: their indexed history now belongs here too.
     let mut joined = BTreeSet::new();
     let mut watch_puts = Vec::with_capacity(scripts.len());
+    let mut fresh = Vec::new();
+    let mut watched = Vec::with_capacity(scripts.len());
     for ((sid, script), old) in scripts.iter().zip(existing) {
+        let is_new = old.is_none();
         let mut rec = match old {
             Some(v) => schema::decode_watch(&v).map_err(StoreError::from)?,
             None => WatchRecord {
@@ -281,12 +332,17 @@ pub fn prepare(
             wallet_balance.utxo_count += b.utxo_count;
         }
         rec.wallets.insert(pos, id);
-        watch_puts.push((*sid, schema::encode_watch(&rec), rec.script));
+        if is_new && bulk.is_some() {
+            fresh.push((*sid, schema::encode_watch(&rec)));
+        } else {
+            watch_puts.push((*sid, schema::encode_watch(&rec)));
+        }
+        watched.push(rec.script);
     }
-    for (sid, value, _) in &watch_puts {
+    for (sid, value) in &watch_puts {
         batch.put(store, Cf::Watch, &sid.0, value);
     }
-    for (sid, _, _) in &watch_puts {
+    for (sid, _) in &watch_puts {
         batch.put(
             store,
             Cf::WalletScripts,
@@ -333,11 +389,9 @@ pub fn prepare(
             known_scripts,
         },
         wallet_balance,
-        watched: watch_puts
-            .into_iter()
-            .map(|(_, _, script)| script)
-            .collect(),
+        watched,
         recent,
+        fresh,
     })
 }
 
@@ -355,29 +409,32 @@ pub struct WatchTarget<'a> {
 }
 
 /// Descriptors read per committed chunk by [`add_lines`].
-pub const CHUNK: usize = 100_000;
+pub const CHUNK: usize = 250_000;
+
+/// New scripts in a chunk from which [`add_lines`] ingests them as sorted tables rather
+/// than writing them through the memtable (a table file per family per chunk).
+const MIN_INGEST: usize = 10_000;
 
 /// Watches the descriptors of `lines` (one per line; blank lines and `#` comments
-/// skipped) under `wallet`, [`CHUNK`] lines per committed batch, so that millions of
-/// scripts stream through in bounded memory. Chunks are committed without the
-/// write-ahead log and flushed to disk together at the end (the next process to open the
-/// database replays nothing) and, for a large load, compacted: a run cut short loses the
-/// chunks not yet flushed, and is completed by running it again (scripts the wallet
-/// watches already are skipped). The new scripts go into `filter` when one is given.
-/// `on_chunk` hears the running totals.
+/// skipped) under `wallet`, [`CHUNK`] lines per committed chunk, so that millions of
+/// scripts stream through in bounded memory; `filter` holds every watched script and gets
+/// the new ones. `on_chunk` hears the running totals.
+///
+/// Built for millions of new scripts: only the scripts `filter` may hold are looked up,
+/// and a chunk's new scripts are ingested as sorted table files instead of going through
+/// the memtable. Each chunk is durable when the next starts: first its batch (the wallet,
+/// the descriptor record, scripts other wallets watch, balances), synced, then its new
+/// scripts' wallet listing, then their watch records, which make them watched. A run cut
+/// short is completed by running it again (scripts the wallet watches already are
+/// skipped). A large load is compacted at the end, so that the rescan that follows does
+/// not pay for it.
 pub fn add_lines(
     store: &Store,
     to: &WatchTarget<'_>,
     lines: impl Iterator<Item = std::io::Result<String>>,
-    filter: Option<&ScriptFilter>,
+    filter: &ScriptFilter,
     on_chunk: &dyn Fn(&Added),
 ) -> Result<Added, AddLinesError> {
-    let WatchTarget {
-        network,
-        wallet,
-        birth_height,
-        gap_limit,
-    } = *to;
     let mut total: Option<Added> = None;
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut lines = lines.peekable();
@@ -396,13 +453,10 @@ pub fn add_lines(
         if chunk.is_empty() {
             break;
         }
-        let mut prepared = prepare(store, network, wallet, &chunk, birth_height, gap_limit)?;
-        let writes = prepared.writes(store).map_err(WalletError::from)?;
-        store.commit_unlogged(writes).map_err(WalletError::from)?;
-        if let Some(f) = filter {
-            for script in &prepared.watched {
-                f.insert(script.as_bytes());
-            }
+        let mut prepared = prepare_with(store, to, &chunk, Some(filter))?;
+        commit_chunk(store, &mut prepared).map_err(WalletError::from)?;
+        for script in &prepared.watched {
+            filter.insert(script.as_bytes());
         }
         let t = total.get_or_insert(Added {
             wallet: prepared.added.wallet,
@@ -414,15 +468,51 @@ pub fn add_lines(
         on_chunk(t);
     }
     let total = total.ok_or(AddLinesError::Wallet(WalletError::Empty))?;
+    // The next process to open the database replays no log.
     store.flush_all().map_err(WalletError::from)?;
     if total.new_scripts + total.known_scripts >= CHUNK {
         // A bulk load of random script ids leaves a long compaction behind; done now, it
         // is not paid by the rescan that follows.
-        for cf in [Cf::Watch, Cf::WalletScripts] {
-            store.compact(cf);
-        }
+        // The two families side by side: one compaction is one thread.
+        std::thread::scope(|s| {
+            for cf in [Cf::Watch, Cf::WalletScripts] {
+                s.spawn(move || store.compact(cf));
+            }
+        });
     }
     Ok(total)
+}
+
+/// Commits one chunk of [`add_lines`] in the order that keeps a crash between steps
+/// harmless (see there).
+fn commit_chunk(store: &Store, prepared: &mut Prepared) -> Result<(), StoreError> {
+    let id = prepared.added.wallet;
+    let fresh = std::mem::take(&mut prepared.fresh);
+    let mut batch = prepared.writes(store)?;
+    if fresh.len() < MIN_INGEST {
+        for (sid, value) in &fresh {
+            batch.put(store, Cf::Watch, &sid.0, value);
+            batch.put(
+                store,
+                Cf::WalletScripts,
+                &schema::wallet_script_key(id, sid),
+                &[],
+            );
+        }
+        return store.commit(batch, false);
+    }
+    // Synced: the tables ingested next are durable at once, and must never outlive the
+    // wallet they name.
+    store.commit(batch, true)?;
+    let listed: Vec<[u8; 36]> = fresh
+        .iter()
+        .map(|(sid, _)| schema::wallet_script_key(id, sid))
+        .collect();
+    store.ingest_sorted(Cf::WalletScripts, listed.iter().map(|k| (&k[..], &[][..])))?;
+    store.ingest_sorted(
+        Cf::Watch,
+        fresh.iter().map(|(sid, value)| (&sid.0[..], &value[..])),
+    )
 }
 
 /// Why [`add_lines`] stopped (the chunks before it are committed).
@@ -560,6 +650,66 @@ mod tests {
     }
 
     #[test]
+    fn a_bulk_load_across_chunks_counts_repeats_and_shared_scripts_once_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = WatchTarget {
+            network: Network::Regtest,
+            wallet: "deposits",
+            birth_height: None,
+            gap_limit: 20,
+        };
+        let total = CHUNK as u32 + 50_000;
+        {
+            let store = Store::open(dir.path(), Network::Regtest).unwrap();
+            // Another wallet watches 1,000 of them already (they are looked up, not
+            // ingested), and the second chunk repeats five of the first.
+            let shared: Vec<String> = (0..1000).map(|n| raw(n * 7)).collect();
+            add(&store, Network::Regtest, "hot", &shared, None, 20).unwrap();
+            let filter = load_filter(&store, 400_000, 1e-3).unwrap();
+            let lines = (0..total)
+                .map(raw)
+                .chain((0..5).map(|n| raw(n * 11 + 1)))
+                .map(Ok);
+            let added = add_lines(&store, &target, lines, &filter, &|_| {}).unwrap();
+            assert_eq!(
+                (added.new_scripts, added.known_scripts),
+                (total as usize - 1000, 1000 + 5)
+            );
+            assert!((0..total)
+                .step_by(101)
+                .all(|n| filter.may_contain(&script(n))));
+        }
+        // Reopened: the ingested tables are part of the database.
+        let store = Store::open(dir.path(), Network::Regtest).unwrap();
+        let wallets = list(&store).unwrap();
+        let scripts = |name: &str| wallets.iter().find(|w| w.name == name).unwrap().scripts;
+        assert_eq!(
+            (scripts("hot"), scripts("deposits")),
+            (1000, total as usize)
+        );
+        let owners = |n: u32| {
+            let v = store
+                .get(Cf::Watch, &ScriptId::of(&ScriptBuf::from(script(n))).0)
+                .unwrap()
+                .unwrap();
+            schema::decode_watch(&v).unwrap().wallets
+        };
+        let (hot, deposits) = (
+            wallets[0].id.min(wallets[1].id),
+            wallets[0].id.max(wallets[1].id),
+        );
+        assert_eq!(owners(7 * 999), vec![hot, deposits]);
+        assert_eq!(owners(total - 1), vec![deposits]);
+        assert_eq!(owners(1), vec![deposits]);
+        // The saved filter is stale after the load; rebuilt, it has every script once.
+        assert_eq!(
+            load_filter(&store, 1000, 1e-3).unwrap().len(),
+            total as usize
+        );
+        assert!(!dir.path().join("ingest").exists());
+    }
+
+    #[test]
     fn a_saved_filter_is_used_only_at_the_generation_it_was_saved_at() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Network::Regtest).unwrap();
@@ -571,7 +721,7 @@ mod tests {
             gap_limit: 20,
         };
         let filter = load_filter(&store, 300_000, 1e-3).unwrap();
-        let added = add_lines(&store, &target, lines, Some(&filter), &|_| {}).unwrap();
+        let added = add_lines(&store, &target, lines, &filter, &|_| {}).unwrap();
         assert_eq!((added.new_scripts, added.known_scripts), (250_000, 0));
         assert!((0..250_000)
             .step_by(997)

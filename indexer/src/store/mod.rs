@@ -28,6 +28,14 @@ pub enum StoreError {
         /// The RocksDB error.
         source: rocksdb::Error,
     },
+    /// A file beside the database (a table being built for ingestion) failed.
+    #[error("{path}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A stored record does not decode.
     #[error(transparent)]
     Decode(#[from] DecodeError),
@@ -113,6 +121,11 @@ impl Batch {
 /// The indexer's database.
 pub struct Store {
     db: DB,
+    /// The block cache every family shares (and the tables [`Store::ingest_sorted`] writes
+    /// are built for).
+    cache: Cache,
+    /// Names the table files [`Store::ingest_sorted`] writes.
+    ingested: std::sync::atomic::AtomicU64,
     path: PathBuf,
     network: Network,
     /// Counts commits, so readers following the event log wake on new data instead of polling.
@@ -125,6 +138,37 @@ pub struct Store {
     held_from: std::sync::atomic::AtomicU64,
     /// Held from reading the watch generation to committing its successor.
     watch_generation_lock: std::sync::Mutex<()>,
+}
+
+/// The options of family `cf`: those it is opened with, and those of the tables
+/// [`Store::ingest_sorted`] builds for it.
+fn family_options(cf: Cf, cache: &Cache) -> Options {
+    // Point lookups dominate (outpoints, script ids): every family gets a bloom
+    // filter; `open_cf` would silently give them none.
+    let mut table = BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    table.set_block_cache(cache);
+    table.set_cache_index_and_filter_blocks(true);
+    // Filters and indexes in 4 KiB partitions under a pinned top level: a family of
+    // millions of keys (the watched scripts) has a filter of megabytes, bigger than
+    // one shard of the cache, which an LRU cache drops as soon as it is released;
+    // every lookup then read and parsed the whole filter again (a rescan with 5M
+    // watched scripts ran 27x slower than with 100k).
+    table.set_partition_filters(true);
+    table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+    table.set_metadata_block_size(4096);
+    table.set_pin_top_level_index_and_filter(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    let mut opts = Options::default();
+    opts.set_block_based_table_factory(&table);
+    // Script ids are hashes: LZ4 finds nothing in them and cost a sixth of the CPU of
+    // loading millions of watched scripts.
+    let compression = match cf {
+        Cf::Watch | Cf::WalletScripts => rocksdb::DBCompressionType::None,
+        _ => rocksdb::DBCompressionType::Lz4,
+    };
+    opts.set_compression_type(compression);
+    opts
 }
 
 impl Store {
@@ -148,28 +192,9 @@ impl Store {
         })?;
         env.lower_thread_pool_cpu_priority();
         db_opts.set_env(&env);
-        let descriptors = Cf::ALL.iter().map(|cf| {
-            // Point lookups dominate (outpoints, script ids): every family gets a bloom
-            // filter; `open_cf` would silently give them none.
-            let mut table = BlockBasedOptions::default();
-            table.set_bloom_filter(10.0, false);
-            table.set_block_cache(&cache);
-            table.set_cache_index_and_filter_blocks(true);
-            // Filters and indexes in 4 KiB partitions under a pinned top level: a family of
-            // millions of keys (the watched scripts) has a filter of megabytes, bigger than
-            // one shard of the cache, which an LRU cache drops as soon as it is released;
-            // every lookup then read and parsed the whole filter again (a rescan with 5M
-            // watched scripts ran 27x slower than with 100k).
-            table.set_partition_filters(true);
-            table.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
-            table.set_metadata_block_size(4096);
-            table.set_pin_top_level_index_and_filter(true);
-            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
-            let mut opts = Options::default();
-            opts.set_block_based_table_factory(&table);
-            opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            ColumnFamilyDescriptor::new(cf.name(), opts)
-        });
+        let descriptors = Cf::ALL
+            .iter()
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), family_options(*cf, &cache)));
         let db = DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(|source| {
             StoreError::Rocks {
                 path: path.to_owned(),
@@ -178,6 +203,8 @@ impl Store {
         })?;
         let store = Store {
             db,
+            cache,
+            ingested: std::sync::atomic::AtomicU64::new(0),
             path: path.to_owned(),
             network,
             commits: tokio::sync::watch::Sender::new(0),
@@ -274,15 +301,74 @@ impl Store {
         self.write(batch, opts)
     }
 
-    /// Commits `batch` without the write-ahead log, for bulk loads: it is lost in a crash
-    /// until [`Store::flush_all`] has run, so the load must be one that a rerun redoes.
-    /// Skipping the log saves a tenth of a load of millions of scripts.
-    pub fn commit_unlogged(&self, batch: Batch) -> Result<(), StoreError> {
-        let mut opts = WriteOptions::default();
-        opts.disable_wal(true);
-        // The batch's keys come sorted: each insert starts from the last one's place.
-        opts.set_memtable_insert_hint_per_batch(true);
-        self.write(batch, opts)
+    /// Adds `entries` to `cf` as one table file built beside the database and moved into
+    /// it, bypassing the memtable (whose skip-list inserts of random keys were most of a
+    /// bulk load's time). Keys must come strictly ascending. The file is durable once this
+    /// returns; entries into `cf` of [`Cf::Watch`] first move the watched set's generation,
+    /// logged, so that a crash between the two leaves a saved bloom filter distrusted,
+    /// never trusted without these scripts.
+    pub fn ingest_sorted<'a>(
+        &self,
+        cf: Cf,
+        entries: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<(), StoreError> {
+        let _generation = (cf == Cf::Watch).then(|| {
+            self.watch_generation_lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        });
+        if cf == Cf::Watch {
+            let next = self.watch_generation()? + 1;
+            let mut bump = WriteBatch::default();
+            bump.put_cf(
+                self.cf(Cf::Meta),
+                schema::META_WATCH_GENERATION,
+                next.to_be_bytes(),
+            );
+            self.db.write(bump).map_err(|e| self.rocks(e))?;
+        }
+        let dir = self.path.join("ingest");
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let n = self
+            .ingested
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = dir.join(format!("{}-{}-{n}.sst", cf.name(), std::process::id()));
+        let opts = family_options(cf, &self.cache);
+        let result = Self::write_table(&opts, &file, entries).and_then(|any| {
+            if !any {
+                return Ok(());
+            }
+            let mut ingest = rocksdb::IngestExternalFileOptions::default();
+            ingest.set_move_files(true);
+            self.db
+                .ingest_external_file_cf_opts(self.cf(cf), &ingest, vec![&file])
+        });
+        // Moved into the database when ingested; a leftover otherwise.
+        let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_dir(&dir);
+        result.map_err(|e| self.rocks(e))
+    }
+
+    /// Writes `entries` into a table file at `file`; false when there were none (no file).
+    fn write_table<'a>(
+        opts: &Options,
+        file: &Path,
+        entries: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<bool, rocksdb::Error> {
+        let mut entries = entries.into_iter().peekable();
+        if entries.peek().is_none() {
+            return Ok(false);
+        }
+        let mut writer = rocksdb::SstFileWriter::create(opts);
+        writer.open(file)?;
+        for (k, v) in entries {
+            writer.put(k, v)?;
+        }
+        writer.finish()?;
+        Ok(true)
     }
 
     /// Compacts `cf` whole: after a bulk load of random keys, so that the compaction it

@@ -32,7 +32,7 @@ fn add_watched(
         birth_height,
         gap_limit: config.gap_limit,
     };
-    let added = wallets::add_lines(store, &target, lines, Some(filter), &|so_far| {
+    let added = wallets::add_lines(store, &target, lines, filter, &|so_far| {
         if started.elapsed() > std::time::Duration::from_secs(2) {
             eprintln!(
                 "{} scripts so far ({:.0}/s)",
