@@ -139,16 +139,8 @@ impl KafkaSettings {
             .topic
             .clone()
             .unwrap_or_else(|| "indexer.events".into());
-        if topic.is_empty()
-            || topic.len() > 249
-            || !topic
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        {
-            return Err(ConfigError::Invalid(format!(
-                "kafka.topic {topic:?} is not a Kafka topic name (1-249 of letters, digits, '.', '_', '-')"
-            )));
-        }
+        service::config::check_kafka_topic(&topic, "kafka.topic")
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(Some(KafkaConfig {
             brokers,
             topic,

@@ -120,8 +120,16 @@ fn the_export_position_is_the_lowest_last_marker_over_the_partitions() {
         .set("enable.partition.eof", "true")
         .create()
         .unwrap();
-    let position = || indexer::kafka::position::next_offset(&consumer, "events", "ours").unwrap();
+    let position_saved =
+        |saved| indexer::kafka::position::next_offset(&consumer, "events", "ours", saved).unwrap();
+    let position = || position_saved(Some(5));
     assert_eq!(position(), 0, "nothing exported yet");
+    // The first chunk reached partition 0 only, before any position was saved.
+    mark(0, "ours", 5);
+    producer.flush(Duration::from_secs(20)).unwrap();
+    assert_eq!(position_saved(None), 0, "the first chunk is exported again");
+    // A partition without a marker counts as the saved position, not as 0.
+    assert_eq!(position_saved(Some(5)), 5);
     for p in 0..3 {
         mark(p, "ours", 5);
     }

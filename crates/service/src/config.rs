@@ -96,6 +96,20 @@ pub fn parse_network(name: &str) -> Result<Network, ConfigError> {
     }
 }
 
+/// Refuses what is not a Kafka topic name (1-249 of letters, digits, '.', '_', '-').
+pub fn check_kafka_topic(topic: &str, key: &str) -> Result<(), ConfigError> {
+    let valid = (1..=249).contains(&topic.len())
+        && topic
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if valid {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid(format!(
+        "{key} {topic:?} is not a Kafka topic name (1-249 of letters, digits, '.', '_', '-')"
+    )))
+}
+
 /// Refuses a URL with a user or password in it: URLs appear in logs and error messages.
 pub fn check_no_credentials(url: &str, key: &str) -> Result<(), ConfigError> {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);

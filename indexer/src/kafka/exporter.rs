@@ -7,11 +7,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bitcoin::Network;
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use tracing::{error, info, warn};
 
 use super::record::{marker, records, Record};
@@ -25,15 +26,16 @@ use crate::store::{Reader, Store};
 const CHUNK: usize = 10_000;
 /// How long a transaction's calls may take.
 const REQUEST: Duration = Duration::from_secs(30);
-/// How often the log is looked at when nothing new was exported.
-const IDLE: Duration = Duration::from_millis(20);
+/// How often the log is looked at when nothing new was exported (a fraction of a block's
+/// commit -> consumer latency).
+const IDLE: Duration = Duration::from_millis(5);
 /// Longest wait between attempts when the broker fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Queues one record for `topic` (in `partition`, or where its key goes), waiting while
 /// the client's queue is full.
-fn send(
-    producer: &BaseProducer,
+fn send<C: ProducerContext<DeliveryOpaque = ()>>(
+    producer: &BaseProducer<C>,
     topic: &str,
     partition: Option<i32>,
     r: &Record,
@@ -68,10 +70,51 @@ fn send(
     }
 }
 
+/// Waits until every queued record has its delivery report, serving reports in 1 ms steps.
+/// Called before committing: rust-rdkafka's own flush, which `commit_transaction` runs
+/// first, waits in whole 100 ms polls, and that was every transaction's latency.
+fn drain<C: ProducerContext>(
+    producer: &BaseProducer<C>,
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    let until = Instant::now() + timeout;
+    while producer.in_flight_count() > 0 {
+        if Instant::now() >= until {
+            return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+        }
+        producer.poll(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// Counts the records the broker did not take (the default context drops those reports).
+#[derive(Default)]
+struct Deliveries {
+    failed: std::sync::atomic::AtomicU64,
+    first: std::sync::Mutex<Option<KafkaError>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            self.first
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(|| e.clone());
+        }
+    }
+}
+
 /// Re-publishes the events from `from` up to `to` (exclusive; `None`: the log's end) to
 /// `topic`, in the exporter's format: to reconcile a consumer, or to fill a new topic.
 /// Idempotent producer, no transaction (a transaction would fence the running exporter);
-/// consumers deduplicate on the headers as always. Returns the records produced.
+/// consumers deduplicate on the headers as always. Returns the records delivered; a
+/// record the broker refused fails it.
 pub fn replay(
     store: &Store,
     network: Network,
@@ -86,10 +129,10 @@ pub fn replay(
     for (k, v) in &config.properties {
         c.set(k, v);
     }
-    let producer: BaseProducer = c
+    let producer: BaseProducer<Deliveries> = c
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .create()?;
+        .create_with_context(Deliveries::default())?;
     let query = Query::new(store, network).map_err(ExportError::Query)?;
     let log_id = query.log_id().map_err(ExportError::Query)?;
     let names = query.wallet_names().map_err(ExportError::Query)?;
@@ -108,7 +151,22 @@ pub fn replay(
         }
         next = last + 1;
     }
+    drain(&producer, REQUEST)?;
     producer.flush(REQUEST)?;
+    let context = producer.context();
+    let failed = context.failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        let first = context
+            .first
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        return Err(ExportError::Undelivered {
+            failed,
+            produced,
+            first: first.map(|e| e.to_string()).unwrap_or_default(),
+        });
+    }
     Ok(produced)
 }
 
@@ -210,12 +268,12 @@ impl Exporter {
         producer.init_transactions(REQUEST)?;
         let consumer: BaseConsumer = self
             .client()
-            .set("group.id", format!("indexer-export-{log_id}"))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
             .create()?;
-        let mut next = position::next_offset(&consumer, &self.config.topic, &log_id)?;
+        let saved = self.store.kafka_exported(&self.config.topic)?;
+        let mut next = position::next_offset(&consumer, &self.config.topic, &log_id, saved)?;
         drop(consumer);
         let end = self.store.next_event()?;
         if next > end {
@@ -243,6 +301,7 @@ impl Exporter {
                 .lag_seconds
                 .set(since.elapsed().as_secs() as i64);
             next = self.export_chunk(&producer, &log_id, next)?;
+            self.store.set_kafka_exported(&self.config.topic, next)?;
             self.exported(next);
         }
         Ok(())
@@ -289,7 +348,10 @@ impl Exporter {
                     .into_iter()
                     .try_for_each(|p| send(producer, topic, Some(p), &marker(log_id, next)))
             });
-        match sent.and_then(|()| producer.commit_transaction(REQUEST)) {
+        match sent
+            .and_then(|()| drain(producer, REQUEST))
+            .and_then(|()| producer.commit_transaction(REQUEST))
+        {
             Ok(()) => Ok(next),
             Err(e) => {
                 // The session starts over from what the topic holds, so nothing is lost

@@ -27,6 +27,16 @@ pub enum ExportError {
     /// never wrote: exporting on would skip events, so it stops.
     #[error("the topic cannot be continued from this event log: {0}")]
     Gap(crate::query::QueryError),
+    /// The broker refused records of a replay.
+    #[error("kafka: {failed} of {produced} records were not delivered (first: {first})")]
+    Undelivered {
+        /// Records refused.
+        failed: u64,
+        /// Records produced.
+        produced: u64,
+        /// The first refusal.
+        first: String,
+    },
     /// Reading the log failed.
     #[error(transparent)]
     Query(crate::query::QueryError),
@@ -35,6 +45,17 @@ pub enum ExportError {
 impl ExportError {
     /// Whether trying again cannot help (an operator must act).
     pub fn is_final(&self) -> bool {
-        matches!(self, ExportError::Gap(_))
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        match self {
+            ExportError::Gap(_) => true,
+            // A setting librdkafka refuses: the same settings fail again.
+            ExportError::Kafka(KafkaError::ClientCreation(_)) => true,
+            // Another exporter of this log took over: retrying would fence it in turn,
+            // and the two would take the topic from each other for good.
+            ExportError::Kafka(KafkaError::Transaction(e)) => {
+                e.code() == RDKafkaErrorCode::ProducerFenced
+            }
+            _ => false,
+        }
     }
 }

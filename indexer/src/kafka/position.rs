@@ -41,15 +41,36 @@ pub fn partitions<C: ClientContext>(
         .collect())
 }
 
-/// The offset below which every event of log `log_id` is on `topic` (`0`: none known).
-pub fn next_offset(consumer: &BaseConsumer, topic: &str, log_id: &str) -> Result<u64, ExportError> {
-    let mut next: Option<u64> = None;
+/// The offset below which every event of log `log_id` is on `topic`, given the position
+/// the exporter last saved beside the log (`saved`).
+///
+/// The lowest last marker over the partitions. A partition without one (the topic gained
+/// partitions, or Kafka's retention emptied an idle one) does not send it back to 0: it
+/// counts as `saved`, which is never ahead of what was committed. A topic with no marker
+/// in any partition is new, or was lost (a broker that kept nothing): filled from 0.
+pub fn next_offset(
+    consumer: &BaseConsumer,
+    topic: &str,
+    log_id: &str,
+    saved: Option<u64>,
+) -> Result<u64, ExportError> {
+    let mut lasts = Vec::new();
     for p in partitions(consumer.client(), topic)? {
-        // A partition without a marker (a new topic, or one grown since): start over.
-        let last = last_marker(consumer, topic, p, log_id)?.unwrap_or(0);
-        next = Some(next.map_or(last, |n| n.min(last)));
+        lasts.push(last_marker(consumer, topic, p, log_id)?);
     }
-    Ok(next.unwrap_or(0))
+    Ok(lowest(&lasts, saved))
+}
+
+/// The position rule of [`next_offset`] over each partition's last marker.
+fn lowest(lasts: &[Option<u64>], saved: Option<u64>) -> u64 {
+    if lasts.iter().all(Option::is_none) {
+        return 0;
+    }
+    lasts
+        .iter()
+        .map(|last| last.unwrap_or(saved.unwrap_or(0)))
+        .min()
+        .unwrap_or(0)
 }
 
 /// The last `exported_to` of log `log_id` in partition `p`.
@@ -113,4 +134,24 @@ fn last_from(
     };
     consumer.unassign()?;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lowest;
+
+    #[test]
+    fn the_position_is_the_lowest_marker_and_a_partition_without_one_counts_as_saved() {
+        // A new or lost topic: from the start, whatever was saved.
+        assert_eq!(lowest(&[], Some(50)), 0);
+        assert_eq!(lowest(&[None, None], Some(50)), 0);
+        // A chunk cut short: its marker reached one partition only.
+        assert_eq!(lowest(&[Some(30), Some(20)], Some(20)), 20);
+        // A partition added since (or emptied by retention): the saved position, not 0.
+        assert_eq!(lowest(&[Some(30), None], Some(30)), 30);
+        // The first chunk cut short before anything was saved: from 0.
+        assert_eq!(lowest(&[Some(10), None], None), 0);
+        // A saved position behind the topic's (a crash before saving): the older one.
+        assert_eq!(lowest(&[Some(30), None], Some(20)), 20);
+    }
 }

@@ -590,6 +590,23 @@ impl Store {
             .store(offset, std::sync::atomic::Ordering::Release);
     }
 
+    /// The position the Kafka export to `topic` last committed (`None`: never).
+    pub fn kafka_exported(&self, topic: &str) -> Result<Option<u64>, StoreError> {
+        let key = [schema::META_KAFKA_EXPORTED_PREFIX, topic.as_bytes()].concat();
+        match self.get(Cf::Meta, &key)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(schema::decode_offset(&v)?)),
+        }
+    }
+
+    /// Records that every event below `next` is on `topic` (after the broker committed it).
+    pub fn set_kafka_exported(&self, topic: &str, next: u64) -> Result<(), StoreError> {
+        let key = [schema::META_KAFKA_EXPORTED_PREFIX, topic.as_bytes()].concat();
+        self.db
+            .put_cf(self.cf(Cf::Meta), key, next.to_be_bytes())
+            .map_err(|e| self.rocks(e))
+    }
+
     /// Commits `writes` with `events` appended to the event log, in one atomic write;
     /// returns the next free offset.
     pub fn commit_writes(

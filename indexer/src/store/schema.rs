@@ -225,6 +225,9 @@ pub const META_NEXT_EVENT: &[u8] = b"next_event";
 pub const META_LOG_ID: &[u8] = b"log_id";
 /// Meta key of a rescan in progress (from u32 BE, to u32 BE).
 pub const META_RESCAN: &[u8] = b"rescan";
+/// Meta key prefix of the position a Kafka export reached (+ topic; value: u64 BE, every
+/// event below it is on the topic).
+pub const META_KAFKA_EXPORTED_PREFIX: &[u8] = b"kafka-exported/";
 /// Meta key prefix of accepted, unmerged backfill jobs (+ id u64 BE; value: JSON job).
 pub const META_BACKFILL_PREFIX: &[u8] = b"backfill/";
 
