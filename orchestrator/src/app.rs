@@ -143,6 +143,9 @@ pub fn run(
         if let Some(boundaries) = hooks.boundaries {
             executor = executor.with_boundaries(boundaries);
         }
+        if let Some(kafka) = config.kafka_events.clone() {
+            executor = executor.with_kafka_events(kafka);
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(io(format!("listening on {}", config.listen)))?;

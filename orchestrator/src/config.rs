@@ -10,6 +10,7 @@ use bitcoin::{Address, Network, ScriptBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::executor::Policy;
+use crate::kafka_events::KafkaEvents;
 
 /// Every setting, declared once: a key of the config file, a `--flag` and an
 /// `ORCHESTRATOR_*` variable. Unset ones are `None` and do not serialize, so each layer
@@ -80,6 +81,84 @@ pub struct Settings {
     /// Where to serve Prometheus metrics, `/health` and `/ready` over HTTP (absent: not).
     #[arg(long, env = "ORCHESTRATOR_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Where confirmations come from: `subscribe` (the indexer's gRPC stream, default) or
+    /// `kafka` (the topic the indexer exports its log to; the `[kafka]` table).
+    #[arg(long, env = "ORCHESTRATOR_EVENTS")]
+    pub events: Option<String>,
+    /// The topic read with `events = "kafka"` (the `[kafka]` table).
+    #[command(flatten)]
+    #[serde(default)]
+    pub kafka: KafkaSettings,
+}
+
+/// The `[kafka]` table: the topic the indexer exports its event log to.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Kafka bootstrap servers, e.g. 127.0.0.1:9092.
+    #[arg(long = "kafka-brokers", env = "ORCHESTRATOR_KAFKA_BROKERS")]
+    pub brokers: Option<String>,
+    /// The topic (default indexer.events, the indexer's default).
+    #[arg(long = "kafka-topic", env = "ORCHESTRATOR_KAFKA_TOPIC")]
+    pub topic: Option<String>,
+    /// The consumer group read positions are also committed to, for lag tools (default
+    /// orchestrator).
+    #[arg(long = "kafka-group-id", env = "ORCHESTRATOR_KAFKA_GROUP_ID")]
+    pub group_id: Option<String>,
+    /// librdkafka settings passed through (TLS: `security.protocol`, `ssl.ca.location`...;
+    /// SASL: `sasl.mechanism`...). Config file only.
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+/// The settings the Kafka event source manages itself: changed, it could apply events
+/// out of order or miss some.
+const KAFKA_MANAGED: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+];
+
+impl KafkaSettings {
+    /// The topic to read when `events` is `kafka`; refuses Kafka settings otherwise.
+    fn resolve(self, events: Option<&str>) -> Result<Option<KafkaEvents>, ConfigError> {
+        let given = self.brokers.is_some() || self.topic.is_some() || self.group_id.is_some();
+        match events.unwrap_or("subscribe") {
+            "subscribe" if given || !self.properties.is_empty() => Err(ConfigError(
+                "kafka settings are given but events is \"subscribe\": set events = \"kafka\" to read the topic".into(),
+            )),
+            "subscribe" => Ok(None),
+            "kafka" => {
+                let brokers = self
+                    .brokers
+                    .filter(|b| !b.trim().is_empty())
+                    .ok_or_else(|| {
+                        ConfigError("events = \"kafka\" needs kafka.brokers (or --kafka-brokers)".into())
+                    })?;
+                if let Some(k) = self.properties.keys().find(|k| KAFKA_MANAGED.contains(&k.as_str())) {
+                    return Err(ConfigError(format!(
+                        "kafka.properties.{k:?} is set by the orchestrator itself (applying events in order needs it)"
+                    )));
+                }
+                let topic = self.topic.unwrap_or_else(|| "indexer.events".into());
+                service::config::check_kafka_topic(&topic, "kafka.topic")
+                    .map_err(|e| ConfigError(e.to_string()))?;
+                Ok(Some(KafkaEvents {
+                    brokers,
+                    topic,
+                    group_id: self.group_id.unwrap_or_else(|| "orchestrator".into()),
+                    properties: self.properties,
+                }))
+            }
+            other => Err(ConfigError(format!(
+                "events {other:?}: use \"subscribe\" (the indexer's gRPC stream) or \"kafka\""
+            ))),
+        }
+    }
 }
 
 /// A setting that is missing or wrong: one line naming it and the fix.
@@ -118,6 +197,8 @@ pub struct Config {
     pub policy: Policy,
     /// Where the metrics endpoint listens (`None`: no endpoint).
     pub metrics_listen: Option<SocketAddr>,
+    /// The Kafka topic events come from (`None`: the indexer's Subscribe stream).
+    pub kafka_events: Option<KafkaEvents>,
 }
 
 impl Settings {
@@ -198,6 +279,7 @@ impl Settings {
             change,
             policy,
             metrics_listen: self.metrics_listen,
+            kafka_events: self.kafka.resolve(self.events.as_deref())?,
         })
     }
 }
@@ -291,9 +373,9 @@ mod tests {
         assert_eq!(c.policy.confirmations, 3);
     }
 
-    #[test]
-    fn policies_that_make_no_sense_are_refused_not_adjusted() {
-        let base = || Settings {
+    /// Settings that resolve, to change one thing of.
+    fn complete() -> Settings {
+        Settings {
             change_address: Some("bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080".into()),
             network: Some("regtest".into()),
             bitcoind_cookie_file: Some("/dev/null".into()),
@@ -301,7 +383,12 @@ mod tests {
             key_file: Some("keys".into()),
             token_file: Some("token".into()),
             ..Settings::default()
-        };
+        }
+    }
+
+    #[test]
+    fn policies_that_make_no_sense_are_refused_not_adjusted() {
+        let base = complete;
         base().resolve_with(None).unwrap();
         for (bad, says) in [
             (
@@ -346,6 +433,75 @@ mod tests {
                     ..base()
                 },
                 "1 <= floor",
+            ),
+        ] {
+            let e = bad.resolve_with(None).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+    #[test]
+    fn kafka_events_need_brokers_and_leave_the_ordering_settings_alone() {
+        let base = complete;
+        let kafka = |brokers: Option<&str>| KafkaSettings {
+            brokers: brokers.map(str::to_owned),
+            ..KafkaSettings::default()
+        };
+        assert_eq!(base().resolve_with(None).unwrap().kafka_events, None);
+        let on = Settings {
+            events: Some("kafka".into()),
+            kafka: kafka(Some("127.0.0.1:9092")),
+            ..base()
+        };
+        let events = on.resolve_with(None).unwrap().kafka_events.unwrap();
+        assert_eq!(
+            (events.topic.as_str(), events.group_id.as_str()),
+            ("indexer.events", "orchestrator")
+        );
+        let mut managed = kafka(Some("127.0.0.1:9092"));
+        managed
+            .properties
+            .insert("isolation.level".into(), "read_uncommitted".into());
+        for (bad, says) in [
+            (
+                Settings {
+                    events: Some("kafka".into()),
+                    ..base()
+                },
+                "needs kafka.brokers",
+            ),
+            (
+                Settings {
+                    kafka: kafka(Some("127.0.0.1:9092")),
+                    ..base()
+                },
+                "set events = \"kafka\"",
+            ),
+            (
+                Settings {
+                    events: Some("zmq".into()),
+                    ..base()
+                },
+                "events \"zmq\"",
+            ),
+            (
+                Settings {
+                    events: Some("kafka".into()),
+                    kafka: managed,
+                    ..base()
+                },
+                "set by the orchestrator itself",
+            ),
+            (
+                Settings {
+                    events: Some("kafka".into()),
+                    kafka: KafkaSettings {
+                        topic: Some("no spaces".into()),
+                        ..kafka(Some("127.0.0.1:9092"))
+                    },
+                    ..base()
+                },
+                "not a Kafka topic name",
             ),
         ] {
             let e = bad.resolve_with(None).unwrap_err().to_string();

@@ -16,6 +16,7 @@ use bitcoin::{Address, Amount, Network, OutPoint, Psbt, ScriptBuf, Sequence, Tra
 use bitcoin::{TxIn, TxOut, Txid};
 use proto::indexer::v1 as ipb;
 
+use crate::kafka_events::{KafkaEvents, KafkaMonitor};
 use crate::monitor::Monitor;
 use crate::saga::{now_ms, Attempt, Coin, FeeRate, Outcome, State, Step, Withdrawal};
 use crate::select::{self, Candidate, SelectError};
@@ -95,6 +96,8 @@ pub struct Executor {
     bump_failed: std::collections::HashMap<u64, u32>,
     /// Told of every step boundary (tests: a crash or a cancel at an exact moment).
     boundaries: Option<Arc<dyn Boundaries>>,
+    /// Where the chain's events come from: the Kafka topic when set, else Subscribe.
+    kafka_events: Option<KafkaEvents>,
 }
 
 /// A moment between two steps of a saga, where a crash or a concurrent call must leave
@@ -169,7 +172,14 @@ impl Executor {
             reserved: None,
             bump_failed: std::collections::HashMap::new(),
             boundaries: None,
+            kafka_events: None,
         }
+    }
+
+    /// Takes the chain's events from a Kafka topic instead of the indexer's Subscribe.
+    pub fn with_kafka_events(mut self, kafka: KafkaEvents) -> Executor {
+        self.kafka_events = Some(kafka);
+        self
     }
 
     /// Tells `boundaries` of every step boundary (tests).
@@ -208,9 +218,11 @@ impl Executor {
     /// resolves. A round follows at once when one moved a saga or the monitor saw
     /// something; otherwise within `IDLE` (new submissions, retries).
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
-        let monitoring = tokio::spawn(
-            Monitor::new(self.store.clone(), self.indexer.clone(), self.wake.clone()).run(),
-        );
+        let (store, indexer, wake) = (self.store.clone(), self.indexer.clone(), self.wake.clone());
+        let monitoring = match self.kafka_events.clone() {
+            Some(kafka) => tokio::spawn(KafkaMonitor::new(store, indexer, wake, kafka).run()),
+            None => tokio::spawn(Monitor::new(store, indexer, wake).run()),
+        };
         tokio::pin!(stop);
         loop {
             let idle = match self.round().await {

@@ -4,7 +4,7 @@
 //! submission, coin reservations and the chain's record ([`store`]); the gRPC service that
 //! validates, records and shows withdrawals ([`grpc`]); coin selection ([`select`]); the
 //! key-file [`signer`] behind the `Signer` trait; the event -> saga adapter following the
-//! indexer's `Subscribe` stream ([`monitor`]); and the [`executor`] that reserves, signs,
+//! indexer's `Subscribe` stream ([`monitor`]) or its Kafka topic ([`kafka_events`]); and the [`executor`] that reserves, signs,
 //! broadcasts, bumps and completes each withdrawal. [`app`] wires them into the service
 //! `orchestrator run` is, from the flags of [`cli`] and the settings of [`config`]; the
 //! bitcoind client and what both services share come from the `bitcoind` and `service`
@@ -16,6 +16,7 @@ pub mod config;
 pub mod executor;
 pub mod grpc;
 pub mod indexer_client;
+pub mod kafka_events;
 pub mod metrics;
 pub mod monitor;
 pub mod saga;

@@ -36,6 +36,12 @@ pub enum MonitorError {
     /// The saga database failed.
     #[error(transparent)]
     Store(#[from] SagaStoreError),
+    /// The Kafka client failed (events = "kafka").
+    #[error("kafka: {0}")]
+    KafkaClient(#[from] rdkafka::error::KafkaError),
+    /// The topic cannot be followed as it is (events = "kafka").
+    #[error("kafka: {0}")]
+    Kafka(String),
     /// An event the indexer sent does not make sense.
     #[error("indexer event {offset}: {what}")]
     BadEvent {
@@ -207,39 +213,44 @@ impl Monitor {
             .into_inner())
     }
 
-    /// Reads the present state of every watched txid and records it with the log offset
-    /// read with the tip; returns that offset.
     async fn reconcile(&mut self) -> Result<u64, MonitorError> {
-        let tip = self
-            .indexer
-            .get_tip(ipb::GetTipRequest {})
-            .await?
-            .into_inner();
-        let mut seen = Observation {
-            cursor: tip.next_offset,
-            log_id: Some(tip.log_id.clone()),
-            tip: Some(tip.height),
-            ..Observation::default()
-        };
-        for txid in self.store.watched_txids()? {
-            let height = indexer_client::confirmed_height(&mut self.indexer, &txid).await?;
-            // Read after the tip: a block above it that confirms a watched txid means
-            // the tip was at least there.
-            if let Some(h) = height {
-                seen.tip = seen.tip.max(Some(h));
-            }
-            seen.txs.insert(txid, height);
-        }
-        tracing::info!(
-            tip = tip.height,
-            offset = tip.next_offset,
-            watched = seen.txs.len(),
-            "read the chain's present state"
-        );
-        self.store.observe(&seen)?;
-        self.wake.notify_one();
-        Ok(seen.cursor)
+        reconcile(&self.store, &mut self.indexer, &self.wake).await
     }
+}
+
+/// Reads the present state of every watched txid and records it with the log offset read
+/// with the tip (dropping any position in an older log); returns that offset. Replaying
+/// the events from there lands in the same state.
+pub async fn reconcile(
+    store: &SagaStore,
+    indexer: &mut Indexer,
+    wake: &tokio::sync::Notify,
+) -> Result<u64, MonitorError> {
+    let tip = indexer.get_tip(ipb::GetTipRequest {}).await?.into_inner();
+    let mut seen = Observation {
+        cursor: tip.next_offset,
+        log_id: Some(tip.log_id.clone()),
+        tip: Some(tip.height),
+        ..Observation::default()
+    };
+    for txid in store.watched_txids()? {
+        let height = indexer_client::confirmed_height(indexer, &txid).await?;
+        // Read after the tip: a block above it that confirms a watched txid means the
+        // tip was at least there.
+        if let Some(h) = height {
+            seen.tip = seen.tip.max(Some(h));
+        }
+        seen.txs.insert(txid, height);
+    }
+    tracing::info!(
+        tip = tip.height,
+        offset = tip.next_offset,
+        watched = seen.txs.len(),
+        "read the chain's present state"
+    );
+    store.observe(&seen)?;
+    wake.notify_one();
+    Ok(seen.cursor)
 }
 
 #[cfg(test)]

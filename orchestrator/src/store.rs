@@ -31,6 +31,8 @@ const NEXT_ID: &[u8] = b"next_id";
 const CURSOR: &[u8] = b"cursor";
 const TIP: &[u8] = b"tip";
 const LOG_ID: &[u8] = b"log_id";
+/// Where the Kafka event source reads on from, per partition (see `Observation::kafka`).
+const KAFKA_POSITIONS: &[u8] = b"kafka_positions";
 /// Set once the attempts of withdrawals stored before `ATTEMPTS` existed are indexed.
 const ATTEMPTS_INDEXED: &[u8] = b"attempts_indexed";
 
@@ -85,6 +87,9 @@ pub struct Observation {
     /// Transactions' latest known state: the height that confirmed them, or `None` when
     /// not (or no longer) in a block. Txids no withdrawal watches are ignored.
     pub txs: BTreeMap<Txid, Option<u32>>,
+    /// With events from Kafka: the offset to read on from in each partition, written with
+    /// the cursor so that a restart re-reads exactly what was not applied.
+    pub kafka: Option<BTreeMap<i32, i64>>,
 }
 
 /// A submission's result.
@@ -349,6 +354,16 @@ impl SagaStore {
         }
         if let Some(log_id) = &seen.log_id {
             batch.put_cf(chain, LOG_ID, log_id.as_bytes());
+            // Positions in a topic belong to the log they were read for.
+            batch.delete_cf(chain, KAFKA_POSITIONS);
+        }
+        if let Some(positions) = &seen.kafka {
+            let mut v = Vec::with_capacity(positions.len() * 12);
+            for (p, offset) in positions {
+                v.extend_from_slice(&p.to_be_bytes());
+                v.extend_from_slice(&offset.to_be_bytes());
+            }
+            batch.put_cf(chain, KAFKA_POSITIONS, v);
         }
         batch.put_cf(chain, CURSOR, seen.cursor.to_be_bytes());
         let mut opts = WriteOptions::default();
@@ -364,6 +379,26 @@ impl SagaStore {
             Some(v) => Ok(Some(id_of(&v)?)),
             None => Ok(None),
         }
+    }
+
+    /// Where the Kafka event source reads on from in each partition (`None`: it never
+    /// read since the cursor's log was chosen).
+    pub fn kafka_positions(&self) -> Result<Option<BTreeMap<i32, i64>>, SagaStoreError> {
+        let Some(v) = self.db.get_pinned_cf(self.cf(CHAIN), KAFKA_POSITIONS)? else {
+            return Ok(None);
+        };
+        if v.len() % 12 != 0 {
+            return Err(corrupt("kafka positions", "not 12-byte entries"));
+        }
+        Ok(Some(
+            v.chunks_exact(12)
+                .map(|c| {
+                    let p = i32::from_be_bytes(c[..4].try_into().expect("4 bytes"));
+                    let o = i64::from_be_bytes(c[4..].try_into().expect("8 bytes"));
+                    (p, o)
+                })
+                .collect(),
+        ))
     }
 
     /// The indexer's event log the cursor belongs to (empty before the first reconcile).
@@ -603,12 +638,14 @@ mod tests {
                 log_id: Some("log-a".into()),
                 tip: Some(120),
                 txs: BTreeMap::from([(attempt.txid, Some(118)), (stranger, Some(119))]),
+                kafka: None,
             };
             assert!(store.observe(&seen).unwrap());
             // Only the cursor moves: nothing a withdrawal watches changed.
             let skipped = Observation {
                 cursor: 50,
                 txs: BTreeMap::from([(stranger, None)]),
+                kafka: Some(BTreeMap::from([(0, 7), (2, 9)])),
                 ..Observation::default()
             };
             assert!(!store.observe(&skipped).unwrap());
@@ -621,6 +658,19 @@ mod tests {
         assert_eq!(store.chain_tip().unwrap(), Some(120));
         assert_eq!(store.confirmed_height(&attempt.txid).unwrap(), Some(118));
         assert_eq!(store.confirmed_height(&stranger).unwrap(), None);
+        // The topic's positions came back with the cursor they were written with...
+        assert_eq!(
+            store.kafka_positions().unwrap(),
+            Some(BTreeMap::from([(0, 7), (2, 9)]))
+        );
+        // ...and go when another log is chosen: they belong to the old one.
+        let rechosen = Observation {
+            cursor: 50,
+            log_id: Some("log-a".into()),
+            ..Observation::default()
+        };
+        store.observe(&rechosen).unwrap();
+        assert_eq!(store.kafka_positions().unwrap(), None);
         // Reorged out, then a finished withdrawal stops being watched.
         let out = Observation {
             cursor: 51,

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use bitcoin::consensus::deserialize;
 use bitcoin::hex::FromHex;
 use bitcoin::{Address, Amount, Network, Transaction};
-use indexer::config::Settings;
+use indexer::config::{KafkaSettings, Settings};
 use orchestrator::executor::{Boundaries, Boundary, Executor, Policy};
+use orchestrator::kafka_events::KafkaEvents;
 use orchestrator::saga::{FeeRate, Request, State, Withdrawal};
 use orchestrator::signer::KeyFileSigner;
 use orchestrator::store::SagaStore;
@@ -20,6 +21,7 @@ use proto::indexer::v1 as ipb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use serde_json::json;
 use system_tests::harness::script_of;
+use system_tests::kafka::Broker;
 use system_tests::live::{Devnet, Indexer, KeyedWallet};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -51,6 +53,8 @@ struct World {
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
     )>,
+    /// With events from Kafka: the broker the indexer exports to, and where to read.
+    kafka: Option<(Broker, KafkaEvents)>,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
     _rebuilt: Vec<tempfile::TempDir>,
 }
@@ -66,9 +70,35 @@ impl World {
         world
     }
 
+    /// The world with its indexer exporting to a Kafka broker of its own and the executor
+    /// taking its events from the topic (`events = "kafka"`).
+    fn start_on_kafka(coins: usize, btc: f64, policy: Policy) -> World {
+        let broker = Broker::start();
+        broker.create_topic("indexer.events", 3);
+        let events = KafkaEvents {
+            brokers: broker.bootstrap(),
+            topic: "indexer.events".into(),
+            group_id: "orchestrator".into(),
+            properties: Default::default(),
+        };
+        let mut world = Self::idle_with(coins, btc, policy, None, Some((broker, events)));
+        world.start_executor();
+        world
+    }
+
     /// The world with no executor running yet.
     /// `retention`: events the indexer keeps in its log (`None`: all).
     fn idle(coins: usize, btc: f64, policy: Policy, retention: Option<u64>) -> World {
+        Self::idle_with(coins, btc, policy, retention, None)
+    }
+
+    fn idle_with(
+        coins: usize,
+        btc: f64,
+        policy: Policy,
+        retention: Option<u64>,
+        kafka: Option<(Broker, KafkaEvents)>,
+    ) -> World {
         let node = Devnet::start(|c| c.filler_txs = 0);
         let miner = node.new_address("bech32");
         node.mine_to(101 + coins.div_ceil(25) as u32, &miner);
@@ -77,6 +107,10 @@ impl World {
         let db = tempfile::tempdir().unwrap();
         let settings = Settings {
             event_retention: retention,
+            kafka: KafkaSettings {
+                brokers: kafka.as_ref().map(|(b, _)| b.bootstrap()),
+                ..KafkaSettings::default()
+            },
             ..Indexer::settings(&node, db.path())
         };
         let served = Indexer::start(settings, &keyed.wallets);
@@ -95,6 +129,7 @@ impl World {
             store,
             served,
             executor: None,
+            kafka,
             _dirs: (dir, db),
             _rebuilt: Vec::new(),
         }
@@ -123,6 +158,9 @@ impl World {
         );
         if let Some(b) = boundaries {
             executor = executor.with_boundaries(b);
+        }
+        if let Some((_, events)) = &self.kafka {
+            executor = executor.with_kafka_events(events.clone());
         }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = self.served.runtime.spawn(executor.run(async {
@@ -433,17 +471,29 @@ fn a_stuck_withdrawal_is_replaced_at_a_higher_fee_and_completes() {
     assert!(replaced.is_err(), "the first version is gone");
 }
 
+fn reorg_policy() -> Policy {
+    Policy {
+        confirmations: 2,
+        settle_at: 6,
+        ..Policy::default()
+    }
+}
+
 #[test]
 fn a_reorg_that_drops_a_confirmed_withdrawal_sends_it_back_and_it_completes_again() {
-    let world = World::start(
-        2,
-        0.5,
-        Policy {
-            confirmations: 2,
-            settle_at: 6,
-            ..Policy::default()
-        },
-    );
+    a_reorg_sends_it_back_and_it_completes_again(World::start(2, 0.5, reorg_policy()));
+}
+
+/// The same with the executor taking its events from the Kafka topic the indexer
+/// exports to: a reorg's events arrive in two partitions (the network's, the wallet's)
+/// and must still apply in the log's order.
+#[test]
+fn on_kafka_events_a_reorg_sends_a_withdrawal_back_and_it_completes_again() {
+    let world = World::start_on_kafka(2, 0.5, reorg_policy());
+    a_reorg_sends_it_back_and_it_completes_again(world);
+}
+
+fn a_reorg_sends_it_back_and_it_completes_again(mut world: World) {
     let (id, _) = broadcast(&world, "reorg", 10_000_000, 3.0);
     let w = mine_until(&world, id, |w| w.state == State::Completed);
     let txid = w.confirmed.unwrap();
@@ -459,6 +509,9 @@ fn a_reorg_that_drops_a_confirmed_withdrawal_sends_it_back_and_it_completes_agai
         w.state == State::Confirming && w.confirmations == 0
     });
     assert_eq!(back.confirmed, None);
+    // A restart here resumes the events from where their effects were written.
+    world.stop_executor();
+    world.start_executor();
     let again = mine_until(&world, id, |w| w.settled);
     assert_eq!(
         (again.state, again.confirmed),
