@@ -88,6 +88,14 @@ pub struct KafkaSettings {
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub properties: BTreeMap<String, String>,
+    /// A file of more librdkafka settings, `key=value` lines (Kafka's client.properties
+    /// format), for secrets such as `sasl.password`; mode 600.
+    #[arg(
+        long = "kafka-properties-file",
+        global = true,
+        env = "INDEXER_KAFKA_PROPERTIES_FILE"
+    )]
+    pub properties_file: Option<std::path::PathBuf>,
 }
 
 /// The settings the exporter manages itself: passing them through would break exactly-once.
@@ -116,7 +124,8 @@ impl KafkaSettings {
     /// The export settings, when brokers are given.
     pub fn resolve(&self) -> Result<Option<KafkaConfig>, ConfigError> {
         let Some(brokers) = self.brokers.clone() else {
-            if self.topic.is_some() || !self.properties.is_empty() {
+            if self.topic.is_some() || !self.properties.is_empty() || self.properties_file.is_some()
+            {
                 return Err(ConfigError::Invalid(
                     "kafka settings without kafka.brokers: set the brokers to export to".into(),
                 ));
@@ -126,15 +135,13 @@ impl KafkaSettings {
         if brokers.trim().is_empty() {
             return Err(ConfigError::Invalid("kafka.brokers is empty".into()));
         }
-        if let Some(k) = self
-            .properties
-            .keys()
-            .find(|k| KAFKA_MANAGED.contains(&k.as_str()))
-        {
-            return Err(ConfigError::Invalid(format!(
-                "kafka.properties.{k:?} is set by the exporter itself (exactly-once needs it)"
-            )));
-        }
+        let properties = service::config::kafka_properties(
+            &self.properties,
+            self.properties_file.as_deref(),
+            KAFKA_MANAGED,
+            "exporter itself (exactly-once needs it)",
+        )
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let topic = self
             .topic
             .clone()
@@ -145,7 +152,7 @@ impl KafkaSettings {
             brokers,
             topic,
             client_id: self.client_id.clone().unwrap_or_else(|| "indexer".into()),
-            properties: self.properties.clone(),
+            properties,
         }))
     }
 }
@@ -522,11 +529,40 @@ mod tests {
             ("t1", "127.0.0.1:9092")
         );
         assert!(Settings::load(None, &flags(&[])).unwrap().kafka.is_none());
+        // Secrets from a properties file of their own, mode 600.
+        let secrets = _dir.path().join("kafka.properties");
+        std::fs::write(
+            &secrets,
+            "# SASL\nsasl.username = idx\nsasl.password=s3cret=x\n",
+        )
+        .unwrap();
+        let with_file = |mode: u32| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(mode)).unwrap();
+            Settings::load(
+                Some(&path),
+                &flags(&["--kafka-properties-file", secrets.to_str().unwrap()]),
+            )
+        };
+        let k = with_file(0o600).unwrap().kafka.unwrap();
+        assert_eq!(
+            (
+                k.properties["sasl.password"].as_str(),
+                k.properties["sasl.username"].as_str(),
+                k.properties["security.protocol"].as_str()
+            ),
+            ("s3cret=x", "idx", "ssl")
+        );
+        let e = with_file(0o644).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::write(&secrets, "security.protocol=plaintext\n").unwrap();
+        let e = with_file(0o600).unwrap_err().to_string();
+        assert!(e.contains("both"), "{e}");
         for (text, says) in [
             ("[kafka]\ntopic = \"t\"\n", "without kafka.brokers"),
             (
                 "[kafka]\nbrokers = \"b:1\"\n[kafka.properties]\n\"transactional.id\" = \"x\"\n",
-                "set by the exporter",
+                "set by the exporter itself",
             ),
             (
                 "[kafka]\nbrokers = \"b:1\"\ntopic = \"a b\"\n",

@@ -111,6 +111,13 @@ pub struct KafkaSettings {
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub properties: std::collections::BTreeMap<String, String>,
+    /// A file of more librdkafka settings, `key=value` lines (Kafka's client.properties
+    /// format), for secrets such as `sasl.password`; mode 600.
+    #[arg(
+        long = "kafka-properties-file",
+        env = "ORCHESTRATOR_KAFKA_PROPERTIES_FILE"
+    )]
+    pub properties_file: Option<PathBuf>,
 }
 
 /// The settings the Kafka event source manages itself: changed, it could apply events
@@ -126,7 +133,10 @@ const KAFKA_MANAGED: &[&str] = &[
 impl KafkaSettings {
     /// The topic to read when `events` is `kafka`; refuses Kafka settings otherwise.
     fn resolve(self, events: Option<&str>) -> Result<Option<KafkaEvents>, ConfigError> {
-        let given = self.brokers.is_some() || self.topic.is_some() || self.group_id.is_some();
+        let given = self.brokers.is_some()
+            || self.topic.is_some()
+            || self.group_id.is_some()
+            || self.properties_file.is_some();
         match events.unwrap_or("subscribe") {
             "subscribe" if given || !self.properties.is_empty() => Err(ConfigError(
                 "kafka settings are given but events is \"subscribe\": set events = \"kafka\" to read the topic".into(),
@@ -139,11 +149,13 @@ impl KafkaSettings {
                     .ok_or_else(|| {
                         ConfigError("events = \"kafka\" needs kafka.brokers (or --kafka-brokers)".into())
                     })?;
-                if let Some(k) = self.properties.keys().find(|k| KAFKA_MANAGED.contains(&k.as_str())) {
-                    return Err(ConfigError(format!(
-                        "kafka.properties.{k:?} is set by the orchestrator itself (applying events in order needs it)"
-                    )));
-                }
+                let properties = service::config::kafka_properties(
+                    &self.properties,
+                    self.properties_file.as_deref(),
+                    KAFKA_MANAGED,
+                    "orchestrator itself (applying events in order needs it)",
+                )
+                .map_err(|e| ConfigError(e.to_string()))?;
                 let topic = self.topic.unwrap_or_else(|| "indexer.events".into());
                 service::config::check_kafka_topic(&topic, "kafka.topic")
                     .map_err(|e| ConfigError(e.to_string()))?;
@@ -151,7 +163,7 @@ impl KafkaSettings {
                     brokers,
                     topic,
                     group_id: self.group_id.unwrap_or_else(|| "orchestrator".into()),
-                    properties: self.properties,
+                    properties,
                 }))
             }
             other => Err(ConfigError(format!(

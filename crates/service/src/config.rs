@@ -96,6 +96,50 @@ pub fn parse_network(name: &str) -> Result<Network, ConfigError> {
     }
 }
 
+/// The librdkafka settings of a `[kafka]` table: its `properties` and those of
+/// `properties_file`, a file of `key=value` lines in Kafka's client.properties format
+/// (`#` comments), for secrets such as `sasl.password`. Like every secret file it must be
+/// readable by its owner only; a key in both places is refused (which one wins would be a
+/// guess), and so is a key of `managed` (the service sets it itself).
+pub fn kafka_properties(
+    table: &std::collections::BTreeMap<String, String>,
+    file: Option<&Path>,
+    managed: &[&str],
+    who: &str,
+) -> Result<std::collections::BTreeMap<String, String>, ConfigError> {
+    let mut all = table.clone();
+    if let Some(path) = file {
+        let text = crate::auth::read_secret_file("kafka.properties_file", path)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                return Err(ConfigError::Invalid(format!(
+                    "kafka.properties_file {}, line {}: not key=value",
+                    path.display(),
+                    n + 1
+                )));
+            };
+            let key = key.trim().to_owned();
+            if all.insert(key.clone(), value.trim().to_owned()).is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "kafka property {key:?} is set both in [kafka.properties] and in {}: keep one",
+                    path.display()
+                )));
+            }
+        }
+    }
+    if let Some(k) = all.keys().find(|k| managed.contains(&k.as_str())) {
+        return Err(ConfigError::Invalid(format!(
+            "kafka property {k:?} is set by the {who}: remove it from the kafka properties"
+        )));
+    }
+    Ok(all)
+}
+
 /// Refuses what is not a Kafka topic name (1-249 of letters, digits, '.', '_', '-').
 pub fn check_kafka_topic(topic: &str, key: &str) -> Result<(), ConfigError> {
     let valid = (1..=249).contains(&topic.len())
