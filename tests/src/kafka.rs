@@ -2,6 +2,7 @@
 //! stopped (by its pid) when dropped. scripts/setup-kafka.sh installs it; a missing broker fails
 //! the test saying how to install it, never skips it.
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -68,6 +69,30 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Runs the broker binary on `addr`, its output appended to `log`.
+fn spawn(bin: &Path, addr: SocketAddr, log: &Path) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let url = format!("tcp://{addr}");
+    Command::new(bin)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()))
+}
+
 impl Broker {
     /// Starts a broker keeping its data in memory (a restart is a new, empty cluster).
     pub fn start() -> Broker {
@@ -76,22 +101,7 @@ impl Broker {
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let log = dir.path().join("tansu.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let url = format!("tcp://{addr}");
-        let child = Command::new(&bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let child = spawn(&bin, addr, &log);
         let broker = Broker {
             child,
             addr,
@@ -101,6 +111,15 @@ impl Broker {
         };
         broker.wait_listening(Duration::from_secs(20));
         broker
+    }
+
+    /// Kills the broker (SIGKILL, as a crash would) and starts a new one on the same
+    /// address: with the memory engine, a new and empty cluster.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.bin, self.addr, &self.log);
+        self.wait_listening(Duration::from_secs(20));
     }
 
     fn wait_listening(&self, limit: Duration) {
@@ -125,18 +144,27 @@ impl Broker {
 
     /// Creates `topic` with `partitions` partitions.
     pub fn create_topic(&self, topic: &str, partitions: u32) {
+        if let Err(e) = self.try_create_topic(topic, partitions) {
+            panic!("tansu topic create {topic}: {e}");
+        }
+    }
+
+    /// Creates `topic` with `partitions` partitions; what the tool said when it could not.
+    pub fn try_create_topic(&self, topic: &str, partitions: u32) -> Result<(), String> {
         let out = Command::new(&self.bin)
             .args(["topic", "create", topic])
             .args(["--broker", &format!("tcp://{}", self.addr)])
             .args(["--partitions", &partitions.to_string()])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "tansu topic create {topic}: {}{}",
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
-        );
+        ))
     }
 
     /// What the broker logged so far.
@@ -242,4 +270,34 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The records of events: not the markers that end each exported chunk.
+pub fn events_of(records: Vec<Received>) -> Vec<Received> {
+    let (events, markers): (Vec<_>, Vec<_>) = records
+        .into_iter()
+        .partition(|r| r.header("log_offset").is_some());
+    for m in &markers {
+        assert!(
+            m.header("exported_to").is_some(),
+            "a record of neither kind: {m:?}"
+        );
+    }
+    events
+}
+
+/// Each event once, and each transfer event once for each of its wallets.
+pub fn expected_once(log: &[proto::indexer::v1::Event]) -> BTreeSet<(u64, Option<String>)> {
+    log.iter()
+        .flat_map(|e| {
+            if e.wallets.is_empty() {
+                vec![(e.offset, None)]
+            } else {
+                e.wallets
+                    .iter()
+                    .map(|w| (e.offset, Some(w.clone())))
+                    .collect()
+            }
+        })
+        .collect()
 }

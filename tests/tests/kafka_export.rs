@@ -14,7 +14,7 @@ use prost::Message;
 use proto::indexer::v1 as pb;
 use serde_json::json;
 use system_tests::harness::{script_of, TestWallet};
-use system_tests::kafka::{Broker, Received};
+use system_tests::kafka::{events_of, expected_once, Broker, Received};
 use system_tests::live::{Devnet, Indexer};
 
 const TOPIC: &str = "indexer.events";
@@ -264,34 +264,4 @@ fn kafka_export(db: &std::path::Path, broker: &Broker, args: &[&str]) -> String 
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// The records of events: not the markers that end each exported chunk.
-fn events_of(records: Vec<Received>) -> Vec<Received> {
-    let (events, markers): (Vec<_>, Vec<_>) = records
-        .into_iter()
-        .partition(|r| r.header("log_offset").is_some());
-    for m in &markers {
-        assert!(
-            m.header("exported_to").is_some(),
-            "a record of neither kind: {m:?}"
-        );
-    }
-    events
-}
-
-/// Each event once, and each transfer event once for each of its wallets.
-fn expected_once(log: &[pb::Event]) -> BTreeSet<(u64, Option<String>)> {
-    log.iter()
-        .flat_map(|e| {
-            if e.wallets.is_empty() {
-                vec![(e.offset, None)]
-            } else {
-                e.wallets
-                    .iter()
-                    .map(|w| (e.offset, Some(w.clone())))
-                    .collect()
-            }
-        })
-        .collect()
 }

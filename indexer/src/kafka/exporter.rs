@@ -266,8 +266,11 @@ impl Exporter {
             .set("acks", "all")
             .create()?;
         producer.init_transactions(REQUEST)?;
+        // librdkafka's consumer needs a group even with partitions assigned by hand (no
+        // group is joined, nothing is committed): without one, reading fails.
         let consumer: BaseConsumer = self
             .client()
+            .set("group.id", format!("indexer-export-{log_id}"))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("isolation.level", "read_committed")
@@ -284,6 +287,10 @@ impl Exporter {
                 next: end,
             }));
         }
+        // What the topic shows now is the saved position from here on: a topic that lost
+        // its data (a broker that kept nothing) must not be continued from the old one
+        // once some partitions hold markers again.
+        self.store.set_kafka_exported(&self.config.topic, next)?;
         info!(topic = %self.config.topic, from = next, "exporting the event log to kafka");
         self.exported(next);
         let mut behind_since: Option<Instant> = None;
