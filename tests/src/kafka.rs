@@ -301,3 +301,19 @@ pub fn expected_once(log: &[proto::indexer::v1::Event]) -> BTreeSet<(u64, Option
         })
         .collect()
 }
+
+/// Wallets `hot` (address `hot`) and `cold` (addresses `cold` and `hot`): a payment to
+/// `hot` is a transfer of both, one record per wallet on the topic.
+pub fn hot_and_cold(hot: &str, cold: &str) -> Vec<crate::harness::TestWallet> {
+    use crate::harness::{script_of, TestWallet};
+    vec![
+        TestWallet {
+            name: "hot".into(),
+            scripts: BTreeSet::from([script_of(hot)]),
+        },
+        TestWallet {
+            name: "cold".into(),
+            scripts: BTreeSet::from([script_of(cold), script_of(hot)]),
+        },
+    ]
+}

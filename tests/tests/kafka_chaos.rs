@@ -17,8 +17,8 @@ use prost::Message;
 use proto::indexer::v1 as pb;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use system_tests::harness::{open_with_wallets, script_of, TestWallet};
-use system_tests::kafka::{events_of, expected_once, Broker, Received};
+use system_tests::harness::open_with_wallets;
+use system_tests::kafka::{events_of, expected_once, hot_and_cold, Broker, Received};
 use system_tests::live::{Devnet, Indexer};
 
 const TOPIC: &str = "indexer.events";
@@ -87,17 +87,7 @@ fn every_offset_reaches_a_consumer_once_through_kill_9_reorgs_and_broker_restart
     let miner = node.new_address("bech32");
     node.mine_to(101, &miner);
     let (hot, cold) = (node.new_address("bech32"), node.new_address("bech32"));
-    let wallets = [
-        TestWallet {
-            name: "hot".into(),
-            scripts: BTreeSet::from([script_of(&hot)]),
-        },
-        TestWallet {
-            name: "cold".into(),
-            // Also hot's script: payments to it are records of both wallets.
-            scripts: BTreeSet::from([script_of(&cold), script_of(&hot)]),
-        },
-    ];
+    let wallets = hot_and_cold(&hot, &cold);
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     drop(open_with_wallets(&db, bitcoin::Network::Regtest, &wallets));

@@ -13,8 +13,7 @@ use indexer::store::{Reader, Store};
 use prost::Message;
 use proto::indexer::v1 as pb;
 use serde_json::json;
-use system_tests::harness::{script_of, TestWallet};
-use system_tests::kafka::{events_of, expected_once, Broker, Received};
+use system_tests::kafka::{events_of, expected_once, hot_and_cold, Broker, Received};
 use system_tests::live::{Devnet, Indexer};
 
 const TOPIC: &str = "indexer.events";
@@ -125,17 +124,7 @@ fn every_event_reaches_the_topic_once_per_wallet_through_a_reorg_and_a_restart()
     let miner = node.new_address("bech32");
     node.mine_to(101, &miner);
     let (hot, cold) = (node.new_address("bech32"), node.new_address("bech32m"));
-    let wallets = vec![
-        TestWallet {
-            name: "hot".into(),
-            scripts: BTreeSet::from([script_of(&hot)]),
-        },
-        TestWallet {
-            name: "cold".into(),
-            // Also hot's script: payments to it belong to both wallets.
-            scripts: BTreeSet::from([script_of(&cold), script_of(&hot)]),
-        },
-    ];
+    let wallets = hot_and_cold(&hot, &cold);
     let db = tempfile::tempdir().unwrap();
     let settings = Settings {
         kafka: KafkaSettings {
