@@ -7,8 +7,11 @@
 //!    (from the first commit until the exporter has delivered the last).
 //! 2. At the tip: one commit of 10 events every 10 ms; the time from each commit to a
 //!    consumer's receipt of its records (p50, p99).
+//! 3. With `--chain DIR` (from gen_chain): a real catch-up, the rescan of that chain
+//!    writing the log as `indexer run` does while the exporter runs; the rescan's events
+//!    per second against the exporter's.
 //!
-//! `kafka_export_bench [--events 200000] [--tip-commits 300]`
+//! `kafka_export_bench [--events 200000] [--tip-commits 300] [--chain DIR]`
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
@@ -22,7 +25,7 @@ use clap::Parser;
 use indexer::config::KafkaConfig;
 use indexer::kafka::Exporter;
 use indexer::metrics::KafkaMetrics;
-use indexer::store::{Store, Writes};
+use indexer::store::{Reader, Store, Writes};
 use indexer::types::{Event, EventKind, WalletId};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -41,6 +44,72 @@ struct Args {
     /// Commits at the tip, 10 ms apart.
     #[arg(long, default_value_t = 300)]
     tip_commits: u64,
+    /// A generated chain (gen_chain) to measure a real catch-up on as well.
+    #[arg(long)]
+    chain: Option<std::path::PathBuf>,
+}
+
+/// A running exporter: its metrics, stop flag and thread.
+type Running = (
+    KafkaMetrics,
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<Result<(), indexer::kafka::ExportError>>,
+);
+
+/// Runs an exporter of `store` to `topic` on `broker`.
+fn export(broker: &Broker, store: &Arc<Store>, topic: &str) -> Result<Running> {
+    let metrics = KafkaMetrics::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let config = KafkaConfig {
+        brokers: broker.bootstrap(),
+        topic: topic.into(),
+        client_id: "bench".into(),
+        properties: Default::default(),
+    };
+    let exporter = Exporter::new(
+        store.clone(),
+        Network::Regtest,
+        config,
+        metrics.clone(),
+        stop.clone(),
+    )
+    .spawn()?;
+    Ok((metrics, stop, exporter))
+}
+
+/// 3. The rescan of `chain` writes the log while the exporter runs.
+fn real_catch_up(broker: &Broker, chain: &std::path::Path) -> Result<()> {
+    const REAL: &str = "bench.rescan";
+    broker.create_topic(REAL, 3);
+    // The same rescan without an exporter first: what exporting costs indexing.
+    let alone = {
+        let (_db, store, scripts) = benches::bench_store(chain)?;
+        let started = Instant::now();
+        benches::rescan(&store, &scripts, chain, &|_| {})?;
+        started.elapsed().as_secs_f64()
+    };
+    let (_db, store, scripts) = benches::bench_store(chain)?;
+    let store = Arc::new(store);
+    let (metrics, stop, exporter) = export(broker, &store, REAL)?;
+    // Connected and positioned before the clock starts (it finds nothing to export).
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    let (progress, _) = benches::rescan(&store, &scripts, chain, &|_| {})?;
+    let written = started.elapsed().as_secs_f64();
+    let end = store.next_event()?;
+    delivered(&metrics, end);
+    let exported = started.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = exporter.join();
+    println!(
+        "real catch-up: rescan of {} blocks ({} MB) wrote {end} events in {written:.2} s ({:.0}/s), all on the topic after {exported:.2} s: ratio {:.2}; the rescan alone {alone:.2} s (with the exporter / alone: {:.2})",
+        progress.blocks,
+        progress.bytes / 1_000_000,
+        end as f64 / written,
+        written / exported,
+        alone / written
+    );
+    Ok(())
 }
 
 /// `n` events as one commit: a block event, then transfer events of `wallet`.
@@ -93,22 +162,7 @@ fn main() -> Result<()> {
         1,
     )?
     .wallet;
-    let metrics = KafkaMetrics::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let config = KafkaConfig {
-        brokers: broker.bootstrap(),
-        topic: TOPIC.into(),
-        client_id: "bench".into(),
-        properties: Default::default(),
-    };
-    let exporter = Exporter::new(
-        store.clone(),
-        Network::Regtest,
-        config,
-        metrics.clone(),
-        stop.clone(),
-    )
-    .spawn()?;
+    let (metrics, stop, exporter) = export(&broker, &store, TOPIC)?;
     // The exporter has connected and found its position (0) before the clock starts.
     commit(&store, 0, 1, wallet)?;
     delivered(&metrics, 1);
@@ -185,5 +239,8 @@ fn main() -> Result<()> {
         pct(0.5),
         pct(0.99)
     );
+    if let Some(chain) = &args.chain {
+        real_catch_up(&broker, chain)?;
+    }
     Ok(())
 }
