@@ -180,6 +180,9 @@ impl Store {
         db_opts.create_missing_column_families(true);
         db_opts.set_max_open_files(256);
         db_opts.increase_parallelism(2);
+        // A compaction of one family may use both cores: after a bulk load of millions of
+        // watched scripts, the larger family's compaction was one thread for seconds.
+        db_opts.set_max_subcompactions(2);
         // One cap on all memtables together keeps memory flat however long a rescan runs.
         db_opts.set_db_write_buffer_size(256 << 20);
         // Families flushed together are flushed atomically (see `flush_all`).
