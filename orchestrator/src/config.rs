@@ -127,6 +127,7 @@ const KAFKA_MANAGED: &[&str] = &[
     "group.id",
     "enable.auto.commit",
     "enable.auto.offset.store",
+    "auto.offset.reset",
     "isolation.level",
 ];
 

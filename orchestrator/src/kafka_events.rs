@@ -171,6 +171,9 @@ pub struct KafkaMonitor {
     wake: Arc<tokio::sync::Notify>,
     config: KafkaEvents,
     backoff: Duration,
+    /// Set when the stored positions are gone from the topic (Kafka's retention deleted
+    /// them): the next attempt reads the present state instead of resuming.
+    positions_lost: bool,
 }
 
 impl KafkaMonitor {
@@ -188,6 +191,7 @@ impl KafkaMonitor {
             wake,
             config,
             backoff: FIRST_BACKOFF,
+            positions_lost: false,
         }
     }
 
@@ -211,6 +215,9 @@ impl KafkaMonitor {
         }
         Ok(c.set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
+            // A position Kafka's retention deleted is an error, never a silent jump to the
+            // end (which would skip events) or the start.
+            .set("auto.offset.reset", "error")
             .set("isolation.level", "read_committed")
             // A block's records are waited for 10 ms at most, not the default 500.
             .set("fetch.wait.max.ms", "10")
@@ -225,11 +232,14 @@ impl KafkaMonitor {
             .await?
             .into_inner();
         let resume = match (self.store.cursor()?, self.store.kafka_positions()?) {
-            (Some(cursor), Some(positions)) if self.store.log_id()? == current.log_id => {
+            (Some(cursor), Some(positions))
+                if self.store.log_id()? == current.log_id && !self.positions_lost =>
+            {
                 Some((cursor, positions))
             }
             _ => None,
         };
+        self.positions_lost = false;
         let consumer = Arc::new(self.consumer()?);
         let (cursor, positions) = match resume {
             Some(r) => r,
@@ -248,14 +258,23 @@ impl KafkaMonitor {
         let (c, topic) = (consumer.clone(), self.config.topic.clone());
         let positions = tokio::task::spawn_blocking(move || assign(&c, &topic, positions))
             .await
-            .map_err(|e| MonitorError::Kafka(e.to_string()))??;
+            .map_err(|e| MonitorError::Kafka(e.to_string()))?
+            .inspect_err(|e| {
+                if matches!(e, MonitorError::PositionsLost { .. }) {
+                    self.positions_lost = true;
+                }
+            })?;
         let log_id = self.store.log_id()?;
         tracing::info!(topic = %self.config.topic, cursor, partitions = positions.len(), "following the indexer's events on kafka");
         let mut barrier = Barrier::new(log_id.clone(), cursor, positions);
         let mut others_checked = std::collections::BTreeSet::new();
         loop {
             let mut taken = 0;
-            let mut message = Some(consumer.recv().await?);
+            let mut message = Some(consumer.recv().await.inspect_err(|e| {
+                if is_out_of_range(e) {
+                    self.positions_lost = true;
+                }
+            })?);
             while let Some(m) = message.take() {
                 let headers = m.headers().map(|h| {
                     h.iter()
@@ -283,7 +302,11 @@ impl KafkaMonitor {
                 taken += 1;
                 if taken < BATCH {
                     message = match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
-                        Ok(m) => Some(m?),
+                        Ok(m) => Some(m.inspect_err(|e| {
+                            if is_out_of_range(e) {
+                                self.positions_lost = true;
+                            }
+                        })?),
                         Err(_) => None, // nothing more ready
                     };
                 }
@@ -316,6 +339,15 @@ impl KafkaMonitor {
             }
         }
     }
+}
+
+/// Whether `e` says a position is no longer in its partition.
+fn is_out_of_range(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode::{AutoOffsetReset, OffsetOutOfRange};
+    matches!(
+        e.rdkafka_error_code(),
+        Some(AutoOffsetReset | OffsetOutOfRange)
+    )
 }
 
 /// The first offset of each partition of `topic` with records from `since` on.
@@ -353,9 +385,14 @@ fn assign(
 ) -> Result<BTreeMap<i32, i64>, MonitorError> {
     let mut assignment = TopicPartitionList::new();
     for p in partitions(consumer, topic)? {
+        let (low, high) = consumer.fetch_watermarks(topic, p, REQUEST)?;
         let at = match positions.get(&p) {
+            // Past the partition's end: the topic was recreated or truncated (a broker
+            // that lost its data) and the exporter is filling it again; resuming there
+            // would skip what lands below.
+            Some(at) if *at > high => return Err(MonitorError::PositionsLost { partition: p }),
             Some(at) => *at,
-            None => consumer.fetch_watermarks(topic, p, REQUEST)?.0,
+            None => low,
         };
         positions.insert(p, at);
         assignment.add_partition_offset(topic, p, Offset::Offset(at))?;

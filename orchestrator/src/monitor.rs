@@ -42,6 +42,13 @@ pub enum MonitorError {
     /// The topic cannot be followed as it is (events = "kafka").
     #[error("kafka: {0}")]
     Kafka(String),
+    /// A stored read position is past its partition's end (the topic was recreated or
+    /// truncated): the present state is read again.
+    #[error("kafka: the read position of partition {partition} is past its end (the topic was recreated?); reading the present state again")]
+    PositionsLost {
+        /// The partition.
+        partition: i32,
+    },
     /// An event the indexer sent does not make sense.
     #[error("indexer event {offset}: {what}")]
     BadEvent {

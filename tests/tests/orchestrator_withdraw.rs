@@ -900,3 +900,40 @@ fn a_cancel_at_every_step_boundary_pays_each_destination_at_most_once() {
     }
     assert!(world.store.reserved().unwrap().is_empty());
 }
+
+/// On Kafka events, stored read positions past the topic's end (a topic recreated by a
+/// broker that lost its data, being filled again) are not resumed from, which would skip
+/// what lands below them: the present state is read again, and positions with it.
+#[test]
+fn on_kafka_events_positions_past_the_topics_end_are_replaced_by_the_present_state() {
+    let mut world = World::start_on_kafka(
+        2,
+        0.5,
+        Policy {
+            confirmations: 2,
+            settle_at: 3,
+            ..Policy::default()
+        },
+    );
+    let (id, _) = broadcast(&world, "past-the-end", 10_000_000, 3.0);
+    let w = mine_until(&world, id, |w| w.confirmed.is_some());
+    world.stop_executor();
+    let cursor = world.store.cursor().unwrap().unwrap();
+    let gone = orchestrator::store::Observation {
+        cursor,
+        kafka: Some((0..3).map(|p| (p, 1_000_000_000)).collect()),
+        ..Default::default()
+    };
+    world.store.observe(&gone).unwrap();
+    world.start_executor();
+    let done = mine_until(&world, id, |w| w.settled);
+    assert_eq!(
+        (done.state, done.confirmed),
+        (State::Completed, w.confirmed)
+    );
+    let positions = world.store.kafka_positions().unwrap().unwrap();
+    assert!(
+        positions.values().all(|o| *o < 1_000_000_000),
+        "read again from real positions: {positions:?}"
+    );
+}
