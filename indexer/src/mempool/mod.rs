@@ -42,6 +42,9 @@ pub struct PendingTx {
     pub inputs: Vec<OutPoint>,
     /// When it was first seen.
     pub seen: std::time::SystemTime,
+    /// The tracker's count of added transactions when it was added (see
+    /// [`Mempool::reconcile`]).
+    pub added: u64,
 }
 
 impl PendingTx {
@@ -87,6 +90,8 @@ pub struct Mempool {
     /// Mempool transactions already looked at (watched or not), so a resync fetches only
     /// what is new.
     checked: HashSet<Txid>,
+    /// Watched transactions added so far, to tell a resync's snapshot from what came after.
+    adds: u64,
 }
 
 impl Mempool {
@@ -287,12 +292,14 @@ impl Mempool {
             self.spenders.insert(*op, txid);
         }
         self.gone.remove(&txid);
+        self.adds += 1;
         let pending = PendingTx {
             txid,
             received,
             spent,
             inputs,
             seen: std::time::SystemTime::now(),
+            added: self.adds,
         };
         changes.push(Change::Seen(txid, pending.wallets()));
         self.txs.insert(txid, pending);
@@ -330,18 +337,30 @@ impl Mempool {
         changes
     }
 
-    /// Brings the tracker in line with bitcoind's whole mempool (`in_mempool`), after a gap
-    /// or a reorg: tracked transactions bitcoind no longer has were mined (when the store
-    /// has them confirmed) or are gone. Returns the txids to look at as new.
+    /// Watched transactions added so far: read before asking bitcoind for its mempool, and
+    /// given to [`Mempool::reconcile`] with the answer.
+    pub fn adds(&self) -> u64 {
+        self.adds
+    }
+
+    /// Brings the tracker in line with bitcoind's whole mempool (`in_mempool`, asked for
+    /// when [`Mempool::adds`] was `asked_at`), after a gap or a reorg: tracked
+    /// transactions bitcoind no longer has were mined (when the store has them confirmed)
+    /// or are gone. A transaction added after the question is newer than the answer, not
+    /// gone (a ZMQ notice handled meanwhile). Returns the txids to look at as new.
     pub fn reconcile(
         &mut self,
         store: &Store,
         in_mempool: &HashSet<Txid>,
+        asked_at: u64,
         confirmed: impl Fn(&Store, &Txid) -> Result<bool, StoreError>,
     ) -> Result<(Vec<Change>, Vec<Txid>), StoreError> {
         let mut changes = Vec::new();
         for txid in self.txids() {
             if in_mempool.contains(&txid) {
+                continue;
+            }
+            if self.txs.get(&txid).is_some_and(|t| t.added > asked_at) {
                 continue;
             }
             if confirmed(store, &txid)? {
@@ -358,5 +377,65 @@ impl Mempool {
             .copied()
             .collect();
         Ok((changes, new))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use bitcoin::hashes::Hash;
+    use bitcoin::{absolute, transaction, Amount, ScriptBuf, TxIn, TxOut};
+
+    fn paying(script: &ScriptBuf, n: u8) -> Transaction {
+        Transaction {
+            version: transaction::Version::TWO,
+            lock_time: absolute::LockTime::ZERO,
+            input: vec![TxIn {
+                previous_output: OutPoint::new(Txid::from_byte_array([n; 32]), 0),
+                ..TxIn::default()
+            }],
+            output: vec![TxOut {
+                value: Amount::from_sat(1000 + u64::from(n)),
+                script_pubkey: script.clone(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_resync_does_not_take_a_transaction_added_after_its_question_for_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), bitcoin::Network::Regtest).unwrap();
+        let script = ScriptBuf::from_hex("0014751e76e8199196d454941c45d1b3a323f1433bd6").unwrap();
+        let descriptor = format!("raw({})", script.to_hex_string());
+        crate::wallets::add(
+            &store,
+            bitcoin::Network::Regtest,
+            "w",
+            &[descriptor],
+            None,
+            1,
+        )
+        .unwrap();
+        let scripts = ScriptFilter::new(10, 1e-3);
+        scripts.insert(script.as_bytes());
+        let mut pool = Mempool::new();
+        let (before, after) = (paying(&script, 1), paying(&script, 2));
+        pool.added(&store, &scripts, &before).unwrap();
+        // bitcoind is asked here; its answer holds neither (the first left meanwhile, the
+        // second is announced by ZMQ while it answers).
+        let asked_at = pool.adds();
+        pool.added(&store, &scripts, &after).unwrap();
+        let (changes, _) = pool
+            .reconcile(&store, &HashSet::new(), asked_at, |_, _| Ok(false))
+            .unwrap();
+        assert!(
+            pool.get(&after.compute_txid()).is_some(),
+            "kept: newer than the answer"
+        );
+        assert!(pool.get(&before.compute_txid()).is_none());
+        assert!(
+            matches!(&changes[..], [Change::Gone(t, Gone::Evicted, _)] if *t == before.compute_txid())
+        );
     }
 }

@@ -177,10 +177,13 @@ impl Tracker {
             .lock()
             .expect("raw tx lock is never poisoned")
             .clear();
+        // Read before asking: a transaction a ZMQ notice adds while bitcoind answers is not
+        // in the answer, and must not be taken for gone.
+        let asked_at = self.lock().adds();
         let in_mempool: HashSet<Txid> = self.daemon.raw_mempool()?.into_iter().collect();
-        let (changes, new) = self
-            .lock()
-            .reconcile(&self.store, &in_mempool, |s, t| s.has_transfer(t))?;
+        let (changes, new) =
+            self.lock()
+                .reconcile(&self.store, &in_mempool, asked_at, |s, t| s.has_transfer(t))?;
         self.log(changes)?;
         for chunk in new.chunks(500) {
             for raw in self
