@@ -199,6 +199,7 @@ impl KafkaMonitor {
     pub async fn run(mut self) {
         loop {
             if let Err(e) = self.follow().await {
+                self.positions_lost = positions_lost(&e);
                 tracing::warn!(error = %e, retry_in = ?self.backoff, topic = %self.config.topic, "following the indexer's events on kafka");
             }
             tokio::time::sleep(self.backoff).await;
@@ -239,7 +240,6 @@ impl KafkaMonitor {
             }
             _ => None,
         };
-        self.positions_lost = false;
         let consumer = Arc::new(self.consumer()?);
         let (cursor, positions) = match resume {
             Some(r) => r,
@@ -258,23 +258,14 @@ impl KafkaMonitor {
         let (c, topic) = (consumer.clone(), self.config.topic.clone());
         let positions = tokio::task::spawn_blocking(move || assign(&c, &topic, positions))
             .await
-            .map_err(|e| MonitorError::Kafka(e.to_string()))?
-            .inspect_err(|e| {
-                if matches!(e, MonitorError::PositionsLost { .. }) {
-                    self.positions_lost = true;
-                }
-            })?;
+            .map_err(|e| MonitorError::Kafka(e.to_string()))??;
         let log_id = self.store.log_id()?;
         tracing::info!(topic = %self.config.topic, cursor, partitions = positions.len(), "following the indexer's events on kafka");
         let mut barrier = Barrier::new(log_id.clone(), cursor, positions);
         let mut others_checked = std::collections::BTreeSet::new();
         loop {
             let mut taken = 0;
-            let mut message = Some(consumer.recv().await.inspect_err(|e| {
-                if is_out_of_range(e) {
-                    self.positions_lost = true;
-                }
-            })?);
+            let mut message = Some(consumer.recv().await?);
             while let Some(m) = message.take() {
                 let headers = m.headers().map(|h| {
                     h.iter()
@@ -302,11 +293,7 @@ impl KafkaMonitor {
                 taken += 1;
                 if taken < BATCH {
                     message = match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
-                        Ok(m) => Some(m.inspect_err(|e| {
-                            if is_out_of_range(e) {
-                                self.positions_lost = true;
-                            }
-                        })?),
+                        Ok(m) => Some(m?),
                         Err(_) => None, // nothing more ready
                     };
                 }
@@ -341,13 +328,18 @@ impl KafkaMonitor {
     }
 }
 
-/// Whether `e` says a position is no longer in its partition.
-fn is_out_of_range(e: &rdkafka::error::KafkaError) -> bool {
+/// Whether `e` says a stored position is no longer in its partition (past a recreated
+/// topic's end, or deleted by retention).
+fn positions_lost(e: &MonitorError) -> bool {
     use rdkafka::error::RDKafkaErrorCode::{AutoOffsetReset, OffsetOutOfRange};
-    matches!(
-        e.rdkafka_error_code(),
-        Some(AutoOffsetReset | OffsetOutOfRange)
-    )
+    match e {
+        MonitorError::PositionsLost { .. } => true,
+        MonitorError::KafkaClient(k) => matches!(
+            k.rdkafka_error_code(),
+            Some(AutoOffsetReset | OffsetOutOfRange)
+        ),
+        _ => false,
+    }
 }
 
 /// The first offset of each partition of `topic` with records from `since` on.

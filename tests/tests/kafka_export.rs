@@ -208,19 +208,13 @@ fn every_event_reaches_the_topic_once_per_wallet_through_a_reorg_and_a_restart()
     kafka_export(db.path(), &broker, &[]);
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/python/kafka_consumer.py");
-    let out = std::process::Command::new(system_tests::kafka::venv_python())
-        .arg(example)
-        .args(["--brokers", &broker.bootstrap(), "--topic", TOPIC])
-        .args(["--idle-secs", "5"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        std::process::Command::new(system_tests::kafka::venv_python())
+            .arg(example)
+            .args(["--brokers", &broker.bootstrap(), "--topic", TOPIC])
+            .args(["--idle-secs", "5"]),
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
+    let lines: Vec<serde_json::Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -241,12 +235,17 @@ fn every_event_reaches_the_topic_once_per_wallet_through_a_reorg_and_a_restart()
 
 /// `indexer kafka export ARGS` on the database at `db` to `broker`: its standard output.
 fn kafka_export(db: &std::path::Path, broker: &Broker, args: &[&str]) -> String {
-    let out = std::process::Command::new(system_tests::harness::workspace_binary("indexer"))
-        .args(["--db", db.to_str().unwrap(), "--network", "regtest"])
-        .args(["--kafka-brokers", &broker.bootstrap(), "kafka", "export"])
-        .args(args)
-        .output()
-        .unwrap();
+    stdout_of(
+        std::process::Command::new(system_tests::harness::workspace_binary("indexer"))
+            .args(["--db", db.to_str().unwrap(), "--network", "regtest"])
+            .args(["--kafka-brokers", &broker.bootstrap(), "kafka", "export"])
+            .args(args),
+    )
+}
+
+/// Runs `command`; its standard output, after asserting it succeeded.
+fn stdout_of(command: &mut std::process::Command) -> String {
+    let out = command.output().unwrap();
     assert!(
         out.status.success(),
         "{}",

@@ -290,9 +290,8 @@ impl Exporter {
         // What the topic shows now is the saved position from here on: a topic that lost
         // its data (a broker that kept nothing) must not be continued from the old one
         // once some partitions hold markers again.
-        self.store.set_kafka_exported(&self.config.topic, next)?;
+        self.exported(next)?;
         info!(topic = %self.config.topic, from = next, "exporting the event log to kafka");
-        self.exported(next);
         let mut behind_since: Option<Instant> = None;
         while !self.stopping() {
             let end = self.store.next_event()?;
@@ -308,8 +307,7 @@ impl Exporter {
                 .lag_seconds
                 .set(since.elapsed().as_secs() as i64);
             next = self.export_chunk(&producer, &log_id, next)?;
-            self.store.set_kafka_exported(&self.config.topic, next)?;
-            self.exported(next);
+            self.exported(next)?;
         }
         Ok(())
     }
@@ -369,9 +367,12 @@ impl Exporter {
         }
     }
 
-    /// Notes that everything below `next` is on the topic: retention may prune it now.
-    fn exported(&self, next: u64) {
+    /// Notes that everything below `next` is on the topic: saved beside the log (a partition
+    /// without a marker counts as that) and released to retention.
+    fn exported(&self, next: u64) -> Result<(), ExportError> {
+        self.store.set_kafka_exported(&self.config.topic, next)?;
         self.store.hold_events_from(next);
         self.metrics.exported_offset.set(next as i64);
+        Ok(())
     }
 }

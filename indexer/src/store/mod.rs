@@ -315,19 +315,9 @@ impl Store {
         cf: Cf,
         entries: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
     ) -> Result<(), StoreError> {
-        let _generation = (cf == Cf::Watch).then(|| {
-            self.watch_generation_lock
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-        });
-        if cf == Cf::Watch {
-            let next = self.watch_generation()? + 1;
-            let mut bump = WriteBatch::default();
-            bump.put_cf(
-                self.cf(Cf::Meta),
-                schema::META_WATCH_GENERATION,
-                next.to_be_bytes(),
-            );
+        let mut bump = WriteBatch::default();
+        let _generation = self.move_generation(cf == Cf::Watch, &mut bump)?;
+        if !bump.is_empty() {
             self.db.write(bump).map_err(|e| self.rocks(e))?;
         }
         let dir = self.path.join("ingest");
@@ -393,24 +383,35 @@ impl Store {
     fn write(&self, mut batch: Batch, opts: WriteOptions) -> Result<(), StoreError> {
         // Every change of the watched set moves its generation in the same batch: a saved
         // bloom filter is trusted only for the generation it was saved at.
-        let _generation = batch.watch.then(|| {
-            self.watch_generation_lock
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-        });
-        if batch.watch {
-            let next = self.watch_generation()? + 1;
-            batch.inner.put_cf(
-                self.cf(Cf::Meta),
-                schema::META_WATCH_GENERATION,
-                next.to_be_bytes(),
-            );
-        }
+        let _generation = self.move_generation(batch.watch, &mut batch.inner)?;
         self.db
             .write_opt(batch.inner, &opts)
             .map_err(|e| self.rocks(e))?;
         self.commits.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// When `watch` (the watched set changes), takes the generation lock and puts the next
+    /// generation into `batch`; the guard is held until the change is committed.
+    fn move_generation(
+        &self,
+        watch: bool,
+        batch: &mut WriteBatch,
+    ) -> Result<Option<std::sync::MutexGuard<'_, ()>>, StoreError> {
+        if !watch {
+            return Ok(None);
+        }
+        let guard = self
+            .watch_generation_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let next = self.watch_generation()? + 1;
+        batch.put_cf(
+            self.cf(Cf::Meta),
+            schema::META_WATCH_GENERATION,
+            next.to_be_bytes(),
+        );
+        Ok(Some(guard))
     }
 
     /// How many commits changed the watched set (see `schema::META_WATCH_GENERATION`).
