@@ -11,6 +11,7 @@ use anyhow::Result;
 use bitcoin::{Amount, Network};
 use clap::Parser;
 use orchestrator::executor::{Executor, Policy};
+use orchestrator::payment::Payments;
 use orchestrator::saga::{FeeRate, Request, State};
 use orchestrator::signer::KeyFileSigner;
 use orchestrator::store::SagaStore;
@@ -62,15 +63,17 @@ fn main() -> Result<()> {
     let executor = Executor::new(
         store.clone(),
         orchestrator::indexer_client::open_client(served.channel.clone()),
-        Arc::new(node.daemon(false)),
-        Arc::new(KeyFileSigner::open(&keyed.key_file, Network::Regtest)?),
-        Network::Regtest,
-        keyed.address.script_pubkey(),
-        Policy {
-            confirmations: 1,
-            settle_at: 1,
-            ..Policy::default()
-        },
+        Payments::new(
+            Arc::new(node.daemon(false)),
+            Arc::new(KeyFileSigner::open(&keyed.key_file, Network::Regtest)?),
+            Network::Regtest,
+            keyed.address.script_pubkey(),
+            Policy {
+                confirmations: 1,
+                settle_at: 1,
+                ..Policy::default()
+            },
+        ),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     served.runtime.spawn(executor.run(async {

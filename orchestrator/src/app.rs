@@ -16,6 +16,7 @@ use crate::executor::{Boundaries, Executor};
 use crate::grpc::WithdrawalService;
 use crate::indexer_client::{self, LinkError};
 use crate::metrics::OrchestratorProbe;
+use crate::payment::Payments;
 use crate::signer::{KeyFileSigner, SignError, Signer};
 use crate::store::{SagaStore, SagaStoreError};
 
@@ -131,15 +132,14 @@ pub fn run(
         let channel = indexer_client::channel(&config.indexer, config.indexer_ca_file.as_deref())?;
         let indexer = indexer_client::client(channel, config.indexer_token_file.as_deref())?;
         wait_for_indexer(indexer.clone(), &config.indexer, config.startup_wait).await?;
-        let mut executor = Executor::new(
-            store.clone(),
-            indexer,
+        let payments = Payments::new(
             daemon,
             Arc::new(signer),
             config.network,
             config.change.clone(),
             config.policy.clone(),
         );
+        let mut executor = Executor::new(store.clone(), indexer, payments);
         if let Some(boundaries) = hooks.boundaries {
             executor = executor.with_boundaries(boundaries);
         }

@@ -8,19 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::indexer_client::{self, Indexer};
-use bitcoin::absolute::LockTime;
-use bitcoin::consensus::serialize;
-use bitcoin::hex::DisplayHex;
-use bitcoin::transaction::Version;
-use bitcoin::{Address, Amount, Network, OutPoint, Psbt, ScriptBuf, Sequence, Transaction};
-use bitcoin::{TxIn, TxOut, Txid};
+use bitcoin::OutPoint;
 use proto::indexer::v1 as ipb;
 
 use crate::kafka_events::{KafkaEvents, KafkaMonitor};
 use crate::monitor::Monitor;
-use crate::saga::{now_ms, Attempt, Coin, FeeRate, Outcome, State, Step, Withdrawal};
-use crate::select::{self, Candidate, SelectError};
-use crate::signer::Signer;
+use crate::payment::Payments;
+pub use crate::payment::StepError;
+use crate::saga::{now_ms, Outcome, State, Step, Withdrawal};
+use crate::select::Candidate;
 use crate::store::{SagaStore, SagaStoreError};
 
 /// Longest pause between rounds when nothing wakes the executor.
@@ -56,32 +52,12 @@ impl Default for Policy {
     }
 }
 
-/// Why a step did not complete.
-#[derive(Debug, thiserror::Error)]
-pub enum StepError {
-    /// The indexer failed or is unreachable.
-    #[error("indexer: {0}")]
-    Indexer(#[from] tonic::Status),
-    /// bitcoind failed or is unreachable.
-    #[error(transparent)]
-    Daemon(#[from] bitcoind::DaemonError),
-    /// The saga database failed, or the saga moved meanwhile.
-    #[error(transparent)]
-    Store(#[from] SagaStoreError),
-    /// Signing failed.
-    #[error(transparent)]
-    Sign(#[from] crate::signer::SignError),
-}
-
 /// Runs sagas against an indexer, a bitcoind and a signer.
 pub struct Executor {
     store: Arc<SagaStore>,
     indexer: Indexer,
-    daemon: Arc<bitcoind::Daemon>,
-    signer: Arc<dyn Signer>,
-    network: Network,
-    change: ScriptBuf,
-    policy: Policy,
+    /// bitcoind, the signer, change and the fee policy.
+    payments: Payments,
     /// The indexer's tip as the monitor last recorded it, at the start of the round.
     last_tip: Option<u32>,
     /// Woken by the monitor when the chain moved something a withdrawal watches.
@@ -148,24 +124,12 @@ impl Executor {
 }
 
 impl Executor {
-    /// An executor paying change to `change`.
-    pub fn new(
-        store: Arc<SagaStore>,
-        indexer: Indexer,
-        daemon: Arc<bitcoind::Daemon>,
-        signer: Arc<dyn Signer>,
-        network: Network,
-        change: ScriptBuf,
-        policy: Policy,
-    ) -> Executor {
+    /// An executor paying with `payments`.
+    pub fn new(store: Arc<SagaStore>, indexer: Indexer, payments: Payments) -> Executor {
         Executor {
             store,
             indexer,
-            daemon,
-            signer,
-            network,
-            change,
-            policy,
+            payments,
             last_tip: None,
             wake: Arc::new(tokio::sync::Notify::new()),
             utxos: std::collections::HashMap::new(),
@@ -273,33 +237,9 @@ impl Executor {
         }
     }
 
-    async fn fee_rate(&self, policy: FeeRate) -> Result<f64, StepError> {
-        let rate = match policy {
-            FeeRate::SatPerVb(r) => r,
-            FeeRate::TargetBlocks(t) => {
-                let daemon = self.daemon.clone();
-                let per_kvb = tokio::task::spawn_blocking(move || daemon.estimate_smart_fee(t))
-                    .await
-                    .map_err(|e| tonic::Status::internal(e.to_string()))??;
-                match per_kvb {
-                    Some(a) => a.to_sat() as f64 / 1000.0,
-                    None => {
-                        tracing::warn!(
-                            target_blocks = t,
-                            fee_floor = self.policy.fee_floor,
-                            "bitcoind has no fee estimate for this target (estimatesmartfee): paying the fee floor"
-                        );
-                        self.policy.fee_floor
-                    }
-                }
-            }
-        };
-        Ok(rate.clamp(self.policy.fee_floor, self.policy.fee_ceiling))
-    }
-
     async fn candidates(&mut self, wallet: &str) -> Result<Vec<Candidate>, StepError> {
         if !self.utxos.contains_key(wallet) {
-            let listed = self.list_wallet(wallet).await?;
+            let listed = self.payments.spendable(&mut self.indexer, wallet).await?;
             self.utxos.insert(wallet.to_owned(), listed);
         }
         // Read once per round, then kept up to date by this executor's own reservations
@@ -315,66 +255,11 @@ impl Executor {
             .collect())
     }
 
-    /// The wallet's mature coins with at least `min_conf` confirmations that the signer
-    /// can spend, from the indexer.
-    async fn list_wallet(&mut self, wallet: &str) -> Result<Vec<Candidate>, StepError> {
-        let signable: std::collections::HashSet<ScriptBuf> = self.signable();
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let page = self
-                .indexer
-                .list_utxos(ipb::ListUtxosRequest {
-                    target: Some(ipb::Target {
-                        target: Some(ipb::target::Target::Wallet(wallet.into())),
-                    }),
-                    min_conf: self.policy.min_conf,
-                    limit: 1000,
-                    page_token: token,
-                })
-                .await?
-                .into_inner();
-            for u in page.utxos {
-                let (Ok(txid), Ok(script)) =
-                    (u.txid.parse::<Txid>(), ScriptBuf::from_hex(&u.script_hex))
-                else {
-                    continue;
-                };
-                let mature = !u.coinbase || u.confirmations >= 100;
-                if mature && signable.contains(&script) {
-                    out.push(Candidate {
-                        outpoint: OutPoint::new(txid, u.vout),
-                        value: Amount::from_sat(u.value_sat),
-                        script,
-                    });
-                }
-            }
-            if page.next_page_token.is_empty() {
-                return Ok(out);
-            }
-            token = page.next_page_token;
-        }
-    }
-
-    fn signable(&self) -> std::collections::HashSet<ScriptBuf> {
-        self.signer.scripts().into_iter().collect()
-    }
-
-    fn destination(&self, w: &Withdrawal) -> Option<ScriptBuf> {
-        w.request
-            .destination
-            .parse::<Address<_>>()
-            .ok()?
-            .require_network(self.network)
-            .ok()
-            .map(|a| a.script_pubkey())
-    }
-
     async fn reserve(&mut self, w: &Withdrawal) -> Result<Withdrawal, StepError> {
-        let Some(destination) = self.destination(w) else {
+        if self.payments.destination(w).is_none() {
             return self.record(w, Outcome::Failed("invalid destination".into()));
-        };
-        let rate = self.fee_rate(w.request.fee_rate).await?;
+        }
+        let rate = self.payments.fee_rate(w.request.fee_rate).await?;
         let candidates = match self.candidates(&w.request.wallet).await {
             // The indexer watches no such wallet: waiting will not make one.
             Err(StepError::Indexer(status)) if status.code() == tonic::Code::NotFound => {
@@ -388,24 +273,8 @@ impl Executor {
             }
             other => other?,
         };
-        match select::select(
-            &candidates,
-            w.request.amount,
-            &destination,
-            &self.change,
-            rate,
-            w.request.max_fee,
-        ) {
-            Ok(selection) => {
-                let coins: Vec<Coin> = selection
-                    .coins
-                    .into_iter()
-                    .map(|c| Coin {
-                        outpoint: c.outpoint,
-                        value: c.value,
-                        script: c.script,
-                    })
-                    .collect();
+        match self.payments.choose(w, &candidates, rate) {
+            Ok(coins) => {
                 let taken: Vec<OutPoint> = coins.iter().map(|c| c.outpoint).collect();
                 let after = self.record(w, Outcome::Reserved(coins))?;
                 if let Some(reserved) = &mut self.reserved {
@@ -413,147 +282,27 @@ impl Executor {
                 }
                 Ok(after)
             }
-            Err(e @ (SelectError::InsufficientFunds { .. } | SelectError::FeeAboveCap { .. })) => {
-                self.record(w, Outcome::Failed(e.to_string()))
-            }
-            Err(e @ SelectError::Failed(_)) => self.record(w, Outcome::Failed(e.to_string())),
+            Err(why) => self.record(w, Outcome::Failed(why)),
         }
-    }
-
-    /// The unsigned payment over `w`'s reserved coins at `rate` sat/vB, paying at least
-    /// `min_fee`: (transaction, fee, weight), or why it cannot be built.
-    fn assemble(
-        &self,
-        w: &Withdrawal,
-        destination: &ScriptBuf,
-        rate: f64,
-        min_fee: Amount,
-    ) -> Result<(Transaction, Amount, u64), String> {
-        let total: Amount = w.coins.iter().map(|c| c.value).sum();
-        let mut tx = Transaction {
-            version: Version::TWO,
-            lock_time: LockTime::ZERO,
-            input: w
-                .coins
-                .iter()
-                .map(|c| TxIn {
-                    previous_output: c.outpoint,
-                    // Replaceable, so a stuck payment can be bumped.
-                    sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
-                    ..TxIn::default()
-                })
-                .collect(),
-            output: vec![TxOut {
-                value: w.request.amount,
-                script_pubkey: destination.clone(),
-            }],
-        };
-        // Unsigned inputs weigh 41 bytes each; signed P2WPKH ones weigh more.
-        let signed_inputs = (select::P2WPKH_INPUT_WEIGHT - 4 * 41) * w.coins.len() as u64 + 2;
-        let weight_without = tx.weight().to_wu() + signed_inputs;
-        let change_out = TxOut {
-            value: Amount::ZERO,
-            script_pubkey: self.change.clone(),
-        };
-        let weight_with = weight_without + 4 * serialize(&change_out).len() as u64;
-        let fee_with = select::fee_for(weight_with, rate).max(min_fee);
-        let (fee, weight) = match total.checked_sub(w.request.amount + fee_with) {
-            Some(change) if change >= self.change.minimal_non_dust() => {
-                tx.output.push(TxOut {
-                    value: change,
-                    script_pubkey: self.change.clone(),
-                });
-                (fee_with, weight_with)
-            }
-            _ => match total.checked_sub(w.request.amount) {
-                Some(fee) if fee >= select::fee_for(weight_without, rate).max(min_fee) => {
-                    (fee, weight_without)
-                }
-                _ => {
-                    return Err(format!(
-                        "the reserved coins do not cover the amount at {rate:.1} sat/vB"
-                    ))
-                }
-            },
-        };
-        if fee > w.request.max_fee {
-            return Err(format!("fee {fee} above max_fee {}", w.request.max_fee));
-        }
-        Ok((tx, fee, weight))
-    }
-
-    /// Signs `tx` over `w`'s coins: the version to record.
-    fn sign_attempt(
-        &self,
-        w: &Withdrawal,
-        tx: Transaction,
-        fee: Amount,
-        weight: u64,
-    ) -> Result<Result<Attempt, String>, StepError> {
-        let mut psbt = Psbt::from_unsigned_tx(tx)
-            .map_err(|e| tonic::Status::internal(format!("building the PSBT: {e}")))?;
-        for (input, coin) in psbt.inputs.iter_mut().zip(&w.coins) {
-            input.witness_utxo = Some(TxOut {
-                value: coin.value,
-                script_pubkey: coin.script.clone(),
-            });
-        }
-        let signed = self.signer.sign(&mut psbt)?;
-        if signed != w.coins.len() {
-            return Ok(Err(format!(
-                "the signer signed {signed} of {} inputs",
-                w.coins.len()
-            )));
-        }
-        let tx = psbt.extract_tx_unchecked_fee_rate();
-        let vbytes = weight.div_ceil(4) as f64;
-        Ok(Ok(Attempt {
-            txid: tx.compute_txid(),
-            raw: serialize(&tx),
-            fee,
-            fee_rate: fee.to_sat() as f64 / vbytes,
-        }))
     }
 
     async fn sign(&mut self, w: &Withdrawal) -> Result<Withdrawal, StepError> {
-        let Some(destination) = self.destination(w) else {
-            return self.record(w, Outcome::Failed("invalid destination".into()));
-        };
-        let rate = self.fee_rate(w.request.fee_rate).await?;
-        let (tx, fee, weight) = match self.assemble(w, &destination, rate, Amount::ZERO) {
-            Ok(built) => built,
-            Err(why) => return self.record(w, Outcome::Failed(why)),
-        };
-        match self.sign_attempt(w, tx, fee, weight)? {
+        match self.payments.first_version(w).await? {
             Ok(attempt) => self.record(w, Outcome::Signed(attempt)),
             Err(why) => self.record(w, Outcome::Failed(why)),
         }
     }
 
-    /// A replacement of a payment stuck unconfirmed: the same coins and payment at a
-    /// higher rate (BIP125: more absolute fee, by at least the incremental relay fee of
-    /// 1 sat/vB over its size), within `max_fee`. False when the cap leaves no room.
+    /// Replaces a payment stuck unconfirmed (see [`Payments::replacement`]). False when
+    /// the cap leaves no room.
     async fn bump(&mut self, w: &Withdrawal) -> Result<bool, StepError> {
-        let (Some(destination), Some(current)) = (self.destination(w), w.current()) else {
-            return Ok(false);
-        };
-        let rate = (current.fee_rate * 1.25)
-            .max(current.fee_rate + 1.0)
-            .min(self.policy.fee_ceiling);
-        let vbytes = (current.fee.to_sat() as f64 / current.fee_rate).round() as u64;
-        let min_fee = current.fee + Amount::from_sat(vbytes.max(1));
-        match self.assemble(w, &destination, rate, min_fee) {
-            Ok((tx, fee, weight)) => match self.sign_attempt(w, tx, fee, weight)? {
-                Ok(attempt) => {
-                    tracing::info!(id = w.id, old = %current.txid, new = %attempt.txid, rate = attempt.fee_rate, "bumping a stuck withdrawal");
-                    self.record(w, Outcome::Replaced(attempt))?;
-                    Ok(true)
-                }
-                Err(why) => {
-                    tracing::warn!(id = w.id, %why, "cannot sign a replacement");
-                    Ok(false)
-                }
-            },
+        match self.payments.replacement(w)? {
+            Ok(attempt) => {
+                let old = w.current().map(|a| a.txid);
+                tracing::info!(id = w.id, ?old, new = %attempt.txid, rate = attempt.fee_rate, "bumping a stuck withdrawal");
+                self.record(w, Outcome::Replaced(attempt))?;
+                Ok(true)
+            }
             Err(why) => {
                 tracing::warn!(id = w.id, %why, "a stuck withdrawal cannot be bumped further");
                 Ok(false)
@@ -579,12 +328,7 @@ impl Executor {
             w
         };
         let attempt = w.current().expect("checked above");
-        let hex = attempt.raw.to_lower_hex_string();
-        let daemon = self.daemon.clone();
-        let sent = tokio::task::spawn_blocking(move || daemon.send_raw_transaction(&hex))
-            .await
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
-        match sent {
+        match self.payments.send(attempt).await? {
             Ok(_) => {
                 // Sent, not yet recorded: the boundary a crash must survive without paying
                 // twice (the restart sends the same bytes again).
@@ -663,8 +407,8 @@ impl Executor {
                 Outcome::Confirmed {
                     txid: attempt.txid,
                     confirmations,
-                    required: self.policy.confirmations,
-                    settle_at: self.policy.settle_at,
+                    required: self.payments.policy().confirmations,
+                    settle_at: self.payments.policy().settle_at,
                 },
             )?;
             return Ok(true);
@@ -679,7 +423,7 @@ impl Executor {
             self.record(w, Outcome::ReorgedOut)?;
             return Ok(true);
         }
-        let after = self.policy.bump_after_blocks;
+        let after = self.payments.policy().bump_after_blocks;
         let stuck = |tip: u32| {
             w.state == State::Broadcast
                 && w.broadcast_height

@@ -19,6 +19,7 @@ pub mod indexer_client;
 pub mod kafka_events;
 pub mod metrics;
 pub mod monitor;
+pub mod payment;
 pub mod saga;
 pub mod select;
 pub mod signer;

@@ -14,6 +14,7 @@ use bitcoin::{Address, Amount, Network, Transaction};
 use indexer::config::{KafkaSettings, Settings};
 use orchestrator::executor::{Boundaries, Boundary, Executor, Policy};
 use orchestrator::kafka_events::KafkaEvents;
+use orchestrator::payment::Payments;
 use orchestrator::saga::{FeeRate, Request, State, Withdrawal};
 use orchestrator::signer::KeyFileSigner;
 use orchestrator::store::SagaStore;
@@ -150,11 +151,13 @@ impl World {
         let mut executor = Executor::new(
             self.store.clone(),
             orchestrator::indexer_client::open_client(indexer),
-            Arc::new(self.node.daemon(false)),
-            Arc::new(KeyFileSigner::open(&self.key_file, Network::Regtest).unwrap()),
-            Network::Regtest,
-            self.hot.script_pubkey(),
-            self.policy.clone(),
+            Payments::new(
+                Arc::new(self.node.daemon(false)),
+                Arc::new(KeyFileSigner::open(&self.key_file, Network::Regtest).unwrap()),
+                Network::Regtest,
+                self.hot.script_pubkey(),
+                self.policy.clone(),
+            ),
         );
         if let Some(b) = boundaries {
             executor = executor.with_boundaries(b);

@@ -1,0 +1,327 @@
+//! What both engines do to pay a withdrawal, apart from recording it: choose the fee
+//! rate, list the wallet's spendable coins, select some, build the payment over the
+//! reserved coins, sign it (the first version or a replacement), and send it. The embedded
+//! executor and the Temporal activities call these; each records the outcomes its own way.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bitcoin::absolute::LockTime;
+use bitcoin::consensus::serialize;
+use bitcoin::hex::DisplayHex;
+use bitcoin::transaction::Version;
+use bitcoin::{Address, Amount, Network, OutPoint, Psbt, ScriptBuf, Sequence, Transaction};
+use bitcoin::{TxIn, TxOut, Txid};
+use proto::indexer::v1 as ipb;
+
+use crate::executor::Policy;
+use crate::indexer_client::Indexer;
+use crate::saga::{Attempt, Coin, FeeRate, Withdrawal};
+use crate::select::{self, Candidate};
+use crate::signer::Signer;
+use crate::store::SagaStoreError;
+
+/// Why a step did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The indexer failed or is unreachable.
+    #[error("indexer: {0}")]
+    Indexer(#[from] tonic::Status),
+    /// bitcoind failed or is unreachable.
+    #[error(transparent)]
+    Daemon(#[from] bitcoind::DaemonError),
+    /// The saga database failed, or the saga moved meanwhile.
+    #[error(transparent)]
+    Store(#[from] SagaStoreError),
+    /// Signing failed.
+    #[error(transparent)]
+    Sign(#[from] crate::signer::SignError),
+}
+
+/// The means of paying: bitcoind, the signer, where change goes and the fee policy.
+#[derive(Clone)]
+pub struct Payments {
+    daemon: Arc<bitcoind::Daemon>,
+    signer: Arc<dyn Signer>,
+    network: Network,
+    change: ScriptBuf,
+    policy: Policy,
+}
+
+impl Payments {
+    /// Payments on `network` with change to `change`.
+    pub fn new(
+        daemon: Arc<bitcoind::Daemon>,
+        signer: Arc<dyn Signer>,
+        network: Network,
+        change: ScriptBuf,
+        policy: Policy,
+    ) -> Payments {
+        Payments {
+            daemon,
+            signer,
+            network,
+            change,
+            policy,
+        }
+    }
+
+    /// The fee and confirmation policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The destination's script, when it is an address of this network.
+    pub fn destination(&self, w: &Withdrawal) -> Option<ScriptBuf> {
+        w.request
+            .destination
+            .parse::<Address<_>>()
+            .ok()?
+            .require_network(self.network)
+            .ok()
+            .map(|a| a.script_pubkey())
+    }
+
+    /// The rate to pay under `policy`, sat/vB, within the floor and ceiling.
+    pub async fn fee_rate(&self, policy: FeeRate) -> Result<f64, StepError> {
+        let rate = match policy {
+            FeeRate::SatPerVb(r) => r,
+            FeeRate::TargetBlocks(t) => {
+                let daemon = self.daemon.clone();
+                let per_kvb = tokio::task::spawn_blocking(move || daemon.estimate_smart_fee(t))
+                    .await
+                    .map_err(|e| tonic::Status::internal(e.to_string()))??;
+                match per_kvb {
+                    Some(a) => a.to_sat() as f64 / 1000.0,
+                    None => {
+                        tracing::warn!(
+                            target_blocks = t,
+                            fee_floor = self.policy.fee_floor,
+                            "bitcoind has no fee estimate for this target (estimatesmartfee): paying the fee floor"
+                        );
+                        self.policy.fee_floor
+                    }
+                }
+            }
+        };
+        Ok(rate.clamp(self.policy.fee_floor, self.policy.fee_ceiling))
+    }
+
+    /// The wallet's mature coins with at least `min_conf` confirmations that the signer
+    /// can spend, from the indexer.
+    pub async fn spendable(
+        &self,
+        indexer: &mut Indexer,
+        wallet: &str,
+    ) -> Result<Vec<Candidate>, StepError> {
+        let signable: HashSet<ScriptBuf> = self.signer.scripts().into_iter().collect();
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = indexer
+                .list_utxos(ipb::ListUtxosRequest {
+                    target: Some(ipb::Target {
+                        target: Some(ipb::target::Target::Wallet(wallet.into())),
+                    }),
+                    min_conf: self.policy.min_conf,
+                    limit: 1000,
+                    page_token: token,
+                })
+                .await?
+                .into_inner();
+            for u in page.utxos {
+                let (Ok(txid), Ok(script)) =
+                    (u.txid.parse::<Txid>(), ScriptBuf::from_hex(&u.script_hex))
+                else {
+                    continue;
+                };
+                let mature = !u.coinbase || u.confirmations >= 100;
+                if mature && signable.contains(&script) {
+                    out.push(Candidate {
+                        outpoint: OutPoint::new(txid, u.vout),
+                        value: Amount::from_sat(u.value_sat),
+                        script,
+                    });
+                }
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    /// The coins to reserve for `w` among `candidates` at `rate`, or why there are none
+    /// (final: insufficient funds, the fee above the cap, an invalid destination).
+    pub fn choose(
+        &self,
+        w: &Withdrawal,
+        candidates: &[Candidate],
+        rate: f64,
+    ) -> Result<Vec<Coin>, String> {
+        let destination = self
+            .destination(w)
+            .ok_or_else(|| "invalid destination".to_owned())?;
+        let selection = select::select(
+            candidates,
+            w.request.amount,
+            &destination,
+            &self.change,
+            rate,
+            w.request.max_fee,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(selection
+            .coins
+            .into_iter()
+            .map(|c| Coin {
+                outpoint: c.outpoint,
+                value: c.value,
+                script: c.script,
+            })
+            .collect())
+    }
+
+    /// The unsigned payment over `w`'s reserved coins at `rate` sat/vB, paying at least
+    /// `min_fee`: (transaction, fee, weight), or why it cannot be built.
+    fn assemble(
+        &self,
+        w: &Withdrawal,
+        destination: &ScriptBuf,
+        rate: f64,
+        min_fee: Amount,
+    ) -> Result<(Transaction, Amount, u64), String> {
+        let total: Amount = w.coins.iter().map(|c| c.value).sum();
+        let mut tx = Transaction {
+            version: Version::TWO,
+            lock_time: LockTime::ZERO,
+            input: w
+                .coins
+                .iter()
+                .map(|c| TxIn {
+                    previous_output: c.outpoint,
+                    // Replaceable, so a stuck payment can be bumped.
+                    sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
+                    ..TxIn::default()
+                })
+                .collect(),
+            output: vec![TxOut {
+                value: w.request.amount,
+                script_pubkey: destination.clone(),
+            }],
+        };
+        // Unsigned inputs weigh 41 bytes each; signed P2WPKH ones weigh more.
+        let signed_inputs = (select::P2WPKH_INPUT_WEIGHT - 4 * 41) * w.coins.len() as u64 + 2;
+        let weight_without = tx.weight().to_wu() + signed_inputs;
+        let change_out = TxOut {
+            value: Amount::ZERO,
+            script_pubkey: self.change.clone(),
+        };
+        let weight_with = weight_without + 4 * serialize(&change_out).len() as u64;
+        let fee_with = select::fee_for(weight_with, rate).max(min_fee);
+        let (fee, weight) = match total.checked_sub(w.request.amount + fee_with) {
+            Some(change) if change >= self.change.minimal_non_dust() => {
+                tx.output.push(TxOut {
+                    value: change,
+                    script_pubkey: self.change.clone(),
+                });
+                (fee_with, weight_with)
+            }
+            _ => match total.checked_sub(w.request.amount) {
+                Some(fee) if fee >= select::fee_for(weight_without, rate).max(min_fee) => {
+                    (fee, weight_without)
+                }
+                _ => {
+                    return Err(format!(
+                        "the reserved coins do not cover the amount at {rate:.1} sat/vB"
+                    ))
+                }
+            },
+        };
+        if fee > w.request.max_fee {
+            return Err(format!("fee {fee} above max_fee {}", w.request.max_fee));
+        }
+        Ok((tx, fee, weight))
+    }
+
+    /// Signs `tx` over `w`'s coins: the version to record, or why the signer did not.
+    fn sign_attempt(
+        &self,
+        w: &Withdrawal,
+        tx: Transaction,
+        fee: Amount,
+        weight: u64,
+    ) -> Result<Result<Attempt, String>, StepError> {
+        let mut psbt = Psbt::from_unsigned_tx(tx)
+            .map_err(|e| tonic::Status::internal(format!("building the PSBT: {e}")))?;
+        for (input, coin) in psbt.inputs.iter_mut().zip(&w.coins) {
+            input.witness_utxo = Some(TxOut {
+                value: coin.value,
+                script_pubkey: coin.script.clone(),
+            });
+        }
+        let signed = self.signer.sign(&mut psbt)?;
+        if signed != w.coins.len() {
+            return Ok(Err(format!(
+                "the signer signed {signed} of {} inputs",
+                w.coins.len()
+            )));
+        }
+        let tx = psbt.extract_tx_unchecked_fee_rate();
+        let vbytes = weight.div_ceil(4) as f64;
+        Ok(Ok(Attempt {
+            txid: tx.compute_txid(),
+            raw: serialize(&tx),
+            fee,
+            fee_rate: fee.to_sat() as f64 / vbytes,
+        }))
+    }
+
+    /// The first signed version of `w`'s payment over its reserved coins, or why there
+    /// can be none (final).
+    pub async fn first_version(
+        &self,
+        w: &Withdrawal,
+    ) -> Result<Result<Attempt, String>, StepError> {
+        let Some(destination) = self.destination(w) else {
+            return Ok(Err("invalid destination".into()));
+        };
+        let rate = self.fee_rate(w.request.fee_rate).await?;
+        match self.assemble(w, &destination, rate, Amount::ZERO) {
+            Ok((tx, fee, weight)) => self.sign_attempt(w, tx, fee, weight),
+            Err(why) => Ok(Err(why)),
+        }
+    }
+
+    /// A replacement of a payment stuck unconfirmed: the same coins and payment at a
+    /// higher rate (BIP125: more absolute fee, by at least the incremental relay fee of
+    /// 1 sat/vB over its size), within `max_fee`; or why there is none.
+    pub fn replacement(&self, w: &Withdrawal) -> Result<Result<Attempt, String>, StepError> {
+        let (Some(destination), Some(current)) = (self.destination(w), w.current()) else {
+            return Ok(Err("nothing to replace".into()));
+        };
+        let rate = (current.fee_rate * 1.25)
+            .max(current.fee_rate + 1.0)
+            .min(self.policy.fee_ceiling);
+        let vbytes = (current.fee.to_sat() as f64 / current.fee_rate).round() as u64;
+        let min_fee = current.fee + Amount::from_sat(vbytes.max(1));
+        match self.assemble(w, &destination, rate, min_fee) {
+            Ok((tx, fee, weight)) => self.sign_attempt(w, tx, fee, weight),
+            Err(why) => Ok(Err(why)),
+        }
+    }
+
+    /// Hands `attempt` to bitcoind: its answer (accepted, or why not).
+    pub async fn send(
+        &self,
+        attempt: &Attempt,
+    ) -> Result<Result<Txid, bitcoind::DaemonError>, StepError> {
+        let hex = attempt.raw.to_lower_hex_string();
+        let daemon = self.daemon.clone();
+        Ok(
+            tokio::task::spawn_blocking(move || daemon.send_raw_transaction(&hex))
+                .await
+                .map_err(|e| tonic::Status::internal(e.to_string()))?,
+        )
+    }
+}
