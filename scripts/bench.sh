@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup-kafka.sh
+source scripts/setup-temporal.sh
 name=${1:?usage: scripts/bench.sh NAME [ARGS...]}
 shift
 # The example's own executable, not the test harness `--all-targets` also builds from it.

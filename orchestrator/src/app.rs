@@ -75,6 +75,9 @@ pub enum AppError {
     /// gRPC serving failed.
     #[error("serving gRPC")]
     Serve(#[from] tonic::transport::Error),
+    /// The Temporal engine failed.
+    #[error(transparent)]
+    Temporal(#[from] crate::temporal::worker::TemporalError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AppError {
@@ -108,7 +111,12 @@ pub fn run(
             key_file: config.key_file.display().to_string(),
         });
     }
-    let store = Arc::new(SagaStore::open(&config.db)?);
+    // The embedded engine's database, opened first: a second process on it is refused
+    // before anything else is tried.
+    let sagas = match config.temporal.clone() {
+        None => Sagas::Embedded(Arc::new(SagaStore::open(&config.db)?)),
+        Some(target) => Sagas::Temporal(target),
+    };
     let daemon = Arc::new(Daemon::new(
         &config.bitcoind_rpc_url,
         config.bitcoind_auth.clone(),
@@ -139,6 +147,23 @@ pub fn run(
             config.change.clone(),
             config.policy.clone(),
         );
+        let store = match sagas {
+            Sagas::Embedded(store) => store,
+            Sagas::Temporal(target) => {
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .map_err(io(format!("listening on {}", config.listen)))?;
+            let engine = crate::temporal::worker::Engine {
+                target,
+                network: config.network,
+                payments,
+                indexer,
+            };
+            let latency = GrpcLatency::default();
+            crate::temporal::worker::run(engine, listener, token, &latency, shutdown).await?;
+            return Ok(());
+            }
+        };
         let mut executor = Executor::new(store.clone(), indexer, payments);
         if let Some(boundaries) = hooks.boundaries {
             executor = executor.with_boundaries(boundaries);
@@ -239,6 +264,14 @@ async fn wait_for_indexer(
         tracing::warn!(%url, error = status.message(), "the indexer is not answering yet; will keep trying");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Where the sagas run.
+enum Sagas {
+    /// In this process, on its database.
+    Embedded(Arc<SagaStore>),
+    /// On a Temporal cluster.
+    Temporal(crate::config::TemporalTarget),
 }
 
 /// Clears its flag when dropped.

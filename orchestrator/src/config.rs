@@ -85,10 +85,167 @@ pub struct Settings {
     /// `kafka` (the topic the indexer exports its log to; the `[kafka]` table).
     #[arg(long, env = "ORCHESTRATOR_EVENTS")]
     pub events: Option<String>,
+    /// Where the sagas run: `embedded` (this process, on its RocksDB `db`; default) or
+    /// `temporal` (workflows on a Temporal cluster; the `[temporal]` table).
+    #[arg(long, env = "ORCHESTRATOR_ENGINE")]
+    pub engine: Option<String>,
     /// The topic read with `events = "kafka"` (the `[kafka]` table).
     #[command(flatten)]
     #[serde(default)]
     pub kafka: KafkaSettings,
+    /// The Temporal cluster with `engine = "temporal"` (the `[temporal]` table).
+    #[command(flatten)]
+    #[serde(default)]
+    pub temporal: TemporalSettings,
+}
+
+/// The `[temporal]` table: the cluster the withdrawal workflows run on.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct TemporalSettings {
+    /// The frontend, e.g. `http://127.0.0.1:7233` (`https://`: TLS).
+    #[arg(long = "temporal-address", env = "ORCHESTRATOR_TEMPORAL_ADDRESS")]
+    pub address: Option<String>,
+    /// The namespace (default `default`).
+    #[arg(long = "temporal-namespace", env = "ORCHESTRATOR_TEMPORAL_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The task queue every worker of this orchestrator polls (default `withdrawals`).
+    #[arg(long = "temporal-task-queue", env = "ORCHESTRATOR_TEMPORAL_TASK_QUEUE")]
+    pub task_queue: Option<String>,
+    /// A file holding the API key (Temporal Cloud), mode 600.
+    #[arg(
+        long = "temporal-api-key-file",
+        env = "ORCHESTRATOR_TEMPORAL_API_KEY_FILE"
+    )]
+    pub api_key_file: Option<PathBuf>,
+    /// PEM CA the server's certificate must chain to (with `https://`; default: the
+    /// system's roots).
+    #[arg(long = "temporal-ca-file", env = "ORCHESTRATOR_TEMPORAL_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mTLS (with `client_key_file`).
+    #[arg(
+        long = "temporal-client-cert-file",
+        env = "ORCHESTRATOR_TEMPORAL_CLIENT_CERT_FILE"
+    )]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM key of `client_cert_file`, mode 600.
+    #[arg(
+        long = "temporal-client-key-file",
+        env = "ORCHESTRATOR_TEMPORAL_CLIENT_KEY_FILE"
+    )]
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl TemporalSettings {
+    /// The cluster to use when `engine` is `temporal`; refuses Temporal settings otherwise.
+    fn resolve(self, engine: Option<&str>) -> Result<Option<TemporalTarget>, ConfigError> {
+        let given = self.address.is_some()
+            || self.namespace.is_some()
+            || self.task_queue.is_some()
+            || self.api_key_file.is_some()
+            || self.ca_file.is_some()
+            || self.client_cert_file.is_some()
+            || self.client_key_file.is_some();
+        match engine.unwrap_or("embedded") {
+            "embedded" if given => Err(ConfigError(
+                "temporal settings are given but engine is \"embedded\": set engine = \"temporal\" to run the workflows on Temporal".into(),
+            )),
+            "embedded" => Ok(None),
+            "temporal" => {
+                let address = self.address.filter(|a| !a.trim().is_empty()).ok_or_else(|| {
+                    ConfigError(
+                        "engine = \"temporal\" needs temporal.address (or --temporal-address), e.g. http://127.0.0.1:7233".into(),
+                    )
+                })?;
+                let tls = address.starts_with("https://");
+                if !tls && !address.starts_with("http://") {
+                    return Err(ConfigError(format!(
+                        "temporal.address {address:?}: give http://host:port, or https://host:port for TLS"
+                    )));
+                }
+                let tls_files = self.ca_file.is_some()
+                    || self.client_cert_file.is_some()
+                    || self.client_key_file.is_some();
+                if tls_files && !tls {
+                    return Err(ConfigError(format!(
+                        "temporal TLS files are given but temporal.address {address} is not https://"
+                    )));
+                }
+                if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+                    return Err(ConfigError(
+                        "temporal.client_cert_file and temporal.client_key_file go together (mTLS)".into(),
+                    ));
+                }
+                let api_key = self
+                    .api_key_file
+                    .map(|f| service::auth::read_secret_file("temporal.api_key_file", &f))
+                    .transpose()
+                    .map_err(|e| ConfigError(e.to_string()))?;
+                let namespace = self.namespace.unwrap_or_else(|| "default".into());
+                let task_queue = self.task_queue.unwrap_or_else(|| "withdrawals".into());
+                for (key, value) in [("namespace", &namespace), ("task_queue", &task_queue)] {
+                    if value.is_empty() || value.len() > 255 {
+                        return Err(ConfigError(format!(
+                            "temporal.{key} must be 1 to 255 characters"
+                        )));
+                    }
+                }
+                Ok(Some(TemporalTarget {
+                    address,
+                    namespace,
+                    task_queue,
+                    api_key,
+                    tls: tls.then_some(TemporalTls {
+                        ca_file: self.ca_file,
+                        client_cert_file: self.client_cert_file,
+                        client_key_file: self.client_key_file,
+                    }),
+                }))
+            }
+            other => Err(ConfigError(format!(
+                "engine {other:?}: use \"embedded\" (this process and its database) or \"temporal\""
+            ))),
+        }
+    }
+}
+
+/// The Temporal cluster in force.
+#[derive(Clone, PartialEq)]
+pub struct TemporalTarget {
+    /// Frontend URL.
+    pub address: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Task queue.
+    pub task_queue: String,
+    /// API key (never printed).
+    pub api_key: Option<String>,
+    /// TLS, with an `https://` address.
+    pub tls: Option<TemporalTls>,
+}
+
+impl std::fmt::Debug for TemporalTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TemporalTarget")
+            .field("address", &self.address)
+            .field("namespace", &self.namespace)
+            .field("task_queue", &self.task_queue)
+            .field("api_key", &self.api_key.as_ref().map(|_| "(set)"))
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// TLS toward the Temporal cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TemporalTls {
+    /// CA the server's certificate must chain to (`None`: the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (mTLS).
+    pub client_cert_file: Option<PathBuf>,
+    /// Its key.
+    pub client_key_file: Option<PathBuf>,
 }
 
 /// The `[kafka]` table: the topic the indexer exports its event log to.
@@ -198,7 +355,7 @@ pub struct Config {
     pub bitcoind_auth: bitcoind::Auth,
     /// How long bitcoind and the indexer may stay unreachable at start.
     pub startup_wait: std::time::Duration,
-    /// Saga database.
+    /// Saga database (the embedded engine).
     pub db: PathBuf,
     /// Signer key file.
     pub key_file: PathBuf,
@@ -212,6 +369,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The Kafka topic events come from (`None`: the indexer's Subscribe stream).
     pub kafka_events: Option<KafkaEvents>,
+    /// The Temporal cluster the sagas run on (`None`: the embedded engine).
+    pub temporal: Option<TemporalTarget>,
 }
 
 impl Settings {
@@ -265,6 +424,23 @@ impl Settings {
         });
         service::config::check_no_credentials(&bitcoind_rpc_url, "bitcoind_rpc_url")
             .map_err(|e| ConfigError(e.to_string()))?;
+        let temporal = self.temporal.resolve(self.engine.as_deref())?;
+        let kafka_events = self.kafka.resolve(self.events.as_deref())?;
+        if temporal.is_some() && kafka_events.is_some() {
+            return Err(ConfigError(
+                "engine = \"temporal\" takes its chain events from the indexer's Subscribe stream: leave events unset (or \"subscribe\")".into(),
+            ));
+        }
+        if temporal.is_some() && self.metrics_listen.is_some() {
+            return Err(ConfigError(
+                "metrics_listen serves the embedded engine's saga metrics; with engine = \"temporal\" leave it unset and use the Temporal cluster's and the SDK's metrics".into(),
+            ));
+        }
+        // The embedded engine keeps its sagas in `db`; Temporal keeps them itself.
+        let db = match (&temporal, self.db) {
+            (Some(_), db) => db.unwrap_or_default(),
+            (None, db) => need(db, "db")?,
+        };
         Ok(Config {
             network,
             listen: self
@@ -286,13 +462,14 @@ impl Settings {
             startup_wait: std::time::Duration::from_secs(
                 self.startup_wait_secs.unwrap_or(60).min(86_400),
             ),
-            db: need(self.db, "db")?,
+            db,
             key_file: need(self.key_file, "key_file")?,
             token_file: need(self.token_file, "token_file")?,
             change,
             policy,
             metrics_listen: self.metrics_listen,
-            kafka_events: self.kafka.resolve(self.events.as_deref())?,
+            kafka_events,
+            temporal,
         })
     }
 }
@@ -519,6 +696,122 @@ mod tests {
         ] {
             let e = bad.resolve_with(None).unwrap_err().to_string();
             assert!(e.contains(says), "{e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn the_temporal_engine_needs_an_address_and_refuses_what_it_cannot_use() {
+        let temporal = |address: Option<&str>| TemporalSettings {
+            address: address.map(str::to_owned),
+            ..TemporalSettings::default()
+        };
+        let on = Settings {
+            engine: Some("temporal".into()),
+            temporal: temporal(Some("http://127.0.0.1:7233")),
+            db: None,
+            ..complete()
+        };
+        let c = on.clone().resolve_with(None).unwrap();
+        let t = c.temporal.unwrap();
+        assert_eq!(
+            (t.namespace.as_str(), t.task_queue.as_str(), t.tls),
+            ("default", "withdrawals", None)
+        );
+        let tls = Settings {
+            temporal: TemporalSettings {
+                ca_file: Some("ca.pem".into()),
+                ..temporal(Some("https://temporal.example:7233"))
+            },
+            ..on.clone()
+        };
+        assert!(tls
+            .resolve_with(None)
+            .unwrap()
+            .temporal
+            .unwrap()
+            .tls
+            .is_some());
+        assert_eq!(complete().resolve_with(None).unwrap().temporal, None);
+        for (bad, says) in [
+            (
+                Settings {
+                    temporal: temporal(None),
+                    ..on.clone()
+                },
+                "needs temporal.address",
+            ),
+            (
+                Settings {
+                    engine: None,
+                    ..on.clone()
+                },
+                "set engine = \"temporal\"",
+            ),
+            (
+                Settings {
+                    engine: Some("cadence".into()),
+                    ..on.clone()
+                },
+                "engine \"cadence\"",
+            ),
+            (
+                Settings {
+                    temporal: temporal(Some("127.0.0.1:7233")),
+                    ..on.clone()
+                },
+                "give http://host:port",
+            ),
+            (
+                Settings {
+                    temporal: TemporalSettings {
+                        ca_file: Some("ca.pem".into()),
+                        ..temporal(Some("http://127.0.0.1:7233"))
+                    },
+                    ..on.clone()
+                },
+                "not https://",
+            ),
+            (
+                Settings {
+                    temporal: TemporalSettings {
+                        client_cert_file: Some("c.pem".into()),
+                        ..temporal(Some("https://t:7233"))
+                    },
+                    ..on.clone()
+                },
+                "go together",
+            ),
+            (
+                Settings {
+                    events: Some("kafka".into()),
+                    kafka: KafkaSettings {
+                        brokers: Some("127.0.0.1:9092".into()),
+                        ..KafkaSettings::default()
+                    },
+                    ..on.clone()
+                },
+                "Subscribe stream",
+            ),
+            (
+                Settings {
+                    metrics_listen: Some("127.0.0.1:9000".parse().unwrap()),
+                    ..on.clone()
+                },
+                "metrics_listen",
+            ),
+            (
+                Settings {
+                    engine: None,
+                    temporal: TemporalSettings::default(),
+                    db: None,
+                    ..on.clone()
+                },
+                "db is required",
+            ),
+        ] {
+            let e = bad.resolve_with(None).unwrap_err().to_string();
+            assert!(e.contains(says), "{says}: {e}");
             assert!(!e.contains('\n'), "one line: {e}");
         }
     }

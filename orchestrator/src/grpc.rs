@@ -139,6 +139,36 @@ pub fn validate(
     })
 }
 
+/// A ListWithdrawals request's page size and state filter, its wallet filter checked.
+pub fn list_filters(
+    req: &pb::ListWithdrawalsRequest,
+) -> Result<(usize, pb::WithdrawalState), Status> {
+    let limit = match req.limit {
+        0 => 100,
+        n if n <= 1_000 => n as usize,
+        n => return Err(Status::invalid_argument(format!("limit {n} is above 1000"))),
+    };
+    let only_state = pb::WithdrawalState::try_from(req.state)
+        .map_err(|_| Status::invalid_argument(format!("unknown state {}", req.state)))?;
+    let wallet_ok = req.wallet.len() <= MAX_WALLET
+        && req
+            .wallet
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !wallet_ok {
+        return Err(Status::invalid_argument(format!(
+            "wallet must be at most {MAX_WALLET} letters, digits, '-', '_' or '.' (it is {} bytes)",
+            req.wallet.len()
+        )));
+    }
+    Ok((limit, only_state))
+}
+
+/// The answer to a page token that is not one the service gave.
+pub fn bad_page_token() -> Status {
+    Status::invalid_argument("bad page_token: give back a next_page_token as it came")
+}
+
 /// A saga's state as the API names it.
 pub fn state(s: State) -> pb::WithdrawalState {
     match s {
@@ -241,25 +271,11 @@ impl Withdrawals for WithdrawalService {
         req: Request<pb::ListWithdrawalsRequest>,
     ) -> Result<Response<pb::ListWithdrawalsResponse>, Status> {
         let req = req.into_inner();
-        let limit = match req.limit {
-            0 => 100,
-            n if n <= 1_000 => n as usize,
-            n => return Err(Status::invalid_argument(format!("limit {n} is above 1000"))),
-        };
+        let (limit, only_state) = list_filters(&req)?;
         let mut after = match req.page_token.as_str() {
             "" => 0,
-            t => t.parse::<u64>().map_err(|_| {
-                Status::invalid_argument("bad page_token: give back a next_page_token as it came")
-            })?,
+            t => t.parse::<u64>().map_err(|_| bad_page_token())?,
         };
-        let only_state = pb::WithdrawalState::try_from(req.state)
-            .map_err(|_| Status::invalid_argument(format!("unknown state {}", req.state)))?;
-        if req.wallet.len() > MAX_WALLET {
-            return Err(Status::invalid_argument(format!(
-                "wallet is {} bytes long; at most {MAX_WALLET}",
-                req.wallet.len()
-            )));
-        }
         let mut out = Vec::new();
         // Filtered pages are filled from as many stored pages as it takes.
         loop {

@@ -24,3 +24,4 @@ pub mod saga;
 pub mod select;
 pub mod signer;
 pub mod store;
+pub mod temporal;

@@ -19,14 +19,20 @@ pub struct Broker {
     _dir: tempfile::TempDir,
 }
 
-/// The venv scripts/setup-kafka.sh installs the Kafka tools into: `<target>/tools/kafka-venv`.
-fn kafka_venv() -> PathBuf {
+/// A venv the setup scripts install tools into: `<target>/tools/<name>`.
+pub fn tools_venv(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test knows its own path");
     // target/<profile>/deps/<test> -> target
     exe.ancestors()
         .nth(3)
         .expect("tests run from target/<profile>/deps")
-        .join("tools/kafka-venv")
+        .join("tools")
+        .join(name)
+}
+
+/// The venv scripts/setup-kafka.sh installs the Kafka tools into.
+fn kafka_venv() -> PathBuf {
+    tools_venv("kafka-venv")
 }
 
 /// The venv's Python, with confluent-kafka and grpcio-tools (for the consumer example).
@@ -62,7 +68,7 @@ pub fn tansu_binary() -> PathBuf {
 }
 
 /// A loopback port nothing listens on now.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -2,7 +2,7 @@
 //! of the watched UTXO set (written apart from the pipeline, slow and obviously right), a
 //! generator of valid regtest chains, a writer of bitcoind-format block files, what a
 //! running binary shows (metrics, announced addresses, JSON logs), and a proxy that makes a
-//! server slow.
+//! server slow; the Kafka broker and the Temporal dev server the tests start.
 
 // Test support: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
@@ -15,3 +15,4 @@ pub mod live;
 pub mod observe;
 pub mod proxy;
 pub mod reference;
+pub mod temporal;

@@ -12,32 +12,25 @@ use bitcoin::consensus::deserialize;
 use bitcoin::hex::FromHex;
 use bitcoin::{Address, Amount, Network, Transaction};
 use indexer::config::{KafkaSettings, Settings};
+use orchestrator::config::TemporalTarget;
 use orchestrator::executor::{Boundaries, Boundary, Executor, Policy};
 use orchestrator::kafka_events::KafkaEvents;
 use orchestrator::payment::Payments;
 use orchestrator::saga::{FeeRate, Request, State, Withdrawal};
 use orchestrator::signer::KeyFileSigner;
 use orchestrator::store::SagaStore;
+use orchestrator::temporal::hot_wallet::HotWalletWorkflow;
+use orchestrator::temporal::service::TemporalWithdrawals;
+use orchestrator::temporal::WorkflowPolicy;
 use proto::indexer::v1 as ipb;
 use proto::indexer::v1::indexer_client::IndexerClient;
 use serde_json::json;
 use system_tests::harness::script_of;
 use system_tests::kafka::Broker;
 use system_tests::live::{Devnet, Indexer, KeyedWallet};
+use system_tests::temporal::TemporalServer;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn wait_for(store: &SagaStore, id: u64, ok: impl Fn(&Withdrawal) -> bool) -> Withdrawal {
-    let started = Instant::now();
-    loop {
-        let w = store.get(id).unwrap().unwrap();
-        if ok(&w) {
-            return w;
-        }
-        assert!(started.elapsed() < WAIT, "stuck at {w:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Devnet, a funded hot wallet (one key, `coins` outputs of `btc` each), `indexer run`
 /// following and serving it, a saga database and a running executor.
@@ -56,13 +49,332 @@ struct World {
     )>,
     /// With events from Kafka: the broker the indexer exports to, and where to read.
     kafka: Option<(Broker, KafkaEvents)>,
+    /// On the Temporal engine: the dev server, the workers and the API over them
+    /// (`store` and the executor are then unused).
+    temporal: Option<TemporalWorld>,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
     _rebuilt: Vec<tempfile::TempDir>,
+}
+
+/// Which engine runs the sagas.
+#[derive(Clone, Copy, Debug)]
+enum Engine {
+    Embedded,
+    Temporal,
+}
+
+/// The Temporal engine of a world: a dev server, worker processes' worth of workers
+/// (each `temporal::worker::run` on a thread and runtime of its own, as `orchestrator run`
+/// runs it) and the API object the tests call.
+struct TemporalWorld {
+    server: TemporalServer,
+    target: TemporalTarget,
+    api: TemporalWithdrawals,
+    client: temporalio_client::Client,
+    workers: Vec<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
+    /// Numeric id -> request id, as submitted.
+    ids: std::sync::Mutex<std::collections::HashMap<u64, String>>,
+}
+
+impl TemporalWorld {
+    /// Writes the history of every workflow of the server into `dir` (the SDK's JSON, as
+    /// the replay test reads it), named `<test>.<workflow id>.json`.
+    fn record_histories(&self, dir: &std::path::Path) {
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("test")
+            .rsplit("::")
+            .next()
+            .unwrap()
+            .to_owned();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            use futures::StreamExt;
+            // A client of this runtime's (the world's runtime may be gone by now).
+            let client = orchestrator::temporal::worker::connect(&self.target)
+                .await
+                .unwrap();
+            let mut all =
+                client.list_workflows("", temporalio_client::WorkflowListOptions::default());
+            while let Some(found) = all.next().await {
+                let found = found.unwrap();
+                let json = client
+                    .get_workflow_handle::<HotWalletWorkflow>(found.id().to_owned())
+                    .fetch_history(temporalio_client::WorkflowFetchHistoryOptions::default())
+                    .to_json()
+                    .await
+                    .unwrap();
+                let name = format!("{test}.{}.json", found.id().replace('/', "_"));
+                std::fs::write(dir.join(name), json).unwrap();
+            }
+        });
+    }
+}
+
+impl Drop for TemporalWorld {
+    fn drop(&mut self) {
+        // `TEMPORAL_HISTORIES_OUT=DIR`: keep the histories for the replay test's fixtures.
+        if let Some(dir) = std::env::var_os("TEMPORAL_HISTORIES_OUT") {
+            if !std::thread::panicking() {
+                self.record_histories(std::path::Path::new(&dir));
+            }
+        }
+        // While the server still runs, so the workers stop cleanly.
+        for (stop, running) in self.workers.drain(..) {
+            let _ = stop.send(());
+            let _ = running.join();
+        }
+    }
 }
 
 impl World {
     fn start(coins: usize, btc: f64, policy: Policy) -> World {
         Self::start_with(coins, btc, policy, None)
+    }
+
+    /// The world on `engine`, running.
+    fn on(engine: Engine, coins: usize, btc: f64, policy: Policy) -> World {
+        match engine {
+            Engine::Embedded => Self::start(coins, btc, policy),
+            Engine::Temporal => {
+                let mut world = Self::idle(coins, btc, policy, None);
+                let server = TemporalServer::start();
+                let target = TemporalTarget {
+                    address: server.url(),
+                    namespace: "default".into(),
+                    task_queue: "withdrawals".into(),
+                    api_key: None,
+                    tls: None,
+                };
+                let client = world
+                    .served
+                    .runtime
+                    .block_on(orchestrator::temporal::worker::connect(&target))
+                    .unwrap();
+                world
+                    .served
+                    .runtime
+                    .block_on(orchestrator::temporal::worker::register_search_attributes(
+                        &client, "default",
+                    ))
+                    .unwrap();
+                let api = TemporalWithdrawals::new(
+                    client.clone(),
+                    "default".into(),
+                    "withdrawals".into(),
+                    Network::Regtest,
+                    WorkflowPolicy {
+                        poll_secs: 5,
+                        ..WorkflowPolicy::of(&world.policy)
+                    },
+                );
+                world.temporal = Some(TemporalWorld {
+                    server,
+                    target,
+                    api,
+                    client,
+                    workers: Vec::new(),
+                    ids: Default::default(),
+                });
+                world.start_worker();
+                world
+            }
+        }
+    }
+
+    /// Starts one more Temporal worker (a process's worth: worker, adapter and API).
+    fn start_worker(&mut self) {
+        self.start_worker_with(self.served.channel.clone());
+    }
+
+    /// Starts a Temporal worker reaching the indexer over `indexer`.
+    fn start_worker_with(&mut self, indexer: tonic::transport::Channel) {
+        let t = self.temporal.as_mut().unwrap();
+        let engine = orchestrator::temporal::worker::Engine {
+            target: t.target.clone(),
+            network: Network::Regtest,
+            payments: Payments::new(
+                Arc::new(self.node.daemon(false)),
+                Arc::new(KeyFileSigner::open(&self.key_file, Network::Regtest).unwrap()),
+                Network::Regtest,
+                self.hot.script_pubkey(),
+                self.policy.clone(),
+            ),
+            indexer: orchestrator::indexer_client::open_client(indexer),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let latency = service::grpc_latency::GrpcLatency::default();
+                orchestrator::temporal::worker::run(
+                    engine,
+                    listener,
+                    service::auth::BearerToken::new("test-token"),
+                    &latency,
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
+                .await
+                .unwrap();
+            });
+        });
+        t.workers.push((stop, running));
+    }
+
+    /// Submits `request` through the engine's API: the withdrawal as it is then.
+    fn submit(&self, request: Request) -> Withdrawal {
+        self.try_submit(request).unwrap()
+    }
+
+    /// Submits `request`: the withdrawal, or the refusal's message.
+    fn try_submit(&self, request: Request) -> Result<Withdrawal, String> {
+        match &self.temporal {
+            None => self
+                .store
+                .submit(request, 0)
+                .map(|s| s.withdrawal)
+                .map_err(|e| e.to_string()),
+            Some(t) => {
+                use proto::orchestrator::v1::withdrawals_server::Withdrawals;
+                let pb_rate = match request.fee_rate {
+                    FeeRate::SatPerVb(r) => {
+                        proto::orchestrator::v1::submit_withdrawal_request::FeeRate::SatPerVb(r)
+                    }
+                    FeeRate::TargetBlocks(b) => {
+                        proto::orchestrator::v1::submit_withdrawal_request::FeeRate::TargetBlocks(
+                            b.into(),
+                        )
+                    }
+                };
+                let asked = proto::orchestrator::v1::SubmitWithdrawalRequest {
+                    request_id: request.request_id.clone(),
+                    wallet: request.wallet.clone(),
+                    destination: request.destination.clone(),
+                    amount_sat: request.amount.to_sat(),
+                    max_fee_sat: request.max_fee.to_sat(),
+                    fee_rate: Some(pb_rate),
+                };
+                let shown = self
+                    .served
+                    .runtime
+                    .block_on(t.api.submit_withdrawal(tonic::Request::new(asked)))
+                    .map_err(|s| s.message().to_owned())?
+                    .into_inner();
+                t.ids
+                    .lock()
+                    .unwrap()
+                    .insert(shown.id, request.request_id.clone());
+                Ok(self.get(shown.id))
+            }
+        }
+    }
+
+    /// The withdrawal's whole record (the embedded store's, or the workflow's state).
+    fn get(&self, id: u64) -> Withdrawal {
+        match &self.temporal {
+            None => self.store.get(id).unwrap().unwrap(),
+            Some(t) => {
+                let request_id = t.ids.lock().unwrap()[&id].clone();
+                self.served
+                    .runtime
+                    .block_on(t.api.status(&request_id))
+                    .unwrap()
+                    .unwrap()
+            }
+        }
+    }
+
+    /// Waits until `ok` holds for withdrawal `id`.
+    fn wait_for(&self, id: u64, ok: impl Fn(&Withdrawal) -> bool) -> Withdrawal {
+        let started = Instant::now();
+        loop {
+            let w = self.get(id);
+            if ok(&w) {
+                return w;
+            }
+            assert!(started.elapsed() < WAIT, "stuck at {w:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether withdrawal `id`'s workflow has ended (Temporal).
+    fn workflow_ended(&self, id: u64) -> bool {
+        let t = self.temporal.as_ref().unwrap();
+        let request_id = t.ids.lock().unwrap()[&id].clone();
+        let handle = t
+            .client
+            .get_workflow_handle::<orchestrator::temporal::withdrawal::WithdrawalWorkflow>(
+                request_id,
+            );
+        let described = self
+            .served
+            .runtime
+            .block_on(handle.describe(temporalio_client::WorkflowDescribeOptions::default()))
+            .unwrap();
+        described.status() != temporalio_client::WorkflowExecutionStatus::Running
+    }
+
+    /// Waits up to a minute until `ok` holds for withdrawal `id` (a slow indexer).
+    fn wait_for_long(&self, id: u64, ok: impl Fn(&Withdrawal) -> bool) -> Withdrawal {
+        let started = Instant::now();
+        loop {
+            let w = self.get(id);
+            if ok(&w) {
+                return w;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "stuck at {w:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every coin some withdrawal holds.
+    fn reserved(&self) -> std::collections::HashSet<bitcoin::OutPoint> {
+        match &self.temporal {
+            None => self.store.reserved().unwrap(),
+            Some(t) => {
+                let wallet = t.client.get_workflow_handle::<HotWalletWorkflow>(
+                    orchestrator::temporal::hot_wallet_workflow_id("hot"),
+                );
+                let held = self.served.runtime.block_on(wallet.query(
+                    HotWalletWorkflow::held,
+                    (),
+                    temporalio_client::WorkflowQueryOptions::default(),
+                ));
+                match held {
+                    Ok(held) => held.values().flatten().map(|c| c.outpoint).collect(),
+                    Err(temporalio_client::errors::WorkflowQueryError::NotFound(_)) => {
+                        Default::default()
+                    }
+                    Err(e) => panic!("querying the hot wallet: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Cancels withdrawal `id` through the engine's API.
+    fn cancel(&self, id: u64) -> Result<Withdrawal, tonic::Status> {
+        use proto::orchestrator::v1::withdrawals_server::Withdrawals;
+        let req = tonic::Request::new(proto::orchestrator::v1::CancelWithdrawalRequest { id });
+        match &self.temporal {
+            None => {
+                let service = orchestrator::grpc::WithdrawalService::new(
+                    self.store.clone(),
+                    Network::Regtest,
+                );
+                self.served.runtime.block_on(service.cancel_withdrawal(req))
+            }
+            Some(t) => self.served.runtime.block_on(t.api.cancel_withdrawal(req)),
+        }
+        .map(|_| self.get(id))
     }
 
     fn start_with(coins: usize, btc: f64, policy: Policy, retention: Option<u64>) -> World {
@@ -131,6 +443,7 @@ impl World {
             served,
             executor: None,
             kafka,
+            temporal: None,
             _dirs: (dir, db),
             _rebuilt: Vec::new(),
         }
@@ -180,6 +493,28 @@ impl World {
         self._rebuilt.push(db);
     }
 
+    /// Stops every Temporal worker and waits until they have.
+    fn stop_workers(&mut self) {
+        if let Some(t) = &mut self.temporal {
+            for (stop, running) in t.workers.drain(..) {
+                let _ = stop.send(());
+                running.join().unwrap();
+            }
+        }
+    }
+
+    /// Stops the saga runner (the executor, or the Temporal workers) and starts it again,
+    /// as a restarted process would.
+    fn restart_engine(&mut self) {
+        if self.temporal.is_some() {
+            self.stop_workers();
+            self.start_worker();
+        } else {
+            self.stop_executor();
+            self.start_executor();
+        }
+    }
+
     /// Stops the executor and waits until it has.
     fn stop_executor(&mut self) {
         let (stop, running) = self.executor.take().unwrap();
@@ -212,7 +547,17 @@ impl World {
 
 #[test]
 fn a_hundred_concurrent_withdrawals_spend_no_coin_twice_and_each_completes_once() {
-    let world = World::start(
+    a_hundred_concurrent_withdrawals(Engine::Embedded);
+}
+
+#[test]
+fn on_temporal_a_hundred_concurrent_withdrawals_spend_no_coin_twice_and_each_complete_once() {
+    a_hundred_concurrent_withdrawals(Engine::Temporal);
+}
+
+fn a_hundred_concurrent_withdrawals(engine: Engine) {
+    let mut world = World::on(
+        engine,
         120,
         0.01,
         Policy {
@@ -221,6 +566,10 @@ fn a_hundred_concurrent_withdrawals_spend_no_coin_twice_and_each_completes_once(
             ..Policy::default()
         },
     );
+    if world.temporal.is_some() {
+        // Two workers: their reservations meet only in the hot wallet's workflow.
+        world.start_worker();
+    }
     let start_balance = world.balance();
     let destination = world.node.new_address("bech32");
     let ids: Vec<u64> = (0..100)
@@ -233,18 +582,15 @@ fn a_hundred_concurrent_withdrawals_spend_no_coin_twice_and_each_completes_once(
                 fee_rate: FeeRate::SatPerVb(2.0),
                 max_fee: Amount::from_sat(20_000),
             };
-            world.store.submit(request, 0).unwrap().withdrawal.id
+            world.submit(request).id
         })
         .collect();
     // Every one reaches the network before blocks confirm them.
     for id in &ids {
-        wait_for(&world.store, *id, |w| w.state == State::Broadcast);
+        world.wait_for(*id, |w| w.state == State::Broadcast);
     }
     let started = Instant::now();
-    while ids
-        .iter()
-        .any(|id| !world.store.get(*id).unwrap().unwrap().settled)
-    {
+    while ids.iter().any(|id| !world.get(*id).settled) {
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "not all settled"
@@ -256,7 +602,7 @@ fn a_hundred_concurrent_withdrawals_spend_no_coin_twice_and_each_completes_once(
     let mut fees = 0;
     let to_destination = script_of(&destination);
     for (i, id) in ids.iter().enumerate() {
-        let w = world.store.get(*id).unwrap().unwrap();
+        let w = world.get(*id);
         assert_eq!((w.state, w.attempts.len()), (State::Completed, 1));
         let tx = world.tx(w.confirmed.unwrap());
         for input in &tx.input {
@@ -273,12 +619,22 @@ fn a_hundred_concurrent_withdrawals_spend_no_coin_twice_and_each_completes_once(
     }
     let paid_total: u64 = (0..100).map(|i| 500_000 + i).sum();
     assert_eq!(world.balance(), start_balance - paid_total - fees);
-    assert!(world.store.reserved().unwrap().is_empty());
+    assert!(world.reserved().is_empty());
 }
 
 #[test]
 fn a_withdrawal_is_paid_exactly_once_and_completes() {
-    let world = World::start(
+    paid_exactly_once(Engine::Embedded);
+}
+
+#[test]
+fn on_temporal_a_withdrawal_is_paid_exactly_once_and_completes() {
+    paid_exactly_once(Engine::Temporal);
+}
+
+fn paid_exactly_once(engine: Engine) {
+    let world = World::on(
+        engine,
         3,
         0.6,
         Policy {
@@ -288,7 +644,7 @@ fn a_withdrawal_is_paid_exactly_once_and_completes() {
         },
     );
     assert_eq!(world.balance(), 180_000_000);
-    let (store, node) = (&world.store, &world.node);
+    let node = &world.node;
     let destination = node.new_address("bech32m");
     let request = Request {
         request_id: "payout-1".into(),
@@ -298,23 +654,34 @@ fn a_withdrawal_is_paid_exactly_once_and_completes() {
         fee_rate: FeeRate::SatPerVb(5.0),
         max_fee: Amount::from_sat(50_000),
     };
-    let id = store.submit(request.clone(), 0).unwrap().withdrawal.id;
-    let sent = wait_for(store, id, |w| w.state == State::Broadcast);
+    let id = world.submit(request.clone()).id;
+    let sent = world.wait_for(id, |w| w.state == State::Broadcast);
     assert_eq!(sent.attempts.len(), 1);
-    // A resubmission changes nothing.
-    let again = store.submit(request, 1).unwrap();
-    assert!(!again.created);
-    assert_eq!(again.withdrawal.id, id);
+    // A resubmission changes nothing; the same request id for another payment is refused.
+    let again = world.submit(request.clone());
+    assert_eq!((again.id, again.created_ms), (id, sent.created_ms));
+    assert_eq!(again.attempts, sent.attempts);
+    let other = Request {
+        amount: Amount::from_sat(40_000_001),
+        ..request
+    };
+    let refused = world.try_submit(other).unwrap_err();
+    assert!(refused.contains("already used"), "{refused}");
 
     node.mine_to(1, &world.miner);
-    let w = wait_for(store, id, |w| w.state == State::Confirming);
+    let w = world.wait_for(id, |w| w.state == State::Confirming);
     assert_eq!(w.confirmations, 1);
     node.mine_to(1, &world.miner);
-    let done = wait_for(store, id, |w| w.state == State::Completed);
-    assert!(store.reserved().unwrap().len() == done.coins.len() && !done.settled);
+    let done = world.wait_for(id, |w| w.state == State::Completed);
+    assert!(world.reserved().len() == done.coins.len() && !done.settled);
     node.mine_to(1, &world.miner);
-    let settled = wait_for(store, id, |w| w.settled);
-    assert!(store.reserved().unwrap().is_empty());
+    let settled = world.wait_for(id, |w| w.settled);
+    let released = Instant::now();
+    // (On Temporal the release is a signal sent as the workflow ends.)
+    while !world.reserved().is_empty() {
+        assert!(released.elapsed() < WAIT, "coins still reserved");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // Paid exactly once, exactly the amount; change back to the hot wallet; the wallet
     // dropped by amount + fee.
@@ -339,7 +706,16 @@ fn a_withdrawal_is_paid_exactly_once_and_completes() {
 
 #[test]
 fn insufficient_funds_fee_caps_and_unknown_wallets_fail_without_reserving_anything() {
-    let world = World::start(1, 0.1, Policy::default());
+    failures_reserve_nothing(Engine::Embedded);
+}
+
+#[test]
+fn on_temporal_insufficient_funds_fee_caps_and_unknown_wallets_fail_reserving_nothing() {
+    failures_reserve_nothing(Engine::Temporal);
+}
+
+fn failures_reserve_nothing(engine: Engine) {
+    let world = World::on(engine, 1, 0.1, Policy::default());
     let destination = world.node.new_address("bech32");
     let ask = |id: &str, sat: u64, max_fee: u64| Request {
         request_id: id.into(),
@@ -349,49 +725,27 @@ fn insufficient_funds_fee_caps_and_unknown_wallets_fail_without_reserving_anythi
         fee_rate: FeeRate::SatPerVb(20.0),
         max_fee: Amount::from_sat(max_fee),
     };
-    let poor = world
-        .store
-        .submit(ask("too-much", 20_000_000, 50_000), 0)
-        .unwrap();
-    let capped = world
-        .store
-        .submit(ask("fee-cap", 1_000_000, 100), 0)
-        .unwrap();
+    let poor = world.submit(ask("too-much", 20_000_000, 50_000)).id;
+    let capped = world.submit(ask("fee-cap", 1_000_000, 100)).id;
     let unknown = world
-        .store
-        .submit(
-            Request {
-                wallet: "nosuch".into(),
-                ..ask("no-wallet", 1_000_000, 50_000)
-            },
-            0,
-        )
-        .unwrap();
-    for id in [
-        poor.withdrawal.id,
-        capped.withdrawal.id,
-        unknown.withdrawal.id,
-    ] {
-        let w = wait_for(&world.store, id, |w| w.state == State::Failed);
+        .submit(Request {
+            wallet: "nosuch".into(),
+            ..ask("no-wallet", 1_000_000, 50_000)
+        })
+        .id;
+    for id in [poor, capped, unknown] {
+        let w = world.wait_for(id, |w| w.state == State::Failed);
         assert!(w.coins.is_empty() && w.attempts.is_empty(), "{w:?}");
     }
-    let reason = |id| {
-        world
-            .store
-            .get(id)
-            .unwrap()
-            .unwrap()
-            .failure_reason
-            .unwrap()
-    };
-    assert!(reason(poor.withdrawal.id).contains("insufficient funds"));
-    assert!(reason(capped.withdrawal.id).contains("max_fee"));
+    let reason = |id| world.get(id).failure_reason.unwrap();
+    assert!(reason(poor).contains("insufficient funds"));
+    assert!(reason(capped).contains("max_fee"));
     assert!(
-        reason(unknown.withdrawal.id).contains("wallet nosuch is not one the indexer watches"),
+        reason(unknown).contains("wallet nosuch is not one the indexer watches"),
         "{}",
-        reason(unknown.withdrawal.id)
+        reason(unknown)
     );
-    assert!(world.store.reserved().unwrap().is_empty());
+    assert!(world.reserved().is_empty());
 }
 
 fn request(id: &str, destination: &str, sat: u64, rate: f64, max_fee: u64) -> Request {
@@ -410,12 +764,9 @@ fn request(id: &str, destination: &str, sat: u64, rate: f64, max_fee: u64) -> Re
 fn broadcast(world: &World, name: &str, sat: u64, rate: f64) -> (u64, String) {
     let destination = world.node.new_address("bech32");
     let id = world
-        .store
-        .submit(request(name, &destination, sat, rate, 20_000), 0)
-        .unwrap()
-        .withdrawal
+        .submit(request(name, &destination, sat, rate, 20_000))
         .id;
-    wait_for(&world.store, id, |w| w.state == State::Broadcast);
+    world.wait_for(id, |w| w.state == State::Broadcast);
     (id, destination)
 }
 
@@ -423,7 +774,7 @@ fn broadcast(world: &World, name: &str, sat: u64, rate: f64) -> (u64, String) {
 fn mine_until(world: &World, id: u64, ok: impl Fn(&Withdrawal) -> bool) -> Withdrawal {
     let started = Instant::now();
     loop {
-        let w = world.store.get(id).unwrap().unwrap();
+        let w = world.get(id);
         if ok(&w) {
             return w;
         }
@@ -438,7 +789,17 @@ fn mine_until(world: &World, id: u64, ok: impl Fn(&Withdrawal) -> bool) -> Withd
 
 #[test]
 fn a_stuck_withdrawal_is_replaced_at_a_higher_fee_and_completes() {
-    let world = World::start(
+    replaced_when_stuck(Engine::Embedded);
+}
+
+#[test]
+fn on_temporal_a_stuck_withdrawal_is_replaced_at_a_higher_fee_and_completes() {
+    replaced_when_stuck(Engine::Temporal);
+}
+
+fn replaced_when_stuck(engine: Engine) {
+    let world = World::on(
+        engine,
         2,
         0.5,
         Policy {
@@ -487,6 +848,12 @@ fn a_reorg_that_drops_a_confirmed_withdrawal_sends_it_back_and_it_completes_agai
     a_reorg_sends_it_back_and_it_completes_again(World::start(2, 0.5, reorg_policy()));
 }
 
+#[test]
+fn on_temporal_a_reorg_sends_a_confirmed_withdrawal_back_and_it_completes_again() {
+    let world = World::on(Engine::Temporal, 2, 0.5, reorg_policy());
+    a_reorg_sends_it_back_and_it_completes_again(world);
+}
+
 /// The same with the executor taking its events from the Kafka topic the indexer
 /// exports to: a reorg's events arrive in two partitions (the network's, the wallet's)
 /// and must still apply in the log's order.
@@ -508,13 +875,10 @@ fn a_reorg_sends_it_back_and_it_completes_again(mut world: World) {
     world
         .node
         .call("invalidateblock", json!([block.to_string()]));
-    let back = wait_for(&world.store, id, |w| {
-        w.state == State::Confirming && w.confirmations == 0
-    });
+    let back = world.wait_for(id, |w| w.state == State::Confirming && w.confirmations == 0);
     assert_eq!(back.confirmed, None);
     // A restart here resumes the events from where their effects were written.
-    world.stop_executor();
-    world.start_executor();
+    world.restart_engine();
     let again = mine_until(&world, id, |w| w.settled);
     assert_eq!(
         (again.state, again.confirmed),
@@ -525,7 +889,7 @@ fn a_reorg_sends_it_back_and_it_completes_again(mut world: World) {
         1,
         "the same transaction confirmed again"
     );
-    assert!(world.store.reserved().unwrap().is_empty());
+    assert!(world.reserved().is_empty());
 }
 
 #[test]
@@ -577,7 +941,7 @@ fn after_a_stop_long_enough_for_the_event_log_to_be_pruned_monitoring_resumes_fr
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
     world.start_executor();
-    let done = wait_for(&world.store, id, |w| w.settled);
+    let done = world.wait_for(id, |w| w.settled);
     assert_eq!(
         (done.state, done.confirmed, done.attempts.len()),
         (State::Completed, w.confirmed, 1)
@@ -585,7 +949,7 @@ fn after_a_stop_long_enough_for_the_event_log_to_be_pruned_monitoring_resumes_fr
     // Counted from where it is now, not where it was before the stop.
     assert_eq!(done.confirmations, tip + 1 - moved_to, "{done:?}");
     assert!(world.store.cursor().unwrap().unwrap() > stopped_at);
-    assert!(world.store.reserved().unwrap().is_empty());
+    assert!(world.reserved().is_empty());
 }
 
 #[test]
@@ -624,17 +988,6 @@ fn after_the_indexer_is_rebuilt_monitoring_moves_to_the_new_log_and_completes() 
     assert_eq!(world.store.log_id().unwrap(), new_log);
 }
 
-fn cancel(world: &World, id: u64) -> Result<Withdrawal, tonic::Status> {
-    use proto::orchestrator::v1::withdrawals_server::Withdrawals;
-    let service = orchestrator::grpc::WithdrawalService::new(world.store.clone(), Network::Regtest);
-    let req = tonic::Request::new(proto::orchestrator::v1::CancelWithdrawalRequest { id });
-    world
-        .served
-        .runtime
-        .block_on(service.cancel_withdrawal(req))
-        .map(|_| world.store.get(id).unwrap().unwrap())
-}
-
 /// Mines until every withdrawal of `ids` is settled or cancelled, then returns what each
 /// destination was paid.
 fn settle_all(
@@ -643,7 +996,7 @@ fn settle_all(
 ) -> std::collections::HashMap<bitcoin::ScriptBuf, Vec<u64>> {
     let started = Instant::now();
     while ids.iter().any(|id| {
-        let w = world.store.get(*id).unwrap().unwrap();
+        let w = world.get(*id);
         !(w.settled || w.state == State::Cancelled)
     }) {
         assert!(
@@ -709,13 +1062,13 @@ fn a_cancel_after_the_send_is_refused_even_while_the_indexer_is_slow() {
         let amount = 1_000_000 + round;
         let mut updates = world.store.updates();
         let id = world
-            .store
-            .submit(
-                request(&format!("race-{round}"), &destination, amount, 2.0, 20_000),
-                0,
-            )
-            .unwrap()
-            .withdrawal
+            .submit(request(
+                &format!("race-{round}"),
+                &destination,
+                amount,
+                2.0,
+                20_000,
+            ))
             .id;
         let signed = loop {
             let w = updates.blocking_recv().unwrap();
@@ -733,7 +1086,7 @@ fn a_cancel_after_the_send_is_refused_even_while_the_indexer_is_slow() {
             assert!(started.elapsed() < WAIT, "{txid} never reached the node");
             std::thread::sleep(Duration::from_millis(5));
         }
-        let status = cancel(&world, id).unwrap_err();
+        let status = world.cancel(id).unwrap_err();
         assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
         assert!(status.message().contains(&txid.to_string()), "{status:?}");
         ids.push(id);
@@ -747,6 +1100,97 @@ fn a_cancel_after_the_send_is_refused_even_while_the_indexer_is_slow() {
             "{destination}"
         );
     }
+}
+
+/// The Temporal server killed (-9) and restarted on its database while withdrawals are
+/// on their way: the workers reconnect, and every workflow resumes where it was and
+/// completes, each destination paid once.
+#[test]
+fn on_temporal_withdrawals_resume_after_the_temporal_server_restarts() {
+    let mut world = World::on(
+        Engine::Temporal,
+        4,
+        0.2,
+        Policy {
+            confirmations: 2,
+            settle_at: 3,
+            ..Policy::default()
+        },
+    );
+    let (sent, sent_to) = broadcast(&world, "before-restart", 1_100_000, 2.0);
+    world.node.mine_to(1, &world.miner);
+    world.wait_for(sent, |w| w.state == State::Confirming);
+    world.temporal.as_mut().unwrap().server.restart();
+    let later_to = world.node.new_address("bech32");
+    let later = world
+        .submit(request("after-restart", &later_to, 1_200_000, 2.0, 20_000))
+        .id;
+    let paid = settle_all(&world, &[sent, later]);
+    assert_eq!(paid.get(&script_of(&sent_to)), Some(&vec![1_100_000]));
+    assert_eq!(paid.get(&script_of(&later_to)), Some(&vec![1_200_000]));
+    assert!(world.reserved().is_empty());
+}
+
+/// The cancel rules on the Temporal engine, with the indexer two seconds slow (so the
+/// reservation is still running when the first cancel comes):
+/// 1. A cancel before anything was signed: CANCELLED, the coins given back, nothing of it
+///    on the node; a retry under a new request_id pays.
+/// 2. A cancel once the payment was sent: FAILED_PRECONDITION naming the txid, and the
+///    payment completes. 3. A cancel of a completed one: refused.
+/// 4. Each destination is paid exactly once, its amount.
+#[test]
+fn on_temporal_a_cancel_is_taken_before_the_send_and_refused_after() {
+    let mut world = World::on(
+        Engine::Temporal,
+        3,
+        0.2,
+        Policy {
+            confirmations: 1,
+            settle_at: 1,
+            ..Policy::default()
+        },
+    );
+    world.stop_workers();
+    let proxy = system_tests::proxy::SlowProxy::start(
+        &world.served.runtime,
+        world.served.addr,
+        Duration::from_secs(2),
+    );
+    let slow = {
+        let _in_runtime = world.served.runtime.enter();
+        tonic::transport::Channel::from_shared(format!("http://{}", proxy.addr))
+            .unwrap()
+            .connect_lazy()
+    };
+    world.start_worker_with(slow);
+    let early_to = world.node.new_address("bech32");
+    let early = world.submit(request("early", &early_to, 1_500_000, 2.0, 20_000));
+    let cancelled = world.cancel(early.id).unwrap();
+    assert_eq!(cancelled.state, State::Cancelled, "{cancelled:?}");
+    let started = Instant::now();
+    while !world.workflow_ended(early.id) || !world.reserved().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(60), "coins kept");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let retry = world.submit(request("early-retry", &early_to, 1_500_000, 2.0, 20_000));
+    let late_to = world.node.new_address("bech32");
+    let late = world.submit(request("late", &late_to, 1_600_000, 2.0, 20_000));
+    let sent = world.wait_for_long(late.id, |w| w.state == State::Broadcast);
+    let refused = world.cancel(late.id).unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    let txid = sent.current().unwrap().txid.to_string();
+    assert!(refused.message().contains(&txid), "{refused:?}");
+    let paid = settle_all(&world, &[retry.id, late.id, early.id]);
+    let done = world.cancel(late.id).unwrap_err();
+    assert_eq!(done.code(), tonic::Code::FailedPrecondition, "{done:?}");
+    assert_eq!(paid.get(&script_of(&early_to)), Some(&vec![1_500_000]));
+    assert_eq!(paid.get(&script_of(&late_to)), Some(&vec![1_600_000]));
+    let early = world.get(early.id);
+    assert_nothing_can_confirm(&world, &early, &[]);
 }
 
 /// A cancel made at a boundary: the request id, the boundary, the answer (the state after
@@ -837,10 +1281,7 @@ fn a_cancel_at_every_step_boundary_pays_each_destination_at_most_once() {
         let destination = world.node.new_address("bech32");
         let amount = 2_000_000 + i as u64;
         let id = world
-            .store
-            .submit(request(&name, &destination, amount, 2.0, 20_000), 0)
-            .unwrap()
-            .withdrawal
+            .submit(request(&name, &destination, amount, 2.0, 20_000))
             .id;
         destinations.insert(name, (destination, amount, id));
         ids.push(id);
@@ -866,16 +1307,16 @@ fn a_cancel_at_every_step_boundary_pays_each_destination_at_most_once() {
             Ok(state) => {
                 assert!(before_send, "{name}: cancelled after the send began");
                 assert_eq!(state, State::Cancelled);
-                let w = world.store.get(id).unwrap().unwrap();
+                let w = world.get(id);
                 assert_nothing_can_confirm(&world, &w, &signed);
                 let retry = world
-                    .store
-                    .submit(
-                        request(&format!("{name}-retry"), &destination, amount, 2.0, 20_000),
-                        0,
-                    )
-                    .unwrap()
-                    .withdrawal
+                    .submit(request(
+                        &format!("{name}-retry"),
+                        &destination,
+                        amount,
+                        2.0,
+                        20_000,
+                    ))
                     .id;
                 retried.push(retry);
             }
@@ -901,7 +1342,7 @@ fn a_cancel_at_every_step_boundary_pays_each_destination_at_most_once() {
             "{name}"
         );
     }
-    assert!(world.store.reserved().unwrap().is_empty());
+    assert!(world.reserved().is_empty());
 }
 
 /// On Kafka events, stored read positions past the topic's end (a topic recreated by a

@@ -1,0 +1,333 @@
+//! The withdrawal workflow's side effects, run by whichever worker of the task queue picks
+//! them up (keys stay on the workers that hold the key file): choose and reserve coins,
+//! sign the first version or a replacement, send it, and look at the chain. Each returns
+//! its final answers as values for the workflow to record; a passing failure (indexer or
+//! bitcoind away) is an error Temporal retries. Every activity may run twice (a worker
+//! killed after the effect, before the answer reached the server), so each is safe to
+//! repeat: a reservation is keyed by request id, a signature is deterministic (RFC 6979),
+//! and sending the same bytes again is harmless.
+
+// The SDK's macros add an undocumented public marker constant for each workflow method
+// and activity (named after the method, whose doc says what it is): missing_docs cannot
+// be met for those, so it is allowed in this file; every item written here has its doc.
+#![allow(missing_docs)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use bitcoin::{OutPoint, Txid};
+use serde::{Deserialize, Serialize};
+use temporalio_client::{
+    Client, WorkflowIdConflictPolicy, WorkflowQueryOptions, WorkflowUpdateWithStartOptions,
+};
+use temporalio_macros::activities;
+use temporalio_sdk::activities::{ActivityContext, ActivityError};
+use temporalio_sdk::ApplicationFailure;
+
+use super::hot_wallet::{HotWalletStart, HotWalletWorkflow, ReserveAsk, ReserveReply};
+use crate::indexer_client::{self, Indexer};
+use crate::payment::{Payments, StepError};
+use crate::saga::{Attempt, Coin, Withdrawal};
+use proto::indexer::v1 as ipb;
+
+/// Rounds of choosing again after coins were taken by a concurrent withdrawal, before the
+/// activity fails (and is retried by Temporal).
+const RESERVE_ROUNDS: usize = 50;
+
+/// What reserving gave.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Reservation {
+    /// These coins are held for the withdrawal.
+    Reserved(Vec<Coin>),
+    /// It cannot be paid (insufficient funds, fee cap, unknown wallet...): final.
+    Refused(String),
+}
+
+/// What signing gave.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Signing {
+    /// A signed version.
+    Signed(Attempt),
+    /// None can be made (final for a first version; for a replacement: not now).
+    Refused(String),
+}
+
+/// What sending gave.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Sending {
+    /// bitcoind accepted it (or had it) at this indexer tip.
+    Accepted {
+        /// The tip then.
+        height: u32,
+    },
+    /// Refused because a version is already in a block (sent before): it was sent.
+    InBlock {
+        /// The tip then.
+        height: u32,
+    },
+    /// Its inputs are spent and the index does not show by what yet: wait, then again.
+    WaitForIndex(String),
+    /// bitcoind refused it for good. `repeated`: this activity had run before (a worker
+    /// died mid-send), so an earlier send may have gone through.
+    Refused {
+        /// bitcoind's answer.
+        reason: String,
+        /// Whether an earlier attempt of this activity may have sent it.
+        repeated: bool,
+    },
+}
+
+/// The chain as the indexer shows it, for one withdrawal's versions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Observed {
+    /// The indexed tip.
+    pub tip: u32,
+    /// The newest version in a block, with that block's height.
+    pub confirmed: Option<(Txid, u32)>,
+}
+
+/// What the activities work with.
+pub struct Activities {
+    payments: Payments,
+    indexer: Indexer,
+    client: Client,
+    /// The task queue the hot wallets' workflows run on (this worker's).
+    task_queue: String,
+    /// One reservation at a time per wallet on this worker: concurrent ones would choose
+    /// the same coins and all but one start over (across workers the hot wallet's
+    /// workflow still decides).
+    wallets: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn retry(e: impl std::fmt::Display) -> ActivityError {
+    ActivityError::application(ApplicationFailure::new(e.to_string()))
+}
+
+impl Activities {
+    /// Activities paying with `payments`, reading the chain from `indexer`, and reaching
+    /// the hot wallets' workflows through `client` on `task_queue`.
+    pub fn new(
+        payments: Payments,
+        indexer: Indexer,
+        client: Client,
+        task_queue: String,
+    ) -> Activities {
+        Activities {
+            payments,
+            indexer,
+            client,
+            task_queue,
+            wallets: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn wallet_lock(&self, wallet: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut wallets = self.wallets.lock().unwrap_or_else(|p| p.into_inner());
+        wallets.entry(wallet.to_owned()).or_default().clone()
+    }
+
+    /// Every coin the wallet's workflow holds now (none when it was never started).
+    async fn held(&self, wallet: &str) -> Result<BTreeSet<OutPoint>, ActivityError> {
+        let handle = self
+            .client
+            .get_workflow_handle::<HotWalletWorkflow>(super::hot_wallet_workflow_id(wallet));
+        match handle
+            .query(HotWalletWorkflow::held, (), WorkflowQueryOptions::default())
+            .await
+        {
+            Ok(held) => Ok(held.values().flatten().map(|c| c.outpoint).collect()),
+            Err(temporalio_client::errors::WorkflowQueryError::NotFound(_)) => Ok(BTreeSet::new()),
+            Err(e) => Err(retry(format!(
+                "reading wallet {wallet}'s reservations: {e}"
+            ))),
+        }
+    }
+
+    /// Asks the wallet's workflow (started if it is not running) for `coins`.
+    async fn ask(
+        &self,
+        wallet: &str,
+        request_id: &str,
+        coins: Vec<Coin>,
+    ) -> Result<ReserveReply, ActivityError> {
+        let id = super::hot_wallet_workflow_id(wallet);
+        let options = WorkflowUpdateWithStartOptions::new(
+            self.task_queue.clone(),
+            &id,
+            WorkflowIdConflictPolicy::UseExisting,
+        )
+        .build();
+        self.client
+            .execute_update_with_start_workflow(
+                HotWalletWorkflow::run,
+                HotWalletStart::default(),
+                HotWalletWorkflow::reserve,
+                ReserveAsk {
+                    request_id: request_id.to_owned(),
+                    coins,
+                },
+                options,
+            )
+            .await
+            .map_err(|e| retry(format!("reserving in wallet {wallet}: {e}")))
+    }
+}
+
+#[activities]
+impl Activities {
+    /// Chooses coins for the withdrawal and has its wallet's workflow grant them.
+    #[activity(name = "withdrawal.reserve")]
+    pub async fn reserve(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        w: Withdrawal,
+    ) -> Result<Reservation, ActivityError> {
+        if self.payments.destination(&w).is_none() {
+            return Ok(Reservation::Refused("invalid destination".into()));
+        }
+        let wallet = w.request.wallet.clone();
+        let lock = self.wallet_lock(&wallet);
+        let _one_at_a_time = lock.lock().await;
+        let rate = self
+            .payments
+            .fee_rate(w.request.fee_rate)
+            .await
+            .map_err(retry)?;
+        let mut indexer = self.indexer.clone();
+        let listed = match self.payments.spendable(&mut indexer, &wallet).await {
+            Ok(listed) => listed,
+            Err(StepError::Indexer(s)) if s.code() == tonic::Code::NotFound => {
+                return Ok(Reservation::Refused(format!(
+                    "wallet {wallet} is not one the indexer watches"
+                )))
+            }
+            Err(e) => return Err(retry(e)),
+        };
+        let mut held = self.held(&wallet).await?;
+        for _ in 0..RESERVE_ROUNDS {
+            ctx.record_heartbeat(held.len()).await?;
+            let free: Vec<_> = listed
+                .iter()
+                .filter(|c| !held.contains(&c.outpoint))
+                .cloned()
+                .collect();
+            let coins = match self.payments.choose(&w, &free, rate) {
+                Ok(coins) => coins,
+                Err(why) => return Ok(Reservation::Refused(why)),
+            };
+            match self.ask(&wallet, &w.request.request_id, coins).await? {
+                ReserveReply::Granted(coins) => return Ok(Reservation::Reserved(coins)),
+                ReserveReply::Taken(now) => held = now,
+            }
+        }
+        Err(retry(format!(
+            "coins of wallet {wallet} kept being taken by concurrent withdrawals"
+        )))
+    }
+
+    /// Signs the first version of the payment over the reserved coins.
+    #[activity(name = "withdrawal.sign")]
+    pub async fn sign(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        w: Withdrawal,
+    ) -> Result<Signing, ActivityError> {
+        Ok(
+            match self.payments.first_version(&w).await.map_err(retry)? {
+                Ok(attempt) => Signing::Signed(attempt),
+                Err(why) => Signing::Refused(why),
+            },
+        )
+    }
+
+    /// Signs a replacement of a payment stuck unconfirmed, at a higher rate.
+    #[activity(name = "withdrawal.replace")]
+    pub async fn replace(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        w: Withdrawal,
+    ) -> Result<Signing, ActivityError> {
+        Ok(match self.payments.replacement(&w).map_err(retry)? {
+            Ok(attempt) => Signing::Signed(attempt),
+            Err(why) => Signing::Refused(why),
+        })
+    }
+
+    /// Sends the current version to bitcoind.
+    #[activity(name = "withdrawal.broadcast")]
+    pub async fn broadcast(
+        self: Arc<Self>,
+        ctx: ActivityContext,
+        w: Withdrawal,
+    ) -> Result<Sending, ActivityError> {
+        let Some(attempt) = w.current() else {
+            return Err(ApplicationFailure::non_retryable("nothing signed to send").into());
+        };
+        let mut indexer = self.indexer.clone();
+        let sent = self.payments.send(attempt).await.map_err(retry)?;
+        let tip = |mut indexer: Indexer| async move {
+            indexer
+                .get_tip(ipb::GetTipRequest {})
+                .await
+                .map(|t| t.into_inner().height)
+                .map_err(retry)
+        };
+        match sent {
+            Ok(_) => Ok(Sending::Accepted {
+                height: tip(indexer).await?,
+            }),
+            Err(e) if e.is_transient() => Err(retry(e)),
+            Err(e) => {
+                for a in w.attempts.iter().rev() {
+                    if indexer_client::confirmed_height(&mut indexer, &a.txid)
+                        .await
+                        .map_err(retry)?
+                        .is_some()
+                    {
+                        return Ok(Sending::InBlock {
+                            height: tip(indexer).await?,
+                        });
+                    }
+                }
+                if e.to_string().contains("missingorspent") {
+                    return Ok(Sending::WaitForIndex(e.to_string()));
+                }
+                Ok(Sending::Refused {
+                    reason: e.to_string(),
+                    repeated: ctx.info().attempt > 1,
+                })
+            }
+        }
+    }
+
+    /// The tip and the newest of `txids` in a block, from the indexer.
+    #[activity(name = "withdrawal.observe")]
+    pub async fn observe(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        txids: Vec<Txid>,
+    ) -> Result<Observed, ActivityError> {
+        let mut indexer = self.indexer.clone();
+        let tip = indexer
+            .get_tip(ipb::GetTipRequest {})
+            .await
+            .map_err(retry)?
+            .into_inner()
+            .height;
+        for txid in txids.iter().rev() {
+            if let Some(height) = indexer_client::confirmed_height(&mut indexer, txid)
+                .await
+                .map_err(retry)?
+            {
+                return Ok(Observed {
+                    tip: tip.max(height),
+                    confirmed: Some((*txid, height)),
+                });
+            }
+        }
+        Ok(Observed {
+            tip,
+            confirmed: None,
+        })
+    }
+}

@@ -1,0 +1,129 @@
+//! The event -> signal adapter: follows the indexer's `Subscribe` stream and, after each
+//! burst of block events (connected or disconnected), signals `chain` to every running
+//! withdrawal whose transaction may be on the chain, so it looks at the chain at once.
+//! A signal only prompts a look (the workflow asks the indexer itself), so a repeated or
+//! missed one is harmless: after a gap (the stream broke, the process restarted) every
+//! such withdrawal is signalled once, and each workflow also looks on its own timer.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use proto::indexer::v1 as ipb;
+use temporalio_client::{Client, WorkflowListOptions, WorkflowSignalOptions};
+
+use super::withdrawal::WithdrawalWorkflow;
+use crate::indexer_client::Indexer;
+
+/// Running withdrawals that watch the chain.
+const WATCHING: &str = "WorkflowType = 'withdrawal' AND ExecutionStatus = 'Running' \
+     AND WithdrawalState IN ('BROADCAST', 'CONFIRMING', 'COMPLETED', 'SIGNED')";
+/// Events arriving within this of each other are one burst (one round of signals).
+const BURST: Duration = Duration::from_millis(20);
+/// Longest wait before following again after a failure.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Follows the indexer and signals the workflows.
+pub struct Adapter {
+    indexer: Indexer,
+    client: Client,
+}
+
+impl Adapter {
+    /// An adapter from `indexer`'s events to `client`'s workflows.
+    pub fn new(indexer: Indexer, client: Client) -> Adapter {
+        Adapter { indexer, client }
+    }
+
+    /// Follows until the task is dropped, resuming after any failure.
+    pub async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.follow().await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %e, "chain events -> workflows: following again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// One session: from the present tip (everyone is signalled once, for what may have
+    /// been missed), then every burst of block events.
+    async fn follow(&mut self) -> Result<(), String> {
+        let tip = self
+            .indexer
+            .get_tip(ipb::GetTipRequest {})
+            .await
+            .map_err(|s| format!("indexer: {s}"))?
+            .into_inner();
+        let mut stream = self
+            .indexer
+            .subscribe(ipb::SubscribeRequest {
+                from_offset: tip.next_offset,
+                log_id: tip.log_id,
+            })
+            .await
+            .map_err(|s| format!("indexer: {s}"))?
+            .into_inner();
+        self.signal_all(tip.height).await?;
+        loop {
+            let Some(event) = stream
+                .message()
+                .await
+                .map_err(|s| format!("indexer: {s}"))?
+            else {
+                return Ok(());
+            };
+            let mut moved = block_height(&event);
+            // The rest of the burst, so a reorg of ten blocks is one round of signals.
+            while let Ok(next) = tokio::time::timeout(BURST, stream.message()).await {
+                match next.map_err(|s| format!("indexer: {s}"))? {
+                    Some(e) => moved = block_height(&e).or(moved),
+                    None => break,
+                }
+            }
+            if let Some(tip) = moved {
+                self.signal_all(tip).await?;
+            }
+        }
+    }
+
+    /// Signals `chain(tip)` to every withdrawal watching the chain.
+    async fn signal_all(&self, tip: u32) -> Result<(), String> {
+        let mut running = self
+            .client
+            .list_workflows(WATCHING, WorkflowListOptions::default());
+        let mut signalled = 0usize;
+        while let Some(found) = running.next().await {
+            let found = found.map_err(|e| format!("temporal: listing withdrawals: {e}"))?;
+            let handle = self
+                .client
+                .get_workflow_handle::<WithdrawalWorkflow>(found.id().to_owned());
+            // One that ended meanwhile cannot be signalled: nothing to tell it.
+            if let Err(e) = handle
+                .signal(
+                    WithdrawalWorkflow::chain,
+                    tip,
+                    WorkflowSignalOptions::default(),
+                )
+                .await
+            {
+                tracing::debug!(workflow = found.id(), error = %e, "not signalled");
+            }
+            signalled += 1;
+        }
+        tracing::debug!(tip, signalled, "chain moved: withdrawals signalled");
+        Ok(())
+    }
+}
+
+/// The tip after a block event; `None` for transfer and mempool events.
+fn block_height(event: &ipb::Event) -> Option<u32> {
+    match ipb::EventKind::try_from(event.kind) {
+        Ok(ipb::EventKind::BlockConnected) => Some(event.height),
+        Ok(ipb::EventKind::BlockDisconnected) => Some(event.height.saturating_sub(1)),
+        _ => None,
+    }
+}

@@ -1,0 +1,338 @@
+//! `orchestrator.v1.Withdrawals` on the Temporal engine: the same API, validation and
+//! answers as the embedded engine's (`crate::grpc`), from workflows. A submission starts
+//! the workflow whose id is the request id (a repeat, on any API server, finds the same
+//! one); status is the workflow's `status` query; a cancel is its `cancel` update, refused
+//! by the workflow itself when the saga refuses it. The numeric id is found through the
+//! `WithdrawalId` search attribute.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use bitcoin::Network;
+use proto::orchestrator::v1 as pb;
+use proto::orchestrator::v1::withdrawals_server::{Withdrawals, WithdrawalsServer};
+use temporalio_client::errors::{WorkflowQueryError, WorkflowStartError, WorkflowUpdateError};
+use temporalio_client::{
+    Client, WorkflowExecuteUpdateOptions, WorkflowIdConflictPolicy, WorkflowIdReusePolicy,
+    WorkflowQueryOptions, WorkflowStartOptions,
+};
+use temporalio_common::protos::temporal::api::workflowservice::v1::ListWorkflowExecutionsRequest;
+use temporalio_common::search_attributes::SearchAttributes;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::withdrawal::{state_name, WithdrawalStart, WithdrawalWorkflow};
+use super::{WorkflowPolicy, RESERVED_PREFIX, WITHDRAWAL_ID, WITHDRAWAL_STATE, WITHDRAWAL_WALLET};
+use crate::grpc::{bad_page_token, list_filters, validate, withdrawal, MAX_REQUEST_ID};
+use crate::saga::{now_ms, Withdrawal};
+
+/// How long a lookup by numeric id waits for the search index to show a new withdrawal.
+const VISIBILITY_WAIT: Duration = Duration::from_secs(3);
+/// How often WatchWithdrawal asks the workflow for its state.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+
+/// The service over a Temporal namespace.
+#[derive(Clone)]
+pub struct TemporalWithdrawals {
+    client: Client,
+    namespace: String,
+    task_queue: String,
+    network: Network,
+    policy: WorkflowPolicy,
+}
+
+impl TemporalWithdrawals {
+    /// A service starting workflows on `task_queue` under `policy`.
+    pub fn new(
+        client: Client,
+        namespace: String,
+        task_queue: String,
+        network: Network,
+        policy: WorkflowPolicy,
+    ) -> Self {
+        TemporalWithdrawals {
+            client,
+            namespace,
+            task_queue,
+            network,
+            policy,
+        }
+    }
+
+    /// The tonic server for it, every call checked against `token`.
+    pub fn into_server(
+        self,
+        token: service::auth::BearerToken,
+    ) -> tonic::service::interceptor::InterceptedService<
+        WithdrawalsServer<Self>,
+        impl tonic::service::Interceptor + Clone,
+    > {
+        WithdrawalsServer::with_interceptor(self, move |req| token.check(req))
+    }
+
+    /// The withdrawal of workflow `workflow_id`, `None` when there is none.
+    pub async fn status(&self, workflow_id: &str) -> Result<Option<Withdrawal>, Status> {
+        let handle = self
+            .client
+            .get_workflow_handle::<WithdrawalWorkflow>(workflow_id.to_owned());
+        match handle
+            .query(
+                WithdrawalWorkflow::status,
+                (),
+                WorkflowQueryOptions::default(),
+            )
+            .await
+        {
+            Ok(w) => Ok(Some(w)),
+            Err(WorkflowQueryError::NotFound(_)) => Ok(None),
+            Err(e) => Err(Status::unavailable(format!(
+                "temporal: querying withdrawal {workflow_id}: {e}"
+            ))),
+        }
+    }
+
+    /// The workflow ids matching a visibility query, one page.
+    async fn search(
+        &self,
+        query: String,
+        page_size: i32,
+        token: Vec<u8>,
+    ) -> Result<(Vec<String>, Vec<u8>), Status> {
+        let mut raw = self.client.clone();
+        let page = temporalio_client::grpc::WorkflowService::list_workflow_executions(
+            &mut raw,
+            tonic::Request::new(ListWorkflowExecutionsRequest {
+                namespace: self.namespace.clone(),
+                page_size,
+                next_page_token: token,
+                query,
+            }),
+        )
+        .await
+        .map_err(|s| Status::unavailable(format!("temporal: listing withdrawals: {s}")))?
+        .into_inner();
+        let ids = page
+            .executions
+            .into_iter()
+            .filter_map(|e| e.execution.map(|x| x.workflow_id))
+            .collect();
+        Ok((ids, page.next_page_token))
+    }
+
+    /// The request id (workflow id) of withdrawal `id`, waiting briefly for the search
+    /// index to catch up with a submission just made.
+    async fn workflow_of(&self, id: u64) -> Result<String, Status> {
+        let query = format!("WorkflowType = 'withdrawal' AND WithdrawalId = {id}");
+        let started = tokio::time::Instant::now();
+        loop {
+            let (ids, _) = self.search(query.clone(), 1, Vec::new()).await?;
+            if let Some(first) = ids.into_iter().next() {
+                return Ok(first);
+            }
+            if started.elapsed() > VISIBILITY_WAIT {
+                return Err(Status::not_found(format!("no withdrawal {id}")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn find(&self, id: u64) -> Result<(String, Withdrawal), Status> {
+        let workflow = self.workflow_of(id).await?;
+        let w = self
+            .status(&workflow)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no withdrawal {id}")))?;
+        Ok((workflow, w))
+    }
+}
+
+#[tonic::async_trait]
+impl Withdrawals for TemporalWithdrawals {
+    async fn submit_withdrawal(
+        &self,
+        req: Request<pb::SubmitWithdrawalRequest>,
+    ) -> Result<Response<pb::Withdrawal>, Status> {
+        let request = validate(req.into_inner(), self.network)?;
+        if request.request_id.starts_with(RESERVED_PREFIX) {
+            return Err(Status::invalid_argument(format!(
+                "request_id may not start with {RESERVED_PREFIX:?} (the orchestrator's own workflows)"
+            )));
+        }
+        let id = super::withdrawal_id(&request.request_id);
+        let workflow_id = request.request_id.clone();
+        let options = WorkflowStartOptions::new(self.task_queue.clone(), workflow_id.clone())
+            .id_reuse_policy(WorkflowIdReusePolicy::RejectDuplicate)
+            .id_conflict_policy(WorkflowIdConflictPolicy::UseExisting)
+            .search_attributes(SearchAttributes::new([
+                WITHDRAWAL_ID.value_set(id as i64),
+                WITHDRAWAL_WALLET.value_set(request.wallet.clone()),
+                WITHDRAWAL_STATE.value_set(state_name(crate::saga::State::Received)),
+            ]))
+            .build();
+        let start = WithdrawalStart {
+            withdrawal: Withdrawal::new(id, request.clone(), now_ms()),
+            policy: self.policy.clone(),
+            asked_coins: false,
+        };
+        match self
+            .client
+            .start_workflow(WithdrawalWorkflow::run, start, options)
+            .await
+        {
+            // Started now, or running already (UseExisting), or finished (RejectDuplicate):
+            // in every case the workflow of this request id says what it is.
+            Ok(_) | Err(WorkflowStartError::AlreadyStarted { .. }) => {}
+            Err(e) => {
+                return Err(Status::unavailable(format!(
+                    "temporal: starting withdrawal {workflow_id}: {e}"
+                )))
+            }
+        }
+        let existing = self.status(&workflow_id).await?.ok_or_else(|| {
+            Status::unavailable(format!("temporal: withdrawal {workflow_id} vanished"))
+        })?;
+        if existing.request != request {
+            return Err(Status::already_exists(format!(
+                "request_id {workflow_id:?} was already used for a different withdrawal"
+            )));
+        }
+        Ok(Response::new(withdrawal(&existing)))
+    }
+
+    async fn get_withdrawal(
+        &self,
+        req: Request<pb::GetWithdrawalRequest>,
+    ) -> Result<Response<pb::Withdrawal>, Status> {
+        let found = match req.into_inner().key {
+            Some(pb::get_withdrawal_request::Key::Id(id)) => self.find(id).await?.1,
+            Some(pb::get_withdrawal_request::Key::RequestId(r)) => {
+                if r.len() > MAX_REQUEST_ID {
+                    return Err(Status::invalid_argument(format!(
+                        "request_id is {} bytes long; at most {MAX_REQUEST_ID}",
+                        r.len()
+                    )));
+                }
+                let found = if r.is_empty() || r.starts_with(RESERVED_PREFIX) {
+                    None
+                } else {
+                    self.status(&r).await?
+                };
+                found.ok_or_else(|| {
+                    Status::not_found(format!("no withdrawal for request_id {r:?}"))
+                })?
+            }
+            None => return Err(Status::invalid_argument("give id or request_id")),
+        };
+        Ok(Response::new(withdrawal(&found)))
+    }
+
+    async fn list_withdrawals(
+        &self,
+        req: Request<pb::ListWithdrawalsRequest>,
+    ) -> Result<Response<pb::ListWithdrawalsResponse>, Status> {
+        let req = req.into_inner();
+        let (limit, only_state) = list_filters(&req)?;
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&req.page_token)
+            .map_err(|_| bad_page_token())?;
+        let mut query = "WorkflowType = 'withdrawal'".to_owned();
+        if only_state != pb::WithdrawalState::Unspecified {
+            let name = only_state
+                .as_str_name()
+                .trim_start_matches("WITHDRAWAL_STATE_");
+            query.push_str(&format!(" AND WithdrawalState = '{name}'"));
+        }
+        if !req.wallet.is_empty() {
+            query.push_str(&format!(" AND WithdrawalWallet = '{}'", req.wallet));
+        }
+        let (ids, next) = self.search(query, limit as i32, token).await?;
+        let found =
+            futures::future::try_join_all(ids.iter().map(|workflow| self.status(workflow))).await?;
+        Ok(Response::new(pb::ListWithdrawalsResponse {
+            withdrawals: found.iter().flatten().map(withdrawal).collect(),
+            next_page_token: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(next),
+        }))
+    }
+
+    type WatchWithdrawalStream = ReceiverStream<Result<pb::Withdrawal, Status>>;
+
+    async fn watch_withdrawal(
+        &self,
+        req: Request<pb::WatchWithdrawalRequest>,
+    ) -> Result<Response<Self::WatchWithdrawalStream>, Status> {
+        let id = req.into_inner().id;
+        let (workflow, now) = self.find(id).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut last = now;
+            if tx.send(Ok(withdrawal(&last))).await.is_err() {
+                return;
+            }
+            while !last.state.is_final() {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(WATCH_EVERY) => {}
+                }
+                match service.status(&workflow).await {
+                    Ok(Some(w)) if w != last => {
+                        last = w;
+                        if tx.send(Ok(withdrawal(&last))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    // Temporal away for a moment: ask again on the next tick.
+                    Err(e) => tracing::warn!(id, error = %e, "watching a withdrawal"),
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel_withdrawal(
+        &self,
+        req: Request<pb::CancelWithdrawalRequest>,
+    ) -> Result<Response<pb::Withdrawal>, Status> {
+        let id = req.into_inner().id;
+        let workflow = self.workflow_of(id).await?;
+        let handle = self
+            .client
+            .get_workflow_handle::<WithdrawalWorkflow>(workflow.clone());
+        match handle
+            .execute_update(
+                WithdrawalWorkflow::cancel,
+                "cancelled over gRPC".to_owned(),
+                WorkflowExecuteUpdateOptions::default(),
+            )
+            .await
+        {
+            Ok(w) => {
+                tracing::info!(id, "withdrawal cancelled");
+                Ok(Response::new(withdrawal(&w)))
+            }
+            // The workflow's validator refused it, saying why (as the saga words it).
+            Err(WorkflowUpdateError::Failed(failure)) => {
+                Err(Status::failed_precondition(failure.message.clone()))
+            }
+            // A finished workflow takes no update: what it ended as decides.
+            Err(WorkflowUpdateError::NotFound(_)) => {
+                let w = self
+                    .status(&workflow)
+                    .await?
+                    .ok_or_else(|| Status::not_found(format!("no withdrawal {id}")))?;
+                Err(Status::failed_precondition(
+                    w.apply(crate::saga::Outcome::Cancelled, now_ms())
+                        .err()
+                        .map_or_else(
+                            || format!("withdrawal {id} has ended as {:?}", w.state),
+                            |e| e.to_string(),
+                        ),
+                ))
+            }
+            Err(e) => Err(Status::unavailable(format!(
+                "temporal: cancelling withdrawal {id}: {e}"
+            ))),
+        }
+    }
+}

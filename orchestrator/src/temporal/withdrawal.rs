@@ -1,0 +1,341 @@
+//! The withdrawal workflow: the saga of [`crate::saga`] driven by Temporal. Its state is
+//! the saga's `Withdrawal`; each step is an activity whose answer is applied with the
+//! saga's own transition rules, so both engines obey the same rules (a signed transaction
+//! never goes back to unpaid, a cancel is refused once a send may have begun, coins stay
+//! reserved until settled). The chain reaches it as `chain` signals from the adapter, with
+//! a timer as a fallback; the API reads it with the `status` query and cancels it with the
+//! `cancel` update, whose validator refuses (before anything is recorded) what the saga
+//! refuses.
+//!
+//! Determinism: everything here depends only on the history (activity answers, signals,
+//! workflow time). Activity and signal names are fixed, so renaming a Rust method does not
+//! break running workflows; the replay test (tests/temporal_replay.rs) replays recorded
+//! histories on every change.
+
+// The SDK's macros add an undocumented public marker constant for each workflow method
+// and activity (named after the method, whose doc says what it is): missing_docs cannot
+// be met for those, so it is allowed in this file; every item written here has its doc.
+#![allow(missing_docs)]
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use temporalio_common::RetryPolicy;
+use temporalio_macros::{workflow, workflow_methods};
+use temporalio_sdk::{
+    ActivityOptions, ContinueAsNewOptions, SignalWorkflowOptions, SyncWorkflowContext,
+    WorkflowContext, WorkflowContextView, WorkflowResult,
+};
+
+use super::activities::{Activities, Observed, Reservation, Sending, Signing};
+use super::hot_wallet::HotWalletWorkflow;
+use super::{WorkflowPolicy, WITHDRAWAL_STATE};
+use crate::saga::{Outcome, State, Step, Withdrawal};
+
+/// Events after which the workflow continues as new with its state.
+const HISTORY_LIMIT: u32 = 2_000;
+
+/// What a withdrawal workflow starts (or continues) with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WithdrawalStart {
+    /// The withdrawal (RECEIVED when submitted; wherever it was when continued).
+    pub withdrawal: Withdrawal,
+    /// The policy it was submitted under.
+    pub policy: WorkflowPolicy,
+    /// Whether it ever asked its wallet for coins (so they are given back at the end).
+    #[serde(default)]
+    pub asked_coins: bool,
+}
+
+/// One withdrawal, from submission to settlement.
+#[workflow]
+pub struct WithdrawalWorkflow {
+    w: Withdrawal,
+    policy: WorkflowPolicy,
+    asked_coins: bool,
+    /// `chain` signals received: the watch waits for this to move.
+    chain_signals: u64,
+    /// The tip at which a replacement could not be made (not tried again before the
+    /// chain moves).
+    bump_failed_at: Option<u32>,
+}
+
+/// Milliseconds since 1970 of a workflow clock reading (which replays the same).
+fn millis(time: Option<std::time::SystemTime>) -> u64 {
+    time.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Options of the short activities: retried for as long as the cause lasts (an indexer
+/// or bitcoind away), at most every 10 s.
+fn short() -> ActivityOptions {
+    ActivityOptions::with_start_to_close_timeout(Duration::from_secs(20))
+        .retry_policy(retries())
+        .build()
+}
+
+/// Options of the reservation: longer (it may wait for other withdrawals of the wallet),
+/// with heartbeats so a dead worker's reservation moves to another in seconds.
+fn reserving() -> ActivityOptions {
+    ActivityOptions::with_start_to_close_timeout(Duration::from_secs(120))
+        .heartbeat_timeout(Duration::from_secs(10))
+        .retry_policy(retries())
+        .build()
+}
+
+fn retries() -> RetryPolicy {
+    RetryPolicy::builder()
+        .initial_interval(Duration::from_millis(500))
+        .backoff_coefficient(2.0)
+        .maximum_interval(Duration::from_secs(10))
+        .build()
+}
+
+impl WithdrawalWorkflow {
+    /// Applies `outcome`; a refused one (e.g. a result arriving after a cancel) is
+    /// logged and changes nothing.
+    fn apply(&mut self, outcome: Outcome, now_ms: u64) -> bool {
+        match self.w.apply(outcome, now_ms) {
+            Ok(next) => {
+                self.w = next;
+                true
+            }
+            Err(e) => {
+                tracing::info!(id = self.w.id, error = %e, "an outcome came too late");
+                false
+            }
+        }
+    }
+}
+
+/// Applies `outcome` in the workflow, with the state shown to searches kept up to date.
+fn record(ctx: &mut WorkflowContext<WithdrawalWorkflow>, outcome: Outcome) -> bool {
+    let at = millis(ctx.workflow_time());
+    let before = ctx.state(|s| s.w.state);
+    let applied = ctx.state_mut(|s| s.apply(outcome, at));
+    publish_state(ctx, before);
+    applied
+}
+
+/// Upserts the state search attribute when it changed since `before`.
+fn publish_state(ctx: &mut WorkflowContext<WithdrawalWorkflow>, before: State) {
+    let after = ctx.state(|s| s.w.state);
+    if after != before {
+        ctx.upsert_search_attributes([WITHDRAWAL_STATE.value_set(state_name(after))]);
+    }
+}
+
+/// The API's name of a state (`BROADCAST`...), as searches filter on it.
+pub fn state_name(s: State) -> String {
+    crate::grpc::state(s)
+        .as_str_name()
+        .trim_start_matches("WITHDRAWAL_STATE_")
+        .to_owned()
+}
+
+#[workflow_methods]
+impl WithdrawalWorkflow {
+    /// Starts from the submitted (or carried) withdrawal.
+    #[init]
+    pub fn new(_ctx: &WorkflowContextView, start: WithdrawalStart) -> Self {
+        WithdrawalWorkflow {
+            w: start.withdrawal,
+            policy: start.policy,
+            asked_coins: start.asked_coins,
+            chain_signals: 0,
+            bump_failed_at: None,
+        }
+    }
+
+    /// Runs the saga to its end: settled, failed, cancelled or waiting for an operator.
+    #[run(name = "withdrawal")]
+    pub async fn run(ctx: &mut WorkflowContext<Self>) -> WorkflowResult<Withdrawal> {
+        let state = ctx.state(|s| s.w.state);
+        ctx.upsert_search_attributes([WITHDRAWAL_STATE.value_set(state_name(state))]);
+        loop {
+            if ctx.continue_as_new_suggested() || ctx.history_length() > HISTORY_LIMIT {
+                let view = ctx.clone();
+                ctx.wait_condition(move |_: &Self| view.all_handlers_finished())
+                    .await?;
+                let start = ctx.state(|s| WithdrawalStart {
+                    withdrawal: s.w.clone(),
+                    policy: s.policy.clone(),
+                    asked_coins: s.asked_coins,
+                });
+                ctx.continue_as_new(start, ContinueAsNewOptions::default())?;
+            }
+            let w = ctx.state(|s| s.w.clone());
+            match w.next_step() {
+                Step::Reserve => {
+                    ctx.state_mut(|s| s.asked_coins = true);
+                    let outcome = match ctx
+                        .execute_activity(Activities::reserve, w, reserving())
+                        .await?
+                    {
+                        Reservation::Reserved(coins) => Outcome::Reserved(coins),
+                        Reservation::Refused(why) => Outcome::Failed(why),
+                    };
+                    record(ctx, outcome);
+                }
+                Step::Sign => {
+                    let outcome = match ctx.execute_activity(Activities::sign, w, short()).await? {
+                        Signing::Signed(attempt) => Outcome::Signed(attempt),
+                        Signing::Refused(why) => Outcome::Failed(why),
+                    };
+                    record(ctx, outcome);
+                }
+                Step::Broadcast => Self::broadcast(ctx, w).await?,
+                Step::Watch => Self::watch(ctx, w).await?,
+                Step::Rest => break,
+            }
+        }
+        let (w, asked) = ctx.state(|s| (s.w.clone(), s.asked_coins));
+        if asked && !w.holds_coins() {
+            let wallet = super::hot_wallet_workflow_id(&w.request.wallet);
+            let released = ctx
+                .external_workflow(wallet, None)
+                .signal(
+                    HotWalletWorkflow::release,
+                    w.request.request_id.clone(),
+                    SignalWorkflowOptions::default(),
+                )
+                .await;
+            // Not found: the wallet's workflow never started, so it holds nothing of ours.
+            if let Err(e) = released {
+                tracing::info!(id = w.id, error = %e, "no reservation to release");
+            }
+        }
+        Ok(w)
+    }
+
+    /// Sends the current version; the intent of a first send is recorded before, so a
+    /// cancel is refused from then on.
+    async fn broadcast(ctx: &mut WorkflowContext<Self>, w: Withdrawal) -> WorkflowResult<()> {
+        if w.state == State::Signed && !record(ctx, Outcome::Sending) {
+            return Ok(());
+        }
+        let w = ctx.state(|s| s.w.clone());
+        let outcome = match ctx
+            .execute_activity(Activities::broadcast, w.clone(), short())
+            .await?
+        {
+            Sending::Accepted { height } | Sending::InBlock { height } => {
+                Outcome::Broadcast { height }
+            }
+            Sending::WaitForIndex(why) => {
+                tracing::warn!(id = w.id, %why, "inputs already spent; waiting for the index to show the spending transaction");
+                ctx.timer(Duration::from_secs(2)).await;
+                return Ok(());
+            }
+            // Refused for good at its first send: nothing is on the network.
+            Sending::Refused { reason, repeated }
+                if w.state == State::Signed && w.sends == 1 && !repeated =>
+            {
+                Outcome::Failed(format!("bitcoind refused it: {reason}"))
+            }
+            // An earlier send may have gone through: an operator decides.
+            Sending::Refused { reason, .. } if w.state == State::Signed => {
+                Outcome::Unclear(format!("send refused after an earlier send: {reason}"))
+            }
+            Sending::Refused { reason, .. } => {
+                Outcome::Unclear(format!("rebroadcast refused: {reason}"))
+            }
+        };
+        record(ctx, outcome);
+        Ok(())
+    }
+
+    /// Looks at the chain once, acts on what it shows (confirmed deeper, reorged out,
+    /// stuck), and when nothing moved waits for the next `chain` signal or the poll timer.
+    async fn watch(ctx: &mut WorkflowContext<Self>, w: Withdrawal) -> WorkflowResult<()> {
+        let seen = ctx.state(|s| s.chain_signals);
+        let txids = w.attempts.iter().map(|a| a.txid).collect::<Vec<_>>();
+        let Observed { tip, confirmed } = ctx
+            .execute_activity(Activities::observe, txids, short())
+            .await?;
+        let policy = ctx.state(|s| s.policy.clone());
+        if let Some((txid, height)) = confirmed {
+            let confirmations = tip.saturating_sub(height).saturating_add(1);
+            if w.confirmed != Some(txid) || w.confirmations != confirmations {
+                record(
+                    ctx,
+                    Outcome::Confirmed {
+                        txid,
+                        confirmations,
+                        required: policy.confirmations,
+                        settle_at: policy.settle_at,
+                    },
+                );
+                return Ok(());
+            }
+        } else if w.confirmed.is_some() {
+            record(ctx, Outcome::ReorgedOut);
+            return Ok(());
+        } else if w.state == State::Broadcast
+            && w.broadcast_height
+                .is_some_and(|h| tip >= h.saturating_add(policy.bump_after_blocks))
+            && ctx.state(|s| s.bump_failed_at) != Some(tip)
+        {
+            match ctx
+                .execute_activity(Activities::replace, w.clone(), short())
+                .await?
+            {
+                Signing::Signed(attempt) => {
+                    tracing::info!(id = w.id, new = %attempt.txid, rate = attempt.fee_rate, "bumping a stuck withdrawal");
+                    if record(ctx, Outcome::Replaced(attempt)) {
+                        ctx.state_mut(|s| s.bump_failed_at = None);
+                    }
+                }
+                Signing::Refused(why) => {
+                    tracing::warn!(id = w.id, %why, "a stuck withdrawal cannot be bumped further");
+                    ctx.state_mut(|s| s.bump_failed_at = Some(tip));
+                }
+            }
+            return Ok(());
+        }
+        let poll = Duration::from_secs(policy.poll_secs.max(1));
+        temporalio_sdk::workflows::select! {
+            moved = ctx.wait_condition(move |s: &Self| s.chain_signals > seen) => { moved?; }
+            _ = ctx.timer(poll) => {}
+        };
+        Ok(())
+    }
+
+    /// The chain moved (a block connected or disconnected): look again.
+    #[signal(name = "chain")]
+    pub fn chain(&mut self, _ctx: &mut SyncWorkflowContext<Self>, _tip: u32) {
+        self.chain_signals += 1;
+    }
+
+    /// The withdrawal as it is now.
+    #[query(name = "status")]
+    pub fn status(&self, _ctx: &WorkflowContextView) -> Withdrawal {
+        self.w.clone()
+    }
+
+    /// Refuses a cancel the saga refuses, before anything is recorded.
+    #[update_validator(cancel)]
+    fn validate_cancel(
+        &self,
+        _ctx: &WorkflowContextView,
+        _why: &String,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        // (The time only stamps the result, which is dropped.)
+        self.w
+            .apply(Outcome::Cancelled, 0)
+            .map(|_| ())
+            .map_err(|e| e.to_string().into())
+    }
+
+    /// Cancels it (before any send began): its coins are given back when it ends.
+    #[update(name = "cancel")]
+    pub fn cancel(&mut self, ctx: &mut SyncWorkflowContext<Self>, _why: String) -> Withdrawal {
+        let before = self.w.state;
+        let at = millis(ctx.workflow_time());
+        self.apply(Outcome::Cancelled, at);
+        if self.w.state != before {
+            ctx.upsert_search_attributes([WITHDRAWAL_STATE.value_set(state_name(self.w.state))]);
+        }
+        self.w.clone()
+    }
+}
