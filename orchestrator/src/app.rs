@@ -88,8 +88,10 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AppError {
 /// What a caller may add to the service: the executor's step-boundary hook (tests).
 #[derive(Clone, Default)]
 pub struct Hooks {
-    /// Called at every step boundary of every saga.
+    /// Called at every step boundary of every saga (the embedded engine).
     pub boundaries: Option<Arc<dyn Boundaries>>,
+    /// Called after every activity (the Temporal engine).
+    pub activities: Option<Arc<dyn crate::temporal::worker::ActivityHook>>,
 }
 
 /// Runs the service until `shutdown` completes, then stops after the step in hand. Prints
@@ -158,6 +160,7 @@ pub fn run(
                 network: config.network,
                 payments,
                 indexer,
+                hook: hooks.activities.clone(),
             };
             let latency = GrpcLatency::default();
             crate::temporal::worker::run(engine, listener, token, &latency, shutdown).await?;

@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use system_tests::harness::script_of;
 use system_tests::live::{Devnet, Indexer, KeyedWallet};
+use system_tests::temporal::TemporalServer;
 use tonic::metadata::MetadataValue;
 
 fn bin() -> std::path::PathBuf {
@@ -75,6 +76,34 @@ impl Rig {
 
     /// `orchestrator run` on the rig's database, dying at `crash_at` when given.
     fn start(&self, crash_at: Option<&str>) -> Process {
+        let db = self.dir.path().join("sagas");
+        self.spawn(crash_at, &["--db", db.to_str().unwrap()], None)
+    }
+
+    /// `orchestrator run` on the Temporal engine of `server` (a worker, the adapter and
+    /// the API), dying after the activity `crash_at` names when given; of all the
+    /// processes given one `once` file, only the first to get there dies.
+    fn start_temporal(
+        &self,
+        server: &TemporalServer,
+        crash_at: Option<&str>,
+        once: &std::path::Path,
+    ) -> Process {
+        let url = server.url();
+        let at = crash_at.map(|a| format!("activity:{a}"));
+        self.spawn(
+            at.as_deref(),
+            &["--engine", "temporal", "--temporal-address", &url],
+            Some(once),
+        )
+    }
+
+    fn spawn(
+        &self,
+        crash_at: Option<&str>,
+        engine: &[&str],
+        once: Option<&std::path::Path>,
+    ) -> Process {
         let dir = self.dir.path();
         let mut cmd = match crash_at {
             // The production binary has no crash hook: a build of it with one.
@@ -87,6 +116,9 @@ impl Rig {
             }
             None => Command::new(bin()),
         };
+        if let Some(once) = once {
+            cmd.env("CRASH_ONCE_FILE", once);
+        }
         cmd.args(["run", "--network", "regtest", "--listen", "127.0.0.1:0"])
             .args(["--indexer", &format!("http://{}", self.served.addr)])
             .args(["--bitcoind-rpc-url", &self.node.node.rpc_url()])
@@ -94,7 +126,7 @@ impl Rig {
                 "--bitcoind-cookie-file",
                 self.node.node.cookie_file().unwrap().to_str().unwrap(),
             ])
-            .args(["--db", dir.join("sagas").to_str().unwrap()])
+            .args(engine)
             .args(["--key-file", dir.join("hot.keys").to_str().unwrap()])
             .args(["--token-file", dir.join("token").to_str().unwrap()])
             .args(["--change-address", &self.hot.to_string()])
@@ -246,6 +278,92 @@ fn a_crash_at_each_step_boundary_then_restart_pays_exactly_once() {
             boundaries[i]
         );
     }
+}
+
+/// Two `orchestrator run` processes on the Temporal engine work one task queue. For each
+/// activity in turn, one of them dies (abort, as kill -9) right after that activity did
+/// its work, before its answer reached the server: the other takes the activity over
+/// (after its heartbeat or start-to-close timeout) and the withdrawal completes with one
+/// transaction; a replacement process keeps two running. Each destination is paid
+/// exactly its amount once, and the history is there for `temporal workflow show`.
+#[test]
+fn on_temporal_two_workers_one_killed_in_each_activity_pay_exactly_once() {
+    let rig = Rig::new(8);
+    let server = TemporalServer::start();
+    let activities = [
+        "withdrawal.reserve",
+        "withdrawal.sign",
+        "withdrawal.broadcast",
+        "withdrawal.observe",
+    ];
+    let mut destinations = Vec::new();
+    for (i, activity) in activities.iter().enumerate() {
+        let once = rig.dir.path().join(format!("crashed-{i}"));
+        let mut workers = vec![
+            rig.start_temporal(&server, Some(activity), &once),
+            rig.start_temporal(&server, Some(activity), &once),
+        ];
+        let destination = rig.node.new_address("bech32");
+        let request_id = format!("kill-{i}");
+        let mut c = rig.client(&workers[0]);
+        rig.submit(&mut c, &request_id, &destination, 400_000 + i as u64)
+            .unwrap();
+        // One of the two dies after the activity.
+        let started = Instant::now();
+        let dead = loop {
+            if let Some(k) = workers
+                .iter_mut()
+                .position(|w| w.0.try_wait().unwrap().is_some())
+            {
+                break k;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no worker died in {activity}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(once.exists(), "{activity}: the crash hook ran");
+        workers.remove(dead);
+        workers.push(rig.start_temporal(&server, None, &once));
+        let mut c = rig.client(&workers[0]);
+        let started = Instant::now();
+        loop {
+            let w = rig.withdrawal(&mut c, &request_id);
+            if w.state == pb::WithdrawalState::Completed as i32 {
+                assert_eq!(w.txids.len(), 1, "{activity}: {w:?}");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "{activity}: stuck at {w:?}"
+            );
+            rig.node.mine_to(1, &rig.miner);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        drop(workers);
+        destinations.push(destination);
+    }
+    let paid = rig.paid();
+    for (i, d) in destinations.iter().enumerate() {
+        assert_eq!(
+            paid.get(&script_of(d)),
+            Some(&vec![400_000 + i as u64]),
+            "{}",
+            activities[i]
+        );
+    }
+    let shown = server.cli(&[
+        "workflow",
+        "show",
+        "--workflow-id",
+        "kill-2",
+        "--output",
+        "json",
+    ]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.status.success(), "{shown:?}");
+    assert!(text.contains("withdrawal.broadcast"), "{text}");
 }
 
 #[test]

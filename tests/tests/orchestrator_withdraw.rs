@@ -204,6 +204,7 @@ impl World {
                 self.policy.clone(),
             ),
             indexer: orchestrator::indexer_client::open_client(indexer),
+            hook: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = std::thread::spawn(move || {

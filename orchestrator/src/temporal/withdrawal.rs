@@ -67,9 +67,10 @@ fn millis(time: Option<std::time::SystemTime>) -> u64 {
 }
 
 /// Options of the short activities: retried for as long as the cause lasts (an indexer
-/// or bitcoind away), at most every 10 s.
+/// or bitcoind away), at most every 10 s; a worker that died in one is given up on
+/// after 10 s (each call inside is bounded well below that).
 fn short() -> ActivityOptions {
-    ActivityOptions::with_start_to_close_timeout(Duration::from_secs(20))
+    ActivityOptions::with_start_to_close_timeout(Duration::from_secs(10))
         .retry_policy(retries())
         .build()
 }

@@ -5,13 +5,19 @@
 //! Any number of these processes may run against one task queue.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures::FutureExt;
 
 use temporalio_client::{
     Client, ClientOptions, ClientTlsOptions, Connection, ConnectionOptions, TlsOptions,
 };
 use temporalio_common::protos::temporal::api::enums::v1::IndexedValueType;
 use temporalio_common::protos::temporal::api::operatorservice::v1::AddSearchAttributesRequest;
+use temporalio_sdk::interceptors::{
+    ActivityInboundInterceptor, ExecuteActivityInput, ExecuteActivityOutput, Next,
+};
 use temporalio_sdk::{Worker, WorkerOptions};
 
 use super::activities::Activities;
@@ -128,6 +134,34 @@ pub async fn register_search_attributes(
     }
 }
 
+/// Told when an activity has done its work, before its answer goes back to the server:
+/// the hook tests use to kill a worker exactly there. Production runs without one.
+pub trait ActivityHook: Send + Sync {
+    /// Activity `activity_type` finished on this worker (its answer not yet reported).
+    fn finished(&self, activity_type: &str);
+}
+
+/// Calls the hook, when there is one, after each activity.
+struct HookInterceptor(Option<Arc<dyn ActivityHook>>);
+
+impl ActivityInboundInterceptor for HookInterceptor {
+    fn execute_activity<'a>(
+        &'a self,
+        input: ExecuteActivityInput,
+        next: Next<'a, ExecuteActivityInput, ExecuteActivityOutput<'a>>,
+    ) -> ExecuteActivityOutput<'a> {
+        async move {
+            let activity_type = input.activity_info().activity_type.clone();
+            let result = next.run(input).await;
+            if let Some(hook) = &self.0 {
+                hook.finished(&activity_type);
+            }
+            result
+        }
+        .boxed()
+    }
+}
+
 /// What the engine runs with.
 pub struct Engine {
     /// The cluster.
@@ -138,6 +172,8 @@ pub struct Engine {
     pub payments: Payments,
     /// The indexer.
     pub indexer: Indexer,
+    /// Told after each activity (tests).
+    pub hook: Option<Arc<dyn ActivityHook>>,
 }
 
 /// Serves the API on `listener` and works the task queue until `shutdown` completes.
@@ -166,6 +202,7 @@ pub async fn run(
         .map_err(|e| TemporalError::Worker(e.to_string()))?
         .register_workflow::<HotWalletWorkflow>()
         .map_err(|e| TemporalError::Worker(e.to_string()))?
+        .activity_inbound_interceptor(HookInterceptor(engine.hook.clone()))
         .graceful_shutdown_period(Duration::from_secs(10))
         // A dead worker's cached workflows move to another within seconds.
         .sticky_queue_schedule_to_start_timeout(Duration::from_secs(3))
