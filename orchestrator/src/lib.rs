@@ -3,12 +3,14 @@
 //! The saga as a pure state machine ([`saga`]); its durable store with idempotent
 //! submission, coin reservations and the chain's record ([`store`]); the gRPC service that
 //! validates, records and shows withdrawals ([`grpc`]); coin selection ([`select`]); the
-//! key-file [`signer`] behind the `Signer` trait; the event -> saga adapter following the
-//! indexer's `Subscribe` stream ([`monitor`]) or its Kafka topic ([`kafka_events`]); and the [`executor`] that reserves, signs,
-//! broadcasts, bumps and completes each withdrawal. [`app`] wires them into the service
-//! `orchestrator run` is, from the flags of [`cli`] and the settings of [`config`]; the
-//! bitcoind client and what both services share come from the `bitcoind` and `service`
-//! crates, never from the indexer.
+//! key-file [`signer`] behind the `Signer` trait; paying (fees, coins, signing, sending:
+//! [`payment`]); the event -> saga adapter following the indexer's `Subscribe` stream
+//! ([`monitor`]) or its Kafka topic ([`kafka_events`]); and the [`executor`] that
+//! reserves, signs, broadcasts, bumps and completes each withdrawal. With
+//! `engine = "temporal"` the same saga runs as Temporal workflows instead ([`temporal`]).
+//! [`app`] wires them into the service `orchestrator run` is, from the flags of [`cli`]
+//! and the settings of [`config`]; the bitcoind client and what both services share come
+//! from the `bitcoind` and `service` crates, never from the indexer.
 
 pub mod app;
 pub mod cli;

@@ -1103,6 +1103,91 @@ fn a_cancel_after_the_send_is_refused_even_while_the_indexer_is_slow() {
     }
 }
 
+/// The hot wallet's workflow grants a coin to one withdrawal only: asks for overlapping
+/// coins sent at once (as two workers on two machines would) get one grant and one
+/// refusal naming what is held; a repeated ask gets what its withdrawal holds; a release
+/// frees the coins for the other.
+#[test]
+fn on_temporal_a_hot_wallet_grants_each_coin_to_one_withdrawal() {
+    use orchestrator::saga::Coin;
+    use orchestrator::temporal::hot_wallet::{HotWalletStart, ReserveAsk, ReserveReply};
+    let world = World::on(Engine::Temporal, 1, 0.1, Policy::default());
+    let t = world.temporal.as_ref().unwrap();
+    let coin = |n: u8| Coin {
+        outpoint: bitcoin::OutPoint::new(
+            bitcoin::hashes::Hash::from_byte_array([n; 32]),
+            u32::from(n),
+        ),
+        value: Amount::from_sat(50_000),
+        script: world.hot.script_pubkey(),
+    };
+    let ask = |request_id: &str, coins: Vec<Coin>| {
+        let options = temporalio_client::WorkflowUpdateWithStartOptions::new(
+            "withdrawals",
+            orchestrator::temporal::hot_wallet_workflow_id("hot"),
+            temporalio_client::WorkflowIdConflictPolicy::UseExisting,
+        )
+        .build();
+        t.client.execute_update_with_start_workflow(
+            HotWalletWorkflow::run,
+            HotWalletStart::default(),
+            HotWalletWorkflow::reserve,
+            ReserveAsk {
+                request_id: request_id.into(),
+                coins,
+            },
+            options,
+        )
+    };
+    let (a, b) = world.served.runtime.block_on(async {
+        tokio::join!(
+            ask("a", vec![coin(1), coin(2)]),
+            ask("b", vec![coin(2), coin(3)])
+        )
+    });
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let granted = [&a, &b]
+        .iter()
+        .filter(|r| matches!(r, ReserveReply::Granted(_)))
+        .count();
+    assert_eq!(granted, 1, "{a:?} {b:?}");
+    let (winner, loser) = match &a {
+        ReserveReply::Granted(_) => ("a", "b"),
+        ReserveReply::Taken(_) => ("b", "a"),
+    };
+    match if winner == "a" { &b } else { &a } {
+        ReserveReply::Taken(held) => assert!(held.contains(&coin(2).outpoint), "{held:?}"),
+        other => panic!("{other:?}"),
+    }
+    let again = world
+        .served
+        .runtime
+        .block_on(ask(winner, vec![coin(9)]))
+        .unwrap();
+    assert!(
+        matches!(&again, ReserveReply::Granted(c) if c.iter().any(|c| c.outpoint == coin(2).outpoint)),
+        "a repeated ask gets what it holds: {again:?}"
+    );
+    let wallet = t.client.get_workflow_handle::<HotWalletWorkflow>(
+        orchestrator::temporal::hot_wallet_workflow_id("hot"),
+    );
+    world
+        .served
+        .runtime
+        .block_on(wallet.signal(
+            HotWalletWorkflow::release,
+            winner.to_owned(),
+            temporalio_client::WorkflowSignalOptions::default(),
+        ))
+        .unwrap();
+    let after = world
+        .served
+        .runtime
+        .block_on(ask(loser, vec![coin(2), coin(3)]))
+        .unwrap();
+    assert!(matches!(after, ReserveReply::Granted(_)), "{after:?}");
+}
+
 /// The Temporal server killed (-9) and restarted on its database while withdrawals are
 /// on their way: the workers reconnect, and every workflow resumes where it was and
 /// completes, each destination paid once.

@@ -30,9 +30,10 @@ use crate::payment::{Payments, StepError};
 use crate::saga::{Attempt, Coin, Withdrawal};
 use proto::indexer::v1 as ipb;
 
-/// Rounds of choosing again after coins were taken by a concurrent withdrawal, before the
-/// activity fails (and is retried by Temporal).
-const RESERVE_ROUNDS: usize = 50;
+/// Rounds of choosing again (after coins were taken by a concurrent withdrawal, or while
+/// this worker's other asks are answered), before the activity fails and is retried by
+/// Temporal.
+const RESERVE_ROUNDS: usize = 500;
 
 /// What reserving gave.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -93,10 +94,11 @@ pub struct Activities {
     client: Client,
     /// The task queue the hot wallets' workflows run on (this worker's).
     task_queue: String,
-    /// One reservation at a time per wallet on this worker: concurrent ones would choose
-    /// the same coins and all but one start over (across workers the hot wallet's
-    /// workflow still decides).
-    wallets: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Coins this worker has asked a wallet's workflow for and not heard back about:
+    /// its concurrent reservations choose around them instead of all choosing the same
+    /// coins (across workers the wallet's workflow still decides), and their asks reach
+    /// the workflow together.
+    asking: std::sync::Mutex<HashMap<String, BTreeSet<OutPoint>>>,
 }
 
 fn retry(e: impl std::fmt::Display) -> ActivityError {
@@ -117,13 +119,44 @@ impl Activities {
             indexer,
             client,
             task_queue,
-            wallets: std::sync::Mutex::new(HashMap::new()),
+            asking: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
-    fn wallet_lock(&self, wallet: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut wallets = self.wallets.lock().unwrap_or_else(|p| p.into_inner());
-        wallets.entry(wallet.to_owned()).or_default().clone()
+    /// Chooses coins for `w` among `listed` that nobody holds (`held`) and no other
+    /// reservation of this worker is asking for, and marks them as asked for. `Err(None)`:
+    /// none now, but others' asks are pending (some may come back refused): try again.
+    fn choose_around(
+        &self,
+        w: &Withdrawal,
+        listed: &[crate::select::Candidate],
+        held: &BTreeSet<OutPoint>,
+        rate: f64,
+    ) -> Result<Vec<Coin>, Option<String>> {
+        let mut asking = self.asking.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = asking.entry(w.request.wallet.clone()).or_default();
+        let free: Vec<_> = listed
+            .iter()
+            .filter(|c| !held.contains(&c.outpoint) && !mine.contains(&c.outpoint))
+            .cloned()
+            .collect();
+        let coins = match self.payments.choose(w, &free, rate) {
+            Ok(coins) => coins,
+            Err(_) if !mine.is_empty() => return Err(None),
+            Err(why) => return Err(Some(why)),
+        };
+        mine.extend(coins.iter().map(|c| c.outpoint));
+        Ok(coins)
+    }
+
+    /// The answer about `coins` came back: others may choose them again.
+    fn answered(&self, wallet: &str, coins: &[Coin]) {
+        let mut asking = self.asking.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mine) = asking.get_mut(wallet) {
+            for c in coins {
+                mine.remove(&c.outpoint);
+            }
+        }
     }
 
     /// Every coin the wallet's workflow holds now (none when it was never started).
@@ -186,8 +219,6 @@ impl Activities {
             return Ok(Reservation::Refused("invalid destination".into()));
         }
         let wallet = w.request.wallet.clone();
-        let lock = self.wallet_lock(&wallet);
-        let _one_at_a_time = lock.lock().await;
         let rate = self
             .payments
             .fee_rate(w.request.fee_rate)
@@ -206,16 +237,20 @@ impl Activities {
         let mut held = self.held(&wallet).await?;
         for _ in 0..RESERVE_ROUNDS {
             ctx.record_heartbeat(held.len()).await?;
-            let free: Vec<_> = listed
-                .iter()
-                .filter(|c| !held.contains(&c.outpoint))
-                .cloned()
-                .collect();
-            let coins = match self.payments.choose(&w, &free, rate) {
+            let coins = match self.choose_around(&w, &listed, &held, rate) {
                 Ok(coins) => coins,
-                Err(why) => return Ok(Reservation::Refused(why)),
+                Err(Some(why)) => return Ok(Reservation::Refused(why)),
+                Err(None) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    held = self.held(&wallet).await?;
+                    continue;
+                }
             };
-            match self.ask(&wallet, &w.request.request_id, coins).await? {
+            let reply = self
+                .ask(&wallet, &w.request.request_id, coins.clone())
+                .await;
+            self.answered(&wallet, &coins);
+            match reply? {
                 ReserveReply::Granted(coins) => return Ok(Reservation::Reserved(coins)),
                 ReserveReply::Taken(now) => held = now,
             }
