@@ -24,6 +24,7 @@ use orchestrator::temporal::service::TemporalWithdrawals;
 use orchestrator::temporal::WorkflowPolicy;
 use proto::indexer::v1 as ipb;
 use proto::indexer::v1::indexer_client::IndexerClient;
+use proto::orchestrator::v1 as pb;
 use serde_json::json;
 use system_tests::harness::script_of;
 use system_tests::kafka::Broker;
@@ -361,6 +362,34 @@ impl World {
         }
     }
 
+    /// Follows withdrawal `id` with WatchWithdrawal: the states streamed, once the stream
+    /// ends (at a final state).
+    fn watch(&self, id: u64) -> tokio::task::JoinHandle<Vec<i32>> {
+        use proto::orchestrator::v1::withdrawals_server::Withdrawals;
+        use tokio_stream::StreamExt;
+        let req = || tonic::Request::new(pb::WatchWithdrawalRequest { id });
+        let stream = match &self.temporal {
+            None => {
+                let service = orchestrator::grpc::WithdrawalService::new(
+                    self.store.clone(),
+                    Network::Regtest,
+                );
+                self.served
+                    .runtime
+                    .block_on(service.watch_withdrawal(req()))
+            }
+            Some(t) => self.served.runtime.block_on(t.api.watch_withdrawal(req())),
+        };
+        let mut stream = stream.unwrap().into_inner();
+        self.served.runtime.spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(w) = stream.next().await {
+                seen.push(w.unwrap().state);
+            }
+            seen
+        })
+    }
+
     /// Cancels withdrawal `id` through the engine's API.
     fn cancel(&self, id: u64) -> Result<Withdrawal, tonic::Status> {
         use proto::orchestrator::v1::withdrawals_server::Withdrawals;
@@ -656,6 +685,7 @@ fn paid_exactly_once(engine: Engine) {
         max_fee: Amount::from_sat(50_000),
     };
     let id = world.submit(request.clone()).id;
+    let watched = world.watch(id);
     let sent = world.wait_for(id, |w| w.state == State::Broadcast);
     assert_eq!(sent.attempts.len(), 1);
     // A resubmission changes nothing; the same request id for another payment is refused.
@@ -677,6 +707,18 @@ fn paid_exactly_once(engine: Engine) {
     assert!(world.reserved().len() == done.coins.len() && !done.settled);
     node.mine_to(1, &world.miner);
     let settled = world.wait_for(id, |w| w.settled);
+    // WatchWithdrawal streamed its changes in order (never back) and ended at COMPLETED
+    // (final for the client). The embedded engine pushes every change; on Temporal the
+    // stream samples the workflow's state every 200 ms, so the CONFIRMING of a block
+    // followed at once by the next may be skipped (docs/temporal.md).
+    let seen = world.served.runtime.block_on(watched).unwrap();
+    let has = |s: pb::WithdrawalState| seen.contains(&(s as i32));
+    assert!(seen.windows(2).all(|p| p[0] <= p[1]), "{seen:?}");
+    assert!(has(pb::WithdrawalState::Broadcast), "{seen:?}");
+    assert_eq!(seen.last(), Some(&(pb::WithdrawalState::Completed as i32)));
+    if world.temporal.is_none() {
+        assert!(has(pb::WithdrawalState::Confirming), "{seen:?}");
+    }
     let released = Instant::now();
     // (On Temporal the release is a signal sent as the workflow ends.)
     while !world.reserved().is_empty() {
