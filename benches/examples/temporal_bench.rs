@@ -179,6 +179,7 @@ fn temporal(rig: &Rig, workers: usize, n: usize, destination: &str) -> Result<Ru
             network: Network::Regtest,
             payments: rig.payments()?,
             indexer: orchestrator::indexer_client::open_client(rig.served.channel.clone()),
+            events: None,
             hook: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

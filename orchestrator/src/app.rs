@@ -160,6 +160,7 @@ pub fn run(
                 network: config.network,
                 payments,
                 indexer,
+                events: config.kafka_events.clone(),
                 hook: hooks.activities.clone(),
             };
             let latency = GrpcLatency::default();

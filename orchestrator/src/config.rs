@@ -82,7 +82,8 @@ pub struct Settings {
     #[arg(long, env = "ORCHESTRATOR_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// Where confirmations come from: `subscribe` (the indexer's gRPC stream, default) or
-    /// `kafka` (the topic the indexer exports its log to; the `[kafka]` table).
+    /// `kafka` (the topic the indexer exports its log to; the `[kafka]` table). Either
+    /// engine.
     #[arg(long, env = "ORCHESTRATOR_EVENTS")]
     pub events: Option<String>,
     /// Where the sagas run: `embedded` (this process, on its RocksDB `db`; default) or
@@ -426,11 +427,6 @@ impl Settings {
             .map_err(|e| ConfigError(e.to_string()))?;
         let temporal = self.temporal.resolve(self.engine.as_deref())?;
         let kafka_events = self.kafka.resolve(self.events.as_deref())?;
-        if temporal.is_some() && kafka_events.is_some() {
-            return Err(ConfigError(
-                "engine = \"temporal\" takes its chain events from the indexer's Subscribe stream: leave events unset (or \"subscribe\")".into(),
-            ));
-        }
         if temporal.is_some() && self.metrics_listen.is_some() {
             return Err(ConfigError(
                 "metrics_listen serves the embedded engine's saga metrics; with engine = \"temporal\" leave it unset and use the Temporal cluster's and the SDK's metrics".into(),
@@ -781,17 +777,6 @@ mod tests {
                     ..on.clone()
                 },
                 "go together",
-            ),
-            (
-                Settings {
-                    events: Some("kafka".into()),
-                    kafka: KafkaSettings {
-                        brokers: Some("127.0.0.1:9092".into()),
-                        ..KafkaSettings::default()
-                    },
-                    ..on.clone()
-                },
-                "Subscribe stream",
             ),
             (
                 Settings {

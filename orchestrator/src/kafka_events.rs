@@ -52,6 +52,27 @@ pub struct KafkaEvents {
     pub properties: BTreeMap<String, String>,
 }
 
+impl KafkaEvents {
+    /// A consumer of the topic, committing nothing itself, reading committed records only.
+    pub fn consumer(&self) -> Result<StreamConsumer, MonitorError> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group_id);
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        Ok(c.set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // A position Kafka's retention deleted is an error, never a silent jump to the
+            // end (which would skip events) or the start.
+            .set("auto.offset.reset", "error")
+            .set("isolation.level", "read_committed")
+            // A block's records are waited for 10 ms at most, not the default 500.
+            .set("fetch.wait.max.ms", "10")
+            .create()?)
+    }
+}
+
 /// Puts the records of all partitions back into the log's order.
 #[derive(Debug)]
 pub struct Barrier {
@@ -207,24 +228,6 @@ impl KafkaMonitor {
         }
     }
 
-    fn consumer(&self) -> Result<StreamConsumer, MonitorError> {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.config.brokers)
-            .set("group.id", &self.config.group_id);
-        for (k, v) in &self.config.properties {
-            c.set(k, v);
-        }
-        Ok(c.set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            // A position Kafka's retention deleted is an error, never a silent jump to the
-            // end (which would skip events) or the start.
-            .set("auto.offset.reset", "error")
-            .set("isolation.level", "read_committed")
-            // A block's records are waited for 10 ms at most, not the default 500.
-            .set("fetch.wait.max.ms", "10")
-            .create()?)
-    }
-
     /// Reads from the stored positions (or from the present state) until a failure.
     pub async fn follow(&mut self) -> Result<(), MonitorError> {
         let current = self
@@ -240,7 +243,7 @@ impl KafkaMonitor {
             }
             _ => None,
         };
-        let consumer = Arc::new(self.consumer()?);
+        let consumer = Arc::new(self.config.consumer()?);
         let (cursor, positions) = match resume {
             Some(r) => r,
             None => {
@@ -343,7 +346,7 @@ fn positions_lost(e: &MonitorError) -> bool {
 }
 
 /// The first offset of each partition of `topic` with records from `since` on.
-fn positions_at(
+pub(crate) fn positions_at(
     consumer: &StreamConsumer,
     topic: &str,
     since: SystemTime,
@@ -370,7 +373,7 @@ fn positions_at(
 
 /// Assigns every partition of `topic`, each from its position (a partition added since
 /// the positions were written: from its start); returns the positions assigned.
-fn assign(
+pub(crate) fn assign(
     consumer: &StreamConsumer,
     topic: &str,
     mut positions: BTreeMap<i32, i64>,

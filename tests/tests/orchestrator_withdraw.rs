@@ -140,50 +140,56 @@ impl World {
     fn on(engine: Engine, coins: usize, btc: f64, policy: Policy) -> World {
         match engine {
             Engine::Embedded => Self::start(coins, btc, policy),
-            Engine::Temporal => {
-                let mut world = Self::idle(coins, btc, policy, None);
-                let server = TemporalServer::start();
-                let target = TemporalTarget {
-                    address: server.url(),
-                    namespace: "default".into(),
-                    task_queue: "withdrawals".into(),
-                    api_key: None,
-                    tls: None,
-                };
-                let client = world
-                    .served
-                    .runtime
-                    .block_on(orchestrator::temporal::worker::connect(&target))
-                    .unwrap();
-                world
-                    .served
-                    .runtime
-                    .block_on(orchestrator::temporal::worker::register_search_attributes(
-                        &client, "default",
-                    ))
-                    .unwrap();
-                let api = TemporalWithdrawals::new(
-                    client.clone(),
-                    "default".into(),
-                    "withdrawals".into(),
-                    Network::Regtest,
-                    WorkflowPolicy {
-                        poll_secs: 5,
-                        ..WorkflowPolicy::of(&world.policy)
-                    },
-                );
-                world.temporal = Some(TemporalWorld {
-                    server,
-                    target,
-                    api,
-                    client,
-                    workers: Vec::new(),
-                    ids: Default::default(),
-                });
-                world.start_worker();
-                world
-            }
+            Engine::Temporal => Self::on_temporal(Self::idle(coins, btc, policy, None)),
         }
+    }
+
+    /// The Temporal engine over the devnet and indexer of `world`, one worker running;
+    /// each watching workflow also looks at the chain every 5 s on its own.
+    fn on_temporal(world: World) -> World {
+        Self::on_temporal_polling(world, 5)
+    }
+
+    /// The same, the workflows' own look every `poll_secs` (long: only the adapter's
+    /// signals move them).
+    fn on_temporal_polling(mut world: World, poll_secs: u64) -> World {
+        let server = TemporalServer::start();
+        let target = TemporalTarget {
+            address: server.url(),
+            namespace: "default".into(),
+            task_queue: "withdrawals".into(),
+            api_key: None,
+            tls: None,
+        };
+        let runtime = &world.served.runtime;
+        let client = runtime
+            .block_on(orchestrator::temporal::worker::connect(&target))
+            .unwrap();
+        runtime
+            .block_on(orchestrator::temporal::worker::register_search_attributes(
+                &client, "default",
+            ))
+            .unwrap();
+        let api = TemporalWithdrawals::new(
+            client.clone(),
+            "default".into(),
+            "withdrawals".into(),
+            Network::Regtest,
+            WorkflowPolicy {
+                poll_secs,
+                ..WorkflowPolicy::of(&world.policy)
+            },
+        );
+        world.temporal = Some(TemporalWorld {
+            server,
+            target,
+            api,
+            client,
+            workers: Vec::new(),
+            ids: Default::default(),
+        });
+        world.start_worker();
+        world
     }
 
     /// Starts one more Temporal worker (a process's worth: worker, adapter and API).
@@ -205,6 +211,7 @@ impl World {
                 self.policy.clone(),
             ),
             indexer: orchestrator::indexer_client::open_client(indexer),
+            events: self.kafka.as_ref().map(|(_, events)| events.clone()),
             hook: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -891,9 +898,28 @@ fn a_reorg_that_drops_a_confirmed_withdrawal_sends_it_back_and_it_completes_agai
     a_reorg_sends_it_back_and_it_completes_again(World::start(2, 0.5, reorg_policy()));
 }
 
+/// On Temporal with the chain's events from the Kafka topic the indexer exports to.
+#[test]
+fn on_temporal_and_kafka_events_a_reorg_sends_a_withdrawal_back_and_it_completes_again() {
+    let broker = Broker::start();
+    broker.create_topic("indexer.events", 3);
+    let events = KafkaEvents {
+        brokers: broker.bootstrap(),
+        topic: "indexer.events".into(),
+        group_id: "orchestrator".into(),
+        properties: Default::default(),
+    };
+    let world = World::idle_with(2, 0.5, reorg_policy(), None, Some((broker, events)));
+    // Only the adapter's signals (from the topic) move the workflows.
+    let world = World::on_temporal_polling(world, 600);
+    a_reorg_sends_it_back_and_it_completes_again(world);
+}
+
 #[test]
 fn on_temporal_a_reorg_sends_a_confirmed_withdrawal_back_and_it_completes_again() {
-    let world = World::on(Engine::Temporal, 2, 0.5, reorg_policy());
+    // Only the adapter's signals (from Subscribe) move the workflows.
+    let idle = World::idle(2, 0.5, reorg_policy(), None);
+    let world = World::on_temporal_polling(idle, 600);
     a_reorg_sends_it_back_and_it_completes_again(world);
 }
 

@@ -1,18 +1,24 @@
-//! The event -> signal adapter: follows the indexer's `Subscribe` stream and, after each
-//! burst of block events (connected or disconnected), signals `chain` to every running
-//! withdrawal whose transaction may be on the chain, so it looks at the chain at once.
+//! The event -> signal adapter: follows the indexer's `Subscribe` stream, or the Kafka
+//! topic it exports to (`events = "kafka"`), and, after each burst of block events
+//! (connected or disconnected), signals `chain` to every running withdrawal whose
+//! transaction may be on the chain, so it looks at the chain at once. (Order across the
+//! topic's partitions does not matter here: a signal says only "look".)
 //! A signal only prompts a look (the workflow asks the indexer itself), so a repeated or
 //! missed one is harmless: after a gap (the stream broke, the process restarted) every
 //! such withdrawal is signalled once, and each workflow also looks on its own timer.
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use futures::StreamExt;
 use proto::indexer::v1 as ipb;
+use rdkafka::Message as _;
 use temporalio_client::{Client, WorkflowListOptions, WorkflowSignalOptions};
 
 use super::withdrawal::WithdrawalWorkflow;
 use crate::indexer_client::Indexer;
+use crate::kafka_events::{assign, positions_at, KafkaEvents};
 
 /// Running withdrawals that watch the chain.
 const WATCHING: &str = "WorkflowType = 'withdrawal' AND ExecutionStatus = 'Running' \
@@ -26,19 +32,30 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct Adapter {
     indexer: Indexer,
     client: Client,
+    /// The topic to read block events from, instead of Subscribe.
+    kafka: Option<KafkaEvents>,
 }
 
 impl Adapter {
-    /// An adapter from `indexer`'s events to `client`'s workflows.
-    pub fn new(indexer: Indexer, client: Client) -> Adapter {
-        Adapter { indexer, client }
+    /// An adapter from `indexer`'s events (or the topic `kafka` names) to `client`'s
+    /// workflows.
+    pub fn new(indexer: Indexer, client: Client, kafka: Option<KafkaEvents>) -> Adapter {
+        Adapter {
+            indexer,
+            client,
+            kafka,
+        }
     }
 
     /// Follows until the task is dropped, resuming after any failure.
     pub async fn run(mut self) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.follow().await {
+            let followed = match self.kafka.clone() {
+                Some(kafka) => self.follow_kafka(&kafka).await,
+                None => self.follow().await,
+            };
+            match followed {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
                     tracing::warn!(error = %e, "chain events -> workflows: following again");
@@ -90,6 +107,38 @@ impl Adapter {
         }
     }
 
+    /// One session on the topic: from its end now (everyone is signalled once), then
+    /// every burst of block events.
+    async fn follow_kafka(&mut self, kafka: &KafkaEvents) -> Result<(), String> {
+        let consumer = Arc::new(kafka.consumer().map_err(|e| e.to_string())?);
+        let (c, topic) = (consumer.clone(), kafka.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let now = positions_at(&c, &topic, std::time::SystemTime::now())?;
+            assign(&c, &topic, now)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let tip = self
+            .indexer
+            .get_tip(ipb::GetTipRequest {})
+            .await
+            .map_err(|s| format!("indexer: {s}"))?
+            .into_inner();
+        self.signal_all(tip.height).await?;
+        let kafka_err = |e: rdkafka::error::KafkaError| format!("kafka: {e}");
+        loop {
+            let first = consumer.recv().await.map_err(kafka_err)?;
+            let mut moved = record_height(first.payload());
+            while let Ok(next) = tokio::time::timeout(BURST, consumer.recv()).await {
+                moved = record_height(next.map_err(kafka_err)?.payload()).or(moved);
+            }
+            if let Some(tip) = moved {
+                self.signal_all(tip).await?;
+            }
+        }
+    }
+
     /// Signals `chain(tip)` to every withdrawal watching the chain.
     async fn signal_all(&self, tip: u32) -> Result<(), String> {
         let mut running = self
@@ -117,6 +166,13 @@ impl Adapter {
         tracing::debug!(tip, signalled, "chain moved: withdrawals signalled");
         Ok(())
     }
+}
+
+/// The tip after the block event a topic record carries; `None` for other events and
+/// the exporter's markers.
+fn record_height(payload: Option<&[u8]>) -> Option<u32> {
+    use prost::Message;
+    block_height(&ipb::Event::decode(payload?).ok()?)
 }
 
 /// The tip after a block event; `None` for transfer and mempool events.

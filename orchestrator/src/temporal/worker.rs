@@ -172,6 +172,8 @@ pub struct Engine {
     pub payments: Payments,
     /// The indexer.
     pub indexer: Indexer,
+    /// The Kafka topic block events come from (`None`: the indexer's Subscribe).
+    pub events: Option<crate::kafka_events::KafkaEvents>,
     /// Told after each activity (tests).
     pub hook: Option<Arc<dyn ActivityHook>>,
 }
@@ -210,7 +212,7 @@ pub async fn run(
     let mut worker = Worker::new(&runtime, client.clone(), options)
         .map_err(|e| TemporalError::Worker(e.to_string()))?;
     let stop_worker = worker.shutdown_handle();
-    let adapting = tokio::spawn(Adapter::new(engine.indexer, client.clone()).run());
+    let adapting = tokio::spawn(Adapter::new(engine.indexer, client.clone(), engine.events).run());
     let api = TemporalWithdrawals::new(
         client,
         engine.target.namespace.clone(),
