@@ -57,6 +57,19 @@ struct World {
     _rebuilt: Vec<tempfile::TempDir>,
 }
 
+/// A broker of its own with the indexer's topic (3 partitions), and where to read it.
+fn kafka_source() -> (Broker, KafkaEvents) {
+    let broker = Broker::start();
+    broker.create_topic("indexer.events", 3);
+    let events = KafkaEvents {
+        brokers: broker.bootstrap(),
+        topic: "indexer.events".into(),
+        group_id: "orchestrator".into(),
+        properties: Default::default(),
+    };
+    (broker, events)
+}
+
 /// Which engine runs the sagas.
 #[derive(Clone, Copy, Debug)]
 enum Engine {
@@ -423,15 +436,7 @@ impl World {
     /// The world with its indexer exporting to a Kafka broker of its own and the executor
     /// taking its events from the topic (`events = "kafka"`).
     fn start_on_kafka(coins: usize, btc: f64, policy: Policy) -> World {
-        let broker = Broker::start();
-        broker.create_topic("indexer.events", 3);
-        let events = KafkaEvents {
-            brokers: broker.bootstrap(),
-            topic: "indexer.events".into(),
-            group_id: "orchestrator".into(),
-            properties: Default::default(),
-        };
-        let mut world = Self::idle_with(coins, btc, policy, None, Some((broker, events)));
+        let mut world = Self::idle_with(coins, btc, policy, None, Some(kafka_source()));
         world.start_executor();
         world
     }
@@ -901,15 +906,7 @@ fn a_reorg_that_drops_a_confirmed_withdrawal_sends_it_back_and_it_completes_agai
 /// On Temporal with the chain's events from the Kafka topic the indexer exports to.
 #[test]
 fn on_temporal_and_kafka_events_a_reorg_sends_a_withdrawal_back_and_it_completes_again() {
-    let broker = Broker::start();
-    broker.create_topic("indexer.events", 3);
-    let events = KafkaEvents {
-        brokers: broker.bootstrap(),
-        topic: "indexer.events".into(),
-        group_id: "orchestrator".into(),
-        properties: Default::default(),
-    };
-    let world = World::idle_with(2, 0.5, reorg_policy(), None, Some((broker, events)));
+    let world = World::idle_with(2, 0.5, reorg_policy(), None, Some(kafka_source()));
     // Only the adapter's signals (from the topic) move the workflows.
     let world = World::on_temporal_polling(world, 600);
     a_reorg_sends_it_back_and_it_completes_again(world);

@@ -69,12 +69,7 @@ impl Adapter {
     /// One session: from the present tip (everyone is signalled once, for what may have
     /// been missed), then every burst of block events.
     async fn follow(&mut self) -> Result<(), String> {
-        let tip = self
-            .indexer
-            .get_tip(ipb::GetTipRequest {})
-            .await
-            .map_err(|s| format!("indexer: {s}"))?
-            .into_inner();
+        let tip = self.tip().await?;
         let mut stream = self
             .indexer
             .subscribe(ipb::SubscribeRequest {
@@ -119,12 +114,7 @@ impl Adapter {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-        let tip = self
-            .indexer
-            .get_tip(ipb::GetTipRequest {})
-            .await
-            .map_err(|s| format!("indexer: {s}"))?
-            .into_inner();
+        let tip = self.tip().await?;
         self.signal_all(tip.height).await?;
         let kafka_err = |e: rdkafka::error::KafkaError| format!("kafka: {e}");
         loop {
@@ -137,6 +127,15 @@ impl Adapter {
                 self.signal_all(tip).await?;
             }
         }
+    }
+
+    /// The indexer's tip (and the log offset it was read at).
+    async fn tip(&mut self) -> Result<ipb::GetTipResponse, String> {
+        self.indexer
+            .get_tip(ipb::GetTipRequest {})
+            .await
+            .map(|t| t.into_inner())
+            .map_err(|s| format!("indexer: {s}"))
     }
 
     /// Signals `chain(tip)` to every withdrawal watching the chain.
