@@ -12,7 +12,7 @@
 // be met for those, so it is allowed in this file; every item written here has its doc.
 #![allow(missing_docs)]
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use bitcoin::{OutPoint, Txid};
@@ -159,8 +159,9 @@ impl Activities {
         }
     }
 
-    /// Every coin the wallet's workflow holds now (none when it was never started).
-    async fn held(&self, wallet: &str) -> Result<BTreeSet<OutPoint>, ActivityError> {
+    /// What the wallet's workflow holds now, by request id (nothing when it was never
+    /// started).
+    async fn held_by(&self, wallet: &str) -> Result<BTreeMap<String, Vec<Coin>>, ActivityError> {
         let handle = self
             .client
             .get_workflow_handle::<HotWalletWorkflow>(super::hot_wallet_workflow_id(wallet));
@@ -168,12 +169,18 @@ impl Activities {
             .query(HotWalletWorkflow::held, (), WorkflowQueryOptions::default())
             .await
         {
-            Ok(held) => Ok(held.values().flatten().map(|c| c.outpoint).collect()),
-            Err(temporalio_client::errors::WorkflowQueryError::NotFound(_)) => Ok(BTreeSet::new()),
+            Ok(held) => Ok(held),
+            Err(temporalio_client::errors::WorkflowQueryError::NotFound(_)) => Ok(BTreeMap::new()),
             Err(e) => Err(retry(format!(
                 "reading wallet {wallet}'s reservations: {e}"
             ))),
         }
+    }
+
+    /// Every coin the wallet's workflow holds now.
+    async fn held(&self, wallet: &str) -> Result<BTreeSet<OutPoint>, ActivityError> {
+        let held = self.held_by(wallet).await?;
+        Ok(held.values().flatten().map(|c| c.outpoint).collect())
     }
 
     /// Asks the wallet's workflow (started if it is not running) for `coins`.
@@ -234,7 +241,13 @@ impl Activities {
             }
             Err(e) => return Err(retry(e)),
         };
-        let mut held = self.held(&wallet).await?;
+        let held_by = self.held_by(&wallet).await?;
+        // Granted to an earlier run of this activity (its worker died before answering):
+        // those coins, not others.
+        if let Some(coins) = held_by.get(&w.request.request_id) {
+            return Ok(Reservation::Reserved(coins.clone()));
+        }
+        let mut held: BTreeSet<OutPoint> = held_by.values().flatten().map(|c| c.outpoint).collect();
         for _ in 0..RESERVE_ROUNDS {
             ctx.record_heartbeat(held.len()).await?;
             let coins = match self.choose_around(&w, &listed, &held, rate) {
