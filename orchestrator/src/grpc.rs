@@ -164,6 +164,17 @@ pub fn list_filters(
     Ok((limit, only_state))
 }
 
+/// Refuses a request id looked up that no submission could have used.
+pub fn check_request_id_length(request_id: &str) -> Result<(), Status> {
+    if request_id.len() > MAX_REQUEST_ID {
+        return Err(Status::invalid_argument(format!(
+            "request_id is {} bytes long; at most {MAX_REQUEST_ID}",
+            request_id.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The answer to a page token that is not one the service gave.
 pub fn bad_page_token() -> Status {
     Status::invalid_argument("bad page_token: give back a next_page_token as it came")
@@ -248,12 +259,7 @@ impl Withdrawals for WithdrawalService {
         let found = match req.into_inner().key {
             Some(pb::get_withdrawal_request::Key::Id(id)) => self.find(id).await?,
             Some(pb::get_withdrawal_request::Key::RequestId(r)) => {
-                if r.len() > MAX_REQUEST_ID {
-                    return Err(Status::invalid_argument(format!(
-                        "request_id is {} bytes long; at most {MAX_REQUEST_ID}",
-                        r.len()
-                    )));
-                }
+                check_request_id_length(&r)?;
                 let shown = r.clone();
                 self.blocking(move |s| s.by_request(&r))
                     .await?

@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 
 use super::withdrawal::{state_name, WithdrawalStart, WithdrawalWorkflow};
 use super::{WorkflowPolicy, RESERVED_PREFIX, WITHDRAWAL_ID, WITHDRAWAL_STATE, WITHDRAWAL_WALLET};
-use crate::grpc::{bad_page_token, list_filters, validate, withdrawal, MAX_REQUEST_ID};
+use crate::grpc::{bad_page_token, check_request_id_length, list_filters, validate, withdrawal};
 use crate::saga::{now_ms, Withdrawal};
 
 /// How long a lookup by numeric id waits for the search index to show a new withdrawal.
@@ -206,12 +206,7 @@ impl Withdrawals for TemporalWithdrawals {
         let found = match req.into_inner().key {
             Some(pb::get_withdrawal_request::Key::Id(id)) => self.find(id).await?.1,
             Some(pb::get_withdrawal_request::Key::RequestId(r)) => {
-                if r.len() > MAX_REQUEST_ID {
-                    return Err(Status::invalid_argument(format!(
-                        "request_id is {} bytes long; at most {MAX_REQUEST_ID}",
-                        r.len()
-                    )));
-                }
+                check_request_id_length(&r)?;
                 let found = if r.is_empty() || r.starts_with(RESERVED_PREFIX) {
                     None
                 } else {
