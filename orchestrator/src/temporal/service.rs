@@ -21,14 +21,14 @@ use temporalio_common::search_attributes::SearchAttributes;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::withdrawal::{state_name, WithdrawalStart, WithdrawalWorkflow};
+use super::withdrawal::{state_name, Changes, WithdrawalStart, WithdrawalWorkflow};
 use super::{WorkflowPolicy, RESERVED_PREFIX, WITHDRAWAL_ID, WITHDRAWAL_STATE, WITHDRAWAL_WALLET};
 use crate::grpc::{bad_page_token, check_request_id_length, list_filters, validate, withdrawal};
 use crate::saga::{now_ms, Withdrawal};
 
 /// How long a lookup by numeric id waits for the search index to show a new withdrawal.
 const VISIBILITY_WAIT: Duration = Duration::from_secs(3);
-/// How often WatchWithdrawal asks the workflow for its state.
+/// How often WatchWithdrawal asks the workflow for its changes.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
 
 /// The service over a Temporal namespace.
@@ -87,6 +87,28 @@ impl TemporalWithdrawals {
             Err(WorkflowQueryError::NotFound(_)) => Ok(None),
             Err(e) => Err(Status::unavailable(format!(
                 "temporal: querying withdrawal {workflow_id}: {e}"
+            ))),
+        }
+    }
+
+    /// The changes of a withdrawal from number `from` on (`None` when there is no such
+    /// workflow).
+    async fn changes(&self, workflow_id: &str, from: u64) -> Result<Option<Changes>, Status> {
+        let handle = self
+            .client
+            .get_workflow_handle::<WithdrawalWorkflow>(workflow_id.to_owned());
+        match handle
+            .query(
+                WithdrawalWorkflow::changes,
+                from,
+                WorkflowQueryOptions::default(),
+            )
+            .await
+        {
+            Ok(c) => Ok(Some(c)),
+            Err(WorkflowQueryError::NotFound(_)) => Ok(None),
+            Err(e) => Err(Status::unavailable(format!(
+                "temporal: watching withdrawal {workflow_id}: {e}"
             ))),
         }
     }
@@ -173,6 +195,7 @@ impl Withdrawals for TemporalWithdrawals {
             withdrawal: Withdrawal::new(id, request.clone(), now_ms()),
             policy: self.policy.clone(),
             asked_coins: false,
+            change: 0,
         };
         match self
             .client
@@ -256,27 +279,45 @@ impl Withdrawals for TemporalWithdrawals {
         req: Request<pb::WatchWithdrawalRequest>,
     ) -> Result<Response<Self::WatchWithdrawalStream>, Status> {
         let id = req.into_inner().id;
-        let (workflow, now) = self.find(id).await?;
+        let workflow = self.workflow_of(id).await?;
+        // The present first, then every change after it: the workflow keeps its recent
+        // changes, so a state shorter than a poll (CONFIRMING between two quick blocks,
+        // or a slow answer under load) is still streamed, in order.
+        let now = self
+            .changes(&workflow, u64::MAX)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no withdrawal {id}")))?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let service = self.clone();
         tokio::spawn(async move {
-            let mut last = now;
-            if tx.send(Ok(withdrawal(&last))).await.is_err() {
-                return;
-            }
-            while !last.state.is_final() {
+            let mut next = now.first;
+            let mut last: Option<Withdrawal> = None;
+            let mut batch = now.withdrawals;
+            loop {
+                for w in batch.drain(..) {
+                    next += 1;
+                    if last.as_ref() == Some(&w) {
+                        continue;
+                    }
+                    if tx.send(Ok(withdrawal(&w))).await.is_err() {
+                        return;
+                    }
+                    last = Some(w);
+                }
+                if last.as_ref().is_some_and(|w| w.state.is_final()) {
+                    return;
+                }
                 tokio::select! {
                     _ = tx.closed() => return,
                     _ = tokio::time::sleep(WATCH_EVERY) => {}
                 }
-                match service.status(&workflow).await {
-                    Ok(Some(w)) if w != last => {
-                        last = w;
-                        if tx.send(Ok(withdrawal(&last))).await.is_err() {
-                            return;
-                        }
+                match service.changes(&workflow, next).await {
+                    Ok(Some(c)) => {
+                        // Only the present is returned when `next` is past it: nothing new.
+                        next = c.first;
+                        batch = c.withdrawals;
                     }
-                    Ok(_) => {}
+                    Ok(None) => {}
                     // Temporal away for a moment: ask again on the next tick.
                     Err(e) => tracing::warn!(id, error = %e, "watching a withdrawal"),
                 }

@@ -45,6 +45,23 @@ pub struct WithdrawalStart {
     /// Whether it ever asked its wallet for coins (so they are given back at the end).
     #[serde(default)]
     pub asked_coins: bool,
+    /// The number of the withdrawal's change it starts at (0 when submitted; carried on
+    /// continue-as-new so a watcher's place stays valid).
+    #[serde(default)]
+    pub change: u64,
+}
+
+/// Changes kept for watchers: a watcher further behind than this resumes at the oldest
+/// kept (a withdrawal changes a handful of times; this bounds a stuck one's query).
+const CHANGES_KEPT: usize = 256;
+
+/// Changes of a withdrawal from a watcher's place on: what the `changes` query answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Changes {
+    /// The number of the first change in `withdrawals`.
+    pub first: u64,
+    /// Each state the withdrawal had from `first` on, oldest first; the last is now.
+    pub withdrawals: Vec<Withdrawal>,
 }
 
 /// One withdrawal, from submission to settlement.
@@ -53,6 +70,12 @@ pub struct WithdrawalWorkflow {
     w: Withdrawal,
     policy: WorkflowPolicy,
     asked_coins: bool,
+    /// The number of the oldest change in `changes`.
+    first_change: u64,
+    /// The withdrawal after each of its recent changes, oldest first; the last is `w`.
+    /// Rebuilt by replay (it is not in the history): WatchWithdrawal reads it so that no
+    /// state is missed between two of its polls.
+    changes: std::collections::VecDeque<Withdrawal>,
     /// `chain` signals received: the watch waits for this to move.
     chain_signals: u64,
     /// The tip at which a replacement could not be made (not tried again before the
@@ -98,6 +121,13 @@ impl WithdrawalWorkflow {
     fn apply(&mut self, outcome: Outcome, now_ms: u64) -> bool {
         match self.w.apply(outcome, now_ms) {
             Ok(next) => {
+                if next != self.w {
+                    self.changes.push_back(next.clone());
+                    if self.changes.len() > CHANGES_KEPT {
+                        self.changes.pop_front();
+                        self.first_change += 1;
+                    }
+                }
                 self.w = next;
                 true
             }
@@ -140,6 +170,8 @@ impl WithdrawalWorkflow {
     #[init]
     pub fn new(_ctx: &WorkflowContextView, start: WithdrawalStart) -> Self {
         WithdrawalWorkflow {
+            changes: [start.withdrawal.clone()].into(),
+            first_change: start.change,
             w: start.withdrawal,
             policy: start.policy,
             asked_coins: start.asked_coins,
@@ -162,6 +194,7 @@ impl WithdrawalWorkflow {
                     withdrawal: s.w.clone(),
                     policy: s.policy.clone(),
                     asked_coins: s.asked_coins,
+                    change: s.first_change + s.changes.len() as u64 - 1,
                 });
                 ctx.continue_as_new(start, ContinueAsNewOptions::default())?;
             }
@@ -312,6 +345,23 @@ impl WithdrawalWorkflow {
     #[query(name = "status")]
     pub fn status(&self, _ctx: &WorkflowContextView) -> Withdrawal {
         self.w.clone()
+    }
+
+    /// The withdrawal after each change numbered `from` on (from the oldest kept when
+    /// `from` is older; only the present when `from` is past it).
+    #[query(name = "changes")]
+    pub fn changes(&self, _ctx: &WorkflowContextView, from: u64) -> Changes {
+        let last = self.first_change + self.changes.len() as u64 - 1;
+        let first = from.clamp(self.first_change, last);
+        Changes {
+            first,
+            withdrawals: self
+                .changes
+                .iter()
+                .skip((first - self.first_change) as usize)
+                .cloned()
+                .collect(),
+        }
     }
 
     /// Refuses a cancel the saga refuses, before anything is recorded.
