@@ -72,23 +72,11 @@ impl TemporalWithdrawals {
 
     /// The withdrawal of workflow `workflow_id`, `None` when there is none.
     pub async fn status(&self, workflow_id: &str) -> Result<Option<Withdrawal>, Status> {
-        let handle = self
-            .client
-            .get_workflow_handle::<WithdrawalWorkflow>(workflow_id.to_owned());
-        match handle
-            .query(
-                WithdrawalWorkflow::status,
-                (),
-                WorkflowQueryOptions::default(),
-            )
-            .await
-        {
-            Ok(w) => Ok(Some(w)),
-            Err(WorkflowQueryError::NotFound(_)) => Ok(None),
-            Err(e) => Err(Status::unavailable(format!(
-                "temporal: querying withdrawal {workflow_id}: {e}"
-            ))),
-        }
+        // The last kept change is the present (one query type for the API's reads).
+        Ok(self
+            .changes(workflow_id, u64::MAX)
+            .await?
+            .and_then(|mut c| c.withdrawals.pop()))
     }
 
     /// The changes of a withdrawal from number `from` on (`None` when there is no such
@@ -108,7 +96,7 @@ impl TemporalWithdrawals {
             Ok(c) => Ok(Some(c)),
             Err(WorkflowQueryError::NotFound(_)) => Ok(None),
             Err(e) => Err(Status::unavailable(format!(
-                "temporal: watching withdrawal {workflow_id}: {e}"
+                "temporal: querying withdrawal {workflow_id}: {e}"
             ))),
         }
     }
