@@ -63,22 +63,39 @@ impl TemporalServer {
     pub fn start() -> TemporalServer {
         let bin = temporal_binary();
         let dir = tempfile::tempdir().unwrap();
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let ports = (free_port(), free_port());
-        let db = dir.path().join("temporal.db");
         let log = dir.path().join("temporal.log");
-        let child = spawn(&bin, addr, ports, &db, &log);
-        let server = TemporalServer {
-            child,
-            addr,
-            ports,
-            bin,
-            db,
-            log,
-            _dir: dir,
-        };
-        server.wait_healthy(Duration::from_secs(60));
-        server
+        let mut failures = Vec::new();
+        // The dev server also binds ports of its own choosing for its internal services;
+        // another test binding one of them (or ours) at the same moment makes it exit at
+        // start ("address already in use"): then it is started again on new ports.
+        for attempt in 0..5 {
+            let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let ports = (free_port(), free_port());
+            let db = dir.path().join(format!("temporal-{attempt}.db"));
+            let mut child = spawn(&bin, addr, ports, &db, &log);
+            match wait_healthy(&mut child, &bin, addr, &log, Duration::from_secs(60)) {
+                Ok(()) => {
+                    return TemporalServer {
+                        child,
+                        addr,
+                        ports,
+                        bin,
+                        db,
+                        log,
+                        _dir: dir,
+                    }
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    failures.push(e);
+                }
+            }
+        }
+        panic!(
+            "the Temporal dev server did not start in 5 attempts: {}",
+            failures.join("\n---\n")
+        );
     }
 
     /// `http://host:port`, as the orchestrator's `temporal.address` takes it.
@@ -92,37 +109,63 @@ impl TemporalServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.child = spawn(&self.bin, self.addr, self.ports, &self.db, &self.log);
-        self.wait_healthy(Duration::from_secs(60));
+        if let Err(e) = wait_healthy(
+            &mut self.child,
+            &self.bin,
+            self.addr,
+            &self.log,
+            Duration::from_secs(60),
+        ) {
+            panic!("{e}");
+        }
     }
 
     /// Runs the Temporal CLI against this server: `temporal ARGS --address ADDR`.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(&self.bin)
-            .args(args)
-            .args(["--address", &self.addr.to_string()])
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", self.bin.display()))
+        cli(&self.bin, self.addr, args)
     }
+}
 
-    fn wait_healthy(&self, limit: Duration) {
-        let until = Instant::now() + limit;
-        while Instant::now() < until {
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
-                && self
-                    .cli(&["operator", "cluster", "health"])
-                    .status
-                    .success()
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+/// Runs the Temporal CLI against the server at `addr`.
+fn cli(bin: &Path, addr: SocketAddr, args: &[&str]) -> std::process::Output {
+    Command::new(bin)
+        .args(args)
+        .args(["--address", &addr.to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()))
+}
+
+/// Waits until the server `child` at `addr` says it is healthy; an error, with its log,
+/// when it exited or did not answer within `limit`.
+fn wait_healthy(
+    child: &mut Child,
+    bin: &Path,
+    addr: SocketAddr,
+    log: &Path,
+    limit: Duration,
+) -> Result<(), String> {
+    let until = Instant::now() + limit;
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    while Instant::now() < until {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "the Temporal dev server on {addr} exited ({status}): {}",
+                log_text()
+            ));
         }
-        panic!(
-            "the Temporal dev server did not answer on {} within {limit:?}: {}",
-            self.addr,
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            && cli(bin, addr, &["operator", "cluster", "health"])
+                .status
+                .success()
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
+    Err(format!(
+        "the Temporal dev server did not answer on {addr} within {limit:?}: {}",
+        log_text()
+    ))
 }
 
 impl Drop for TemporalServer {
