@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use bitcoin::{Address, Network, ScriptBuf};
 use serde::{Deserialize, Serialize};
 
-use crate::executor::Policy;
+use crate::executor::{Policy, PriorityBlocks};
 use crate::kafka_events::KafkaEvents;
 
 /// Every setting, declared once: a key of the config file, a `--flag` and an
@@ -78,6 +78,15 @@ pub struct Settings {
     /// See `fee_floor`.
     #[arg(long, env = "ORCHESTRATOR_FEE_CEILING")]
     pub fee_ceiling: Option<f64>,
+    /// The confirmation target, in blocks, of a withdrawal of low priority (default 144).
+    #[arg(long, env = "ORCHESTRATOR_PRIORITY_LOW_BLOCKS")]
+    pub priority_low_blocks: Option<u16>,
+    /// Of normal priority (default 6).
+    #[arg(long, env = "ORCHESTRATOR_PRIORITY_NORMAL_BLOCKS")]
+    pub priority_normal_blocks: Option<u16>,
+    /// Of high priority (default 2).
+    #[arg(long, env = "ORCHESTRATOR_PRIORITY_HIGH_BLOCKS")]
+    pub priority_high_blocks: Option<u16>,
     /// Where to serve Prometheus metrics, `/health` and `/ready` over HTTP (absent: not).
     #[arg(long, env = "ORCHESTRATOR_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -418,6 +427,17 @@ impl Settings {
             bump_after_blocks: self.bump_after_blocks.unwrap_or(defaults.bump_after_blocks),
             fee_floor: self.fee_floor.unwrap_or(defaults.fee_floor),
             fee_ceiling: self.fee_ceiling.unwrap_or(defaults.fee_ceiling),
+            priority_blocks: PriorityBlocks {
+                low: self
+                    .priority_low_blocks
+                    .unwrap_or(defaults.priority_blocks.low),
+                normal: self
+                    .priority_normal_blocks
+                    .unwrap_or(defaults.priority_blocks.normal),
+                high: self
+                    .priority_high_blocks
+                    .unwrap_or(defaults.priority_blocks.high),
+            },
         };
         check_policy(&policy)?;
         let bitcoind_rpc_url = self.bitcoind_rpc_url.unwrap_or_else(|| {
@@ -497,6 +517,14 @@ fn check_policy(p: &Policy) -> Result<(), ConfigError> {
         return refuse(format!(
             "fee_floor {} and fee_ceiling {} must satisfy 1 <= floor <= ceiling",
             p.fee_floor, p.fee_ceiling
+        ));
+    }
+    let b = p.priority_blocks;
+    let in_order = 1 <= b.high && b.high <= b.normal && b.normal <= b.low && b.low <= 1008;
+    if !in_order {
+        return refuse(format!(
+            "priority_high_blocks {}, priority_normal_blocks {} and priority_low_blocks {} must satisfy 1 <= high <= normal <= low <= 1008 (estimatesmartfee's range)",
+            b.high, b.normal, b.low
         ));
     }
     Ok(())
@@ -619,6 +647,28 @@ mod tests {
                     ..base()
                 },
                 "1 <= floor",
+            ),
+            (
+                Settings {
+                    priority_high_blocks: Some(0),
+                    ..base()
+                },
+                "1 <= high <= normal",
+            ),
+            (
+                Settings {
+                    priority_low_blocks: Some(3),
+                    ..base()
+                },
+                "1 <= high <= normal",
+            ),
+            (
+                Settings {
+                    priority_normal_blocks: Some(2000),
+                    priority_low_blocks: Some(2000),
+                    ..base()
+                },
+                "<= 1008",
             ),
         ] {
             let e = bad.resolve_with(None).unwrap_err().to_string();

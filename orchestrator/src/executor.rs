@@ -15,7 +15,7 @@ use crate::kafka_events::{KafkaEvents, KafkaMonitor};
 use crate::monitor::Monitor;
 use crate::payment::Payments;
 pub use crate::payment::StepError;
-use crate::saga::{now_ms, Outcome, State, Step, Withdrawal};
+use crate::saga::{now_ms, Outcome, Priority, State, Step, Withdrawal};
 use crate::select::Candidate;
 use crate::store::{SagaStore, SagaStoreError};
 
@@ -37,6 +37,40 @@ pub struct Policy {
     pub fee_ceiling: f64,
     /// Blocks a broadcast payment may stay unmined before it is replaced at a higher rate.
     pub bump_after_blocks: u32,
+    /// The confirmation targets of the low, normal and high priorities, in blocks.
+    pub priority_blocks: PriorityBlocks,
+}
+
+/// The confirmation target of each priority, in blocks (1 to 1008).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PriorityBlocks {
+    /// Of [`Priority::Low`].
+    pub low: u16,
+    /// Of [`Priority::Normal`].
+    pub normal: u16,
+    /// Of [`Priority::High`].
+    pub high: u16,
+}
+
+impl Default for PriorityBlocks {
+    fn default() -> Self {
+        PriorityBlocks {
+            low: 144,
+            normal: 6,
+            high: 2,
+        }
+    }
+}
+
+impl Policy {
+    /// The confirmation target of `priority`.
+    pub fn target_of(&self, priority: Priority) -> u16 {
+        match priority {
+            Priority::Low => self.priority_blocks.low,
+            Priority::Normal => self.priority_blocks.normal,
+            Priority::High => self.priority_blocks.high,
+        }
+    }
 }
 
 impl Default for Policy {
@@ -48,6 +82,7 @@ impl Default for Policy {
             fee_floor: 1.0,
             fee_ceiling: 500.0,
             bump_after_blocks: 3,
+            priority_blocks: PriorityBlocks::default(),
         }
     }
 }
@@ -259,7 +294,7 @@ impl Executor {
         if self.payments.destination(w).is_none() {
             return self.record(w, Outcome::Failed("invalid destination".into()));
         }
-        let rate = self.payments.fee_rate(w.request.fee_rate).await?;
+        let rate = self.payments.fee_rate(w.request.fee_rate).await?.rate;
         let candidates = match self.candidates(&w.request.wallet).await {
             // The indexer watches no such wallet: waiting will not make one.
             Err(StepError::Indexer(status)) if status.code() == tonic::Code::NotFound => {

@@ -9,7 +9,7 @@ use proto::orchestrator::v1::withdrawals_server::{Withdrawals, WithdrawalsServer
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::saga::{now_ms, FeeRate, Outcome, State, Withdrawal};
+use crate::saga::{now_ms, FeeRate, Outcome, Priority, State, Withdrawal};
 use crate::store::{SagaStore, SagaStoreError};
 
 /// The service over one saga database.
@@ -123,8 +123,20 @@ pub fn validate(
         {
             FeeRate::SatPerVb(r)
         }
+        Some(pb::submit_withdrawal_request::FeeRate::Priority(p)) => {
+            match pb::Priority::try_from(p) {
+                Ok(pb::Priority::Low) => FeeRate::Priority(Priority::Low),
+                Ok(pb::Priority::Normal) => FeeRate::Priority(Priority::Normal),
+                Ok(pb::Priority::High) => FeeRate::Priority(Priority::High),
+                _ => {
+                    return bad(format!(
+                        "priority {p} is not PRIORITY_LOW, PRIORITY_NORMAL or PRIORITY_HIGH"
+                    ))
+                }
+            }
+        }
         Some(_) => return bad("target_blocks must be 1..=1008 and sat_per_vb 1..=10000".into()),
-        None => return bad("a fee rate is required: target_blocks or sat_per_vb".into()),
+        None => return bad("a fee rate is required: target_blocks, sat_per_vb or priority".into()),
     };
     if req.max_fee_sat == 0 {
         return bad("max_fee_sat is required and must be above zero".into());
@@ -215,6 +227,7 @@ pub fn withdrawal(w: &Withdrawal) -> pb::Withdrawal {
         max_fee_sat: w.request.max_fee.to_sat(),
         created_at_ms: w.created_ms,
         updated_at_ms: w.updated_ms,
+        fee_choice: current.map(|a| a.fee_choice.clone()).unwrap_or_default(),
     }
 }
 

@@ -171,6 +171,7 @@ mod tests {
                 raw: Vec::new(),
                 fee: Amount::from_sat(200),
                 fee_rate: 2.0,
+                fee_choice: String::new(),
             })
             .collect();
         w

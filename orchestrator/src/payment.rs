@@ -38,6 +38,15 @@ pub enum StepError {
     Sign(#[from] crate::signer::SignError),
 }
 
+/// A fee rate and how it was chosen.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeeChoice {
+    /// The rate, sat/vB.
+    pub rate: f64,
+    /// How it was chosen, for the status and the logs.
+    pub why: String,
+}
+
 /// The means of paying: bitcoind, the signer, where change goes and the fee policy.
 #[derive(Clone)]
 pub struct Payments {
@@ -82,29 +91,62 @@ impl Payments {
             .map(|a| a.script_pubkey())
     }
 
-    /// The rate to pay under `policy`, sat/vB, within the floor and ceiling.
-    pub async fn fee_rate(&self, policy: FeeRate) -> Result<f64, StepError> {
-        let rate = match policy {
-            FeeRate::SatPerVb(r) => r,
-            FeeRate::TargetBlocks(t) => {
-                let daemon = self.daemon.clone();
-                let per_kvb = tokio::task::spawn_blocking(move || daemon.estimate_smart_fee(t))
-                    .await
-                    .map_err(|e| tonic::Status::internal(e.to_string()))??;
-                match per_kvb {
-                    Some(a) => a.to_sat() as f64 / 1000.0,
-                    None => {
-                        tracing::warn!(
-                            target_blocks = t,
-                            fee_floor = self.policy.fee_floor,
-                            "bitcoind has no fee estimate for this target (estimatesmartfee): paying the fee floor"
-                        );
-                        self.policy.fee_floor
-                    }
+    /// The rate to pay under `policy`, sat/vB, within the floor and ceiling, and how it
+    /// was chosen (logged when bitcoind has no estimate; shown in the status).
+    pub async fn fee_rate(&self, policy: FeeRate) -> Result<FeeChoice, StepError> {
+        let (target, prefix) = match policy {
+            FeeRate::SatPerVb(r) => return Ok(self.clamped(r, format!("fixed {r} sat/vB"))),
+            FeeRate::TargetBlocks(t) => (t, String::new()),
+            FeeRate::Priority(p) => (
+                self.policy.target_of(p),
+                format!("{} priority: ", format!("{p:?}").to_lowercase()),
+            ),
+        };
+        let daemon = self.daemon.clone();
+        let per_kvb = tokio::task::spawn_blocking(move || daemon.estimate_smart_fee(target))
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))??;
+        Ok(match per_kvb {
+            Some(a) => {
+                let rate = a.to_sat() as f64 / 1000.0;
+                self.clamped(
+                    rate,
+                    format!("{prefix}bitcoind's estimate for {target} blocks, {rate} sat/vB"),
+                )
+            }
+            None => {
+                let floor = self.policy.fee_floor;
+                tracing::warn!(
+                    target_blocks = target,
+                    fee_floor = floor,
+                    "bitcoind has no fee estimate for this target (estimatesmartfee): paying the fee floor"
+                );
+                FeeChoice {
+                    rate: floor,
+                    why: format!(
+                        "{prefix}bitcoind had no estimate for {target} blocks: the fee floor, {floor} sat/vB"
+                    ),
                 }
             }
-        };
-        Ok(rate.clamp(self.policy.fee_floor, self.policy.fee_ceiling))
+        })
+    }
+
+    /// `rate` within the floor and ceiling, saying so when it was moved.
+    fn clamped(&self, rate: f64, why: String) -> FeeChoice {
+        let (floor, ceiling) = (self.policy.fee_floor, self.policy.fee_ceiling);
+        if rate < floor {
+            FeeChoice {
+                rate: floor,
+                why: format!("{why}, raised to the fee floor, {floor} sat/vB"),
+            }
+        } else if rate > ceiling {
+            FeeChoice {
+                rate: ceiling,
+                why: format!("{why}, capped at the fee ceiling, {ceiling} sat/vB"),
+            }
+        } else {
+            FeeChoice { rate, why }
+        }
     }
 
     /// The wallet's mature coins with at least `min_conf` confirmations that the signer
@@ -251,6 +293,7 @@ impl Payments {
         tx: Transaction,
         fee: Amount,
         weight: u64,
+        fee_choice: String,
     ) -> Result<Result<Attempt, String>, StepError> {
         let mut psbt = Psbt::from_unsigned_tx(tx)
             .map_err(|e| tonic::Status::internal(format!("building the PSBT: {e}")))?;
@@ -274,6 +317,7 @@ impl Payments {
             raw: serialize(&tx),
             fee,
             fee_rate: fee.to_sat() as f64 / vbytes,
+            fee_choice,
         }))
     }
 
@@ -286,9 +330,9 @@ impl Payments {
         let Some(destination) = self.destination(w) else {
             return Ok(Err("invalid destination".into()));
         };
-        let rate = self.fee_rate(w.request.fee_rate).await?;
-        match self.assemble(w, &destination, rate, Amount::ZERO) {
-            Ok((tx, fee, weight)) => self.sign_attempt(w, tx, fee, weight),
+        let choice = self.fee_rate(w.request.fee_rate).await?;
+        match self.assemble(w, &destination, choice.rate, Amount::ZERO) {
+            Ok((tx, fee, weight)) => self.sign_attempt(w, tx, fee, weight, choice.why),
             Err(why) => Ok(Err(why)),
         }
     }
@@ -300,13 +344,19 @@ impl Payments {
         let (Some(destination), Some(current)) = (self.destination(w), w.current()) else {
             return Ok(Err("nothing to replace".into()));
         };
-        let rate = (current.fee_rate * 1.25)
-            .max(current.fee_rate + 1.0)
-            .min(self.policy.fee_ceiling);
+        let stepped = (current.fee_rate * 1.25).max(current.fee_rate + 1.0);
+        let rate = stepped.min(self.policy.fee_ceiling);
+        let mut why = format!(
+            "replacement of a version unmined after {} blocks: {:.2} sat/vB raised by 25% (at least 1)",
+            self.policy.bump_after_blocks, current.fee_rate
+        );
+        if rate < stepped {
+            why.push_str(&format!(", capped at the fee ceiling, {rate} sat/vB"));
+        }
         let vbytes = (current.fee.to_sat() as f64 / current.fee_rate).round() as u64;
         let min_fee = current.fee + Amount::from_sat(vbytes.max(1));
         match self.assemble(w, &destination, rate, min_fee) {
-            Ok((tx, fee, weight)) => self.sign_attempt(w, tx, fee, weight),
+            Ok((tx, fee, weight)) => self.sign_attempt(w, tx, fee, weight, why),
             Err(why) => Ok(Err(why)),
         }
     }

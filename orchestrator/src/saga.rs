@@ -78,6 +78,21 @@ pub enum FeeRate {
     TargetBlocks(u16),
     /// A fixed rate, in sat/vB.
     SatPerVb(f64),
+    /// bitcoind's estimate for the confirmation target the operator set for this
+    /// priority (`priority_*_blocks`).
+    Priority(Priority),
+}
+
+/// How soon a withdrawal should confirm, as the operator's policy translates it into a
+/// confirmation target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Priority {
+    /// Can wait: the cheapest target (default 144 blocks, about a day).
+    Low,
+    /// The usual (default 6 blocks, about an hour).
+    Normal,
+    /// Soon (default 2 blocks).
+    High,
 }
 
 /// What a client asked for. Two submissions with the same `request_id` must carry equal
@@ -120,6 +135,11 @@ pub struct Attempt {
     pub fee: Amount,
     /// Its fee rate, sat/vB.
     pub fee_rate: f64,
+    /// How that rate was chosen (the estimate and its target, a fixed rate, the floor
+    /// when bitcoind had no estimate, a clamp to the ceiling, a replacement's step), as
+    /// the status shows it. Empty in records written before it existed.
+    #[serde(default)]
+    pub fee_choice: String,
 }
 
 /// A withdrawal and everything the saga knows about it.
@@ -457,6 +477,7 @@ mod tests {
             raw: vec![n],
             fee: Amount::from_sat(fee),
             fee_rate: fee as f64 / 141.0,
+            fee_choice: String::new(),
         }
     }
 

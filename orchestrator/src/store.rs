@@ -585,6 +585,7 @@ mod tests {
                         raw: vec![1, 2, 3],
                         fee: Amount::from_sat(300),
                         fee_rate: 2.0,
+                        fee_choice: String::new(),
                     }),
                     3,
                 )
@@ -620,6 +621,7 @@ mod tests {
             raw: vec![1],
             fee: Amount::from_sat(300),
             fee_rate: 2.0,
+            fee_choice: String::new(),
         };
         let stranger = Txid::from_byte_array([6; 32]);
         let watched = {

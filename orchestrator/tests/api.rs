@@ -139,6 +139,22 @@ async fn submissions_are_validated_idempotent_and_need_the_token() {
             },
             "NaN rate",
         ),
+        (
+            pb::SubmitWithdrawalRequest {
+                fee_rate: Some(pb::submit_withdrawal_request::FeeRate::Priority(
+                    pb::Priority::Unspecified.into(),
+                )),
+                ..submit("bad-8", DEST, 50_000)
+            },
+            "no priority",
+        ),
+        (
+            pb::SubmitWithdrawalRequest {
+                fee_rate: Some(pb::submit_withdrawal_request::FeeRate::Priority(9)),
+                ..submit("bad-9", DEST, 50_000)
+            },
+            "unknown priority",
+        ),
     ] {
         let r = api.client.submit_withdrawal(auth(req)).await;
         assert_eq!(code(r), tonic::Code::InvalidArgument, "{why}");
@@ -264,6 +280,7 @@ async fn watchers_see_every_change_and_cancel_stops_at_broadcast() {
         raw: vec![0; 10],
         fee: Amount::from_sat(500),
         fee_rate: 3.5,
+        fee_choice: String::new(),
     };
     let w = api.store.record(&w, Outcome::Signed(attempt), 11).unwrap();
     let signed = next(&mut stream).await;

@@ -16,7 +16,7 @@ use orchestrator::config::TemporalTarget;
 use orchestrator::executor::{Boundaries, Boundary, Executor, Policy};
 use orchestrator::kafka_events::KafkaEvents;
 use orchestrator::payment::Payments;
-use orchestrator::saga::{FeeRate, Request, State, Withdrawal};
+use orchestrator::saga::{FeeRate, Priority, Request, State, Withdrawal};
 use orchestrator::signer::KeyFileSigner;
 use orchestrator::store::SagaStore;
 use orchestrator::temporal::hot_wallet::HotWalletWorkflow;
@@ -271,6 +271,16 @@ impl World {
                     FeeRate::TargetBlocks(b) => {
                         proto::orchestrator::v1::submit_withdrawal_request::FeeRate::TargetBlocks(
                             b.into(),
+                        )
+                    }
+                    FeeRate::Priority(p) => {
+                        let p = match p {
+                            Priority::Low => pb::Priority::Low,
+                            Priority::Normal => pb::Priority::Normal,
+                            Priority::High => pb::Priority::High,
+                        };
+                        proto::orchestrator::v1::submit_withdrawal_request::FeeRate::Priority(
+                            p.into(),
                         )
                     }
                 };
@@ -870,6 +880,14 @@ fn replaced_when_stuck(engine: Engine) {
     let first = &done.attempts[0];
     let last = done.current().unwrap();
     assert!(first.fee_rate < 6.0 && last.fee_rate >= 6.0, "{done:?}");
+    // The status says how each rate was chosen.
+    assert_eq!(first.fee_choice, "fixed 2 sat/vB");
+    assert!(
+        last.fee_choice
+            .starts_with("replacement of a version unmined after 1 blocks"),
+        "{}",
+        last.fee_choice
+    );
     assert!(done.attempts.windows(2).all(|p| p[1].fee > p[0].fee));
     assert_eq!(done.confirmed, Some(last.txid));
     assert!(last.fee.to_sat() <= 20_000);
@@ -886,6 +904,84 @@ fn replaced_when_stuck(engine: Engine) {
         .node
         .try_call("getrawtransaction", json!([first.txid.to_string()]));
     assert!(replaced.is_err(), "the first version is gone");
+}
+
+#[test]
+fn fees_follow_the_estimate_the_priority_the_floor_and_the_ceiling() {
+    fees_follow_the_policy(Engine::Embedded);
+}
+
+#[test]
+fn on_temporal_fees_follow_the_estimate_the_priority_the_floor_and_the_ceiling() {
+    fees_follow_the_policy(Engine::Temporal);
+}
+
+fn fees_follow_the_policy(engine: Engine) {
+    let world = World::on(
+        engine,
+        4,
+        0.5,
+        Policy {
+            fee_floor: 3.0,
+            fee_ceiling: 40.0,
+            ..Policy::default()
+        },
+    );
+    // Each withdrawal broadcast at the rate chosen for `fee_rate` with bitcoind's
+    // estimate at `estimate` (BTC/kvB, none when null): its current version.
+    let paid = |name: &str, fee_rate: FeeRate, estimate: serde_json::Value| {
+        world.node.call("devnet_setfeeestimate", json!([estimate]));
+        let destination = world.node.new_address("bech32");
+        let id = world
+            .submit(Request {
+                fee_rate,
+                ..request(name, &destination, 10_000_000, 1.0, 50_000)
+            })
+            .id;
+        let w = world.wait_for(id, |w| w.state == State::Broadcast);
+        let attempt = w.current().unwrap().clone();
+        // The API shows the same words.
+        assert_eq!(
+            orchestrator::grpc::withdrawal(&w).fee_choice,
+            attempt.fee_choice
+        );
+        attempt
+    };
+    let near = |a: &orchestrator::saga::Attempt, rate: f64| {
+        assert!(
+            a.fee_rate >= rate && a.fee_rate < rate + 0.5,
+            "{} for {rate}: {}",
+            a.fee_rate,
+            a.fee_choice
+        );
+    };
+    // bitcoind without an estimate: the floor, and the status says why.
+    let none = paid("none", FeeRate::Priority(Priority::High), json!(null));
+    assert_eq!(
+        none.fee_choice,
+        "high priority: bitcoind had no estimate for 2 blocks: the fee floor, 3 sat/vB"
+    );
+    near(&none, 3.0);
+    // A priority is the estimate for its target (low: 144 blocks by default).
+    let low = paid("low", FeeRate::Priority(Priority::Low), json!(0.00012));
+    assert_eq!(
+        low.fee_choice,
+        "low priority: bitcoind's estimate for 144 blocks, 12 sat/vB"
+    );
+    near(&low, 12.0);
+    // An estimate above the ceiling is capped, a fixed rate below the floor raised.
+    let high = paid("capped", FeeRate::TargetBlocks(3), json!(0.001));
+    assert_eq!(
+        high.fee_choice,
+        "bitcoind's estimate for 3 blocks, 100 sat/vB, capped at the fee ceiling, 40 sat/vB"
+    );
+    near(&high, 40.0);
+    let raised = paid("raised", FeeRate::SatPerVb(2.0), json!(null));
+    assert_eq!(
+        raised.fee_choice,
+        "fixed 2 sat/vB, raised to the fee floor, 3 sat/vB"
+    );
+    near(&raised, 3.0);
 }
 
 fn reorg_policy() -> Policy {

@@ -230,7 +230,8 @@ impl Activities {
             .payments
             .fee_rate(w.request.fee_rate)
             .await
-            .map_err(retry)?;
+            .map_err(retry)?
+            .rate;
         let mut indexer = self.indexer.clone();
         let listed = match self.payments.spendable(&mut indexer, &wallet).await {
             Ok(listed) => listed,
