@@ -1622,10 +1622,16 @@ fn on_kafka_events_positions_past_the_topics_end_are_replaced_by_the_present_sta
     );
     // The planted positions go with the present state read again; the next events
     // applied write real ones (the withdrawal may settle before that: the executor reads
-    // the tip itself too), so one more block. Kept, they would stay for good.
-    world.node.mine_to(1, &world.miner);
+    // the tip itself too), so more blocks: one a second, since a block mined before the
+    // monitor read the present state again is in that state, not in new events. Kept,
+    // the planted positions would stay for good.
     let started = Instant::now();
+    let mut mined = started - Duration::from_secs(1);
     loop {
+        if mined.elapsed() >= Duration::from_secs(1) {
+            world.node.mine_to(1, &world.miner);
+            mined = Instant::now();
+        }
         let positions = world.store.kafka_positions().unwrap();
         if positions
             .as_ref()
