@@ -313,11 +313,20 @@ impl World {
             None => self.store.get(id).unwrap().unwrap(),
             Some(t) => {
                 let request_id = t.ids.lock().unwrap()[&id].clone();
-                self.served
-                    .runtime
-                    .block_on(t.api.status(&request_id))
-                    .unwrap()
-                    .unwrap()
+                // UNAVAILABLE (a query the server could not have answered now, e.g. on a
+                // loaded machine) means "ask again", as the API says.
+                let started = Instant::now();
+                loop {
+                    match self.served.runtime.block_on(t.api.status(&request_id)) {
+                        Ok(w) => return w.expect("the workflow exists"),
+                        Err(e) if e.code() == tonic::Code::Unavailable => {
+                            eprintln!("querying withdrawal {id}: {e}; asking again");
+                            assert!(started.elapsed() < WAIT, "{e}");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        Err(e) => panic!("querying withdrawal {id}: {e}"),
+                    }
+                }
             }
         }
     }
