@@ -27,6 +27,7 @@ def as_json(pb, w):
         "amount_sat": w.amount_sat, "destination": w.destination, "txid": w.txid,
         "txids": list(w.txids), "fee_sat": w.fee_sat, "confirmations": w.confirmations,
         "confirmed_txid": w.confirmed_txid, "failure_reason": w.failure_reason,
+        "fee_choice": w.fee_choice,
     }
 
 
@@ -48,8 +49,9 @@ def in_words(pb, w, before):
     words = {
         "RECEIVED": f"accepted: {w.amount_sat / 1e8:.8f} BTC to {w.destination}",
         "RESERVED": "coins reserved for it",
-        "SIGNED": f"signed: transaction {w.txid} ({fee})",
-        "BROADCAST": f"coins reserved, signed ({fee}) and sent to the network: {w.txid}",
+        "SIGNED": f"signed: transaction {w.txid} ({fee}; {w.fee_choice})",
+        "BROADCAST": (f"coins reserved, signed ({fee}; {w.fee_choice}) and sent to the "
+                      f"network: {w.txid}"),
         "CONFIRMING": (f"in a block: {w.confirmations} confirmation(s)" if w.confirmations
                        else "its block left the chain (reorg): waiting to be mined again"),
         "COMPLETED": f"COMPLETED with {w.confirmations} confirmations: {w.confirmed_txid}",
@@ -70,7 +72,11 @@ def main():
     p.add_argument("--wallet", required=True)
     p.add_argument("--to", required=True, help="destination address")
     p.add_argument("--amount-sat", type=int, required=True)
-    p.add_argument("--sat-per-vb", type=float, help="fixed fee rate (default: estimate for 6 blocks)")
+    fee = p.add_mutually_exclusive_group()
+    fee.add_argument("--sat-per-vb", type=float, help="fixed fee rate (default: normal priority)")
+    fee.add_argument("--target-blocks", type=int, help="bitcoind's estimate for this many blocks")
+    fee.add_argument("--priority", choices=["low", "normal", "high"],
+                     help="bitcoind's estimate for the target the operator set for it")
     p.add_argument("--max-fee-sat", type=int, default=100_000)
     for name in ("get", "watch"):
         p = sub.add_parser(name)
@@ -83,8 +89,12 @@ def main():
     stub = pb_grpc.WithdrawalsStub(grpc.insecure_channel(args.addr))
     try:
         if args.command == "submit":
-            fee = ({"sat_per_vb": args.sat_per_vb} if args.sat_per_vb is not None
-                   else {"target_blocks": 6})
+            if args.sat_per_vb is not None:
+                fee = {"sat_per_vb": args.sat_per_vb}
+            elif args.target_blocks is not None:
+                fee = {"target_blocks": args.target_blocks}
+            else:
+                fee = {"priority": pb.Priority.Value(f"PRIORITY_{(args.priority or 'normal').upper()}")}
             w = stub.SubmitWithdrawal(pb.SubmitWithdrawalRequest(
                 request_id=args.request_id, wallet=args.wallet, destination=args.to,
                 amount_sat=args.amount_sat, max_fee_sat=args.max_fee_sat, **fee), metadata=metadata)
