@@ -102,6 +102,20 @@ impl Api<'_> {
     }
 }
 
+/// A regtest address of a new key nobody keeps: P2TR when `taproot`, else P2WPKH.
+fn foreign_address(taproot: bool) -> String {
+    use bitcoin::secp256k1::{rand, Secp256k1};
+    let secp = Secp256k1::new();
+    let (secret, public) = secp.generate_keypair(&mut rand::thread_rng());
+    let address = if taproot {
+        let (xonly, _) = secret.x_only_public_key(&secp);
+        bitcoin::Address::p2tr(&secp, xonly, None, Network::Regtest)
+    } else {
+        bitcoin::Address::p2wpkh(&bitcoin::CompressedPublicKey(public), Network::Regtest)
+    };
+    address.to_string()
+}
+
 /// The settings of `indexer run` on `node` into `db`, its gRPC guarded by the token.
 fn with_token(node: &Devnet, db: &std::path::Path) -> Settings {
     let token = db.join("grpc.token");
@@ -230,7 +244,10 @@ fn scripts_added_while_following_are_indexed_from_the_next_block_on() {
 
     // Refused, and nothing added: no token, a wrong token, bad descriptors, an address of
     // another network, a bad wallet name, a birth height with history below the tip.
-    let fresh = node.new_address("bech32m");
+    // Addresses of keys the node does not hold: its wallet could otherwise spend their
+    // unconfirmed coins in its next payment, and the balances below would move (CI once
+    // saw the 0.7 deposit spent by the 0.1 one).
+    let fresh = foreign_address(true);
     let code = |r: Result<pb::AddWatchResponse, tonic::Status>| r.unwrap_err().code();
     assert_eq!(
         code(api.add(None, "deposits", &[&fresh], None)),
@@ -275,7 +292,7 @@ fn scripts_added_while_following_are_indexed_from_the_next_block_on() {
 
     // A deposit already in the mempool when its address is added shows as unconfirmed
     // too: the mempool is looked at again with the new scripts.
-    let early = node.new_address("bech32");
+    let early = foreign_address(false);
     node.call("sendtoaddress", json!([early, 0.3]));
     // Mempool notices are handled in order: once this later, watched deposit shows, the
     // follower has seen the one to `early`, while it was not watched.
