@@ -97,10 +97,7 @@ impl Payments {
         let (target, prefix) = match policy {
             FeeRate::SatPerVb(r) => return Ok(self.clamped(r, format!("fixed {r} sat/vB"))),
             FeeRate::TargetBlocks(t) => (t, String::new()),
-            FeeRate::Priority(p) => (
-                self.policy.target_of(p),
-                format!("{} priority: ", format!("{p:?}").to_lowercase()),
-            ),
+            FeeRate::Priority(p) => (self.policy.target_of(p), format!("{} priority: ", p.name())),
         };
         let daemon = self.daemon.clone();
         let per_kvb = tokio::task::spawn_blocking(move || daemon.estimate_smart_fee(target))

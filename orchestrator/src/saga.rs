@@ -95,6 +95,17 @@ pub enum Priority {
     High,
 }
 
+impl Priority {
+    /// Its name as the status words it (`low`, `normal`, `high`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+}
+
 /// What a client asked for. Two submissions with the same `request_id` must carry equal
 /// requests.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

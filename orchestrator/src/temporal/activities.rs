@@ -226,6 +226,12 @@ impl Activities {
             return Ok(Reservation::Refused("invalid destination".into()));
         }
         let wallet = w.request.wallet.clone();
+        // Granted to an earlier run of this activity (its worker died before answering):
+        // those coins, not others; asked first, before any estimate or listing.
+        let held_by = self.held_by(&wallet).await?;
+        if let Some(coins) = held_by.get(&w.request.request_id) {
+            return Ok(Reservation::Reserved(coins.clone()));
+        }
         let rate = self
             .payments
             .fee_rate(w.request.fee_rate)
@@ -242,12 +248,6 @@ impl Activities {
             }
             Err(e) => return Err(retry(e)),
         };
-        let held_by = self.held_by(&wallet).await?;
-        // Granted to an earlier run of this activity (its worker died before answering):
-        // those coins, not others.
-        if let Some(coins) = held_by.get(&w.request.request_id) {
-            return Ok(Reservation::Reserved(coins.clone()));
-        }
         let mut held: BTreeSet<OutPoint> = held_by.values().flatten().map(|c| c.outpoint).collect();
         for _ in 0..RESERVE_ROUNDS {
             ctx.record_heartbeat(held.len()).await?;
