@@ -28,7 +28,7 @@
 //!   [`metrics`] counts what the others do; [`config`] holds the settings;
 //! - the pure core: [`chain`] (best chain of headers), [`descriptors`] (descriptors to
 //!   scripts), [`script_filter`] (the bloom filter), [`block_check`] (a body against its
-//!   header), [`buffers`], [`types`].
+//!   header), [`sha256d`] (the hashes it checks), [`buffers`], [`types`].
 //!
 //! What both binaries share lives in crates of its own: `bitcoind` (the RPC/REST client)
 //! and `service` (auth, logging, metrics HTTP, config helpers).
@@ -55,6 +55,7 @@ pub mod query;
 pub mod rescan;
 pub mod script_filter;
 pub mod serve_priority;
+pub mod sha256d;
 pub mod store;
 pub mod types;
 pub mod wallets;

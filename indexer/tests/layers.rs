@@ -16,6 +16,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "descriptors",
             "script_filter",
             "block_check",
+            "sha256d",
             "buffers",
         ],
     ),
@@ -92,7 +93,7 @@ fn no_module_imports_from_a_higher_layer() {
                 let rest = &line[i + "crate::".len()..];
                 let dep: String = rest
                     .chars()
-                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
                     .collect();
                 match layer(&dep) {
                     Some(l) if l > own => wrong.push(format!(

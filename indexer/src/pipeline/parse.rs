@@ -7,7 +7,7 @@
 use std::ops::{ControlFlow, Range};
 
 use bitcoin::consensus::deserialize;
-use bitcoin::hashes::{sha256d, Hash};
+use bitcoin::hashes::Hash;
 use bitcoin::opcodes::all::OP_RETURN;
 use bitcoin::{block, Amount, BlockHash, OutPoint, ScriptBuf, TxOut, Txid};
 use bitcoin_slices::{bsl, Parse, Visit, Visitor};
@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use crate::block_check::{self, BlockCheckError, Commitment, TxFacts};
 use crate::script_filter::ScriptFilter;
+use crate::sha256d;
 
 /// The smallest serialized transaction (one input, one output, empty scripts): a count
 /// above `bytes / MIN_TX_SIZE` cannot be true.
@@ -173,12 +174,15 @@ pub fn parse_block(raw: RawBlock, scripts: &ScriptFilter) -> Result<ParsedBlock,
     // others' wtxids are needed.
     let header_and_count = first.start as u64;
     let (coinbase, coinbase_facts, commitment) =
-        parse_tx(&bytes[first.clone()], true, scripts, false).map_err(&decode_error)?;
+        parse_tx(&bytes[first.clone()], true, scripts, false, &mut Vec::new())
+            .map_err(&decode_error)?;
     let wtxids = commitment.root_hash.is_some();
     let rest: Vec<(ParsedTx, TxFacts, Commitment)> = layout.txs[1..]
         .par_iter()
         .with_min_len(64)
-        .map(|range| parse_tx(&bytes[range.clone()], false, scripts, wtxids))
+        .map_init(Vec::new, |candidates, range| {
+            parse_tx(&bytes[range.clone()], false, scripts, wtxids, candidates)
+        })
         .collect::<Result<_, String>>()
         .map_err(decode_error)?;
     let mut facts = Vec::with_capacity(rest.len() + 1);
@@ -274,20 +278,24 @@ fn parse_tx(
     coinbase: bool,
     scripts: &ScriptFilter,
     wtxid: bool,
+    candidates: &mut Vec<Candidate>,
 ) -> Result<(ParsedTx, TxFacts, Commitment), String> {
+    candidates.clear();
     let mut visitor = TxVisitor {
         scripts,
         len: bytes.len(),
         coinbase,
         inputs: Vec::new(),
-        outputs: Vec::new(),
+        base: bytes.as_ptr() as usize,
+        candidates,
         commitment: Commitment::default(),
         witness_of: None,
         first_witness_items: 0,
     };
     let parsed = bsl::Transaction::visit(bytes, &mut visitor).map_err(|e| format!("{e:?}"))?;
     let tx = parsed.parsed();
-    let txid = tx.txid().to_byte_array();
+    let (version, ins_outs, locktime) = tx.txid_preimage();
+    let txid = sha256d::hash_parts(&[version, ins_outs, locktime]);
     let total = tx.as_ref().len() as u64;
     let weight = tx.weight();
     // BIP141: weight = stripped * 3 + total.
@@ -297,22 +305,40 @@ fn parse_tx(
     let coinbase_shaped = visitor.inputs.len() == 1 && visitor.inputs[0] == null;
     let facts = TxFacts {
         txid,
-        wtxid: (wtxid && has_witness).then(|| sha256d::Hash::hash(bytes).to_byte_array()),
+        wtxid: (wtxid && has_witness).then(|| sha256d::hash(bytes)),
         has_witness,
         stripped_size,
         weight,
         coinbase_shaped,
     };
+    let mut inputs = visitor.inputs;
+    let commitment = visitor.commitment;
     if coinbase {
-        visitor.inputs.clear();
+        inputs.clear();
     }
+    let outputs = visitor
+        .candidates
+        .iter()
+        .filter(|c| scripts.contains_hash(c.hash))
+        .map(|c| {
+            let script_pubkey = ScriptBuf::from_bytes(bytes[c.script.clone()].to_vec());
+            let value = Amount::from_sat(c.value);
+            (
+                c.vout,
+                TxOut {
+                    value,
+                    script_pubkey,
+                },
+            )
+        })
+        .collect();
     let tx = ParsedTx {
         txid: Txid::from_byte_array(txid),
         coinbase,
-        inputs: visitor.inputs,
-        outputs: visitor.outputs,
+        inputs,
+        outputs,
     };
-    Ok((tx, facts, visitor.commitment))
+    Ok((tx, facts, commitment))
 }
 
 /// First pass: the header, and where each transaction's bytes are in the block.
@@ -350,14 +376,27 @@ impl Visitor for Layout {
     }
 }
 
+/// An output to probe the filter for.
+struct Candidate {
+    vout: u32,
+    hash: u64,
+    value: u64,
+    /// Its script, as a range of the transaction's bytes.
+    script: Range<usize>,
+}
+
 /// Second pass over one transaction: inputs and the outputs worth an exact lookup.
-struct TxVisitor<'f> {
+struct TxVisitor<'f, 'c> {
     scripts: &'f ScriptFilter,
     /// The transaction's length, which bounds what its counts may claim.
     len: usize,
     coinbase: bool,
     inputs: Vec<OutPoint>,
-    outputs: Vec<(u32, TxOut)>,
+    /// Where the transaction's bytes start in memory (script slices lie inside).
+    base: usize,
+    /// Every spendable output, its filter block fetched ahead: probed once the
+    /// transaction is hashed, by when the fetch has arrived.
+    candidates: &'c mut Vec<Candidate>,
     /// The coinbase's witness commitment (coinbase only).
     commitment: Commitment,
     /// The input whose witness is being read.
@@ -366,7 +405,7 @@ struct TxVisitor<'f> {
     first_witness_items: usize,
 }
 
-impl Visitor for TxVisitor<'_> {
+impl Visitor for TxVisitor<'_, '_> {
     fn visit_tx_ins(&mut self, total_inputs: usize) {
         self.inputs
             .reserve(total_inputs.min(self.len / MIN_TXIN_SIZE));
@@ -411,14 +450,17 @@ impl Visitor for TxVisitor<'_> {
         {
             self.commitment.root_hash = script[6..38].try_into().ok();
         }
-        if self.scripts.may_contain(script) && script.first() != Some(&OP_RETURN.to_u8()) {
-            self.outputs.push((
-                vout as u32,
-                TxOut {
-                    value: Amount::from_sat(tx_out.value()),
-                    script_pubkey: ScriptBuf::from_bytes(script.to_vec()),
-                },
-            ));
+        if script.first() != Some(&OP_RETURN.to_u8()) {
+            let hash = self.scripts.hash(script);
+            self.scripts.prefetch(hash);
+            // The script's slice lies inside the transaction's: its offset is the gap.
+            let start = script.as_ptr() as usize - self.base;
+            self.candidates.push(Candidate {
+                vout: vout as u32,
+                hash,
+                value: tx_out.value(),
+                script: start..start + script.len(),
+            });
         }
         ControlFlow::Continue(())
     }
