@@ -87,11 +87,12 @@ pub fn merkle_root(mut hashes: Vec<[u8; 32]>) -> (Option<[u8; 32]>, bool) {
         for i in 0..len.div_ceil(2) {
             let left = hashes[2 * i];
             // An odd level pairs its last node with itself.
-            let right = hashes
-                .get(2 * i + 1)
-                .filter(|_| 2 * i + 1 < len)
-                .unwrap_or(&left);
-            hashes[i] = sha256d::merkle_node(&left, right);
+            let right = if 2 * i + 1 < len {
+                hashes[2 * i + 1]
+            } else {
+                left
+            };
+            hashes[i] = sha256d::merkle_node(&left, &right);
         }
         len = len.div_ceil(2);
     }
