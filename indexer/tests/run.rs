@@ -263,6 +263,7 @@ fn run_serves_metrics_that_follow_the_chain_and_logs_json() {
         "indexer_blocks_disconnected_total",
         "indexer_reorgs_total",
         "indexer_reorg_depth_count",
+        "indexer_tip_latency_seconds_count",
         "indexer_reconciles_total",
         "indexer_subscribers",
         "indexer_pipeline_queue_depth{stage=\"parse\"}",
@@ -315,9 +316,16 @@ fn run_serves_metrics_that_follow_the_chain_and_logs_json() {
                 .unwrap()
         })
         .sum();
-    let after = observe::wait_for(&metrics, Duration::from_secs(30), at(108.0));
+    // A block's latency is observed just after it is readable: wait for both.
+    let latencies = "indexer_tip_latency_seconds_count";
+    let after = observe::wait_for(&metrics, Duration::from_secs(30), |s| {
+        at(108.0)(s) && s.value(latencies) >= before.value(latencies) + 3.0
+    });
     let grew = |series: &str| after.value(series) - before.value(series);
     assert_eq!(grew("indexer_blocks_connected_total"), 3.0);
+    // Each came over ZMQ and extended the tip: one latency each, none of them zero.
+    assert_eq!(grew(latencies), 3.0, "{}", after.text);
+    assert!(grew("indexer_tip_latency_seconds_sum") > 0.0);
     assert_eq!(grew("indexer_transactions_total"), txs);
     assert_eq!(after.value("indexer_bitcoind_height"), 108.0);
 

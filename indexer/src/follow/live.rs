@@ -41,14 +41,15 @@ struct Live<'a> {
 type Step = Result<Option<LiveExit>, FollowError>;
 
 /// Waits until `committed` reports `height` (or `limit` passes, or the pipeline ended:
-/// the notice loop finds out about those on its own).
-fn await_commit(committed: &Receiver<u32>, height: u32, limit: Duration) {
+/// the notice loop finds out about those on its own); whether it was committed.
+fn await_commit(committed: &Receiver<u32>, height: u32, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while let Ok(h) = committed.recv_deadline(deadline) {
         if h >= height {
-            return;
+            return true;
         }
     }
+    false
 }
 
 impl Follower {
@@ -228,6 +229,7 @@ impl Follower {
 
     /// A new block: to the pipeline when it extends the tip, else reconcile.
     fn on_raw_block(&self, bytes: Vec<u8>, live: &mut Live) -> Step {
+        let taken = Instant::now();
         let Ok(header) = deserialize::<block::Header>(&bytes[..80]) else {
             warn!("ZMQ rawblock with an unreadable header dropped");
             return Ok(None);
@@ -263,7 +265,10 @@ impl Follower {
         // The block first: what it mined out of the mempool, and the transactions bitcoind
         // announced with it, wait until it is indexed (decoding and hashing thousands of
         // them alongside took the cores the block's parse needs).
-        await_commit(live.committed, live.tip.0, BLOCK_FIRST_LIMIT);
+        if await_commit(live.committed, live.tip.0, BLOCK_FIRST_LIMIT) {
+            let latency = taken.elapsed().as_secs_f64();
+            self.metrics.tip_latency.observe(latency);
+        }
         if let Some(mined) = kept.and_then(|b| deserialize::<bitcoin::Block>(&b).ok()) {
             self.mempool.mined(&mined)?;
         }

@@ -22,6 +22,12 @@ use service::metrics_http::Probe;
 /// A label set of one static pair (no allocation to look one up).
 type StaticLabel = [(&'static str, &'static str); 1];
 
+/// Tip latencies worth telling apart, in seconds: a full block is milliseconds here,
+/// seconds on a busy or slow machine.
+const TIP_LATENCY_BUCKETS: [f64; 12] = [
+    0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
 /// Reorg depths worth telling apart, in blocks.
 const REORG_DEPTH_BUCKETS: [f64; 8] = [1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0];
 
@@ -42,6 +48,8 @@ pub struct IndexerMetrics {
     pub reorgs: Counter,
     /// How many blocks each reorg disconnected.
     pub reorg_depth: Histogram,
+    /// Seconds from taking a ZMQ `rawblock` that extends the tip to its block committed.
+    pub tip_latency: Histogram,
     /// Times following went back to reconciling with bitcoind over RPC.
     pub reconciles: Counter,
     /// 1 while blocks are fetched over bitcoind's REST interface, 0 over RPC `getblock`.
@@ -91,6 +99,7 @@ impl Default for IndexerMetrics {
             transactions: Counter::default(),
             reorgs: Counter::default(),
             reorg_depth: Histogram::new(REORG_DEPTH_BUCKETS),
+            tip_latency: Histogram::new(TIP_LATENCY_BUCKETS),
             reconciles: Counter::default(),
             blocks_over_rest: Gauge::default(),
             zmq_gaps: zmq_gaps(),
@@ -209,6 +218,11 @@ impl IndexerMetrics {
                 "reorg_depth",
                 "Blocks each reorg disconnected",
                 self.reorg_depth.clone(),
+            );
+            r.register(
+                "tip_latency_seconds",
+                "Seconds from a ZMQ rawblock that extends the tip to its block committed and readable",
+                self.tip_latency.clone(),
             );
             r.register(
                 "reconciles",
