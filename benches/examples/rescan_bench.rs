@@ -165,9 +165,10 @@ fn hash_work(chain: &Path) -> Result<(u64, u64)> {
                     .iter()
                     .any(|t| t.input.iter().any(|i| !i.witness.is_empty()));
                 let mut blocks = 3 + tree(n); // header, txid tree
-                for tx in &block.txdata {
+                for (i, tx) in block.txdata.iter().enumerate() {
                     blocks += sha256d(tx.base_size());
-                    if witness && tx.input.iter().any(|i| !i.witness.is_empty()) {
+                    // The coinbase's wtxid counts as zero: never hashed.
+                    if witness && i > 0 && tx.input.iter().any(|input| !input.witness.is_empty()) {
                         blocks += sha256d(tx.total_size());
                     }
                 }

@@ -2,9 +2,9 @@
 //! output without a lookup. Pure: saved and loaded as bytes by the caller.
 //!
 //! Blocked: each script's eight bits lie in one 64-byte block, one bit in each of its
-//! words, so a probe reads one cache line. At exchange sizes (18 MB for 10M scripts) the
+//! words, so a probe reads one cache line. At exchange sizes (20 MB for 10M scripts) the
 //! filter is far bigger than the caches and a probe is a memory access; an ordinary bloom
-//! filter (fastbloom) made one to ten of them per output, a twelfth of a rescan's CPU
+//! filter (fastbloom) made one to ten of them per output, a ninth of a rescan's CPU
 //! waiting on the first. One line can also be fetched ahead ([`ScriptFilter::prefetch`])
 //! while the parser hashes the transaction.
 
