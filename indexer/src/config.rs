@@ -402,9 +402,11 @@ impl Config {
     pub fn resolve(c: Settings) -> Result<Config, ConfigError> {
         let network = parse_network(c.network.as_deref().unwrap_or("mainnet"))?;
         let bloom_fp_rate = c.bloom_fp_rate.unwrap_or(1e-3);
-        if !(bloom_fp_rate > 0.0 && bloom_fp_rate < 1.0) {
+        // Below one in a million the filter's 8 bits a script need hundreds of bits each
+        // (gigabytes for millions of scripts) to save lookups that cost microseconds.
+        if !(1e-6..1.0).contains(&bloom_fp_rate) {
             return Err(ConfigError::Invalid(format!(
-                "bloom_fp_rate {bloom_fp_rate} must be between 0 and 1"
+                "bloom_fp_rate {bloom_fp_rate} must be at least 0.000001 and below 1"
             )));
         }
         let gap_limit = c.gap_limit.unwrap_or(1000);
@@ -588,11 +590,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("moon"));
-        let bad = Settings {
-            bloom_fp_rate: Some(1.5),
-            ..Settings::default()
-        };
-        assert!(Config::resolve(bad).is_err());
+        for rate in [1.5, 0.0, 1e-9, f64::NAN] {
+            let bad = Settings {
+                bloom_fp_rate: Some(rate),
+                ..Settings::default()
+            };
+            let e = Config::resolve(bad).unwrap_err().to_string();
+            assert!(e.contains("bloom_fp_rate"), "{rate}: {e}");
+        }
     }
 
     #[test]

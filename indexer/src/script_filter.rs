@@ -178,32 +178,36 @@ impl ScriptFilter {
         self.hasher.hash_one(script)
     }
 
+    /// The block a key's bits are in: multiply-high maps the hash onto the blocks
+    /// without a division.
+    fn block_of(&self, hash: u64) -> &Block {
+        &self.blocks[((u128::from(hash) * self.blocks.len() as u128) >> 64) as usize]
+    }
+
     /// The block a key's bits are in, and those bits word by word.
     fn locate(&self, hash: u64) -> (&Block, [u64; WORDS]) {
-        // Multiply-high maps the hash onto the blocks without a division.
-        let index = ((u128::from(hash) * self.blocks.len() as u128) >> 64) as usize;
         // The bit positions come from the hash remixed, not from the bits that chose
         // the block.
         let mixed = hash.rotate_left(32).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let masks = std::array::from_fn(|i| 1u64 << ((mixed >> (16 + 6 * i)) & 63));
-        (&self.blocks[index], masks)
+        (self.block_of(hash), masks)
     }
 
     /// Asks the CPU to bring a key's block into the cache: a later probe of it does not
     /// wait for memory. Only a hint; it changes no result.
     #[allow(unsafe_code)] // the one intrinsic: std has no safe prefetch on stable
     pub fn prefetch(&self, hash: u64) {
-        let index = ((u128::from(hash) * self.blocks.len() as u128) >> 64) as usize;
+        let block = self.block_of(hash);
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let line = (&raw const self.blocks[index]).cast::<i8>();
+            let line = std::ptr::from_ref(block).cast::<i8>();
             // SAFETY: SSE is part of x86_64's baseline, and a prefetch of any address
             // (here one inside the filter) reads nothing and cannot fault.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(line) };
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = index;
+        let _ = block;
     }
 
     /// Adds a script.

@@ -450,7 +450,9 @@ impl Visitor for TxVisitor<'_, '_> {
         {
             self.commitment.root_hash = script[6..38].try_into().ok();
         }
-        if script.first() != Some(&OP_RETURN.to_u8()) {
+        // Nothing watched (a block only checked, or an empty watched set): no output is
+        // worth hashing.
+        if !self.scripts.is_empty() && script.first() != Some(&OP_RETURN.to_u8()) {
             let hash = self.scripts.hash(script);
             self.scripts.prefetch(hash);
             // The script's slice lies inside the transaction's: its offset is the gap.
