@@ -9,7 +9,13 @@ use std::path::{Path, PathBuf};
 use bitcoin::{Address, Network, ScriptBuf};
 use serde::{Deserialize, Serialize};
 
-use crate::executor::{Policy, PriorityBlocks};
+use crate::executor::{Batching, Policy, PriorityBlocks};
+
+/// Most withdrawals in one batch unless set.
+const DEFAULT_MAX_BATCH_OUTPUTS: usize = 50;
+/// Above this many outputs the batch's output count no longer fits in one byte, and one
+/// stuck transaction would hold up too many payouts.
+const MAX_BATCH_OUTPUTS: usize = 250;
 use crate::kafka_events::KafkaEvents;
 
 /// Every setting, declared once: a key of the config file, a `--flag` and an
@@ -87,6 +93,15 @@ pub struct Settings {
     /// Of high priority (default 2).
     #[arg(long, env = "ORCHESTRATOR_PRIORITY_HIGH_BLOCKS")]
     pub priority_high_blocks: Option<u16>,
+    /// Seconds a withdrawal waits in its hot wallet's payout queue so that others arriving
+    /// meanwhile are paid by the same transaction (absent or 0: each is paid alone).
+    /// Withdrawals batch with those of the same wallet and fee policy. Embedded engine.
+    #[arg(long, env = "ORCHESTRATOR_BATCH_WINDOW_SECS")]
+    pub batch_window_secs: Option<u64>,
+    /// Most withdrawals one batch pays; a full queue is paid at once, without waiting
+    /// out the window (default 50, at most 250).
+    #[arg(long, env = "ORCHESTRATOR_MAX_BATCH_OUTPUTS")]
+    pub max_batch_outputs: Option<usize>,
     /// Where to serve Prometheus metrics, `/health` and `/ready` over HTTP (absent: not).
     #[arg(long, env = "ORCHESTRATOR_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -427,6 +442,13 @@ impl Settings {
             bump_after_blocks: self.bump_after_blocks.unwrap_or(defaults.bump_after_blocks),
             fee_floor: self.fee_floor.unwrap_or(defaults.fee_floor),
             fee_ceiling: self.fee_ceiling.unwrap_or(defaults.fee_ceiling),
+            batch: self
+                .batch_window_secs
+                .filter(|s| *s > 0)
+                .map(|secs| Batching {
+                    window_ms: secs.saturating_mul(1000),
+                    max_outputs: self.max_batch_outputs.unwrap_or(DEFAULT_MAX_BATCH_OUTPUTS),
+                }),
             priority_blocks: PriorityBlocks {
                 low: self
                     .priority_low_blocks
@@ -447,6 +469,11 @@ impl Settings {
             .map_err(|e| ConfigError(e.to_string()))?;
         let temporal = self.temporal.resolve(self.engine.as_deref())?;
         let kafka_events = self.kafka.resolve(self.events.as_deref())?;
+        if temporal.is_some() && policy.batch.is_some() {
+            return Err(ConfigError(
+                "batch_window_secs: batching runs on the embedded engine; with engine = \"temporal\" each withdrawal is paid alone (leave batch_window_secs unset)".into(),
+            ));
+        }
         if temporal.is_some() && self.metrics_listen.is_some() {
             return Err(ConfigError(
                 "metrics_listen serves the embedded engine's saga metrics; with engine = \"temporal\" leave it unset and use the Temporal cluster's and the SDK's metrics".into(),
@@ -503,6 +530,14 @@ fn check_policy(p: &Policy) -> Result<(), ConfigError> {
             "settle_confirmations {} is below confirmations {}: coins are released only after completion, so settle at {} or more",
             p.settle_at, p.confirmations, p.confirmations
         ));
+    }
+    if let Some(b) = &p.batch {
+        if !(2..=MAX_BATCH_OUTPUTS).contains(&b.max_outputs) {
+            return refuse(format!(
+                "max_batch_outputs {}: a batch pays 2 to {MAX_BATCH_OUTPUTS} withdrawals",
+                b.max_outputs
+            ));
+        }
     }
     if p.bump_after_blocks == 0 {
         return refuse("bump_after_blocks 0: give the blocks a payment may wait unmined before it is replaced (1 or more)".into());

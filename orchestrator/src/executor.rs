@@ -39,6 +39,17 @@ pub struct Policy {
     pub bump_after_blocks: u32,
     /// The confirmation targets of the low, normal and high priorities, in blocks.
     pub priority_blocks: PriorityBlocks,
+    /// Payout queues per hot wallet (`None`: each withdrawal is paid alone).
+    pub batch: Option<Batching>,
+}
+
+/// How withdrawals are batched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batching {
+    /// How long the oldest withdrawal in a queue waits for others, ms.
+    pub window_ms: u64,
+    /// Most withdrawals one batch pays (2 or more).
+    pub max_outputs: usize,
 }
 
 /// The confirmation target of each priority, in blocks (1 to 1008).
@@ -83,6 +94,7 @@ impl Default for Policy {
             fee_ceiling: 500.0,
             bump_after_blocks: 3,
             priority_blocks: PriorityBlocks::default(),
+            batch: None,
         }
     }
 }
@@ -199,18 +211,80 @@ impl Executor {
         self.utxos.clear();
         self.reserved = None;
         let mut moved = 0;
-        for w in self.store.unfinished()? {
+        let mut unfinished = self.store.unfinished()?;
+        if let Some(batching) = self.payments.policy().batch {
+            moved += self.form_batches(&mut unfinished, batching, now_ms())?;
+        }
+        unfinished.extend(self.store.unfinished_batches()?);
+        for w in unfinished {
             if w.next_step() == Step::Watch && !observed {
                 continue;
             }
-            let id = w.id;
+            let (id, batch) = (w.id, w.is_batch());
             match self.step(w).await {
                 Ok(true) => moved += 1,
                 Ok(false) => {}
-                Err(e) => tracing::warn!(id, error = %e, "withdrawal step must wait"),
+                Err(e) => tracing::warn!(id, batch, error = %e, "withdrawal step must wait"),
             }
         }
         Ok(moved)
+    }
+
+    /// The payout queues: withdrawals in RECEIVED, not in a batch, grouped by wallet and
+    /// fee policy, oldest first. A queue as long as `max_outputs`, or whose oldest waited
+    /// the window out, is paid: two or more become a batch (taken out of `unfinished`,
+    /// the batch's saga pays them); a lone one goes on alone. The rest of the queue keeps
+    /// waiting (also taken out). Returns the batches formed.
+    fn form_batches(
+        &mut self,
+        unfinished: &mut Vec<Withdrawal>,
+        batching: Batching,
+        now: u64,
+    ) -> Result<usize, StepError> {
+        let mut queues: Vec<Vec<Withdrawal>> = Vec::new();
+        let mut rest = Vec::with_capacity(unfinished.len());
+        for w in std::mem::take(unfinished) {
+            if w.state != State::Received || w.batch.is_some() {
+                rest.push(w);
+                continue;
+            }
+            match queues.iter_mut().find(|q| {
+                q[0].request.wallet == w.request.wallet
+                    && q[0].request.fee_rate == w.request.fee_rate
+            }) {
+                Some(q) => q.push(w),
+                None => queues.push(vec![w]),
+            }
+        }
+        let mut formed = 0;
+        for queue in queues {
+            // Ids grow with submission: the store lists them in order.
+            for chunk in queue.chunks(batching.max_outputs) {
+                let due = chunk.len() == batching.max_outputs
+                    || chunk[0].created_ms.saturating_add(batching.window_ms) <= now;
+                if !due {
+                    continue;
+                }
+                if chunk.len() == 1 {
+                    rest.push(chunk[0].clone());
+                    continue;
+                }
+                match self.store.form_batch(chunk, now) {
+                    Ok(b) => {
+                        let ids: Vec<u64> = chunk.iter().map(|w| w.id).collect();
+                        tracing::info!(batch = b.id, members = ?ids, "withdrawals batched");
+                        formed += 1;
+                    }
+                    // One was cancelled meanwhile: the queue is looked at again next round.
+                    Err(SagaStoreError::Stale(id)) => {
+                        tracing::info!(id, "a queued withdrawal changed; batching next round");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        *unfinished = rest;
+        Ok(formed)
     }
 
     /// Runs rounds, and the monitor following the indexer's events, until `stop`
@@ -291,7 +365,7 @@ impl Executor {
     }
 
     async fn reserve(&mut self, w: &Withdrawal) -> Result<Withdrawal, StepError> {
-        if self.payments.destination(w).is_none() {
+        if self.payments.outputs(w).is_none() {
             return self.record(w, Outcome::Failed("invalid destination".into()));
         }
         let rate = self.payments.fee_rate(w.request.fee_rate).await?.rate;

@@ -228,6 +228,7 @@ pub fn withdrawal(w: &Withdrawal) -> pb::Withdrawal {
         created_at_ms: w.created_ms,
         updated_at_ms: w.updated_ms,
         fee_choice: current.map(|a| a.fee_choice.clone()).unwrap_or_default(),
+        batch_id: w.batch.unwrap_or(0),
     }
 }
 

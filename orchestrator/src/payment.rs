@@ -82,13 +82,37 @@ impl Payments {
 
     /// The destination's script, when it is an address of this network.
     pub fn destination(&self, w: &Withdrawal) -> Option<ScriptBuf> {
-        w.request
-            .destination
+        self.script_of(&w.request.destination)
+    }
+
+    /// The script `address` pays, when it is an address of this network.
+    fn script_of(&self, address: &str) -> Option<ScriptBuf> {
+        address
             .parse::<Address<_>>()
             .ok()?
             .require_network(self.network)
             .ok()
             .map(|a| a.script_pubkey())
+    }
+
+    /// What `w` pays: its destination, or a batch's members' in the order they joined;
+    /// `None` when a destination is not an address of this network.
+    pub fn outputs(&self, w: &Withdrawal) -> Option<Vec<TxOut>> {
+        match &w.members {
+            Some(members) => members
+                .iter()
+                .map(|m| {
+                    Some(TxOut {
+                        value: m.amount,
+                        script_pubkey: self.script_of(&m.destination)?,
+                    })
+                })
+                .collect(),
+            None => Some(vec![TxOut {
+                value: w.request.amount,
+                script_pubkey: self.destination(w)?,
+            }]),
+        }
     }
 
     /// The rate to pay under `policy`, sat/vB, within the floor and ceiling, and how it
@@ -198,18 +222,11 @@ impl Payments {
         candidates: &[Candidate],
         rate: f64,
     ) -> Result<Vec<Coin>, String> {
-        let destination = self
-            .destination(w)
+        let outputs = self
+            .outputs(w)
             .ok_or_else(|| "invalid destination".to_owned())?;
-        let selection = select::select(
-            candidates,
-            w.request.amount,
-            &destination,
-            &self.change,
-            rate,
-            w.request.max_fee,
-        )
-        .map_err(|e| e.to_string())?;
+        let selection = select::select(candidates, &outputs, &self.change, rate, w.request.max_fee)
+            .map_err(|e| e.to_string())?;
         Ok(selection
             .coins
             .into_iter()
@@ -221,12 +238,12 @@ impl Payments {
             .collect())
     }
 
-    /// The unsigned payment over `w`'s reserved coins at `rate` sat/vB, paying at least
-    /// `min_fee`: (transaction, fee, weight), or why it cannot be built.
+    /// The unsigned payment of `outputs` over `w`'s reserved coins at `rate` sat/vB,
+    /// paying at least `min_fee`: (transaction, fee, weight), or why it cannot be built.
     fn assemble(
         &self,
         w: &Withdrawal,
-        destination: &ScriptBuf,
+        outputs: Vec<TxOut>,
         rate: f64,
         min_fee: Amount,
     ) -> Result<(Transaction, Amount, u64), String> {
@@ -244,10 +261,7 @@ impl Payments {
                     ..TxIn::default()
                 })
                 .collect(),
-            output: vec![TxOut {
-                value: w.request.amount,
-                script_pubkey: destination.clone(),
-            }],
+            output: outputs,
         };
         // Unsigned inputs weigh 41 bytes each; signed P2WPKH ones weigh more.
         let signed_inputs = (select::P2WPKH_INPUT_WEIGHT - 4 * 41) * w.coins.len() as u64 + 2;
@@ -324,11 +338,11 @@ impl Payments {
         &self,
         w: &Withdrawal,
     ) -> Result<Result<Attempt, String>, StepError> {
-        let Some(destination) = self.destination(w) else {
+        let Some(outputs) = self.outputs(w) else {
             return Ok(Err("invalid destination".into()));
         };
         let choice = self.fee_rate(w.request.fee_rate).await?;
-        match self.assemble(w, &destination, choice.rate, Amount::ZERO) {
+        match self.assemble(w, outputs, choice.rate, Amount::ZERO) {
             Ok((tx, fee, weight)) => self.sign_attempt(w, tx, fee, weight, choice.why),
             Err(why) => Ok(Err(why)),
         }
@@ -338,7 +352,7 @@ impl Payments {
     /// higher rate (BIP125: more absolute fee, by at least the incremental relay fee of
     /// 1 sat/vB over its size), within `max_fee`; or why there is none.
     pub fn replacement(&self, w: &Withdrawal) -> Result<Result<Attempt, String>, StepError> {
-        let (Some(destination), Some(current)) = (self.destination(w), w.current()) else {
+        let (Some(outputs), Some(current)) = (self.outputs(w), w.current()) else {
             return Ok(Err("nothing to replace".into()));
         };
         let stepped = (current.fee_rate * 1.25).max(current.fee_rate + 1.0);
@@ -352,7 +366,7 @@ impl Payments {
         }
         let vbytes = (current.fee.to_sat() as f64 / current.fee_rate).round() as u64;
         let min_fee = current.fee + Amount::from_sat(vbytes.max(1));
-        match self.assemble(w, &destination, rate, min_fee) {
+        match self.assemble(w, outputs, rate, min_fee) {
             Ok((tx, fee, weight)) => self.sign_attempt(w, tx, fee, weight, why),
             Err(why) => Ok(Err(why)),
         }

@@ -153,6 +153,19 @@ pub struct Attempt {
     pub fee_choice: String,
 }
 
+/// A withdrawal paid by a batch: its own id and what it pays.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    /// The withdrawal's id.
+    pub id: u64,
+    /// Its destination, as given.
+    pub destination: String,
+    /// Its amount.
+    pub amount: Amount,
+    /// Its fee cap (the batch's cap is the members' sum).
+    pub max_fee: Amount,
+}
+
 /// A withdrawal and everything the saga knows about it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Withdrawal {
@@ -188,6 +201,13 @@ pub struct Withdrawal {
     pub created_ms: u64,
     /// Last change, ms since 1970.
     pub updated_ms: u64,
+    /// The batch paying it, when it is a member of one: the batch's saga runs the steps
+    /// and this record mirrors the batch's state and versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<u64>,
+    /// When this record is a batch: the withdrawals it pays, one output each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<Member>>,
 }
 
 /// What happened: the result of a step the executor ran, or an observation.
@@ -226,6 +246,9 @@ pub enum Outcome {
     Unclear(String),
     /// The client cancelled it.
     Cancelled,
+    /// A batch's member was cancelled before the batch could have left: it leaves the
+    /// batch, whose signed bytes (if any) are discarded so it is signed again without it.
+    MemberLeft(u64),
 }
 
 /// An outcome that cannot happen in the withdrawal's state.
@@ -273,6 +296,73 @@ impl Withdrawal {
             failure_reason: None,
             created_ms: now_ms,
             updated_ms: now_ms,
+            batch: None,
+            members: None,
+        }
+    }
+
+    /// A new batch in RECEIVED paying `members` (withdrawals of one wallet and fee
+    /// policy, in RECEIVED) from `wallet`.
+    pub fn new_batch(id: u64, members: &[Withdrawal], now_ms: u64) -> Withdrawal {
+        let first = &members[0].request;
+        let mut b = Withdrawal::new(
+            id,
+            Request {
+                request_id: format!("batch-{id}"),
+                wallet: first.wallet.clone(),
+                destination: String::new(),
+                amount: Amount::ZERO,
+                fee_rate: first.fee_rate,
+                max_fee: Amount::ZERO,
+            },
+            now_ms,
+        );
+        b.set_members(
+            members
+                .iter()
+                .map(|w| Member {
+                    id: w.id,
+                    destination: w.request.destination.clone(),
+                    amount: w.request.amount,
+                    max_fee: w.request.max_fee,
+                })
+                .collect(),
+        );
+        b
+    }
+
+    /// Sets a batch's members, and its amount and cap to their sums.
+    fn set_members(&mut self, members: Vec<Member>) {
+        self.request.amount = members.iter().map(|m| m.amount).sum();
+        self.request.max_fee = members.iter().map(|m| m.max_fee).sum();
+        self.members = Some(members);
+    }
+
+    /// Whether this record is a batch (its members are withdrawals of their own).
+    pub fn is_batch(&self) -> bool {
+        self.members.is_some()
+    }
+
+    /// A member's record as `batch` (its batch, as just recorded) shows it: the batch's
+    /// state, versions, confirmations and reason; its own request, id and times.
+    pub fn mirrored(&self, batch: &Withdrawal) -> Withdrawal {
+        Withdrawal {
+            id: self.id,
+            request: self.request.clone(),
+            state: batch.state,
+            coins: Vec::new(),
+            attempts: batch.attempts.clone(),
+            confirmed: batch.confirmed,
+            confirmations: batch.confirmations,
+            broadcast_height: batch.broadcast_height,
+            needs_broadcast: false,
+            sends: batch.sends,
+            settled: batch.settled,
+            failure_reason: batch.failure_reason.clone(),
+            created_ms: self.created_ms,
+            updated_ms: batch.updated_ms,
+            batch: Some(batch.id),
+            members: None,
         }
     }
 
@@ -296,6 +386,10 @@ impl Withdrawal {
 
     /// The next step for the executor.
     pub fn next_step(&self) -> Step {
+        if self.batch.is_some() {
+            // Its batch runs the steps.
+            return Step::Rest;
+        }
         match self.state {
             State::Received => Step::Reserve,
             State::Reserved => Step::Sign,
@@ -436,6 +530,37 @@ impl Withdrawal {
                     w.failure_reason = Some(reason);
                     w.state = State::Failed;
                 }
+            }
+            (state, Outcome::MemberLeft(id)) if !self.may_have_left() => {
+                let Some(members) = &self.members else {
+                    return Err(self.refuse("only a batch has members"));
+                };
+                if !matches!(state, State::Received | State::Reserved | State::Signed) {
+                    return Err(self.refuse("members leave only before the batch is sent"));
+                }
+                if !members.iter().any(|m| m.id == id) {
+                    return Err(self.refuse(format!("withdrawal {id} is not a member")));
+                }
+                let rest: Vec<Member> = members.iter().filter(|m| m.id != id).cloned().collect();
+                let empty = rest.is_empty();
+                w.set_members(rest);
+                if state == State::Signed {
+                    // Never handed to anyone: the bytes go, and it is signed again without
+                    // the member (or not at all).
+                    w.attempts.clear();
+                    w.needs_broadcast = false;
+                    w.state = State::Reserved;
+                }
+                if empty {
+                    w.failure_reason = Some("every member was cancelled".into());
+                    w.state = State::Cancelled;
+                }
+            }
+            (_, Outcome::MemberLeft(_)) => {
+                return Err(self.refuse(format!(
+                    "{} may already be on the network: its members can no longer leave",
+                    self.txid_shown()
+                )))
             }
             (State::Received | State::Reserved, Outcome::Cancelled) => {
                 w.state = State::Cancelled;
@@ -677,5 +802,74 @@ mod tests {
         ] {
             assert!(c.apply(o, 2).is_err());
         }
+    }
+
+    fn batch_of(n: u64) -> (Vec<Withdrawal>, Withdrawal) {
+        let members: Vec<Withdrawal> = (1..=n)
+            .map(|id| {
+                let mut r = request();
+                r.request_id = format!("r{id}");
+                r.amount = Amount::from_sat(10_000 * id);
+                Withdrawal::new(id, r, 0)
+            })
+            .collect();
+        let b = Withdrawal::new_batch(100, &members, 1);
+        (members, b)
+    }
+
+    #[test]
+    fn a_batch_sums_its_members_and_they_mirror_it_without_running_steps() {
+        let (members, b) = batch_of(3);
+        assert!(b.is_batch() && !members[0].is_batch());
+        assert_eq!(b.request.amount, Amount::from_sat(60_000));
+        assert_eq!(b.request.max_fee, Amount::from_sat(30_000));
+        assert_eq!(b.next_step(), Step::Reserve);
+        let b = b.apply(Outcome::Reserved(vec![coin()]), 2).unwrap();
+        let b = b.apply(Outcome::Signed(attempt(1, 1_000)), 3).unwrap();
+        let m = members[1].mirrored(&b);
+        assert_eq!((m.id, m.batch, m.state), (2, Some(100), State::Signed));
+        assert_eq!(m.request, members[1].request);
+        assert_eq!(m.attempts, b.attempts);
+        // The batch holds the coins and runs the steps; the member neither.
+        assert!(!m.holds_coins() && b.holds_coins());
+        assert_eq!(
+            (m.next_step(), b.next_step()),
+            (Step::Rest, Step::Broadcast)
+        );
+    }
+
+    #[test]
+    fn a_member_leaves_until_the_batch_may_have_been_sent() {
+        let (_, b) = batch_of(2);
+        let reserved = b.apply(Outcome::Reserved(vec![coin()]), 2).unwrap();
+        let left = reserved.apply(Outcome::MemberLeft(1), 3).unwrap();
+        assert_eq!(left.state, State::Reserved);
+        assert_eq!(left.request.amount, Amount::from_sat(20_000));
+        assert!(
+            left.apply(Outcome::MemberLeft(1), 4).is_err(),
+            "not a member now"
+        );
+        // Signed but unsent: the bytes go and it is signed again without the member.
+        let signed = reserved
+            .apply(Outcome::Signed(attempt(1, 1_000)), 3)
+            .unwrap();
+        let resign = signed.apply(Outcome::MemberLeft(2), 4).unwrap();
+        assert_eq!(
+            (resign.state, resign.next_step()),
+            (State::Reserved, Step::Sign)
+        );
+        assert!(resign.attempts.is_empty() && resign.holds_coins());
+        // The last one leaving cancels the batch and frees its coins.
+        let gone = resign.apply(Outcome::MemberLeft(1), 5).unwrap();
+        assert_eq!((gone.state, gone.holds_coins()), (State::Cancelled, false));
+        // Once a send began, nobody leaves.
+        let sending = signed.apply(Outcome::Sending, 4).unwrap();
+        let refused = sending.apply(Outcome::MemberLeft(1), 5).unwrap_err();
+        assert!(
+            refused.what.contains("may already be on the network"),
+            "{refused}"
+        );
+        // A withdrawal paid alone has no members.
+        assert!(broadcast().apply(Outcome::MemberLeft(1), 4).is_err());
     }
 }

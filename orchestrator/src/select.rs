@@ -3,7 +3,7 @@
 //! Core's algorithms), then the fee checked against the request's cap. Coins reserved by
 //! other withdrawals never reach this module: the caller filters them out first.
 
-use bitcoin::{Amount, OutPoint, ScriptBuf};
+use bitcoin::{Amount, OutPoint, ScriptBuf, TxOut};
 use bitcoin_coin_selection::errors::SelectionError;
 use bitcoin_coin_selection::{select_coins, WeightedUtxo};
 
@@ -86,17 +86,22 @@ fn rate(sat_vb: f64) -> bitcoin_units::FeeRate {
     bitcoin_units::FeeRate::from_sat_per_kwu((sat_vb * 250.0).ceil() as u32)
 }
 
-/// Chooses coins among `candidates` to pay `amount` to `destination` at `sat_vb`, with
-/// change (when any) to `change_script`, within `max_fee`.
+/// Chooses coins among `candidates` to pay `outputs` (one for a withdrawal, one per
+/// member for a batch) at `sat_vb`, with change (when any) to `change_script`, within
+/// `max_fee`.
 pub fn select(
     candidates: &[Candidate],
-    amount: Amount,
-    destination: &ScriptBuf,
+    outputs: &[TxOut],
     change_script: &ScriptBuf,
     sat_vb: f64,
     max_fee: Amount,
 ) -> Result<Selection, SelectError> {
-    let fixed_weight = TX_OVERHEAD_WEIGHT + output_weight(destination);
+    let amount: Amount = outputs.iter().map(|o| o.value).sum();
+    let fixed_weight = TX_OVERHEAD_WEIGHT
+        + outputs
+            .iter()
+            .map(|o| output_weight(&o.script_pubkey))
+            .sum::<u64>();
     let change_weight = output_weight(change_script);
     let target = amount + fee_for(fixed_weight, sat_vb);
     let available: Amount = candidates.iter().map(|c| c.value).sum();
@@ -180,6 +185,13 @@ mod tests {
         ScriptBuf::new_p2wpkh(&WPubkeyHash::from_byte_array([n; 20]))
     }
 
+    fn pay(sat: u64) -> Vec<TxOut> {
+        vec![TxOut {
+            value: Amount::from_sat(sat),
+            script_pubkey: p2wpkh(1),
+        }]
+    }
+
     fn coins(values: &[u64]) -> Vec<Candidate> {
         values
             .iter()
@@ -213,15 +225,7 @@ mod tests {
         );
         let exact = 100_000 + fee.to_sat();
         let c = coins(&[exact, 500_000, 7_000]);
-        let s = select(
-            &c,
-            Amount::from_sat(100_000),
-            &p2wpkh(1),
-            &p2wpkh(2),
-            2.0,
-            Amount::from_sat(5_000),
-        )
-        .unwrap();
+        let s = select(&c, &pay(100_000), &p2wpkh(2), 2.0, Amount::from_sat(5_000)).unwrap();
         assert_eq!((s.coins.len(), s.change), (1, None));
         assert_eq!(s.coins[0].value.to_sat(), exact);
         check(&s, 100_000);
@@ -230,15 +234,7 @@ mod tests {
     #[test]
     fn otherwise_change_goes_back_and_everything_adds_up() {
         let c = coins(&[300_000, 250_000, 40_000]);
-        let s = select(
-            &c,
-            Amount::from_sat(420_000),
-            &p2wpkh(1),
-            &p2wpkh(2),
-            2.0,
-            Amount::from_sat(5_000),
-        )
-        .unwrap();
+        let s = select(&c, &pay(420_000), &p2wpkh(2), 2.0, Amount::from_sat(5_000)).unwrap();
         check(&s, 420_000);
         assert!(s.coins.len() >= 2);
     }
@@ -246,36 +242,12 @@ mod tests {
     #[test]
     fn shortfalls_and_fee_caps_are_typed_errors() {
         let c = coins(&[30_000, 20_000]);
-        let e = select(
-            &c,
-            Amount::from_sat(60_000),
-            &p2wpkh(1),
-            &p2wpkh(2),
-            2.0,
-            Amount::from_sat(5_000),
-        )
-        .unwrap_err();
+        let e = select(&c, &pay(60_000), &p2wpkh(2), 2.0, Amount::from_sat(5_000)).unwrap_err();
         assert!(matches!(e, SelectError::InsufficientFunds { .. }), "{e}");
         let c = coins(&[1_000_000]);
-        let e = select(
-            &c,
-            Amount::from_sat(100_000),
-            &p2wpkh(1),
-            &p2wpkh(2),
-            50.0,
-            Amount::from_sat(1_000),
-        )
-        .unwrap_err();
+        let e = select(&c, &pay(100_000), &p2wpkh(2), 50.0, Amount::from_sat(1_000)).unwrap_err();
         assert!(matches!(e, SelectError::FeeAboveCap { .. }), "{e}");
-        assert!(select(
-            &[],
-            Amount::from_sat(1),
-            &p2wpkh(1),
-            &p2wpkh(2),
-            1.0,
-            Amount::from_sat(1)
-        )
-        .is_err());
+        assert!(select(&[], &pay(1), &p2wpkh(2), 1.0, Amount::from_sat(1)).is_err());
     }
 
     #[test]
@@ -287,18 +259,36 @@ mod tests {
             let values: Vec<u64> = (0..n).map(|_| rng.gen_range(1_000..2_000_000)).collect();
             let amount = rng.gen_range(1_000..3_000_000);
             let c = coins(&values);
-            match select(
-                &c,
-                Amount::from_sat(amount),
-                &p2wpkh(1),
-                &p2wpkh(2),
-                2.0,
-                Amount::from_sat(100_000),
-            ) {
+            match select(&c, &pay(amount), &p2wpkh(2), 2.0, Amount::from_sat(100_000)) {
                 Ok(s) => check(&s, amount),
                 Err(SelectError::InsufficientFunds { .. }) => {}
                 Err(e) => panic!("{e}"),
             }
         }
+    }
+
+    #[test]
+    fn a_batch_pays_every_output_and_its_weight_counts_each() {
+        let outputs: Vec<TxOut> = (1..=5)
+            .map(|n| TxOut {
+                value: Amount::from_sat(50_000 * n),
+                script_pubkey: p2wpkh(n as u8),
+            })
+            .collect();
+        let c = coins(&[300_000, 600_000, 90_000]);
+        let s = select(&c, &outputs, &p2wpkh(9), 2.0, Amount::from_sat(5_000)).unwrap();
+        check(&s, 750_000);
+        let outputs_weight: u64 = outputs
+            .iter()
+            .map(|o| output_weight(&o.script_pubkey))
+            .sum();
+        let change = s.change.map_or(0, |_| output_weight(&p2wpkh(9)));
+        assert_eq!(
+            s.weight,
+            TX_OVERHEAD_WEIGHT
+                + outputs_weight
+                + change
+                + P2WPKH_INPUT_WEIGHT * s.coins.len() as u64
+        );
     }
 }

@@ -19,6 +19,9 @@ use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 use crate::saga::{Outcome, Request, Step, TransitionError, Withdrawal};
 
 const WITHDRAWALS: &str = "withdrawals";
+/// Batches: saga records of their own (id from the withdrawals' counter) that pay their
+/// members' withdrawals with one transaction.
+const BATCHES: &str = "batches";
 const REQUESTS: &str = "requests";
 const RESERVATIONS: &str = "reservations";
 const META: &str = "meta";
@@ -132,13 +135,21 @@ impl SagaStore {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = [WITHDRAWALS, REQUESTS, RESERVATIONS, META, ATTEMPTS, CHAIN]
-            .into_iter()
-            .map(|name| {
-                let mut cf = Options::default();
-                cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
-                ColumnFamilyDescriptor::new(name, cf)
-            });
+        let cfs = [
+            WITHDRAWALS,
+            BATCHES,
+            REQUESTS,
+            RESERVATIONS,
+            META,
+            ATTEMPTS,
+            CHAIN,
+        ]
+        .into_iter()
+        .map(|name| {
+            let mut cf = Options::default();
+            cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(name, cf)
+        });
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| {
             // RocksDB's only sign of a second process is the error of locking its LOCK
             // file: EAGAIN from another process, or its own message within one process.
@@ -168,7 +179,11 @@ impl SagaStore {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
-        for w in self.unfinished()? {
+        for w in self
+            .unfinished()?
+            .into_iter()
+            .chain(self.unfinished_batches()?)
+        {
             for a in &w.attempts {
                 batch.put_cf(
                     self.cf(ATTEMPTS),
@@ -229,10 +244,7 @@ impl SagaStore {
                 created: false,
             });
         }
-        let id = match self.db.get_cf(self.cf(META), NEXT_ID)? {
-            Some(v) => id_of(&v)?,
-            None => 1,
-        };
+        let id = self.next_id()?;
         let w = Withdrawal::new(id, request, now_ms);
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(META), NEXT_ID, (id + 1).to_be_bytes());
@@ -266,10 +278,11 @@ impl SagaStore {
         }
     }
 
-    /// Applies `outcome` to withdrawal `before` (as the caller read it) and commits the
-    /// result with the reservations it takes or releases, in one synced batch. Refuses
-    /// when the stored withdrawal changed since, or when a coin to reserve is held by
-    /// another withdrawal.
+    /// Applies `outcome` to withdrawal (or batch) `before` (as the caller read it) and
+    /// commits the result with the reservations it takes or releases, in one synced batch;
+    /// a batch's members are rewritten to mirror it in the same batch. Refuses when the
+    /// stored record changed since, or when a coin to reserve is held by another saga. A
+    /// batch member's cancel is its batch's `MemberLeft`.
     pub fn record(
         &self,
         before: &Withdrawal,
@@ -277,14 +290,45 @@ impl SagaStore {
         now_ms: u64,
     ) -> Result<Withdrawal, SagaStoreError> {
         let _guard = self.lock();
-        let stored = self
-            .get(before.id)?
-            .ok_or(SagaStoreError::Unknown(before.id))?;
-        if &stored != before {
-            return Err(SagaStoreError::Stale(before.id));
+        self.check_current(before)?;
+        if let (Some(batch_id), Outcome::Cancelled) = (before.batch, &outcome) {
+            return self.leave_batch(before, batch_id, now_ms);
         }
-        let after = before.apply(outcome, now_ms)?;
         let mut batch = WriteBatch::default();
+        let (after, members) = self.prepare(&mut batch, before, outcome, now_ms)?;
+        self.commit(batch)?;
+        let _ = self.updates.send(after.clone());
+        for m in members {
+            let _ = self.updates.send(m);
+        }
+        Ok(after)
+    }
+
+    /// Refuses when the stored record of `before` is missing or differs from it.
+    fn check_current(&self, before: &Withdrawal) -> Result<(), SagaStoreError> {
+        let stored = if before.is_batch() {
+            self.batch(before.id)?
+        } else {
+            self.get(before.id)?
+        };
+        match stored {
+            None => Err(SagaStoreError::Unknown(before.id)),
+            Some(stored) if &stored != before => Err(SagaStoreError::Stale(before.id)),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Adds to `batch` the writes of `outcome` on `before` (checked current): the record,
+    /// its reservations and watched txids, and for a batch its members mirrored. Returns
+    /// the record after and the members as rewritten.
+    fn prepare(
+        &self,
+        batch: &mut WriteBatch,
+        before: &Withdrawal,
+        outcome: Outcome,
+        now_ms: u64,
+    ) -> Result<(Withdrawal, Vec<Withdrawal>), SagaStoreError> {
+        let after = before.apply(outcome, now_ms)?;
         let reservations = self.cf(RESERVATIONS);
         if !before.holds_coins() && after.holds_coins() {
             for coin in &after.coins {
@@ -307,25 +351,150 @@ impl SagaStore {
             }
         }
         let attempts = self.cf(ATTEMPTS);
-        if after.next_step() == Step::Rest {
-            // Nothing watches its transactions any more (a cancel may have discarded one).
-            for a in before.attempts.iter().chain(&after.attempts) {
+        let kept: HashSet<Txid> = if after.next_step() == Step::Rest {
+            HashSet::new()
+        } else {
+            after.attempts.iter().map(|a| a.txid).collect()
+        };
+        // Nothing watches the versions it no longer has (finished, or discarded unsent).
+        for a in before.attempts.iter().chain(&after.attempts) {
+            if !kept.contains(&a.txid) {
                 batch.delete_cf(attempts, a.txid.as_byte_array());
                 batch.delete_cf(self.cf(CHAIN), a.txid.as_byte_array());
             }
-        } else {
-            for a in &after.attempts[before.attempts.len().min(after.attempts.len())..] {
+        }
+        for a in &after.attempts[before.attempts.len().min(after.attempts.len())..] {
+            if kept.contains(&a.txid) {
                 batch.put_cf(attempts, a.txid.as_byte_array(), after.id.to_be_bytes());
             }
         }
-        batch.put_cf(
-            self.cf(WITHDRAWALS),
-            after.id.to_be_bytes(),
-            serde_json::to_vec(&after).expect("a withdrawal serializes"),
+        let mut mirrored = Vec::new();
+        if let Some(members) = &after.members {
+            for m in members {
+                let member = self
+                    .get(m.id)?
+                    .ok_or_else(|| corrupt("batch", format!("names a missing member {}", m.id)))?;
+                let member = member.mirrored(&after);
+                self.put(batch, WITHDRAWALS, &member);
+                mirrored.push(member);
+            }
+        }
+        self.put(
+            batch,
+            if after.is_batch() {
+                BATCHES
+            } else {
+                WITHDRAWALS
+            },
+            &after,
         );
-        self.commit(batch)?;
-        let _ = self.updates.send(after.clone());
-        Ok(after)
+        Ok((after, mirrored))
+    }
+
+    fn put(&self, batch: &mut WriteBatch, cf: &str, w: &Withdrawal) {
+        batch.put_cf(
+            self.cf(cf),
+            w.id.to_be_bytes(),
+            serde_json::to_vec(w).expect("a withdrawal serializes"),
+        );
+    }
+
+    /// Cancels `member` (checked current) of batch `batch_id`: it leaves the batch, which
+    /// is rewritten without it (and without its signed bytes, if it had unsent ones), in
+    /// one synced batch; refused once the batch may have been sent.
+    fn leave_batch(
+        &self,
+        member: &Withdrawal,
+        batch_id: u64,
+        now_ms: u64,
+    ) -> Result<Withdrawal, SagaStoreError> {
+        let batch_record = self
+            .batch(batch_id)?
+            .ok_or_else(|| corrupt("withdrawal", format!("names a missing batch {batch_id}")))?;
+        let mut writes = WriteBatch::default();
+        let (_, members) = self.prepare(
+            &mut writes,
+            &batch_record,
+            Outcome::MemberLeft(member.id),
+            now_ms,
+        )?;
+        let left = member.apply(Outcome::Cancelled, now_ms)?;
+        self.put(&mut writes, WITHDRAWALS, &left);
+        self.commit(writes)?;
+        let _ = self.updates.send(left.clone());
+        for m in members {
+            let _ = self.updates.send(m);
+        }
+        Ok(left)
+    }
+
+    /// Puts `members` (withdrawals of one wallet and fee policy, in RECEIVED, as the
+    /// caller read them) into a new batch, in one synced batch: the batch's record in
+    /// RECEIVED, each member mirroring it. Refuses when one changed since.
+    pub fn form_batch(
+        &self,
+        members: &[Withdrawal],
+        now_ms: u64,
+    ) -> Result<Withdrawal, SagaStoreError> {
+        let _guard = self.lock();
+        let Some(first) = members.first() else {
+            return Err(corrupt("batch", "no members"));
+        };
+        for m in members {
+            self.check_current(m)?;
+            let fits = m.state == crate::saga::State::Received
+                && m.batch.is_none()
+                && !m.is_batch()
+                && m.request.wallet == first.request.wallet
+                && m.request.fee_rate == first.request.fee_rate;
+            if !fits {
+                return Err(SagaStoreError::Stale(m.id));
+            }
+        }
+        let id = self.next_id()?;
+        let b = Withdrawal::new_batch(id, members, now_ms);
+        let mut writes = WriteBatch::default();
+        writes.put_cf(self.cf(META), NEXT_ID, (id + 1).to_be_bytes());
+        self.put(&mut writes, BATCHES, &b);
+        let mirrored: Vec<Withdrawal> = members.iter().map(|m| m.mirrored(&b)).collect();
+        for m in &mirrored {
+            self.put(&mut writes, WITHDRAWALS, m);
+        }
+        self.commit(writes)?;
+        for m in mirrored {
+            let _ = self.updates.send(m);
+        }
+        Ok(b)
+    }
+
+    fn next_id(&self) -> Result<u64, SagaStoreError> {
+        match self.db.get_cf(self.cf(META), NEXT_ID)? {
+            Some(v) => id_of(&v),
+            None => Ok(1),
+        }
+    }
+
+    /// The batch `id`.
+    pub fn batch(&self, id: u64) -> Result<Option<Withdrawal>, SagaStoreError> {
+        self.db
+            .get_cf(self.cf(BATCHES), id.to_be_bytes())?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    /// Batches with a step still to run (to resume at start).
+    pub fn unfinished_batches(&self) -> Result<Vec<Withdrawal>, SagaStoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(BATCHES), rocksdb::IteratorMode::Start)
+        {
+            let b = decode(&item?.1)?;
+            if b.next_step() != Step::Rest {
+                out.push(b);
+            }
+        }
+        Ok(out)
     }
 
     /// Applies what the indexer's events showed, up to `seen.cursor`. Synced when it
@@ -616,13 +785,7 @@ mod tests {
     #[test]
     fn the_chain_record_keeps_only_watched_txids_and_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let attempt = Attempt {
-            txid: Txid::from_byte_array([5; 32]),
-            raw: vec![1],
-            fee: Amount::from_sat(300),
-            fee_rate: 2.0,
-            fee_choice: String::new(),
-        };
+        let attempt = attempt(5);
         let stranger = Txid::from_byte_array([6; 32]);
         let watched = {
             let store = SagaStore::open(dir.path()).unwrap();
@@ -689,5 +852,115 @@ mod tests {
             .record(&w, Outcome::Unclear("operator".into()), 5)
             .unwrap();
         assert!(store.watched_txids().unwrap().is_empty());
+    }
+
+    /// `n` withdrawals submitted as `prefix0`, `prefix1`...
+    fn queued(store: &SagaStore, prefix: &str, n: usize) -> Vec<Withdrawal> {
+        (0..n)
+            .map(|i| {
+                let r = request(&format!("{prefix}{i}"), 10_000);
+                store.submit(r, 1).unwrap().withdrawal
+            })
+            .collect()
+    }
+
+    fn attempt(n: u8) -> Attempt {
+        Attempt {
+            txid: Txid::from_byte_array([n; 32]),
+            raw: vec![1],
+            fee: Amount::from_sat(300),
+            fee_rate: 2.0,
+            fee_choice: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_batch_is_written_with_its_members_and_a_cancelled_member_leaves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SagaStore::open(dir.path()).unwrap();
+        let ws = queued(&store, "b", 3);
+        let mut updates = store.updates();
+        let b = store.form_batch(&ws, 2).unwrap();
+        assert!(b.id > ws[2].id, "ids are shared with withdrawals");
+        // A member is batched once: the stored record moved on.
+        assert!(matches!(
+            store.form_batch(&ws[..2], 2),
+            Err(SagaStoreError::Stale(_))
+        ));
+        assert_eq!(
+            store.unfinished().unwrap(),
+            Vec::new(),
+            "members wait on the batch"
+        );
+        assert_eq!(store.unfinished_batches().unwrap(), vec![b.clone()]);
+        assert_eq!(updates.try_recv().unwrap().batch, Some(b.id));
+        let b = store
+            .record(&b, Outcome::Reserved(vec![coin(1)]), 3)
+            .unwrap();
+        let attempt = attempt(5);
+        let b = store
+            .record(&b, Outcome::Signed(attempt.clone()), 4)
+            .unwrap();
+        for w in &ws {
+            let m = store.get(w.id).unwrap().unwrap();
+            assert_eq!((m.state, m.batch), (State::Signed, Some(b.id)));
+            assert_eq!(m.attempts, vec![attempt.clone()]);
+        }
+        assert_eq!(store.reserved().unwrap(), HashSet::from([coin(1).outpoint]));
+        // A member cancelled before the send: it leaves, the unsent bytes go.
+        let m0 = store.get(ws[0].id).unwrap().unwrap();
+        let left = store.record(&m0, Outcome::Cancelled, 5).unwrap();
+        assert_eq!(left.state, State::Cancelled);
+        let b = store.batch(b.id).unwrap().unwrap();
+        assert_eq!(
+            (b.state, b.request.amount),
+            (State::Reserved, Amount::from_sat(20_000))
+        );
+        assert_eq!(b.members.as_ref().unwrap().len(), 2);
+        assert!(
+            store.watched_txids().unwrap().is_empty(),
+            "the discarded version"
+        );
+        assert_eq!(store.get(ws[1].id).unwrap().unwrap().state, State::Reserved);
+        // The last two leave: the batch is cancelled and its coin released.
+        for w in &ws[1..] {
+            let m = store.get(w.id).unwrap().unwrap();
+            store.record(&m, Outcome::Cancelled, 6).unwrap();
+        }
+        assert_eq!(store.batch(b.id).unwrap().unwrap().state, State::Cancelled);
+        assert!(store.reserved().unwrap().is_empty());
+        assert!(store.unfinished_batches().unwrap().is_empty());
+        // And it all survives a restart.
+        drop(store);
+        let store = SagaStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.get(ws[2].id).unwrap().unwrap().state,
+            State::Cancelled
+        );
+    }
+
+    #[test]
+    fn once_a_batch_may_have_been_sent_its_members_cannot_be_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SagaStore::open(dir.path()).unwrap();
+        let ws = queued(&store, "s", 2);
+        let b = store.form_batch(&ws, 2).unwrap();
+        let b = store
+            .record(&b, Outcome::Reserved(vec![coin(1)]), 3)
+            .unwrap();
+        let attempt = attempt(6);
+        let b = store.record(&b, Outcome::Signed(attempt), 4).unwrap();
+        let b = store.record(&b, Outcome::Sending, 5).unwrap();
+        let m = store.get(ws[0].id).unwrap().unwrap();
+        let refused = store.record(&m, Outcome::Cancelled, 6).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("may already be on the network"),
+            "{refused}"
+        );
+        // Nothing changed.
+        assert_eq!(store.batch(b.id).unwrap().unwrap(), b);
+        assert_eq!(store.get(ws[0].id).unwrap().unwrap(), m);
     }
 }

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1654,4 +1655,144 @@ fn on_kafka_events_positions_past_the_topics_end_are_replaced_by_the_present_sta
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Cancels one withdrawal the first time a batch holding it is signed: the moment a
+/// member leaves a batch whose signed bytes never left the orchestrator.
+struct CancelAtBatchSigned {
+    store: Arc<SagaStore>,
+    member: u64,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl Boundaries for CancelAtBatchSigned {
+    fn reached(&self, at: Boundary, w: &Withdrawal) {
+        let holds = w
+            .members
+            .as_ref()
+            .is_some_and(|ms| ms.iter().any(|m| m.id == self.member));
+        if at == Boundary::Signed && holds && !self.done.swap(true, Ordering::SeqCst) {
+            let member = self.store.get(self.member).unwrap().unwrap();
+            let left = self
+                .store
+                .record(&member, orchestrator::saga::Outcome::Cancelled, 0)
+                .unwrap();
+            assert_eq!(left.state, State::Cancelled);
+        }
+    }
+}
+
+/// Withdrawals of one wallet and fee policy arriving within the batch window are paid by
+/// one transaction, each keeping its own id and state: a member cancelled after the batch
+/// was signed (not sent) leaves it and the batch is signed again without it; one of
+/// another fee policy is paid alone; a reorg sends every member back to CONFIRMING and
+/// the same transaction completes them all again. Each destination is paid its amount
+/// once; the wallet drops by the amounts and one fee per transaction.
+#[test]
+fn withdrawals_in_one_window_are_paid_by_one_transaction_through_a_leave_and_a_reorg() {
+    use orchestrator::executor::Batching;
+    let mut world = World::idle(
+        4,
+        0.5,
+        Policy {
+            confirmations: 2,
+            settle_at: 6,
+            batch: Some(Batching {
+                window_ms: 2_000,
+                max_outputs: 10,
+            }),
+            ..Policy::default()
+        },
+        None,
+    );
+    let start_balance = world.balance();
+    let now = orchestrator::saga::now_ms();
+    let mut submitted = Vec::new();
+    for (i, rate) in [2.0, 2.0, 2.0, 2.0, 3.0].into_iter().enumerate() {
+        let destination = world.node.new_address("bech32");
+        let amount = 1_000_000 + i as u64 * 1_000;
+        let req = request(&format!("q-{i}"), &destination, amount, rate, 20_000);
+        let id = world.store.submit(req, now).unwrap().withdrawal.id;
+        submitted.push((id, destination, amount));
+    }
+    let ids: Vec<u64> = submitted.iter().map(|s| s.0).collect();
+    let leaving = ids[2];
+    let hook = Arc::new(CancelAtBatchSigned {
+        store: world.store.clone(),
+        member: leaving,
+        done: Default::default(),
+    });
+    world.start_executor_with(world.served.channel.clone(), Some(hook.clone()));
+    let first = world.wait_for(ids[0], |w| w.state == State::Broadcast);
+    assert!(
+        hook.done.load(Ordering::SeqCst),
+        "the member left at signing"
+    );
+    let batch_id = first.batch.expect("paid by a batch");
+    let batch = world.store.batch(batch_id).unwrap().unwrap();
+    let txid = first.current().unwrap().txid;
+    for id in [ids[0], ids[1], ids[3]] {
+        let w = world.wait_for(id, |w| w.state == State::Broadcast);
+        assert_eq!((w.batch, w.attempts.len()), (Some(batch_id), 1), "{w:?}");
+        assert_eq!(w.current().unwrap().txid, txid);
+    }
+    let left = world.get(leaving);
+    assert_eq!((left.state, left.attempts.len()), (State::Cancelled, 0));
+    let members: Vec<u64> = batch.members.unwrap().iter().map(|m| m.id).collect();
+    assert_eq!(members, vec![ids[0], ids[1], ids[3]]);
+    let alone = world.wait_for(ids[4], |w| w.state == State::Broadcast);
+    assert_eq!(alone.batch, None, "another fee policy: paid alone");
+    // One transaction pays the three members, one output each.
+    let tx = world.tx(txid);
+    for (id, destination, amount) in &submitted {
+        let to: Vec<u64> = tx
+            .output
+            .iter()
+            .filter(|o| o.script_pubkey == script_of(destination))
+            .map(|o| o.value.to_sat())
+            .collect();
+        let expected = if [ids[0], ids[1], ids[3]].contains(id) {
+            vec![*amount]
+        } else {
+            vec![]
+        };
+        assert_eq!(to, expected, "withdrawal {id}");
+    }
+    // Confirmed, completed, then reorged out: every member goes back.
+    let done = mine_until(&world, ids[0], |w| w.state == State::Completed);
+    let (height, _) = world.node.best();
+    let block = world.node.hash_at(height + 1 - done.confirmations);
+    world
+        .node
+        .call("invalidateblock", json!([block.to_string()]));
+    for id in [ids[0], ids[1], ids[3]] {
+        world.wait_for(id, |w| w.state == State::Confirming && w.confirmations == 0);
+    }
+    world.restart_engine();
+    let paid = settle_all(&world, &ids);
+    let mut fees = 0;
+    for (id, destination, amount) in &submitted {
+        let w = world.get(*id);
+        if *id == leaving {
+            assert_eq!(paid.get(&script_of(destination)), None);
+            continue;
+        }
+        assert_eq!(w.state, State::Completed, "{w:?}");
+        assert_eq!(paid.get(&script_of(destination)), Some(&vec![*amount]));
+        if *id == ids[4] || *id == ids[0] {
+            fees += w.current().unwrap().fee.to_sat();
+        }
+    }
+    assert_eq!(
+        world.get(ids[1]).confirmed,
+        Some(txid),
+        "the same transaction"
+    );
+    let amounts: u64 = submitted
+        .iter()
+        .filter(|s| s.0 != leaving)
+        .map(|s| s.2)
+        .sum();
+    assert_eq!(world.balance(), start_balance - amounts - fees);
+    assert!(world.reserved().is_empty());
 }
