@@ -636,6 +636,28 @@ mod tests {
     }
 
     #[test]
+    fn batching_is_off_unless_a_window_is_set() {
+        assert_eq!(complete().resolve_with(None).unwrap().policy.batch, None);
+        let zero = Settings {
+            batch_window_secs: Some(0),
+            max_batch_outputs: Some(1),
+            ..complete()
+        };
+        assert_eq!(zero.resolve_with(None).unwrap().policy.batch, None);
+        let on = Settings {
+            batch_window_secs: Some(30),
+            ..complete()
+        };
+        assert_eq!(
+            on.resolve_with(None).unwrap().policy.batch,
+            Some(Batching {
+                window_ms: 30_000,
+                max_outputs: 50
+            })
+        );
+    }
+
+    #[test]
     fn policies_that_make_no_sense_are_refused_not_adjusted() {
         let base = complete;
         base().resolve_with(None).unwrap();
@@ -704,6 +726,22 @@ mod tests {
                     ..base()
                 },
                 "<= 1008",
+            ),
+            (
+                Settings {
+                    batch_window_secs: Some(10),
+                    max_batch_outputs: Some(1),
+                    ..base()
+                },
+                "max_batch_outputs 1",
+            ),
+            (
+                Settings {
+                    batch_window_secs: Some(10),
+                    max_batch_outputs: Some(251),
+                    ..base()
+                },
+                "2 to 250",
             ),
         ] {
             let e = bad.resolve_with(None).unwrap_err().to_string();
@@ -794,6 +832,12 @@ mod tests {
             ..complete()
         };
         let c = on.clone().resolve_with(None).unwrap();
+        let batching = Settings {
+            batch_window_secs: Some(30),
+            ..on.clone()
+        };
+        let e = batching.resolve_with(None).unwrap_err().to_string();
+        assert!(e.contains("batching runs on the embedded engine"), "{e}");
         let t = c.temporal.unwrap();
         assert_eq!(
             (t.namespace.as_str(), t.task_queue.as_str(), t.tls),

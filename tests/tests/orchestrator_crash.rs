@@ -80,6 +80,13 @@ impl Rig {
         self.spawn(crash_at, &["--db", db.to_str().unwrap()], None)
     }
 
+    /// The same, paying withdrawals that arrive within a second of each other in batches.
+    fn start_batching(&self, crash_at: Option<&str>) -> Process {
+        let db = self.dir.path().join("sagas");
+        let args = ["--db", db.to_str().unwrap(), "--batch-window-secs", "1"];
+        self.spawn(crash_at, &args, None)
+    }
+
     /// `orchestrator run` on the Temporal engine of `server` (a worker, the adapter and
     /// the API), dying after the activity `crash_at` names when given; of all the
     /// processes given one `once` file, only the first to get there dies.
@@ -217,17 +224,20 @@ impl Rig {
     }
 }
 
+/// The embedded engine's step boundaries, as the crash hook names them.
+const BOUNDARIES: [&str; 6] = [
+    "reserved",
+    "signed",
+    "sending",
+    "sent",
+    "broadcast",
+    "confirmed",
+];
+
 #[test]
 fn a_crash_at_each_step_boundary_then_restart_pays_exactly_once() {
     let rig = Rig::new(8);
-    let boundaries = [
-        "reserved",
-        "signed",
-        "sending",
-        "sent",
-        "broadcast",
-        "confirmed",
-    ];
+    let boundaries = BOUNDARIES;
     let mut destinations = Vec::new();
     for (i, at) in boundaries.iter().enumerate() {
         let destination = rig.node.new_address("bech32");
@@ -241,20 +251,7 @@ fn a_crash_at_each_step_boundary_then_restart_pays_exactly_once() {
         )
         .unwrap();
         // It dies at the boundary (blocks are mined for the confirmed one).
-        let started = Instant::now();
-        let status = loop {
-            if let Some(s) = process.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "never reached {at}"
-            );
-            if *at == "confirmed" {
-                rig.node.mine_to(1, &rig.miner);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let status = wait_for_death(&rig, &mut process, at);
         assert!(!status.success(), "{at}: {status:?}");
         // Restarted without the fault: it finishes the withdrawal.
         process = rig.start(None);
@@ -284,6 +281,85 @@ fn a_crash_at_each_step_boundary_then_restart_pays_exactly_once() {
             "{}",
             boundaries[i]
         );
+    }
+}
+
+/// Three withdrawals at a time batched into one transaction, the process dying at each
+/// step boundary of the batch's saga in turn, then restarted: the members complete by
+/// the one transaction, each destination paid exactly its amount once.
+#[test]
+fn a_crash_at_each_step_boundary_of_a_batch_then_restart_pays_each_member_once() {
+    let rig = Rig::new(8);
+    let mut expected = Vec::new();
+    for (round, at) in BOUNDARIES.iter().enumerate() {
+        let mut process = rig.start_batching(Some(at));
+        let mut c = rig.client(&process);
+        let mut members = Vec::new();
+        for i in 0..3 {
+            let destination = rig.node.new_address("bech32");
+            let amount = 300_000 + (round * 10 + i) as u64;
+            let id = format!("batch-{round}-{i}");
+            rig.submit(&mut c, &id, &destination, amount).unwrap();
+            members.push(id);
+            expected.push((destination, amount, *at));
+        }
+        let status = wait_for_death(&rig, &mut process, at);
+        assert!(!status.success(), "{at}: {status:?}");
+        process = rig.start_batching(None);
+        let mut c = rig.client(&process);
+        let started = Instant::now();
+        let done: Vec<pb::Withdrawal> = loop {
+            let ws: Vec<pb::Withdrawal> =
+                members.iter().map(|m| rig.withdrawal(&mut c, m)).collect();
+            if ws
+                .iter()
+                .all(|w| w.state == pb::WithdrawalState::Completed as i32)
+            {
+                break ws;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{at}: stuck at {ws:?}"
+            );
+            rig.node.mine_to(1, &rig.miner);
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        for w in &done {
+            assert_eq!(w.txids.len(), 1, "{at}: {w:?}");
+            assert_eq!(
+                (w.batch_id, &w.txids),
+                (done[0].batch_id, &done[0].txids),
+                "{at}"
+            );
+            assert_ne!(w.batch_id, 0, "{at}: batched");
+        }
+        drop(process);
+    }
+    let paid = rig.paid();
+    for (destination, amount, at) in expected {
+        assert_eq!(
+            paid.get(&script_of(&destination)),
+            Some(&vec![amount]),
+            "{at}"
+        );
+    }
+}
+
+/// Waits until `process`, started to die at `at`, has (mining for the `confirmed` one).
+fn wait_for_death(rig: &Rig, process: &mut Process, at: &str) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(s) = process.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never reached {at}"
+        );
+        if at == "confirmed" {
+            rig.node.mine_to(1, &rig.miner);
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
