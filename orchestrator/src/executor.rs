@@ -244,7 +244,9 @@ impl Executor {
         let mut queues: Vec<Vec<Withdrawal>> = Vec::new();
         let mut rest = Vec::with_capacity(unfinished.len());
         for w in std::mem::take(unfinished) {
-            if w.state != State::Received || w.batch.is_some() {
+            // One sent back by a batch whose earlier version settled without it has
+            // waited enough: it is paid at once, alone, its versions kept in its history.
+            if w.state != State::Received || w.batch.is_some() || !w.attempts.is_empty() {
                 rest.push(w);
                 continue;
             }
@@ -405,6 +407,19 @@ impl Executor {
     /// Replaces a payment stuck unconfirmed (see [`Payments::replacement`]). False when
     /// the cap leaves no room.
     async fn bump(&mut self, w: &Withdrawal) -> Result<bool, StepError> {
+        let joiners = self.joiners(w)?;
+        if !joiners.is_empty() {
+            // Paid from the batch's change when it covers them; else a plain replacement.
+            if let Ok(attempt) = self.payments.replacement(&w.with_joiners(&joiners))? {
+                let ids: Vec<u64> = joiners.iter().map(|j| j.id).collect();
+                tracing::info!(batch = w.id, joiners = ?ids, new = %attempt.txid, rate = attempt.fee_rate, "bumping a stuck batch; waiting withdrawals join it");
+                match self.record(w, Outcome::Grown(attempt, joiners)) {
+                    // One was cancelled meanwhile: next round.
+                    Err(StepError::Store(SagaStoreError::Stale(_))) => return Ok(false),
+                    other => return other.map(|_| true),
+                }
+            }
+        }
         match self.payments.replacement(w)? {
             Ok(attempt) => {
                 let old = w.current().map(|a| a.txid);
@@ -551,6 +566,28 @@ impl Executor {
             return Ok(bumped);
         }
         Ok(false)
+    }
+
+    /// Withdrawals waiting in the queue of batch `w` (its wallet and fee policy), oldest
+    /// first, as many as its replacement may add; none for a withdrawal paid alone.
+    fn joiners(&self, w: &Withdrawal) -> Result<Vec<Withdrawal>, StepError> {
+        let (Some(batching), Some(members)) = (self.payments.policy().batch, &w.members) else {
+            return Ok(Vec::new());
+        };
+        let room = batching.max_outputs.saturating_sub(members.len());
+        Ok(self
+            .store
+            .unfinished()?
+            .into_iter()
+            .filter(|q| {
+                q.state == State::Received
+                    && q.batch.is_none()
+                    && q.attempts.is_empty()
+                    && q.request.wallet == w.request.wallet
+                    && q.request.fee_rate == w.request.fee_rate
+            })
+            .take(room)
+            .collect())
     }
 
     /// The height of the block holding one of `w`'s versions, asked of the indexer: the

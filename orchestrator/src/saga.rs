@@ -164,6 +164,10 @@ pub struct Member {
     pub amount: Amount,
     /// Its fee cap (the batch's cap is the members' sum).
     pub max_fee: Amount,
+    /// The first of the batch's versions that pays it (members that joined a
+    /// replacement are not paid by the versions before it).
+    #[serde(default)]
+    pub joined_at: usize,
 }
 
 /// A withdrawal and everything the saga knows about it.
@@ -227,6 +231,9 @@ pub enum Outcome {
     },
     /// A replacement paying more fee was signed (spending the same coins).
     Replaced(Attempt),
+    /// A batch's replacement was signed that also pays `joiners` (withdrawals waiting in
+    /// its queue), from its change.
+    Grown(Attempt, Vec<Withdrawal>),
     /// One of its versions is in the best chain with this many confirmations.
     Confirmed {
         /// Which version.
@@ -278,6 +285,19 @@ pub enum Step {
     Rest,
 }
 
+impl Member {
+    /// `w` as a member paid from the batch's version `joined_at` on.
+    fn of(w: &Withdrawal, joined_at: usize) -> Member {
+        Member {
+            id: w.id,
+            destination: w.request.destination.clone(),
+            amount: w.request.amount,
+            max_fee: w.request.max_fee,
+            joined_at,
+        }
+    }
+}
+
 impl Withdrawal {
     /// A new withdrawal in RECEIVED.
     pub fn new(id: u64, request: Request, now_ms: u64) -> Withdrawal {
@@ -317,18 +337,24 @@ impl Withdrawal {
             },
             now_ms,
         );
-        b.set_members(
-            members
-                .iter()
-                .map(|w| Member {
-                    id: w.id,
-                    destination: w.request.destination.clone(),
-                    amount: w.request.amount,
-                    max_fee: w.request.max_fee,
-                })
-                .collect(),
-        );
+        b.set_members(members.iter().map(|w| Member::of(w, 0)).collect());
         b
+    }
+
+    /// The batch with `joiners` (withdrawals in RECEIVED of its wallet and fee policy)
+    /// added as members paid from its next version on.
+    pub fn with_joiners(&self, joiners: &[Withdrawal]) -> Withdrawal {
+        let mut grown = self.clone();
+        let mut members = self.members.clone().unwrap_or_default();
+        members.extend(joiners.iter().map(|w| Member::of(w, self.attempts.len())));
+        grown.set_members(members);
+        grown
+    }
+
+    /// The index of the version that confirmed, if one did.
+    fn confirmed_index(&self) -> Option<usize> {
+        let txid = self.confirmed?;
+        self.attempts.iter().position(|a| a.txid == txid)
     }
 
     /// Sets a batch's members, and its amount and cap to their sums.
@@ -344,14 +370,24 @@ impl Withdrawal {
     }
 
     /// A member's record as `batch` (its batch, as just recorded) shows it: the batch's
-    /// state, versions, confirmations and reason; its own request, id and times.
+    /// state, the versions that pay it, confirmations and reason; its own request, id and
+    /// times. A member that joined a replacement while an earlier version confirmed is
+    /// not paid by it: it shows BROADCAST (its versions unconfirmed) until the batch
+    /// settles and it goes back to the queue.
     pub fn mirrored(&self, batch: &Withdrawal) -> Withdrawal {
-        Withdrawal {
+        let joined_at = batch
+            .members
+            .iter()
+            .flatten()
+            .find(|m| m.id == self.id)
+            .map_or(0, |m| m.joined_at);
+        let paid_by_confirmed = batch.confirmed_index().is_none_or(|i| i >= joined_at);
+        let mut m = Withdrawal {
             id: self.id,
             request: self.request.clone(),
             state: batch.state,
             coins: Vec::new(),
-            attempts: batch.attempts.clone(),
+            attempts: batch.attempts[joined_at.min(batch.attempts.len())..].to_vec(),
             confirmed: batch.confirmed,
             confirmations: batch.confirmations,
             broadcast_height: batch.broadcast_height,
@@ -363,7 +399,35 @@ impl Withdrawal {
             updated_ms: batch.updated_ms,
             batch: Some(batch.id),
             members: None,
+        };
+        if !paid_by_confirmed {
+            m.state = State::Broadcast;
+            m.confirmed = None;
+            m.confirmations = 0;
+            m.settled = false;
         }
+        m
+    }
+
+    /// A member sent back to the queue: an earlier version of its batch, which did not
+    /// pay it, settled. Its versions stay in its history; it is paid anew.
+    pub fn requeued(&self, now_ms: u64) -> Withdrawal {
+        let mut w = self.clone();
+        w.state = State::Received;
+        w.batch = None;
+        w.coins = Vec::new();
+        w.confirmed = None;
+        w.confirmations = 0;
+        w.broadcast_height = None;
+        w.needs_broadcast = false;
+        w.sends = 0;
+        w.settled = false;
+        w.failure_reason = Some(format!(
+            "batch {}: an earlier version that did not pay it confirmed; paid again by a new transaction",
+            self.batch.unwrap_or(0)
+        ));
+        w.updated_ms = now_ms;
+        w
     }
 
     /// The current signed version.
@@ -453,6 +517,13 @@ impl Withdrawal {
                     w.state = State::Broadcast;
                 }
             }
+            (State::Broadcast, Outcome::Grown(attempt, joiners)) => {
+                if !self.is_batch() || joiners.is_empty() {
+                    return Err(self.refuse("only a batch grows, by one member or more"));
+                }
+                let grown = self.with_joiners(&joiners);
+                w = grown.apply(Outcome::Replaced(attempt), now_ms)?;
+            }
             (State::Broadcast, Outcome::Replaced(attempt)) => {
                 let current = self.current().ok_or_else(|| self.refuse("no version"))?;
                 if attempt.fee <= current.fee || attempt.fee_rate <= current.fee_rate {
@@ -493,6 +564,14 @@ impl Withdrawal {
                     w.state = State::Completed;
                 }
                 w.settled = confirmations >= settle_at.max(required).max(1);
+                if w.settled {
+                    // Members the settled version does not pay leave (back to the queue).
+                    let i = w.confirmed_index().unwrap_or(0);
+                    if let Some(members) = &w.members {
+                        let paid = members.iter().filter(|m| m.joined_at <= i).cloned();
+                        w.set_members(paid.collect());
+                    }
+                }
             }
             (State::Confirming | State::Completed, Outcome::ReorgedOut) => {
                 if self.settled {
@@ -871,5 +950,54 @@ mod tests {
         );
         // A withdrawal paid alone has no members.
         assert!(broadcast().apply(Outcome::MemberLeft(1), 4).is_err());
+    }
+
+    #[test]
+    fn a_stuck_batch_grows_and_a_joiner_unpaid_by_the_settled_version_goes_back() {
+        let (members, b) = batch_of(2);
+        let b = b.apply(Outcome::Reserved(vec![coin()]), 2).unwrap();
+        let b = b.apply(Outcome::Signed(attempt(1, 1_000)), 3).unwrap();
+        let b = b.apply(Outcome::Sending, 3).unwrap();
+        let b = b.apply(Outcome::Broadcast { height: 10 }, 4).unwrap();
+        let mut r = request();
+        r.request_id = "late".into();
+        let late = Withdrawal::new(7, r, 5);
+        assert!(
+            signed()
+                .apply(Outcome::Grown(attempt(2, 2_000), vec![late.clone()]), 5)
+                .is_err(),
+            "only a batch grows"
+        );
+        assert!(b
+            .apply(Outcome::Grown(attempt(2, 900), vec![late.clone()]), 5)
+            .is_err());
+        let grown = b
+            .apply(Outcome::Grown(attempt(2, 2_000), vec![late.clone()]), 5)
+            .unwrap();
+        assert_eq!(grown.members.as_ref().unwrap().len(), 3);
+        assert_eq!(grown.request.amount, Amount::from_sat(80_000));
+        assert_eq!(grown.next_step(), Step::Broadcast);
+        // The joiner's history holds only the versions that pay it.
+        let shown = late.mirrored(&grown);
+        assert_eq!(shown.attempts, vec![attempt(2, 2_000)]);
+        assert_eq!(members[0].mirrored(&grown).attempts.len(), 2);
+        let grown = grown.apply(Outcome::Broadcast { height: 12 }, 6).unwrap();
+        // The first version confirms after all: it does not pay the joiner.
+        let first = grown.attempts[0].txid;
+        let done = grown.apply(confirmed(first, 3), 7).unwrap();
+        assert_eq!(done.state, State::Completed);
+        let shown = late.mirrored(&done);
+        assert_eq!((shown.state, shown.confirmed), (State::Broadcast, None));
+        assert_eq!(members[1].mirrored(&done).state, State::Completed);
+        // Settled: the joiner is no longer a member (the store sends it back).
+        let settled = done.apply(confirmed(first, 6), 8).unwrap();
+        let ids: Vec<u64> = settled.members.unwrap().iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![1, 2]);
+        let back = shown.requeued(9);
+        assert_eq!(
+            (back.state, back.batch, back.next_step()),
+            (State::Received, None, Step::Reserve)
+        );
+        assert!(back.failure_reason.unwrap().contains("paid again"));
     }
 }

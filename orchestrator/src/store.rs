@@ -369,14 +369,32 @@ impl SagaStore {
             }
         }
         let mut mirrored = Vec::new();
-        if let Some(members) = &after.members {
-            for m in members {
-                let member = self
-                    .get(m.id)?
-                    .ok_or_else(|| corrupt("batch", format!("names a missing member {}", m.id)))?;
-                let member = member.mirrored(&after);
-                self.put(batch, WITHDRAWALS, &member);
-                mirrored.push(member);
+        let member = |id: u64| {
+            self.get(id)?
+                .ok_or_else(|| corrupt("batch", format!("names a missing member {id}")))
+        };
+        for m in after.members.iter().flatten() {
+            let stored = member(m.id)?;
+            // A joiner must still be waiting in the queue (not cancelled meanwhile).
+            let joins = stored.batch.is_none()
+                && stored.state == crate::saga::State::Received
+                && stored.attempts.is_empty();
+            if stored.batch != Some(after.id) && !joins {
+                return Err(SagaStoreError::Stale(m.id));
+            }
+            let shown = stored.mirrored(&after);
+            self.put(batch, WITHDRAWALS, &shown);
+            mirrored.push(shown);
+        }
+        if after.settled && !before.settled {
+            // Members the settled version does not pay go back to the queue.
+            let stayed: HashSet<u64> = after.members.iter().flatten().map(|m| m.id).collect();
+            for m in before.members.iter().flatten() {
+                if !stayed.contains(&m.id) {
+                    let back = member(m.id)?.requeued(now_ms);
+                    self.put(batch, WITHDRAWALS, &back);
+                    mirrored.push(back);
+                }
             }
         }
         self.put(
@@ -444,6 +462,7 @@ impl SagaStore {
             self.check_current(m)?;
             let fits = m.state == crate::saga::State::Received
                 && m.batch.is_none()
+                && m.attempts.is_empty()
                 && !m.is_batch()
                 && m.request.wallet == first.request.wallet
                 && m.request.fee_rate == first.request.fee_rate;

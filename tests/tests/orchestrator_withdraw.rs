@@ -1796,3 +1796,101 @@ fn withdrawals_in_one_window_are_paid_by_one_transaction_through_a_leave_and_a_r
     assert_eq!(world.balance(), start_balance - amounts - fees);
     assert!(world.reserved().is_empty());
 }
+
+/// A stuck batch is replaced by fee and withdrawals waiting in its queue join the
+/// replacement (paid from its change). Then the earlier version, which does not pay them,
+/// confirms after all (a miner had it): the first members complete by it, the joiners
+/// wait until it is settled and are then paid by a new transaction. Each destination is
+/// paid exactly its amount once.
+#[test]
+fn a_stuck_batch_gains_members_when_replaced_and_an_earlier_version_pays_only_its_own() {
+    use orchestrator::executor::Batching;
+    let mut world = World::idle(
+        2,
+        0.5,
+        Policy {
+            confirmations: 1,
+            settle_at: 2,
+            bump_after_blocks: 1,
+            batch: Some(Batching {
+                window_ms: 600_000,
+                max_outputs: 10,
+            }),
+            ..Policy::default()
+        },
+        None,
+    );
+    // The node mines nothing below 6 sat/vB: a payment at 2 stays in its mempool.
+    world.node.call("devnet_setminingfeerate", json!([6]));
+    let mut submitted = Vec::new();
+    let mut submit = |world: &World, i: usize, created_ms: u64| {
+        let destination = world.node.new_address("bech32");
+        let amount = 2_000_000 + i as u64;
+        let req = request(&format!("grow-{i}"), &destination, amount, 2.0, 20_000);
+        let id = world.store.submit(req, created_ms).unwrap().withdrawal.id;
+        submitted.push((id, destination, amount));
+        id
+    };
+    // Two that waited their window out: batched at once.
+    let first = [submit(&world, 0, 0), submit(&world, 1, 0)];
+    world.start_executor();
+    let sent = world.wait_for(first[0], |w| w.state == State::Broadcast);
+    let batch_id = sent.batch.unwrap();
+    // Two more: they would wait ten minutes for a batch of their own.
+    let late = [
+        submit(&world, 2, orchestrator::saga::now_ms()),
+        submit(&world, 3, orchestrator::saga::now_ms()),
+    ];
+    world.node.mine_to(1, &world.miner);
+    let started = Instant::now();
+    let grown = loop {
+        let b = world.store.batch(batch_id).unwrap().unwrap();
+        if b.attempts.len() == 2 && !b.needs_broadcast {
+            break b;
+        }
+        assert!(started.elapsed() < WAIT, "never grew: {b:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(grown.members.as_ref().unwrap().len(), 4);
+    let (v0, v1) = (&grown.attempts[0], &grown.attempts[1]);
+    assert!(v1.fee > v0.fee && v1.fee_rate > v0.fee_rate);
+    let tx = world.tx(v1.txid);
+    for (id, destination, amount) in &submitted {
+        let to: Vec<u64> = tx
+            .output
+            .iter()
+            .filter(|o| o.script_pubkey == script_of(destination))
+            .map(|o| o.value.to_sat())
+            .collect();
+        assert_eq!(to, vec![*amount], "withdrawal {id}");
+        let w = world.get(*id);
+        assert_eq!(w.batch, Some(batch_id));
+        let versions = if late.contains(id) { 1 } else { 2 };
+        assert_eq!(w.attempts.len(), versions, "{w:?}");
+    }
+    // A miner had the first version: it confirms instead of the replacement.
+    world
+        .node
+        .call("devnet_evict", json!([v1.txid.to_string()]));
+    let raw = bitcoin::hex::DisplayHex::to_lower_hex_string(&v0.raw[..]);
+    world.node.call("sendrawtransaction", json!([raw]));
+    world.node.call("devnet_setminingfeerate", json!([1]));
+    let ids: Vec<u64> = submitted.iter().map(|s| s.0).collect();
+    let paid = settle_all(&world, &ids);
+    for (id, destination, amount) in &submitted {
+        let w = world.get(*id);
+        assert_eq!((w.state, w.settled), (State::Completed, true), "{w:?}");
+        assert_eq!(
+            paid.get(&script_of(destination)),
+            Some(&vec![*amount]),
+            "{id}"
+        );
+        if late.contains(id) {
+            assert_ne!(w.confirmed, Some(v0.txid));
+            assert_eq!(w.attempts[0].txid, v1.txid, "its history keeps the batch's");
+        } else {
+            assert_eq!(w.confirmed, Some(v0.txid));
+        }
+    }
+    assert!(world.reserved().is_empty());
+}
