@@ -1657,6 +1657,16 @@ fn on_kafka_events_positions_past_the_topics_end_are_replaced_by_the_present_sta
     }
 }
 
+/// The values `tx` pays to `destination`.
+fn outputs_to(tx: &Transaction, destination: &str) -> Vec<u64> {
+    let script = script_of(destination);
+    tx.output
+        .iter()
+        .filter(|o| o.script_pubkey == script)
+        .map(|o| o.value.to_sat())
+        .collect()
+}
+
 /// Cancels one withdrawal the first time a batch holding it is signed: the moment a
 /// member leaves a batch whose signed bytes never left the orchestrator.
 struct CancelAtBatchSigned {
@@ -1745,12 +1755,7 @@ fn withdrawals_in_one_window_are_paid_by_one_transaction_through_a_leave_and_a_r
     // One transaction pays the three members, one output each.
     let tx = world.tx(txid);
     for (id, destination, amount) in &submitted {
-        let to: Vec<u64> = tx
-            .output
-            .iter()
-            .filter(|o| o.script_pubkey == script_of(destination))
-            .map(|o| o.value.to_sat())
-            .collect();
+        let to = outputs_to(&tx, destination);
         let expected = if [ids[0], ids[1], ids[3]].contains(id) {
             vec![*amount]
         } else {
@@ -1856,12 +1861,7 @@ fn a_stuck_batch_gains_members_when_replaced_and_an_earlier_version_pays_only_it
     assert!(v1.fee > v0.fee && v1.fee_rate > v0.fee_rate);
     let tx = world.tx(v1.txid);
     for (id, destination, amount) in &submitted {
-        let to: Vec<u64> = tx
-            .output
-            .iter()
-            .filter(|o| o.script_pubkey == script_of(destination))
-            .map(|o| o.value.to_sat())
-            .collect();
+        let to = outputs_to(&tx, destination);
         assert_eq!(to, vec![*amount], "withdrawal {id}");
         let w = world.get(*id);
         assert_eq!(w.batch, Some(batch_id));
