@@ -467,12 +467,29 @@ fn on_temporal_two_workers_one_killed_in_each_activity_pay_exactly_once() {
 
 #[test]
 fn sigkill_at_random_moments_then_restart_pays_each_withdrawal_exactly_once() {
+    sigkill_at_random_moments(false);
+}
+
+/// The same with withdrawals arriving within a second of each other paid in batches.
+#[test]
+fn sigkill_at_random_moments_while_batching_pays_each_withdrawal_exactly_once() {
+    sigkill_at_random_moments(true);
+}
+
+fn sigkill_at_random_moments(batching: bool) {
     let rig = Rig::new(30);
+    let start = |rig: &Rig| {
+        if batching {
+            rig.start_batching(None)
+        } else {
+            rig.start(None)
+        }
+    };
     // 20 withdrawals to 20 destinations, submitted (and some resubmitted) across kills.
     let destinations: Vec<String> = (0..20).map(|_| rig.node.new_address("bech32")).collect();
     let amount = |i: usize| 300_000 + i as u64 * 1_000;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    let mut process = rig.start(None);
+    let mut process = start(&rig);
     let mut submitted = 0;
     let deadline = Instant::now() + Duration::from_secs(150);
     let mut kills = 0;
@@ -500,7 +517,7 @@ fn sigkill_at_random_moments_then_restart_pays_each_withdrawal_exactly_once() {
             let _ = process.0.kill();
             let _ = process.0.wait();
             kills += 1;
-            process = rig.start(None);
+            process = start(&rig);
             c = rig.client(&process);
         }
         let list = rig.list(&mut c);
@@ -523,6 +540,11 @@ fn sigkill_at_random_moments_then_restart_pays_each_withdrawal_exactly_once() {
         rig.node.mine_to(1, &rig.miner);
     }
     assert!(kills >= 3, "too few kills to mean anything: {kills}");
+    if batching {
+        let c = &mut rig.client(&process);
+        let batched = rig.list(c).iter().filter(|w| w.batch_id != 0).count();
+        assert!(batched >= 2, "nothing was batched");
+    }
     let paid = rig.paid();
     for (i, d) in destinations.iter().enumerate() {
         assert_eq!(
