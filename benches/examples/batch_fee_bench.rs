@@ -5,19 +5,14 @@
 //! `batch_fee_bench [--withdrawals N] [--max-batch-outputs M] [--sat-per-vb R]`
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use bitcoin::consensus::deserialize;
-use bitcoin::{Amount, Network, Transaction, Txid};
+use bitcoin::{Amount, Transaction, Txid};
 use clap::Parser;
-use orchestrator::executor::{Batching, Executor, Policy};
-use orchestrator::payment::Payments;
+use orchestrator::executor::{Batching, Policy};
 use orchestrator::saga::{FeeRate, Request, State};
-use orchestrator::signer::KeyFileSigner;
-use orchestrator::store::SagaStore;
-use system_tests::live::{Devnet, Following, KeyedWallet, Served};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -47,35 +42,14 @@ struct Cost {
 /// turn) from a hot wallet of 0.05 BTC coins, with `batch` queues or one by one; waits
 /// until all complete and sums the distinct confirmed transactions.
 fn run(n: usize, rate: f64, batch: Option<Batching>) -> Result<Cost> {
-    let node = Devnet::start(|c| c.filler_txs = 0);
-    let miner = node.new_address("bech32");
-    node.mine_to(101 + (n as u32).div_ceil(25), &miner);
-    let dir = tempfile::tempdir()?;
-    let keyed = KeyedWallet::funded(&node, &miner, dir.path(), 41, n + 10, 0.05);
-    let db = tempfile::tempdir()?;
-    let f = Following::caught_up(&node, db.path(), &keyed.wallets);
-    let served = Served::start(&f, indexer::grpc::Access::default());
-    let store = Arc::new(SagaStore::open(&dir.path().join("sagas"))?);
-    let executor = Executor::new(
-        store.clone(),
-        orchestrator::indexer_client::open_client(served.channel.clone()),
-        Payments::new(
-            Arc::new(node.daemon(false)),
-            Arc::new(KeyFileSigner::open(&keyed.key_file, Network::Regtest)?),
-            Network::Regtest,
-            keyed.address.script_pubkey(),
-            Policy {
-                confirmations: 1,
-                settle_at: 1,
-                batch,
-                ..Policy::default()
-            },
-        ),
-    );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    served.runtime.spawn(executor.run(async {
-        let _ = stopped.await;
-    }));
+    let policy = Policy {
+        confirmations: 1,
+        settle_at: 1,
+        batch,
+        ..Policy::default()
+    };
+    let rig = benches::payouts::PayoutRig::start(n + 10, 0.05, 41, policy)?;
+    let (node, miner, store) = (&rig.node, &rig.miner, &rig.store);
     let started = Instant::now();
     let now = orchestrator::saga::now_ms();
     let ids: Vec<u64> = (0..n)
@@ -113,11 +87,10 @@ fn run(n: usize, rate: f64, batch: Option<Batching>) -> Result<Cost> {
         if done == n {
             break;
         }
-        node.mine_to(1, &miner);
+        node.mine_to(1, miner);
         std::thread::sleep(Duration::from_millis(200));
     }
     let seconds = started.elapsed().as_secs_f64();
-    let _ = stop.send(());
     let mut cost = Cost {
         transactions: confirmed.len(),
         vbytes: 0,

@@ -4,19 +4,14 @@
 //!
 //! `withdraw_bench [--withdrawals N]`
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use bitcoin::{Amount, Network};
+use bitcoin::Amount;
 use clap::Parser;
-use orchestrator::executor::{Executor, Policy};
-use orchestrator::payment::Payments;
+use orchestrator::executor::Policy;
 use orchestrator::saga::{FeeRate, Request, State};
-use orchestrator::signer::KeyFileSigner;
-use orchestrator::store::SagaStore;
 use proto::indexer::v1::indexer_client::IndexerClient;
-use system_tests::live::{Devnet, Following, KeyedWallet, Served};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -51,34 +46,17 @@ fn main() -> Result<()> {
     }
     let args = Args::parse();
     let n = args.withdrawals;
-    let node = Devnet::start(|c| c.filler_txs = 0);
-    let miner = node.new_address("bech32");
-    node.mine_to(101 + (n as u32).div_ceil(25), &miner);
-    let dir = tempfile::tempdir()?;
-    let keyed = KeyedWallet::funded(&node, &miner, dir.path(), 31, n + 10, 0.01);
-    let db = tempfile::tempdir()?;
-    let f = Following::caught_up(&node, db.path(), &keyed.wallets);
-    let served = Served::start(&f, indexer::grpc::Access::default());
-    let store = Arc::new(SagaStore::open(&dir.path().join("sagas"))?);
-    let executor = Executor::new(
-        store.clone(),
-        orchestrator::indexer_client::open_client(served.channel.clone()),
-        Payments::new(
-            Arc::new(node.daemon(false)),
-            Arc::new(KeyFileSigner::open(&keyed.key_file, Network::Regtest)?),
-            Network::Regtest,
-            keyed.address.script_pubkey(),
-            Policy {
-                confirmations: 1,
-                settle_at: 1,
-                ..Policy::default()
-            },
-        ),
-    );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    served.runtime.spawn(executor.run(async {
-        let _ = stopped.await;
-    }));
+    let rig = benches::payouts::PayoutRig::start(
+        n + 10,
+        0.01,
+        31,
+        Policy {
+            confirmations: 1,
+            settle_at: 1,
+            ..Policy::default()
+        },
+    )?;
+    let (node, miner, store, served) = (&rig.node, &rig.miner, &rig.store, &rig.served);
 
     let destination = node.new_address("bech32");
     let started = Instant::now();
@@ -109,14 +87,13 @@ fn main() -> Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let broadcast = started.elapsed();
-    node.mine_to(1, &miner);
+    node.mine_to(1, miner);
     let mined = started.elapsed();
     while !all(State::Completed)? {
         anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "too slow");
         std::thread::sleep(Duration::from_millis(5));
     }
     let completed = started.elapsed();
-    let _ = stop.send(());
     // One GetTransfer from a client that waits for each answer (operators' scripts do), timed
     // alone: what a sequential call costs since TCP_NODELAY.
     let some_txid = store

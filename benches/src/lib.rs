@@ -14,10 +14,12 @@
 //! - `subscribe_bench`: a rescan with and without 100 live event subscribers.
 //! - `query_bench`: gRPC queries under 64 clients against a health check.
 //! - `withdraw_bench`: withdrawals end to end against synced RocksDB writes.
+//! - `batch_fee_bench`: the block space and fee of a payout, batched and one by one.
 //! - `kafka_export_bench`: the Kafka exporter against the log's writer, and commit ->
 //!   consumer latency at the tip, on the broker the tests use.
 
 pub mod mix;
+pub mod payouts;
 pub mod rss;
 
 use std::path::Path;
