@@ -14,6 +14,7 @@ use service::grpc_latency::GrpcLatency;
 use crate::config::Config;
 use crate::executor::{Boundaries, Executor};
 use crate::grpc::WithdrawalService;
+use crate::grpc_signatures::SignatureService;
 use crate::indexer_client::{self, LinkError};
 use crate::metrics::OrchestratorProbe;
 use crate::payment::Payments;
@@ -142,13 +143,16 @@ pub fn run(
         let channel = indexer_client::channel(&config.indexer, config.indexer_ca_file.as_deref())?;
         let indexer = indexer_client::client(channel, config.indexer_token_file.as_deref())?;
         wait_for_indexer(indexer.clone(), &config.indexer, config.startup_wait).await?;
-        let payments = Payments::new(
+        let mut payments = Payments::new(
             daemon,
             Arc::new(signer),
             config.network,
             config.change.clone(),
             config.policy.clone(),
         );
+        if let Some(wallet) = &config.wallet {
+            payments = payments.with_descriptor_wallet(wallet.clone());
+        }
         let store = match sagas {
             Sagas::Embedded(store) => store,
             Sagas::Temporal(target) => {
@@ -168,6 +172,7 @@ pub fn run(
             return Ok(());
             }
         };
+        let signatures = SignatureService::new(store.clone(), payments.clone());
         let mut executor = Executor::new(store.clone(), indexer, payments);
         if let Some(boundaries) = hooks.boundaries {
             executor = executor.with_boundaries(boundaries);
@@ -217,7 +222,10 @@ pub fn run(
         });
         tonic::transport::Server::builder()
             .layer(latency.layer())
-            .add_service(WithdrawalService::new(store.clone(), config.network).into_server(token))
+            .add_service(
+                WithdrawalService::new(store.clone(), config.network).into_server(token.clone()),
+            )
+            .add_service(signatures.into_server(token))
             .serve_with_incoming_shutdown(service::listener::no_delay(listener), serving_ends)
             .await?;
         let _ = executing.await;

@@ -9,8 +9,11 @@ use std::path::{Path, PathBuf};
 use bitcoin::{Address, Network, ScriptBuf};
 use serde::{Deserialize, Serialize};
 
+use crate::descriptor_wallet::DescriptorWallet;
 use crate::executor::{Batching, Policy, PriorityBlocks};
 
+/// Scripts of a ranged descriptor the wallet spans unless set.
+const DEFAULT_DESCRIPTOR_RANGE: u32 = 1000;
 /// Most withdrawals in one batch unless set.
 const DEFAULT_MAX_BATCH_OUTPUTS: usize = 50;
 /// Above this many outputs the batch's output count no longer fits in one byte, and one
@@ -93,6 +96,17 @@ pub struct Settings {
     /// Of high priority (default 2).
     #[arg(long, env = "ORCHESTRATOR_PRIORITY_HIGH_BLOCKS")]
     pub priority_high_blocks: Option<u16>,
+    /// The hot wallet as an output descriptor of public keys, e.g.
+    /// `wsh(sortedmulti(2,XPUB1/0/*,XPUB2/0/*,XPUB3/0/*))` or `tr(XPUB/0/*)` (absent: the
+    /// key file's P2WPKH keys are the wallet). Extended private keys in the key file sign
+    /// for their cosigners; external signers add theirs through the Signatures API.
+    /// change_address must be one of its scripts. Embedded engine.
+    #[arg(long, env = "ORCHESTRATOR_DESCRIPTOR")]
+    pub descriptor: Option<String>,
+    /// How many scripts of a ranged descriptor are the wallet's, from index 0 (default
+    /// 1000; the indexer must watch at least as many).
+    #[arg(long, env = "ORCHESTRATOR_DESCRIPTOR_RANGE")]
+    pub descriptor_range: Option<u32>,
     /// Seconds a withdrawal waits in its hot wallet's payout queue so that others arriving
     /// meanwhile are paid by the same transaction (absent or 0: each is paid alone).
     /// Withdrawals batch with those of the same wallet and fee policy. Embedded engine.
@@ -388,6 +402,8 @@ pub struct Config {
     pub token_file: PathBuf,
     /// Change script.
     pub change: ScriptBuf,
+    /// The hot wallet's descriptor, when it is described by one.
+    pub wallet: Option<std::sync::Arc<DescriptorWallet>>,
     /// Executor policy.
     pub policy: Policy,
     /// Where the metrics endpoint listens (`None`: no endpoint).
@@ -434,6 +450,20 @@ impl Settings {
                 ))
             })?
             .script_pubkey();
+        let wallet = match &self.descriptor {
+            None => None,
+            Some(text) => {
+                let range = self.descriptor_range.unwrap_or(DEFAULT_DESCRIPTOR_RANGE);
+                let wallet = DescriptorWallet::parse(text, network, range)
+                    .map_err(|e| ConfigError(e.to_string()))?;
+                if !wallet.contains(&change) {
+                    return Err(ConfigError(format!(
+                        "change_address {change_text} is not one of the descriptor's first {range} scripts: change must go back to the wallet"
+                    )));
+                }
+                Some(std::sync::Arc::new(wallet))
+            }
+        };
         let defaults = Policy::default();
         let policy = Policy {
             min_conf: defaults.min_conf,
@@ -469,6 +499,11 @@ impl Settings {
             .map_err(|e| ConfigError(e.to_string()))?;
         let temporal = self.temporal.resolve(self.engine.as_deref())?;
         let kafka_events = self.kafka.resolve(self.events.as_deref())?;
+        if temporal.is_some() && wallet.is_some() {
+            return Err(ConfigError(
+                "descriptor: external signers and descriptor wallets run on the embedded engine; with engine = \"temporal\" the key file's P2WPKH keys are the wallet (leave descriptor unset)".into(),
+            ));
+        }
         if temporal.is_some() && policy.batch.is_some() {
             return Err(ConfigError(
                 "batch_window_secs: batching runs on the embedded engine; with engine = \"temporal\" each withdrawal is paid alone (leave batch_window_secs unset)".into(),
@@ -509,6 +544,7 @@ impl Settings {
             key_file: need(self.key_file, "key_file")?,
             token_file: need(self.token_file, "token_file")?,
             change,
+            wallet,
             policy,
             metrics_listen: self.metrics_listen,
             kafka_events,
@@ -632,6 +668,65 @@ mod tests {
             key_file: Some("keys".into()),
             token_file: Some("token".into()),
             ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn a_descriptor_wallet_must_be_of_the_network_spendable_and_hold_the_change() {
+        use bitcoin::bip32::{Xpriv, Xpub};
+        let secp = bitcoin::secp256k1::Secp256k1::new();
+        let xpub = |seed: u8, network: Network| {
+            Xpub::from_priv(&secp, &Xpriv::new_master(network, &[seed; 32]).unwrap())
+        };
+        let multi = |k: usize, network: Network| {
+            format!(
+                "wsh(sortedmulti({k},{}/0/*,{}/0/*,{}/0/*))",
+                xpub(1, network),
+                xpub(2, network),
+                xpub(3, network)
+            )
+        };
+        let good = multi(2, Network::Regtest);
+        let wallet =
+            crate::descriptor_wallet::DescriptorWallet::parse(&good, Network::Regtest, 5).unwrap();
+        let mut scripts = wallet.scripts();
+        scripts.sort();
+        let change = Address::from_script(&scripts[0], Network::Regtest).unwrap();
+        let on = |descriptor: String| Settings {
+            network: Some("regtest".into()),
+            descriptor: Some(descriptor),
+            descriptor_range: Some(5),
+            change_address: Some(change.to_string()),
+            ..complete()
+        };
+        let c = on(good.clone()).resolve_with(None).unwrap();
+        assert_eq!(c.wallet.unwrap().scripts().len(), 5);
+        for (bad, says) in [
+            (on(multi(2, Network::Bitcoin)), "another network"),
+            (on(multi(4, Network::Regtest)), "wsh(sortedmulti(4,"),
+            (
+                Settings {
+                    change_address: Some("bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080".into()),
+                    ..on(good.clone())
+                },
+                "not one of the descriptor's first 5 scripts",
+            ),
+            (
+                Settings {
+                    engine: Some("temporal".into()),
+                    temporal: TemporalSettings {
+                        address: Some("http://127.0.0.1:7233".into()),
+                        ..TemporalSettings::default()
+                    },
+                    db: None,
+                    ..on(good.clone())
+                },
+                "external signers and descriptor wallets run on the embedded engine",
+            ),
+        ] {
+            let e = bad.resolve_with(None).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+            assert!(!e.contains('\n'), "one line: {e}");
         }
     }
 

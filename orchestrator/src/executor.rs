@@ -13,8 +13,8 @@ use proto::indexer::v1 as ipb;
 
 use crate::kafka_events::{KafkaEvents, KafkaMonitor};
 use crate::monitor::Monitor;
-use crate::payment::Payments;
 pub use crate::payment::StepError;
+use crate::payment::{Built, Payments};
 use crate::saga::{now_ms, Outcome, Priority, State, Step, Withdrawal};
 use crate::select::Candidate;
 use crate::store::{SagaStore, SagaStoreError};
@@ -344,7 +344,8 @@ impl Executor {
             Step::Sign => self.sign(&w).await.map(|_| true),
             Step::Broadcast => self.broadcast(&w).await,
             Step::Watch => self.watch(&w).await,
-            Step::Rest => Ok(false),
+            // Signatures arrive through the Signatures API.
+            Step::AwaitSignatures | Step::Rest => Ok(false),
         }
     }
 
@@ -399,7 +400,11 @@ impl Executor {
 
     async fn sign(&mut self, w: &Withdrawal) -> Result<Withdrawal, StepError> {
         match self.payments.first_version(w).await? {
-            Ok(attempt) => self.record(w, Outcome::Signed(attempt)),
+            Ok(Built::Signed(attempt)) => self.record(w, Outcome::Signed(attempt)),
+            Ok(Built::Unsigned(pending)) => {
+                tracing::info!(id = w.id, txid = %pending.txid, "waiting for external signatures");
+                self.record(w, Outcome::AwaitingSignatures(pending))
+            }
             Err(why) => self.record(w, Outcome::Failed(why)),
         }
     }
@@ -410,7 +415,10 @@ impl Executor {
         let joiners = self.joiners(w)?;
         if !joiners.is_empty() {
             // Paid from the batch's change when it covers them; else a plain replacement.
-            if let Ok(attempt) = self.payments.replacement(&w.with_joiners(&joiners))? {
+            // (With external signers the joiners wait for a batch of their own.)
+            if let Ok(Built::Signed(attempt)) =
+                self.payments.replacement(&w.with_joiners(&joiners))?
+            {
                 let ids: Vec<u64> = joiners.iter().map(|j| j.id).collect();
                 tracing::info!(batch = w.id, joiners = ?ids, new = %attempt.txid, rate = attempt.fee_rate, "bumping a stuck batch; waiting withdrawals join it");
                 match self.record(w, Outcome::Grown(attempt, joiners)) {
@@ -421,10 +429,15 @@ impl Executor {
             }
         }
         match self.payments.replacement(w)? {
-            Ok(attempt) => {
+            Ok(Built::Signed(attempt)) => {
                 let old = w.current().map(|a| a.txid);
                 tracing::info!(id = w.id, ?old, new = %attempt.txid, rate = attempt.fee_rate, "bumping a stuck withdrawal");
                 self.record(w, Outcome::Replaced(attempt))?;
+                Ok(true)
+            }
+            Ok(Built::Unsigned(pending)) => {
+                tracing::info!(id = w.id, txid = %pending.txid, "a replacement waits for external signatures");
+                self.record(w, Outcome::AwaitingSignatures(pending))?;
                 Ok(true)
             }
             Err(why) => {
@@ -553,7 +566,8 @@ impl Executor {
                 && w.broadcast_height
                     .is_some_and(|h| tip >= h.saturating_add(after))
         };
-        if self.bump_failed.get(&w.id) == Some(&tip) {
+        // A replacement waiting for signatures is not replaced again meanwhile.
+        if self.bump_failed.get(&w.id) == Some(&tip) || w.pending.is_some() {
             return Ok(false);
         }
         if stuck(tip) && stuck(self.tip().await?) && self.confirmed_in_index(w).await?.is_none() {

@@ -36,7 +36,20 @@ impl WithdrawalService {
     }
 }
 
-fn status(e: SagaStoreError) -> Status {
+/// Runs a store call off the async threads (RocksDB blocks, and syncs to disk).
+pub async fn on_store<T: Send + 'static>(
+    store: &Arc<SagaStore>,
+    f: impl FnOnce(&SagaStore) -> Result<T, SagaStoreError> + Send + 'static,
+) -> Result<T, Status> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| Status::internal(format!("store task failed: {e}")))?
+        .map_err(status)
+}
+
+/// A store error as the API answers it.
+pub fn status(e: SagaStoreError) -> Status {
     match e {
         SagaStoreError::Conflict(_) => Status::already_exists(e.to_string()),
         SagaStoreError::Unknown(_) => Status::not_found(e.to_string()),
@@ -197,6 +210,7 @@ pub fn state(s: State) -> pb::WithdrawalState {
     match s {
         State::Received => pb::WithdrawalState::Received,
         State::Reserved => pb::WithdrawalState::Reserved,
+        State::AwaitingSignatures => pb::WithdrawalState::AwaitingSignatures,
         State::Signed => pb::WithdrawalState::Signed,
         State::Broadcast => pb::WithdrawalState::Broadcast,
         State::Confirming => pb::WithdrawalState::Confirming,
@@ -233,16 +247,11 @@ pub fn withdrawal(w: &Withdrawal) -> pb::Withdrawal {
 }
 
 impl WithdrawalService {
-    /// Runs a store call off the async threads (RocksDB blocks, and syncs to disk).
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&SagaStore) -> Result<T, SagaStoreError> + Send + 'static,
     ) -> Result<T, Status> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| Status::internal(format!("store task failed: {e}")))?
-            .map_err(status)
+        on_store(&self.store, f).await
     }
 
     async fn find(&self, id: u64) -> Result<Withdrawal, Status> {

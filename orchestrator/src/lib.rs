@@ -15,8 +15,11 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod cosign;
+pub mod descriptor_wallet;
 pub mod executor;
 pub mod grpc;
+pub mod grpc_signatures;
 pub mod indexer_client;
 pub mod kafka_events;
 pub mod metrics;

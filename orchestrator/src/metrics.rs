@@ -21,9 +21,10 @@ use crate::saga::{State, Withdrawal};
 use crate::store::{SagaStore, SagaStoreError};
 
 /// Every state, each with its label.
-const STATES: [(State, &str); 9] = [
+const STATES: [(State, &str); 10] = [
     (State::Received, "received"),
     (State::Reserved, "reserved"),
+    (State::AwaitingSignatures, "awaiting_signatures"),
     (State::Signed, "signed"),
     (State::Broadcast, "broadcast"),
     (State::Confirming, "confirming"),

@@ -14,9 +14,10 @@ use bitcoin::{Address, Amount, Network, OutPoint, Psbt, ScriptBuf, Sequence, Tra
 use bitcoin::{TxIn, TxOut, Txid};
 use proto::indexer::v1 as ipb;
 
+use crate::descriptor_wallet::DescriptorWallet;
 use crate::executor::Policy;
 use crate::indexer_client::Indexer;
-use crate::saga::{Attempt, Coin, FeeRate, Withdrawal};
+use crate::saga::{Attempt, Coin, FeeRate, Pending, Withdrawal};
 use crate::select::{self, Candidate};
 use crate::signer::Signer;
 use crate::store::SagaStoreError;
@@ -47,6 +48,16 @@ pub struct FeeChoice {
     pub why: String,
 }
 
+/// A version of a payment as signing left it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Built {
+    /// Signed and final.
+    Signed(Attempt),
+    /// Waiting for external signers (a descriptor wallet whose hot keys alone cannot
+    /// complete it).
+    Unsigned(Pending),
+}
+
 /// The means of paying: bitcoind, the signer, where change goes and the fee policy.
 #[derive(Clone)]
 pub struct Payments {
@@ -55,6 +66,9 @@ pub struct Payments {
     network: Network,
     change: ScriptBuf,
     policy: Policy,
+    /// The hot wallet's descriptor, when it is one (multisig, taproot, external signers);
+    /// else the signer's P2WPKH keys are the wallet.
+    wallet: Option<Arc<DescriptorWallet>>,
 }
 
 impl Payments {
@@ -72,7 +86,23 @@ impl Payments {
             network,
             change,
             policy,
+            wallet: None,
         }
+    }
+
+    /// Pays from the descriptor wallet `wallet`: its scripts are the spendable coins, its
+    /// inputs carry what signers need, and a version its hot keys cannot complete waits
+    /// for external signers.
+    pub fn with_descriptor_wallet(mut self, wallet: Arc<DescriptorWallet>) -> Payments {
+        self.wallet = Some(wallet);
+        self
+    }
+
+    /// The weight of one signed input of the wallet.
+    fn input_weight(&self) -> u64 {
+        self.wallet
+            .as_ref()
+            .map_or(select::P2WPKH_INPUT_WEIGHT, |w| w.input_weight())
     }
 
     /// The fee and confirmation policy.
@@ -177,7 +207,10 @@ impl Payments {
         indexer: &mut Indexer,
         wallet: &str,
     ) -> Result<Vec<Candidate>, StepError> {
-        let signable: HashSet<ScriptBuf> = self.signer.scripts().into_iter().collect();
+        let signable: HashSet<ScriptBuf> = match &self.wallet {
+            Some(wallet) => wallet.scripts().into_iter().collect(),
+            None => self.signer.scripts().into_iter().collect(),
+        };
         let mut out = Vec::new();
         let mut token = String::new();
         loop {
@@ -225,8 +258,15 @@ impl Payments {
         let outputs = self
             .outputs(w)
             .ok_or_else(|| "invalid destination".to_owned())?;
-        let selection = select::select(candidates, &outputs, &self.change, rate, w.request.max_fee)
-            .map_err(|e| e.to_string())?;
+        let selection = select::select(
+            candidates,
+            self.input_weight(),
+            &outputs,
+            &self.change,
+            rate,
+            w.request.max_fee,
+        )
+        .map_err(|e| e.to_string())?;
         Ok(selection
             .coins
             .into_iter()
@@ -263,8 +303,9 @@ impl Payments {
                 .collect(),
             output: outputs,
         };
-        // Unsigned inputs weigh 41 bytes each; signed P2WPKH ones weigh more.
-        let signed_inputs = (select::P2WPKH_INPUT_WEIGHT - 4 * 41) * w.coins.len() as u64 + 2;
+        // Unsigned inputs weigh 41 bytes each; signed ones weigh more (and the segwit
+        // marker and flag come with the witnesses).
+        let signed_inputs = (self.input_weight() - 4 * 41) * w.coins.len() as u64 + 2;
         let weight_without = tx.weight().to_wu() + signed_inputs;
         let change_out = TxOut {
             value: Amount::ZERO,
@@ -297,7 +338,8 @@ impl Payments {
         Ok((tx, fee, weight))
     }
 
-    /// Signs `tx` over `w`'s coins: the version to record, or why the signer did not.
+    /// Signs `tx` over `w`'s coins: the version to record (signed, or waiting for
+    /// external signers), or why the signer did not.
     fn sign_attempt(
         &self,
         w: &Withdrawal,
@@ -305,7 +347,7 @@ impl Payments {
         fee: Amount,
         weight: u64,
         fee_choice: String,
-    ) -> Result<Result<Attempt, String>, StepError> {
+    ) -> Result<Result<Built, String>, StepError> {
         let mut psbt = Psbt::from_unsigned_tx(tx)
             .map_err(|e| tonic::Status::internal(format!("building the PSBT: {e}")))?;
         for (input, coin) in psbt.inputs.iter_mut().zip(&w.coins) {
@@ -313,6 +355,29 @@ impl Payments {
                 value: coin.value,
                 script_pubkey: coin.script.clone(),
             });
+        }
+        let vbytes = weight.div_ceil(4) as f64;
+        let fee_rate = fee.to_sat() as f64 / vbytes;
+        if let Some(wallet) = &self.wallet {
+            for i in 0..psbt.inputs.len() {
+                if let Err(why) = wallet.describe_input(&mut psbt, i) {
+                    return Ok(Err(why));
+                }
+            }
+            let pending = Pending {
+                txid: psbt.unsigned_tx.compute_txid(),
+                psbt: psbt.serialize(),
+                fee,
+                fee_rate,
+                fee_choice,
+                replacing: !w.attempts.is_empty(),
+            };
+            // The hot keys alone may be enough (all cosigners hot); else external signers
+            // get the PSBT without the hot signatures, which come last.
+            return Ok(Ok(match self.complete(&pending)? {
+                Some(attempt) => Built::Signed(attempt),
+                None => Built::Unsigned(pending),
+            }));
         }
         let signed = self.signer.sign(&mut psbt)?;
         if signed != w.coins.len() {
@@ -322,22 +387,40 @@ impl Payments {
             )));
         }
         let tx = psbt.extract_tx_unchecked_fee_rate();
-        let vbytes = weight.div_ceil(4) as f64;
-        Ok(Ok(Attempt {
+        Ok(Ok(Built::Signed(Attempt {
             txid: tx.compute_txid(),
             raw: serialize(&tx),
             fee,
-            fee_rate: fee.to_sat() as f64 / vbytes,
+            fee_rate,
             fee_choice,
+        })))
+    }
+
+    /// `pending` signed by the hot keys and finalized, when the signatures gathered so
+    /// far and the hot keys' are enough; `None` while more are needed.
+    pub fn complete(&self, pending: &Pending) -> Result<Option<Attempt>, StepError> {
+        let Some(wallet) = &self.wallet else {
+            return Ok(None);
+        };
+        let mut psbt = Psbt::deserialize(&pending.psbt)
+            .map_err(|e| tonic::Status::internal(format!("a stored PSBT: {e}")))?;
+        self.signer.sign(&mut psbt)?;
+        if wallet.finalize(&mut psbt).is_err() {
+            return Ok(None);
+        }
+        let tx = psbt.extract_tx_unchecked_fee_rate();
+        Ok(Some(Attempt {
+            txid: tx.compute_txid(),
+            raw: serialize(&tx),
+            fee: pending.fee,
+            fee_rate: pending.fee_rate,
+            fee_choice: pending.fee_choice.clone(),
         }))
     }
 
     /// The first signed version of `w`'s payment over its reserved coins, or why there
     /// can be none (final).
-    pub async fn first_version(
-        &self,
-        w: &Withdrawal,
-    ) -> Result<Result<Attempt, String>, StepError> {
+    pub async fn first_version(&self, w: &Withdrawal) -> Result<Result<Built, String>, StepError> {
         let Some(outputs) = self.outputs(w) else {
             return Ok(Err("invalid destination".into()));
         };
@@ -351,7 +434,7 @@ impl Payments {
     /// A replacement of a payment stuck unconfirmed: the same coins and payment at a
     /// higher rate (BIP125: more absolute fee, by at least the incremental relay fee of
     /// 1 sat/vB over its size), within `max_fee`; or why there is none.
-    pub fn replacement(&self, w: &Withdrawal) -> Result<Result<Attempt, String>, StepError> {
+    pub fn replacement(&self, w: &Withdrawal) -> Result<Result<Built, String>, StepError> {
         let (Some(outputs), Some(current)) = (self.outputs(w), w.current()) else {
             return Ok(Err("nothing to replace".into()));
         };

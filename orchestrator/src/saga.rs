@@ -33,6 +33,9 @@ pub enum State {
     Received,
     /// Coins reserved for it.
     Reserved,
+    /// Its unsigned transaction waits for external signers (an HSM, an offline or remote
+    /// cosigner) to add their signatures; the hot key signs last.
+    AwaitingSignatures,
     /// A signed transaction is stored (not broadcast yet).
     Signed,
     /// Sent to bitcoind; not in a block.
@@ -135,6 +138,24 @@ pub struct Coin {
     pub script: bitcoin::ScriptBuf,
 }
 
+/// A version of the payment waiting for external signatures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pending {
+    /// The PSBT as the signers get it, with the signatures gathered so far (never the
+    /// hot key's: it signs last, when the rest are there), serialized.
+    pub psbt: Vec<u8>,
+    /// Its txid (it does not change with signatures: segwit).
+    pub txid: Txid,
+    /// Its absolute fee.
+    pub fee: Amount,
+    /// Its fee rate, sat/vB.
+    pub fee_rate: f64,
+    /// How that rate was chosen.
+    pub fee_choice: String,
+    /// Whether it replaces a broadcast version (RBF) rather than being the first.
+    pub replacing: bool,
+}
+
 /// One signed version of the payment (the first, or an RBF replacement).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Attempt {
@@ -212,6 +233,9 @@ pub struct Withdrawal {
     /// When this record is a batch: the withdrawals it pays, one output each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub members: Option<Vec<Member>>,
+    /// A version waiting for external signatures (the first, or a replacement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
 }
 
 /// What happened: the result of a step the executor ran, or an observation.
@@ -229,6 +253,11 @@ pub enum Outcome {
         /// Tip height then.
         height: u32,
     },
+    /// A version was built that external signers must sign (the first from RESERVED, a
+    /// replacement while BROADCAST).
+    AwaitingSignatures(Pending),
+    /// External signatures were added to the pending version; more are needed.
+    SignaturesAdded(Vec<u8>),
     /// A replacement paying more fee was signed (spending the same coins).
     Replaced(Attempt),
     /// A batch's replacement was signed that also pays `joiners` (withdrawals waiting in
@@ -281,6 +310,8 @@ pub enum Step {
     Broadcast,
     /// Wait for the chain (confirmations, reorgs, or a stuck transaction to bump).
     Watch,
+    /// Wait for external signers (their signatures come through the Signatures API).
+    AwaitSignatures,
     /// Nothing: final (settled, failed, cancelled, or waiting for an operator).
     Rest,
 }
@@ -318,6 +349,7 @@ impl Withdrawal {
             updated_ms: now_ms,
             batch: None,
             members: None,
+            pending: None,
         }
     }
 
@@ -399,6 +431,7 @@ impl Withdrawal {
             updated_ms: batch.updated_ms,
             batch: Some(batch.id),
             members: None,
+            pending: None,
         };
         if !paid_by_confirmed {
             m.state = State::Broadcast;
@@ -457,6 +490,7 @@ impl Withdrawal {
         match self.state {
             State::Received => Step::Reserve,
             State::Reserved => Step::Sign,
+            State::AwaitingSignatures => Step::AwaitSignatures,
             State::Signed => Step::Broadcast,
             State::Broadcast | State::Confirming if self.needs_broadcast => Step::Broadcast,
             State::Broadcast | State::Confirming => Step::Watch,
@@ -499,6 +533,33 @@ impl Withdrawal {
                 w.needs_broadcast = true;
                 w.state = State::Signed;
             }
+            (State::Reserved, Outcome::AwaitingSignatures(p)) if !p.replacing => {
+                w.pending = Some(p);
+                w.state = State::AwaitingSignatures;
+            }
+            (State::Broadcast, Outcome::AwaitingSignatures(p))
+                if p.replacing && self.pending.is_none() =>
+            {
+                w.pending = Some(p);
+            }
+            (State::AwaitingSignatures | State::Broadcast, Outcome::SignaturesAdded(psbt))
+                if self.pending.is_some() =>
+            {
+                if let Some(p) = &mut w.pending {
+                    p.psbt = psbt;
+                }
+            }
+            (State::AwaitingSignatures, Outcome::Signed(attempt)) => {
+                let expected = self.pending.as_ref().map(|p| p.txid);
+                if expected != Some(attempt.txid) {
+                    return Err(self.refuse("signed a transaction other than the pending one"));
+                }
+                w.pending = None;
+                w.sends = 0;
+                w.attempts.push(attempt);
+                w.needs_broadcast = true;
+                w.state = State::Signed;
+            }
             (State::Signed, Outcome::Sending) => {
                 w.sends = self.sends.saturating_add(1);
             }
@@ -532,6 +593,10 @@ impl Withdrawal {
                 if attempt.fee > self.request.max_fee {
                     return Err(self.refuse("a replacement above max_fee"));
                 }
+                if self.pending.as_ref().is_some_and(|p| p.txid != attempt.txid) {
+                    return Err(self.refuse("a replacement other than the pending one"));
+                }
+                w.pending = None;
                 w.attempts.push(attempt);
                 w.needs_broadcast = true;
             }
@@ -553,6 +618,8 @@ impl Withdrawal {
                 w.confirmed = Some(txid);
                 w.confirmations = confirmations;
                 w.needs_broadcast = false;
+                // A replacement still waiting for signatures is moot now.
+                w.pending = None;
                 w.state = if confirmations >= required.max(1) {
                     State::Completed
                 } else {
@@ -601,7 +668,7 @@ impl Withdrawal {
                 w.state = State::Failed;
             }
             (s, Outcome::Unclear(reason)) if !s.is_final() || s == State::Completed => {
-                if s.may_be_on_chain() || s == State::Signed {
+                if s.may_be_on_chain() || s == State::Signed || s == State::AwaitingSignatures {
                     w.failure_reason = Some(reason);
                     w.state = State::NeedsReview;
                 } else {
@@ -654,6 +721,12 @@ impl Withdrawal {
                     discarded.last().map_or_else(String::new, |a| a.txid.to_string())
                 ));
                 w.state = State::Cancelled;
+            }
+            (State::AwaitingSignatures, Outcome::Cancelled) => {
+                return Err(self.refuse(format!(
+                    "transaction {} was handed to external signers, who could complete it without the orchestrator: it can no longer be cancelled, only followed (or reviewed by an operator)",
+                    self.pending.as_ref().map_or_else(String::new, |p| p.txid.to_string())
+                )))
             }
             (_, Outcome::Cancelled) if self.may_have_left() => {
                 return Err(self.refuse(format!(

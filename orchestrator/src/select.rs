@@ -86,11 +86,12 @@ fn rate(sat_vb: f64) -> bitcoin_units::FeeRate {
     bitcoin_units::FeeRate::from_sat_per_kwu((sat_vb * 250.0).ceil() as u32)
 }
 
-/// Chooses coins among `candidates` to pay `outputs` (one for a withdrawal, one per
-/// member for a batch) at `sat_vb`, with change (when any) to `change_script`, within
-/// `max_fee`.
+/// Chooses coins among `candidates` (each weighing `input_weight` once signed) to pay
+/// `outputs` (one for a withdrawal, one per member for a batch) at `sat_vb`, with change
+/// (when any) to `change_script`, within `max_fee`.
 pub fn select(
     candidates: &[Candidate],
+    input_weight: u64,
     outputs: &[TxOut],
     change_script: &ScriptBuf,
     sat_vb: f64,
@@ -110,8 +111,7 @@ pub fn select(
         needed: target,
     };
     // Creating change now and spending it later.
-    let cost_of_change =
-        fee_for(change_weight, sat_vb) + fee_for(P2WPKH_INPUT_WEIGHT, LONG_TERM_SAT_VB);
+    let cost_of_change = fee_for(change_weight, sat_vb) + fee_for(input_weight, LONG_TERM_SAT_VB);
     // Coins worth less than their own input fee are left out.
     let (index, pool): (Vec<usize>, Vec<WeightedUtxo>) = candidates
         .iter()
@@ -119,7 +119,7 @@ pub fn select(
         .filter_map(|(i, c)| {
             WeightedUtxo::new(
                 units(c.value),
-                bitcoin_units::Weight::from_wu(P2WPKH_INPUT_WEIGHT),
+                bitcoin_units::Weight::from_wu(input_weight),
                 rate(sat_vb),
                 rate(LONG_TERM_SAT_VB),
             )
@@ -146,7 +146,7 @@ pub fn select(
         })
         .collect();
     let total: Amount = coins.iter().map(|c| c.value).sum();
-    let inputs_weight = P2WPKH_INPUT_WEIGHT * coins.len() as u64;
+    let inputs_weight = input_weight * coins.len() as u64;
     let without_change = fixed_weight + inputs_weight;
     let with_change = without_change + change_weight;
     let fee_with_change = fee_for(with_change, sat_vb);
@@ -225,7 +225,15 @@ mod tests {
         );
         let exact = 100_000 + fee.to_sat();
         let c = coins(&[exact, 500_000, 7_000]);
-        let s = select(&c, &pay(100_000), &p2wpkh(2), 2.0, Amount::from_sat(5_000)).unwrap();
+        let s = select(
+            &c,
+            P2WPKH_INPUT_WEIGHT,
+            &pay(100_000),
+            &p2wpkh(2),
+            2.0,
+            Amount::from_sat(5_000),
+        )
+        .unwrap();
         assert_eq!((s.coins.len(), s.change), (1, None));
         assert_eq!(s.coins[0].value.to_sat(), exact);
         check(&s, 100_000);
@@ -234,7 +242,15 @@ mod tests {
     #[test]
     fn otherwise_change_goes_back_and_everything_adds_up() {
         let c = coins(&[300_000, 250_000, 40_000]);
-        let s = select(&c, &pay(420_000), &p2wpkh(2), 2.0, Amount::from_sat(5_000)).unwrap();
+        let s = select(
+            &c,
+            P2WPKH_INPUT_WEIGHT,
+            &pay(420_000),
+            &p2wpkh(2),
+            2.0,
+            Amount::from_sat(5_000),
+        )
+        .unwrap();
         check(&s, 420_000);
         assert!(s.coins.len() >= 2);
     }
@@ -242,12 +258,36 @@ mod tests {
     #[test]
     fn shortfalls_and_fee_caps_are_typed_errors() {
         let c = coins(&[30_000, 20_000]);
-        let e = select(&c, &pay(60_000), &p2wpkh(2), 2.0, Amount::from_sat(5_000)).unwrap_err();
+        let e = select(
+            &c,
+            P2WPKH_INPUT_WEIGHT,
+            &pay(60_000),
+            &p2wpkh(2),
+            2.0,
+            Amount::from_sat(5_000),
+        )
+        .unwrap_err();
         assert!(matches!(e, SelectError::InsufficientFunds { .. }), "{e}");
         let c = coins(&[1_000_000]);
-        let e = select(&c, &pay(100_000), &p2wpkh(2), 50.0, Amount::from_sat(1_000)).unwrap_err();
+        let e = select(
+            &c,
+            P2WPKH_INPUT_WEIGHT,
+            &pay(100_000),
+            &p2wpkh(2),
+            50.0,
+            Amount::from_sat(1_000),
+        )
+        .unwrap_err();
         assert!(matches!(e, SelectError::FeeAboveCap { .. }), "{e}");
-        assert!(select(&[], &pay(1), &p2wpkh(2), 1.0, Amount::from_sat(1)).is_err());
+        assert!(select(
+            &[],
+            P2WPKH_INPUT_WEIGHT,
+            &pay(1),
+            &p2wpkh(2),
+            1.0,
+            Amount::from_sat(1)
+        )
+        .is_err());
     }
 
     #[test]
@@ -259,7 +299,14 @@ mod tests {
             let values: Vec<u64> = (0..n).map(|_| rng.gen_range(1_000..2_000_000)).collect();
             let amount = rng.gen_range(1_000..3_000_000);
             let c = coins(&values);
-            match select(&c, &pay(amount), &p2wpkh(2), 2.0, Amount::from_sat(100_000)) {
+            match select(
+                &c,
+                P2WPKH_INPUT_WEIGHT,
+                &pay(amount),
+                &p2wpkh(2),
+                2.0,
+                Amount::from_sat(100_000),
+            ) {
                 Ok(s) => check(&s, amount),
                 Err(SelectError::InsufficientFunds { .. }) => {}
                 Err(e) => panic!("{e}"),
@@ -276,7 +323,15 @@ mod tests {
             })
             .collect();
         let c = coins(&[300_000, 600_000, 90_000]);
-        let s = select(&c, &outputs, &p2wpkh(9), 2.0, Amount::from_sat(5_000)).unwrap();
+        let s = select(
+            &c,
+            P2WPKH_INPUT_WEIGHT,
+            &outputs,
+            &p2wpkh(9),
+            2.0,
+            Amount::from_sat(5_000),
+        )
+        .unwrap();
         check(&s, 750_000);
         let outputs_weight: u64 = outputs
             .iter()

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use bitcoin::bip32::Xpriv;
 use bitcoin::key::{CompressedPublicKey, PrivateKey};
 use bitcoin::secp256k1::{All, Message, Secp256k1};
 use bitcoin::sighash::{EcdsaSighashType, SighashCache};
@@ -50,26 +51,35 @@ pub enum SignError {
     },
 }
 
-/// Signs a withdrawal's PSBT: every input it holds a key for gets a final witness.
+/// Signs a withdrawal's PSBT: a P2WPKH input it holds the key for gets a final witness;
+/// an input of a descriptor wallet (its derivations in the PSBT) gets this signer's
+/// signatures, finalized once there are enough (see `descriptor_wallet`).
 pub trait Signer: Send + Sync {
-    /// Signs and finalizes the inputs it can; returns how many. An input it cannot sign is
-    /// an error only when it holds the key for its script but the input is unusable.
+    /// Signs the inputs it can; returns how many. An input it cannot sign is an error
+    /// only when it holds the key for its script but the input is unusable.
     fn sign(&self, psbt: &mut Psbt) -> Result<usize, SignError>;
 
     /// The scripts it can sign for: the coins a withdrawal may spend.
     fn scripts(&self) -> Vec<ScriptBuf>;
 }
 
-/// Keys from a file of WIF private keys, one per line (`#` starts a comment), which only
-/// its owner may read. Signs P2WPKH inputs.
+/// Keys from a file of private keys, one per line (`#` starts a comment), which only its
+/// owner may read: WIF keys sign P2WPKH inputs; extended keys (xprv/tprv) sign a
+/// descriptor wallet's inputs whose derivations they hold (a hot cosigner of a multisig).
 pub struct KeyFileSigner {
     secp: Secp256k1<All>,
     by_script: HashMap<ScriptBuf, PrivateKey>,
+    xprivs: Vec<Xpriv>,
 }
 
 impl std::fmt::Debug for KeyFileSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KeyFileSigner({} keys)", self.by_script.len())
+        write!(
+            f,
+            "KeyFileSigner({} keys, {} extended keys)",
+            self.by_script.len(),
+            self.xprivs.len()
+        )
     }
 }
 
@@ -94,6 +104,7 @@ impl KeyFileSigner {
         let text = std::fs::read_to_string(path).map_err(read_err)?;
         let secp = Secp256k1::new();
         let mut by_script = HashMap::new();
+        let mut xprivs = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
@@ -104,8 +115,17 @@ impl KeyFileSigner {
                 line: i + 1,
                 detail,
             };
-            let key =
-                PrivateKey::from_wif(line).map_err(|_| bad("not a WIF private key".into()))?;
+            if let Ok(xpriv) = line.parse::<Xpriv>() {
+                if xpriv.network != NetworkKind::from(network) {
+                    return Err(bad(format!(
+                        "an extended key of another network than {network}"
+                    )));
+                }
+                xprivs.push(xpriv);
+                continue;
+            }
+            let key = PrivateKey::from_wif(line)
+                .map_err(|_| bad("neither a WIF private key nor an extended one".into()))?;
             if key.network != NetworkKind::from(network) {
                 return Err(bad(format!("a key of another network than {network}")));
             }
@@ -117,7 +137,11 @@ impl KeyFileSigner {
             let public = CompressedPublicKey(key.public_key(&secp).inner);
             by_script.insert(ScriptBuf::new_p2wpkh(&public.wpubkey_hash()), key);
         }
-        Ok(KeyFileSigner { secp, by_script })
+        Ok(KeyFileSigner {
+            secp,
+            by_script,
+            xprivs,
+        })
     }
 }
 
@@ -187,11 +211,21 @@ impl Signer for KeyFileSigner {
                 witnesses.push((i, Witness::p2wpkh(&signature, &public)));
             }
         }
-        let signed = witnesses.len();
+        let mut signed: std::collections::BTreeSet<usize> =
+            witnesses.iter().map(|(i, _)| *i).collect();
         for (i, witness) in witnesses {
             psbt.inputs[i].final_script_witness = Some(witness);
         }
-        Ok(signed)
+        for xpriv in &self.xprivs {
+            // Inputs without a derivation of this key are skipped; an input it cannot
+            // sign is reported among the errors, but the others are signed.
+            let used = match psbt.sign(xpriv, &self.secp) {
+                Ok(used) => used,
+                Err((used, _)) => used,
+            };
+            signed.extend(used.keys());
+        }
+        Ok(signed.len())
     }
 }
 
@@ -230,7 +264,10 @@ mod tests {
         );
         let signer = KeyFileSigner::open(&ok, Network::Regtest).unwrap();
         assert_eq!(signer.scripts().len(), 1);
-        assert_eq!(format!("{signer:?}"), "KeyFileSigner(1 keys)");
+        assert_eq!(
+            format!("{signer:?}"),
+            "KeyFileSigner(1 keys, 0 extended keys)"
+        );
         let err = KeyFileSigner::open(&ok, Network::Bitcoin).unwrap_err();
         assert!(err.to_string().contains("line 2"), "{err}");
         assert!(!err.to_string().contains(&wif), "the key is never shown");
@@ -300,5 +337,29 @@ mod tests {
         let before = std::fs::read(&path).unwrap();
         assert!(generate_key_file(&path, Network::Regtest).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn extended_keys_sign_what_their_derivations_name_and_must_be_of_the_network() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        let mainnet = Xpriv::new_master(Network::Bitcoin, &[3; 32]).unwrap();
+        std::fs::write(&path, format!("# cosigner\n{mainnet}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = KeyFileSigner::open(&path, Network::Regtest).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("line 2: an extended key of another network"),
+            "{e}"
+        );
+        let regtest = Xpriv::new_master(Network::Regtest, &[3; 32]).unwrap();
+        std::fs::write(&path, format!("{regtest}\n")).unwrap();
+        let signer = KeyFileSigner::open(&path, Network::Regtest).unwrap();
+        assert_eq!(
+            format!("{signer:?}"),
+            "KeyFileSigner(0 keys, 1 extended keys)"
+        );
+        assert!(!format!("{signer:?}").contains("prv"), "keys never shown");
     }
 }

@@ -26,9 +26,14 @@ use temporalio_sdk::ApplicationFailure;
 
 use super::hot_wallet::{HotWalletStart, HotWalletWorkflow, ReserveAsk, ReserveReply};
 use crate::indexer_client::{self, Indexer};
-use crate::payment::{Payments, StepError};
+use crate::payment::{Built, Payments, StepError};
 use crate::saga::{Attempt, Coin, Withdrawal};
 use proto::indexer::v1 as ipb;
+
+/// Why a version needing external signatures is refused here: the Temporal engine signs
+/// with the hot keys only (the configuration refuses a descriptor wallet with it).
+const EXTERNAL_SIGNERS: &str =
+    "this payment needs external signatures, which only the embedded engine collects";
 
 /// Rounds of choosing again (after coins were taken by a concurrent withdrawal, or while
 /// this worker's other asks are answered), before the activity fails and is retried by
@@ -283,7 +288,8 @@ impl Activities {
     ) -> Result<Signing, ActivityError> {
         Ok(
             match self.payments.first_version(&w).await.map_err(retry)? {
-                Ok(attempt) => Signing::Signed(attempt),
+                Ok(Built::Signed(attempt)) => Signing::Signed(attempt),
+                Ok(Built::Unsigned(_)) => Signing::Refused(EXTERNAL_SIGNERS.into()),
                 Err(why) => Signing::Refused(why),
             },
         )
@@ -297,7 +303,8 @@ impl Activities {
         w: Withdrawal,
     ) -> Result<Signing, ActivityError> {
         Ok(match self.payments.replacement(&w).map_err(retry)? {
-            Ok(attempt) => Signing::Signed(attempt),
+            Ok(Built::Signed(attempt)) => Signing::Signed(attempt),
+            Ok(Built::Unsigned(_)) => Signing::Refused(EXTERNAL_SIGNERS.into()),
             Err(why) => Signing::Refused(why),
         })
     }

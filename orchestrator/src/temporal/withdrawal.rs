@@ -220,7 +220,9 @@ impl WithdrawalWorkflow {
                 }
                 Step::Broadcast => Self::broadcast(ctx, w).await?,
                 Step::Watch => Self::watch(ctx, w).await?,
-                Step::Rest => break,
+                // Never reached here: external signers run on the embedded engine only
+                // (the configuration refuses a descriptor wallet with Temporal).
+                Step::AwaitSignatures | Step::Rest => break,
             }
         }
         let (w, asked) = ctx.state(|s| (s.w.clone(), s.asked_coins));

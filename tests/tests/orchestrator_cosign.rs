@@ -1,0 +1,307 @@
+//! External signers on real parts over 127.0.0.1: a hot wallet described by a descriptor
+//! (a 2-of-3 `wsh(sortedmulti)` with one hot key, a `tr()` key held only by a remote
+//! signer), the devnet checking every script, the indexer following it, and the executor
+//! with the Signatures API. The remote signer takes the PSBT from ListPendingSignatures,
+//! signs it with its own key and sends it back with SubmitSignature; the hot key signs
+//! last and the withdrawal is paid exactly once. Bad signatures change nothing.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bitcoin::bip32::{Xpriv, Xpub};
+use bitcoin::secp256k1::Secp256k1;
+use bitcoin::{Address, Amount, Network, Psbt};
+use orchestrator::descriptor_wallet::DescriptorWallet;
+use orchestrator::executor::{Executor, Policy};
+use orchestrator::grpc::WithdrawalService;
+use orchestrator::grpc_signatures::SignatureService;
+use orchestrator::payment::Payments;
+use orchestrator::saga::{FeeRate, Request, State, Withdrawal};
+use orchestrator::signer::KeyFileSigner;
+use orchestrator::store::SagaStore;
+use proto::orchestrator::v1 as pb;
+use proto::orchestrator::v1::signatures_server::Signatures;
+use proto::orchestrator::v1::withdrawals_server::Withdrawals;
+use serde_json::json;
+use system_tests::harness::{script_of, TestWallet};
+use system_tests::live::{Devnet, Indexer};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn xpriv(seed: u8) -> Xpriv {
+    Xpriv::new_master(Network::Regtest, &[seed; 32]).unwrap()
+}
+
+fn xpub(seed: u8) -> Xpub {
+    Xpub::from_priv(&Secp256k1::new(), &xpriv(seed))
+}
+
+/// A descriptor wallet funded by the node and watched by the indexer, an executor paying
+/// from it with `hot` in its key file, and the Signatures API over its saga database.
+struct Cosigned {
+    node: Devnet,
+    miner: String,
+    store: Arc<SagaStore>,
+    served: Indexer,
+    signatures: SignatureService,
+    withdrawals: WithdrawalService,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl Cosigned {
+    fn start(descriptor: &str, hot: &[Xpriv], coins: usize) -> Cosigned {
+        use std::os::unix::fs::PermissionsExt;
+        let node = Devnet::start(|c| c.filler_txs = 0);
+        let miner = node.new_address("bech32");
+        node.mine_to(101, &miner);
+        let wallet = Arc::new(DescriptorWallet::parse(descriptor, Network::Regtest, 20).unwrap());
+        let mut scripts: Vec<_> = wallet.scripts();
+        scripts.sort();
+        for script in scripts.iter().take(coins) {
+            let address = Address::from_script(script, Network::Regtest).unwrap();
+            node.call("sendtoaddress", json!([address.to_string(), 0.5]));
+        }
+        node.mine_to(1, &miner);
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("hot.keys");
+        let keys: Vec<String> = hot.iter().map(|k| k.to_string()).collect();
+        std::fs::write(&key_file, keys.join("\n")).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let db = tempfile::tempdir().unwrap();
+        let watched = [TestWallet {
+            name: "hot".into(),
+            scripts: scripts.iter().cloned().collect(),
+        }];
+        let served = Indexer::caught_up(&node, db.path(), &watched);
+        let store = Arc::new(SagaStore::open(&dir.path().join("sagas")).unwrap());
+        let payments = Payments::new(
+            Arc::new(node.daemon(false)),
+            Arc::new(KeyFileSigner::open(&key_file, Network::Regtest).unwrap()),
+            Network::Regtest,
+            scripts[coins].clone(),
+            Policy {
+                confirmations: 1,
+                settle_at: 2,
+                ..Policy::default()
+            },
+        )
+        .with_descriptor_wallet(wallet);
+        let executor = Executor::new(
+            store.clone(),
+            orchestrator::indexer_client::open_client(served.channel.clone()),
+            payments.clone(),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        served.runtime.spawn(executor.run(async {
+            let _ = stopped.await;
+        }));
+        Cosigned {
+            signatures: SignatureService::new(store.clone(), payments),
+            withdrawals: WithdrawalService::new(store.clone(), Network::Regtest),
+            node,
+            miner,
+            store,
+            served,
+            _stop: stop,
+            _dirs: (dir, db),
+        }
+    }
+
+    fn submit(&self, name: &str, destination: &str, sat: u64) -> u64 {
+        let request = Request {
+            request_id: name.into(),
+            wallet: "hot".into(),
+            destination: destination.into(),
+            amount: Amount::from_sat(sat),
+            fee_rate: FeeRate::SatPerVb(3.0),
+            max_fee: Amount::from_sat(20_000),
+        };
+        self.store.submit(request, 0).unwrap().withdrawal.id
+    }
+
+    fn wait_for(&self, id: u64, ok: impl Fn(&Withdrawal) -> bool) -> Withdrawal {
+        let started = Instant::now();
+        loop {
+            let w = self.store.get(id).unwrap().unwrap();
+            if ok(&w) {
+                return w;
+            }
+            assert!(started.elapsed() < WAIT, "stuck at {w:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pending(&self) -> Vec<pb::PendingSignature> {
+        let req = tonic::Request::new(pb::ListPendingSignaturesRequest {});
+        let listed = self
+            .served
+            .runtime
+            .block_on(self.signatures.list_pending_signatures(req));
+        listed.unwrap().into_inner().pending
+    }
+
+    fn submit_signature(&self, id: u64, psbt: &Psbt) -> Result<pb::Withdrawal, tonic::Status> {
+        self.submit_base64(
+            id,
+            base64::engine::general_purpose::STANDARD.encode(psbt.serialize()),
+        )
+    }
+
+    fn submit_base64(&self, id: u64, psbt_base64: String) -> Result<pb::Withdrawal, tonic::Status> {
+        let req = tonic::Request::new(pb::SubmitSignatureRequest {
+            withdrawal_id: id,
+            psbt_base64,
+        });
+        let done = self
+            .served
+            .runtime
+            .block_on(self.signatures.submit_signature(req));
+        done.map(|r| r.into_inner())
+    }
+
+    /// Mines until `id` is settled; what the hot wallet's spends paid, by script.
+    fn settle(&self, id: u64) -> std::collections::HashMap<bitcoin::ScriptBuf, Vec<u64>> {
+        let started = Instant::now();
+        while !self.store.get(id).unwrap().unwrap().settled {
+            assert!(started.elapsed() < WAIT, "not settled");
+            self.node.mine_to(1, &self.miner);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let tip = self.node.mine_to(1, &self.miner)[0];
+        assert!(self.served.wait_for(tip, WAIT));
+        self.served.payments(&self.node, "hot")
+    }
+}
+
+/// The PSBT a signer got, decoded.
+fn decode(p: &pb::PendingSignature) -> Psbt {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(&p.psbt_base64)
+        .unwrap();
+    Psbt::deserialize(&bytes).unwrap()
+}
+
+/// 2-of-3 with one hot key (A), one remote signer (B) and a cold key (C) nobody uses. The
+/// withdrawal waits in AWAITING_SIGNATURES with the PSBT listed (no signature of A's in
+/// it: the hot key signs last); garbage, a PSBT of another transaction and a forged
+/// signature are refused and change nothing; a cancel is refused; B's signature
+/// completes it and it is paid exactly once.
+#[test]
+fn a_two_of_three_with_a_remote_signer_pays_a_withdrawal_end_to_end() {
+    let descriptor = format!(
+        "wsh(sortedmulti(2,{}/0/*,{}/0/*,{}/0/*))",
+        xpub(1),
+        xpub(2),
+        xpub(3)
+    );
+    let rig = Cosigned::start(&descriptor, &[xpriv(1)], 2);
+    let destination = rig.node.new_address("bech32");
+    let id = rig.submit("multisig-1", &destination, 30_000_000);
+    let waiting = rig.wait_for(id, |w| w.state == State::AwaitingSignatures);
+    let listed = rig.pending();
+    assert_eq!(listed.len(), 1);
+    let p = &listed[0];
+    assert_eq!((p.withdrawal_id, p.replacing), (id, false));
+    assert_eq!(p.txid, waiting.pending.as_ref().unwrap().txid.to_string());
+    let psbt = decode(p);
+    assert!(psbt
+        .inputs
+        .iter()
+        .all(|i| i.partial_sigs.is_empty() && i.witness_script.is_some()));
+    // Bad input is refused and changes nothing.
+    let garbage = rig.submit_base64(id, "not base64!".into()).unwrap_err();
+    assert_eq!(garbage.code(), tonic::Code::InvalidArgument, "{garbage:?}");
+    let mut other = psbt.clone();
+    other.unsigned_tx.lock_time = bitcoin::absolute::LockTime::from_height(1).unwrap();
+    let e = rig.submit_signature(id, &other).unwrap_err();
+    assert!(e.message().contains("not of the pending"), "{e:?}");
+    let mut forged = psbt.clone();
+    forged.sign(&xpriv(2), &Secp256k1::new()).unwrap();
+    let (key, sig) = forged.inputs[0]
+        .partial_sigs
+        .iter()
+        .next()
+        .map(|(k, s)| (*k, *s))
+        .unwrap();
+    let mut wrong = psbt.clone();
+    let other_input = if psbt.inputs.len() > 1 { 1 } else { 0 };
+    let mut swapped = sig;
+    // A signature of key B over another input's sighash (or a tweaked one): it does not verify.
+    swapped.signature = if other_input == 1 {
+        forged.inputs[1].partial_sigs[&key].signature
+    } else {
+        let mut bytes = sig.signature.serialize_compact();
+        bytes[10] ^= 1;
+        bitcoin::secp256k1::ecdsa::Signature::from_compact(&bytes).unwrap()
+    };
+    wrong.inputs[0].partial_sigs.insert(key, swapped);
+    let e = rig.submit_signature(id, &wrong).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("does not verify"), "{e:?}");
+    assert_eq!(
+        rig.store.get(id).unwrap().unwrap(),
+        waiting,
+        "nothing changed"
+    );
+    let cancel = rig.served.runtime.block_on(
+        rig.withdrawals
+            .cancel_withdrawal(tonic::Request::new(pb::CancelWithdrawalRequest { id })),
+    );
+    let refused = cancel.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("external signers"),
+        "{refused:?}"
+    );
+    // The remote signer's signature completes it: the hot key signs last.
+    let signed = rig.submit_signature(id, &forged).unwrap();
+    assert_eq!(
+        signed.state,
+        pb::WithdrawalState::Signed as i32,
+        "{signed:?}"
+    );
+    assert_eq!(
+        signed.txid, p.txid,
+        "segwit: signatures do not change the txid"
+    );
+    assert!(rig.pending().is_empty());
+    let again = rig.submit_signature(id, &forged).unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+    let paid = rig.settle(id);
+    let done = rig.store.get(id).unwrap().unwrap();
+    assert_eq!((done.state, done.attempts.len()), (State::Completed, 1));
+    assert_eq!(paid.get(&script_of(&destination)), Some(&vec![30_000_000]));
+    assert!(rig.store.reserved().unwrap().is_empty());
+}
+
+/// A `tr()` wallet whose only key is a remote signer's: the orchestrator holds no key of
+/// it, lists the PSBT, and the signer's key-path signature completes the payment.
+#[test]
+fn a_taproot_key_path_wallet_signed_remotely_pays_a_withdrawal() {
+    let descriptor = format!("tr({}/0/*)", xpub(4));
+    // The hot key file holds an unrelated key: nothing of this wallet's.
+    let rig = Cosigned::start(&descriptor, &[xpriv(9)], 1);
+    let destination = rig.node.new_address("bech32m");
+    let id = rig.submit("taproot-1", &destination, 10_000_000);
+    rig.wait_for(id, |w| w.state == State::AwaitingSignatures);
+    let mut psbt = decode(&rig.pending()[0]);
+    assert!(psbt.inputs[0].tap_internal_key.is_some());
+    psbt.sign(&xpriv(4), &Secp256k1::new()).unwrap();
+    assert!(psbt.inputs[0].tap_key_sig.is_some());
+    let signed = rig.submit_signature(id, &psbt).unwrap();
+    assert_eq!(
+        signed.state,
+        pb::WithdrawalState::Signed as i32,
+        "{signed:?}"
+    );
+    let paid = rig.settle(id);
+    assert_eq!(paid.get(&script_of(&destination)), Some(&vec![10_000_000]));
+}
