@@ -48,12 +48,26 @@ struct Cosigned {
     served: Indexer,
     signatures: SignatureService,
     withdrawals: WithdrawalService,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    payments: Payments,
+    executor: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
 impl Cosigned {
     fn start(descriptor: &str, hot: &[Xpriv], coins: usize) -> Cosigned {
+        Self::start_with(descriptor, hot, coins, 1)
+    }
+
+    /// The same, replacing a payment unmined after `bump_after_blocks`.
+    fn start_with(
+        descriptor: &str,
+        hot: &[Xpriv],
+        coins: usize,
+        bump_after_blocks: u32,
+    ) -> Cosigned {
         use std::os::unix::fs::PermissionsExt;
         let node = Devnet::start(|c| c.filler_txs = 0);
         let miner = node.new_address("bech32");
@@ -86,29 +100,46 @@ impl Cosigned {
             Policy {
                 confirmations: 1,
                 settle_at: 2,
+                bump_after_blocks,
                 ..Policy::default()
             },
         )
         .with_descriptor_wallet(wallet);
-        let executor = Executor::new(
-            store.clone(),
-            orchestrator::indexer_client::open_client(served.channel.clone()),
-            payments.clone(),
-        );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        served.runtime.spawn(executor.run(async {
-            let _ = stopped.await;
-        }));
-        Cosigned {
-            signatures: SignatureService::new(store.clone(), payments),
+        let mut rig = Cosigned {
+            signatures: SignatureService::new(store.clone(), payments.clone()),
             withdrawals: WithdrawalService::new(store.clone(), Network::Regtest),
+            payments,
+            executor: None,
             node,
             miner,
             store,
             served,
-            _stop: stop,
             _dirs: (dir, db),
-        }
+        };
+        rig.start_executor();
+        rig
+    }
+
+    fn start_executor(&mut self) {
+        let executor = Executor::new(
+            self.store.clone(),
+            orchestrator::indexer_client::open_client(self.served.channel.clone()),
+            self.payments.clone(),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = self.served.runtime.spawn(executor.run(async {
+            let _ = stopped.await;
+        }));
+        self.executor = Some((stop, running));
+    }
+
+    /// Stops the executor and starts another on the same database, as a restarted
+    /// process would.
+    fn restart_executor(&mut self) {
+        let (stop, running) = self.executor.take().unwrap();
+        let _ = stop.send(());
+        self.served.runtime.block_on(running).unwrap();
+        self.start_executor();
     }
 
     fn submit(&self, name: &str, destination: &str, sat: u64) -> u64 {
@@ -304,4 +335,73 @@ fn a_taproot_key_path_wallet_signed_remotely_pays_a_withdrawal() {
     );
     let paid = rig.settle(id);
     assert_eq!(paid.get(&script_of(&destination)), Some(&vec![10_000_000]));
+}
+
+/// A 2-of-3 payment stuck below the node's mining rate is replaced by fee: the
+/// replacement waits for the remote signer too (listed as replacing, the first version
+/// still on the network), survives a restart of the executor, and once signed replaces
+/// the first; the withdrawal completes by it, paid once.
+#[test]
+fn a_stuck_multisig_payment_is_replaced_once_the_remote_signer_signs_again() {
+    let descriptor = format!(
+        "wsh(sortedmulti(2,{}/0/*,{}/0/*,{}/0/*))",
+        xpub(1),
+        xpub(2),
+        xpub(3)
+    );
+    let mut rig = Cosigned::start_with(&descriptor, &[xpriv(1)], 1, 1);
+    rig.node.call("devnet_setminingfeerate", json!([6]));
+    let destination = rig.node.new_address("bech32");
+    let id = rig.submit("stuck-multisig", &destination, 20_000_000);
+    rig.wait_for(id, |w| w.state == State::AwaitingSignatures);
+    let mut first = decode(&rig.pending()[0]);
+    first.sign(&xpriv(2), &Secp256k1::new()).unwrap();
+    rig.submit_signature(id, &first).unwrap();
+    let sent = rig.wait_for(id, |w| w.state == State::Broadcast && !w.needs_broadcast);
+    // Unmined after a block: a replacement, which needs the remote signer again.
+    rig.node.mine_to(1, &rig.miner);
+    let waiting = rig.wait_for(id, |w| w.pending.is_some());
+    assert_eq!(
+        waiting.state,
+        State::Broadcast,
+        "the first version is still out there"
+    );
+    rig.restart_executor();
+    let listed = rig.pending();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].replacing);
+    assert!(listed[0].feerate_sat_vb > sent.current().unwrap().fee_rate);
+    let mut replacement = decode(&listed[0]);
+    replacement.sign(&xpriv(2), &Secp256k1::new()).unwrap();
+    let replaced = rig.submit_signature(id, &replacement).unwrap();
+    assert_eq!(replaced.txids.len(), 2, "{replaced:?}");
+    // Stepped up until the node mines it (a replacement a block, each signed remotely).
+    let started = Instant::now();
+    loop {
+        let w = rig.store.get(id).unwrap().unwrap();
+        if w.state == State::Completed {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "stuck at {w:?}");
+        for p in rig.pending() {
+            let mut psbt = decode(&p);
+            psbt.sign(&xpriv(2), &Secp256k1::new()).unwrap();
+            match rig.submit_signature(p.withdrawal_id, &psbt) {
+                // An earlier version confirmed meanwhile: nothing waits any more.
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => {}
+                other => {
+                    other.unwrap();
+                }
+            }
+        }
+        rig.node.mine_to(1, &rig.miner);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let paid = rig.settle(id);
+    let done = rig.store.get(id).unwrap().unwrap();
+    assert!(
+        done.attempts.len() >= 2 && done.current().unwrap().fee_rate >= 6.0,
+        "{done:?}"
+    );
+    assert_eq!(paid.get(&script_of(&destination)), Some(&vec![20_000_000]));
 }
