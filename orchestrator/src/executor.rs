@@ -117,6 +117,9 @@ pub struct Executor {
     /// Withdrawals whose bump failed (the fee cap reached), with the tip then: not tried
     /// again before the chain moves.
     bump_failed: std::collections::HashMap<u64, u32>,
+    /// Withdrawals awaiting signatures whose transaction was looked for in bitcoind's
+    /// mempool, with the tip then: looked for again once a block came.
+    mempool_looked: std::collections::HashMap<u64, u32>,
     /// Told of every step boundary (tests: a crash or a cancel at an exact moment).
     boundaries: Option<Arc<dyn Boundaries>>,
     /// Where the chain's events come from: the Kafka topic when set, else Subscribe.
@@ -182,6 +185,7 @@ impl Executor {
             utxos: std::collections::HashMap::new(),
             reserved: None,
             bump_failed: std::collections::HashMap::new(),
+            mempool_looked: std::collections::HashMap::new(),
             boundaries: None,
             kafka_events: None,
         }
@@ -344,8 +348,8 @@ impl Executor {
             Step::Sign => self.sign(&w).await.map(|_| true),
             Step::Broadcast => self.broadcast(&w).await,
             Step::Watch => self.watch(&w).await,
-            // Signatures arrive through the Signatures API.
-            Step::AwaitSignatures | Step::Rest => Ok(false),
+            Step::AwaitSignatures => self.await_signatures(&w).await,
+            Step::Rest => Ok(false),
         }
     }
 
@@ -580,6 +584,33 @@ impl Executor {
             return Ok(bumped);
         }
         Ok(false)
+    }
+
+    /// Signatures arrive through the Signatures API; but the external signers may also
+    /// complete the transaction and send it themselves: once bitcoind has it (in a block
+    /// the index recorded, or in its mempool, looked at once a block), it is `w`'s version.
+    async fn await_signatures(&mut self, w: &Withdrawal) -> Result<bool, StepError> {
+        let Some(pending) = &w.pending else {
+            return Ok(false);
+        };
+        let height = self.store.confirmed_height(&pending.txid)?;
+        let tip = self.last_tip.unwrap_or(0);
+        if height.is_none() && self.mempool_looked.get(&w.id) == Some(&tip) {
+            return Ok(false);
+        }
+        self.mempool_looked.insert(w.id, tip);
+        let Some(attempt) = self.payments.completed_elsewhere(pending, height).await? else {
+            return Ok(false);
+        };
+        tracing::warn!(id = w.id, txid = %attempt.txid, "the external signers completed and sent the transaction themselves: following it");
+        self.mempool_looked.remove(&w.id);
+        let outcome = if pending.replacing {
+            Outcome::Replaced(attempt)
+        } else {
+            Outcome::Signed(attempt)
+        };
+        self.record(w, outcome)?;
+        Ok(true)
     }
 
     /// Withdrawals waiting in the queue of batch `w` (its wallet and fee policy), oldest

@@ -455,6 +455,48 @@ impl Payments {
         }
     }
 
+    /// `pending` as the external signers completed and sent it themselves, when bitcoind
+    /// has it: in the block at `height` (as the index recorded it), else in its mempool.
+    /// `None` while it is nowhere (not complete yet, or not sent).
+    pub async fn completed_elsewhere(
+        &self,
+        pending: &Pending,
+        height: Option<u32>,
+    ) -> Result<Option<Attempt>, StepError> {
+        let daemon = self.daemon.clone();
+        let txid = pending.txid;
+        let raw = tokio::task::spawn_blocking(move || -> Result<_, bitcoind::DaemonError> {
+            let Some(height) = height else {
+                return daemon.mempool_transaction(&txid);
+            };
+            let Some(hash) = daemon.block_hashes(&[height])?.pop() else {
+                return Ok(None);
+            };
+            let block: bitcoin::Block = match bitcoin::consensus::deserialize(&daemon.block(&hash)?)
+            {
+                Ok(block) => block,
+                Err(_) => return Ok(None),
+            };
+            Ok(block
+                .txdata
+                .into_iter()
+                .find(|tx| tx.compute_txid() == txid)
+                .map(|tx| serialize(&tx)))
+        })
+        .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))??;
+        Ok(raw.map(|raw| Attempt {
+            txid,
+            raw,
+            fee: pending.fee,
+            fee_rate: pending.fee_rate,
+            fee_choice: format!(
+                "{} (completed and sent by the external signers)",
+                pending.fee_choice
+            ),
+        }))
+    }
+
     /// Hands `attempt` to bitcoind: its answer (accepted, or why not).
     pub async fn send(
         &self,

@@ -351,21 +351,32 @@ impl SagaStore {
             }
         }
         let attempts = self.cf(ATTEMPTS);
+        // Its versions are watched, and a version waiting for signatures too (the
+        // signers may complete and send it themselves).
+        let txids = |w: &Withdrawal| -> Vec<Txid> {
+            w.attempts
+                .iter()
+                .map(|a| a.txid)
+                .chain(w.pending.as_ref().map(|p| p.txid))
+                .collect()
+        };
+        let (was, now) = (txids(before), txids(&after));
         let kept: HashSet<Txid> = if after.next_step() == Step::Rest {
             HashSet::new()
         } else {
-            after.attempts.iter().map(|a| a.txid).collect()
+            now.iter().copied().collect()
         };
         // Nothing watches the versions it no longer has (finished, or discarded unsent).
-        for a in before.attempts.iter().chain(&after.attempts) {
-            if !kept.contains(&a.txid) {
-                batch.delete_cf(attempts, a.txid.as_byte_array());
-                batch.delete_cf(self.cf(CHAIN), a.txid.as_byte_array());
+        for txid in was.iter().chain(&now) {
+            if !kept.contains(txid) {
+                batch.delete_cf(attempts, txid.as_byte_array());
+                batch.delete_cf(self.cf(CHAIN), txid.as_byte_array());
             }
         }
-        for a in &after.attempts[before.attempts.len().min(after.attempts.len())..] {
-            if kept.contains(&a.txid) {
-                batch.put_cf(attempts, a.txid.as_byte_array(), after.id.to_be_bytes());
+        let watched: HashSet<&Txid> = was.iter().collect();
+        for txid in &now {
+            if kept.contains(txid) && !watched.contains(txid) {
+                batch.put_cf(attempts, txid.as_byte_array(), after.id.to_be_bytes());
             }
         }
         let mut mirrored = Vec::new();

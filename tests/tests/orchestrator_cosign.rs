@@ -405,3 +405,43 @@ fn a_stuck_multisig_payment_is_replaced_once_the_remote_signer_signs_again() {
     );
     assert_eq!(paid.get(&script_of(&destination)), Some(&vec![20_000_000]));
 }
+
+/// The external signers (B and C of a 2-of-3) complete the listed PSBT without the hot
+/// key and send it themselves: the withdrawal, awaiting their signatures, finds the
+/// transaction in the node's mempool, takes it as its version and completes by it; the
+/// destination is paid once.
+#[test]
+fn when_the_external_signers_complete_and_send_it_themselves_the_withdrawal_follows() {
+    let descriptor = format!(
+        "wsh(sortedmulti(2,{}/0/*,{}/0/*,{}/0/*))",
+        xpub(1),
+        xpub(2),
+        xpub(3)
+    );
+    let rig = Cosigned::start(&descriptor, &[xpriv(1)], 1);
+    let destination = rig.node.new_address("bech32");
+    let id = rig.submit("outside", &destination, 15_000_000);
+    rig.wait_for(id, |w| w.state == State::AwaitingSignatures);
+    let listed = rig.pending();
+    let mut psbt = decode(&listed[0]);
+    let secp = Secp256k1::new();
+    psbt.sign(&xpriv(2), &secp).unwrap();
+    psbt.sign(&xpriv(3), &secp).unwrap();
+    let wallet = DescriptorWallet::parse(&descriptor, Network::Regtest, 20).unwrap();
+    wallet.finalize(&mut psbt).unwrap();
+    let tx = psbt.extract_tx().unwrap();
+    let hex = bitcoin::consensus::encode::serialize_hex(&tx);
+    rig.node.call("sendrawtransaction", json!([hex]));
+    // Looked for in the mempool once a block: mine one.
+    rig.node.mine_to(1, &rig.miner);
+    let followed = rig.wait_for(id, |w| w.state == State::Completed);
+    assert_eq!(followed.attempts.len(), 1);
+    assert_eq!(followed.confirmed, Some(tx.compute_txid()));
+    assert!(followed
+        .current()
+        .unwrap()
+        .fee_choice
+        .contains("external signers"));
+    let paid = rig.settle(id);
+    assert_eq!(paid.get(&script_of(&destination)), Some(&vec![15_000_000]));
+}
