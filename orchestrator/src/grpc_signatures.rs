@@ -52,7 +52,10 @@ impl Signatures for SignatureService {
         &self,
         _req: Request<pb::ListPendingSignaturesRequest>,
     ) -> Result<Response<pb::ListPendingSignaturesResponse>, Status> {
-        let unfinished = self.blocking(|s| s.unfinished()).await?;
+        // Batches wait for signatures as one transaction: listed under the batch's id.
+        let unfinished = self
+            .blocking(|s| Ok([s.unfinished()?, s.unfinished_batches()?].concat()))
+            .await?;
         let pending = unfinished
             .into_iter()
             .filter_map(|w| {
@@ -83,12 +86,15 @@ impl Signatures for SignatureService {
         // The executor may move it concurrently (a confirmation): retry on a stale read.
         for _ in 0..10 {
             let w = self
-                .blocking(move |s| s.get(id))
+                .blocking(move |s| Ok(s.get(id)?.or(s.batch(id)?)))
                 .await?
                 .ok_or_else(|| Status::not_found(format!("no withdrawal {id}")))?;
             let Some(pending) = w.pending.clone() else {
+                let batch = w.batch.map_or_else(String::new, |b| {
+                    format!(" (it is paid by batch {b}: sign the batch's PSBT, withdrawal_id {b})")
+                });
                 return Err(Status::failed_precondition(format!(
-                    "withdrawal {id} is {:?}: no version of it waits for signatures",
+                    "withdrawal {id} is {:?}: no version of it waits for signatures{batch}",
                     w.state
                 )));
             };

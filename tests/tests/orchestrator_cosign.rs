@@ -58,16 +58,11 @@ struct Cosigned {
 
 impl Cosigned {
     fn start(descriptor: &str, hot: &[Xpriv], coins: usize) -> Cosigned {
-        Self::start_with(descriptor, hot, coins, 1)
+        Self::start_with(descriptor, hot, coins, policy())
     }
 
-    /// The same, replacing a payment unmined after `bump_after_blocks`.
-    fn start_with(
-        descriptor: &str,
-        hot: &[Xpriv],
-        coins: usize,
-        bump_after_blocks: u32,
-    ) -> Cosigned {
+    /// The same, paying under `policy`.
+    fn start_with(descriptor: &str, hot: &[Xpriv], coins: usize, policy: Policy) -> Cosigned {
         use std::os::unix::fs::PermissionsExt;
         let node = Devnet::start(|c| c.filler_txs = 0);
         let miner = node.new_address("bech32");
@@ -97,12 +92,7 @@ impl Cosigned {
             Arc::new(KeyFileSigner::open(&key_file, Network::Regtest).unwrap()),
             Network::Regtest,
             scripts[coins].clone(),
-            Policy {
-                confirmations: 1,
-                settle_at: 2,
-                bump_after_blocks,
-                ..Policy::default()
-            },
+            policy,
         )
         .with_descriptor_wallet(wallet);
         let mut rig = Cosigned {
@@ -205,6 +195,15 @@ impl Cosigned {
         let tip = self.node.mine_to(1, &self.miner)[0];
         assert!(self.served.wait_for(tip, WAIT));
         self.served.payments(&self.node, "hot")
+    }
+}
+
+/// One confirmation completes, two settle.
+fn policy() -> Policy {
+    Policy {
+        confirmations: 1,
+        settle_at: 2,
+        ..Policy::default()
     }
 }
 
@@ -349,7 +348,11 @@ fn a_stuck_multisig_payment_is_replaced_once_the_remote_signer_signs_again() {
         xpub(2),
         xpub(3)
     );
-    let mut rig = Cosigned::start_with(&descriptor, &[xpriv(1)], 1, 1);
+    let bumping = Policy {
+        bump_after_blocks: 1,
+        ..policy()
+    };
+    let mut rig = Cosigned::start_with(&descriptor, &[xpriv(1)], 1, bumping);
     rig.node.call("devnet_setminingfeerate", json!([6]));
     let destination = rig.node.new_address("bech32");
     let id = rig.submit("stuck-multisig", &destination, 20_000_000);
@@ -444,4 +447,62 @@ fn when_the_external_signers_complete_and_send_it_themselves_the_withdrawal_foll
         .contains("external signers"));
     let paid = rig.settle(id);
     assert_eq!(paid.get(&script_of(&destination)), Some(&vec![15_000_000]));
+}
+
+/// Batching and a remote signer together: the batch's PSBT is listed under the batch's
+/// id, a member's id points there, and the remote signature pays every member by one
+/// transaction.
+#[test]
+fn a_batch_from_a_multisig_wallet_is_signed_remotely_as_one_transaction() {
+    let descriptor = format!(
+        "wsh(sortedmulti(2,{}/0/*,{}/0/*,{}/0/*))",
+        xpub(1),
+        xpub(2),
+        xpub(3)
+    );
+    let batching = Policy {
+        batch: Some(orchestrator::executor::Batching {
+            window_ms: 60_000,
+            max_outputs: 3,
+        }),
+        ..policy()
+    };
+    let rig = Cosigned::start_with(&descriptor, &[xpriv(1)], 1, batching);
+    let destinations: Vec<String> = (0..3).map(|_| rig.node.new_address("bech32")).collect();
+    let ids: Vec<u64> = destinations
+        .iter()
+        .enumerate()
+        .map(|(i, d)| rig.submit(&format!("batched-{i}"), d, 1_000_000 + i as u64))
+        .collect();
+    let member = rig.wait_for(ids[0], |w| w.state == State::AwaitingSignatures);
+    let batch = member.batch.unwrap();
+    let listed = rig.pending();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].withdrawal_id, batch);
+    let mut psbt = decode(&listed[0]);
+    psbt.sign(&xpriv(2), &Secp256k1::new()).unwrap();
+    let e = rig.submit_signature(ids[0], &psbt).unwrap_err();
+    assert!(
+        e.message().contains(&format!("withdrawal_id {batch}")),
+        "{e:?}"
+    );
+    rig.submit_signature(batch, &psbt).unwrap();
+    let started = Instant::now();
+    while ids
+        .iter()
+        .any(|id| !rig.store.get(*id).unwrap().unwrap().settled)
+    {
+        assert!(started.elapsed() < WAIT, "not settled");
+        rig.node.mine_to(1, &rig.miner);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let paid = rig.settle(ids[0]);
+    let txids: std::collections::BTreeSet<_> = ids
+        .iter()
+        .map(|id| rig.store.get(*id).unwrap().unwrap().confirmed.unwrap())
+        .collect();
+    assert_eq!(txids.len(), 1, "one transaction");
+    for (i, d) in destinations.iter().enumerate() {
+        assert_eq!(paid.get(&script_of(d)), Some(&vec![1_000_000 + i as u64]));
+    }
 }
