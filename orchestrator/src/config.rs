@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use bitcoin::{Address, Network, ScriptBuf};
 use serde::{Deserialize, Serialize};
 
+use crate::balancing::Sweep;
 use crate::descriptor_wallet::DescriptorWallet;
 use crate::executor::{Batching, Policy, PriorityBlocks};
 
@@ -107,6 +108,21 @@ pub struct Settings {
     /// 1000; the indexer must watch at least as many).
     #[arg(long, env = "ORCHESTRATOR_DESCRIPTOR_RANGE")]
     pub descriptor_range: Option<u32>,
+    /// Wallet balancing: above this many satoshis spendable in the hot wallet
+    /// (`sweep_wallet`), the excess above `sweep_keep_sat` is swept to `cold_descriptor`
+    /// (absent: never swept). Embedded engine.
+    #[arg(long, env = "ORCHESTRATOR_SWEEP_ABOVE_SAT")]
+    pub sweep_above_sat: Option<u64>,
+    /// What a sweep leaves in the hot wallet, satoshis (below `sweep_above_sat`).
+    #[arg(long, env = "ORCHESTRATOR_SWEEP_KEEP_SAT")]
+    pub sweep_keep_sat: Option<u64>,
+    /// The hot wallet's name at the indexer, for balancing (default `hot`).
+    #[arg(long, env = "ORCHESTRATOR_SWEEP_WALLET")]
+    pub sweep_wallet: Option<String>,
+    /// The cold wallet as a watch-only descriptor of public keys: each sweep pays a fresh
+    /// address of it. Never a script of the hot wallet.
+    #[arg(long, env = "ORCHESTRATOR_COLD_DESCRIPTOR")]
+    pub cold_descriptor: Option<String>,
     /// Seconds a withdrawal waits in its hot wallet's payout queue so that others arriving
     /// meanwhile are paid by the same transaction (absent or 0: each is paid alone).
     /// Withdrawals batch with those of the same wallet and fee policy. Embedded engine.
@@ -436,7 +452,7 @@ impl Settings {
         };
         let network = service::config::parse_network(self.network.as_deref().unwrap_or("mainnet"))
             .map_err(|e| ConfigError(e.to_string()))?;
-        let change_text = self.change_address.ok_or_else(|| {
+        let change_text = self.change_address.clone().ok_or_else(|| {
             ConfigError("change_address is required: an address of the paying wallet".into())
         })?;
         let change = change_text
@@ -464,6 +480,7 @@ impl Settings {
                 Some(std::sync::Arc::new(wallet))
             }
         };
+        let sweep = self.sweep(network, &change, wallet.as_deref())?;
         let defaults = Policy::default();
         let policy = Policy {
             min_conf: defaults.min_conf,
@@ -472,6 +489,7 @@ impl Settings {
             bump_after_blocks: self.bump_after_blocks.unwrap_or(defaults.bump_after_blocks),
             fee_floor: self.fee_floor.unwrap_or(defaults.fee_floor),
             fee_ceiling: self.fee_ceiling.unwrap_or(defaults.fee_ceiling),
+            sweep,
             batch: self
                 .batch_window_secs
                 .filter(|s| *s > 0)
@@ -502,6 +520,11 @@ impl Settings {
         if temporal.is_some() && wallet.is_some() {
             return Err(ConfigError(
                 "descriptor: external signers and descriptor wallets run on the embedded engine; with engine = \"temporal\" the key file's P2WPKH keys are the wallet (leave descriptor unset)".into(),
+            ));
+        }
+        if temporal.is_some() && policy.sweep.is_some() {
+            return Err(ConfigError(
+                "sweep_above_sat: balancing runs on the embedded engine (leave it unset with engine = \"temporal\")".into(),
             ));
         }
         if temporal.is_some() && policy.batch.is_some() {
@@ -550,6 +573,48 @@ impl Settings {
             kafka_events,
             temporal,
         })
+    }
+}
+
+impl Settings {
+    /// The high-water policy, when `sweep_above_sat` is set: refused without a level to
+    /// keep below the mark, without a cold descriptor, or with one that pays the hot
+    /// wallet (its change address, or a script of its descriptor).
+    fn sweep(
+        &self,
+        network: Network,
+        change: &ScriptBuf,
+        hot: Option<&DescriptorWallet>,
+    ) -> Result<Option<Sweep>, ConfigError> {
+        let Some(above) = self.sweep_above_sat else {
+            return Ok(None);
+        };
+        let refuse = |m: String| Err(ConfigError(m));
+        let Some(keep) = self.sweep_keep_sat.filter(|k| *k < above) else {
+            return refuse(format!(
+                "sweep_above_sat {above} needs sweep_keep_sat, the balance a sweep leaves, below it"
+            ));
+        };
+        let Some(text) = &self.cold_descriptor else {
+            return refuse("sweep_above_sat needs cold_descriptor: where sweeps go".into());
+        };
+        let cold = DescriptorWallet::parse(text, network, DEFAULT_DESCRIPTOR_RANGE)
+            .map_err(|e| ConfigError(format!("cold_descriptor: {e}")))?;
+        let pays_hot = cold
+            .scripts()
+            .iter()
+            .any(|s| s == change || hot.is_some_and(|h| h.contains(s)));
+        if pays_hot {
+            return refuse(
+                "cold_descriptor pays the hot wallet (its change address or one of its scripts): sweeps must leave it".into(),
+            );
+        }
+        Ok(Some(Sweep {
+            wallet: self.sweep_wallet.clone().unwrap_or_else(|| "hot".into()),
+            above: bitcoin::Amount::from_sat(above),
+            keep: bitcoin::Amount::from_sat(keep),
+            cold: std::sync::Arc::new(cold),
+        }))
     }
 }
 
@@ -722,6 +787,58 @@ mod tests {
                     ..on(good.clone())
                 },
                 "external signers and descriptor wallets run on the embedded engine",
+            ),
+        ] {
+            let e = bad.resolve_with(None).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn a_sweep_needs_a_level_below_the_mark_and_a_cold_wallet_that_is_not_the_hot_one() {
+        use bitcoin::bip32::{Xpriv, Xpub};
+        let secp = bitcoin::secp256k1::Secp256k1::new();
+        let cold_xpub = Xpub::from_priv(
+            &secp,
+            &Xpriv::new_master(Network::Regtest, &[6; 32]).unwrap(),
+        );
+        let cold = format!("wpkh({cold_xpub}/0/*)");
+        let change = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080";
+        let on = |keep: Option<u64>, descriptor: Option<String>| Settings {
+            network: Some("regtest".into()),
+            change_address: Some(change.into()),
+            sweep_above_sat: Some(300_000_000),
+            sweep_keep_sat: keep,
+            cold_descriptor: descriptor,
+            ..complete()
+        };
+        let c = on(Some(100_000_000), Some(cold.clone()))
+            .resolve_with(None)
+            .unwrap();
+        let sweep = c.policy.sweep.unwrap();
+        assert_eq!(
+            (sweep.wallet.as_str(), sweep.keep.to_sat()),
+            ("hot", 100_000_000)
+        );
+        for (bad, says) in [
+            (on(None, Some(cold.clone())), "needs sweep_keep_sat"),
+            (on(Some(300_000_000), Some(cold.clone())), "below it"),
+            (on(Some(1), None), "needs cold_descriptor"),
+            (
+                // The key of the change address: the hot wallet itself.
+                on(
+                    Some(1),
+                    Some(
+                        "wpkh(0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798)"
+                            .into(),
+                    ),
+                ),
+                "cold_descriptor pays the hot wallet",
+            ),
+            (
+                on(Some(1), Some("wpkh(nonsense)".into())),
+                "cold_descriptor: descriptor",
             ),
         ] {
             let e = bad.resolve_with(None).unwrap_err().to_string();

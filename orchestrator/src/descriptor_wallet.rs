@@ -117,6 +117,13 @@ impl DescriptorWallet {
         self.by_script.keys().cloned().collect()
     }
 
+    /// The script at derivation `index` (any index, derived now; `None` past the
+    /// non-hardened range).
+    pub fn script_at(&self, index: u32) -> Option<ScriptBuf> {
+        let definite = self.descriptor.at_derivation_index(index).ok()?;
+        Some(definite.script_pubkey())
+    }
+
     /// Whether `script` is one of the wallet's.
     pub fn contains(&self, script: &ScriptBuf) -> bool {
         self.by_script.contains_key(script)

@@ -11,6 +11,7 @@ use crate::indexer_client::{self, Indexer};
 use bitcoin::OutPoint;
 use proto::indexer::v1 as ipb;
 
+use crate::balancing::Sweep;
 use crate::kafka_events::{KafkaEvents, KafkaMonitor};
 use crate::monitor::Monitor;
 pub use crate::payment::StepError;
@@ -41,6 +42,8 @@ pub struct Policy {
     pub priority_blocks: PriorityBlocks,
     /// Payout queues per hot wallet (`None`: each withdrawal is paid alone).
     pub batch: Option<Batching>,
+    /// The hot wallet's high-water mark (`None`: never swept).
+    pub sweep: Option<Sweep>,
 }
 
 /// How withdrawals are batched.
@@ -95,6 +98,7 @@ impl Default for Policy {
             bump_after_blocks: 3,
             priority_blocks: PriorityBlocks::default(),
             batch: None,
+            sweep: None,
         }
     }
 }
@@ -219,6 +223,11 @@ impl Executor {
         if let Some(batching) = self.payments.policy().batch {
             moved += self.form_batches(&mut unfinished, batching, now_ms())?;
         }
+        if let (Some(sweep), Some(tip)) = (self.payments.policy().sweep.clone(), self.last_tip) {
+            if let Err(e) = self.rebalance(&sweep, &unfinished, tip).await {
+                tracing::warn!(error = %e, "balancing must wait");
+            }
+        }
         unfinished.extend(self.store.unfinished_batches()?);
         for w in unfinished {
             if w.next_step() == Step::Watch && !observed {
@@ -232,6 +241,41 @@ impl Executor {
             }
         }
         Ok(moved)
+    }
+
+    /// Submits a sweep of the hot wallet's excess to the cold wallet when its spendable
+    /// coins exceed the mark and no sweep is unfinished (it runs from the next round on).
+    async fn rebalance(
+        &mut self,
+        sweep: &Sweep,
+        unfinished: &[Withdrawal],
+        tip: u32,
+    ) -> Result<(), StepError> {
+        if unfinished.iter().any(crate::balancing::is_sweep) {
+            return Ok(());
+        }
+        let spendable: bitcoin::Amount = self
+            .candidates(&sweep.wallet)
+            .await?
+            .iter()
+            .map(|c| c.value)
+            .sum();
+        let Some(amount) = sweep.excess(spendable) else {
+            return Ok(());
+        };
+        let Some(request) = sweep.request(tip, amount, self.payments.network()) else {
+            tracing::warn!(tip, "no cold address at this index: not swept");
+            return Ok(());
+        };
+        match self.store.submit(request, now_ms()) {
+            Ok(s) if s.created => {
+                tracing::info!(id = s.withdrawal.id, %amount, %spendable, to = %s.withdrawal.request.destination, "sweeping the hot wallet's excess to the cold wallet");
+                Ok(())
+            }
+            // Decided at this height already (for another amount): the next block decides.
+            Ok(_) | Err(SagaStoreError::Conflict(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The payout queues: withdrawals in RECEIVED, not in a batch, grouped by wallet and
@@ -570,8 +614,12 @@ impl Executor {
                 && w.broadcast_height
                     .is_some_and(|h| tip >= h.saturating_add(after))
         };
-        // A replacement waiting for signatures is not replaced again meanwhile.
-        if self.bump_failed.get(&w.id) == Some(&tip) || w.pending.is_some() {
+        // A replacement waiting for signatures is not replaced again meanwhile; the
+        // signers may have sent it themselves.
+        if w.pending.is_some() {
+            return self.await_signatures(w).await;
+        }
+        if self.bump_failed.get(&w.id) == Some(&tip) {
             return Ok(false);
         }
         if stuck(tip) && stuck(self.tip().await?) && self.confirmed_in_index(w).await?.is_none() {

@@ -82,6 +82,12 @@ pub fn validate(
             req.request_id.len()
         ));
     }
+    if req.request_id.starts_with(crate::temporal::RESERVED_PREFIX) {
+        return bad(format!(
+            "request_id may not start with {:?} (the orchestrator's own sagas, such as sweeps)",
+            crate::temporal::RESERVED_PREFIX
+        ));
+    }
     let wallet_ok = (1..=MAX_WALLET).contains(&req.wallet.len())
         && req
             .wallet

@@ -13,6 +13,7 @@
 //! from the `bitcoind` and `service` crates, never from the indexer.
 
 pub mod app;
+pub mod balancing;
 pub mod cli;
 pub mod config;
 pub mod cosign;

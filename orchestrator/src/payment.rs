@@ -105,6 +105,11 @@ impl Payments {
             .map_or(select::P2WPKH_INPUT_WEIGHT, |w| w.input_weight())
     }
 
+    /// The network paid on.
+    pub fn network(&self) -> Network {
+        self.network
+    }
+
     /// The fee and confirmation policy.
     pub fn policy(&self) -> &Policy {
         &self.policy
@@ -370,7 +375,9 @@ impl Payments {
                 fee,
                 fee_rate,
                 fee_choice,
-                replacing: !w.attempts.is_empty(),
+                // (A withdrawal sent back to the queue keeps its batch's versions in its
+                // history: its first version of its own is no replacement.)
+                replacing: w.state == crate::saga::State::Broadcast,
             };
             // The hot keys alone may be enough (all cosigners hot); else external signers
             // get the PSBT without the hot signatures, which come last.

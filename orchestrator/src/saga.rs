@@ -555,7 +555,9 @@ impl Withdrawal {
                     return Err(self.refuse("signed a transaction other than the pending one"));
                 }
                 w.pending = None;
-                w.sends = 0;
+                // The external signers could complete it too (and send it themselves):
+                // from here it may be on the network, like a version whose send began.
+                w.sends = 1;
                 w.attempts.push(attempt);
                 w.needs_broadcast = true;
                 w.state = State::Signed;
@@ -1072,5 +1074,39 @@ mod tests {
             (State::Received, None, Step::Reserve)
         );
         assert!(back.failure_reason.unwrap().contains("paid again"));
+    }
+
+    #[test]
+    fn a_version_the_external_signers_could_complete_is_never_cancelled() {
+        let reserved = Withdrawal::new(1, request(), 0)
+            .apply(Outcome::Reserved(vec![coin()]), 1)
+            .unwrap();
+        let pending = Pending {
+            psbt: vec![1],
+            txid: attempt(1, 1_000).txid,
+            fee: Amount::from_sat(1_000),
+            fee_rate: 7.0,
+            fee_choice: String::new(),
+            replacing: false,
+        };
+        let waiting = reserved
+            .apply(Outcome::AwaitingSignatures(pending), 2)
+            .unwrap();
+        assert_eq!(waiting.next_step(), Step::AwaitSignatures);
+        assert!(waiting.apply(Outcome::Cancelled, 3).is_err());
+        assert!(
+            waiting
+                .apply(Outcome::Signed(attempt(2, 1_000)), 3)
+                .is_err(),
+            "only the pending transaction"
+        );
+        let signed = waiting
+            .apply(Outcome::Signed(attempt(1, 1_000)), 3)
+            .unwrap();
+        assert!(signed.may_have_left(), "the signers hold it too");
+        assert!(signed.apply(Outcome::Cancelled, 4).is_err());
+        // Refused at its first send here: it may be out there all the same.
+        let sending = signed.apply(Outcome::Sending, 4).unwrap();
+        assert!(sending.apply(Outcome::Failed("refused".into()), 5).is_err());
     }
 }

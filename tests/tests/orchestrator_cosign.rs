@@ -184,6 +184,14 @@ impl Cosigned {
         done.map(|r| r.into_inner())
     }
 
+    /// Waits until `id` awaits signatures, then signs its PSBT as B and sends it back.
+    fn sign_remotely(&self, id: u64) {
+        self.wait_for(id, |w| w.state == State::AwaitingSignatures);
+        let mut psbt = decode(&self.pending()[0]);
+        psbt.sign(&xpriv(2), &Secp256k1::new()).unwrap();
+        self.submit_signature(id, &psbt).unwrap();
+    }
+
     /// Mines until `id` is settled; what the hot wallet's spends paid, by script.
     fn settle(&self, id: u64) -> std::collections::HashMap<bitcoin::ScriptBuf, Vec<u64>> {
         let started = Instant::now();
@@ -196,6 +204,16 @@ impl Cosigned {
         assert!(self.served.wait_for(tip, WAIT));
         self.served.payments(&self.node, "hot")
     }
+}
+
+/// 2-of-3: A (hot), B (the remote signer), C (cold).
+fn two_of_three() -> String {
+    format!(
+        "wsh(sortedmulti(2,{}/0/*,{}/0/*,{}/0/*))",
+        xpub(1),
+        xpub(2),
+        xpub(3)
+    )
 }
 
 /// One confirmation completes, two settle.
@@ -222,12 +240,7 @@ fn decode(p: &pb::PendingSignature) -> Psbt {
 /// completes it and it is paid exactly once.
 #[test]
 fn a_two_of_three_with_a_remote_signer_pays_a_withdrawal_end_to_end() {
-    let descriptor = format!(
-        "wsh(sortedmulti(2,{}/0/*,{}/0/*,{}/0/*))",
-        xpub(1),
-        xpub(2),
-        xpub(3)
-    );
+    let descriptor = two_of_three();
     let rig = Cosigned::start(&descriptor, &[xpriv(1)], 2);
     let destination = rig.node.new_address("bech32");
     let id = rig.submit("multisig-1", &destination, 30_000_000);
@@ -342,12 +355,7 @@ fn a_taproot_key_path_wallet_signed_remotely_pays_a_withdrawal() {
 /// the first; the withdrawal completes by it, paid once.
 #[test]
 fn a_stuck_multisig_payment_is_replaced_once_the_remote_signer_signs_again() {
-    let descriptor = format!(
-        "wsh(sortedmulti(2,{}/0/*,{}/0/*,{}/0/*))",
-        xpub(1),
-        xpub(2),
-        xpub(3)
-    );
+    let descriptor = two_of_three();
     let bumping = Policy {
         bump_after_blocks: 1,
         ..policy()
@@ -356,10 +364,7 @@ fn a_stuck_multisig_payment_is_replaced_once_the_remote_signer_signs_again() {
     rig.node.call("devnet_setminingfeerate", json!([6]));
     let destination = rig.node.new_address("bech32");
     let id = rig.submit("stuck-multisig", &destination, 20_000_000);
-    rig.wait_for(id, |w| w.state == State::AwaitingSignatures);
-    let mut first = decode(&rig.pending()[0]);
-    first.sign(&xpriv(2), &Secp256k1::new()).unwrap();
-    rig.submit_signature(id, &first).unwrap();
+    rig.sign_remotely(id);
     let sent = rig.wait_for(id, |w| w.state == State::Broadcast && !w.needs_broadcast);
     // Unmined after a block: a replacement, which needs the remote signer again.
     rig.node.mine_to(1, &rig.miner);
@@ -415,12 +420,7 @@ fn a_stuck_multisig_payment_is_replaced_once_the_remote_signer_signs_again() {
 /// destination is paid once.
 #[test]
 fn when_the_external_signers_complete_and_send_it_themselves_the_withdrawal_follows() {
-    let descriptor = format!(
-        "wsh(sortedmulti(2,{}/0/*,{}/0/*,{}/0/*))",
-        xpub(1),
-        xpub(2),
-        xpub(3)
-    );
+    let descriptor = two_of_three();
     let rig = Cosigned::start(&descriptor, &[xpriv(1)], 1);
     let destination = rig.node.new_address("bech32");
     let id = rig.submit("outside", &destination, 15_000_000);
@@ -454,12 +454,7 @@ fn when_the_external_signers_complete_and_send_it_themselves_the_withdrawal_foll
 /// transaction.
 #[test]
 fn a_batch_from_a_multisig_wallet_is_signed_remotely_as_one_transaction() {
-    let descriptor = format!(
-        "wsh(sortedmulti(2,{}/0/*,{}/0/*,{}/0/*))",
-        xpub(1),
-        xpub(2),
-        xpub(3)
-    );
+    let descriptor = two_of_three();
     let batching = Policy {
         batch: Some(orchestrator::executor::Batching {
             window_ms: 60_000,
@@ -505,4 +500,39 @@ fn a_batch_from_a_multisig_wallet_is_signed_remotely_as_one_transaction() {
     for (i, d) in destinations.iter().enumerate() {
         assert_eq!(paid.get(&script_of(d)), Some(&vec![1_000_000 + i as u64]));
     }
+}
+
+/// A stuck 2-of-3 payment's replacement waits for signatures; B and C complete it and
+/// send it themselves: the withdrawal takes it as its replacement and completes by it.
+#[test]
+fn a_replacement_the_signers_send_themselves_is_followed() {
+    let descriptor = two_of_three();
+    let bumping = Policy {
+        bump_after_blocks: 1,
+        ..policy()
+    };
+    let rig = Cosigned::start_with(&descriptor, &[xpriv(1)], 1, bumping);
+    rig.node.call("devnet_setminingfeerate", json!([6]));
+    let destination = rig.node.new_address("bech32");
+    let id = rig.submit("replaced-outside", &destination, 12_000_000);
+    rig.sign_remotely(id);
+    rig.wait_for(id, |w| w.state == State::Broadcast && !w.needs_broadcast);
+    rig.node.mine_to(1, &rig.miner);
+    rig.wait_for(id, |w| w.pending.is_some());
+    let mut replacement = decode(&rig.pending()[0]);
+    let secp = Secp256k1::new();
+    replacement.sign(&xpriv(2), &secp).unwrap();
+    replacement.sign(&xpriv(3), &secp).unwrap();
+    let wallet = DescriptorWallet::parse(&descriptor, Network::Regtest, 20).unwrap();
+    wallet.finalize(&mut replacement).unwrap();
+    let tx = replacement.extract_tx().unwrap();
+    let hex = bitcoin::consensus::encode::serialize_hex(&tx);
+    rig.node.call("sendrawtransaction", json!([hex]));
+    rig.node.call("devnet_setminingfeerate", json!([1]));
+    rig.node.mine_to(1, &rig.miner);
+    let done = rig.wait_for(id, |w| w.state == State::Completed);
+    assert_eq!(done.confirmed, Some(tx.compute_txid()));
+    assert_eq!(done.attempts.len(), 2);
+    let paid = rig.settle(id);
+    assert_eq!(paid.get(&script_of(&destination)), Some(&vec![12_000_000]));
 }

@@ -1926,3 +1926,87 @@ fn a_stuck_batch_gains_members_when_replaced_and_an_earlier_version_pays_only_it
     }
     assert!(world.reserved().is_empty());
 }
+
+/// Wallet balancing, high-water side: a hot wallet of 5 BTC with a mark of 3 BTC and 1 BTC
+/// to keep sweeps the excess to a fresh address of the cold wallet's descriptor, as a
+/// saga of its own, beside a client's withdrawal (no coin spent twice, each paid once);
+/// below the mark afterwards, nothing more is swept.
+#[test]
+fn above_the_high_water_mark_the_excess_is_swept_to_the_cold_wallet_once() {
+    use bitcoin::bip32::{Xpriv, Xpub};
+    use orchestrator::balancing::Sweep;
+    use orchestrator::descriptor_wallet::DescriptorWallet;
+    let secp = bitcoin::secp256k1::Secp256k1::new();
+    let cold_xpub = Xpub::from_priv(
+        &secp,
+        &Xpriv::new_master(Network::Regtest, &[5; 32]).unwrap(),
+    );
+    let cold = DescriptorWallet::parse(&format!("wpkh({cold_xpub}/0/*)"), Network::Regtest, 1);
+    let cold = Arc::new(cold.unwrap());
+    let mut world = World::idle(
+        10,
+        0.5,
+        Policy {
+            confirmations: 1,
+            settle_at: 2,
+            sweep: Some(Sweep {
+                wallet: "hot".into(),
+                above: Amount::from_btc(3.0).unwrap(),
+                keep: Amount::from_btc(1.0).unwrap(),
+                cold: cold.clone(),
+            }),
+            ..Policy::default()
+        },
+        None,
+    );
+    let destination = world.node.new_address("bech32");
+    let paid_out = world
+        .submit(request("client-1", &destination, 30_000_000, 2.0, 20_000))
+        .id;
+    world.start_executor();
+    let started = Instant::now();
+    let sweep = loop {
+        let found = world
+            .store
+            .list(0, 100)
+            .unwrap()
+            .into_iter()
+            .find(orchestrator::balancing::is_sweep);
+        if let Some(s) = found {
+            break s;
+        }
+        assert!(started.elapsed() < WAIT, "no sweep");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // 5 BTC spendable (or 4.5 once the client's one coin was reserved), 1 BTC kept.
+    let amount = sweep.request.amount;
+    assert!(
+        [
+            Amount::from_btc(4.0).unwrap(),
+            Amount::from_btc(3.5).unwrap()
+        ]
+        .contains(&amount),
+        "{sweep:?}"
+    );
+    let paid = settle_all(&world, &[sweep.id, paid_out]);
+    let to_cold = script_of(&sweep.request.destination);
+    assert_eq!(paid.get(&to_cold), Some(&vec![amount.to_sat()]));
+    assert_eq!(paid.get(&script_of(&destination)), Some(&vec![30_000_000]));
+    // Below the mark now: blocks come and nothing more is swept.
+    world.node.mine_to(3, &world.miner);
+    std::thread::sleep(Duration::from_millis(500));
+    let sweeps = world
+        .store
+        .list(0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(orchestrator::balancing::is_sweep)
+        .count();
+    assert_eq!(sweeps, 1);
+    // What is left: the level kept, less the fees (plus the client's change when its coin
+    // was held at the decision): below the mark.
+    let left = world.balance();
+    assert!(left < Amount::from_btc(3.0).unwrap().to_sat(), "{left}");
+    assert!(left > Amount::from_btc(0.99).unwrap().to_sat(), "{left}");
+    assert!(world.reserved().is_empty());
+}
