@@ -121,6 +121,8 @@ pub struct Executor {
     /// Withdrawals whose bump failed (the fee cap reached), with the tip then: not tried
     /// again before the chain moves.
     bump_failed: std::collections::HashMap<u64, u32>,
+    /// The tip at which the hot wallet's balance was last looked at for a sweep.
+    balanced_at: Option<u32>,
     /// Withdrawals awaiting signatures whose transaction was looked for in bitcoind's
     /// mempool, with the tip then: looked for again once a block came.
     mempool_looked: std::collections::HashMap<u64, u32>,
@@ -190,6 +192,7 @@ impl Executor {
             reserved: None,
             bump_failed: std::collections::HashMap::new(),
             mempool_looked: std::collections::HashMap::new(),
+            balanced_at: None,
             boundaries: None,
             kafka_events: None,
         }
@@ -220,13 +223,18 @@ impl Executor {
         self.reserved = None;
         let mut moved = 0;
         let mut unfinished = self.store.unfinished()?;
+        // Balanced once a block (listing the hot wallet's coins every round would load
+        // the indexer for nothing: the balance moves with blocks and our own sagas).
+        if let (Some(sweep), Some(tip)) = (self.payments.policy().sweep.clone(), self.last_tip) {
+            if self.balanced_at != Some(tip) {
+                match self.rebalance(&sweep, &unfinished, tip).await {
+                    Ok(()) => self.balanced_at = Some(tip),
+                    Err(e) => tracing::warn!(error = %e, "balancing must wait"),
+                }
+            }
+        }
         if let Some(batching) = self.payments.policy().batch {
             moved += self.form_batches(&mut unfinished, batching, now_ms())?;
-        }
-        if let (Some(sweep), Some(tip)) = (self.payments.policy().sweep.clone(), self.last_tip) {
-            if let Err(e) = self.rebalance(&sweep, &unfinished, tip).await {
-                tracing::warn!(error = %e, "balancing must wait");
-            }
         }
         unfinished.extend(self.store.unfinished_batches()?);
         for w in unfinished {
@@ -294,7 +302,9 @@ impl Executor {
         for w in std::mem::take(unfinished) {
             // One sent back by a batch whose earlier version settled without it has
             // waited enough: it is paid at once, alone, its versions kept in its history.
-            if w.state != State::Received || w.batch.is_some() || !w.attempts.is_empty() {
+            // Sweeps are paid alone too (one at a time, seen among the unfinished).
+            let alone = !w.attempts.is_empty() || crate::balancing::is_sweep(&w);
+            if w.state != State::Received || w.batch.is_some() || alone {
                 rest.push(w);
                 continue;
             }
@@ -676,6 +686,7 @@ impl Executor {
                 q.state == State::Received
                     && q.batch.is_none()
                     && q.attempts.is_empty()
+                    && !crate::balancing::is_sweep(q)
                     && q.request.wallet == w.request.wallet
                     && q.request.fee_rate == w.request.fee_rate
             })

@@ -1929,8 +1929,8 @@ fn a_stuck_batch_gains_members_when_replaced_and_an_earlier_version_pays_only_it
 
 /// Wallet balancing, high-water side: a hot wallet of 5 BTC with a mark of 3 BTC and 1 BTC
 /// to keep sweeps the excess to a fresh address of the cold wallet's descriptor, as a
-/// saga of its own, beside a client's withdrawal (no coin spent twice, each paid once);
-/// below the mark afterwards, nothing more is swept.
+/// saga of its own, alone even with payout queues on, beside a client's withdrawal (no
+/// coin spent twice, each paid once); below the mark afterwards, nothing more is swept.
 #[test]
 fn above_the_high_water_mark_the_excess_is_swept_to_the_cold_wallet_once() {
     use bitcoin::bip32::{Xpriv, Xpub};
@@ -1954,6 +1954,11 @@ fn above_the_high_water_mark_the_excess_is_swept_to_the_cold_wallet_once() {
                 above: Amount::from_btc(3.0).unwrap(),
                 keep: Amount::from_btc(1.0).unwrap(),
                 cold: cold.clone(),
+            }),
+            // Queues on too: a sweep is paid alone, at once, not queued.
+            batch: Some(orchestrator::executor::Batching {
+                window_ms: 600_000,
+                max_outputs: 10,
             }),
             ..Policy::default()
         },
