@@ -482,7 +482,11 @@ impl Payments {
             let block: bitcoin::Block = match bitcoin::consensus::deserialize(&daemon.block(&hash)?)
             {
                 Ok(block) => block,
-                Err(_) => return Ok(None),
+                Err(e) => {
+                    // Looked for again at the next round: nothing is concluded from it.
+                    tracing::warn!(%hash, height, error = %e, "bitcoind sent a block that does not decode");
+                    return Ok(None);
+                }
             };
             Ok(block
                 .txdata

@@ -192,6 +192,20 @@ impl Cosigned {
         self.submit_signature(id, &psbt).unwrap();
     }
 
+    /// Completes `psbt` as the external signers B and C of [`two_of_three`], without the
+    /// hot key, and sends it to the node themselves.
+    fn send_as_b_and_c(&self, descriptor: &str, mut psbt: Psbt) -> bitcoin::Transaction {
+        let secp = Secp256k1::new();
+        psbt.sign(&xpriv(2), &secp).unwrap();
+        psbt.sign(&xpriv(3), &secp).unwrap();
+        let wallet = DescriptorWallet::parse(descriptor, Network::Regtest, 20).unwrap();
+        wallet.finalize(&mut psbt).unwrap();
+        let tx = psbt.extract_tx().unwrap();
+        let hex = bitcoin::consensus::encode::serialize_hex(&tx);
+        self.node.call("sendrawtransaction", json!([hex]));
+        tx
+    }
+
     /// Mines until `id` is settled; what the hot wallet's spends paid, by script.
     fn settle(&self, id: u64) -> std::collections::HashMap<bitcoin::ScriptBuf, Vec<u64>> {
         let started = Instant::now();
@@ -222,6 +236,14 @@ fn policy() -> Policy {
         confirmations: 1,
         settle_at: 2,
         ..Policy::default()
+    }
+}
+
+/// The same, replacing a payment unmined after one block.
+fn bumping() -> Policy {
+    Policy {
+        bump_after_blocks: 1,
+        ..policy()
     }
 }
 
@@ -356,11 +378,7 @@ fn a_taproot_key_path_wallet_signed_remotely_pays_a_withdrawal() {
 #[test]
 fn a_stuck_multisig_payment_is_replaced_once_the_remote_signer_signs_again() {
     let descriptor = two_of_three();
-    let bumping = Policy {
-        bump_after_blocks: 1,
-        ..policy()
-    };
-    let mut rig = Cosigned::start_with(&descriptor, &[xpriv(1)], 1, bumping);
+    let mut rig = Cosigned::start_with(&descriptor, &[xpriv(1)], 1, bumping());
     rig.node.call("devnet_setminingfeerate", json!([6]));
     let destination = rig.node.new_address("bech32");
     let id = rig.submit("stuck-multisig", &destination, 20_000_000);
@@ -426,15 +444,7 @@ fn when_the_external_signers_complete_and_send_it_themselves_the_withdrawal_foll
     let id = rig.submit("outside", &destination, 15_000_000);
     rig.wait_for(id, |w| w.state == State::AwaitingSignatures);
     let listed = rig.pending();
-    let mut psbt = decode(&listed[0]);
-    let secp = Secp256k1::new();
-    psbt.sign(&xpriv(2), &secp).unwrap();
-    psbt.sign(&xpriv(3), &secp).unwrap();
-    let wallet = DescriptorWallet::parse(&descriptor, Network::Regtest, 20).unwrap();
-    wallet.finalize(&mut psbt).unwrap();
-    let tx = psbt.extract_tx().unwrap();
-    let hex = bitcoin::consensus::encode::serialize_hex(&tx);
-    rig.node.call("sendrawtransaction", json!([hex]));
+    let tx = rig.send_as_b_and_c(&descriptor, decode(&listed[0]));
     // Looked for in the mempool once a block: mine one.
     rig.node.mine_to(1, &rig.miner);
     let followed = rig.wait_for(id, |w| w.state == State::Completed);
@@ -507,11 +517,7 @@ fn a_batch_from_a_multisig_wallet_is_signed_remotely_as_one_transaction() {
 #[test]
 fn a_replacement_the_signers_send_themselves_is_followed() {
     let descriptor = two_of_three();
-    let bumping = Policy {
-        bump_after_blocks: 1,
-        ..policy()
-    };
-    let rig = Cosigned::start_with(&descriptor, &[xpriv(1)], 1, bumping);
+    let rig = Cosigned::start_with(&descriptor, &[xpriv(1)], 1, bumping());
     rig.node.call("devnet_setminingfeerate", json!([6]));
     let destination = rig.node.new_address("bech32");
     let id = rig.submit("replaced-outside", &destination, 12_000_000);
@@ -519,15 +525,7 @@ fn a_replacement_the_signers_send_themselves_is_followed() {
     rig.wait_for(id, |w| w.state == State::Broadcast && !w.needs_broadcast);
     rig.node.mine_to(1, &rig.miner);
     rig.wait_for(id, |w| w.pending.is_some());
-    let mut replacement = decode(&rig.pending()[0]);
-    let secp = Secp256k1::new();
-    replacement.sign(&xpriv(2), &secp).unwrap();
-    replacement.sign(&xpriv(3), &secp).unwrap();
-    let wallet = DescriptorWallet::parse(&descriptor, Network::Regtest, 20).unwrap();
-    wallet.finalize(&mut replacement).unwrap();
-    let tx = replacement.extract_tx().unwrap();
-    let hex = bitcoin::consensus::encode::serialize_hex(&tx);
-    rig.node.call("sendrawtransaction", json!([hex]));
+    let tx = rig.send_as_b_and_c(&descriptor, decode(&rig.pending()[0]));
     rig.node.call("devnet_setminingfeerate", json!([1]));
     rig.node.mine_to(1, &rig.miner);
     let done = rig.wait_for(id, |w| w.state == State::Completed);
