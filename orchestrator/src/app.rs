@@ -14,6 +14,7 @@ use service::grpc_latency::GrpcLatency;
 use crate::config::Config;
 use crate::executor::{Boundaries, Executor};
 use crate::grpc::WithdrawalService;
+use crate::grpc_balancing::BalancingService;
 use crate::grpc_signatures::SignatureService;
 use crate::indexer_client::{self, LinkError};
 use crate::metrics::OrchestratorProbe;
@@ -173,6 +174,7 @@ pub fn run(
             }
         };
         let signatures = SignatureService::new(store.clone(), payments.clone());
+        let balancing = BalancingService::new(store.clone(), indexer.clone(), payments.clone());
         let mut executor = Executor::new(store.clone(), indexer, payments);
         if let Some(boundaries) = hooks.boundaries {
             executor = executor.with_boundaries(boundaries);
@@ -225,7 +227,8 @@ pub fn run(
             .add_service(
                 WithdrawalService::new(store.clone(), config.network).into_server(token.clone()),
             )
-            .add_service(signatures.into_server(token))
+            .add_service(signatures.into_server(token.clone()))
+            .add_service(balancing.into_server(token))
             .serve_with_incoming_shutdown(service::listener::no_delay(listener), serving_ends)
             .await?;
         let _ = executing.await;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use bitcoin::{Address, Network, ScriptBuf};
 use serde::{Deserialize, Serialize};
 
-use crate::balancing::Sweep;
+use crate::balancing::{Balancing, Consolidation, HighWater, LowWater};
 use crate::descriptor_wallet::DescriptorWallet;
 use crate::executor::{Batching, Policy, PriorityBlocks};
 
@@ -108,19 +108,47 @@ pub struct Settings {
     /// 1000; the indexer must watch at least as many).
     #[arg(long, env = "ORCHESTRATOR_DESCRIPTOR_RANGE")]
     pub descriptor_range: Option<u32>,
-    /// Wallet balancing: above this many satoshis spendable in the hot wallet
-    /// (`sweep_wallet`), the excess above `sweep_keep_sat` is swept to `cold_descriptor`
+    /// Wallet balancing, high water: above this many satoshis spendable in the hot wallet
+    /// (`hot_wallet`), the excess above `sweep_keep_sat` is swept to `cold_descriptor`
     /// (absent: never swept). Embedded engine.
     #[arg(long, env = "ORCHESTRATOR_SWEEP_ABOVE_SAT")]
     pub sweep_above_sat: Option<u64>,
     /// What a sweep leaves in the hot wallet, satoshis (below `sweep_above_sat`).
     #[arg(long, env = "ORCHESTRATOR_SWEEP_KEEP_SAT")]
     pub sweep_keep_sat: Option<u64>,
-    /// The hot wallet's name at the indexer, for balancing (default `hot`).
-    #[arg(long, env = "ORCHESTRATOR_SWEEP_WALLET")]
-    pub sweep_wallet: Option<String>,
+    /// Wallet balancing, low water: below this many satoshis spendable in the hot wallet,
+    /// a top-up from the cold wallet is prepared for its offline signers (absent: never).
+    #[arg(long, env = "ORCHESTRATOR_TOP_UP_BELOW_SAT")]
+    pub top_up_below_sat: Option<u64>,
+    /// The balance a top-up brings the hot wallet to, satoshis (above
+    /// `top_up_below_sat`, below `sweep_above_sat`).
+    #[arg(long, env = "ORCHESTRATOR_TOP_UP_TO_SAT")]
+    pub top_up_to_sat: Option<u64>,
+    /// Consolidate the hot wallet's small coins while bitcoind's estimate for the low
+    /// priority is at most this many sat/vB (absent: never). Embedded engine.
+    #[arg(long, env = "ORCHESTRATOR_CONSOLIDATE_BELOW_SAT_VB")]
+    pub consolidate_below_sat_vb: Option<f64>,
+    /// A coin below this many satoshis is small (default 1,000,000).
+    #[arg(long, env = "ORCHESTRATOR_CONSOLIDATE_COINS_BELOW_SAT")]
+    pub consolidate_coins_below_sat: Option<u64>,
+    /// How many small coins make a consolidation worth it (default 20, at least 2).
+    #[arg(long, env = "ORCHESTRATOR_CONSOLIDATE_MIN_COINS")]
+    pub consolidate_min_coins: Option<usize>,
+    /// Most coins one consolidation spends (default 200, at most 500).
+    #[arg(long, env = "ORCHESTRATOR_CONSOLIDATE_MAX_COINS")]
+    pub consolidate_max_coins: Option<usize>,
+    /// The hot wallet's name at the indexer, for balancing (default `hot`; `sweep_wallet`
+    /// is its older name).
+    #[arg(long, alias = "sweep-wallet", env = "ORCHESTRATOR_HOT_WALLET")]
+    #[serde(alias = "sweep_wallet")]
+    pub hot_wallet: Option<String>,
+    /// The cold wallet's name at the indexer, which must watch `cold_descriptor` (default
+    /// `cold`): top-ups spend its coins.
+    #[arg(long, env = "ORCHESTRATOR_COLD_WALLET")]
+    pub cold_wallet: Option<String>,
     /// The cold wallet as a watch-only descriptor of public keys: each sweep pays a fresh
-    /// address of it. Never a script of the hot wallet.
+    /// address of it (index 1, 2, ...), a top-up's change its index 0. Never a script of
+    /// the hot wallet.
     #[arg(long, env = "ORCHESTRATOR_COLD_DESCRIPTOR")]
     pub cold_descriptor: Option<String>,
     /// Seconds a withdrawal waits in its hot wallet's payout queue so that others arriving
@@ -480,7 +508,7 @@ impl Settings {
                 Some(std::sync::Arc::new(wallet))
             }
         };
-        let sweep = self.sweep(network, &change, wallet.as_deref())?;
+        let balancing = self.balancing(network, &change, wallet.as_deref())?;
         let defaults = Policy::default();
         let policy = Policy {
             min_conf: defaults.min_conf,
@@ -489,7 +517,7 @@ impl Settings {
             bump_after_blocks: self.bump_after_blocks.unwrap_or(defaults.bump_after_blocks),
             fee_floor: self.fee_floor.unwrap_or(defaults.fee_floor),
             fee_ceiling: self.fee_ceiling.unwrap_or(defaults.fee_ceiling),
-            sweep,
+            balancing,
             batch: self
                 .batch_window_secs
                 .filter(|s| *s > 0)
@@ -522,9 +550,9 @@ impl Settings {
                 "descriptor: external signers and descriptor wallets run on the embedded engine; with engine = \"temporal\" the key file's P2WPKH keys are the wallet (leave descriptor unset)".into(),
             ));
         }
-        if temporal.is_some() && policy.sweep.is_some() {
+        if temporal.is_some() && policy.balancing.is_some() {
             return Err(ConfigError(
-                "sweep_above_sat: balancing runs on the embedded engine (leave it unset with engine = \"temporal\")".into(),
+                "sweep_above_sat, top_up_below_sat, consolidate_below_sat_vb: balancing runs on the embedded engine (leave them unset with engine = \"temporal\")".into(),
             ));
         }
         if temporal.is_some() && policy.batch.is_some() {
@@ -577,43 +605,114 @@ impl Settings {
 }
 
 impl Settings {
-    /// The high-water policy, when `sweep_above_sat` is set: refused without a level to
-    /// keep below the mark, without a cold descriptor, or with one that pays the hot
-    /// wallet (its change address, or a script of its descriptor).
-    fn sweep(
+    /// The balancing policy, when a mark or consolidation is set: each refused in one
+    /// line when it makes no sense (no level to keep below the mark, a top-up level not
+    /// between the marks, no cold descriptor, one that pays the hot wallet, a cold wallet
+    /// named as the hot one, consolidation limits out of range).
+    fn balancing(
         &self,
         network: Network,
         change: &ScriptBuf,
         hot: Option<&DescriptorWallet>,
-    ) -> Result<Option<Sweep>, ConfigError> {
-        let Some(above) = self.sweep_above_sat else {
-            return Ok(None);
-        };
+    ) -> Result<Option<Balancing>, ConfigError> {
         let refuse = |m: String| Err(ConfigError(m));
-        let Some(keep) = self.sweep_keep_sat.filter(|k| *k < above) else {
-            return refuse(format!(
-                "sweep_above_sat {above} needs sweep_keep_sat, the balance a sweep leaves, below it"
-            ));
+        let sat = bitcoin::Amount::from_sat;
+        let sweep = match self.sweep_above_sat {
+            None => None,
+            Some(above) => match self.sweep_keep_sat.filter(|k| *k < above) {
+                Some(keep) => Some(HighWater {
+                    above: sat(above),
+                    keep: sat(keep),
+                }),
+                None => {
+                    return refuse(format!(
+                        "sweep_above_sat {above} needs sweep_keep_sat, the balance a sweep leaves, below it"
+                    ))
+                }
+            },
         };
-        let Some(text) = &self.cold_descriptor else {
-            return refuse("sweep_above_sat needs cold_descriptor: where sweeps go".into());
+        let top_up = match self.top_up_below_sat {
+            None => None,
+            Some(below) => {
+                let ceiling = self.sweep_above_sat.unwrap_or(u64::MAX);
+                match self.top_up_to_sat.filter(|to| *to > below && *to < ceiling) {
+                    Some(to) => Some(LowWater {
+                        below: sat(below),
+                        to: sat(to),
+                    }),
+                    None => {
+                        return refuse(format!(
+                            "top_up_below_sat {below} needs top_up_to_sat, the balance a top-up brings, above it and below sweep_above_sat (a top-up must not set off a sweep)"
+                        ))
+                    }
+                }
+            }
         };
-        let cold = DescriptorWallet::parse(text, network, DEFAULT_DESCRIPTOR_RANGE)
-            .map_err(|e| ConfigError(format!("cold_descriptor: {e}")))?;
-        let pays_hot = cold
-            .scripts()
-            .iter()
-            .any(|s| s == change || hot.is_some_and(|h| h.contains(s)));
-        if pays_hot {
-            return refuse(
-                "cold_descriptor pays the hot wallet (its change address or one of its scripts): sweeps must leave it".into(),
-            );
+        let consolidate = match self.consolidate_below_sat_vb {
+            None => None,
+            Some(rate) if !(rate.is_finite() && rate > 0.0) => {
+                return refuse(format!(
+                    "consolidate_below_sat_vb {rate}: a rate above 0 sat/vB"
+                ))
+            }
+            Some(max_rate) => {
+                let min_coins = self.consolidate_min_coins.unwrap_or(20);
+                let max_coins = self.consolidate_max_coins.unwrap_or(200);
+                if min_coins < 2 || max_coins < min_coins || max_coins > 500 {
+                    return refuse(format!(
+                        "consolidate_min_coins {min_coins}, consolidate_max_coins {max_coins}: at least 2 coins, at most 500, the minimum not above the maximum"
+                    ));
+                }
+                Some(Consolidation {
+                    max_rate,
+                    coins_below: sat(self.consolidate_coins_below_sat.unwrap_or(1_000_000)),
+                    min_coins,
+                    max_coins,
+                })
+            }
+        };
+        if sweep.is_none() && top_up.is_none() && consolidate.is_none() {
+            return Ok(None);
         }
-        Ok(Some(Sweep {
-            wallet: self.sweep_wallet.clone().unwrap_or_else(|| "hot".into()),
-            above: bitcoin::Amount::from_sat(above),
-            keep: bitcoin::Amount::from_sat(keep),
-            cold: std::sync::Arc::new(cold),
+        let cold = match &self.cold_descriptor {
+            None if sweep.is_some() => {
+                return refuse("sweep_above_sat needs cold_descriptor: where sweeps go".into())
+            }
+            None if top_up.is_some() => {
+                return refuse(
+                    "top_up_below_sat needs cold_descriptor: the wallet top-ups come from".into(),
+                )
+            }
+            None => None,
+            Some(text) => {
+                let cold = DescriptorWallet::parse(text, network, DEFAULT_DESCRIPTOR_RANGE)
+                    .map_err(|e| ConfigError(format!("cold_descriptor: {e}")))?;
+                let pays_hot = cold
+                    .scripts()
+                    .iter()
+                    .any(|s| s == change || hot.is_some_and(|h| h.contains(s)));
+                if pays_hot {
+                    return refuse(
+                        "cold_descriptor pays the hot wallet (its change address or one of its scripts): sweeps must leave it".into(),
+                    );
+                }
+                Some(std::sync::Arc::new(cold))
+            }
+        };
+        let hot_wallet = self.hot_wallet.clone().unwrap_or_else(|| "hot".into());
+        let cold_wallet = self.cold_wallet.clone().unwrap_or_else(|| "cold".into());
+        if cold.is_some() && cold_wallet == hot_wallet {
+            return refuse(format!(
+                "cold_wallet {cold_wallet:?} is the hot wallet's name: name the indexer's wallet watching cold_descriptor"
+            ));
+        }
+        Ok(Some(Balancing {
+            hot_wallet,
+            cold_wallet,
+            cold,
+            sweep,
+            top_up,
+            consolidate,
         }))
     }
 }
@@ -796,6 +895,105 @@ mod tests {
     }
 
     #[test]
+    fn a_top_up_needs_a_level_between_the_marks_and_consolidation_sane_limits() {
+        use bitcoin::bip32::{Xpriv, Xpub};
+        let secp = bitcoin::secp256k1::Secp256k1::new();
+        let cold_xpub = Xpub::from_priv(
+            &secp,
+            &Xpriv::new_master(Network::Regtest, &[6; 32]).unwrap(),
+        );
+        let cold = Some(format!("wpkh({cold_xpub}/0/*)"));
+        let base = Settings {
+            sweep_above_sat: Some(300_000_000),
+            sweep_keep_sat: Some(100_000_000),
+            top_up_below_sat: Some(50_000_000),
+            top_up_to_sat: Some(200_000_000),
+            consolidate_below_sat_vb: Some(2.0),
+            cold_descriptor: cold.clone(),
+            ..complete()
+        };
+        let b = base.clone().resolve_with(None).unwrap().policy.balancing;
+        let b = b.unwrap();
+        assert_eq!(b.cold_wallet, "cold");
+        assert_eq!(b.top_up.unwrap().to.to_sat(), 200_000_000);
+        assert_eq!(b.consolidate.unwrap().min_coins, 20);
+        // Consolidation alone needs no cold wallet.
+        let alone = Settings {
+            consolidate_below_sat_vb: Some(2.0),
+            ..complete()
+        };
+        let b = alone.resolve_with(None).unwrap().policy.balancing.unwrap();
+        assert!(b.cold.is_none() && b.sweep.is_none());
+        for (bad, says) in [
+            (
+                Settings {
+                    top_up_to_sat: None,
+                    ..base.clone()
+                },
+                "needs top_up_to_sat",
+            ),
+            (
+                Settings {
+                    top_up_to_sat: Some(300_000_000),
+                    ..base.clone()
+                },
+                "must not set off a sweep",
+            ),
+            (
+                Settings {
+                    top_up_to_sat: Some(40_000_000),
+                    ..base.clone()
+                },
+                "above it",
+            ),
+            (
+                Settings {
+                    sweep_above_sat: None,
+                    cold_descriptor: None,
+                    ..base.clone()
+                },
+                "top_up_below_sat needs cold_descriptor",
+            ),
+            (
+                Settings {
+                    cold_wallet: Some("hot".into()),
+                    ..base.clone()
+                },
+                "is the hot wallet's name",
+            ),
+            (
+                Settings {
+                    consolidate_min_coins: Some(1),
+                    ..base.clone()
+                },
+                "at least 2 coins",
+            ),
+            (
+                Settings {
+                    consolidate_below_sat_vb: Some(f64::NAN),
+                    ..base.clone()
+                },
+                "a rate above 0",
+            ),
+            (
+                Settings {
+                    engine: Some("temporal".into()),
+                    temporal: TemporalSettings {
+                        address: Some("http://127.0.0.1:7233".into()),
+                        ..TemporalSettings::default()
+                    },
+                    ..base.clone()
+                },
+                "balancing runs on the embedded engine",
+            ),
+        ] {
+            let e = bad.resolve_with(None).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
     fn a_sweep_needs_a_level_below_the_mark_and_a_cold_wallet_that_is_not_the_hot_one() {
         use bitcoin::bip32::{Xpriv, Xpub};
         let secp = bitcoin::secp256k1::Secp256k1::new();
@@ -816,9 +1014,12 @@ mod tests {
         let c = on(Some(100_000_000), Some(cold.clone()))
             .resolve_with(None)
             .unwrap();
-        let sweep = c.policy.sweep.unwrap();
+        let balancing = c.policy.balancing.unwrap();
         assert_eq!(
-            (sweep.wallet.as_str(), sweep.keep.to_sat()),
+            (
+                balancing.hot_wallet.as_str(),
+                balancing.sweep.unwrap().keep.to_sat()
+            ),
             ("hot", 100_000_000)
         );
         for (bad, says) in [

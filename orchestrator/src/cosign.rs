@@ -1,5 +1,6 @@
 //! Signatures that external signers send back: each is checked against the pending
-//! transaction (a key of that input, a signature that verifies for its sighash, SIGHASH_ALL)
+//! transaction (a key of that input, a signature that verifies for its sighash, SIGHASH_ALL;
+//! ECDSA for P2WSH and P2WPKH, Schnorr for the taproot key path)
 //! and only then copied into the PSBT gathered so far. Nothing else of what they send is
 //! taken, so a bad or foreign PSBT is refused and changes nothing.
 
@@ -93,15 +94,31 @@ pub fn add_signatures(ours: &[u8], submitted: &[u8]) -> Result<(Vec<u8>, usize),
                     format!("sighash {} (only ALL is taken)", sig.sighash_type),
                 ));
             }
-            let script = ours.inputs[i].witness_script.as_ref().ok_or_else(|| {
-                bad(
-                    i,
-                    "an ECDSA signature for an input without a witness script",
-                )
-            })?;
-            let sighash = cache
-                .p2wsh_signature_hash(i, script, prevouts[i].value, sig.sighash_type)
-                .map_err(|e| bad(i, e.to_string()))?;
+            let (value, spent) = (prevouts[i].value, &prevouts[i].script_pubkey);
+            let sighash = match &ours.inputs[i].witness_script {
+                Some(script) => cache
+                    .p2wsh_signature_hash(i, script, value, sig.sighash_type)
+                    .map_err(|e| bad(i, e.to_string())),
+                // A single-key wallet (an offline cold key): the key must be the one the
+                // output commits to.
+                None if spent.is_p2wpkh() => {
+                    let hash = key
+                        .wpubkey_hash()
+                        .map_err(|_| bad(i, format!("key {key} is uncompressed")))?;
+                    if *spent != bitcoin::ScriptBuf::new_p2wpkh(&hash) {
+                        return Err(bad(i, format!("key {key} is not the one this output pays")));
+                    }
+                    cache
+                        .p2wpkh_signature_hash(i, spent, value, sig.sighash_type)
+                        .map_err(|e| bad(i, e.to_string()))
+                }
+                None => {
+                    return Err(bad(
+                        i,
+                        "an ECDSA signature for an input that is neither P2WSH nor P2WPKH",
+                    ))
+                }
+            }?;
             secp.verify_ecdsa(&Message::from(sighash), &sig.signature, &key.inner)
                 .map_err(|_| bad(i, format!("the signature of key {key} does not verify")))?;
             added.push((i, Added::Ecdsa(*key, *sig)));

@@ -12,9 +12,12 @@ use miniscript::descriptor::DescriptorPublicKey;
 use miniscript::psbt::PsbtExt;
 use miniscript::{Descriptor, ForEachKey};
 
-/// Outpoint, sequence, an empty script_sig's length byte and value, as weight (the
-/// witness comes on top, from the descriptor).
-const INPUT_BASE_WEIGHT: u64 = (32 + 4 + 4 + 1) * 4;
+/// Outpoint, sequence and an empty script_sig's length byte, as weight, and the witness's
+/// item count (1 weight unit): miniscript's `max_weight_to_satisfy` is what a satisfaction
+/// adds to an input whose empty witness already has that count, so it leaves it out.
+/// (Without it a P2WPKH input weighed 271, one short: a payment at the relay floor was
+/// refused for 1 sat.)
+const INPUT_BASE_WEIGHT: u64 = (32 + 4 + 4 + 1) * 4 + 1;
 
 /// A descriptor that cannot describe the hot wallet.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +207,11 @@ mod tests {
         let t = DescriptorWallet::parse(&tr, Network::Regtest, 5).unwrap();
         assert!(t.scripts().iter().all(|s| s.is_p2tr()));
         assert_eq!(t.input_weight(), INPUT_BASE_WEIGHT + 66);
+        // A single key: the witness count, a 73-byte signature push and a 34-byte key push,
+        // as the P2WPKH key file's wallet weighs it.
+        let wpkh = format!("wpkh({}/0/*)", xpub(4, Network::Regtest));
+        let k = DescriptorWallet::parse(&wpkh, Network::Regtest, 5).unwrap();
+        assert_eq!(k.input_weight(), crate::select::P2WPKH_INPUT_WEIGHT);
     }
 
     #[test]

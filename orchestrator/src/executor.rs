@@ -11,7 +11,7 @@ use crate::indexer_client::{self, Indexer};
 use bitcoin::OutPoint;
 use proto::indexer::v1 as ipb;
 
-use crate::balancing::Sweep;
+use crate::balancing::{Balancing, Kind};
 use crate::kafka_events::{KafkaEvents, KafkaMonitor};
 use crate::monitor::Monitor;
 pub use crate::payment::StepError;
@@ -42,8 +42,8 @@ pub struct Policy {
     pub priority_blocks: PriorityBlocks,
     /// Payout queues per hot wallet (`None`: each withdrawal is paid alone).
     pub batch: Option<Batching>,
-    /// The hot wallet's high-water mark (`None`: never swept).
-    pub sweep: Option<Sweep>,
+    /// Wallet balancing: sweeps, top-ups, consolidations (`None`: none).
+    pub balancing: Option<Balancing>,
 }
 
 /// How withdrawals are batched.
@@ -98,7 +98,7 @@ impl Default for Policy {
             bump_after_blocks: 3,
             priority_blocks: PriorityBlocks::default(),
             batch: None,
-            sweep: None,
+            balancing: None,
         }
     }
 }
@@ -121,7 +121,7 @@ pub struct Executor {
     /// Withdrawals whose bump failed (the fee cap reached), with the tip then: not tried
     /// again before the chain moves.
     bump_failed: std::collections::HashMap<u64, u32>,
-    /// The tip at which the hot wallet's balance was last looked at for a sweep.
+    /// The tip at which the hot wallet's balance was last looked at for balancing.
     balanced_at: Option<u32>,
     /// Withdrawals awaiting signatures whose transaction was looked for in bitcoind's
     /// mempool, with the tip then: looked for again once a block came.
@@ -225,9 +225,11 @@ impl Executor {
         let mut unfinished = self.store.unfinished()?;
         // Balanced once a block (listing the hot wallet's coins every round would load
         // the indexer for nothing: the balance moves with blocks and our own sagas).
-        if let (Some(sweep), Some(tip)) = (self.payments.policy().sweep.clone(), self.last_tip) {
+        if let (Some(balancing), Some(tip)) =
+            (self.payments.policy().balancing.clone(), self.last_tip)
+        {
             if self.balanced_at != Some(tip) {
-                match self.rebalance(&sweep, &unfinished, tip).await {
+                match self.rebalance(&balancing, &unfinished, tip).await {
                     Ok(()) => self.balanced_at = Some(tip),
                     Err(e) => tracing::warn!(error = %e, "balancing must wait"),
                 }
@@ -251,33 +253,82 @@ impl Executor {
         Ok(moved)
     }
 
-    /// Submits a sweep of the hot wallet's excess to the cold wallet when its spendable
-    /// coins exceed the mark and no sweep is unfinished (it runs from the next round on).
+    /// Decides the balancing runs at tip `tip` (each runs from the next round on): a
+    /// sweep of the hot wallet's excess above the high-water mark, a top-up from the cold
+    /// wallet below the low-water mark, a consolidation of small coins while fees are low;
+    /// none of a kind while one of that kind is unfinished.
     async fn rebalance(
         &mut self,
-        sweep: &Sweep,
+        balancing: &Balancing,
         unfinished: &[Withdrawal],
         tip: u32,
     ) -> Result<(), StepError> {
-        if unfinished.iter().any(crate::balancing::is_sweep) {
-            return Ok(());
+        let running = |k: Kind| {
+            unfinished
+                .iter()
+                .any(|w| crate::balancing::kind(w) == Some(k))
+        };
+        let hot = self.candidates(&balancing.hot_wallet).await?;
+        let spendable: bitcoin::Amount = hot.iter().map(|c| c.value).sum();
+        let network = self.payments.network();
+        let hot_address = self.payments.change_address().unwrap_or_default();
+        let mut swept = false;
+        if balancing.sweep.is_some() && !running(Kind::Sweep) {
+            // Sweeps pay cold indexes 1, 2, ... in order: each run one further.
+            let index = self.store.by_request_prefix(Kind::Sweep.prefix())?.len() as u32 + 1;
+            if let Some(request) = balancing.sweep(spendable, tip, index, network) {
+                self.start_run(
+                    request,
+                    "sweeping the hot wallet's excess to the cold wallet",
+                )?;
+                swept = true;
+            }
         }
-        let spendable: bitcoin::Amount = self
-            .candidates(&sweep.wallet)
-            .await?
-            .iter()
-            .map(|c| c.value)
-            .sum();
-        let Some(amount) = sweep.excess(spendable) else {
-            return Ok(());
-        };
-        let Some(request) = sweep.request(tip, amount, self.payments.network()) else {
-            tracing::warn!(tip, "no cold address at this index: not swept");
-            return Ok(());
-        };
+        if balancing.top_up.is_some() && !running(Kind::TopUp) {
+            if let Some(request) = balancing.top_up(spendable, tip, &hot_address) {
+                let cold: bitcoin::Amount = self
+                    .candidates(&balancing.cold_wallet)
+                    .await?
+                    .iter()
+                    .map(|c| c.value)
+                    .sum();
+                if cold > request.amount {
+                    self.start_run(request, "topping the hot wallet up from the cold wallet: its PSBT waits for the cold signers")?;
+                } else {
+                    tracing::warn!(%spendable, %cold, wanted = %request.amount, "the hot wallet is below its low-water mark and the cold wallet cannot top it up");
+                }
+            }
+        }
+        // Not beside a sweep just decided: it may take the same small coins.
+        let consolidating = balancing
+            .consolidate
+            .filter(|_| !swept && !running(Kind::Consolidation));
+        if let Some(policy) = consolidating {
+            let weight = self.payments.input_weight();
+            if policy.small(&hot, 0.0, weight).len() >= policy.min_coins {
+                let target = self.payments.policy().target_of(Priority::Low);
+                let estimate = self.payments.estimate(target).await?;
+                if let Some(request) =
+                    balancing.consolidation(&hot, estimate, weight, tip, &hot_address)
+                {
+                    self.start_run(
+                        request,
+                        "consolidating the hot wallet's small coins while fees are low",
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits balancing run `request` (idempotent: a decision made again at the same
+    /// height is the same run).
+    fn start_run(&self, request: crate::saga::Request, why: &str) -> Result<(), StepError> {
+        let amount = request.amount;
         match self.store.submit(request, now_ms()) {
             Ok(s) if s.created => {
-                tracing::info!(id = s.withdrawal.id, %amount, %spendable, to = %s.withdrawal.request.destination, "sweeping the hot wallet's excess to the cold wallet");
+                let w = &s.withdrawal;
+                tracing::info!(id = w.id, run = %w.request.request_id, %amount, to = %w.request.destination, "{why}");
                 Ok(())
             }
             // Decided at this height already (for another amount): the next block decides.
@@ -302,8 +353,9 @@ impl Executor {
         for w in std::mem::take(unfinished) {
             // One sent back by a batch whose earlier version settled without it has
             // waited enough: it is paid at once, alone, its versions kept in its history.
-            // Sweeps are paid alone too (one at a time, seen among the unfinished).
-            let alone = !w.attempts.is_empty() || crate::balancing::is_sweep(&w);
+            // Balancing runs are paid alone too (one of a kind at a time, seen among the
+            // unfinished).
+            let alone = !w.attempts.is_empty() || crate::balancing::kind(&w).is_some();
             if w.state != State::Received || w.batch.is_some() || alone {
                 rest.push(w);
                 continue;
@@ -409,7 +461,11 @@ impl Executor {
 
     async fn candidates(&mut self, wallet: &str) -> Result<Vec<Candidate>, StepError> {
         if !self.utxos.contains_key(wallet) {
-            let listed = self.payments.spendable(&mut self.indexer, wallet).await?;
+            let listed = self
+                .payments
+                .for_wallet(wallet)
+                .spendable(&mut self.indexer, wallet)
+                .await?;
             self.utxos.insert(wallet.to_owned(), listed);
         }
         // Read once per round, then kept up to date by this executor's own reservations
@@ -426,10 +482,11 @@ impl Executor {
     }
 
     async fn reserve(&mut self, w: &Withdrawal) -> Result<Withdrawal, StepError> {
-        if self.payments.outputs(w).is_none() {
+        let payments = self.payments.of(w).clone();
+        if payments.outputs(w).is_none() {
             return self.record(w, Outcome::Failed("invalid destination".into()));
         }
-        let rate = self.payments.fee_rate(w.request.fee_rate).await?.rate;
+        let rate = payments.fee_rate(w.request.fee_rate).await?.rate;
         let candidates = match self.candidates(&w.request.wallet).await {
             // The indexer watches no such wallet: waiting will not make one.
             Err(StepError::Indexer(status)) if status.code() == tonic::Code::NotFound => {
@@ -443,7 +500,7 @@ impl Executor {
             }
             other => other?,
         };
-        match self.payments.choose(w, &candidates, rate) {
+        match payments.choose(w, &candidates, rate) {
             Ok(coins) => {
                 let taken: Vec<OutPoint> = coins.iter().map(|c| c.outpoint).collect();
                 let after = self.record(w, Outcome::Reserved(coins))?;
@@ -457,7 +514,7 @@ impl Executor {
     }
 
     async fn sign(&mut self, w: &Withdrawal) -> Result<Withdrawal, StepError> {
-        match self.payments.first_version(w).await? {
+        match self.payments.of(w).first_version(w).await? {
             Ok(Built::Signed(attempt)) => self.record(w, Outcome::Signed(attempt)),
             Ok(Built::Unsigned(pending)) => {
                 tracing::info!(id = w.id, txid = %pending.txid, "waiting for external signatures");
@@ -475,7 +532,7 @@ impl Executor {
             // Paid from the batch's change when it covers them; else a plain replacement.
             // (With external signers the joiners wait for a batch of their own.)
             if let Ok(Built::Signed(attempt)) =
-                self.payments.replacement(&w.with_joiners(&joiners))?
+                self.payments.of(w).replacement(&w.with_joiners(&joiners))?
             {
                 let ids: Vec<u64> = joiners.iter().map(|j| j.id).collect();
                 tracing::info!(batch = w.id, joiners = ?ids, new = %attempt.txid, rate = attempt.fee_rate, "bumping a stuck batch; waiting withdrawals join it");
@@ -486,7 +543,7 @@ impl Executor {
                 }
             }
         }
-        match self.payments.replacement(w)? {
+        match self.payments.of(w).replacement(w)? {
             Ok(Built::Signed(attempt)) => {
                 let old = w.current().map(|a| a.txid);
                 tracing::info!(id = w.id, ?old, new = %attempt.txid, rate = attempt.fee_rate, "bumping a stuck withdrawal");
@@ -686,7 +743,7 @@ impl Executor {
                 q.state == State::Received
                     && q.batch.is_none()
                     && q.attempts.is_empty()
-                    && !crate::balancing::is_sweep(q)
+                    && crate::balancing::kind(q).is_none()
                     && q.request.wallet == w.request.wallet
                     && q.request.fee_rate == w.request.fee_rate
             })

@@ -101,7 +101,7 @@ impl Signatures for SignatureService {
             let (psbt, added) = cosign::add_signatures(&pending.psbt, &submitted)
                 .map_err(|e| Status::invalid_argument(format!("withdrawal {id}: {e}")))?;
             let gathered = Pending { psbt, ..pending };
-            let outcome = match self.payments.complete(&gathered).map_err(|e| {
+            let outcome = match self.payments.of(&w).complete(&gathered).map_err(|e| {
                 Status::unavailable(format!("signing withdrawal {id} with the hot keys: {e}"))
             })? {
                 Some(attempt) if gathered.replacing => Outcome::Replaced(attempt),

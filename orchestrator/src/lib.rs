@@ -6,7 +6,9 @@
 //! key-file [`signer`] behind the `Signer` trait; paying (fees, coins, signing, sending:
 //! [`payment`]); the event -> saga adapter following the indexer's `Subscribe` stream
 //! ([`monitor`]) or its Kafka topic ([`kafka_events`]); and the [`executor`] that
-//! reserves, signs, broadcasts, bumps and completes each withdrawal. With
+//! reserves, signs, broadcasts, bumps and completes each withdrawal, and starts the
+//! wallet [`balancing`] runs (served by [`grpc_balancing`]; external signers by
+//! [`grpc_signatures`]). With
 //! `engine = "temporal"` the same saga runs as Temporal workflows instead ([`temporal`]).
 //! [`app`] wires them into the service `orchestrator run` is, from the flags of [`cli`]
 //! and the settings of [`config`]; the bitcoind client and what both services share come
@@ -20,6 +22,7 @@ pub mod cosign;
 pub mod descriptor_wallet;
 pub mod executor;
 pub mod grpc;
+pub mod grpc_balancing;
 pub mod grpc_signatures;
 pub mod indexer_client;
 pub mod kafka_events;

@@ -14,6 +14,7 @@ use bitcoin::{Address, Amount, Network, OutPoint, Psbt, ScriptBuf, Sequence, Tra
 use bitcoin::{TxIn, TxOut, Txid};
 use proto::indexer::v1 as ipb;
 
+use crate::balancing::{Consolidation, Kind};
 use crate::descriptor_wallet::DescriptorWallet;
 use crate::executor::Policy;
 use crate::indexer_client::Indexer;
@@ -48,6 +49,18 @@ pub struct FeeChoice {
     pub why: String,
 }
 
+/// Chosen candidates as the coins a saga holds.
+fn held(chosen: Vec<Candidate>) -> Vec<Coin> {
+    chosen
+        .into_iter()
+        .map(|c| Coin {
+            outpoint: c.outpoint,
+            value: c.value,
+            script: c.script,
+        })
+        .collect()
+}
+
 /// A version of a payment as signing left it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Built {
@@ -69,6 +82,8 @@ pub struct Payments {
     /// The hot wallet's descriptor, when it is one (multisig, taproot, external signers);
     /// else the signer's P2WPKH keys are the wallet.
     wallet: Option<Arc<DescriptorWallet>>,
+    /// How the cold wallet pays (top-ups), when balancing names one.
+    cold: Option<(String, Arc<Payments>)>,
 }
 
 impl Payments {
@@ -80,6 +95,25 @@ impl Payments {
         change: ScriptBuf,
         policy: Policy,
     ) -> Payments {
+        // The cold wallet's keys are offline: its payments wait for external signers, and
+        // its change goes back to its descriptor's index 0 (sweeps pay 1, 2, ...).
+        let cold = policy.balancing.as_ref().and_then(|b| {
+            let wallet = b.cold.clone()?;
+            let change = wallet.script_at(0)?;
+            let cold = Payments {
+                daemon: daemon.clone(),
+                signer: signer.clone(),
+                network,
+                change,
+                policy: Policy {
+                    balancing: None,
+                    ..policy.clone()
+                },
+                wallet: Some(wallet),
+                cold: None,
+            };
+            Some((b.cold_wallet.clone(), Arc::new(cold)))
+        });
         Payments {
             daemon,
             signer,
@@ -87,7 +121,30 @@ impl Payments {
             change,
             policy,
             wallet: None,
+            cold,
         }
+    }
+
+    /// How wallet `name` pays: the cold wallet's way for the cold wallet, else this.
+    pub fn for_wallet(&self, name: &str) -> &Payments {
+        match &self.cold {
+            Some((cold, payments)) if cold == name => payments,
+            _ => self,
+        }
+    }
+
+    /// How `w` is paid (see [`Payments::for_wallet`]).
+    pub fn of(&self, w: &Withdrawal) -> &Payments {
+        self.for_wallet(&w.request.wallet)
+    }
+
+    /// The address change goes to (the wallet's own: top-ups and consolidations pay it).
+    pub fn change_address(&self) -> Option<String> {
+        Some(
+            Address::from_script(&self.change, self.network)
+                .ok()?
+                .to_string(),
+        )
     }
 
     /// Pays from the descriptor wallet `wallet`: its scripts are the spendable coins, its
@@ -99,7 +156,7 @@ impl Payments {
     }
 
     /// The weight of one signed input of the wallet.
-    fn input_weight(&self) -> u64 {
+    pub fn input_weight(&self) -> u64 {
         self.wallet
             .as_ref()
             .map_or(select::P2WPKH_INPUT_WEIGHT, |w| w.input_weight())
@@ -131,8 +188,12 @@ impl Payments {
     }
 
     /// What `w` pays: its destination, or a batch's members' in the order they joined;
-    /// `None` when a destination is not an address of this network.
+    /// nothing but the change for a consolidation; `None` when a destination is not an
+    /// address of this network.
     pub fn outputs(&self, w: &Withdrawal) -> Option<Vec<TxOut>> {
+        if crate::balancing::kind(w) == Some(Kind::Consolidation) {
+            return Some(Vec::new());
+        }
         match &w.members {
             Some(members) => members
                 .iter()
@@ -158,18 +219,11 @@ impl Payments {
             FeeRate::TargetBlocks(t) => (t, String::new()),
             FeeRate::Priority(p) => (self.policy.target_of(p), format!("{} priority: ", p.name())),
         };
-        let daemon = self.daemon.clone();
-        let per_kvb = tokio::task::spawn_blocking(move || daemon.estimate_smart_fee(target))
-            .await
-            .map_err(|e| tonic::Status::internal(e.to_string()))??;
-        Ok(match per_kvb {
-            Some(a) => {
-                let rate = a.to_sat() as f64 / 1000.0;
-                self.clamped(
-                    rate,
-                    format!("{prefix}bitcoind's estimate for {target} blocks, {rate} sat/vB"),
-                )
-            }
+        Ok(match self.estimate(target).await? {
+            Some(rate) => self.clamped(
+                rate,
+                format!("{prefix}bitcoind's estimate for {target} blocks, {rate} sat/vB"),
+            ),
             None => {
                 let floor = self.policy.fee_floor;
                 tracing::warn!(
@@ -185,6 +239,16 @@ impl Payments {
                 }
             }
         })
+    }
+
+    /// bitcoind's estimate for confirmation within `target` blocks, sat/vB (`None`: it
+    /// has none).
+    pub async fn estimate(&self, target: u16) -> Result<Option<f64>, StepError> {
+        let daemon = self.daemon.clone();
+        let per_kvb = tokio::task::spawn_blocking(move || daemon.estimate_smart_fee(target))
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))??;
+        Ok(per_kvb.map(|a| a.to_sat() as f64 / 1000.0))
     }
 
     /// `rate` within the floor and ceiling, saying so when it was moved.
@@ -260,6 +324,9 @@ impl Payments {
         candidates: &[Candidate],
         rate: f64,
     ) -> Result<Vec<Coin>, String> {
+        if crate::balancing::kind(w) == Some(Kind::Consolidation) {
+            return self.consolidated(w, candidates, rate);
+        }
         let outputs = self
             .outputs(w)
             .ok_or_else(|| "invalid destination".to_owned())?;
@@ -272,15 +339,32 @@ impl Payments {
             w.request.max_fee,
         )
         .map_err(|e| e.to_string())?;
-        Ok(selection
-            .coins
-            .into_iter()
-            .map(|c| Coin {
-                outpoint: c.outpoint,
-                value: c.value,
-                script: c.script,
-            })
-            .collect())
+        Ok(held(selection.coins))
+    }
+
+    /// The coins a consolidation spends: the small ones worth spending at `rate`, as many
+    /// as its fee cap allows; or why there are too few (withdrawals took them meanwhile).
+    fn consolidated(
+        &self,
+        w: &Withdrawal,
+        candidates: &[Candidate],
+        rate: f64,
+    ) -> Result<Vec<Coin>, String> {
+        let Some(policy) = self.policy.balancing.as_ref().and_then(|b| b.consolidate) else {
+            return Err("consolidation is no longer configured".into());
+        };
+        let weight = self.input_weight();
+        let mut coins = policy.small(candidates, rate, weight);
+        while coins.len() >= 2 && Consolidation::fee(coins.len(), weight, rate) > w.request.max_fee
+        {
+            coins.pop();
+        }
+        if coins.len() < 2 {
+            return Err(format!(
+                "fewer than 2 small coins left to consolidate at {rate:.1} sat/vB"
+            ));
+        }
+        Ok(held(coins))
     }
 
     /// The unsigned payment of `outputs` over `w`'s reserved coins at `rate` sat/vB,

@@ -278,6 +278,24 @@ impl SagaStore {
         }
     }
 
+    /// Every withdrawal whose request id starts with `prefix` (the orchestrator's own
+    /// runs of one kind), in request id order.
+    pub fn by_request_prefix(&self, prefix: &str) -> Result<Vec<Withdrawal>, SagaStoreError> {
+        let mut found = Vec::new();
+        let from = rocksdb::IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(REQUESTS), from) {
+            let (key, id) = item?;
+            if !key.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let w = self
+                .get(id_of(&id)?)?
+                .ok_or_else(|| corrupt("request index", "names a missing withdrawal"))?;
+            found.push(w);
+        }
+        Ok(found)
+    }
+
     /// Applies `outcome` to withdrawal (or batch) `before` (as the caller read it) and
     /// commits the result with the reservations it takes or releases, in one synced batch;
     /// a batch's members are rewritten to mirror it in the same batch. Refuses when the

@@ -213,3 +213,35 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     );
     bin
 }
+
+/// The regtest extended private key of master seed `[seed; 32]`: a test's signer.
+pub fn xpriv(seed: u8) -> bitcoin::bip32::Xpriv {
+    bitcoin::bip32::Xpriv::new_master(Network::Regtest, &[seed; 32]).expect("a valid seed")
+}
+
+/// Its extended public key.
+pub fn xpub(seed: u8) -> bitcoin::bip32::Xpub {
+    bitcoin::bip32::Xpub::from_priv(&bitcoin::secp256k1::Secp256k1::new(), &xpriv(seed))
+}
+
+/// Polls saga `id` in `store` until `ok` holds of it (panics with where it stuck after
+/// `timeout`).
+pub fn wait_for_saga(
+    store: &orchestrator::store::SagaStore,
+    id: u64,
+    timeout: std::time::Duration,
+    ok: impl Fn(&orchestrator::saga::Withdrawal) -> bool,
+) -> orchestrator::saga::Withdrawal {
+    let started = std::time::Instant::now();
+    loop {
+        let w = store
+            .get(id)
+            .expect("the saga database reads")
+            .expect("the saga exists");
+        if ok(&w) {
+            return w;
+        }
+        assert!(started.elapsed() < timeout, "stuck at {w:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

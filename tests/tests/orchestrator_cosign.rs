@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use bitcoin::bip32::{Xpriv, Xpub};
+use bitcoin::bip32::Xpriv;
 use bitcoin::secp256k1::Secp256k1;
 use bitcoin::{Address, Amount, Network, Psbt};
 use orchestrator::descriptor_wallet::DescriptorWallet;
@@ -26,18 +26,10 @@ use proto::orchestrator::v1 as pb;
 use proto::orchestrator::v1::signatures_server::Signatures;
 use proto::orchestrator::v1::withdrawals_server::Withdrawals;
 use serde_json::json;
-use system_tests::harness::{script_of, TestWallet};
+use system_tests::harness::{script_of, wait_for_saga, xpriv, xpub, TestWallet};
 use system_tests::live::{Devnet, Indexer};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn xpriv(seed: u8) -> Xpriv {
-    Xpriv::new_master(Network::Regtest, &[seed; 32]).unwrap()
-}
-
-fn xpub(seed: u8) -> Xpub {
-    Xpub::from_priv(&Secp256k1::new(), &xpriv(seed))
-}
 
 /// A descriptor wallet funded by the node and watched by the indexer, an executor paying
 /// from it with `hot` in its key file, and the Signatures API over its saga database.
@@ -145,15 +137,7 @@ impl Cosigned {
     }
 
     fn wait_for(&self, id: u64, ok: impl Fn(&Withdrawal) -> bool) -> Withdrawal {
-        let started = Instant::now();
-        loop {
-            let w = self.store.get(id).unwrap().unwrap();
-            if ok(&w) {
-                return w;
-            }
-            assert!(started.elapsed() < WAIT, "stuck at {w:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_saga(&self.store, id, WAIT, ok)
     }
 
     fn pending(&self) -> Vec<pb::PendingSignature> {

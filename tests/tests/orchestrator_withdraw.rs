@@ -1934,7 +1934,7 @@ fn a_stuck_batch_gains_members_when_replaced_and_an_earlier_version_pays_only_it
 #[test]
 fn above_the_high_water_mark_the_excess_is_swept_to_the_cold_wallet_once() {
     use bitcoin::bip32::{Xpriv, Xpub};
-    use orchestrator::balancing::Sweep;
+    use orchestrator::balancing::{Balancing, HighWater};
     use orchestrator::descriptor_wallet::DescriptorWallet;
     let secp = bitcoin::secp256k1::Secp256k1::new();
     let cold_xpub = Xpub::from_priv(
@@ -1949,11 +1949,16 @@ fn above_the_high_water_mark_the_excess_is_swept_to_the_cold_wallet_once() {
         Policy {
             confirmations: 1,
             settle_at: 2,
-            sweep: Some(Sweep {
-                wallet: "hot".into(),
-                above: Amount::from_btc(3.0).unwrap(),
-                keep: Amount::from_btc(1.0).unwrap(),
-                cold: cold.clone(),
+            balancing: Some(Balancing {
+                hot_wallet: "hot".into(),
+                cold_wallet: "cold".into(),
+                cold: Some(cold.clone()),
+                sweep: Some(HighWater {
+                    above: Amount::from_btc(3.0).unwrap(),
+                    keep: Amount::from_btc(1.0).unwrap(),
+                }),
+                top_up: None,
+                consolidate: None,
             }),
             // Queues on too: a sweep is paid alone, at once, not queued.
             batch: Some(orchestrator::executor::Batching {
@@ -1996,6 +2001,11 @@ fn above_the_high_water_mark_the_excess_is_swept_to_the_cold_wallet_once() {
     let paid = settle_all(&world, &[sweep.id, paid_out]);
     let to_cold = script_of(&sweep.request.destination);
     assert_eq!(paid.get(&to_cold), Some(&vec![amount.to_sat()]));
+    assert_eq!(
+        to_cold,
+        cold.script_at(1).unwrap(),
+        "the first sweep pays index 1"
+    );
     assert_eq!(paid.get(&script_of(&destination)), Some(&vec![30_000_000]));
     // Below the mark now: blocks come and nothing more is swept.
     world.node.mine_to(3, &world.miner);
