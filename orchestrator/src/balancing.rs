@@ -120,7 +120,9 @@ pub struct Consolidation {
 impl Balancing {
     /// The sweep of the excess when the hot wallet can spend `spendable` and it is above
     /// the mark, decided at tip `height`, to the cold address at `index` (the count of
-    /// sweeps before it, plus one), at the low priority, its fee capped at 1%.
+    /// sweeps signed before it, plus one; `None` past the cold wallet's range, which top-ups
+    /// could not spend), at the low priority: 99% of the excess, its fee capped at the
+    /// other 1% (so the coins swept always cover it).
     pub fn sweep(
         &self,
         spendable: Amount,
@@ -132,15 +134,17 @@ impl Balancing {
         if spendable <= mark.above {
             return None;
         }
-        let amount = spendable - mark.keep;
-        let script = self.cold.as_ref()?.script_at(index)?;
+        let excess = spendable - mark.keep;
+        let cold = self.cold.as_ref()?;
+        let script = cold.script_at(index).filter(|s| cold.contains(s))?;
+        let max_fee = excess / 100;
         Some(Request {
             request_id: Kind::Sweep.request_id(height),
             wallet: self.hot_wallet.clone(),
             destination: address(&script, network)?,
-            amount,
+            amount: excess - max_fee,
             fee_rate: FeeRate::Priority(Priority::Low),
-            max_fee: amount / 100,
+            max_fee,
         })
     }
 
@@ -214,9 +218,9 @@ impl Consolidation {
     }
 
     /// What spending `n` coins of `input_weight` into one costs at `rate`, generously (the
-    /// overhead and one output as large as a P2WSH one).
+    /// overhead with a 3-byte input count, and one output as large as a P2WSH one).
     pub fn fee(n: usize, input_weight: u64, rate: f64) -> Amount {
-        let overhead = 4 * (10 + 43) + 2;
+        let overhead = 4 * (12 + 43) + 2;
         select::fee_for(overhead + input_weight * n as u64, rate)
     }
 }
@@ -237,7 +241,7 @@ mod tests {
             &secp,
             &Xpriv::new_master(Network::Regtest, &[8; 32]).unwrap(),
         );
-        let cold = DescriptorWallet::parse(&format!("wpkh({xpub}/0/*)"), Network::Regtest, 1);
+        let cold = DescriptorWallet::parse(&format!("wpkh({xpub}/0/*)"), Network::Regtest, 20);
         Balancing {
             hot_wallet: "hot".into(),
             cold_wallet: "cold".into(),
@@ -275,7 +279,7 @@ mod tests {
         let r = b
             .sweep(Amount::from_btc(5.0).unwrap(), 120, 1, net)
             .unwrap();
-        assert_eq!(r.amount, Amount::from_btc(4.0).unwrap());
+        assert_eq!(r.amount + r.max_fee, Amount::from_btc(4.0).unwrap());
         assert_eq!(r.request_id, "orchestrator.sweep.120");
         assert_eq!(r.max_fee, Amount::from_btc(0.04).unwrap());
         let again = b

@@ -110,7 +110,7 @@ pub struct Settings {
     pub descriptor_range: Option<u32>,
     /// Wallet balancing, high water: above this many satoshis spendable in the hot wallet
     /// (`hot_wallet`), the excess above `sweep_keep_sat` is swept to `cold_descriptor`
-    /// (absent: never swept). Embedded engine.
+    /// (absent: never swept). Either engine.
     #[arg(long, env = "ORCHESTRATOR_SWEEP_ABOVE_SAT")]
     pub sweep_above_sat: Option<u64>,
     /// What a sweep leaves in the hot wallet, satoshis (below `sweep_above_sat`).
@@ -118,6 +118,7 @@ pub struct Settings {
     pub sweep_keep_sat: Option<u64>,
     /// Wallet balancing, low water: below this many satoshis spendable in the hot wallet,
     /// a top-up from the cold wallet is prepared for its offline signers (absent: never).
+    /// Embedded engine.
     #[arg(long, env = "ORCHESTRATOR_TOP_UP_BELOW_SAT")]
     pub top_up_below_sat: Option<u64>,
     /// The balance a top-up brings the hot wallet to, satoshis (above
@@ -125,7 +126,7 @@ pub struct Settings {
     #[arg(long, env = "ORCHESTRATOR_TOP_UP_TO_SAT")]
     pub top_up_to_sat: Option<u64>,
     /// Consolidate the hot wallet's small coins while bitcoind's estimate for the low
-    /// priority is at most this many sat/vB (absent: never). Embedded engine.
+    /// priority is at most this many sat/vB (absent: never). Either engine.
     #[arg(long, env = "ORCHESTRATOR_CONSOLIDATE_BELOW_SAT_VB")]
     pub consolidate_below_sat_vb: Option<f64>,
     /// A coin below this many satoshis is small (default 1,000,000).
@@ -550,9 +551,14 @@ impl Settings {
                 "descriptor: external signers and descriptor wallets run on the embedded engine; with engine = \"temporal\" the key file's P2WPKH keys are the wallet (leave descriptor unset)".into(),
             ));
         }
-        if temporal.is_some() && policy.balancing.is_some() {
+        if temporal.is_some()
+            && policy
+                .balancing
+                .as_ref()
+                .is_some_and(|b| b.top_up.is_some())
+        {
             return Err(ConfigError(
-                "sweep_above_sat, top_up_below_sat, consolidate_below_sat_vb: balancing runs on the embedded engine (leave them unset with engine = \"temporal\")".into(),
+                "top_up_below_sat: top-ups wait for external signers, which run on the embedded engine (with engine = \"temporal\" leave it unset; sweeps and consolidation run on both)".into(),
             ));
         }
         if temporal.is_some() && policy.batch.is_some() {
@@ -633,6 +639,11 @@ impl Settings {
         };
         let top_up = match self.top_up_below_sat {
             None => None,
+            Some(below) if self.sweep_keep_sat.is_some_and(|keep| below > keep) => {
+                return refuse(format!(
+                    "top_up_below_sat {below} is above sweep_keep_sat: every sweep would be followed by a top-up"
+                ))
+            }
             Some(below) => {
                 let ceiling = self.sweep_above_sat.unwrap_or(u64::MAX);
                 match self.top_up_to_sat.filter(|to| *to > below && *to < ceiling) {
@@ -701,6 +712,18 @@ impl Settings {
         };
         let hot_wallet = self.hot_wallet.clone().unwrap_or_else(|| "hot".into());
         let cold_wallet = self.cold_wallet.clone().unwrap_or_else(|| "cold".into());
+        for (key, name) in [("hot_wallet", &hot_wallet), ("cold_wallet", &cold_wallet)] {
+            let named = (1..=crate::grpc::MAX_WALLET).contains(&name.len())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !named {
+                return refuse(format!(
+                    "{key} {name:?}: a wallet name at the indexer is 1 to {} letters, digits, '-', '_' or '.'",
+                    crate::grpc::MAX_WALLET
+                ));
+            }
+        }
         if cold.is_some() && cold_wallet == hot_wallet {
             return refuse(format!(
                 "cold_wallet {cold_wallet:?} is the hot wallet's name: name the indexer's wallet watching cold_descriptor"
@@ -747,6 +770,14 @@ fn check_policy(p: &Policy) -> Result<(), ConfigError> {
             "fee_floor {} and fee_ceiling {} must be finite numbers of sat/vB",
             p.fee_floor, p.fee_ceiling
         ));
+    }
+    if let Some(c) = p.balancing.as_ref().and_then(|b| b.consolidate) {
+        if c.max_rate < p.fee_floor {
+            return refuse(format!(
+                "consolidate_below_sat_vb {} is below fee_floor {}: a consolidation could never pay so little",
+                c.max_rate, p.fee_floor
+            ));
+        }
     }
     if !(p.fee_floor >= 1.0 && p.fee_floor <= p.fee_ceiling) {
         return refuse(format!(
@@ -963,6 +994,28 @@ mod tests {
             ),
             (
                 Settings {
+                    top_up_below_sat: Some(150_000_000),
+                    top_up_to_sat: Some(200_000_000),
+                    ..base.clone()
+                },
+                "every sweep would be followed by a top-up",
+            ),
+            (
+                Settings {
+                    fee_floor: Some(3.0),
+                    ..base.clone()
+                },
+                "is below fee_floor",
+            ),
+            (
+                Settings {
+                    hot_wallet: Some("hot' OR 1=1".into()),
+                    ..base.clone()
+                },
+                "a wallet name at the indexer",
+            ),
+            (
+                Settings {
                     consolidate_min_coins: Some(1),
                     ..base.clone()
                 },
@@ -984,7 +1037,7 @@ mod tests {
                     },
                     ..base.clone()
                 },
-                "balancing runs on the embedded engine",
+                "top-ups wait for external signers",
             ),
         ] {
             let e = bad.resolve_with(None).unwrap_err().to_string();

@@ -255,8 +255,11 @@ impl Executor {
 
     /// Decides the balancing runs at tip `tip` (each runs from the next round on): a
     /// sweep of the hot wallet's excess above the high-water mark, a top-up from the cold
-    /// wallet below the low-water mark, a consolidation of small coins while fees are low;
-    /// none of a kind while one of that kind is unfinished.
+    /// wallet below the low-water mark, a consolidation of small coins while fees are low.
+    /// None of a kind while one of that kind is unfinished; sweeps and consolidations not
+    /// beside each other (they would count the same coins), top-ups not beside either
+    /// (their change is on its way back). A kind that cannot be decided now (the indexer
+    /// does not list the cold wallet, bitcoind away) does not hold up the others.
     async fn rebalance(
         &mut self,
         balancing: &Balancing,
@@ -268,57 +271,138 @@ impl Executor {
                 .iter()
                 .any(|w| crate::balancing::kind(w) == Some(k))
         };
+        let moving = running(Kind::Sweep) || running(Kind::Consolidation);
         let hot = self.candidates(&balancing.hot_wallet).await?;
         let spendable: bitcoin::Amount = hot.iter().map(|c| c.value).sum();
-        let network = self.payments.network();
-        let hot_address = self.payments.change_address().unwrap_or_default();
-        let mut swept = false;
-        if balancing.sweep.is_some() && !running(Kind::Sweep) {
-            // Sweeps pay cold indexes 1, 2, ... in order: each run one further.
-            let index = self.store.by_request_prefix(Kind::Sweep.prefix())?.len() as u32 + 1;
-            if let Some(request) = balancing.sweep(spendable, tip, index, network) {
-                self.start_run(
-                    request,
-                    "sweeping the hot wallet's excess to the cold wallet",
-                )?;
-                swept = true;
+        // Withdrawals waiting for coins will need some of these.
+        let owed: bitcoin::Amount = unfinished
+            .iter()
+            .filter(|w| w.request.wallet == balancing.hot_wallet && w.state == State::Received)
+            .map(|w| w.request.amount + w.request.max_fee)
+            .sum();
+        let spendable = spendable.checked_sub(owed).unwrap_or_default();
+        if balancing.sweep.is_some() && !moving {
+            if let Err(e) = self.sweep(balancing, spendable, tip) {
+                tracing::warn!(error = %e, "no sweep decided at this block");
             }
         }
-        if balancing.top_up.is_some() && !running(Kind::TopUp) {
-            if let Some(request) = balancing.top_up(spendable, tip, &hot_address) {
-                let cold: bitcoin::Amount = self
-                    .candidates(&balancing.cold_wallet)
-                    .await?
-                    .iter()
-                    .map(|c| c.value)
-                    .sum();
-                if cold > request.amount {
-                    self.start_run(request, "topping the hot wallet up from the cold wallet: its PSBT waits for the cold signers")?;
-                } else {
-                    tracing::warn!(%spendable, %cold, wanted = %request.amount, "the hot wallet is below its low-water mark and the cold wallet cannot top it up");
-                }
+        if balancing.top_up.is_some() && !moving && !running(Kind::TopUp) {
+            if let Err(e) = self.top_up(balancing, spendable, tip).await {
+                tracing::warn!(error = %e, "no top-up decided at this block");
             }
         }
-        // Not beside a sweep just decided: it may take the same small coins.
-        let consolidating = balancing
-            .consolidate
-            .filter(|_| !swept && !running(Kind::Consolidation));
-        if let Some(policy) = consolidating {
-            let weight = self.payments.input_weight();
-            if policy.small(&hot, 0.0, weight).len() >= policy.min_coins {
-                let target = self.payments.policy().target_of(Priority::Low);
-                let estimate = self.payments.estimate(target).await?;
-                if let Some(request) =
-                    balancing.consolidation(&hot, estimate, weight, tip, &hot_address)
-                {
-                    self.start_run(
-                        request,
-                        "consolidating the hot wallet's small coins while fees are low",
-                    )?;
-                }
+        let swept = self
+            .store
+            .by_request(&Kind::Sweep.request_id(tip))?
+            .is_some();
+        if balancing.consolidate.is_some() && !moving && !swept {
+            if let Err(e) = self.consolidate(balancing, &hot, tip).await {
+                tracing::warn!(error = %e, "no consolidation decided at this block");
             }
         }
         Ok(())
+    }
+
+    /// A sweep of the excess above the mark (`spendable`: less what waiting withdrawals
+    /// need), to the cold index one past the sweeps that got as far as signing (a sweep
+    /// that failed before uses no address).
+    fn sweep(
+        &self,
+        balancing: &Balancing,
+        spendable: bitcoin::Amount,
+        tip: u32,
+    ) -> Result<(), StepError> {
+        let signed = self
+            .store
+            .by_request_prefix(Kind::Sweep.prefix())?
+            .iter()
+            .filter(|w| !w.attempts.is_empty() || w.pending.is_some())
+            .count();
+        let index = signed as u32 + 1;
+        match balancing.sweep(spendable, tip, index, self.payments.network()) {
+            Some(request) => self.start_run(
+                request,
+                "sweeping the hot wallet's excess to the cold wallet",
+            ),
+            None if balancing.sweep.is_some_and(|m| spendable > m.above) => {
+                tracing::warn!(index, "above the high-water mark, but the cold wallet's next address is past its range: not swept (widen the cold descriptor's range)");
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A top-up when the hot wallet (`spendable`: less what waiting withdrawals need),
+    /// counting the change its unfinished payments will bring back, is below the
+    /// low-water mark and the cold wallet can cover it.
+    async fn top_up(
+        &mut self,
+        balancing: &Balancing,
+        spendable: bitcoin::Amount,
+        tip: u32,
+    ) -> Result<(), StepError> {
+        let mut coming_back = bitcoin::Amount::ZERO;
+        let paying = [self.store.unfinished()?, self.store.unfinished_batches()?].concat();
+        for w in paying.iter().filter(|w| {
+            w.request.wallet == balancing.hot_wallet && w.holds_coins() && w.confirmed.is_none()
+        }) {
+            let held: bitcoin::Amount = w.coins.iter().map(|c| c.value).sum();
+            let paid: bitcoin::Amount = self
+                .payments
+                .outputs(w)
+                .unwrap_or_default()
+                .iter()
+                .map(|o| o.value)
+                .sum();
+            let fee = w.current().map_or(w.request.max_fee, |a| a.fee);
+            coming_back += held.checked_sub(paid + fee).unwrap_or_default();
+        }
+        let hot_address = self.payments.change_address().unwrap_or_default();
+        let Some(request) = balancing.top_up(spendable + coming_back, tip, &hot_address) else {
+            return Ok(());
+        };
+        let cold: bitcoin::Amount = self
+            .candidates(&balancing.cold_wallet)
+            .await?
+            .iter()
+            .map(|c| c.value)
+            .sum();
+        if cold <= request.amount {
+            tracing::warn!(%spendable, %coming_back, %cold, wanted = %request.amount, "the hot wallet is below its low-water mark and the cold wallet cannot top it up");
+            return Ok(());
+        }
+        self.start_run(
+            request,
+            "topping the hot wallet up from the cold wallet: its PSBT waits for the cold signers",
+        )
+    }
+
+    /// A consolidation of the hot wallet's small coins among `hot` while bitcoind's
+    /// low-priority estimate is at most the threshold.
+    async fn consolidate(
+        &mut self,
+        balancing: &Balancing,
+        hot: &[crate::select::Candidate],
+        tip: u32,
+    ) -> Result<(), StepError> {
+        let Some(policy) = balancing.consolidate else {
+            return Ok(());
+        };
+        let weight = self.payments.input_weight();
+        // Asked of bitcoind only when enough small coins wait.
+        if policy.small(hot, 0.0, weight).len() < policy.min_coins {
+            return Ok(());
+        }
+        let target = self.payments.policy().target_of(Priority::Low);
+        let estimate = self.payments.estimate(target).await?;
+        let hot_address = self.payments.change_address().unwrap_or_default();
+        match balancing.consolidation(hot, estimate, weight, tip, &hot_address) {
+            Some(request) => self.start_run(
+                request,
+                "consolidating the hot wallet's small coins while fees are low",
+            ),
+            None => Ok(()),
+        }
     }
 
     /// Submits balancing run `request` (idempotent: a decision made again at the same
@@ -485,6 +569,17 @@ impl Executor {
         let payments = self.payments.of(w).clone();
         if payments.outputs(w).is_none() {
             return self.record(w, Outcome::Failed("invalid destination".into()));
+        }
+        if self.payments.is_cold(&w.request.wallet)
+            && crate::balancing::kind(w) != Some(Kind::TopUp)
+        {
+            return self.record(
+                w,
+                Outcome::Failed(format!(
+                    "wallet {} is the cold wallet: only top-ups signed offline spend it",
+                    w.request.wallet
+                )),
+            );
         }
         let rate = payments.fee_rate(w.request.fee_rate).await?.rate;
         let candidates = match self.candidates(&w.request.wallet).await {

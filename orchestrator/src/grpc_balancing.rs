@@ -156,14 +156,8 @@ impl Balancing for BalancingService {
             0 => MAX_RUNS,
             n => n.min(MAX_RUNS),
         };
-        let mut runs = on_store(&self.store, move |s| {
-            let mut all = Vec::new();
-            for k in kinds {
-                all.extend(s.by_request_prefix(k.prefix())?);
-            }
-            Ok(all)
-        })
-        .await?;
+        let mut runs = on_store(&self.store, all_runs).await?;
+        runs.retain(|w| balancing::kind(w).is_some_and(|k| kinds.contains(&k)));
         // Ids grow with submission: newest first.
         runs.sort_by_key(|w| std::cmp::Reverse(w.id));
         runs.truncate(limit);
@@ -184,7 +178,17 @@ impl Balancing for BalancingService {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let store = self.store.clone();
         tokio::spawn(async move {
-            for r in unfinished.iter().filter_map(run) {
+            // When each run's newest state sent changed: a change read before the snapshot
+            // but received after it is not sent over a newer one (one of the same
+            // millisecond is: a repeat is harmless, a loss is not).
+            let mut sent: std::collections::HashMap<u64, u64> = Default::default();
+            let mut send = |w: &Withdrawal| {
+                let newer = sent.get(&w.id).is_none_or(|at| w.updated_ms >= *at);
+                let r = run(w).filter(|_| newer)?;
+                sent.insert(w.id, w.updated_ms);
+                Some(r)
+            };
+            for r in unfinished.iter().filter_map(&mut send) {
                 if tx.send(Ok(r)).await.is_err() {
                     return;
                 }
@@ -192,19 +196,19 @@ impl Balancing for BalancingService {
             loop {
                 let changed = match updates.recv().await {
                     Ok(w) => vec![w],
-                    // Missed some: the durable records say where the unfinished runs are.
+                    // Missed some: every run as its durable record says it is now.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        match store.unfinished() {
+                        match on_store(&store, all_runs).await {
                             Ok(all) => all,
                             Err(e) => {
-                                let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                                let _ = tx.send(Err(e)).await;
                                 return;
                             }
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
-                for r in changed.iter().filter_map(run) {
+                for r in changed.iter().filter_map(&mut send) {
                     if tx.send(Ok(r)).await.is_err() {
                         return;
                     }
@@ -213,4 +217,13 @@ impl Balancing for BalancingService {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Every balancing run the store holds.
+fn all_runs(s: &SagaStore) -> Result<Vec<Withdrawal>, crate::store::SagaStoreError> {
+    let mut all = Vec::new();
+    for k in Kind::ALL {
+        all.extend(s.by_request_prefix(k.prefix())?);
+    }
+    Ok(all)
 }

@@ -95,14 +95,15 @@ impl Payments {
         change: ScriptBuf,
         policy: Policy,
     ) -> Payments {
-        // The cold wallet's keys are offline: its payments wait for external signers, and
+        // The cold wallet's keys are offline (none of the key file's sign for it, even one
+        // an operator put there by mistake): its payments wait for external signers, and
         // its change goes back to its descriptor's index 0 (sweeps pay 1, 2, ...).
         let cold = policy.balancing.as_ref().and_then(|b| {
             let wallet = b.cold.clone()?;
             let change = wallet.script_at(0)?;
             let cold = Payments {
                 daemon: daemon.clone(),
-                signer: signer.clone(),
+                signer: Arc::new(crate::signer::Offline),
                 network,
                 change,
                 policy: Policy {
@@ -133,9 +134,18 @@ impl Payments {
         }
     }
 
-    /// How `w` is paid (see [`Payments::for_wallet`]).
+    /// Whether `name` is the cold wallet's (only top-ups spend it).
+    pub fn is_cold(&self, name: &str) -> bool {
+        self.cold.as_ref().is_some_and(|(cold, _)| cold == name)
+    }
+
+    /// How `w` is paid: the cold wallet's way for a top-up, else this (a client's
+    /// withdrawal naming the cold wallet is refused before it gets here).
     pub fn of(&self, w: &Withdrawal) -> &Payments {
-        self.for_wallet(&w.request.wallet)
+        match crate::balancing::kind(w) {
+            Some(Kind::TopUp) => self.for_wallet(&w.request.wallet),
+            _ => self,
+        }
     }
 
     /// The address change goes to (the wallet's own: top-ups and consolidations pay it).
@@ -530,7 +540,23 @@ impl Payments {
             return Ok(Err("nothing to replace".into()));
         };
         let stepped = (current.fee_rate * 1.25).max(current.fee_rate + 1.0);
-        let rate = stepped.min(self.policy.fee_ceiling);
+        let mut rate = stepped.min(self.policy.fee_ceiling);
+        // A consolidation is worth it only while fees are low: never above its threshold.
+        if crate::balancing::kind(w) == Some(Kind::Consolidation) {
+            let cap = self
+                .policy
+                .balancing
+                .as_ref()
+                .and_then(|b| b.consolidate)
+                .map_or(current.fee_rate, |c| c.max_rate);
+            if current.fee_rate + 1.0 > cap {
+                return Ok(Err(format!(
+                    "a consolidation pays at most {cap} sat/vB: it waits at {:.2}",
+                    current.fee_rate
+                )));
+            }
+            rate = rate.min(cap);
+        }
         let mut why = format!(
             "replacement of a version unmined after {} blocks: {:.2} sat/vB raised by 25% (at least 1)",
             self.policy.bump_after_blocks, current.fee_rate

@@ -63,6 +63,20 @@ pub trait Signer: Send + Sync {
     fn scripts(&self) -> Vec<ScriptBuf>;
 }
 
+/// Holds no key: the signer of a wallet whose keys are all offline (the cold wallet), so
+/// every payment from it waits for its external signers, whatever the key file holds.
+pub struct Offline;
+
+impl Signer for Offline {
+    fn sign(&self, _psbt: &mut Psbt) -> Result<usize, SignError> {
+        Ok(0)
+    }
+
+    fn scripts(&self) -> Vec<ScriptBuf> {
+        Vec::new()
+    }
+}
+
 /// Keys from a file of private keys, one per line (`#` starts a comment), which only its
 /// owner may read: WIF keys sign P2WPKH inputs; extended keys (xprv/tprv) sign a
 /// descriptor wallet's inputs whose derivations they hold (a hot cosigner of a multisig).

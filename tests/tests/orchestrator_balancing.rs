@@ -325,6 +325,26 @@ fn below_the_low_water_mark_a_top_up_signed_offline_fills_the_hot_wallet_once() 
     assert!(status.cold_spendable_sat > btc(1.69).to_sat());
     assert_eq!(rig.runs_after(3, Kind::TopUp), 1);
     assert_eq!(rig.runs(pb::BalancingKind::TopUp).len(), 1);
+    // A client's withdrawal naming the cold wallet fails: only top-ups spend it.
+    let outside = rig.node.new_address("bech32");
+    let sneaky = rig
+        .store
+        .submit(
+            Request {
+                request_id: "client-from-cold".into(),
+                wallet: "cold".into(),
+                destination: outside,
+                amount: btc(0.1),
+                fee_rate: FeeRate::SatPerVb(2.0),
+                max_fee: Amount::from_sat(20_000),
+            },
+            orchestrator::saga::now_ms(),
+        )
+        .unwrap()
+        .withdrawal;
+    let refused = rig.wait_for(sneaky.id, |w| w.state == State::Failed);
+    let why = refused.failure_reason.unwrap();
+    assert!(why.contains("is the cold wallet"), "{why}");
     assert!(rig.store.reserved().unwrap().is_empty());
 }
 

@@ -24,10 +24,14 @@ use temporalio_macros::activities;
 use temporalio_sdk::activities::{ActivityContext, ActivityError};
 use temporalio_sdk::ApplicationFailure;
 
+use super::balancing::{BalancingState, Decide};
 use super::hot_wallet::{HotWalletStart, HotWalletWorkflow, ReserveAsk, ReserveReply};
+use super::service::start_withdrawal;
+use super::withdrawal::WithdrawalWorkflow;
+use crate::balancing::Kind;
 use crate::indexer_client::{self, Indexer};
 use crate::payment::{Built, Payments, StepError};
-use crate::saga::{Attempt, Coin, Withdrawal};
+use crate::saga::{Attempt, Coin, Priority, Step, Withdrawal};
 use proto::indexer::v1 as ipb;
 
 /// Why a version needing external signatures is refused here: the Temporal engine signs
@@ -180,6 +184,48 @@ impl Activities {
                 "reading wallet {wallet}'s reservations: {e}"
             ))),
         }
+    }
+
+    /// Run `request_id`'s withdrawal as its workflow shows it (`None`: never started).
+    async fn run_status(&self, request_id: &str) -> Result<Option<Withdrawal>, ActivityError> {
+        let handle = self
+            .client
+            .get_workflow_handle::<WithdrawalWorkflow>(request_id.to_owned());
+        match handle
+            .query(
+                WithdrawalWorkflow::status,
+                (),
+                WorkflowQueryOptions::default(),
+            )
+            .await
+        {
+            Ok(w) => Ok(Some(w)),
+            Err(temporalio_client::errors::WorkflowQueryError::NotFound(_)) => Ok(None),
+            Err(e) => Err(retry(format!("reading run {request_id}: {e}"))),
+        }
+    }
+
+    /// What the withdrawals of `wallet` waiting for coins (RECEIVED, as the search index
+    /// shows them: one submitted a moment ago may not be there yet) will need.
+    async fn owed(&self, wallet: &str) -> Result<bitcoin::Amount, ActivityError> {
+        use futures::StreamExt;
+        let query = format!(
+            "WorkflowType = 'withdrawal' AND ExecutionStatus = 'Running' \
+             AND WithdrawalState = 'RECEIVED' AND WithdrawalWallet = '{wallet}'"
+        );
+        let mut waiting = self
+            .client
+            .list_workflows(query, temporalio_client::WorkflowListOptions::default());
+        let mut owed = bitcoin::Amount::ZERO;
+        while let Some(found) = waiting.next().await {
+            let found = found.map_err(|e| retry(format!("listing withdrawals: {e}")))?;
+            if let Some(w) = self.run_status(found.id()).await? {
+                if w.state == crate::saga::State::Received {
+                    owed += w.request.amount + w.request.max_fee;
+                }
+            }
+        }
+        Ok(owed)
     }
 
     /// Every coin the wallet's workflow holds now.
@@ -385,5 +431,96 @@ impl Activities {
             tip,
             confirmed: None,
         })
+    }
+
+    /// Decides the balancing runs at tip `ask.height` (see [`crate::balancing`]): runs that
+    /// ended are forgotten; a sweep when the hot wallet's coins that no withdrawal holds
+    /// exceed the mark, else a consolidation while fees are low; each started as a
+    /// withdrawal workflow. Safe to repeat: a run already started at this height (by an
+    /// earlier attempt whose worker died) is found by its request id, not started again.
+    #[activity(name = "balancing.decide")]
+    pub async fn decide(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        ask: Decide,
+    ) -> Result<BalancingState, ActivityError> {
+        let mut state = ask.state;
+        state.decided_at = Some(ask.height);
+        let Some(balancing) = self.payments.policy().balancing.clone() else {
+            return Ok(state);
+        };
+        let mut running = BTreeMap::new();
+        for (kind, request_id) in std::mem::take(&mut state.running) {
+            match self.run_status(&request_id).await? {
+                Some(w) if w.next_step() != Step::Rest => {
+                    running.insert(kind, request_id);
+                }
+                // A sweep that ended before signing used no cold address.
+                Some(w) if crate::balancing::is_sweep(&w) && w.attempts.is_empty() => {
+                    state.sweeps = state.sweeps.saturating_sub(1);
+                }
+                _ => {}
+            }
+        }
+        state.running = running;
+        // Started by an earlier attempt at this height.
+        for kind in Kind::ALL {
+            let id = kind.request_id(ask.height);
+            if !state.running.contains_key(kind.prefix()) && self.run_status(&id).await?.is_some() {
+                if kind == Kind::Sweep {
+                    state.sweeps += 1;
+                }
+                state.running.insert(kind.prefix().into(), id);
+            }
+        }
+        let held = self.held(&balancing.hot_wallet).await?;
+        let mut indexer = self.indexer.clone();
+        let hot: Vec<_> = self
+            .payments
+            .spendable(&mut indexer, &balancing.hot_wallet)
+            .await
+            .map_err(retry)?
+            .into_iter()
+            .filter(|c| !held.contains(&c.outpoint))
+            .collect();
+        let spendable: bitcoin::Amount = hot.iter().map(|c| c.value).sum();
+        let owed = self.owed(&balancing.hot_wallet).await?;
+        let spendable = spendable.checked_sub(owed).unwrap_or_default();
+        let hot_address = self.payments.change_address().unwrap_or_default();
+        // Sweeps and consolidations count the same coins: one of them at a time.
+        let moving = state.running.contains_key(Kind::Sweep.prefix())
+            || state.running.contains_key(Kind::Consolidation.prefix());
+        let mut start = None;
+        if !moving {
+            let index = state.sweeps + 1;
+            start = balancing
+                .sweep(spendable, ask.height, index, self.payments.network())
+                .map(|r| (Kind::Sweep, r));
+        }
+        // Not beside a sweep just decided: it may take the same small coins.
+        if let (None, Some(policy)) = (&start, balancing.consolidate) {
+            let weight = self.payments.input_weight();
+            if !moving && policy.small(&hot, 0.0, weight).len() >= policy.min_coins {
+                let target = self.payments.policy().target_of(Priority::Low);
+                let estimate = self.payments.estimate(target).await.map_err(retry)?;
+                start = balancing
+                    .consolidation(&hot, estimate, weight, ask.height, &hot_address)
+                    .map(|r| (Kind::Consolidation, r));
+            }
+        }
+        if let Some((kind, request)) = start {
+            let policy = super::WorkflowPolicy::of(self.payments.policy());
+            start_withdrawal(&self.client, &self.task_queue, &policy, &request)
+                .await
+                .map_err(retry)?;
+            tracing::info!(run = %request.request_id, amount = %request.amount, to = %request.destination, "balancing run started");
+            if kind == Kind::Sweep {
+                state.sweeps += 1;
+            }
+            state
+                .running
+                .insert(kind.prefix().into(), request.request_id);
+        }
+        Ok(state)
     }
 }

@@ -16,6 +16,7 @@ use proto::indexer::v1 as ipb;
 use rdkafka::Message as _;
 use temporalio_client::{Client, WorkflowListOptions, WorkflowSignalOptions};
 
+use super::balancing::BalancingWorkflow;
 use super::withdrawal::WithdrawalWorkflow;
 use crate::indexer_client::Indexer;
 use crate::kafka_events::{assign, positions_at, KafkaEvents};
@@ -34,6 +35,8 @@ pub struct Adapter {
     client: Client,
     /// The topic to read block events from, instead of Subscribe.
     kafka: Option<KafkaEvents>,
+    /// The hot wallet's balancing workflow, signalled on every tip too.
+    balancing: Option<String>,
 }
 
 impl Adapter {
@@ -44,7 +47,14 @@ impl Adapter {
             indexer,
             client,
             kafka,
+            balancing: None,
         }
+    }
+
+    /// Signals balancing workflow `id` too on every tip.
+    pub fn with_balancing(mut self, id: Option<String>) -> Adapter {
+        self.balancing = id;
+        self
     }
 
     /// Follows until the task is dropped, resuming after any failure.
@@ -163,6 +173,22 @@ impl Adapter {
             signalled += 1;
         }
         tracing::debug!(tip, signalled, "chain moved: withdrawals signalled");
+        if let Some(id) = &self.balancing {
+            let handle = self
+                .client
+                .get_workflow_handle::<BalancingWorkflow>(id.clone());
+            // Not running (terminated by an operator): balancing waits for a restart.
+            if let Err(e) = handle
+                .signal(
+                    BalancingWorkflow::chain,
+                    tip,
+                    WorkflowSignalOptions::default(),
+                )
+                .await
+            {
+                tracing::warn!(workflow = %id, error = %e, "balancing not signalled");
+            }
+        }
         Ok(())
     }
 }

@@ -4,11 +4,13 @@
 //! the task queue may run; each hot wallet's coin reservations belong to one long-lived
 //! workflow ([`hot_wallet`]), so two workers on two machines never hold the same coin;
 //! the chain reaches the workflows as signals from the indexer's event stream
-//! ([`adapter`]); the `orchestrator.v1.Withdrawals` API is served from workflow starts,
+//! ([`adapter`]); each hot wallet's [`balancing`] runs from a workflow of its own; the
+//! `orchestrator.v1.Withdrawals` API is served from workflow starts,
 //! queries and updates ([`service`]); [`worker`] wires them into `orchestrator run`.
 
 pub mod activities;
 pub mod adapter;
+pub mod balancing;
 pub mod hot_wallet;
 pub mod service;
 pub mod withdrawal;
@@ -64,6 +66,11 @@ pub fn withdrawal_id(request_id: &str) -> u64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&hash[..8]);
     (u64::from_be_bytes(first) >> 1).max(1)
+}
+
+/// The workflow id of a hot wallet's balancing.
+pub fn balancing_workflow_id(wallet: &str) -> String {
+    format!("{RESERVED_PREFIX}balancing.{wallet}")
 }
 
 /// The workflow id of a wallet's reservations.

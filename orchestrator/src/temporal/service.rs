@@ -156,6 +156,41 @@ impl TemporalWithdrawals {
     }
 }
 
+/// Starts the workflow of `request` on `task_queue` (its id is the request id): started
+/// now, or running already, or finished; in every case the workflow of this request id
+/// says what it is (a different request under it is the caller's to notice).
+pub async fn start_withdrawal(
+    client: &Client,
+    task_queue: &str,
+    policy: &WorkflowPolicy,
+    request: &crate::saga::Request,
+) -> Result<(), String> {
+    let id = super::withdrawal_id(&request.request_id);
+    let workflow_id = request.request_id.clone();
+    let options = WorkflowStartOptions::new(task_queue.to_owned(), workflow_id.clone())
+        .id_reuse_policy(WorkflowIdReusePolicy::RejectDuplicate)
+        .id_conflict_policy(WorkflowIdConflictPolicy::UseExisting)
+        .search_attributes(SearchAttributes::new([
+            WITHDRAWAL_ID.value_set(id as i64),
+            WITHDRAWAL_WALLET.value_set(request.wallet.clone()),
+            WITHDRAWAL_STATE.value_set(state_name(crate::saga::State::Received)),
+        ]))
+        .build();
+    let start = WithdrawalStart {
+        withdrawal: Withdrawal::new(id, request.clone(), now_ms()),
+        policy: policy.clone(),
+        asked_coins: false,
+        change: 0,
+    };
+    match client
+        .start_workflow(WithdrawalWorkflow::run, start, options)
+        .await
+    {
+        Ok(_) | Err(WorkflowStartError::AlreadyStarted { .. }) => Ok(()),
+        Err(e) => Err(format!("temporal: starting withdrawal {workflow_id}: {e}")),
+    }
+}
+
 #[tonic::async_trait]
 impl Withdrawals for TemporalWithdrawals {
     async fn submit_withdrawal(
@@ -168,37 +203,10 @@ impl Withdrawals for TemporalWithdrawals {
                 "request_id may not start with {RESERVED_PREFIX:?} (the orchestrator's own workflows)"
             )));
         }
-        let id = super::withdrawal_id(&request.request_id);
         let workflow_id = request.request_id.clone();
-        let options = WorkflowStartOptions::new(self.task_queue.clone(), workflow_id.clone())
-            .id_reuse_policy(WorkflowIdReusePolicy::RejectDuplicate)
-            .id_conflict_policy(WorkflowIdConflictPolicy::UseExisting)
-            .search_attributes(SearchAttributes::new([
-                WITHDRAWAL_ID.value_set(id as i64),
-                WITHDRAWAL_WALLET.value_set(request.wallet.clone()),
-                WITHDRAWAL_STATE.value_set(state_name(crate::saga::State::Received)),
-            ]))
-            .build();
-        let start = WithdrawalStart {
-            withdrawal: Withdrawal::new(id, request.clone(), now_ms()),
-            policy: self.policy.clone(),
-            asked_coins: false,
-            change: 0,
-        };
-        match self
-            .client
-            .start_workflow(WithdrawalWorkflow::run, start, options)
+        start_withdrawal(&self.client, &self.task_queue, &self.policy, &request)
             .await
-        {
-            // Started now, or running already (UseExisting), or finished (RejectDuplicate):
-            // in every case the workflow of this request id says what it is.
-            Ok(_) | Err(WorkflowStartError::AlreadyStarted { .. }) => {}
-            Err(e) => {
-                return Err(Status::unavailable(format!(
-                    "temporal: starting withdrawal {workflow_id}: {e}"
-                )))
-            }
-        }
+            .map_err(Status::unavailable)?;
         let existing = self.status(&workflow_id).await?.ok_or_else(|| {
             Status::unavailable(format!("temporal: withdrawal {workflow_id} vanished"))
         })?;

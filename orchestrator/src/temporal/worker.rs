@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use futures::FutureExt;
 
+use temporalio_client::errors::WorkflowStartError;
 use temporalio_client::{
     Client, ClientOptions, ClientTlsOptions, Connection, ConnectionOptions, TlsOptions,
+    WorkflowIdConflictPolicy, WorkflowIdReusePolicy, WorkflowStartOptions,
 };
 use temporalio_common::protos::temporal::api::enums::v1::IndexedValueType;
 use temporalio_common::protos::temporal::api::operatorservice::v1::AddSearchAttributesRequest;
@@ -22,6 +24,7 @@ use temporalio_sdk::{Worker, WorkerOptions};
 
 use super::activities::Activities;
 use super::adapter::Adapter;
+use super::balancing::{BalancingState, BalancingWorkflow};
 use super::hot_wallet::HotWalletWorkflow;
 use super::service::TemporalWithdrawals;
 use super::withdrawal::WithdrawalWorkflow;
@@ -178,6 +181,28 @@ pub struct Engine {
     pub hook: Option<Arc<dyn ActivityHook>>,
 }
 
+/// Starts hot wallet `hot_wallet`'s balancing workflow unless it runs: its workflow id.
+async fn start_balancing(
+    client: &Client,
+    task_queue: &str,
+    hot_wallet: &str,
+) -> Result<String, TemporalError> {
+    let id = super::balancing_workflow_id(hot_wallet);
+    let options = WorkflowStartOptions::new(task_queue.to_owned(), id.clone())
+        .id_reuse_policy(WorkflowIdReusePolicy::AllowDuplicate)
+        .id_conflict_policy(WorkflowIdConflictPolicy::UseExisting)
+        .build();
+    match client
+        .start_workflow(BalancingWorkflow::run, BalancingState::default(), options)
+        .await
+    {
+        Ok(_) | Err(WorkflowStartError::AlreadyStarted { .. }) => Ok(id),
+        Err(e) => Err(TemporalError::Setup(format!(
+            "starting the balancing workflow {id}: {e}"
+        ))),
+    }
+}
+
 /// Serves the API on `listener` and works the task queue until `shutdown` completes.
 /// Prints `listening<TAB>ADDR` once it accepts calls.
 pub async fn run(
@@ -190,6 +215,7 @@ pub async fn run(
     let client = connect(&engine.target).await?;
     register_search_attributes(&client, &engine.target.namespace).await?;
     let policy = WorkflowPolicy::of(engine.payments.policy());
+    let balancing_policy = engine.payments.policy().balancing.clone();
     let runtime = temporalio_sdk::Runtime::from_current_tokio(Default::default())
         .map_err(|e| TemporalError::Worker(e.to_string()))?;
     let activities = Activities::new(
@@ -204,6 +230,8 @@ pub async fn run(
         .map_err(|e| TemporalError::Worker(e.to_string()))?
         .register_workflow::<HotWalletWorkflow>()
         .map_err(|e| TemporalError::Worker(e.to_string()))?
+        .register_workflow::<BalancingWorkflow>()
+        .map_err(|e| TemporalError::Worker(e.to_string()))?
         .activity_inbound_interceptor(HookInterceptor(engine.hook.clone()))
         .graceful_shutdown_period(Duration::from_secs(10))
         // A dead worker's cached workflows move to another within seconds.
@@ -212,7 +240,15 @@ pub async fn run(
     let mut worker = Worker::new(&runtime, client.clone(), options)
         .map_err(|e| TemporalError::Worker(e.to_string()))?;
     let stop_worker = worker.shutdown_handle();
-    let adapting = tokio::spawn(Adapter::new(engine.indexer, client.clone(), engine.events).run());
+    let balancing = match balancing_policy {
+        Some(b) => Some(start_balancing(&client, &engine.target.task_queue, &b.hot_wallet).await?),
+        None => None,
+    };
+    let adapting = tokio::spawn(
+        Adapter::new(engine.indexer, client.clone(), engine.events)
+            .with_balancing(balancing)
+            .run(),
+    );
     let api = TemporalWithdrawals::new(
         client,
         engine.target.namespace.clone(),
