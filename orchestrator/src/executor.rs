@@ -272,6 +272,15 @@ impl Executor {
                 .any(|w| crate::balancing::kind(w) == Some(k))
         };
         let moving = running(Kind::Sweep) || running(Kind::Consolidation);
+        // A consolidation that holds its coins already (it may wait long at its low rate)
+        // does not keep the hot wallet above its mark: a sweep counts only coins it
+        // does not hold.
+        let choosing = |k: Kind| {
+            unfinished
+                .iter()
+                .any(|w| crate::balancing::kind(w) == Some(k) && !w.holds_coins())
+        };
+        let sweep_waits = running(Kind::Sweep) || choosing(Kind::Consolidation);
         let hot = self.candidates(&balancing.hot_wallet).await?;
         let spendable: bitcoin::Amount = hot.iter().map(|c| c.value).sum();
         // Withdrawals waiting for coins will need some of these.
@@ -281,7 +290,7 @@ impl Executor {
             .map(|w| w.request.amount + w.request.max_fee)
             .sum();
         let spendable = spendable.checked_sub(owed).unwrap_or_default();
-        if balancing.sweep.is_some() && !moving {
+        if balancing.sweep.is_some() && !sweep_waits {
             if let Err(e) = self.sweep(balancing, spendable, tip) {
                 tracing::warn!(error = %e, "no sweep decided at this block");
             }

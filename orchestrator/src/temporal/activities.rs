@@ -277,6 +277,12 @@ impl Activities {
             return Ok(Reservation::Refused("invalid destination".into()));
         }
         let wallet = w.request.wallet.clone();
+        // Only top-ups spend the cold wallet, and those run on the embedded engine.
+        if self.payments.is_cold(&wallet) {
+            return Ok(Reservation::Refused(format!(
+                "wallet {wallet} is the cold wallet: only top-ups signed offline spend it"
+            )));
+        }
         // Granted to an earlier run of this activity (its worker died before answering):
         // those coins, not others; asked first, before any estimate or listing.
         let held_by = self.held_by(&wallet).await?;
