@@ -546,11 +546,6 @@ impl Settings {
             .map_err(|e| ConfigError(e.to_string()))?;
         let temporal = self.temporal.resolve(self.engine.as_deref())?;
         let kafka_events = self.kafka.resolve(self.events.as_deref())?;
-        if temporal.is_some() && wallet.is_some() {
-            return Err(ConfigError(
-                "descriptor: external signers and descriptor wallets run on the embedded engine; with engine = \"temporal\" the key file's P2WPKH keys are the wallet (leave descriptor unset)".into(),
-            ));
-        }
         if temporal.is_some()
             && policy
                 .balancing
@@ -906,23 +901,23 @@ mod tests {
                 },
                 "not one of the descriptor's first 5 scripts",
             ),
-            (
-                Settings {
-                    engine: Some("temporal".into()),
-                    temporal: TemporalSettings {
-                        address: Some("http://127.0.0.1:7233".into()),
-                        ..TemporalSettings::default()
-                    },
-                    db: None,
-                    ..on(good.clone())
-                },
-                "external signers and descriptor wallets run on the embedded engine",
-            ),
         ] {
             let e = bad.resolve_with(None).unwrap_err().to_string();
             assert!(e.contains(says), "{e}");
             assert!(!e.contains('\n'), "one line: {e}");
         }
+        // Both engines collect external signatures.
+        let on_temporal = Settings {
+            engine: Some("temporal".into()),
+            temporal: TemporalSettings {
+                address: Some("http://127.0.0.1:7233".into()),
+                ..TemporalSettings::default()
+            },
+            db: None,
+            ..on(good.clone())
+        };
+        let c = on_temporal.resolve_with(None).unwrap();
+        assert!(c.temporal.is_some() && c.wallet.is_some());
     }
 
     #[test]

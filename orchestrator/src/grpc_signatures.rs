@@ -46,6 +46,28 @@ impl SignatureService {
     }
 }
 
+/// What a signer is shown of `w`'s version waiting for signatures, if one waits.
+pub fn pending_signature(w: crate::saga::Withdrawal) -> Option<pb::PendingSignature> {
+    let p = w.pending?;
+    Some(pb::PendingSignature {
+        withdrawal_id: w.id,
+        request_id: w.request.request_id,
+        psbt_base64: base64::engine::general_purpose::STANDARD.encode(&p.psbt),
+        txid: p.txid.to_string(),
+        fee_sat: p.fee.to_sat(),
+        feerate_sat_vb: p.fee_rate,
+        replacing: p.replacing,
+    })
+}
+
+/// The withdrawal id and the PSBT's bytes of a SubmitSignature request.
+pub fn submitted(req: pb::SubmitSignatureRequest) -> Result<(u64, Vec<u8>), Status> {
+    let psbt = base64::engine::general_purpose::STANDARD
+        .decode(req.psbt_base64.trim())
+        .map_err(|e| Status::invalid_argument(format!("psbt_base64 is not base64: {e}")))?;
+    Ok((req.withdrawal_id, psbt))
+}
+
 #[tonic::async_trait]
 impl Signatures for SignatureService {
     async fn list_pending_signatures(
@@ -58,18 +80,7 @@ impl Signatures for SignatureService {
             .await?;
         let pending = unfinished
             .into_iter()
-            .filter_map(|w| {
-                let p = w.pending?;
-                Some(pb::PendingSignature {
-                    withdrawal_id: w.id,
-                    request_id: w.request.request_id,
-                    psbt_base64: base64::engine::general_purpose::STANDARD.encode(&p.psbt),
-                    txid: p.txid.to_string(),
-                    fee_sat: p.fee.to_sat(),
-                    feerate_sat_vb: p.fee_rate,
-                    replacing: p.replacing,
-                })
-            })
+            .filter_map(pending_signature)
             .collect();
         Ok(Response::new(pb::ListPendingSignaturesResponse { pending }))
     }
@@ -78,11 +89,7 @@ impl Signatures for SignatureService {
         &self,
         req: Request<pb::SubmitSignatureRequest>,
     ) -> Result<Response<pb::Withdrawal>, Status> {
-        let req = req.into_inner();
-        let id = req.withdrawal_id;
-        let submitted = base64::engine::general_purpose::STANDARD
-            .decode(req.psbt_base64.trim())
-            .map_err(|e| Status::invalid_argument(format!("psbt_base64 is not base64: {e}")))?;
+        let (id, submitted) = submitted(req.into_inner())?;
         // The executor may move it concurrently (a confirmation): retry on a stale read.
         for _ in 0..10 {
             let w = self

@@ -174,3 +174,104 @@ impl Drop for TemporalServer {
         let _ = self.child.wait();
     }
 }
+
+/// `TEMPORAL_HISTORIES_OUT=DIR`: writes the history of every workflow of the server at
+/// `target` into DIR (the SDK's JSON, as the replay test reads it), named
+/// `<test>.<workflow id>.json`, for the replay test's fixtures. Does nothing without it,
+/// or while the test is failing.
+pub fn record_histories(target: &orchestrator::config::TemporalTarget) {
+    use futures::StreamExt;
+    use orchestrator::temporal::hot_wallet::HotWalletWorkflow;
+    let Some(dir) = std::env::var_os("TEMPORAL_HISTORIES_OUT") else {
+        return;
+    };
+    if std::thread::panicking() {
+        return;
+    }
+    let dir = PathBuf::from(dir);
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("test")
+        .rsplit("::")
+        .next()
+        .unwrap()
+        .to_owned();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        // A client of this runtime's (the test's runtime may be gone by now).
+        let client = orchestrator::temporal::worker::connect(target)
+            .await
+            .unwrap();
+        let mut all = client.list_workflows("", temporalio_client::WorkflowListOptions::default());
+        while let Some(found) = all.next().await {
+            let found = found.unwrap();
+            let json = client
+                .get_workflow_handle::<HotWalletWorkflow>(found.id().to_owned())
+                .fetch_history(temporalio_client::WorkflowFetchHistoryOptions::default())
+                .to_json()
+                .await
+                .unwrap();
+            let name = format!("{test}.{}.json", found.id().replace('/', "_"));
+            std::fs::write(dir.join(name), json).unwrap();
+        }
+    });
+}
+
+/// A Temporal worker process's worth (worker, adapter and API, `temporal::worker::run` as
+/// `orchestrator run` runs it) on a thread and runtime of its own: send on the sender to
+/// stop it, then join the thread.
+pub fn spawn_worker(
+    engine: orchestrator::temporal::worker::Engine,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let latency = service::grpc_latency::GrpcLatency::default();
+            orchestrator::temporal::worker::run(
+                engine,
+                listener,
+                service::auth::BearerToken::new("test-token"),
+                &latency,
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+            .unwrap();
+        });
+    });
+    (stop, running)
+}
+
+/// Where the tests' workers and API objects reach `server` (namespace `default`, task
+/// queue `withdrawals`), and a client of it on `runtime` with the search attributes
+/// registered.
+pub fn connect_to(
+    server: &TemporalServer,
+    runtime: &tokio::runtime::Runtime,
+) -> (
+    orchestrator::config::TemporalTarget,
+    temporalio_client::Client,
+) {
+    let target = orchestrator::config::TemporalTarget {
+        address: server.url(),
+        namespace: "default".into(),
+        task_queue: "withdrawals".into(),
+        api_key: None,
+        tls: None,
+    };
+    let client = runtime
+        .block_on(orchestrator::temporal::worker::connect(&target))
+        .unwrap();
+    runtime
+        .block_on(orchestrator::temporal::worker::register_search_attributes(
+            &client, "default",
+        ))
+        .unwrap();
+    (target, client)
+}

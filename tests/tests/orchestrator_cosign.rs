@@ -1,9 +1,11 @@
 //! External signers on real parts over 127.0.0.1: a hot wallet described by a descriptor
 //! (a 2-of-3 `wsh(sortedmulti)` with one hot key, a `tr()` key held only by a remote
 //! signer), the devnet checking every script, the indexer following it, and the executor
-//! with the Signatures API. The remote signer takes the PSBT from ListPendingSignatures,
-//! signs it with its own key and sends it back with SubmitSignature; the hot key signs
-//! last and the withdrawal is paid exactly once. Bad signatures change nothing.
+//! with the Signatures API, on the embedded engine or on Temporal (a dev server started
+//! by the test, a worker as `orchestrator run` runs it). The remote signer takes the PSBT
+//! from ListPendingSignatures, signs it with its own key and sends it back with
+//! SubmitSignature; the hot key signs last and the withdrawal is paid exactly once. Bad
+//! signatures change nothing.
 
 #![allow(clippy::unwrap_used)]
 
@@ -22,12 +24,16 @@ use orchestrator::payment::Payments;
 use orchestrator::saga::{FeeRate, Request, State, Withdrawal};
 use orchestrator::signer::KeyFileSigner;
 use orchestrator::store::SagaStore;
+use orchestrator::temporal::service::TemporalWithdrawals;
+use orchestrator::temporal::signatures::TemporalSignatures;
+use orchestrator::temporal::WorkflowPolicy;
 use proto::orchestrator::v1 as pb;
 use proto::orchestrator::v1::signatures_server::Signatures;
 use proto::orchestrator::v1::withdrawals_server::Withdrawals;
 use serde_json::json;
 use system_tests::harness::{script_of, wait_for_saga, xpriv, xpub, TestWallet};
 use system_tests::live::{Devnet, Indexer};
+use system_tests::temporal::TemporalServer;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -45,7 +51,49 @@ struct Cosigned {
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
     )>,
+    /// On the Temporal engine (`store` and the executor then unused).
+    temporal: Option<OnTemporal>,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+/// Which engine runs the withdrawals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Embedded,
+    Temporal,
+}
+
+/// The Temporal engine of a rig: the dev server, one worker (a thread and runtime of its
+/// own, as `orchestrator run` runs it) and the API objects the tests call.
+struct OnTemporal {
+    worker: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
+    target: orchestrator::config::TemporalTarget,
+    withdrawals: TemporalWithdrawals,
+    signatures: TemporalSignatures,
+    client: temporalio_client::Client,
+    /// Numeric id -> request id, as submitted.
+    ids: std::sync::Mutex<std::collections::HashMap<u64, String>>,
+    _server: TemporalServer,
+}
+
+impl OnTemporal {
+    fn stop_worker(&mut self) {
+        if let Some((stop, running)) = self.worker.take() {
+            let _ = stop.send(());
+            let _ = running.join();
+        }
+    }
+}
+
+impl Drop for OnTemporal {
+    fn drop(&mut self) {
+        system_tests::temporal::record_histories(&self.target);
+        // While the server still runs, so the worker stops cleanly.
+        self.stop_worker();
+    }
 }
 
 impl Cosigned {
@@ -55,6 +103,17 @@ impl Cosigned {
 
     /// The same, paying under `policy`.
     fn start_with(descriptor: &str, hot: &[Xpriv], coins: usize, policy: Policy) -> Cosigned {
+        Self::start_on(Engine::Embedded, descriptor, hot, coins, policy)
+    }
+
+    /// The same on `engine`.
+    fn start_on(
+        engine: Engine,
+        descriptor: &str,
+        hot: &[Xpriv],
+        coins: usize,
+        policy: Policy,
+    ) -> Cosigned {
         use std::os::unix::fs::PermissionsExt;
         let node = Devnet::start(|c| c.filler_txs = 0);
         let miner = node.new_address("bech32");
@@ -92,14 +151,58 @@ impl Cosigned {
             withdrawals: WithdrawalService::new(store.clone(), Network::Regtest),
             payments,
             executor: None,
+            temporal: None,
             node,
             miner,
             store,
             served,
             _dirs: (dir, db),
         };
-        rig.start_executor();
+        match engine {
+            Engine::Embedded => rig.start_executor(),
+            Engine::Temporal => rig.start_temporal(),
+        }
         rig
+    }
+
+    /// A dev server, the API objects over it and one worker.
+    fn start_temporal(&mut self) {
+        let server = TemporalServer::start();
+        let (target, client) = system_tests::temporal::connect_to(&server, &self.served.runtime);
+        let withdrawals = TemporalWithdrawals::new(
+            client.clone(),
+            "default".into(),
+            "withdrawals".into(),
+            Network::Regtest,
+            WorkflowPolicy {
+                poll_secs: 5,
+                ..WorkflowPolicy::of(self.payments.policy())
+            },
+        );
+        self.temporal = Some(OnTemporal {
+            worker: None,
+            target,
+            signatures: TemporalSignatures::new(withdrawals.clone()),
+            withdrawals,
+            client,
+            ids: Default::default(),
+            _server: server,
+        });
+        self.start_worker();
+    }
+
+    /// Starts the Temporal worker (worker, adapter and API, as a process runs them).
+    fn start_worker(&mut self) {
+        let t = self.temporal.as_mut().unwrap();
+        let engine = orchestrator::temporal::worker::Engine {
+            target: t.target.clone(),
+            network: Network::Regtest,
+            payments: self.payments.clone(),
+            indexer: orchestrator::indexer_client::open_client(self.served.channel.clone()),
+            events: None,
+            hook: None,
+        };
+        t.worker = Some(system_tests::temporal::spawn_worker(engine));
     }
 
     fn start_executor(&mut self) {
@@ -115,9 +218,14 @@ impl Cosigned {
         self.executor = Some((stop, running));
     }
 
-    /// Stops the executor and starts another on the same database, as a restarted
+    /// Stops the executor (or the Temporal worker) and starts another, as a restarted
     /// process would.
-    fn restart_executor(&mut self) {
+    fn restart_engine(&mut self) {
+        if let Some(t) = &mut self.temporal {
+            t.stop_worker();
+            self.start_worker();
+            return;
+        }
         let (stop, running) = self.executor.take().unwrap();
         let _ = stop.send(());
         self.served.runtime.block_on(running).unwrap();
@@ -125,28 +233,140 @@ impl Cosigned {
     }
 
     fn submit(&self, name: &str, destination: &str, sat: u64) -> u64 {
-        let request = Request {
+        let Some(t) = &self.temporal else {
+            let request = Request {
+                request_id: name.into(),
+                wallet: "hot".into(),
+                destination: destination.into(),
+                amount: Amount::from_sat(sat),
+                fee_rate: FeeRate::SatPerVb(3.0),
+                max_fee: Amount::from_sat(20_000),
+            };
+            return self.store.submit(request, 0).unwrap().withdrawal.id;
+        };
+        let asked = pb::SubmitWithdrawalRequest {
             request_id: name.into(),
             wallet: "hot".into(),
             destination: destination.into(),
-            amount: Amount::from_sat(sat),
-            fee_rate: FeeRate::SatPerVb(3.0),
-            max_fee: Amount::from_sat(20_000),
+            amount_sat: sat,
+            max_fee_sat: 20_000,
+            fee_rate: Some(pb::submit_withdrawal_request::FeeRate::SatPerVb(3.0)),
         };
-        self.store.submit(request, 0).unwrap().withdrawal.id
+        let shown = self
+            .served
+            .runtime
+            .block_on(t.withdrawals.submit_withdrawal(tonic::Request::new(asked)))
+            .unwrap()
+            .into_inner();
+        t.ids.lock().unwrap().insert(shown.id, name.into());
+        shown.id
+    }
+
+    /// The withdrawal's whole record (the store's, or the workflow's state).
+    fn get(&self, id: u64) -> Withdrawal {
+        let Some(t) = &self.temporal else {
+            return self.store.get(id).unwrap().unwrap();
+        };
+        let request_id = t.ids.lock().unwrap()[&id].clone();
+        let started = Instant::now();
+        loop {
+            // UNAVAILABLE: the server could not answer now; ask again, as the API says.
+            match self
+                .served
+                .runtime
+                .block_on(t.withdrawals.status(&request_id))
+            {
+                Ok(w) => return w.expect("the workflow exists"),
+                Err(e) if e.code() == tonic::Code::Unavailable && started.elapsed() < WAIT => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("querying withdrawal {id}: {e}"),
+            }
+        }
     }
 
     fn wait_for(&self, id: u64, ok: impl Fn(&Withdrawal) -> bool) -> Withdrawal {
-        wait_for_saga(&self.store, id, WAIT, ok)
+        if self.temporal.is_none() {
+            return wait_for_saga(&self.store, id, WAIT, ok);
+        }
+        let started = Instant::now();
+        loop {
+            let w = self.get(id);
+            if ok(&w) {
+                return w;
+            }
+            assert!(started.elapsed() < WAIT, "withdrawal {id} stuck at {w:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
+    /// Whether every reservation was given back (on Temporal: the wallet's workflow
+    /// holds nothing, waited for, as a withdrawal gives its coins back as it ends).
+    fn released(&self) -> bool {
+        let Some(t) = &self.temporal else {
+            return self.store.reserved().unwrap().is_empty();
+        };
+        use orchestrator::temporal::hot_wallet::HotWalletWorkflow;
+        let handle = t.client.get_workflow_handle::<HotWalletWorkflow>(
+            orchestrator::temporal::hot_wallet_workflow_id("hot"),
+        );
+        let started = Instant::now();
+        while started.elapsed() < WAIT {
+            let held = self.served.runtime.block_on(handle.query(
+                HotWalletWorkflow::held,
+                (),
+                temporalio_client::WorkflowQueryOptions::default(),
+            ));
+            if held.unwrap().is_empty() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    fn cancel(&self, id: u64) -> Result<pb::Withdrawal, tonic::Status> {
+        let req = tonic::Request::new(pb::CancelWithdrawalRequest { id });
+        let done = match &self.temporal {
+            None => self
+                .served
+                .runtime
+                .block_on(self.withdrawals.cancel_withdrawal(req)),
+            Some(t) => self
+                .served
+                .runtime
+                .block_on(t.withdrawals.cancel_withdrawal(req)),
+        };
+        done.map(|r| r.into_inner())
+    }
+
+    /// The versions waiting for signatures now.
     fn pending(&self) -> Vec<pb::PendingSignature> {
         let req = tonic::Request::new(pb::ListPendingSignaturesRequest {});
-        let listed = self
-            .served
-            .runtime
-            .block_on(self.signatures.list_pending_signatures(req));
+        let listed = match &self.temporal {
+            None => self
+                .served
+                .runtime
+                .block_on(self.signatures.list_pending_signatures(req)),
+            Some(t) => self
+                .served
+                .runtime
+                .block_on(t.signatures.list_pending_signatures(req)),
+        };
         listed.unwrap().into_inner().pending
+    }
+
+    /// The versions waiting, once one is listed (Temporal's search index may show a
+    /// version that began waiting a moment ago only a moment later).
+    fn listed(&self) -> Vec<pb::PendingSignature> {
+        let started = Instant::now();
+        loop {
+            let listed = self.pending();
+            if !listed.is_empty() || started.elapsed() > WAIT {
+                return listed;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn submit_signature(&self, id: u64, psbt: &Psbt) -> Result<pb::Withdrawal, tonic::Status> {
@@ -161,17 +381,23 @@ impl Cosigned {
             withdrawal_id: id,
             psbt_base64,
         });
-        let done = self
-            .served
-            .runtime
-            .block_on(self.signatures.submit_signature(req));
+        let done = match &self.temporal {
+            None => self
+                .served
+                .runtime
+                .block_on(self.signatures.submit_signature(req)),
+            Some(t) => self
+                .served
+                .runtime
+                .block_on(t.signatures.submit_signature(req)),
+        };
         done.map(|r| r.into_inner())
     }
 
     /// Waits until `id` awaits signatures, then signs its PSBT as B and sends it back.
     fn sign_remotely(&self, id: u64) {
         self.wait_for(id, |w| w.state == State::AwaitingSignatures);
-        let mut psbt = decode(&self.pending()[0]);
+        let mut psbt = decode(&self.listed()[0]);
         psbt.sign(&xpriv(2), &Secp256k1::new()).unwrap();
         self.submit_signature(id, &psbt).unwrap();
     }
@@ -193,7 +419,7 @@ impl Cosigned {
     /// Mines until `id` is settled; what the hot wallet's spends paid, by script.
     fn settle(&self, id: u64) -> std::collections::HashMap<bitcoin::ScriptBuf, Vec<u64>> {
         let started = Instant::now();
-        while !self.store.get(id).unwrap().unwrap().settled {
+        while !self.get(id).settled {
             assert!(started.elapsed() < WAIT, "not settled");
             self.node.mine_to(1, &self.miner);
             std::thread::sleep(Duration::from_millis(200));
@@ -246,12 +472,22 @@ fn decode(p: &pb::PendingSignature) -> Psbt {
 /// completes it and it is paid exactly once.
 #[test]
 fn a_two_of_three_with_a_remote_signer_pays_a_withdrawal_end_to_end() {
+    remote_signer_pays(Engine::Embedded);
+}
+
+/// The same on the Temporal engine.
+#[test]
+fn on_temporal_a_two_of_three_with_a_remote_signer_pays_a_withdrawal_end_to_end() {
+    remote_signer_pays(Engine::Temporal);
+}
+
+fn remote_signer_pays(engine: Engine) {
     let descriptor = two_of_three();
-    let rig = Cosigned::start(&descriptor, &[xpriv(1)], 2);
+    let rig = Cosigned::start_on(engine, &descriptor, &[xpriv(1)], 2, policy());
     let destination = rig.node.new_address("bech32");
     let id = rig.submit("multisig-1", &destination, 30_000_000);
     let waiting = rig.wait_for(id, |w| w.state == State::AwaitingSignatures);
-    let listed = rig.pending();
+    let listed = rig.listed();
     assert_eq!(listed.len(), 1);
     let p = &listed[0];
     assert_eq!((p.withdrawal_id, p.replacing), (id, false));
@@ -291,16 +527,8 @@ fn a_two_of_three_with_a_remote_signer_pays_a_withdrawal_end_to_end() {
     let e = rig.submit_signature(id, &wrong).unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("does not verify"), "{e:?}");
-    assert_eq!(
-        rig.store.get(id).unwrap().unwrap(),
-        waiting,
-        "nothing changed"
-    );
-    let cancel = rig.served.runtime.block_on(
-        rig.withdrawals
-            .cancel_withdrawal(tonic::Request::new(pb::CancelWithdrawalRequest { id })),
-    );
-    let refused = cancel.unwrap_err();
+    assert_eq!(rig.get(id), waiting, "nothing changed");
+    let refused = rig.cancel(id).unwrap_err();
     assert_eq!(
         refused.code(),
         tonic::Code::FailedPrecondition,
@@ -325,10 +553,10 @@ fn a_two_of_three_with_a_remote_signer_pays_a_withdrawal_end_to_end() {
     let again = rig.submit_signature(id, &forged).unwrap_err();
     assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
     let paid = rig.settle(id);
-    let done = rig.store.get(id).unwrap().unwrap();
-    assert_eq!((done.state, done.attempts.len()), (State::Completed, 1));
+    let done = rig.wait_for(id, |w| w.state == State::Completed);
+    assert_eq!(done.attempts.len(), 1);
     assert_eq!(paid.get(&script_of(&destination)), Some(&vec![30_000_000]));
-    assert!(rig.store.reserved().unwrap().is_empty());
+    assert!(rig.released());
 }
 
 /// A `tr()` wallet whose only key is a remote signer's: the orchestrator holds no key of
@@ -361,8 +589,18 @@ fn a_taproot_key_path_wallet_signed_remotely_pays_a_withdrawal() {
 /// the first; the withdrawal completes by it, paid once.
 #[test]
 fn a_stuck_multisig_payment_is_replaced_once_the_remote_signer_signs_again() {
+    replaced_once_signed_again(Engine::Embedded);
+}
+
+/// The same on the Temporal engine (its worker restarted while the replacement waits).
+#[test]
+fn on_temporal_a_stuck_multisig_payment_is_replaced_once_the_remote_signer_signs_again() {
+    replaced_once_signed_again(Engine::Temporal);
+}
+
+fn replaced_once_signed_again(engine: Engine) {
     let descriptor = two_of_three();
-    let mut rig = Cosigned::start_with(&descriptor, &[xpriv(1)], 1, bumping());
+    let mut rig = Cosigned::start_on(engine, &descriptor, &[xpriv(1)], 1, bumping());
     rig.node.call("devnet_setminingfeerate", json!([6]));
     let destination = rig.node.new_address("bech32");
     let id = rig.submit("stuck-multisig", &destination, 20_000_000);
@@ -376,8 +614,8 @@ fn a_stuck_multisig_payment_is_replaced_once_the_remote_signer_signs_again() {
         State::Broadcast,
         "the first version is still out there"
     );
-    rig.restart_executor();
-    let listed = rig.pending();
+    rig.restart_engine();
+    let listed = rig.listed();
     assert_eq!(listed.len(), 1);
     assert!(listed[0].replacing);
     assert!(listed[0].feerate_sat_vb > sent.current().unwrap().fee_rate);
@@ -388,7 +626,7 @@ fn a_stuck_multisig_payment_is_replaced_once_the_remote_signer_signs_again() {
     // Stepped up until the node mines it (a replacement a block, each signed remotely).
     let started = Instant::now();
     loop {
-        let w = rig.store.get(id).unwrap().unwrap();
+        let w = rig.get(id);
         if w.state == State::Completed {
             break;
         }
@@ -408,7 +646,7 @@ fn a_stuck_multisig_payment_is_replaced_once_the_remote_signer_signs_again() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let paid = rig.settle(id);
-    let done = rig.store.get(id).unwrap().unwrap();
+    let done = rig.get(id);
     assert!(
         done.attempts.len() >= 2 && done.current().unwrap().fee_rate >= 6.0,
         "{done:?}"
@@ -422,12 +660,22 @@ fn a_stuck_multisig_payment_is_replaced_once_the_remote_signer_signs_again() {
 /// destination is paid once.
 #[test]
 fn when_the_external_signers_complete_and_send_it_themselves_the_withdrawal_follows() {
+    sent_by_the_signers(Engine::Embedded);
+}
+
+/// The same on the Temporal engine.
+#[test]
+fn on_temporal_when_the_signers_complete_and_send_it_themselves_the_withdrawal_follows() {
+    sent_by_the_signers(Engine::Temporal);
+}
+
+fn sent_by_the_signers(engine: Engine) {
     let descriptor = two_of_three();
-    let rig = Cosigned::start(&descriptor, &[xpriv(1)], 1);
+    let rig = Cosigned::start_on(engine, &descriptor, &[xpriv(1)], 1, policy());
     let destination = rig.node.new_address("bech32");
     let id = rig.submit("outside", &destination, 15_000_000);
     rig.wait_for(id, |w| w.state == State::AwaitingSignatures);
-    let listed = rig.pending();
+    let listed = rig.listed();
     let tx = rig.send_as_b_and_c(&descriptor, decode(&listed[0]));
     // Looked for in the mempool once a block: mine one.
     rig.node.mine_to(1, &rig.miner);

@@ -94,49 +94,9 @@ struct TemporalWorld {
     ids: std::sync::Mutex<std::collections::HashMap<u64, String>>,
 }
 
-impl TemporalWorld {
-    /// Writes the history of every workflow of the server into `dir` (the SDK's JSON, as
-    /// the replay test reads it), named `<test>.<workflow id>.json`.
-    fn record_histories(&self, dir: &std::path::Path) {
-        let test = std::thread::current()
-            .name()
-            .unwrap_or("test")
-            .rsplit("::")
-            .next()
-            .unwrap()
-            .to_owned();
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        runtime.block_on(async {
-            use futures::StreamExt;
-            // A client of this runtime's (the world's runtime may be gone by now).
-            let client = orchestrator::temporal::worker::connect(&self.target)
-                .await
-                .unwrap();
-            let mut all =
-                client.list_workflows("", temporalio_client::WorkflowListOptions::default());
-            while let Some(found) = all.next().await {
-                let found = found.unwrap();
-                let json = client
-                    .get_workflow_handle::<HotWalletWorkflow>(found.id().to_owned())
-                    .fetch_history(temporalio_client::WorkflowFetchHistoryOptions::default())
-                    .to_json()
-                    .await
-                    .unwrap();
-                let name = format!("{test}.{}.json", found.id().replace('/', "_"));
-                std::fs::write(dir.join(name), json).unwrap();
-            }
-        });
-    }
-}
-
 impl Drop for TemporalWorld {
     fn drop(&mut self) {
-        // `TEMPORAL_HISTORIES_OUT=DIR`: keep the histories for the replay test's fixtures.
-        if let Some(dir) = std::env::var_os("TEMPORAL_HISTORIES_OUT") {
-            if !std::thread::panicking() {
-                self.record_histories(std::path::Path::new(&dir));
-            }
-        }
+        system_tests::temporal::record_histories(&self.target);
         // While the server still runs, so the workers stop cleanly.
         for (stop, running) in self.workers.drain(..) {
             let _ = stop.send(());
@@ -168,22 +128,7 @@ impl World {
     /// signals move them).
     fn on_temporal_polling(mut world: World, poll_secs: u64) -> World {
         let server = TemporalServer::start();
-        let target = TemporalTarget {
-            address: server.url(),
-            namespace: "default".into(),
-            task_queue: "withdrawals".into(),
-            api_key: None,
-            tls: None,
-        };
-        let runtime = &world.served.runtime;
-        let client = runtime
-            .block_on(orchestrator::temporal::worker::connect(&target))
-            .unwrap();
-        runtime
-            .block_on(orchestrator::temporal::worker::register_search_attributes(
-                &client, "default",
-            ))
-            .unwrap();
+        let (target, client) = system_tests::temporal::connect_to(&server, &world.served.runtime);
         let api = TemporalWithdrawals::new(
             client.clone(),
             "default".into(),
@@ -228,26 +173,7 @@ impl World {
             events: self.kafka.as_ref().map(|(_, events)| events.clone()),
             hook: None,
         };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let latency = service::grpc_latency::GrpcLatency::default();
-                orchestrator::temporal::worker::run(
-                    engine,
-                    listener,
-                    service::auth::BearerToken::new("test-token"),
-                    &latency,
-                    async {
-                        let _ = stopped.await;
-                    },
-                )
-                .await
-                .unwrap();
-            });
-        });
-        t.workers.push((stop, running));
+        t.workers.push(system_tests::temporal::spawn_worker(engine));
     }
 
     /// Submits `request` through the engine's API: the withdrawal as it is then.

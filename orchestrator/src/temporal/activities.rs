@@ -31,13 +31,8 @@ use super::withdrawal::WithdrawalWorkflow;
 use crate::balancing::Kind;
 use crate::indexer_client::{self, Indexer};
 use crate::payment::{Built, Payments, StepError};
-use crate::saga::{Attempt, Coin, Priority, Step, Withdrawal};
+use crate::saga::{Attempt, Coin, Pending, Priority, Step, Withdrawal};
 use proto::indexer::v1 as ipb;
-
-/// Why a version needing external signatures is refused here: the Temporal engine signs
-/// with the hot keys only (the configuration refuses a descriptor wallet with it).
-const EXTERNAL_SIGNERS: &str =
-    "this payment needs external signatures, which only the embedded engine collects";
 
 /// Rounds of choosing again (after coins were taken by a concurrent withdrawal, or while
 /// this worker's other asks are answered), before the activity fails and is retried by
@@ -58,6 +53,8 @@ pub enum Reservation {
 pub enum Signing {
     /// A signed version.
     Signed(Attempt),
+    /// A version built as a PSBT for the external signers (the hot keys sign last).
+    Pending(Pending),
     /// None can be made (final for a first version; for a replacement: not now).
     Refused(String),
 }
@@ -341,7 +338,7 @@ impl Activities {
         Ok(
             match self.payments.first_version(&w).await.map_err(retry)? {
                 Ok(Built::Signed(attempt)) => Signing::Signed(attempt),
-                Ok(Built::Unsigned(_)) => Signing::Refused(EXTERNAL_SIGNERS.into()),
+                Ok(Built::Unsigned(pending)) => Signing::Pending(pending),
                 Err(why) => Signing::Refused(why),
             },
         )
@@ -356,9 +353,40 @@ impl Activities {
     ) -> Result<Signing, ActivityError> {
         Ok(match self.payments.replacement(&w).map_err(retry)? {
             Ok(Built::Signed(attempt)) => Signing::Signed(attempt),
-            Ok(Built::Unsigned(_)) => Signing::Refused(EXTERNAL_SIGNERS.into()),
+            Ok(Built::Unsigned(pending)) => Signing::Pending(pending),
             Err(why) => Signing::Refused(why),
         })
+    }
+
+    /// The version waiting for external signatures, signed: by the hot keys once the
+    /// signatures gathered are enough, or by the signers themselves when they completed
+    /// it and bitcoind has it (in a block the index recorded, or in its mempool).
+    /// `None`: it still waits.
+    #[activity(name = "withdrawal.complete")]
+    pub async fn complete(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        w: Withdrawal,
+    ) -> Result<Option<Attempt>, ActivityError> {
+        let Some(pending) = &w.pending else {
+            return Ok(None);
+        };
+        if let Some(attempt) = self.payments.of(&w).complete(pending).map_err(retry)? {
+            return Ok(Some(attempt));
+        }
+        let mut indexer = self.indexer.clone();
+        let height = indexer_client::confirmed_height(&mut indexer, &pending.txid)
+            .await
+            .map_err(retry)?;
+        let sent = self
+            .payments
+            .completed_elsewhere(pending, height)
+            .await
+            .map_err(retry)?;
+        if let Some(attempt) = &sent {
+            tracing::warn!(id = w.id, txid = %attempt.txid, "the external signers completed and sent the transaction themselves: following it");
+        }
+        Ok(sent)
     }
 
     /// Sends the current version to bitcoind.

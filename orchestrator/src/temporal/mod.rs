@@ -6,13 +6,15 @@
 //! the chain reaches the workflows as signals from the indexer's event stream
 //! ([`adapter`]); each hot wallet's [`balancing`] runs from a workflow of its own; the
 //! `orchestrator.v1.Withdrawals` API is served from workflow starts,
-//! queries and updates ([`service`]); [`worker`] wires them into `orchestrator run`.
+//! queries and updates ([`service`]), external signers' `orchestrator.v1.Signatures` from
+//! the workflows waiting for them ([`signatures`]); [`worker`] wires them into `orchestrator run`.
 
 pub mod activities;
 pub mod adapter;
 pub mod balancing;
 pub mod hot_wallet;
 pub mod service;
+pub mod signatures;
 pub mod withdrawal;
 pub mod worker;
 
@@ -24,6 +26,10 @@ pub const WITHDRAWAL_ID: SearchAttributeKey<i64> = SearchAttributeKey::int("With
 /// Its state as the API names it (search attribute, Keyword).
 pub const WITHDRAWAL_STATE: SearchAttributeKey<String> =
     SearchAttributeKey::keyword("WithdrawalState");
+/// Whether a version of it waits for external signatures (search attribute, Bool; set
+/// only on withdrawals that ever waited).
+pub const WITHDRAWAL_AWAITS_SIGNATURES: SearchAttributeKey<bool> =
+    SearchAttributeKey::bool("WithdrawalAwaitsSignatures");
 /// The wallet paying (search attribute, Keyword).
 pub const WITHDRAWAL_WALLET: SearchAttributeKey<String> =
     SearchAttributeKey::keyword("WithdrawalWallet");

@@ -70,6 +70,11 @@ impl TemporalWithdrawals {
         WithdrawalsServer::with_interceptor(self, move |req| token.check(req))
     }
 
+    /// The Temporal client it works through.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// The withdrawal of workflow `workflow_id`, `None` when there is none.
     pub async fn status(&self, workflow_id: &str) -> Result<Option<Withdrawal>, Status> {
         // The last kept change is the present (one query type for the API's reads).
@@ -102,7 +107,7 @@ impl TemporalWithdrawals {
     }
 
     /// The workflow ids matching a visibility query, one page.
-    async fn search(
+    pub(crate) async fn search(
         &self,
         query: String,
         page_size: i32,
@@ -131,7 +136,7 @@ impl TemporalWithdrawals {
 
     /// The request id (workflow id) of withdrawal `id`, waiting briefly for the search
     /// index to catch up with a submission just made.
-    async fn workflow_of(&self, id: u64) -> Result<String, Status> {
+    pub(crate) async fn workflow_of(&self, id: u64) -> Result<String, Status> {
         let query = format!("WorkflowType = 'withdrawal' AND WithdrawalId = {id}");
         let started = tokio::time::Instant::now();
         loop {

@@ -5,7 +5,10 @@
 //! reserved until settled). The chain reaches it as `chain` signals from the adapter, with
 //! a timer as a fallback; the API reads it with the `status` query and cancels it with the
 //! `cancel` update, whose validator refuses (before anything is recorded) what the saga
-//! refuses.
+//! refuses. A version built for external signers waits for their `signatures` update
+//! (verified by its validator, so a bad PSBT changes nothing), which answers once the hot
+//! keys signed last (the `complete` activity) or more signatures are needed; the run
+//! also looks once a block for a version the signers completed and sent themselves.
 //!
 //! Determinism: everything here depends only on the history (activity answers, signals,
 //! workflow time). Activity and signal names are fixed, so renaming a Rust method does not
@@ -20,7 +23,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use temporalio_common::RetryPolicy;
+use temporalio_common::{ActivityCloseTimeouts, RetryPolicy};
 use temporalio_macros::{workflow, workflow_methods};
 use temporalio_sdk::{
     ActivityOptions, ContinueAsNewOptions, SignalWorkflowOptions, SyncWorkflowContext,
@@ -29,7 +32,7 @@ use temporalio_sdk::{
 
 use super::activities::{Activities, Observed, Reservation, Sending, Signing};
 use super::hot_wallet::HotWalletWorkflow;
-use super::{WorkflowPolicy, WITHDRAWAL_STATE};
+use super::{WorkflowPolicy, WITHDRAWAL_AWAITS_SIGNATURES, WITHDRAWAL_STATE};
 use crate::saga::{Outcome, State, Step, Withdrawal};
 
 /// Events after which the workflow continues as new with its state.
@@ -107,6 +110,17 @@ fn reserving() -> ActivityOptions {
         .build()
 }
 
+/// Options of the hot keys' signature inside a `signatures` update: bounded, so the signer
+/// gets an answer; what did not finish is done by the run at its next look.
+fn completing() -> ActivityOptions {
+    ActivityOptions::with_close_timeouts(ActivityCloseTimeouts::ScheduleAndStartToClose {
+        start_to_close: Duration::from_secs(10),
+        schedule_to_close: Duration::from_secs(30),
+    })
+    .retry_policy(retries())
+    .build()
+}
+
 fn retries() -> RetryPolicy {
     RetryPolicy::builder()
         .initial_interval(Duration::from_millis(500))
@@ -137,22 +151,51 @@ impl WithdrawalWorkflow {
             }
         }
     }
+
+    /// The pending PSBT with the verified signatures of `submitted` added (what a
+    /// `signatures` update records), or why they are refused.
+    fn gathered(&self, submitted: &[u8]) -> Result<Vec<u8>, String> {
+        let Some(pending) = &self.w.pending else {
+            return Err(format!(
+                "withdrawal {} is {:?}: no version of it waits for signatures",
+                self.w.id, self.w.state
+            ));
+        };
+        crate::cosign::add_signatures(&pending.psbt, submitted)
+            .map(|(psbt, _)| psbt)
+            .map_err(|e| format!("withdrawal {}: {e}", self.w.id))
+    }
+}
+
+/// What a completed version of `pending` is: the first version, or a replacement.
+fn signed(pending: &crate::saga::Pending, attempt: crate::saga::Attempt) -> Outcome {
+    if pending.replacing {
+        Outcome::Replaced(attempt)
+    } else {
+        Outcome::Signed(attempt)
+    }
 }
 
 /// Applies `outcome` in the workflow, with the state shown to searches kept up to date.
 fn record(ctx: &mut WorkflowContext<WithdrawalWorkflow>, outcome: Outcome) -> bool {
     let at = millis(ctx.workflow_time());
-    let before = ctx.state(|s| s.w.state);
+    let before = ctx.state(|s| (s.w.state, s.w.pending.is_some()));
     let applied = ctx.state_mut(|s| s.apply(outcome, at));
     publish_state(ctx, before);
     applied
 }
 
-/// Upserts the state search attribute when it changed since `before`.
-fn publish_state(ctx: &mut WorkflowContext<WithdrawalWorkflow>, before: State) {
-    let after = ctx.state(|s| s.w.state);
-    if after != before {
-        ctx.upsert_search_attributes([WITHDRAWAL_STATE.value_set(state_name(after))]);
+/// Upserts the search attributes that changed since `before` (the state, and whether a
+/// version waits for signatures).
+fn publish_state(ctx: &mut WorkflowContext<WithdrawalWorkflow>, before: (State, bool)) {
+    let after = ctx.state(|s| (s.w.state, s.w.pending.is_some()));
+    if after.0 != before.0 {
+        ctx.upsert_search_attributes([WITHDRAWAL_STATE.value_set(state_name(after.0))]);
+    }
+    // Only when it changes: histories of payments without external signers never carry
+    // this attribute (a command they replay without).
+    if after.1 != before.1 {
+        ctx.upsert_search_attributes([WITHDRAWAL_AWAITS_SIGNATURES.value_set(after.1)]);
     }
 }
 
@@ -214,15 +257,15 @@ impl WithdrawalWorkflow {
                 Step::Sign => {
                     let outcome = match ctx.execute_activity(Activities::sign, w, short()).await? {
                         Signing::Signed(attempt) => Outcome::Signed(attempt),
+                        Signing::Pending(pending) => Outcome::AwaitingSignatures(pending),
                         Signing::Refused(why) => Outcome::Failed(why),
                     };
                     record(ctx, outcome);
                 }
                 Step::Broadcast => Self::broadcast(ctx, w).await?,
                 Step::Watch => Self::watch(ctx, w).await?,
-                // Never reached here: external signers run on the embedded engine only
-                // (the configuration refuses a descriptor wallet with Temporal).
-                Step::AwaitSignatures | Step::Rest => break,
+                Step::AwaitSignatures => Self::await_signatures(ctx, w).await?,
+                Step::Rest => break,
             }
         }
         let (w, asked) = ctx.state(|s| (s.w.clone(), s.asked_coins));
@@ -307,6 +350,9 @@ impl WithdrawalWorkflow {
         } else if w.confirmed.is_some() {
             record(ctx, Outcome::ReorgedOut);
             return Ok(());
+        } else if w.pending.is_some() {
+            // A replacement waiting for signatures is not replaced again meanwhile.
+            return Self::await_signatures(ctx, w).await;
         } else if w.state == State::Broadcast
             && w.broadcast_height
                 .is_some_and(|h| tip >= h.saturating_add(policy.bump_after_blocks))
@@ -322,6 +368,12 @@ impl WithdrawalWorkflow {
                         ctx.state_mut(|s| s.bump_failed_at = None);
                     }
                 }
+                Signing::Pending(pending) => {
+                    tracing::info!(id = w.id, txid = %pending.txid, "a replacement waits for external signatures");
+                    if record(ctx, Outcome::AwaitingSignatures(pending)) {
+                        ctx.state_mut(|s| s.bump_failed_at = None);
+                    }
+                }
                 Signing::Refused(why) => {
                     tracing::warn!(id = w.id, %why, "a stuck withdrawal cannot be bumped further");
                     ctx.state_mut(|s| s.bump_failed_at = Some(tip));
@@ -332,6 +384,35 @@ impl WithdrawalWorkflow {
         let poll = Duration::from_secs(policy.poll_secs.max(1));
         temporalio_sdk::workflows::select! {
             moved = ctx.wait_condition(move |s: &Self| s.chain_signals > seen) => { moved?; }
+            _ = ctx.timer(poll) => {}
+        };
+        Ok(())
+    }
+
+    /// A version waiting for external signatures: signed once they are enough (the hot keys
+    /// last) or once the signers sent it themselves; else waits for more signatures, the
+    /// chain to move, or the poll timer.
+    async fn await_signatures(
+        ctx: &mut WorkflowContext<Self>,
+        w: Withdrawal,
+    ) -> WorkflowResult<()> {
+        let Some(pending) = w.pending.clone() else {
+            return Ok(());
+        };
+        let seen = ctx.state(|s| s.chain_signals);
+        if let Some(attempt) = ctx
+            .execute_activity(Activities::complete, w, short())
+            .await?
+        {
+            record(ctx, signed(&pending, attempt));
+            return Ok(());
+        }
+        // Signatures arriving meanwhile are completed by their update.
+        let poll = Duration::from_secs(ctx.state(|s| s.policy.poll_secs).max(1));
+        temporalio_sdk::workflows::select! {
+            moved = ctx.wait_condition(move |s: &Self| {
+                s.chain_signals > seen || s.w.pending.is_none()
+            }) => { moved?; }
             _ = ctx.timer(poll) => {}
         };
         Ok(())
@@ -364,6 +445,47 @@ impl WithdrawalWorkflow {
                 .cloned()
                 .collect(),
         }
+    }
+
+    /// Refuses signatures that do not verify for the pending version (or when none waits),
+    /// before anything is recorded.
+    #[update_validator(signatures)]
+    #[allow(clippy::ptr_arg)] // the SDK hands a validator its update's input type
+    fn validate_signatures(
+        &self,
+        _ctx: &WorkflowContextView,
+        psbt: &Vec<u8>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.gathered(psbt).map(|_| ()).map_err(Into::into)
+    }
+
+    /// Adds an external signer's verified signatures (a serialized PSBT) to the pending
+    /// version and, once they are enough, has the hot keys sign it: the withdrawal then.
+    #[update(name = "signatures")]
+    pub async fn signatures(
+        ctx: &mut WorkflowContext<Self>,
+        psbt: Vec<u8>,
+    ) -> Result<Withdrawal, Box<dyn std::error::Error + Send + Sync>> {
+        let gathered = ctx.state(|s| s.gathered(&psbt))?;
+        record(ctx, Outcome::SignaturesAdded(gathered));
+        let w = ctx.state(|s| s.w.clone());
+        let Some(pending) = w.pending.clone() else {
+            return Ok(w);
+        };
+        match ctx
+            .execute_activity(Activities::complete, w, completing())
+            .await
+        {
+            Ok(Some(attempt)) => {
+                record(ctx, signed(&pending, attempt));
+            }
+            Ok(None) => {}
+            // The signatures are kept: the run completes it at its next look.
+            Err(e) => {
+                tracing::warn!(txid = %pending.txid, error = %e, "signing with the hot keys did not finish; retried at the next block");
+            }
+        }
+        Ok(ctx.state(|s| s.w.clone()))
     }
 
     /// Refuses a cancel the saga refuses, before anything is recorded.

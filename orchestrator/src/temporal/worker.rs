@@ -27,6 +27,7 @@ use super::adapter::Adapter;
 use super::balancing::{BalancingState, BalancingWorkflow};
 use super::hot_wallet::HotWalletWorkflow;
 use super::service::TemporalWithdrawals;
+use super::signatures::TemporalSignatures;
 use super::withdrawal::WithdrawalWorkflow;
 use super::WorkflowPolicy;
 use crate::config::TemporalTarget;
@@ -107,7 +108,8 @@ pub async fn connect(target: &TemporalTarget) -> Result<Client, TemporalError> {
 }
 
 /// Registers the search attributes the API and the adapter filter on (once per
-/// namespace; already there is fine).
+/// namespace; already there is fine). One request each: a namespace that has the older
+/// ones still gets one added since.
 pub async fn register_search_attributes(
     client: &Client,
     namespace: &str,
@@ -117,24 +119,30 @@ pub async fn register_search_attributes(
         (super::WITHDRAWAL_ID.name(), IndexedValueType::Int),
         (super::WITHDRAWAL_STATE.name(), IndexedValueType::Keyword),
         (super::WITHDRAWAL_WALLET.name(), IndexedValueType::Keyword),
+        (
+            super::WITHDRAWAL_AWAITS_SIGNATURES.name(),
+            IndexedValueType::Bool,
+        ),
     ];
-    let request = AddSearchAttributesRequest {
-        search_attributes: wanted
-            .iter()
-            .map(|(name, kind)| (name.to_string(), *kind as i32))
-            .collect(),
-        namespace: namespace.to_owned(),
-    };
-    match operator
-        .add_search_attributes(tonic::Request::new(request))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
-        Err(s) => Err(TemporalError::Setup(format!(
-            "registering the search attributes WithdrawalId (Int), WithdrawalState and WithdrawalWallet (Keyword) in namespace {namespace}: {s} (an operator can add them with `temporal operator search-attribute create`)"
-        ))),
+    for (name, kind) in wanted {
+        let request = AddSearchAttributesRequest {
+            search_attributes: [(name.to_string(), kind as i32)].into(),
+            namespace: namespace.to_owned(),
+        };
+        match operator
+            .add_search_attributes(tonic::Request::new(request))
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+            Err(s) => {
+                return Err(TemporalError::Setup(format!(
+                    "registering the search attribute {name} ({kind:?}) in namespace {namespace}: {s} (an operator can add it with `temporal operator search-attribute create --name {name} --type {kind:?}`)"
+                )))
+            }
+        }
     }
+    Ok(())
 }
 
 /// Told when an activity has done its work, before its answer goes back to the server:
@@ -256,6 +264,7 @@ pub async fn run(
         engine.network,
         policy,
     );
+    let signatures = TemporalSignatures::new(api.clone());
     let local = listener
         .local_addr()
         .map_err(|e| TemporalError::Setup(format!("reading the bound address: {e}")))?;
@@ -271,6 +280,7 @@ pub async fn run(
     let serving = tokio::spawn(
         tonic::transport::Server::builder()
             .layer(latency.layer())
+            .add_service(signatures.into_server(token.clone()))
             .add_service(api.into_server(token))
             .serve_with_incoming_shutdown(service::listener::no_delay(listener), async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
