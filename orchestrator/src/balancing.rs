@@ -68,6 +68,36 @@ pub fn is_sweep(w: &Withdrawal) -> bool {
     kind(w) == Some(Kind::Sweep)
 }
 
+/// Which kinds of run may be decided at a tip, given the unfinished ones: the same rule
+/// on both engines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MayStart {
+    /// A sweep: none runs, and no consolidation is still choosing its coins (one that
+    /// holds its coins already, waiting at its low rate, does not keep the hot wallet
+    /// above its mark: a sweep counts only coins it does not hold).
+    pub sweep: bool,
+    /// A top-up: none runs, and neither a sweep nor a consolidation moves hot coins.
+    pub top_up: bool,
+    /// A consolidation: neither it nor a sweep runs, and no sweep was started at this
+    /// tip (it may take the same small coins).
+    pub consolidation: bool,
+}
+
+impl MayStart {
+    /// The rule over `unfinished` (each run's kind, and whether it holds its coins yet)
+    /// where `swept_now` says a sweep was started at this tip.
+    pub fn given(unfinished: &[(Kind, bool)], swept_now: bool) -> MayStart {
+        let running = |k: Kind| unfinished.iter().any(|(kind, _)| *kind == k);
+        let choosing = |k: Kind| unfinished.iter().any(|(kind, holds)| *kind == k && !holds);
+        let moving = running(Kind::Sweep) || running(Kind::Consolidation);
+        MayStart {
+            sweep: !running(Kind::Sweep) && !choosing(Kind::Consolidation),
+            top_up: !moving && !running(Kind::TopUp),
+            consolidation: !moving && !swept_now,
+        }
+    }
+}
+
 /// The balancing policy of one hot wallet.
 #[derive(Clone, Debug)]
 pub struct Balancing {
@@ -232,6 +262,38 @@ fn address(script: &ScriptBuf, network: Network) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_that_move_the_same_coins_never_start_beside_each_other() {
+        let may = |runs: &[(Kind, bool)], swept| MayStart::given(runs, swept);
+        let all = MayStart {
+            sweep: true,
+            top_up: true,
+            consolidation: true,
+        };
+        assert_eq!(may(&[], false), all);
+        // A sweep running: nothing else moves hot coins beside it.
+        let sweeping = may(&[(Kind::Sweep, true)], false);
+        assert_eq!(
+            (sweeping.sweep, sweeping.top_up, sweeping.consolidation),
+            (false, false, false)
+        );
+        // A consolidation still choosing its coins holds up a sweep; one holding them
+        // (waiting at its low rate) does not. Neither lets a top-up or a second start.
+        let choosing = may(&[(Kind::Consolidation, false)], false);
+        let holding = may(&[(Kind::Consolidation, true)], false);
+        assert!(!choosing.sweep && holding.sweep);
+        assert!(!choosing.top_up && !holding.top_up);
+        assert!(!choosing.consolidation && !holding.consolidation);
+        // A top-up running: no second one; sweeps and consolidations go on.
+        let topping = may(&[(Kind::TopUp, false)], false);
+        assert_eq!(
+            (topping.sweep, topping.top_up, topping.consolidation),
+            (true, false, true)
+        );
+        // A sweep started at this tip: no consolidation beside it.
+        assert!(!may(&[], true).consolidation);
+    }
     use bitcoin::bip32::{Xpriv, Xpub};
     use bitcoin::hashes::Hash;
 

@@ -546,16 +546,6 @@ impl Settings {
             .map_err(|e| ConfigError(e.to_string()))?;
         let temporal = self.temporal.resolve(self.engine.as_deref())?;
         let kafka_events = self.kafka.resolve(self.events.as_deref())?;
-        if temporal.is_some()
-            && policy
-                .balancing
-                .as_ref()
-                .is_some_and(|b| b.top_up.is_some())
-        {
-            return Err(ConfigError(
-                "top_up_below_sat: top-ups wait for external signers, which run on the embedded engine (with engine = \"temporal\" leave it unset; sweeps and consolidation run on both)".into(),
-            ));
-        }
         if temporal.is_some() && policy.batch.is_some() {
             return Err(ConfigError(
                 "batch_window_secs: batching runs on the embedded engine; with engine = \"temporal\" each withdrawal is paid alone (leave batch_window_secs unset)".into(),
@@ -827,6 +817,19 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// `settings` on the Temporal engine (a local cluster; no saga database).
+    fn on_temporal(settings: Settings) -> Settings {
+        Settings {
+            engine: Some("temporal".into()),
+            temporal: TemporalSettings {
+                address: Some("http://127.0.0.1:7233".into()),
+                ..TemporalSettings::default()
+            },
+            db: None,
+            ..settings
+        }
+    }
+
     #[test]
     fn the_example_config_is_valid() {
         let example = Path::new(concat!(
@@ -907,16 +910,7 @@ mod tests {
             assert!(!e.contains('\n'), "one line: {e}");
         }
         // Both engines collect external signatures.
-        let on_temporal = Settings {
-            engine: Some("temporal".into()),
-            temporal: TemporalSettings {
-                address: Some("http://127.0.0.1:7233".into()),
-                ..TemporalSettings::default()
-            },
-            db: None,
-            ..on(good.clone())
-        };
-        let c = on_temporal.resolve_with(None).unwrap();
+        let c = on_temporal(on(good.clone())).resolve_with(None).unwrap();
         assert!(c.temporal.is_some() && c.wallet.is_some());
     }
 
@@ -1023,22 +1017,14 @@ mod tests {
                 },
                 "a rate above 0",
             ),
-            (
-                Settings {
-                    engine: Some("temporal".into()),
-                    temporal: TemporalSettings {
-                        address: Some("http://127.0.0.1:7233".into()),
-                        ..TemporalSettings::default()
-                    },
-                    ..base.clone()
-                },
-                "top-ups wait for external signers",
-            ),
         ] {
             let e = bad.resolve_with(None).unwrap_err().to_string();
             assert!(e.contains(says), "{e}");
             assert!(!e.contains('\n'), "one line: {e}");
         }
+        // Both engines run top-ups.
+        let c = on_temporal(base.clone()).resolve_with(None).unwrap();
+        assert!(c.policy.balancing.unwrap().top_up.is_some());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::indexer_client::{self, Indexer};
 use bitcoin::OutPoint;
 use proto::indexer::v1 as ipb;
 
-use crate::balancing::{Balancing, Kind};
+use crate::balancing::{Balancing, Kind, MayStart};
 use crate::kafka_events::{KafkaEvents, KafkaMonitor};
 use crate::monitor::Monitor;
 pub use crate::payment::StepError;
@@ -266,21 +266,11 @@ impl Executor {
         unfinished: &[Withdrawal],
         tip: u32,
     ) -> Result<(), StepError> {
-        let running = |k: Kind| {
-            unfinished
-                .iter()
-                .any(|w| crate::balancing::kind(w) == Some(k))
-        };
-        let moving = running(Kind::Sweep) || running(Kind::Consolidation);
-        // A consolidation that holds its coins already (it may wait long at its low rate)
-        // does not keep the hot wallet above its mark: a sweep counts only coins it
-        // does not hold.
-        let choosing = |k: Kind| {
-            unfinished
-                .iter()
-                .any(|w| crate::balancing::kind(w) == Some(k) && !w.holds_coins())
-        };
-        let sweep_waits = running(Kind::Sweep) || choosing(Kind::Consolidation);
+        let runs: Vec<(Kind, bool)> = unfinished
+            .iter()
+            .filter_map(|w| Some((crate::balancing::kind(w)?, w.holds_coins())))
+            .collect();
+        let may = MayStart::given(&runs, false);
         let hot = self.candidates(&balancing.hot_wallet).await?;
         let spendable: bitcoin::Amount = hot.iter().map(|c| c.value).sum();
         // Withdrawals waiting for coins will need some of these.
@@ -290,13 +280,13 @@ impl Executor {
             .map(|w| w.request.amount + w.request.max_fee)
             .sum();
         let spendable = spendable.checked_sub(owed).unwrap_or_default();
-        if balancing.sweep.is_some() && !sweep_waits {
+        if balancing.sweep.is_some() && may.sweep {
             if let Err(e) = self.sweep(balancing, spendable, tip) {
                 tracing::warn!(error = %e, "no sweep decided at this block");
             }
         }
-        if balancing.top_up.is_some() && !moving && !running(Kind::TopUp) {
-            if let Err(e) = self.top_up(balancing, spendable, tip).await {
+        if balancing.top_up.is_some() && may.top_up {
+            if let Err(e) = self.top_up(balancing, unfinished, spendable, tip).await {
                 tracing::warn!(error = %e, "no top-up decided at this block");
             }
         }
@@ -304,7 +294,7 @@ impl Executor {
             .store
             .by_request(&Kind::Sweep.request_id(tip))?
             .is_some();
-        if balancing.consolidate.is_some() && !moving && !swept {
+        if balancing.consolidate.is_some() && MayStart::given(&runs, swept).consolidation {
             if let Err(e) = self.consolidate(balancing, &hot, tip).await {
                 tracing::warn!(error = %e, "no consolidation decided at this block");
             }
@@ -347,25 +337,18 @@ impl Executor {
     async fn top_up(
         &mut self,
         balancing: &Balancing,
+        unfinished: &[Withdrawal],
         spendable: bitcoin::Amount,
         tip: u32,
     ) -> Result<(), StepError> {
-        let mut coming_back = bitcoin::Amount::ZERO;
-        let paying = [self.store.unfinished()?, self.store.unfinished_batches()?].concat();
-        for w in paying.iter().filter(|w| {
-            w.request.wallet == balancing.hot_wallet && w.holds_coins() && w.confirmed.is_none()
-        }) {
-            let held: bitcoin::Amount = w.coins.iter().map(|c| c.value).sum();
-            let paid: bitcoin::Amount = self
-                .payments
-                .outputs(w)
-                .unwrap_or_default()
-                .iter()
-                .map(|o| o.value)
-                .sum();
-            let fee = w.current().map_or(w.request.max_fee, |a| a.fee);
-            coming_back += held.checked_sub(paid + fee).unwrap_or_default();
-        }
+        // Batches too (`unfinished` holds withdrawals only).
+        let batches = self.store.unfinished_batches()?;
+        let coming_back: bitcoin::Amount = unfinished
+            .iter()
+            .chain(&batches)
+            .filter(|w| w.request.wallet == balancing.hot_wallet)
+            .map(|w| self.payments.coming_back(w))
+            .sum();
         let hot_address = self.payments.change_address().unwrap_or_default();
         let Some(request) = balancing.top_up(spendable + coming_back, tip, &hot_address) else {
             return Ok(());

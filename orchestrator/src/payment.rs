@@ -221,6 +221,24 @@ impl Payments {
         }
     }
 
+    /// The change `w` will bring back to its wallet: what it holds less what it pays and
+    /// its fee (its cap before it is signed); nothing once a version is confirmed (the
+    /// change is then a coin of the wallet's like any other) or before it holds coins.
+    pub fn coming_back(&self, w: &Withdrawal) -> Amount {
+        if !w.holds_coins() || w.confirmed.is_some() {
+            return Amount::ZERO;
+        }
+        let held: Amount = w.coins.iter().map(|c| c.value).sum();
+        let paid: Amount = self
+            .outputs(w)
+            .unwrap_or_default()
+            .iter()
+            .map(|o| o.value)
+            .sum();
+        let fee = w.current().map_or(w.request.max_fee, |a| a.fee);
+        held.checked_sub(paid + fee).unwrap_or_default()
+    }
+
     /// The rate to pay under `policy`, sat/vB, within the floor and ceiling, and how it
     /// was chosen (logged when bitcoind has no estimate; shown in the status).
     pub async fn fee_rate(&self, policy: FeeRate) -> Result<FeeChoice, StepError> {

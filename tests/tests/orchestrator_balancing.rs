@@ -4,7 +4,9 @@
 //! Balancing and Signatures APIs. Below the low-water mark a top-up from the cold wallet
 //! waits for the offline signer, is surfaced by WatchBalancingRuns and fills the hot
 //! wallet; while fees are low, small coins are consolidated without touching the coins a
-//! withdrawal holds. (The high-water sweep is tested in orchestrator_withdraw.)
+//! withdrawal holds. The top-up also on the Temporal engine (a dev server started by the
+//! test, a worker as `orchestrator run` runs it). (The high-water sweep is tested in
+//! orchestrator_withdraw.)
 
 #![allow(clippy::unwrap_used)]
 
@@ -62,10 +64,20 @@ struct Balanced {
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
-impl Balanced {
+/// Both wallets funded and watched, and how the hot one pays, before any engine runs.
+struct Funded {
+    node: Devnet,
+    miner: String,
+    served: Indexer,
+    payments: Payments,
+    hot: Arc<DescriptorWallet>,
+    dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl Funded {
     /// Hot coins of `hot_btc` each at its indexes 1.., cold ones of `cold_btc` at 1..;
     /// the policy's cold wallet is the cold descriptor, watched as `cold`.
-    fn start(hot_btc: &[f64], cold_btc: &[f64], balancing: Balancing) -> Balanced {
+    fn new(hot_btc: &[f64], cold_btc: &[f64], balancing: Balancing) -> Funded {
         use std::os::unix::fs::PermissionsExt;
         let node = Devnet::start(|c| c.filler_txs = 0);
         let miner = node.new_address("bech32");
@@ -95,7 +107,6 @@ impl Balanced {
             },
         ];
         let served = Indexer::caught_up(&node, db.path(), &watched);
-        let store = Arc::new(SagaStore::open(&dir.path().join("sagas")).unwrap());
         let policy = Policy {
             confirmations: 1,
             settle_at: 2,
@@ -113,6 +124,29 @@ impl Balanced {
             policy,
         )
         .with_descriptor_wallet(hot.clone());
+        Funded {
+            node,
+            miner,
+            served,
+            payments,
+            hot,
+            dirs: (dir, db),
+        }
+    }
+}
+
+impl Balanced {
+    /// [`Funded::new`] with the executor paying, its saga database beside the key file.
+    fn start(hot_btc: &[f64], cold_btc: &[f64], balancing: Balancing) -> Balanced {
+        let Funded {
+            node,
+            miner,
+            served,
+            payments,
+            hot,
+            dirs: (dir, db),
+        } = Funded::new(hot_btc, cold_btc, balancing);
+        let store = Arc::new(SagaStore::open(&dir.path().join("sagas")).unwrap());
         let client = || orchestrator::indexer_client::open_client(served.channel.clone());
         let executor = Executor::new(store.clone(), client(), payments.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -214,6 +248,17 @@ fn policy_of(top_up: Option<LowWater>, consolidate: Option<Consolidation>) -> Ba
     }
 }
 
+/// A top-up to 1.5 BTC below 0.5 BTC.
+fn top_up_policy() -> Balancing {
+    policy_of(
+        Some(LowWater {
+            below: btc(0.5),
+            to: btc(1.5),
+        }),
+        None,
+    )
+}
+
 fn btc(x: f64) -> Amount {
     Amount::from_btc(x).unwrap()
 }
@@ -225,17 +270,7 @@ fn btc(x: f64) -> Amount {
 /// 1.5 BTC, and no second top-up follows.
 #[test]
 fn below_the_low_water_mark_a_top_up_signed_offline_fills_the_hot_wallet_once() {
-    let rig = Balanced::start(
-        &[0.1, 0.1],
-        &[1.0, 1.0, 1.0],
-        policy_of(
-            Some(LowWater {
-                below: btc(0.5),
-                to: btc(1.5),
-            }),
-            None,
-        ),
-    );
+    let rig = Balanced::start(&[0.1, 0.1], &[1.0, 1.0, 1.0], top_up_policy());
     let watched = rig.served.runtime.block_on(
         rig.balancing
             .watch_balancing_runs(tonic::Request::new(pb::WatchBalancingRunsRequest {})),
@@ -430,4 +465,130 @@ fn while_fees_are_low_small_coins_are_consolidated_but_never_a_withdrawals() {
     assert_eq!(rig.runs(pb::BalancingKind::Consolidation).len(), 1);
     assert!(rig.status().small_coins < 10);
     assert!(rig.store.reserved().unwrap().is_empty());
+}
+
+/// Low water on the Temporal engine: the balancing workflow starts a top-up from the cold
+/// wallet to 1.5 BTC, which waits in AWAITING_SIGNATURES with its PSBT listed by the
+/// Signatures API (no key of the orchestrator's signs for the cold wallet: the hot key's
+/// signature is refused, and a cancel too); the offline signer's signature completes it,
+/// the hot wallet then holds exactly 1.5 BTC, and no second top-up follows.
+#[test]
+fn on_temporal_below_the_low_water_mark_a_top_up_signed_offline_fills_the_hot_wallet_once() {
+    use orchestrator::temporal::service::TemporalWithdrawals;
+    use orchestrator::temporal::signatures::TemporalSignatures;
+    use orchestrator::temporal::WorkflowPolicy;
+    let funded = Funded::new(&[0.1, 0.1], &[1.0, 1.0, 1.0], top_up_policy());
+    let runtime = &funded.served.runtime;
+    let server = system_tests::temporal::TemporalServer::start();
+    let (target, client) = system_tests::temporal::connect_to(&server, runtime);
+    let withdrawals = TemporalWithdrawals::new(
+        client,
+        "default".into(),
+        "withdrawals".into(),
+        Network::Regtest,
+        WorkflowPolicy {
+            poll_secs: 5,
+            ..WorkflowPolicy::of(funded.payments.policy())
+        },
+    );
+    let signatures = TemporalSignatures::new(withdrawals.clone());
+    let (stop, worker) =
+        system_tests::temporal::spawn_worker(orchestrator::temporal::worker::Engine {
+            target: target.clone(),
+            network: Network::Regtest,
+            payments: funded.payments.clone(),
+            indexer: orchestrator::indexer_client::open_client(funded.served.channel.clone()),
+            events: None,
+            hook: None,
+        });
+    let list = || {
+        let req = tonic::Request::new(pb::ListPendingSignaturesRequest {});
+        let listed = runtime.block_on(signatures.list_pending_signatures(req));
+        listed.unwrap().into_inner().pending
+    };
+    let status = |request_id: &str| runtime.block_on(withdrawals.status(request_id)).unwrap();
+    // Decided once a block: blocks come until the top-up waits for its signers.
+    let started = Instant::now();
+    let listed = loop {
+        let listed = list();
+        if !listed.is_empty() {
+            break listed;
+        }
+        assert!(started.elapsed() < WAIT, "no top-up listed");
+        funded.node.mine_to(1, &funded.miner);
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(listed.len(), 1);
+    let p = &listed[0];
+    assert!(p.request_id.starts_with("orchestrator.topup."), "{p:?}");
+    let run = status(&p.request_id).unwrap();
+    assert_eq!(run.state, State::AwaitingSignatures);
+    assert_eq!(
+        (run.request.wallet.as_str(), run.request.amount),
+        ("cold", btc(1.3))
+    );
+    let hot_address = Address::from_script(&funded.hot.script_at(0).unwrap(), Network::Regtest);
+    assert_eq!(run.request.destination, hot_address.unwrap().to_string());
+    let cancel = runtime.block_on(withdrawals.cancel_withdrawal(tonic::Request::new(
+        pb::CancelWithdrawalRequest { id: run.id },
+    )));
+    assert_eq!(cancel.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(&p.psbt_base64)
+        .unwrap();
+    let psbt = Psbt::deserialize(&bytes).unwrap();
+    let submit = |psbt: &Psbt| {
+        runtime
+            .block_on(signatures.submit_signature(tonic::Request::new(
+                pb::SubmitSignatureRequest {
+                    withdrawal_id: run.id,
+                    psbt_base64: base64::engine::general_purpose::STANDARD.encode(psbt.serialize()),
+                },
+            )))
+            .map(|r| r.into_inner())
+    };
+    // The hot key is not one of the cold wallet's: nothing to sign, refused.
+    let mut by_hot = psbt.clone();
+    let _ = by_hot.sign(&xpriv(HOT), &Secp256k1::new());
+    let refused = submit(&by_hot).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert_eq!(status(&p.request_id).unwrap(), run, "nothing changed");
+    // The offline signer signs with the cold key.
+    let mut by_cold = psbt;
+    by_cold.sign(&xpriv(COLD), &Secp256k1::new()).unwrap();
+    let signed = submit(&by_cold).unwrap();
+    assert_eq!(
+        signed.state,
+        pb::WithdrawalState::Signed as i32,
+        "{signed:?}"
+    );
+    let started = Instant::now();
+    while !status(&p.request_id).unwrap().settled {
+        assert!(started.elapsed() < WAIT, "not settled");
+        funded.node.mine_to(1, &funded.miner);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let done = status(&p.request_id).unwrap();
+    assert_eq!((done.state, done.attempts.len()), (State::Completed, 1));
+    // Blocks come and no second top-up starts.
+    for _ in 0..3 {
+        let tip = funded.node.mine_to(1, &funded.miner)[0];
+        assert!(funded.served.wait_for(tip, WAIT));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let paid = funded.served.payments(&funded.node, "cold");
+    assert_eq!(
+        paid.get(&funded.hot.script_at(0).unwrap()),
+        Some(&vec![btc(1.3).to_sat()])
+    );
+    let from_cold = runtime.block_on(withdrawals.list_withdrawals(tonic::Request::new(
+        pb::ListWithdrawalsRequest {
+            wallet: "cold".into(),
+            ..Default::default()
+        },
+    )));
+    assert_eq!(from_cold.unwrap().into_inner().withdrawals.len(), 1);
+    assert!(list().is_empty());
+    let _ = stop.send(());
+    worker.join().unwrap();
 }

@@ -28,7 +28,7 @@ use super::balancing::{BalancingState, Decide};
 use super::hot_wallet::{HotWalletStart, HotWalletWorkflow, ReserveAsk, ReserveReply};
 use super::service::start_withdrawal;
 use super::withdrawal::WithdrawalWorkflow;
-use crate::balancing::Kind;
+use crate::balancing::{Balancing, Kind, MayStart};
 use crate::indexer_client::{self, Indexer};
 use crate::payment::{Built, Payments, StepError};
 use crate::saga::{Attempt, Coin, Pending, Priority, Step, Withdrawal};
@@ -146,7 +146,7 @@ impl Activities {
             .filter(|c| !held.contains(&c.outpoint) && !mine.contains(&c.outpoint))
             .cloned()
             .collect();
-        let coins = match self.payments.choose(w, &free, rate) {
+        let coins = match self.payments.of(w).choose(w, &free, rate) {
             Ok(coins) => coins,
             Err(_) if !mine.is_empty() => return Err(None),
             Err(why) => return Err(Some(why)),
@@ -225,6 +225,50 @@ impl Activities {
         Ok(owed)
     }
 
+    /// A top-up when the hot wallet (`spendable`: its coins no withdrawal holds, less what
+    /// waiting withdrawals need), counting the change its unfinished payments will bring
+    /// back, is below the low-water mark and the cold wallet can cover it.
+    async fn top_up(
+        &self,
+        balancing: &Balancing,
+        spendable: bitcoin::Amount,
+        height: u32,
+    ) -> Result<Option<crate::saga::Request>, ActivityError> {
+        let below = balancing.top_up.map_or(bitcoin::Amount::ZERO, |m| m.below);
+        if spendable >= below {
+            return Ok(None);
+        }
+        // Read only when it may be needed: one query per payment holding hot coins.
+        let mut coming_back = bitcoin::Amount::ZERO;
+        for request_id in self.held_by(&balancing.hot_wallet).await?.keys() {
+            if let Some(w) = self.run_status(request_id).await? {
+                coming_back += self.payments.coming_back(&w);
+            }
+        }
+        let hot_address = self.payments.change_address().unwrap_or_default();
+        let Some(request) = balancing.top_up(spendable + coming_back, height, &hot_address) else {
+            return Ok(None);
+        };
+        let cold_wallet = &balancing.cold_wallet;
+        let held = self.held(cold_wallet).await?;
+        let mut indexer = self.indexer.clone();
+        let cold: bitcoin::Amount = self
+            .payments
+            .for_wallet(cold_wallet)
+            .spendable(&mut indexer, cold_wallet)
+            .await
+            .map_err(retry)?
+            .iter()
+            .filter(|c| !held.contains(&c.outpoint))
+            .map(|c| c.value)
+            .sum();
+        if cold <= request.amount {
+            tracing::warn!(%spendable, %coming_back, %cold, wanted = %request.amount, "the hot wallet is below its low-water mark and the cold wallet cannot top it up");
+            return Ok(None);
+        }
+        Ok(Some(request))
+    }
+
     /// Every coin the wallet's workflow holds now.
     async fn held(&self, wallet: &str) -> Result<BTreeSet<OutPoint>, ActivityError> {
         let held = self.held_by(wallet).await?;
@@ -274,8 +318,8 @@ impl Activities {
             return Ok(Reservation::Refused("invalid destination".into()));
         }
         let wallet = w.request.wallet.clone();
-        // Only top-ups spend the cold wallet, and those run on the embedded engine.
-        if self.payments.is_cold(&wallet) {
+        // Only top-ups spend the cold wallet.
+        if self.payments.is_cold(&wallet) && crate::balancing::kind(&w) != Some(Kind::TopUp) {
             return Ok(Reservation::Refused(format!(
                 "wallet {wallet} is the cold wallet: only top-ups signed offline spend it"
             )));
@@ -293,7 +337,12 @@ impl Activities {
             .map_err(retry)?
             .rate;
         let mut indexer = self.indexer.clone();
-        let listed = match self.payments.spendable(&mut indexer, &wallet).await {
+        let listed = match self
+            .payments
+            .for_wallet(&wallet)
+            .spendable(&mut indexer, &wallet)
+            .await
+        {
             Ok(listed) => listed,
             Err(StepError::Indexer(s)) if s.code() == tonic::Code::NotFound => {
                 return Ok(Reservation::Refused(format!(
@@ -336,7 +385,13 @@ impl Activities {
         w: Withdrawal,
     ) -> Result<Signing, ActivityError> {
         Ok(
-            match self.payments.first_version(&w).await.map_err(retry)? {
+            match self
+                .payments
+                .of(&w)
+                .first_version(&w)
+                .await
+                .map_err(retry)?
+            {
                 Ok(Built::Signed(attempt)) => Signing::Signed(attempt),
                 Ok(Built::Unsigned(pending)) => Signing::Pending(pending),
                 Err(why) => Signing::Refused(why),
@@ -351,7 +406,7 @@ impl Activities {
         _ctx: ActivityContext,
         w: Withdrawal,
     ) -> Result<Signing, ActivityError> {
-        Ok(match self.payments.replacement(&w).map_err(retry)? {
+        Ok(match self.payments.of(&w).replacement(&w).map_err(retry)? {
             Ok(Built::Signed(attempt)) => Signing::Signed(attempt),
             Ok(Built::Unsigned(pending)) => Signing::Pending(pending),
             Err(why) => Signing::Refused(why),
@@ -483,11 +538,14 @@ impl Activities {
         let Some(balancing) = self.payments.policy().balancing.clone() else {
             return Ok(state);
         };
+        // The unfinished runs: each one's kind and whether it holds its coins yet.
+        let mut runs = Vec::new();
         let mut running = BTreeMap::new();
-        for (kind, request_id) in std::mem::take(&mut state.running) {
+        for (prefix, request_id) in std::mem::take(&mut state.running) {
             match self.run_status(&request_id).await? {
                 Some(w) if w.next_step() != Step::Rest => {
-                    running.insert(kind, request_id);
+                    runs.extend(crate::balancing::kind(&w).map(|k| (k, w.holds_coins())));
+                    running.insert(prefix, request_id);
                 }
                 // A sweep that ended before signing used no cold address.
                 Some(w) if crate::balancing::is_sweep(&w) && w.attempts.is_empty() => {
@@ -500,10 +558,14 @@ impl Activities {
         // Started by an earlier attempt at this height.
         for kind in Kind::ALL {
             let id = kind.request_id(ask.height);
-            if !state.running.contains_key(kind.prefix()) && self.run_status(&id).await?.is_some() {
+            if state.running.contains_key(kind.prefix()) {
+                continue;
+            }
+            if let Some(w) = self.run_status(&id).await? {
                 if kind == Kind::Sweep {
                     state.sweeps += 1;
                 }
+                runs.push((kind, w.holds_coins()));
                 state.running.insert(kind.prefix().into(), id);
             }
         }
@@ -521,28 +583,39 @@ impl Activities {
         let owed = self.owed(&balancing.hot_wallet).await?;
         let spendable = spendable.checked_sub(owed).unwrap_or_default();
         let hot_address = self.payments.change_address().unwrap_or_default();
-        // Sweeps and consolidations count the same coins: one of them at a time.
-        let moving = state.running.contains_key(Kind::Sweep.prefix())
-            || state.running.contains_key(Kind::Consolidation.prefix());
-        let mut start = None;
-        if !moving {
+        let may = MayStart::given(&runs, false);
+        let mut starts = Vec::new();
+        if may.sweep {
             let index = state.sweeps + 1;
-            start = balancing
-                .sweep(spendable, ask.height, index, self.payments.network())
-                .map(|r| (Kind::Sweep, r));
+            starts.extend(
+                balancing
+                    .sweep(spendable, ask.height, index, self.payments.network())
+                    .map(|r| (Kind::Sweep, r)),
+            );
         }
-        // Not beside a sweep just decided: it may take the same small coins.
-        if let (None, Some(policy)) = (&start, balancing.consolidate) {
-            let weight = self.payments.input_weight();
-            if !moving && policy.small(&hot, 0.0, weight).len() >= policy.min_coins {
-                let target = self.payments.policy().target_of(Priority::Low);
-                let estimate = self.payments.estimate(target).await.map_err(retry)?;
-                start = balancing
-                    .consolidation(&hot, estimate, weight, ask.height, &hot_address)
-                    .map(|r| (Kind::Consolidation, r));
+        if balancing.top_up.is_some() && may.top_up {
+            // Its own failure (the cold wallet not watched) holds up no other kind.
+            match self.top_up(&balancing, spendable, ask.height).await {
+                Ok(request) => starts.extend(request.map(|r| (Kind::TopUp, r))),
+                Err(e) => tracing::warn!(error = ?e, "no top-up decided at this block"),
             }
         }
-        if let Some((kind, request)) = start {
+        let swept_now = starts.iter().any(|(k, _)| *k == Kind::Sweep);
+        if let Some(policy) = balancing.consolidate {
+            let weight = self.payments.input_weight();
+            if MayStart::given(&runs, swept_now).consolidation
+                && policy.small(&hot, 0.0, weight).len() >= policy.min_coins
+            {
+                let target = self.payments.policy().target_of(Priority::Low);
+                let estimate = self.payments.estimate(target).await.map_err(retry)?;
+                starts.extend(
+                    balancing
+                        .consolidation(&hot, estimate, weight, ask.height, &hot_address)
+                        .map(|r| (Kind::Consolidation, r)),
+                );
+            }
+        }
+        for (kind, request) in starts {
             let policy = super::WorkflowPolicy::of(self.payments.policy());
             start_withdrawal(&self.client, &self.task_queue, &policy, &request)
                 .await
