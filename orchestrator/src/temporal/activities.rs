@@ -203,8 +203,14 @@ impl Activities {
     }
 
     /// What the withdrawals of `wallet` waiting for coins (RECEIVED, as the search index
-    /// shows them: one submitted a moment ago may not be there yet) will need.
-    async fn owed(&self, wallet: &str) -> Result<bitcoin::Amount, ActivityError> {
+    /// shows them: one submitted a moment ago may not be there yet) will need. One that
+    /// cannot be read now is left out (logged) rather than hold up every decision; the
+    /// activity heartbeats as it reads them.
+    async fn owed(
+        &self,
+        ctx: &ActivityContext,
+        wallet: &str,
+    ) -> Result<bitcoin::Amount, ActivityError> {
         use futures::StreamExt;
         let query = format!(
             "WorkflowType = 'withdrawal' AND ExecutionStatus = 'Running' \
@@ -214,11 +220,18 @@ impl Activities {
             .client
             .list_workflows(query, temporalio_client::WorkflowListOptions::default());
         let mut owed = bitcoin::Amount::ZERO;
+        let mut read = 0u64;
         while let Some(found) = waiting.next().await {
             let found = found.map_err(|e| retry(format!("listing withdrawals: {e}")))?;
-            if let Some(w) = self.run_status(found.id()).await? {
-                if w.state == crate::saga::State::Received {
+            read += 1;
+            ctx.record_heartbeat(read).await?;
+            match self.run_status(found.id()).await {
+                Ok(Some(w)) if w.state == crate::saga::State::Received => {
                     owed += w.request.amount + w.request.max_fee;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(run = found.id(), error = ?e, "a waiting withdrawal could not be read: left out of this decision")
                 }
             }
         }
@@ -230,6 +243,7 @@ impl Activities {
     /// back, is below the low-water mark and the cold wallet can cover it.
     async fn top_up(
         &self,
+        ctx: &ActivityContext,
         balancing: &Balancing,
         spendable: bitcoin::Amount,
         height: u32,
@@ -241,6 +255,7 @@ impl Activities {
         // Read only when it may be needed: one query per payment holding hot coins.
         let mut coming_back = bitcoin::Amount::ZERO;
         for request_id in self.held_by(&balancing.hot_wallet).await?.keys() {
+            ctx.record_heartbeat(request_id.clone()).await?;
             if let Some(w) = self.run_status(request_id).await? {
                 coming_back += self.payments.coming_back(&w);
             }
@@ -530,7 +545,7 @@ impl Activities {
     #[activity(name = "balancing.decide")]
     pub async fn decide(
         self: Arc<Self>,
-        _ctx: ActivityContext,
+        ctx: ActivityContext,
         ask: Decide,
     ) -> Result<BalancingState, ActivityError> {
         let mut state = ask.state;
@@ -580,7 +595,7 @@ impl Activities {
             .filter(|c| !held.contains(&c.outpoint))
             .collect();
         let spendable: bitcoin::Amount = hot.iter().map(|c| c.value).sum();
-        let owed = self.owed(&balancing.hot_wallet).await?;
+        let owed = self.owed(&ctx, &balancing.hot_wallet).await?;
         let spendable = spendable.checked_sub(owed).unwrap_or_default();
         let hot_address = self.payments.change_address().unwrap_or_default();
         let may = MayStart::given(&runs, false);
@@ -595,7 +610,7 @@ impl Activities {
         }
         if balancing.top_up.is_some() && may.top_up {
             // Its own failure (the cold wallet not watched) holds up no other kind.
-            match self.top_up(&balancing, spendable, ask.height).await {
+            match self.top_up(&ctx, &balancing, spendable, ask.height).await {
                 Ok(request) => starts.extend(request.map(|r| (Kind::TopUp, r))),
                 Err(e) => tracing::warn!(error = ?e, "no top-up decided at this block"),
             }

@@ -37,6 +37,10 @@ pub struct BalancingState {
     pub sweeps: u32,
     /// The tip the runs were last decided at.
     pub decided_at: Option<u32>,
+    /// The highest tip signalled and not decided yet when it continued as new (so that
+    /// block's decision is not lost with the signal).
+    #[serde(default)]
+    pub signalled: Option<u32>,
 }
 
 /// A decision to make at tip `height` from `state`.
@@ -57,9 +61,12 @@ pub struct BalancingWorkflow {
 }
 
 /// Retried for as long as the cause lasts (an indexer or bitcoind away), at most every
-/// 10 s; a decision lists the wallet's coins and may start two workflows.
+/// 10 s; a decision lists the wallet's coins, reads the withdrawals waiting for coins
+/// (heartbeating: many of them take long, a dead worker's is given up on in 10 s) and may
+/// start a few workflows.
 fn deciding() -> ActivityOptions {
-    ActivityOptions::with_start_to_close_timeout(Duration::from_secs(30))
+    ActivityOptions::with_start_to_close_timeout(Duration::from_secs(300))
+        .heartbeat_timeout(Duration::from_secs(10))
         .retry_policy(
             RetryPolicy::builder()
                 .initial_interval(Duration::from_millis(500))
@@ -74,10 +81,10 @@ fn deciding() -> ActivityOptions {
 impl BalancingWorkflow {
     /// Starts with what it knew before continuing as new.
     #[init]
-    pub fn new(_ctx: &WorkflowContextView, start: BalancingState) -> Self {
+    pub fn new(_ctx: &WorkflowContextView, mut start: BalancingState) -> Self {
         BalancingWorkflow {
+            tip: start.signalled.take(),
             state: start,
-            tip: None,
         }
     }
 
@@ -90,7 +97,10 @@ impl BalancingWorkflow {
                 let view = ctx.clone();
                 ctx.wait_condition(move |_: &Self| view.all_handlers_finished())
                     .await?;
-                let state = ctx.state(|s| s.state.clone());
+                let state = ctx.state(|s| BalancingState {
+                    signalled: s.tip.filter(|t| Some(*t) > s.state.decided_at),
+                    ..s.state.clone()
+                });
                 ctx.continue_as_new(state, ContinueAsNewOptions::default())?;
             }
             ctx.wait_condition(|s: &Self| s.tip.is_some() && s.tip > s.state.decided_at)
