@@ -2050,3 +2050,78 @@ fn on_temporal_small_coins_are_consolidated_once_while_fees_are_low() {
     assert_eq!(world.runs(Kind::Consolidation).len(), 1);
     assert!(world.reserved().is_empty());
 }
+
+/// An operator ends the balancing workflow while its sweep runs (`temporal workflow
+/// terminate`), and the next process starts it again knowing nothing: its first decision
+/// recovers the unfinished sweep from the withdrawal workflows (no second sweep beside
+/// it) and the sweeps made, so the next sweep pays the cold descriptor's index 2, not 1
+/// again.
+#[test]
+fn on_temporal_a_balancing_workflow_ended_by_an_operator_recovers_its_runs() {
+    use orchestrator::balancing::{HighWater, Kind};
+    use orchestrator::descriptor_wallet::DescriptorWallet;
+    use system_tests::harness::xpub;
+    let cold = DescriptorWallet::parse(&format!("wpkh({}/0/*)", xpub(5)), Network::Regtest, 20);
+    let cold = Arc::new(cold.unwrap());
+    let sweep = HighWater {
+        above: Amount::from_btc(3.0).unwrap(),
+        keep: Amount::from_btc(1.0).unwrap(),
+    };
+    let policy = balancing_policy(Some(cold.clone()), Some(sweep), None);
+    let mut world = World::on_temporal(World::idle(10, 0.5, policy, None));
+    let first_sweep = |world: &World| {
+        let started = Instant::now();
+        loop {
+            if let Some(s) = world.runs(Kind::Sweep).pop() {
+                return s;
+            }
+            assert!(started.elapsed() < WAIT, "no sweep");
+            world.node.mine_to(1, &world.miner);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let first = first_sweep(&world);
+    world.stop_workers();
+    let t = world.temporal.as_ref().unwrap();
+    let ended = t.server.cli(&[
+        "workflow",
+        "terminate",
+        "--workflow-id",
+        &orchestrator::temporal::balancing_workflow_id("hot"),
+        "--reason",
+        "test: an operator ends it",
+    ]);
+    assert!(ended.status.success(), "{ended:?}");
+    world.start_worker();
+    // Blocks come while the first sweep is unfinished or just done: never a second one
+    // until the hot wallet is above its mark again.
+    settle_all(&world, &[first.id]);
+    world.node.mine_to(2, &world.miner);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(world.runs(Kind::Sweep).len(), 1);
+    // 3 BTC more: above the mark again.
+    world
+        .node
+        .call("sendtoaddress", json!([world.hot.to_string(), 3.0]));
+    let started = Instant::now();
+    let second = loop {
+        let runs = world.runs(Kind::Sweep);
+        if let Some(s) = runs.into_iter().find(|s| s.id != first.id) {
+            break s;
+        }
+        assert!(started.elapsed() < WAIT, "no second sweep");
+        world.node.mine_to(1, &world.miner);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        script_of(&first.request.destination),
+        cold.script_at(1).unwrap()
+    );
+    assert_eq!(
+        script_of(&second.request.destination),
+        cold.script_at(2).unwrap(),
+        "the recovered count of sweeps gives the next cold address"
+    );
+    settle_all(&world, &[second.id]);
+    assert!(world.reserved().is_empty());
+}

@@ -284,6 +284,54 @@ impl Activities {
         Ok(Some(request))
     }
 
+    /// What a balancing workflow knew, rebuilt from the withdrawal workflows (the search
+    /// index, then each run's own state): the unfinished run of each kind, and the sweeps
+    /// that got as far as signing (each used a cold address). Sweeps past the namespace's
+    /// retention are no longer counted: their addresses may be used again (harmless).
+    async fn recovered(
+        &self,
+        ctx: &ActivityContext,
+        balancing: &Balancing,
+    ) -> Result<BalancingState, ActivityError> {
+        use futures::StreamExt;
+        let mut state = BalancingState::default();
+        for wallet in [&balancing.hot_wallet, &balancing.cold_wallet] {
+            let query = format!("WorkflowType = 'withdrawal' AND WithdrawalWallet = '{wallet}'");
+            let mut found = self
+                .client
+                .list_workflows(query, temporalio_client::WorkflowListOptions::default());
+            while let Some(run) = found.next().await {
+                let run = run.map_err(|e| retry(format!("listing withdrawals: {e}")))?;
+                let Some(kind) = Kind::ALL
+                    .into_iter()
+                    .find(|k| run.id().starts_with(k.prefix()))
+                else {
+                    continue;
+                };
+                ctx.record_heartbeat(run.id().to_owned()).await?;
+                let Some(w) = self.run_status(run.id()).await? else {
+                    continue;
+                };
+                // As when it started one: counted while it runs (given back if it ends
+                // before signing), and once it signed.
+                let unfinished = w.next_step() != Step::Rest;
+                let signed = !w.attempts.is_empty() || w.pending.is_some();
+                if kind == Kind::Sweep && (unfinished || signed) {
+                    state.sweeps += 1;
+                }
+                if unfinished {
+                    state
+                        .running
+                        .insert(kind.prefix().into(), w.request.request_id.clone());
+                }
+            }
+        }
+        if state != BalancingState::default() {
+            tracing::info!(running = ?state.running, sweeps = state.sweeps, "balancing recovered from the withdrawal workflows");
+        }
+        Ok(state)
+    }
+
     /// Every coin the wallet's workflow holds now.
     async fn held(&self, wallet: &str) -> Result<BTreeSet<OutPoint>, ActivityError> {
         let held = self.held_by(wallet).await?;
@@ -444,10 +492,16 @@ impl Activities {
         if let Some(attempt) = self.payments.of(&w).complete(pending).map_err(retry)? {
             return Ok(Some(attempt));
         }
+        // The indexer away: bitcoind's mempool only, this time (this activity must not
+        // hold the run back from a version its update completed meanwhile).
         let mut indexer = self.indexer.clone();
-        let height = indexer_client::confirmed_height(&mut indexer, &pending.txid)
-            .await
-            .map_err(retry)?;
+        let height = match indexer_client::confirmed_height(&mut indexer, &pending.txid).await {
+            Ok(height) => height,
+            Err(e) => {
+                tracing::warn!(id = w.id, error = %e, "the indexer is away: looking in the mempool only");
+                None
+            }
+        };
         let sent = self
             .payments
             .completed_elsewhere(pending, height)
@@ -539,9 +593,12 @@ impl Activities {
 
     /// Decides the balancing runs at tip `ask.height` (see [`crate::balancing`]): runs that
     /// ended are forgotten; a sweep when the hot wallet's coins that no withdrawal holds
-    /// exceed the mark, else a consolidation while fees are low; each started as a
-    /// withdrawal workflow. Safe to repeat: a run already started at this height (by an
-    /// earlier attempt whose worker died) is found by its request id, not started again.
+    /// exceed the mark, a top-up below the low-water mark, a consolidation while fees are
+    /// low; each started as a withdrawal workflow. Safe to repeat: a run already started
+    /// at this height (by an earlier attempt whose worker died) is found by its request id,
+    /// not started again. A workflow that knows nothing yet (its first decision, or one
+    /// started again after an operator ended it) first recovers the unfinished runs and
+    /// the sweeps made from the workflows themselves.
     #[activity(name = "balancing.decide")]
     pub async fn decide(
         self: Arc<Self>,
@@ -549,10 +606,14 @@ impl Activities {
         ask: Decide,
     ) -> Result<BalancingState, ActivityError> {
         let mut state = ask.state;
-        state.decided_at = Some(ask.height);
         let Some(balancing) = self.payments.policy().balancing.clone() else {
+            state.decided_at = Some(ask.height);
             return Ok(state);
         };
+        if state.decided_at.is_none() && state.running.is_empty() && state.sweeps == 0 {
+            state = self.recovered(&ctx, &balancing).await?;
+        }
+        state.decided_at = Some(ask.height);
         // The unfinished runs: each one's kind and whether it holds its coins yet.
         let mut runs = Vec::new();
         let mut running = BTreeMap::new();

@@ -21,9 +21,11 @@ use super::withdrawal::WithdrawalWorkflow;
 use crate::indexer_client::Indexer;
 use crate::kafka_events::{assign, positions_at, KafkaEvents};
 
-/// Running withdrawals that watch the chain.
+/// Running withdrawals that watch the chain (a version waiting for its signers too: they
+/// may send it themselves).
 const WATCHING: &str = "WorkflowType = 'withdrawal' AND ExecutionStatus = 'Running' \
-     AND WithdrawalState IN ('BROADCAST', 'CONFIRMING', 'COMPLETED', 'SIGNED')";
+     AND WithdrawalState IN ('BROADCAST', 'CONFIRMING', 'COMPLETED', 'SIGNED', \
+     'AWAITING_SIGNATURES')";
 /// Events arriving within this of each other are one burst (one round of signals).
 const BURST: Duration = Duration::from_millis(20);
 /// Longest wait before following again after a failure.

@@ -12,7 +12,7 @@ use temporalio_client::WorkflowExecuteUpdateOptions;
 use tonic::{Request, Response, Status};
 
 use super::service::TemporalWithdrawals;
-use super::withdrawal::WithdrawalWorkflow;
+use super::withdrawal::{WithdrawalWorkflow, COMPLETION_PENDING};
 use super::WITHDRAWAL_AWAITS_SIGNATURES;
 use crate::grpc::withdrawal;
 use crate::grpc_signatures::{pending_signature, submitted};
@@ -59,9 +59,15 @@ impl Signatures for TemporalSignatures {
         loop {
             let (ids, next) = self.withdrawals.search(query.clone(), PAGE, token).await?;
             for id in ids {
-                // The index may be behind the workflow: what it holds now decides.
-                let Some(w) = self.withdrawals.status(&id).await? else {
-                    continue;
+                // The index may be behind the workflow: what it holds now decides. One that
+                // cannot be read now is left out (logged), not the whole list refused.
+                let w = match self.withdrawals.status(&id).await {
+                    Ok(Some(w)) => w,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(workflow = %id, error = %e, "a withdrawal waiting for signatures could not be read: not listed this time");
+                        continue;
+                    }
                 };
                 pending.extend(pending_signature(w));
             }
@@ -104,10 +110,16 @@ impl Signatures for TemporalSignatures {
             }
             // Refused by the validator (nothing recorded) or not finished: the workflow
             // says which; a withdrawal with nothing pending is the caller's precondition.
+            Err(WorkflowUpdateError::Failed(failure))
+                if failure.message.starts_with(COMPLETION_PENDING) =>
+            {
+                Err(Status::unavailable(failure.message.clone()))
+            }
             Err(WorkflowUpdateError::Failed(failure)) => {
                 match self.withdrawals.status(&workflow).await? {
                     Some(w) if w.pending.is_none() => Err(no_pending(&w)),
-                    _ => Err(Status::invalid_argument(failure.message.clone())),
+                    Some(_) => Err(Status::invalid_argument(failure.message.clone())),
+                    None => Err(Status::not_found(format!("no withdrawal {id}"))),
                 }
             }
             // A finished workflow waits for nothing.

@@ -167,6 +167,11 @@ impl WithdrawalWorkflow {
     }
 }
 
+/// How a `signatures` update that kept the signatures but could not have the hot keys
+/// sign yet begins its failure (the API answers it UNAVAILABLE).
+pub const COMPLETION_PENDING: &str =
+    "the signatures are kept; signing with the hot keys did not finish and is retried at the next block";
+
 /// What a completed version of `pending` is: the first version, or a replacement.
 fn signed(pending: &crate::saga::Pending, attempt: crate::saga::Attempt) -> Outcome {
     if pending.replacing {
@@ -480,9 +485,11 @@ impl WithdrawalWorkflow {
                 record(ctx, signed(&pending, attempt));
             }
             Ok(None) => {}
-            // The signatures are kept: the run completes it at its next look.
+            // The signatures are kept: the run completes it at its next look. The signer
+            // is told (UNAVAILABLE), not shown a success it could take for "more needed".
             Err(e) => {
                 tracing::warn!(txid = %pending.txid, error = %e, "signing with the hot keys did not finish; retried at the next block");
+                return Err(format!("{COMPLETION_PENDING}: {e}").into());
             }
         }
         Ok(ctx.state(|s| s.w.clone()))
