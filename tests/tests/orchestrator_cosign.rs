@@ -727,7 +727,14 @@ fn a_batch_from_a_multisig_wallet_is_signed_remotely_as_one_transaction() {
         .iter()
         .any(|id| !rig.store.get(*id).unwrap().unwrap().settled)
     {
-        assert!(started.elapsed() < WAIT, "not settled");
+        assert!(
+            started.elapsed() < WAIT,
+            "not settled: batch {:?}, members {:?}",
+            rig.store.batch(batch).unwrap(),
+            ids.iter()
+                .map(|id| rig.store.get(*id).unwrap().unwrap())
+                .collect::<Vec<_>>()
+        );
         rig.node.mine_to(1, &rig.miner);
         std::thread::sleep(Duration::from_millis(200));
     }
