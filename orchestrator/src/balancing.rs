@@ -262,6 +262,8 @@ fn address(script: &ScriptBuf, network: Network) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bitcoin::bip32::{Xpriv, Xpub};
+    use bitcoin::hashes::Hash;
 
     #[test]
     fn runs_that_move_the_same_coins_never_start_beside_each_other() {
@@ -294,8 +296,6 @@ mod tests {
         // A sweep started at this tip: no consolidation beside it.
         assert!(!may(&[], true).consolidation);
     }
-    use bitcoin::bip32::{Xpriv, Xpub};
-    use bitcoin::hashes::Hash;
 
     fn balancing() -> Balancing {
         let secp = bitcoin::secp256k1::Secp256k1::new();
