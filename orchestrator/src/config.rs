@@ -154,7 +154,7 @@ pub struct Settings {
     pub cold_descriptor: Option<String>,
     /// Seconds a withdrawal waits in its hot wallet's payout queue so that others arriving
     /// meanwhile are paid by the same transaction (absent or 0: each is paid alone).
-    /// Withdrawals batch with those of the same wallet and fee policy. Embedded engine.
+    /// Withdrawals batch with those of the same wallet and fee policy.
     #[arg(long, env = "ORCHESTRATOR_BATCH_WINDOW_SECS")]
     pub batch_window_secs: Option<u64>,
     /// Most withdrawals one batch pays; a full queue is paid at once, without waiting
@@ -546,11 +546,6 @@ impl Settings {
             .map_err(|e| ConfigError(e.to_string()))?;
         let temporal = self.temporal.resolve(self.engine.as_deref())?;
         let kafka_events = self.kafka.resolve(self.events.as_deref())?;
-        if temporal.is_some() && policy.batch.is_some() {
-            return Err(ConfigError(
-                "batch_window_secs: batching runs on the embedded engine; with engine = \"temporal\" each withdrawal is paid alone (leave batch_window_secs unset)".into(),
-            ));
-        }
         if temporal.is_some() && self.metrics_listen.is_some() {
             return Err(ConfigError(
                 "metrics_listen serves the embedded engine's saga metrics; with engine = \"temporal\" leave it unset and use the Temporal cluster's and the SDK's metrics".into(),
@@ -1283,8 +1278,8 @@ mod tests {
             batch_window_secs: Some(30),
             ..on.clone()
         };
-        let e = batching.resolve_with(None).unwrap_err().to_string();
-        assert!(e.contains("batching runs on the embedded engine"), "{e}");
+        let batch = batching.resolve_with(None).unwrap().policy.batch.unwrap();
+        assert_eq!(batch.window_ms, 30_000, "payout queues run on Temporal too");
         let t = c.temporal.unwrap();
         assert_eq!(
             (t.namespace.as_str(), t.task_queue.as_str(), t.tls),

@@ -47,7 +47,7 @@ pub struct Policy {
 }
 
 /// How withdrawals are batched.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Batching {
     /// How long the oldest withdrawal in a queue waits for others, ms.
     pub window_ms: u64,

@@ -96,20 +96,29 @@ impl Rig {
         crash_at: Option<&str>,
         once: &std::path::Path,
     ) -> Process {
+        self.start_temporal_with(server, crash_at, once, &[])
+    }
+
+    /// The same with `more` flags.
+    fn start_temporal_with(
+        &self,
+        server: &TemporalServer,
+        crash_at: Option<&str>,
+        once: &std::path::Path,
+        more: &[&str],
+    ) -> Process {
         let url = server.url();
         let at = crash_at.map(|a| format!("activity:{a}"));
-        self.spawn(
-            at.as_deref(),
-            &[
-                "--engine",
-                "temporal",
-                "--temporal-address",
-                &url,
-                "--bump-after-blocks",
-                "1",
-            ],
-            Some(once),
-        )
+        let mut flags = vec![
+            "--engine",
+            "temporal",
+            "--temporal-address",
+            &url,
+            "--bump-after-blocks",
+            "1",
+        ];
+        flags.extend_from_slice(more);
+        self.spawn(at.as_deref(), &flags, Some(once))
     }
 
     fn spawn(
@@ -215,6 +224,61 @@ impl Rig {
             .unwrap()
     }
 
+    /// Waits until one of `workers` has died in `activity` (mining meanwhile when
+    /// `mining`): its index.
+    fn one_died(&self, workers: &mut [Process], activity: &str, mining: bool) -> usize {
+        let started = Instant::now();
+        loop {
+            if let Some(k) = workers
+                .iter_mut()
+                .position(|w| w.0.try_wait().unwrap().is_some())
+            {
+                return k;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no worker died in {activity}"
+            );
+            if mining {
+                self.node.mine_to(1, &self.miner);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Mines until every one of `members` (request ids) completed, within `limit`: each
+    /// by one transaction, the same, of one batch.
+    fn complete_in_one_batch(
+        &self,
+        c: &mut WithdrawalsClient<tonic::transport::Channel>,
+        members: &[String],
+        at: &str,
+        limit: Duration,
+    ) {
+        let started = Instant::now();
+        let done: Vec<pb::Withdrawal> = loop {
+            let ws: Vec<pb::Withdrawal> = members.iter().map(|m| self.withdrawal(c, m)).collect();
+            if ws
+                .iter()
+                .all(|w| w.state == pb::WithdrawalState::Completed as i32)
+            {
+                break ws;
+            }
+            assert!(started.elapsed() < limit, "{at}: stuck at {ws:?}");
+            self.node.mine_to(1, &self.miner);
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        for w in &done {
+            assert_eq!(w.txids.len(), 1, "{at}: {w:?}");
+            assert_eq!(
+                (w.batch_id, &w.txids),
+                (done[0].batch_id, &done[0].txids),
+                "{at}"
+            );
+            assert_ne!(w.batch_id, 0, "{at}: batched: {done:?}");
+        }
+    }
+
     /// What every transaction spending the hot wallet's coins paid, by script, from the
     /// chain; asserts no coin was spent twice.
     fn paid(&self) -> HashMap<bitcoin::ScriptBuf, Vec<u64>> {
@@ -307,32 +371,7 @@ fn a_crash_at_each_step_boundary_of_a_batch_then_restart_pays_each_member_once()
         assert!(!status.success(), "{at}: {status:?}");
         process = rig.start_batching(None);
         let mut c = rig.client(&process);
-        let started = Instant::now();
-        let done: Vec<pb::Withdrawal> = loop {
-            let ws: Vec<pb::Withdrawal> =
-                members.iter().map(|m| rig.withdrawal(&mut c, m)).collect();
-            if ws
-                .iter()
-                .all(|w| w.state == pb::WithdrawalState::Completed as i32)
-            {
-                break ws;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "{at}: stuck at {ws:?}"
-            );
-            rig.node.mine_to(1, &rig.miner);
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        for w in &done {
-            assert_eq!(w.txids.len(), 1, "{at}: {w:?}");
-            assert_eq!(
-                (w.batch_id, &w.txids),
-                (done[0].batch_id, &done[0].txids),
-                "{at}"
-            );
-            assert_ne!(w.batch_id, 0, "{at}: batched");
-        }
+        rig.complete_in_one_batch(&mut c, &members, at, Duration::from_secs(30));
         drop(process);
     }
     let paid = rig.paid();
@@ -400,23 +439,7 @@ fn on_temporal_two_workers_one_killed_in_each_activity_pay_exactly_once() {
         rig.submit(&mut c, &request_id, &destination, 400_000 + i as u64)
             .unwrap();
         // One of the two dies after the activity.
-        let started = Instant::now();
-        let dead = loop {
-            if let Some(k) = workers
-                .iter_mut()
-                .position(|w| w.0.try_wait().unwrap().is_some())
-            {
-                break k;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "no worker died in {activity}"
-            );
-            if stuck {
-                rig.node.mine_to(1, &rig.miner);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let dead = rig.one_died(&mut workers, activity, stuck);
         assert!(once.exists(), "{activity}: the crash hook ran");
         workers.remove(dead);
         workers.push(rig.start_temporal(&server, None, &once));
@@ -463,6 +486,68 @@ fn on_temporal_two_workers_one_killed_in_each_activity_pay_exactly_once() {
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.status.success(), "{shown:?}");
     assert!(text.contains("withdrawal.broadcast"), "{text}");
+}
+
+/// The same with payout queues: for each activity a batch
+/// goes through (queueing in the wallet's workflow, starting the batch, claiming its
+/// members, reserving, signing, sending, looking at the chain), one of two processes
+/// dies right after that activity did its work. Each round's three withdrawals complete
+/// by one transaction of one batch; each destination is paid exactly its amount once.
+#[test]
+fn on_temporal_two_workers_one_killed_in_each_batch_activity_pay_each_member_once() {
+    let rig = Rig::new(8);
+    let server = TemporalServer::start();
+    // A batch of three forms once all three are queued; the window covers a queue ask
+    // retried after its worker died.
+    let batching = ["--batch-window-secs", "30", "--max-batch-outputs", "3"];
+    let activities = [
+        "withdrawal.queue",
+        "withdrawal.start_batch",
+        "withdrawal.claim",
+        "withdrawal.reserve",
+        "withdrawal.sign",
+        "withdrawal.broadcast",
+        "withdrawal.observe",
+    ];
+    let mut expected = Vec::new();
+    for (round, activity) in activities.iter().enumerate() {
+        let once = rig.dir.path().join(format!("batch-crashed-{round}"));
+        let start = |crash: Option<&str>| rig.start_temporal_with(&server, crash, &once, &batching);
+        let mut workers = vec![start(Some(activity)), start(Some(activity))];
+        let mut clients: Vec<_> = workers.iter().map(|w| rig.client(w)).collect();
+        let mut members = Vec::new();
+        for i in 0..3 {
+            let destination = rig.node.new_address("bech32");
+            let amount = 300_000 + (round * 10 + i) as u64;
+            let id = format!("tbatch-{round}-{i}");
+            // The process asked may be the one dying: the same request to the other, and
+            // no more asks of the dead one.
+            while rig
+                .submit(&mut clients[0], &id, &destination, amount)
+                .is_err()
+            {
+                assert!(clients.len() > 1, "{activity}: no process took {id}");
+                clients.remove(0);
+            }
+            members.push(id);
+            expected.push((destination, amount, *activity));
+        }
+        let dead = rig.one_died(&mut workers, activity, false);
+        assert!(once.exists(), "{activity}: the crash hook ran");
+        workers.remove(dead);
+        workers.push(start(None));
+        let mut c = rig.client(&workers[0]);
+        rig.complete_in_one_batch(&mut c, &members, activity, Duration::from_secs(90));
+        drop(workers);
+    }
+    let paid = rig.paid();
+    for (destination, amount, activity) in expected {
+        assert_eq!(
+            paid.get(&script_of(&destination)),
+            Some(&vec![amount]),
+            "{activity}"
+        );
+    }
 }
 
 #[test]

@@ -158,6 +158,15 @@ impl World {
 
     /// Starts a Temporal worker reaching the indexer over `indexer`.
     fn start_worker_with(&mut self, indexer: tonic::transport::Channel) {
+        self.start_worker_hooked(indexer, None);
+    }
+
+    /// Starts a Temporal worker whose activities tell `hook` when they finished.
+    fn start_worker_hooked(
+        &mut self,
+        indexer: tonic::transport::Channel,
+        hook: Option<Arc<dyn orchestrator::temporal::worker::ActivityHook>>,
+    ) {
         let t = self.temporal.as_mut().unwrap();
         let engine = orchestrator::temporal::worker::Engine {
             target: t.target.clone(),
@@ -171,7 +180,7 @@ impl World {
             ),
             indexer: orchestrator::indexer_client::open_client(indexer),
             events: self.kafka.as_ref().map(|(_, events)| events.clone()),
-            hook: None,
+            hook,
         };
         t.workers.push(system_tests::temporal::spawn_worker(engine));
     }
@@ -256,6 +265,19 @@ impl World {
                 }
             }
         }
+    }
+
+    /// Batch `id`'s own record (on Temporal, its workflow's state).
+    fn batch(&self, id: u64) -> Withdrawal {
+        let Some(t) = &self.temporal else {
+            return self.store.batch(id).unwrap().unwrap();
+        };
+        let workflow = self.served.runtime.block_on(t.api.workflow_of(id)).unwrap();
+        self.served
+            .runtime
+            .block_on(t.api.status(&workflow))
+            .unwrap()
+            .expect("the batch's workflow exists")
     }
 
     /// The balancing runs of `kind` so far (on Temporal, as its search index shows them:
@@ -579,7 +601,19 @@ fn on_temporal_a_hundred_concurrent_withdrawals_spend_no_coin_twice_and_each_com
 /// The same with payout queues: the hundred are paid by a few batches.
 #[test]
 fn a_hundred_concurrent_withdrawals_in_batches_spend_no_coin_twice_and_each_completes_once() {
-    let policy = Policy {
+    a_hundred_concurrent_withdrawals_with(World::start(120, 0.01, batching_hundred()));
+}
+
+/// The same on Temporal, two workers: the wallet's workflow keeps the queue, each batch
+/// is a workflow of its own and every member follows it.
+#[test]
+fn on_temporal_a_hundred_concurrent_withdrawals_in_batches_spend_no_coin_twice_and_complete_once() {
+    let world = World::on(Engine::Temporal, 120, 0.01, batching_hundred());
+    a_hundred_concurrent_withdrawals_with(world);
+}
+
+fn batching_hundred() -> Policy {
+    Policy {
         confirmations: 1,
         settle_at: 2,
         batch: Some(orchestrator::executor::Batching {
@@ -587,8 +621,7 @@ fn a_hundred_concurrent_withdrawals_in_batches_spend_no_coin_twice_and_each_comp
             max_outputs: 30,
         }),
         ..Policy::default()
-    };
-    a_hundred_concurrent_withdrawals_with(World::start(120, 0.01, policy));
+    }
 }
 
 fn a_hundred_concurrent_withdrawals(engine: Engine) {
@@ -667,7 +700,7 @@ fn a_hundred_concurrent_withdrawals_with(mut world: World) {
     }
     paid.sort_unstable();
     assert_eq!(paid, (0..100).map(|i| 500_000 + i).collect::<Vec<u64>>());
-    if world.temporal.is_none() && world.policy.batch.is_some() {
+    if world.policy.batch.is_some() {
         assert!(batches.len() < 20, "{} batches for 100", batches.len());
     }
     let paid_total: u64 = (0..100).map(|i| 500_000 + i).sum();
@@ -1691,21 +1724,7 @@ impl Boundaries for CancelAtBatchSigned {
 /// once; the wallet drops by the amounts and one fee per transaction.
 #[test]
 fn withdrawals_in_one_window_are_paid_by_one_transaction_through_a_leave_and_a_reorg() {
-    use orchestrator::executor::Batching;
-    let mut world = World::idle(
-        4,
-        0.5,
-        Policy {
-            confirmations: 2,
-            settle_at: 6,
-            batch: Some(Batching {
-                window_ms: 2_000,
-                max_outputs: 10,
-            }),
-            ..Policy::default()
-        },
-        None,
-    );
+    let mut world = World::idle(4, 0.5, two_second_window(), None);
     let start_balance = world.balance();
     let now = orchestrator::saga::now_ms();
     let mut submitted = Vec::new();
@@ -1724,13 +1743,104 @@ fn withdrawals_in_one_window_are_paid_by_one_transaction_through_a_leave_and_a_r
         done: Default::default(),
     });
     world.start_executor_with(world.served.channel.clone(), Some(hook.clone()));
-    let first = world.wait_for(ids[0], |w| w.state == State::Broadcast);
+    world.wait_for(ids[0], |w| w.state == State::Broadcast);
     assert!(
         hook.done.load(Ordering::SeqCst),
         "the member left at signing"
     );
+    one_batch_through_a_reorg(&mut world, &submitted, leaving, start_balance);
+}
+
+/// Holds the answer of the first signature until the test lets it go: a member is
+/// cancelled while its batch's version paying it is being signed.
+#[derive(Default)]
+struct HoldFirstSignature {
+    reached: std::sync::atomic::AtomicBool,
+    released: std::sync::atomic::AtomicBool,
+}
+
+impl orchestrator::temporal::worker::ActivityHook for HoldFirstSignature {
+    fn finished(&self, activity_type: &str) {
+        if activity_type != "withdrawal.sign" || self.reached.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let started = Instant::now();
+        while !self.released.load(Ordering::SeqCst) && started.elapsed() < WAIT {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The same on Temporal, two workers: four withdrawals queue in the wallet's workflow
+/// and one batch claims them; a member is cancelled while the batch's version paying it
+/// is being signed (the signature's answer held back): it leaves, that version is never
+/// recorded, and the batch is signed again without it. One of another fee policy is
+/// paid alone; a reorg sends every member back to CONFIRMING and the same transaction
+/// completes them again. Each destination is paid its amount once.
+#[test]
+fn on_temporal_withdrawals_in_one_window_are_paid_by_one_transaction_through_a_leave_and_a_reorg() {
+    let mut world = World::on_temporal(World::idle(4, 0.5, two_second_window(), None));
+    let hook = Arc::new(HoldFirstSignature::default());
+    world.stop_workers();
+    for _ in 0..2 {
+        world.start_worker_hooked(world.served.channel.clone(), Some(hook.clone()));
+    }
+    let start_balance = world.balance();
+    let mut submitted: Vec<(u64, String, u64)> = Vec::new();
+    for (i, rate) in [2.0, 2.0, 2.0, 2.0, 3.0].into_iter().enumerate() {
+        if i == 4 {
+            // The batch's signature is held: the member leaves now.
+            let started = Instant::now();
+            while !hook.reached.load(Ordering::SeqCst) {
+                assert!(started.elapsed() < WAIT, "the batch was never signed");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let leaving = submitted[2].0;
+            let left = world
+                .cancel(leaving)
+                .expect("a member leaves before its batch is sent");
+            assert_eq!(left.state, State::Cancelled, "{left:?}");
+            hook.released.store(true, Ordering::SeqCst);
+        }
+        let destination = world.node.new_address("bech32");
+        let amount = 1_000_000 + i as u64 * 1_000;
+        let req = request(&format!("q-{i}"), &destination, amount, rate, 20_000);
+        let id = world.submit(req).id;
+        submitted.push((id, destination, amount));
+    }
+    let leaving = submitted[2].0;
+    one_batch_through_a_reorg(&mut world, &submitted, leaving, start_balance);
+}
+
+/// Two confirmations complete, six settle; payout queues of a two-second window.
+fn two_second_window() -> Policy {
+    Policy {
+        confirmations: 2,
+        settle_at: 6,
+        batch: Some(orchestrator::executor::Batching {
+            window_ms: 2_000,
+            max_outputs: 10,
+        }),
+        ..Policy::default()
+    }
+}
+
+/// Four withdrawals of `submitted` (the fifth of another fee policy) paid by one batch
+/// that `leaving` left before it was sent: each member shows the batch's transaction,
+/// the fifth is paid alone; completed, reorged out (every member back to CONFIRMING) and
+/// completed again by the same transaction after a restart of the engine. Each
+/// destination is paid its amount once; the wallet drops by the amounts and one fee per
+/// transaction; nothing stays reserved.
+fn one_batch_through_a_reorg(
+    world: &mut World,
+    submitted: &[(u64, String, u64)],
+    leaving: u64,
+    start_balance: u64,
+) {
+    let ids: Vec<u64> = submitted.iter().map(|s| s.0).collect();
+    let first = world.wait_for(ids[0], |w| w.state == State::Broadcast);
     let batch_id = first.batch.expect("paid by a batch");
-    let batch = world.store.batch(batch_id).unwrap().unwrap();
+    let batch = world.batch(batch_id);
     let txid = first.current().unwrap().txid;
     for id in [ids[0], ids[1], ids[3]] {
         let w = world.wait_for(id, |w| w.state == State::Broadcast);
@@ -1739,13 +1849,16 @@ fn withdrawals_in_one_window_are_paid_by_one_transaction_through_a_leave_and_a_r
     }
     let left = world.get(leaving);
     assert_eq!((left.state, left.attempts.len()), (State::Cancelled, 0));
-    let members: Vec<u64> = batch.members.unwrap().iter().map(|m| m.id).collect();
-    assert_eq!(members, vec![ids[0], ids[1], ids[3]]);
+    let mut members: Vec<u64> = batch.members.unwrap().iter().map(|m| m.id).collect();
+    let mut expected = vec![ids[0], ids[1], ids[3]];
+    members.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(members, expected);
     let alone = world.wait_for(ids[4], |w| w.state == State::Broadcast);
     assert_eq!(alone.batch, None, "another fee policy: paid alone");
     // One transaction pays the three members, one output each.
     let tx = world.tx(txid);
-    for (id, destination, amount) in &submitted {
+    for (id, destination, amount) in submitted {
         let to = outputs_to(&tx, destination);
         let expected = if [ids[0], ids[1], ids[3]].contains(id) {
             vec![*amount]
@@ -1755,7 +1868,7 @@ fn withdrawals_in_one_window_are_paid_by_one_transaction_through_a_leave_and_a_r
         assert_eq!(to, expected, "withdrawal {id}");
     }
     // Confirmed, completed, then reorged out: every member goes back.
-    let done = mine_until(&world, ids[0], |w| w.state == State::Completed);
+    let done = mine_until(world, ids[0], |w| w.state == State::Completed);
     let (height, _) = world.node.best();
     let block = world.node.hash_at(height + 1 - done.confirmations);
     world
@@ -1765,9 +1878,9 @@ fn withdrawals_in_one_window_are_paid_by_one_transaction_through_a_leave_and_a_r
         world.wait_for(id, |w| w.state == State::Confirming && w.confirmations == 0);
     }
     world.restart_engine();
-    let paid = settle_all(&world, &ids);
+    let paid = settle_all(world, &ids);
     let mut fees = 0;
-    for (id, destination, amount) in &submitted {
+    for (id, destination, amount) in submitted {
         let w = world.get(*id);
         if *id == leaving {
             assert_eq!(paid.get(&script_of(destination)), None);
@@ -1800,38 +1913,68 @@ fn withdrawals_in_one_window_are_paid_by_one_transaction_through_a_leave_and_a_r
 /// paid exactly its amount once.
 #[test]
 fn a_stuck_batch_gains_members_when_replaced_and_an_earlier_version_pays_only_its_own() {
+    gains_members_when_stuck(Engine::Embedded);
+}
+
+/// The same on Temporal: the joiners are taken from the wallet's queue and claimed by
+/// the batch's workflow; each member's workflow shows its own versions.
+#[test]
+fn on_temporal_a_stuck_batch_gains_members_and_an_earlier_version_pays_only_its_own() {
+    gains_members_when_stuck(Engine::Temporal);
+}
+
+fn gains_members_when_stuck(engine: Engine) {
     use orchestrator::executor::Batching;
-    let mut world = World::idle(
-        2,
-        0.5,
-        Policy {
-            confirmations: 1,
-            settle_at: 2,
-            bump_after_blocks: 1,
-            batch: Some(Batching {
-                window_ms: 600_000,
-                max_outputs: 10,
-            }),
-            ..Policy::default()
-        },
-        None,
-    );
+    let policy = Policy {
+        confirmations: 1,
+        settle_at: 2,
+        bump_after_blocks: 1,
+        batch: Some(Batching {
+            window_ms: 600_000,
+            max_outputs: 10,
+        }),
+        ..Policy::default()
+    };
+    let mut world = World::idle(2, 0.5, policy.clone(), None);
     // The node mines nothing below 6 sat/vB: a payment at 2 stays in its mempool.
     world.node.call("devnet_setminingfeerate", json!([6]));
+    // On Temporal the first two are submitted under a one-second window (a workflow
+    // keeps the policy it started with), the late ones under ten minutes.
+    let quick = engine == Engine::Temporal;
+    if quick {
+        let mut short = policy.clone();
+        short.batch = Some(Batching {
+            window_ms: 1_000,
+            max_outputs: 10,
+        });
+        world.policy = short;
+        world = World::on_temporal(world);
+    }
     let mut submitted = Vec::new();
     let mut submit = |world: &World, i: usize, created_ms: u64| {
         let destination = world.node.new_address("bech32");
         let amount = 2_000_000 + i as u64;
         let req = request(&format!("grow-{i}"), &destination, amount, 2.0, 20_000);
-        let id = world.store.submit(req, created_ms).unwrap().withdrawal.id;
+        let id = match engine {
+            Engine::Embedded => world.store.submit(req, created_ms).unwrap().withdrawal.id,
+            Engine::Temporal => world.submit(req).id,
+        };
         submitted.push((id, destination, amount));
         id
     };
     // Two that waited their window out: batched at once.
     let first = [submit(&world, 0, 0), submit(&world, 1, 0)];
-    world.start_executor();
+    if engine == Engine::Embedded {
+        world.start_executor();
+    }
     let sent = world.wait_for(first[0], |w| w.state == State::Broadcast);
     let batch_id = sent.batch.unwrap();
+    if let Some(t) = &mut world.temporal {
+        t.api = t.api.clone().with_policy(WorkflowPolicy {
+            poll_secs: 5,
+            ..WorkflowPolicy::of(&policy)
+        });
+    }
     // Two more: they would wait ten minutes for a batch of their own.
     let late = [
         submit(&world, 2, orchestrator::saga::now_ms()),
@@ -1840,7 +1983,7 @@ fn a_stuck_batch_gains_members_when_replaced_and_an_earlier_version_pays_only_it
     world.node.mine_to(1, &world.miner);
     let started = Instant::now();
     let grown = loop {
-        let b = world.store.batch(batch_id).unwrap().unwrap();
+        let b = world.batch(batch_id);
         if b.attempts.len() == 2 && !b.needs_broadcast {
             break b;
         }
@@ -1854,10 +1997,10 @@ fn a_stuck_batch_gains_members_when_replaced_and_an_earlier_version_pays_only_it
     for (id, destination, amount) in &submitted {
         let to = outputs_to(&tx, destination);
         assert_eq!(to, vec![*amount], "withdrawal {id}");
-        let w = world.get(*id);
-        assert_eq!(w.batch, Some(batch_id));
+        // (On Temporal a member shows its batch's change once told of it.)
         let versions = if late.contains(id) { 1 } else { 2 };
-        assert_eq!(w.attempts.len(), versions, "{w:?}");
+        let w = world.wait_for(*id, |w| w.attempts.len() == versions);
+        assert_eq!(w.batch, Some(batch_id));
     }
     // A miner had the first version: it confirms instead of the replacement.
     world

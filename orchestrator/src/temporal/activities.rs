@@ -25,8 +25,9 @@ use temporalio_sdk::activities::{ActivityContext, ActivityError};
 use temporalio_sdk::ApplicationFailure;
 
 use super::balancing::{BalancingState, Decide};
+use super::batching::{Batched, ClaimAsk, JoinersAsk, Joining, LeaveAsk, Queued};
 use super::hot_wallet::{HotWalletStart, HotWalletWorkflow, ReserveAsk, ReserveReply};
-use super::service::start_withdrawal;
+use super::service::{start_withdrawal, start_workflow};
 use super::withdrawal::WithdrawalWorkflow;
 use crate::balancing::{Balancing, Kind, MayStart};
 use crate::indexer_client::{self, Indexer};
@@ -226,7 +227,8 @@ impl Activities {
             read += 1;
             ctx.record_heartbeat(read).await?;
             match self.run_status(found.id()).await {
-                Ok(Some(w)) if w.state == crate::saga::State::Received => {
+                // A batch in RECEIVED owes what its members (RECEIVED too) owe.
+                Ok(Some(w)) if w.state == crate::saga::State::Received && !w.is_batch() => {
                     owed += w.request.amount + w.request.max_fee;
                 }
                 Ok(_) => {}
@@ -338,6 +340,54 @@ impl Activities {
         Ok(held.values().flatten().map(|c| c.outpoint).collect())
     }
 
+    /// Asks each of `ask.members` to join the batch: the workflow ids of those that did
+    /// (an ended or refusing one did not).
+    async fn claimed(&self, ask: &ClaimAsk) -> Result<Vec<String>, ActivityError> {
+        use temporalio_client::errors::WorkflowUpdateError;
+        let joining = Joining {
+            batch_workflow: ask.batch_workflow.clone(),
+            batch_id: ask.batch_id,
+        };
+        let asks = ask.members.iter().map(|member| {
+            let handle = self
+                .client
+                .get_workflow_handle::<WithdrawalWorkflow>(member.clone());
+            let joining = joining.clone();
+            async move {
+                handle
+                    .execute_update(
+                        WithdrawalWorkflow::join,
+                        joining,
+                        temporalio_client::WorkflowExecuteUpdateOptions::default(),
+                    )
+                    .await
+            }
+        });
+        let mut joined = Vec::new();
+        for (member, answer) in ask
+            .members
+            .iter()
+            .zip(futures::future::join_all(asks).await)
+        {
+            match answer {
+                Ok(true) => joined.push(member.clone()),
+                Ok(false) | Err(WorkflowUpdateError::NotFound(_)) => {}
+                Err(e) => return Err(retry(format!("asking {member} to join: {e}"))),
+            }
+        }
+        Ok(joined)
+    }
+
+    /// Options reaching the wallet's workflow, started if it is not running.
+    fn on_wallet(&self, wallet: &str) -> WorkflowUpdateWithStartOptions {
+        WorkflowUpdateWithStartOptions::new(
+            self.task_queue.clone(),
+            super::hot_wallet_workflow_id(wallet),
+            WorkflowIdConflictPolicy::UseExisting,
+        )
+        .build()
+    }
+
     /// Asks the wallet's workflow (started if it is not running) for `coins`.
     async fn ask(
         &self,
@@ -345,13 +395,7 @@ impl Activities {
         request_id: &str,
         coins: Vec<Coin>,
     ) -> Result<ReserveReply, ActivityError> {
-        let id = super::hot_wallet_workflow_id(wallet);
-        let options = WorkflowUpdateWithStartOptions::new(
-            self.task_queue.clone(),
-            &id,
-            WorkflowIdConflictPolicy::UseExisting,
-        )
-        .build();
+        let options = self.on_wallet(wallet);
         self.client
             .execute_update_with_start_workflow(
                 HotWalletWorkflow::run,
@@ -377,7 +421,7 @@ impl Activities {
         ctx: ActivityContext,
         w: Withdrawal,
     ) -> Result<Reservation, ActivityError> {
-        if self.payments.destination(&w).is_none() {
+        if self.payments.outputs(&w).is_none() {
             return Ok(Reservation::Refused("invalid destination".into()));
         }
         let wallet = w.request.wallet.clone();
@@ -511,6 +555,138 @@ impl Activities {
             tracing::warn!(id = w.id, txid = %attempt.txid, "the external signers completed and sent the transaction themselves: following it");
         }
         Ok(sent)
+    }
+
+    /// Puts the withdrawal in its wallet's payout queue.
+    #[activity(name = "withdrawal.queue")]
+    pub async fn queue(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        q: Queued,
+    ) -> Result<(), ActivityError> {
+        let wallet = q.withdrawal.request.wallet.clone();
+        self.client
+            .execute_update_with_start_workflow(
+                HotWalletWorkflow::run,
+                HotWalletStart::default(),
+                HotWalletWorkflow::queue,
+                q,
+                self.on_wallet(&wallet),
+            )
+            .await
+            .map_err(|e| retry(format!("queueing in wallet {wallet}: {e}")))
+    }
+
+    /// Starts the batch paying `members` (due in their wallet's queue): its workflow id
+    /// follows from the first, so a repeated start finds the same batch.
+    #[activity(name = "withdrawal.start_batch")]
+    pub async fn start_batch(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        members: Vec<Queued>,
+    ) -> Result<(), ActivityError> {
+        let Some(first) = members.first() else {
+            return Ok(());
+        };
+        let workflow = super::batch_workflow_id(first.workflow());
+        let id = super::withdrawal_id(&workflow);
+        let withdrawals: Vec<Withdrawal> = members.iter().map(|q| q.withdrawal.clone()).collect();
+        let mut batch = Withdrawal::new_batch(id, &withdrawals, crate::saga::now_ms());
+        batch.request.request_id = workflow.clone();
+        let batched = Batched {
+            members: members
+                .iter()
+                .map(|q| (q.withdrawal.id, q.workflow().to_owned()))
+                .collect(),
+            ..Batched::default()
+        };
+        tracing::info!(batch = id, members = ?batched.members.keys().collect::<Vec<_>>(), "withdrawals batched");
+        start_workflow(
+            &self.client,
+            &self.task_queue,
+            &first.policy,
+            batch,
+            batched,
+        )
+        .await
+        .map_err(retry)
+    }
+
+    /// Asks each proposed member to join the batch: the workflow ids of those that did.
+    #[activity(name = "withdrawal.claim")]
+    pub async fn claim(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        ask: ClaimAsk,
+    ) -> Result<Vec<String>, ActivityError> {
+        self.claimed(&ask).await
+    }
+
+    /// Takes withdrawals waiting in the batch's queue that may join its replacement and
+    /// claims them: those that joined.
+    #[activity(name = "withdrawal.joiners")]
+    pub async fn joiners(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        ask: JoinersAsk,
+    ) -> Result<Vec<Queued>, ActivityError> {
+        let wallet = ask.wallet.clone();
+        let taken = self
+            .client
+            .execute_update_with_start_workflow(
+                HotWalletWorkflow::run,
+                HotWalletStart::default(),
+                HotWalletWorkflow::joiners,
+                ask.clone(),
+                self.on_wallet(&wallet),
+            )
+            .await
+            .map_err(|e| retry(format!("taking joiners from wallet {wallet}: {e}")))?;
+        if taken.is_empty() {
+            return Ok(taken);
+        }
+        let claim = ClaimAsk {
+            batch_workflow: ask.batch_workflow,
+            batch_id: ask.batch_id,
+            members: taken.iter().map(|q| q.workflow().to_owned()).collect(),
+        };
+        let joined = self.claimed(&claim).await?;
+        Ok(taken
+            .into_iter()
+            .filter(|q| joined.iter().any(|j| j == q.workflow()))
+            .collect())
+    }
+
+    /// Asks the member's batch to let it leave: the batch as it is then, or why it
+    /// refused (it may have left).
+    #[activity(name = "withdrawal.leave")]
+    pub async fn leave(
+        self: Arc<Self>,
+        _ctx: ActivityContext,
+        ask: LeaveAsk,
+    ) -> Result<Result<Withdrawal, String>, ActivityError> {
+        use temporalio_client::errors::WorkflowUpdateError;
+        let handle = self
+            .client
+            .get_workflow_handle::<WithdrawalWorkflow>(ask.batch_workflow.clone());
+        match handle
+            .execute_update(
+                WithdrawalWorkflow::leave,
+                ask.member,
+                temporalio_client::WorkflowExecuteUpdateOptions::default(),
+            )
+            .await
+        {
+            Ok(batch) => Ok(Ok(batch)),
+            Err(WorkflowUpdateError::Failed(failure)) => Ok(Err(failure.message.clone())),
+            Err(WorkflowUpdateError::NotFound(_)) => {
+                Ok(Err(format!("its batch {} has ended", ask.batch_workflow)))
+            }
+            Err(e) => Err(retry(format!(
+                "asking batch {} to let it leave: {e}",
+                ask.batch_workflow
+            ))),
+        }
     }
 
     /// Sends the current version to bitcoind.

@@ -4,7 +4,9 @@
 //! the task queue may run; each hot wallet's coin reservations belong to one long-lived
 //! workflow ([`hot_wallet`]), so two workers on two machines never hold the same coin;
 //! the chain reaches the workflows as signals from the indexer's event stream
-//! ([`adapter`]); each hot wallet's [`balancing`] runs from a workflow of its own; the
+//! ([`adapter`]); the wallet's workflow also keeps its payout queue, and a batch is a
+//! withdrawal workflow paying its members, which follow it ([`batching`]); each hot
+//! wallet's [`balancing`] runs from a workflow of its own; the
 //! `orchestrator.v1.Withdrawals` API is served from workflow starts,
 //! queries and updates ([`service`]), external signers' `orchestrator.v1.Signatures` from
 //! the workflows waiting for them ([`signatures`]); [`worker`] wires them into `orchestrator run`.
@@ -12,6 +14,7 @@
 pub mod activities;
 pub mod adapter;
 pub mod balancing;
+pub mod batching;
 pub mod hot_wallet;
 pub mod service;
 pub mod signatures;
@@ -50,6 +53,10 @@ pub struct WorkflowPolicy {
     pub bump_after_blocks: u32,
     /// Longest wait between two looks at the chain when no signal comes, seconds.
     pub poll_secs: u64,
+    /// Payout queues (`None`: each withdrawal is paid alone). Left out of the payload
+    /// when off, so workflows started before it existed replay unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<crate::executor::Batching>,
 }
 
 impl WorkflowPolicy {
@@ -60,6 +67,7 @@ impl WorkflowPolicy {
             settle_at: policy.settle_at,
             bump_after_blocks: policy.bump_after_blocks,
             poll_secs: 30,
+            batch: policy.batch,
         }
     }
 }
@@ -77,6 +85,13 @@ pub fn withdrawal_id(request_id: &str) -> u64 {
 /// The workflow id of a hot wallet's balancing.
 pub fn balancing_workflow_id(wallet: &str) -> String {
     format!("{RESERVED_PREFIX}balancing.{wallet}")
+}
+
+/// The workflow id (and request id) of the batch whose first member is `first_member`:
+/// a withdrawal is proposed as the first of at most one batch, so a repeated start finds
+/// the same one.
+pub fn batch_workflow_id(first_member: &str) -> String {
+    format!("{RESERVED_PREFIX}batch.{first_member}")
 }
 
 /// The workflow id of a wallet's reservations.

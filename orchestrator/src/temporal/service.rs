@@ -21,6 +21,7 @@ use temporalio_common::search_attributes::SearchAttributes;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::batching::{Batched, IN_A_BATCH};
 use super::withdrawal::{state_name, Changes, WithdrawalStart, WithdrawalWorkflow};
 use super::{WorkflowPolicy, RESERVED_PREFIX, WITHDRAWAL_ID, WITHDRAWAL_STATE, WITHDRAWAL_WALLET};
 use crate::grpc::{bad_page_token, check_request_id_length, list_filters, validate, withdrawal};
@@ -68,6 +69,12 @@ impl TemporalWithdrawals {
         impl tonic::service::Interceptor + Clone,
     > {
         WithdrawalsServer::with_interceptor(self, move |req| token.check(req))
+    }
+
+    /// The same service submitting under `policy` from now on.
+    pub fn with_policy(mut self, policy: WorkflowPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// The Temporal client it works through.
@@ -136,7 +143,7 @@ impl TemporalWithdrawals {
 
     /// The request id (workflow id) of withdrawal `id`, waiting briefly for the search
     /// index to catch up with a submission just made.
-    pub(crate) async fn workflow_of(&self, id: u64) -> Result<String, Status> {
+    pub async fn workflow_of(&self, id: u64) -> Result<String, Status> {
         let query = format!("WorkflowType = 'withdrawal' AND WithdrawalId = {id}");
         let started = tokio::time::Instant::now();
         loop {
@@ -151,8 +158,20 @@ impl TemporalWithdrawals {
         }
     }
 
-    async fn find(&self, id: u64) -> Result<(String, Withdrawal), Status> {
+    /// The request id of withdrawal `id` (a batch is no withdrawal of the API's: its
+    /// members are).
+    async fn withdrawal_of(&self, id: u64) -> Result<String, Status> {
         let workflow = self.workflow_of(id).await?;
+        if workflow.starts_with(&super::batch_workflow_id("")) {
+            return Err(Status::not_found(format!(
+                "no withdrawal {id} (it is a batch: its members are the withdrawals)"
+            )));
+        }
+        Ok(workflow)
+    }
+
+    async fn find(&self, id: u64) -> Result<(String, Withdrawal), Status> {
+        let workflow = self.withdrawal_of(id).await?;
         let w = self
             .status(&workflow)
             .await?
@@ -171,21 +190,35 @@ pub async fn start_withdrawal(
     request: &crate::saga::Request,
 ) -> Result<(), String> {
     let id = super::withdrawal_id(&request.request_id);
-    let workflow_id = request.request_id.clone();
+    let w = Withdrawal::new(id, request.clone(), now_ms());
+    start_workflow(client, task_queue, policy, w, Batched::default()).await
+}
+
+/// Starts the workflow of withdrawal (or batch) `w`, whose id is its request id, as
+/// [`start_withdrawal`] does.
+pub async fn start_workflow(
+    client: &Client,
+    task_queue: &str,
+    policy: &WorkflowPolicy,
+    w: Withdrawal,
+    batched: Batched,
+) -> Result<(), String> {
+    let workflow_id = w.request.request_id.clone();
     let options = WorkflowStartOptions::new(task_queue.to_owned(), workflow_id.clone())
         .id_reuse_policy(WorkflowIdReusePolicy::RejectDuplicate)
         .id_conflict_policy(WorkflowIdConflictPolicy::UseExisting)
         .search_attributes(SearchAttributes::new([
-            WITHDRAWAL_ID.value_set(id as i64),
-            WITHDRAWAL_WALLET.value_set(request.wallet.clone()),
-            WITHDRAWAL_STATE.value_set(state_name(crate::saga::State::Received)),
+            WITHDRAWAL_ID.value_set(w.id as i64),
+            WITHDRAWAL_WALLET.value_set(w.request.wallet.clone()),
+            WITHDRAWAL_STATE.value_set(state_name(w.state)),
         ]))
         .build();
     let start = WithdrawalStart {
-        withdrawal: Withdrawal::new(id, request.clone(), now_ms()),
+        withdrawal: w,
         policy: policy.clone(),
         asked_coins: false,
         change: 0,
+        batched,
     };
     match client
         .start_workflow(WithdrawalWorkflow::run, start, options)
@@ -268,7 +301,12 @@ impl Withdrawals for TemporalWithdrawals {
         let found =
             futures::future::try_join_all(ids.iter().map(|workflow| self.status(workflow))).await?;
         Ok(Response::new(pb::ListWithdrawalsResponse {
-            withdrawals: found.iter().flatten().map(withdrawal).collect(),
+            withdrawals: found
+                .iter()
+                .flatten()
+                .filter(|w| !w.is_batch())
+                .map(withdrawal)
+                .collect(),
             next_page_token: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(next),
         }))
     }
@@ -280,7 +318,7 @@ impl Withdrawals for TemporalWithdrawals {
         req: Request<pb::WatchWithdrawalRequest>,
     ) -> Result<Response<Self::WatchWithdrawalStream>, Status> {
         let id = req.into_inner().id;
-        let workflow = self.workflow_of(id).await?;
+        let workflow = self.withdrawal_of(id).await?;
         // The present first, then every change after it: the workflow keeps its recent
         // changes, so a state shorter than a poll (CONFIRMING between two quick blocks,
         // or a slow answer under load) is still streamed, in order.
@@ -332,18 +370,31 @@ impl Withdrawals for TemporalWithdrawals {
         req: Request<pb::CancelWithdrawalRequest>,
     ) -> Result<Response<pb::Withdrawal>, Status> {
         let id = req.into_inner().id;
-        let workflow = self.workflow_of(id).await?;
+        let workflow = self.withdrawal_of(id).await?;
         let handle = self
             .client
             .get_workflow_handle::<WithdrawalWorkflow>(workflow.clone());
-        match handle
+        let why = "cancelled over gRPC".to_owned();
+        let mut answer = handle
             .execute_update(
                 WithdrawalWorkflow::cancel,
-                "cancelled over gRPC".to_owned(),
+                why.clone(),
                 WorkflowExecuteUpdateOptions::default(),
             )
-            .await
-        {
+            .await;
+        // A batch member: its batch decides.
+        if let Err(WorkflowUpdateError::Failed(failure)) = &answer {
+            if failure.message.starts_with(IN_A_BATCH) {
+                answer = handle
+                    .execute_update(
+                        WithdrawalWorkflow::cancel_member,
+                        why,
+                        WorkflowExecuteUpdateOptions::default(),
+                    )
+                    .await;
+            }
+        }
+        match answer {
             Ok(w) => {
                 tracing::info!(id, "withdrawal cancelled");
                 Ok(Response::new(withdrawal(&w)))

@@ -31,6 +31,7 @@ use temporalio_sdk::{
 };
 
 use super::activities::{Activities, Observed, Reservation, Sending, Signing};
+use super::batching::{self, Batched, Joining, LeaveAsk, Mirror};
 use super::hot_wallet::HotWalletWorkflow;
 use super::{WorkflowPolicy, WITHDRAWAL_AWAITS_SIGNATURES, WITHDRAWAL_STATE};
 use crate::saga::{Outcome, State, Step, Withdrawal};
@@ -52,6 +53,10 @@ pub struct WithdrawalStart {
     /// continue-as-new so a watcher's place stays valid).
     #[serde(default)]
     pub change: u64,
+    /// What it knows of batching, as a member or a batch (nothing when batching is off:
+    /// left out, so older histories replay unchanged).
+    #[serde(default, skip_serializing_if = "Batched::is_default")]
+    pub batched: Batched,
 }
 
 /// Changes kept for watchers: a watcher further behind than this resumes at the oldest
@@ -70,24 +75,29 @@ pub struct Changes {
 /// One withdrawal, from submission to settlement.
 #[workflow]
 pub struct WithdrawalWorkflow {
-    w: Withdrawal,
-    policy: WorkflowPolicy,
+    pub(super) w: Withdrawal,
+    pub(super) policy: WorkflowPolicy,
     asked_coins: bool,
     /// The number of the oldest change in `changes`.
-    first_change: u64,
+    pub(super) first_change: u64,
     /// The withdrawal after each of its recent changes, oldest first; the last is `w`.
     /// Rebuilt by replay (it is not in the history): WatchWithdrawal reads it so that no
     /// state is missed between two of its polls.
-    changes: std::collections::VecDeque<Withdrawal>,
+    pub(super) changes: std::collections::VecDeque<Withdrawal>,
     /// `chain` signals received: the watch waits for this to move.
     chain_signals: u64,
     /// The tip at which a replacement could not be made (not tried again before the
     /// chain moves).
     bump_failed_at: Option<u32>,
+    /// Batching: as a member or as a batch.
+    pub(super) batched: Batched,
+    /// As a batch: joiners claimed for the replacement being built (one that leaves
+    /// meanwhile is taken out, and the replacement built again).
+    pub(super) joining: Vec<Withdrawal>,
 }
 
 /// Milliseconds since 1970 of a workflow clock reading (which replays the same).
-fn millis(time: Option<std::time::SystemTime>) -> u64 {
+pub(super) fn millis(time: Option<std::time::SystemTime>) -> u64 {
     time.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_millis() as u64)
 }
@@ -95,7 +105,7 @@ fn millis(time: Option<std::time::SystemTime>) -> u64 {
 /// Options of the short activities: retried for as long as the cause lasts (an indexer
 /// or bitcoind away), at most every 10 s; a worker that died in one is given up on
 /// after 10 s (each call inside is bounded well below that).
-fn short() -> ActivityOptions {
+pub(super) fn short() -> ActivityOptions {
     ActivityOptions::with_start_to_close_timeout(Duration::from_secs(10))
         .retry_policy(retries())
         .build()
@@ -135,14 +145,7 @@ impl WithdrawalWorkflow {
     fn apply(&mut self, outcome: Outcome, now_ms: u64) -> bool {
         match self.w.apply(outcome, now_ms) {
             Ok(next) => {
-                if next != self.w {
-                    self.changes.push_back(next.clone());
-                    if self.changes.len() > CHANGES_KEPT {
-                        self.changes.pop_front();
-                        self.first_change += 1;
-                    }
-                }
-                self.w = next;
+                self.set(next);
                 true
             }
             Err(e) => {
@@ -150,6 +153,18 @@ impl WithdrawalWorkflow {
                 false
             }
         }
+    }
+
+    /// Makes `next` the withdrawal, kept as a change when it differs.
+    pub(super) fn set(&mut self, next: Withdrawal) {
+        if next != self.w {
+            self.changes.push_back(next.clone());
+            if self.changes.len() > CHANGES_KEPT {
+                self.changes.pop_front();
+                self.first_change += 1;
+            }
+        }
+        self.w = next;
     }
 
     /// The pending PSBT with the verified signatures of `submitted` added (what a
@@ -182,7 +197,7 @@ fn signed(pending: &crate::saga::Pending, attempt: crate::saga::Attempt) -> Outc
 }
 
 /// Applies `outcome` in the workflow, with the state shown to searches kept up to date.
-fn record(ctx: &mut WorkflowContext<WithdrawalWorkflow>, outcome: Outcome) -> bool {
+pub(super) fn record(ctx: &mut WorkflowContext<WithdrawalWorkflow>, outcome: Outcome) -> bool {
     let at = millis(ctx.workflow_time());
     let before = ctx.state(|s| (s.w.state, s.w.pending.is_some()));
     let applied = ctx.state_mut(|s| s.apply(outcome, at));
@@ -225,6 +240,8 @@ impl WithdrawalWorkflow {
             asked_coins: start.asked_coins,
             chain_signals: 0,
             bump_failed_at: None,
+            batched: start.batched,
+            joining: Vec::new(),
         }
     }
 
@@ -243,10 +260,30 @@ impl WithdrawalWorkflow {
                     policy: s.policy.clone(),
                     asked_coins: s.asked_coins,
                     change: s.first_change + s.changes.len() as u64 - 1,
+                    batched: s.batched.clone(),
                 });
                 ctx.continue_as_new(start, ContinueAsNewOptions::default())?;
             }
-            let w = ctx.state(|s| s.w.clone());
+            // A batch tells its members of its changes before its next step.
+            Self::tell_members(ctx).await?;
+            let (w, policy, batched) =
+                ctx.state(|s| (s.w.clone(), s.policy.clone(), s.batched.clone()));
+            if w.batch.is_some() {
+                // A member: its batch runs the steps.
+                if batching::at_rest(&w) {
+                    break;
+                }
+                Self::follow_batch(ctx).await?;
+                continue;
+            }
+            if w.is_batch() && !batched.claimed {
+                Self::claim(ctx, w).await?;
+                continue;
+            }
+            if batching::queues(&w, &policy, &batched) {
+                Self::wait_in_queue(ctx, w).await?;
+                continue;
+            }
             match w.next_step() {
                 Step::Reserve => {
                     ctx.state_mut(|s| s.asked_coins = true);
@@ -260,7 +297,14 @@ impl WithdrawalWorkflow {
                     record(ctx, outcome);
                 }
                 Step::Sign => {
-                    let outcome = match ctx.execute_activity(Activities::sign, w, short()).await? {
+                    let members = w.members.clone();
+                    let signing = ctx.execute_activity(Activities::sign, w, short()).await?;
+                    // A member left the batch meanwhile: a version paying it is never
+                    // recorded; the batch is signed again without it.
+                    if ctx.state(|s| s.w.members != members) {
+                        continue;
+                    }
+                    let outcome = match signing {
                         Signing::Signed(attempt) => Outcome::Signed(attempt),
                         Signing::Pending(pending) => Outcome::AwaitingSignatures(pending),
                         Signing::Refused(why) => Outcome::Failed(why),
@@ -273,6 +317,7 @@ impl WithdrawalWorkflow {
                 Step::Rest => break,
             }
         }
+        Self::tell_members(ctx).await?;
         let (w, asked) = ctx.state(|s| (s.w.clone(), s.asked_coins));
         if asked && !w.holds_coins() {
             let wallet = super::hot_wallet_workflow_id(&w.request.wallet);
@@ -363,6 +408,10 @@ impl WithdrawalWorkflow {
                 .is_some_and(|h| tip >= h.saturating_add(policy.bump_after_blocks))
             && ctx.state(|s| s.bump_failed_at) != Some(tip)
         {
+            if Self::grow(ctx, &w).await? {
+                ctx.state_mut(|s| s.bump_failed_at = None);
+                return Ok(());
+            }
             match ctx
                 .execute_activity(Activities::replace, w.clone(), short())
                 .await?
@@ -502,11 +551,22 @@ impl WithdrawalWorkflow {
         _ctx: &WorkflowContextView,
         _why: &String,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if self.w.is_batch() {
+            return Err(format!(
+                "batch {}: a batch is cancelled by cancelling its members",
+                self.w.id
+            )
+            .into());
+        }
         // (The time only stamps the result, which is dropped.)
         self.w
             .apply(Outcome::Cancelled, 0)
-            .map(|_| ())
-            .map_err(|e| e.to_string().into())
+            .map_err(|e| e.to_string())?;
+        // A member's cancel is its batch's to take (`cancel_member`).
+        match self.w.batch {
+            Some(batch) => Err(format!("{} (batch {batch})", batching::IN_A_BATCH).into()),
+            None => Ok(()),
+        }
     }
 
     /// Cancels it (before any send began): its coins are given back when it ends.
@@ -515,6 +575,135 @@ impl WithdrawalWorkflow {
         let before = self.w.state;
         let at = millis(ctx.workflow_time());
         self.apply(Outcome::Cancelled, at);
+        if self.w.state != before {
+            ctx.upsert_search_attributes([WITHDRAWAL_STATE.value_set(state_name(self.w.state))]);
+        }
+        self.w.clone()
+    }
+
+    /// Refuses a member's cancel the saga refuses (its batch may have left), or of a
+    /// withdrawal in no batch, before anything is recorded.
+    #[update_validator(cancel_member)]
+    fn validate_cancel_member(
+        &self,
+        _ctx: &WorkflowContextView,
+        _why: &String,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if self.w.batch.is_none() || self.batched.batch_workflow.is_none() {
+            return Err(format!("withdrawal {} is paid by no batch", self.w.id).into());
+        }
+        self.w
+            .apply(Outcome::Cancelled, 0)
+            .map(|_| ())
+            .map_err(|e| e.to_string().into())
+    }
+
+    /// Cancels a batch member: its batch lets it leave (and signs again without it) only
+    /// while it cannot have left; the batch's refusal is the answer.
+    #[update(name = "cancel_member")]
+    pub async fn cancel_member(
+        ctx: &mut WorkflowContext<Self>,
+        _why: String,
+    ) -> Result<Withdrawal, Box<dyn std::error::Error + Send + Sync>> {
+        let (member, batch_workflow) = ctx.state(|s| (s.w.id, s.batched.batch_workflow.clone()));
+        let Some(batch_workflow) = batch_workflow else {
+            return Err(format!("withdrawal {member} is paid by no batch").into());
+        };
+        let ask = LeaveAsk {
+            batch_workflow,
+            member,
+        };
+        match ctx.execute_activity(Activities::leave, ask, short()).await {
+            Ok(Ok(_batch)) => {}
+            Ok(Err(refused)) => return Err(refused.into()),
+            Err(e) => return Err(format!("asking its batch to let it leave: {e}").into()),
+        }
+        let at = Self::clock(ctx);
+        let before = ctx.state(|s| (s.w.state, s.w.pending.is_some()));
+        ctx.state_mut(|s| s.left_batch(at));
+        publish_state(ctx, before);
+        Ok(ctx.state(|s| s.w.clone()))
+    }
+
+    /// Joins batch `j` when it is still unpaid, not cancelled, in no other batch and not
+    /// sent off alone: its own workflow answers this one at a time with its cancel, so it
+    /// is paid by one batch at most and never after a cancel. True when it is a member
+    /// (again, for a repeated ask).
+    #[update(name = "join")]
+    pub fn join(&mut self, _ctx: &mut SyncWorkflowContext<Self>, j: Joining) -> bool {
+        if self.w.batch == Some(j.batch_id) {
+            return true;
+        }
+        let free = self.w.state == State::Received
+            && self.w.batch.is_none()
+            && !self.w.is_batch()
+            && self.w.attempts.is_empty()
+            && !self.batched.alone;
+        if !free {
+            return false;
+        }
+        let mut next = self.w.clone();
+        next.batch = Some(j.batch_id);
+        self.batched.batch_workflow = Some(j.batch_workflow);
+        self.set(next);
+        true
+    }
+
+    /// Its batch changed: the member shows it.
+    #[signal(name = "mirror")]
+    pub fn mirror(&mut self, ctx: &mut SyncWorkflowContext<Self>, m: Mirror) {
+        let before = self.w.state;
+        self.mirror_batch(&m, millis(ctx.workflow_time()));
+        if self.w.state != before {
+            ctx.upsert_search_attributes([WITHDRAWAL_STATE.value_set(state_name(self.w.state))]);
+        }
+    }
+
+    /// Go on alone: told by its queue (`None`: no batch came within the window) or by the
+    /// batch that claimed it as a joiner and could not pay it (`Some(batch)`).
+    #[signal(name = "alone")]
+    pub fn alone(&mut self, _ctx: &mut SyncWorkflowContext<Self>, batch: Option<u64>) {
+        if self.w.state != State::Received || !self.w.attempts.is_empty() || self.batched.listed {
+            return;
+        }
+        if batch.is_some() && self.w.batch == batch {
+            let mut next = self.w.clone();
+            next.batch = None;
+            self.batched.batch_workflow = None;
+            self.set(next);
+        }
+        if self.w.batch.is_none() {
+            self.batched.alone = true;
+        }
+    }
+
+    /// Refuses, before anything is recorded, a member leaving a batch that may have left
+    /// (or whom it does not pay).
+    #[update_validator(leave)]
+    fn validate_leave(
+        &self,
+        _ctx: &WorkflowContextView,
+        member: &u64,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if self.joining.iter().any(|j| j.id == *member) {
+            return Ok(());
+        }
+        self.w
+            .apply(Outcome::MemberLeft(*member), 0)
+            .map(|_| ())
+            .map_err(|e| e.to_string().into())
+    }
+
+    /// Member `member` was cancelled: it leaves the batch (a signed version not yet sent
+    /// is discarded and signed again without it), or the replacement it was joining.
+    #[update(name = "leave")]
+    pub fn leave(&mut self, ctx: &mut SyncWorkflowContext<Self>, member: u64) -> Withdrawal {
+        if self.joining.iter().any(|j| j.id == member) {
+            self.joining.retain(|j| j.id != member);
+            return self.w.clone();
+        }
+        let before = self.w.state;
+        self.apply(Outcome::MemberLeft(member), millis(ctx.workflow_time()));
         if self.w.state != before {
             ctx.upsert_search_attributes([WITHDRAWAL_STATE.value_set(state_name(self.w.state))]);
         }
