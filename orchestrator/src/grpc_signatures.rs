@@ -46,6 +46,18 @@ impl SignatureService {
     }
 }
 
+/// Why withdrawal `w` takes no signature: no version of it waits (a batch member's points
+/// at its batch, whose PSBT the signers sign).
+pub fn nothing_to_sign(w: &crate::saga::Withdrawal) -> String {
+    let batch = w.batch.map_or_else(String::new, |b| {
+        format!(" (it is paid by batch {b}: sign the batch's PSBT, withdrawal_id {b})")
+    });
+    format!(
+        "withdrawal {} is {:?}: no version of it waits for signatures{batch}",
+        w.id, w.state
+    )
+}
+
 /// What a signer is shown of `w`'s version waiting for signatures, if one waits.
 pub fn pending_signature(w: crate::saga::Withdrawal) -> Option<pb::PendingSignature> {
     let p = w.pending?;
@@ -97,13 +109,7 @@ impl Signatures for SignatureService {
                 .await?
                 .ok_or_else(|| Status::not_found(format!("no withdrawal {id}")))?;
             let Some(pending) = w.pending.clone() else {
-                let batch = w.batch.map_or_else(String::new, |b| {
-                    format!(" (it is paid by batch {b}: sign the batch's PSBT, withdrawal_id {b})")
-                });
-                return Err(Status::failed_precondition(format!(
-                    "withdrawal {id} is {:?}: no version of it waits for signatures{batch}",
-                    w.state
-                )));
+                return Err(Status::failed_precondition(nothing_to_sign(&w)));
             };
             let (psbt, added) = cosign::add_signatures(&pending.psbt, &submitted)
                 .map_err(|e| Status::invalid_argument(format!("withdrawal {id}: {e}")))?;

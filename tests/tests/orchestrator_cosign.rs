@@ -694,6 +694,17 @@ fn sent_by_the_signers(engine: Engine) {
 /// transaction.
 #[test]
 fn a_batch_from_a_multisig_wallet_is_signed_remotely_as_one_transaction() {
+    batch_signed_remotely(Engine::Embedded);
+}
+
+/// The same on Temporal: the batch's workflow waits for the signatures, its members
+/// follow it.
+#[test]
+fn on_temporal_a_batch_from_a_multisig_wallet_is_signed_remotely_as_one_transaction() {
+    batch_signed_remotely(Engine::Temporal);
+}
+
+fn batch_signed_remotely(engine: Engine) {
     let descriptor = two_of_three();
     let batching = Policy {
         batch: Some(orchestrator::executor::Batching {
@@ -702,7 +713,7 @@ fn a_batch_from_a_multisig_wallet_is_signed_remotely_as_one_transaction() {
         }),
         ..policy()
     };
-    let rig = Cosigned::start_with(&descriptor, &[xpriv(1)], 1, batching);
+    let rig = Cosigned::start_on(engine, &descriptor, &[xpriv(1)], 1, batching);
     let destinations: Vec<String> = (0..3).map(|_| rig.node.new_address("bech32")).collect();
     let ids: Vec<u64> = destinations
         .iter()
@@ -723,17 +734,12 @@ fn a_batch_from_a_multisig_wallet_is_signed_remotely_as_one_transaction() {
     );
     rig.submit_signature(batch, &psbt).unwrap();
     let started = Instant::now();
-    while ids
-        .iter()
-        .any(|id| !rig.store.get(*id).unwrap().unwrap().settled)
-    {
+    while ids.iter().any(|id| !rig.get(*id).settled) {
         assert!(
             started.elapsed() < WAIT,
             "not settled: batch {:?}, members {:?}",
             rig.store.batch(batch).unwrap(),
-            ids.iter()
-                .map(|id| rig.store.get(*id).unwrap().unwrap())
-                .collect::<Vec<_>>()
+            ids.iter().map(|id| rig.get(*id)).collect::<Vec<_>>()
         );
         rig.node.mine_to(1, &rig.miner);
         std::thread::sleep(Duration::from_millis(200));
@@ -741,7 +747,7 @@ fn a_batch_from_a_multisig_wallet_is_signed_remotely_as_one_transaction() {
     let paid = rig.settle(ids[0]);
     let txids: std::collections::BTreeSet<_> = ids
         .iter()
-        .map(|id| rig.store.get(*id).unwrap().unwrap().confirmed.unwrap())
+        .map(|id| rig.get(*id).confirmed.unwrap())
         .collect();
     assert_eq!(txids.len(), 1, "one transaction");
     for (i, d) in destinations.iter().enumerate() {

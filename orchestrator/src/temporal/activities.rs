@@ -40,6 +40,21 @@ use proto::indexer::v1 as ipb;
 /// Temporal.
 const RESERVE_ROUNDS: usize = 500;
 
+/// Longest wait for a workflow to answer a query or an update: an activity never hangs
+/// on one (a workflow no worker runs now, e.g. while workers shut down), it fails and
+/// Temporal retries it.
+const QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `call`'s answer, or a retryable failure naming `what` when none came in time.
+async fn bounded<T>(
+    what: impl std::fmt::Display,
+    call: impl std::future::Future<Output = Result<T, ActivityError>>,
+) -> Result<T, ActivityError> {
+    tokio::time::timeout(QUERY_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(retry(format!("{what}: no answer within {QUERY_TIMEOUT:?}"))))
+}
+
 /// What reserving gave.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Reservation {
@@ -172,14 +187,17 @@ impl Activities {
         let handle = self
             .client
             .get_workflow_handle::<HotWalletWorkflow>(super::hot_wallet_workflow_id(wallet));
-        match handle
-            .query(HotWalletWorkflow::held, (), WorkflowQueryOptions::default())
-            .await
-        {
-            Ok(held) => Ok(held),
-            Err(temporalio_client::errors::WorkflowQueryError::NotFound(_)) => Ok(BTreeMap::new()),
-            Err(e) => Err(retry(format!(
+        let asked = handle.query(HotWalletWorkflow::held, (), WorkflowQueryOptions::default());
+        match tokio::time::timeout(QUERY_TIMEOUT, asked).await {
+            Ok(Ok(held)) => Ok(held),
+            Ok(Err(temporalio_client::errors::WorkflowQueryError::NotFound(_))) => {
+                Ok(BTreeMap::new())
+            }
+            Ok(Err(e)) => Err(retry(format!(
                 "reading wallet {wallet}'s reservations: {e}"
+            ))),
+            Err(_) => Err(retry(format!(
+                "reading wallet {wallet}'s reservations: no answer within {QUERY_TIMEOUT:?}"
             ))),
         }
     }
@@ -189,17 +207,18 @@ impl Activities {
         let handle = self
             .client
             .get_workflow_handle::<WithdrawalWorkflow>(request_id.to_owned());
-        match handle
-            .query(
-                WithdrawalWorkflow::status,
-                (),
-                WorkflowQueryOptions::default(),
-            )
-            .await
-        {
-            Ok(w) => Ok(Some(w)),
-            Err(temporalio_client::errors::WorkflowQueryError::NotFound(_)) => Ok(None),
-            Err(e) => Err(retry(format!("reading run {request_id}: {e}"))),
+        let asked = handle.query(
+            WithdrawalWorkflow::status,
+            (),
+            WorkflowQueryOptions::default(),
+        );
+        match tokio::time::timeout(QUERY_TIMEOUT, asked).await {
+            Ok(Ok(w)) => Ok(Some(w)),
+            Ok(Err(temporalio_client::errors::WorkflowQueryError::NotFound(_))) => Ok(None),
+            Ok(Err(e)) => Err(retry(format!("reading run {request_id}: {e}"))),
+            Err(_) => Err(retry(format!(
+                "reading run {request_id}: no answer within {QUERY_TIMEOUT:?}"
+            ))),
         }
     }
 
@@ -363,12 +382,12 @@ impl Activities {
                     .await
             }
         });
+        let answers = bounded("asking members to join", async {
+            Ok(futures::future::join_all(asks).await)
+        })
+        .await?;
         let mut joined = Vec::new();
-        for (member, answer) in ask
-            .members
-            .iter()
-            .zip(futures::future::join_all(asks).await)
-        {
+        for (member, answer) in ask.members.iter().zip(answers) {
             match answer {
                 Ok(true) => joined.push(member.clone()),
                 Ok(false) | Err(WorkflowUpdateError::NotFound(_)) => {}
@@ -396,19 +415,22 @@ impl Activities {
         coins: Vec<Coin>,
     ) -> Result<ReserveReply, ActivityError> {
         let options = self.on_wallet(wallet);
-        self.client
-            .execute_update_with_start_workflow(
-                HotWalletWorkflow::run,
-                HotWalletStart::default(),
-                HotWalletWorkflow::reserve,
-                ReserveAsk {
-                    request_id: request_id.to_owned(),
-                    coins,
-                },
-                options,
-            )
-            .await
-            .map_err(|e| retry(format!("reserving in wallet {wallet}: {e}")))
+        let asked = self.client.execute_update_with_start_workflow(
+            HotWalletWorkflow::run,
+            HotWalletStart::default(),
+            HotWalletWorkflow::reserve,
+            ReserveAsk {
+                request_id: request_id.to_owned(),
+                coins,
+            },
+            options,
+        );
+        bounded(format!("reserving in wallet {wallet}"), async {
+            asked
+                .await
+                .map_err(|e| retry(format!("reserving in wallet {wallet}: {e}")))
+        })
+        .await
     }
 }
 
@@ -565,16 +587,19 @@ impl Activities {
         q: Queued,
     ) -> Result<(), ActivityError> {
         let wallet = q.withdrawal.request.wallet.clone();
-        self.client
-            .execute_update_with_start_workflow(
-                HotWalletWorkflow::run,
-                HotWalletStart::default(),
-                HotWalletWorkflow::queue,
-                q,
-                self.on_wallet(&wallet),
-            )
-            .await
-            .map_err(|e| retry(format!("queueing in wallet {wallet}: {e}")))
+        let asked = self.client.execute_update_with_start_workflow(
+            HotWalletWorkflow::run,
+            HotWalletStart::default(),
+            HotWalletWorkflow::queue,
+            q,
+            self.on_wallet(&wallet),
+        );
+        bounded(format!("queueing in wallet {wallet}"), async {
+            asked
+                .await
+                .map_err(|e| retry(format!("queueing in wallet {wallet}: {e}")))
+        })
+        .await
     }
 
     /// Starts the batch paying `members` (due in their wallet's queue): its workflow id
@@ -631,17 +656,19 @@ impl Activities {
         ask: JoinersAsk,
     ) -> Result<Vec<Queued>, ActivityError> {
         let wallet = ask.wallet.clone();
-        let taken = self
-            .client
-            .execute_update_with_start_workflow(
-                HotWalletWorkflow::run,
-                HotWalletStart::default(),
-                HotWalletWorkflow::joiners,
-                ask.clone(),
-                self.on_wallet(&wallet),
-            )
-            .await
-            .map_err(|e| retry(format!("taking joiners from wallet {wallet}: {e}")))?;
+        let asked = self.client.execute_update_with_start_workflow(
+            HotWalletWorkflow::run,
+            HotWalletStart::default(),
+            HotWalletWorkflow::joiners,
+            ask.clone(),
+            self.on_wallet(&wallet),
+        );
+        let taken = bounded(format!("taking joiners from wallet {wallet}"), async {
+            asked
+                .await
+                .map_err(|e| retry(format!("taking joiners from wallet {wallet}: {e}")))
+        })
+        .await?;
         if taken.is_empty() {
             return Ok(taken);
         }
@@ -669,14 +696,18 @@ impl Activities {
         let handle = self
             .client
             .get_workflow_handle::<WithdrawalWorkflow>(ask.batch_workflow.clone());
-        match handle
-            .execute_update(
-                WithdrawalWorkflow::leave,
-                ask.member,
-                temporalio_client::WorkflowExecuteUpdateOptions::default(),
-            )
-            .await
-        {
+        let asked = handle.execute_update(
+            WithdrawalWorkflow::leave,
+            ask.member,
+            temporalio_client::WorkflowExecuteUpdateOptions::default(),
+        );
+        let Ok(answer) = tokio::time::timeout(QUERY_TIMEOUT, asked).await else {
+            return Err(retry(format!(
+                "asking batch {} to let it leave: no answer within {QUERY_TIMEOUT:?}",
+                ask.batch_workflow
+            )));
+        };
+        match answer {
             Ok(batch) => Ok(Ok(batch)),
             Err(WorkflowUpdateError::Failed(failure)) => Ok(Err(failure.message.clone())),
             Err(WorkflowUpdateError::NotFound(_)) => {

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use temporalio_sdk::{SignalWorkflowOptions, WorkflowContext, WorkflowResult};
 
 use super::activities::{Activities, Signing};
+use super::hot_wallet::HotWalletWorkflow;
 use super::withdrawal::{millis, record, short, WithdrawalWorkflow};
 use super::WorkflowPolicy;
 use crate::saga::{FeeRate, Outcome, State, Withdrawal};
@@ -170,6 +171,11 @@ pub struct Batched {
     /// As a batch: its members when they were last told (one that left is told too).
     #[serde(default)]
     pub listed_before: BTreeSet<u64>,
+    /// As a batch: members (and joiners) that left: a repeated `leave` (its activity ran
+    /// again) is answered as the first was, and a joiner leaving while it was being
+    /// claimed never joins.
+    #[serde(default)]
+    pub left: BTreeSet<u64>,
 }
 
 impl Batched {
@@ -294,6 +300,28 @@ impl WithdrawalWorkflow {
         Ok(())
     }
 
+    /// A withdrawal cancelled while it waited in its wallet's queue takes itself out of it
+    /// (else a batch would be proposed with it and claim it in vain).
+    pub(super) async fn leave_queue(ctx: &mut WorkflowContext<Self>) {
+        let Some((wallet, request_id)) = ctx.state(|s| {
+            let queued = s.batched.queued && s.w.batch.is_none() && s.w.state == State::Cancelled;
+            queued.then(|| (s.w.request.wallet.clone(), s.w.request.request_id.clone()))
+        }) else {
+            return;
+        };
+        let told = ctx
+            .external_workflow(super::hot_wallet_workflow_id(&wallet), None)
+            .signal(
+                HotWalletWorkflow::dequeue,
+                request_id,
+                SignalWorkflowOptions::default(),
+            )
+            .await;
+        if let Err(e) = told {
+            tracing::info!(wallet, error = %e, "the wallet's workflow took no signal");
+        }
+    }
+
     /// A member waits for its batch's next change (or to be sent off alone).
     pub(super) async fn follow_batch(ctx: &mut WorkflowContext<Self>) -> WorkflowResult<()> {
         let seen = ctx.state(|s| (s.batched.mirror_seen, s.w.clone()));
@@ -377,12 +405,14 @@ impl WithdrawalWorkflow {
         Ok(())
     }
 
-    /// A stuck batch replaced by a version also paying withdrawals waiting in its queue
-    /// (claimed as joiners, paid from its change). False when none joined or the change
-    /// cannot pay them (those are told to go on alone): a plain replacement follows.
+    /// A stuck batch (at tip `tip`) replaced by a version also paying withdrawals waiting
+    /// in its queue (claimed as joiners, paid from its change). False when none joined or
+    /// the change cannot pay them (those are told to go on alone, where the embedded
+    /// engine leaves them queued): a plain replacement follows.
     pub(super) async fn grow(
         ctx: &mut WorkflowContext<Self>,
         w: &Withdrawal,
+        tip: u32,
     ) -> WorkflowResult<bool> {
         let Some(batching) = ctx.state(|s| s.policy.batch) else {
             return Ok(false);
@@ -399,11 +429,21 @@ impl WithdrawalWorkflow {
             wallet: w.request.wallet.clone(),
             fee_rate: w.request.fee_rate,
             room,
-            key: format!("{}#{}", w.request.request_id, w.attempts.len()),
+            // One ask per version and tip: a retried activity gets the same joiners, a
+            // later look at the queue new ones.
+            key: format!("{}#{}@{tip}", w.request.request_id, w.attempts.len()),
         };
-        let joined = ctx
+        ctx.state_mut(|s| s.growing = true);
+        let claimed = ctx
             .execute_activity(Activities::joiners, ask, short())
-            .await?;
+            .await;
+        ctx.state_mut(|s| s.growing = false);
+        // One cancelled while it was being claimed never joins.
+        let left = ctx.state(|s| s.batched.left.clone());
+        let joined: Vec<Queued> = claimed?
+            .into_iter()
+            .filter(|q| !left.contains(&q.withdrawal.id))
+            .collect();
         if joined.is_empty() {
             return Ok(false);
         }
@@ -437,7 +477,7 @@ impl WithdrawalWorkflow {
             }
             break;
         }
-        // Not paid from its change (or its signers are external): alone, as embedded.
+        // Not paid from its change (or its signers are external): alone.
         let joining = ctx.state_mut(|s| std::mem::take(&mut s.joining));
         let batch = Some(w.id);
         for j in joining {

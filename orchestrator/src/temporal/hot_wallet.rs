@@ -213,6 +213,12 @@ impl HotWalletWorkflow {
         }
     }
 
+    /// Withdrawal `request_id` was cancelled while it waited: out of the queue.
+    #[signal(name = "dequeue")]
+    pub fn dequeue(&mut self, _ctx: &mut SyncWorkflowContext<Self>, request_id: String) {
+        self.take_out(|q| q.workflow() == request_id);
+    }
+
     /// Refuses to queue what cannot be batched, before it reaches the history.
     #[update_validator(queue)]
     fn validate_queue(

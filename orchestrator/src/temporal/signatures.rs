@@ -91,10 +91,7 @@ impl Signatures for TemporalSignatures {
             .client()
             .get_workflow_handle::<WithdrawalWorkflow>(workflow.clone());
         let no_pending = |w: &crate::saga::Withdrawal| {
-            Status::failed_precondition(format!(
-                "withdrawal {id} is {:?}: no version of it waits for signatures",
-                w.state
-            ))
+            Status::failed_precondition(crate::grpc_signatures::nothing_to_sign(w))
         };
         match handle
             .execute_update(

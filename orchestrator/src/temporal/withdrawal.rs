@@ -94,6 +94,9 @@ pub struct WithdrawalWorkflow {
     /// As a batch: joiners claimed for the replacement being built (one that leaves
     /// meanwhile is taken out, and the replacement built again).
     pub(super) joining: Vec<Withdrawal>,
+    /// As a batch: joiners are being taken from the queue and claimed (one may leave
+    /// before it is known to be joining).
+    pub(super) growing: bool,
 }
 
 /// Milliseconds since 1970 of a workflow clock reading (which replays the same).
@@ -171,10 +174,7 @@ impl WithdrawalWorkflow {
     /// `signatures` update records), or why they are refused.
     fn gathered(&self, submitted: &[u8]) -> Result<Vec<u8>, String> {
         let Some(pending) = &self.w.pending else {
-            return Err(format!(
-                "withdrawal {} is {:?}: no version of it waits for signatures",
-                self.w.id, self.w.state
-            ));
+            return Err(crate::grpc_signatures::nothing_to_sign(&self.w));
         };
         crate::cosign::add_signatures(&pending.psbt, submitted)
             .map(|(psbt, _)| psbt)
@@ -242,6 +242,7 @@ impl WithdrawalWorkflow {
             bump_failed_at: None,
             batched: start.batched,
             joining: Vec::new(),
+            growing: false,
         }
     }
 
@@ -318,6 +319,7 @@ impl WithdrawalWorkflow {
             }
         }
         Self::tell_members(ctx).await?;
+        Self::leave_queue(ctx).await;
         let (w, asked) = ctx.state(|s| (s.w.clone(), s.asked_coins));
         if asked && !w.holds_coins() {
             let wallet = super::hot_wallet_workflow_id(&w.request.wallet);
@@ -334,7 +336,12 @@ impl WithdrawalWorkflow {
                 tracing::info!(id = w.id, error = %e, "no reservation to release");
             }
         }
-        Ok(w)
+        // A handler still running (a member's cancel answered by its batch) answers its
+        // caller before the workflow ends.
+        let view = ctx.clone();
+        ctx.wait_condition(move |_: &Self| view.all_handlers_finished())
+            .await?;
+        Ok(ctx.state(|s| s.w.clone()))
     }
 
     /// Sends the current version; the intent of a first send is recorded before, so a
@@ -408,7 +415,7 @@ impl WithdrawalWorkflow {
                 .is_some_and(|h| tip >= h.saturating_add(policy.bump_after_blocks))
             && ctx.state(|s| s.bump_failed_at) != Some(tip)
         {
-            if Self::grow(ctx, &w).await? {
+            if Self::grow(ctx, &w, tip).await? {
                 ctx.state_mut(|s| s.bump_failed_at = None);
                 return Ok(());
             }
@@ -685,7 +692,10 @@ impl WithdrawalWorkflow {
         _ctx: &WorkflowContextView,
         member: &u64,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        if self.joining.iter().any(|j| j.id == *member) {
+        if self.joining.iter().any(|j| j.id == *member)
+            || self.batched.left.contains(member)
+            || (self.growing && !self.batched.members.contains_key(member))
+        {
             return Ok(());
         }
         self.w
@@ -698,8 +708,13 @@ impl WithdrawalWorkflow {
     /// is discarded and signed again without it), or the replacement it was joining.
     #[update(name = "leave")]
     pub fn leave(&mut self, ctx: &mut SyncWorkflowContext<Self>, member: u64) -> Withdrawal {
-        if self.joining.iter().any(|j| j.id == member) {
+        if !self.batched.left.insert(member) || self.joining.iter().any(|j| j.id == member) {
+            // Left already (a repeated ask), or joining the replacement being built.
             self.joining.retain(|j| j.id != member);
+            return self.w.clone();
+        }
+        if self.growing && !self.w.members.iter().flatten().any(|m| m.id == member) {
+            // Being claimed as a joiner right now: it will not join.
             return self.w.clone();
         }
         let before = self.w.state;
