@@ -158,7 +158,22 @@ fn wait_healthy(
                 .status
                 .success()
         {
-            return Ok(());
+            // The frontend answers before the server's other services have bound their
+            // ports (random ones, chosen at start); one losing its port to another test
+            // ends the whole process moments later. Healthy means still up after that.
+            std::thread::sleep(SETTLE);
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "the Temporal dev server on {addr} exited just after answering ({status}): {}",
+                    log_text()
+                ));
+            }
+            if cli(bin, addr, &["operator", "namespace", "describe", "default"])
+                .status
+                .success()
+            {
+                return Ok(());
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -168,8 +183,27 @@ fn wait_healthy(
     ))
 }
 
+/// How long a dev server must stay up after its first healthy answer.
+const SETTLE: Duration = Duration::from_millis(700);
+
 impl Drop for TemporalServer {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows what the server said (its log goes with its tempdir).
+            let status = match self.child.try_wait() {
+                Ok(Some(status)) => format!("exited during the test ({status})"),
+                _ => "still running".to_owned(),
+            };
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!(
+                "the Temporal dev server on {} {status}; the end of its log:",
+                self.addr
+            );
+            for line in tail.iter().rev() {
+                eprintln!("  {line}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

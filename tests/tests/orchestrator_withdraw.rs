@@ -228,12 +228,21 @@ impl World {
                     max_fee_sat: request.max_fee.to_sat(),
                     fee_rate: Some(pb_rate),
                 };
-                let shown = self
-                    .served
-                    .runtime
-                    .block_on(t.api.submit_withdrawal(tonic::Request::new(asked)))
-                    .map_err(|s| s.message().to_owned())?
-                    .into_inner();
+                // UNAVAILABLE: submitted again with the same request id, as a client
+                // does (the API answers a repeated request id with the same withdrawal).
+                let started = Instant::now();
+                let shown = loop {
+                    let asked = tonic::Request::new(asked.clone());
+                    match self.served.runtime.block_on(t.api.submit_withdrawal(asked)) {
+                        Ok(shown) => break shown.into_inner(),
+                        Err(e) if e.code() == tonic::Code::Unavailable => {
+                            eprintln!("submitting {}: {e}; asking again", request.request_id);
+                            assert!(started.elapsed() < WAIT, "{e}");
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                        Err(e) => return Err(e.message().to_owned()),
+                    }
+                };
                 t.ids
                     .lock()
                     .unwrap()
