@@ -9,8 +9,12 @@
 //!
 //! - with `--subscribers N`: the tip latency again, side by side in the same run, while N
 //!   gRPC subscribers follow the event log live.
+//! - with `--add-watch N`: the tip latency while a client adds N new deposit addresses
+//!   over gRPC `AddWatch` (calls of 100,000, one after the other), against the blocks
+//!   before and after, and the calls' scripts/s.
 //!
-//! `follow_bench [--blocks N] [--fillers N] [--rounds N] [--subscribers N] [--watched-share F]`
+//! `follow_bench [--blocks N] [--fillers N] [--rounds N] [--subscribers N] [--watched-share F]
+//! [--add-watch N]`
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -59,6 +63,29 @@ struct Args {
     /// Also watch this share of the scripts the node's traffic pays (more events a block).
     #[arg(long, default_value_t = 0.0)]
     watched_share: f64,
+    /// After the tip-latency blocks, add this many new addresses over gRPC `AddWatch`
+    /// while blocks keep coming, then mine as many blocks again without.
+    #[arg(long, default_value_t = 0)]
+    add_watch: u32,
+}
+
+/// Descriptors an `AddWatch` call takes at most.
+const PER_CALL: usize = 100_000;
+
+/// The bench's gRPC token (the server refuses writes without one).
+const TOKEN: &str = "bench-token-of-32-characters-xyz";
+
+/// What the `--add-watch` phase measured.
+#[derive(Default)]
+struct Adds {
+    /// Tip latencies (ms) of the blocks mined while the calls ran.
+    latencies: Vec<f64>,
+    /// Each call's time (s).
+    calls: Vec<f64>,
+    /// All the calls, first sent to last answered (s).
+    total: f64,
+    /// Scripts the calls added.
+    added: u64,
 }
 
 /// When each block's `rawblock` arrived (and its bytes), and when it became visible.
@@ -206,10 +233,99 @@ fn watch_commits(
     })
 }
 
+/// `n` regtest P2WPKH addresses no wallet watches (deposit addresses of new customers).
+fn deposit_addresses(n: u32) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let h = bitcoin::hashes::sha256::Hash::hash(
+                &[b"deposit".as_slice(), &i.to_le_bytes()].concat(),
+            );
+            let mut program = [0u8; 20];
+            program.copy_from_slice(&h.to_byte_array()[..20]);
+            let script = ScriptBuf::new_p2wpkh(&bitcoin::WPubkeyHash::from_byte_array(program));
+            Address::from_script(&script, Network::Regtest)
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Serves `following` over gRPC with `AddWatch` going to its follower (token [`TOKEN`]);
+/// returns the runtime (dropping it stops the server) and a client.
+fn serve_adds(
+    following: &Following,
+) -> Result<(
+    tokio::runtime::Runtime,
+    IndexerClient<tonic::transport::Channel>,
+)> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    runtime.spawn(indexer::grpc::serve(
+        following.store.clone(),
+        listener,
+        indexer::grpc::ServeOptions {
+            access: indexer::grpc::Access {
+                token: Some(service::auth::BearerToken::new(TOKEN)),
+                tls: None,
+                watch: following.watch.clone(),
+            },
+            ..indexer::grpc::ServeOptions::new(Network::Regtest)
+        },
+        std::future::pending(),
+    ));
+    let channel = runtime
+        .block_on(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect())?;
+    Ok((runtime, IndexerClient::new(channel)))
+}
+
+/// Sends `addresses` as `AddWatch` calls of [`PER_CALL`], one after the other: each
+/// call's time, and the scripts added.
+fn add_in_calls(
+    runtime: &tokio::runtime::Runtime,
+    client: &IndexerClient<tonic::transport::Channel>,
+    addresses: &[String],
+) -> Result<(Vec<f64>, u64)> {
+    let mut calls = Vec::new();
+    let mut added = 0;
+    for chunk in addresses.chunks(PER_CALL) {
+        let mut req = tonic::Request::new(pb::AddWatchRequest {
+            wallet: "deposits".into(),
+            descriptors: chunk.to_vec(),
+            birth_height: None,
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse()?);
+        let started = Instant::now();
+        let answer = runtime
+            .block_on(client.clone().add_watch(req))?
+            .into_inner();
+        calls.push(started.elapsed().as_secs_f64());
+        added += u64::from(answer.new_scripts);
+    }
+    Ok((calls, added))
+}
+
+/// What [`tip_latency`] measured.
+struct Measured {
+    /// Tip latencies (ms) of the blocks without subscribers or adds.
+    latencies: Vec<f64>,
+    /// The parse time (ms) of each of those blocks, best of three.
+    parses: Vec<f64>,
+    /// Their sizes.
+    sizes: Vec<usize>,
+    /// Tip latencies (ms) with the subscribers following.
+    with_subscribers: Vec<f64>,
+    /// Events the subscribers received during their blocks.
+    delivered: u64,
+    /// The `--add-watch` phase.
+    adds: Adds,
+}
+
 /// Tip latency over `blocks` blocks; with `subscribers`, then over as many again while
-/// they follow the event log, then as many again without them (counted with the first):
-/// (latencies, parse times, sizes, latencies with subscribers, events they received).
-#[allow(clippy::type_complexity)]
+/// they follow the event log, then as many again without them (counted with the first);
+/// with `add_watch`, then while that many addresses are added over gRPC, then over as
+/// many blocks again without.
 fn tip_latency(
     node: &Devnet,
     miner: &str,
@@ -217,7 +333,8 @@ fn tip_latency(
     blocks: u32,
     rawtx: bool,
     subscribers: usize,
-) -> Result<(Vec<f64>, Vec<f64>, Vec<usize>, Vec<f64>, u64)> {
+    add_watch: u32,
+) -> Result<Measured> {
     let db = tempfile::tempdir()?;
     let mut zmq = node.zmq();
     zmq.topics.retain(|(t, _)| rawtx || *t != Topic::RawTx);
@@ -237,8 +354,12 @@ fn tip_latency(
     let committing = watch_commits(following.store.clone(), timeline.clone(), stop.clone());
     std::thread::sleep(Duration::from_millis(300)); // let the subscriber connect
 
-    let sample = |samples: &mut Vec<(BlockHash, Duration, Vec<u8>)>| -> Result<()> {
-        for i in 0..blocks {
+    let sample_while = |samples: &mut Vec<(BlockHash, Duration, Vec<u8>)>,
+                        more: &dyn Fn(u32) -> bool|
+     -> Result<()> {
+        let mut i = 0;
+        while more(i) {
+            i += 1;
             let hash = node.mine_to(1, miner)[0];
             let until = Instant::now() + Duration::from_secs(60);
             loop {
@@ -258,6 +379,8 @@ fn tip_latency(
         }
         Ok(())
     };
+    let sample =
+        |samples: &mut Vec<(BlockHash, Duration, Vec<u8>)>| sample_while(samples, &|i| i < blocks);
     let mut samples = Vec::new();
     sample(&mut samples)?;
     let mut with_subscribers = Vec::new();
@@ -298,6 +421,43 @@ fn tip_latency(
         sample(&mut after)?;
         samples.extend(after);
     }
+    let mut adds = Adds::default();
+    if add_watch > 0 {
+        let addresses = deposit_addresses(add_watch);
+        let (runtime, client) = serve_adds(&following)?;
+        let adding = AtomicBool::new(true);
+        let mut during = Vec::new();
+        let started = Instant::now();
+        let outcome = std::thread::scope(|s| {
+            let sender = s.spawn(|| {
+                let outcome = add_in_calls(&runtime, &client, &addresses);
+                adding.store(false, Ordering::Relaxed);
+                outcome
+            });
+            let sampled = sample_while(&mut during, &|_| adding.load(Ordering::Relaxed));
+            let sent = sender
+                .join()
+                .map_err(|_| anyhow::anyhow!("the adding thread panicked"));
+            sampled.and(sent)
+        });
+        let (calls, added) = outcome??;
+        adds = Adds {
+            latencies: during
+                .into_iter()
+                .map(|(_, latency, _)| latency.as_secs_f64() * 1e3)
+                .collect(),
+            calls,
+            total: started.elapsed().as_secs_f64(),
+            added,
+        };
+        if adds.added != u64::from(add_watch) {
+            bail!("AddWatch added {} of {add_watch} scripts", adds.added);
+        }
+        drop(runtime);
+        let mut after = Vec::new();
+        sample(&mut after)?;
+        samples.extend(after);
+    }
     stop.store(true, Ordering::Relaxed);
     let _ = committing.join();
     // The parse stage on the same bytes, with the same filter, on the same rayon pool.
@@ -333,7 +493,14 @@ fn tip_latency(
         .into_iter()
         .map(|(_, latency, _)| latency.as_secs_f64() * 1e3)
         .collect();
-    Ok((latencies, parses, sizes, with_subscribers, delivered))
+    Ok(Measured {
+        latencies,
+        parses,
+        sizes,
+        with_subscribers,
+        delivered,
+        adds,
+    })
 }
 
 /// How one catch-up read its blocks.
@@ -413,13 +580,21 @@ fn main() -> Result<()> {
     }
 
     eprintln!("tip latency over {} full blocks...", args.blocks);
-    let (latencies, parses, sizes, with_subscribers, delivered) = tip_latency(
+    let Measured {
+        latencies,
+        parses,
+        sizes,
+        with_subscribers,
+        delivered,
+        adds,
+    } = tip_latency(
         &node,
         &miner,
         &wallets,
         args.blocks,
         !args.no_rawtx,
         args.subscribers,
+        args.add_watch,
     )?;
     eprintln!(
         "latencies (ms): {:?}",
@@ -464,6 +639,32 @@ fn main() -> Result<()> {
             percentile(&with, 0.5) / percentile(&latencies, 0.5),
             percentile(&with, 0.99) / percentile(&latencies, 0.99)
         );
+    }
+    if args.add_watch > 0 {
+        let during = sorted(adds.latencies);
+        let calls = sorted(adds.calls);
+        println!(
+            "AddWatch of {} new addresses in {} calls of up to {PER_CALL}, one after the other, while following: {:.1} s, {:.0} scripts/s; a call p50 {:.2} s, max {:.2} s",
+            adds.added,
+            calls.len(),
+            adds.total,
+            adds.added as f64 / adds.total,
+            percentile(&calls, 0.5),
+            percentile(&calls, 1.0),
+        );
+        if during.is_empty() {
+            println!("no block was mined during the calls");
+        } else {
+            println!(
+                "tip latency of the {} blocks mined during the calls: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; ratio to without (same run): p50 {:.2}, max {:.2}",
+                during.len(),
+                percentile(&during, 0.5),
+                percentile(&during, 0.99),
+                percentile(&during, 1.0),
+                percentile(&during, 0.5) / percentile(&latencies, 0.5),
+                percentile(&during, 1.0) / percentile(&latencies, 1.0),
+            );
+        }
     }
     if args.rounds == 0 {
         return Ok(());

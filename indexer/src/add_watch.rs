@@ -9,6 +9,7 @@ use bitcoin::Network;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::backfill::Registry;
+use crate::descriptors::Expanded;
 use crate::script_filter::ScriptFilter;
 use crate::store::{Reader, Store, StoreError};
 use crate::wallets::{self, Added, WalletError};
@@ -23,6 +24,9 @@ pub struct WatchRequest {
     pub birth_height: Option<u32>,
     /// Scripts derived from each ranged descriptor.
     pub gap_limit: u32,
+    /// `descriptors` expanded already (by the gRPC handler, so that the follower's pause
+    /// between two blocks is only the database's part); `None`: expanded when applied.
+    pub expanded: Option<Vec<Expanded>>,
     /// Receives the outcome.
     pub reply: tokio::sync::oneshot::Sender<Result<Accepted, AddWatchError>>,
 }
@@ -88,21 +92,21 @@ impl From<StoreError> for AddWatchError {
 
 /// Applies `req` to `store` (by the thread that writes blocks) and answers it; the new
 /// scripts go into `filter` when one is given (the follower's, in place).
-pub fn apply(store: &Store, network: Network, req: WatchRequest, filter: Option<&ScriptFilter>) {
-    let outcome = add(
-        store,
-        network,
-        &req.wallet,
-        &req.descriptors,
-        req.birth_height,
-        req.gap_limit,
-        filter,
-    );
+pub fn apply(
+    store: &Store,
+    network: Network,
+    mut req: WatchRequest,
+    filter: Option<&ScriptFilter>,
+) {
+    let started = std::time::Instant::now();
+    let expanded = req.expanded.take();
+    let outcome = add(store, network, &req, expanded, filter);
     match &outcome {
         Ok(added) => tracing::info!(
             wallet = %req.wallet,
             new = added.new_scripts,
             known = added.known_scripts,
+            took_ms = started.elapsed().as_millis() as u64,
             "watching more scripts"
         ),
         Err(e) => tracing::warn!(wallet = %req.wallet, error = %e, "AddWatch refused"),
@@ -113,19 +117,26 @@ pub fn apply(store: &Store, network: Network, req: WatchRequest, filter: Option<
 fn add(
     store: &Store,
     network: Network,
-    wallet: &str,
-    descriptors: &[String],
-    birth_height: Option<u32>,
-    gap_limit: u32,
+    req: &WatchRequest,
+    expanded: Option<Vec<Expanded>>,
     filter: Option<&ScriptFilter>,
 ) -> Result<Added, AddWatchError> {
+    let (wallet, descriptors) = (req.wallet.as_str(), &req.descriptors[..]);
+    let (birth_height, gap_limit) = (req.birth_height, req.gap_limit);
     if let (Some(birth), Some((tip, _))) = (birth_height, store.tip()?) {
         if birth <= tip {
             return Err(AddWatchError::History { birth, tip });
         }
     }
-    Ok(match filter {
-        Some(f) => wallets::add_into(
+    let to = wallets::WatchTarget {
+        network,
+        wallet,
+        birth_height,
+        gap_limit,
+    };
+    Ok(match (filter, expanded) {
+        (Some(f), Some(expanded)) => wallets::add_expanded_into(store, &to, expanded, f)?,
+        (Some(f), None) => wallets::add_into(
             store,
             network,
             wallet,
@@ -134,7 +145,7 @@ fn add(
             gap_limit,
             f,
         )?,
-        None => wallets::add(store, network, wallet, descriptors, birth_height, gap_limit)?,
+        (None, _) => wallets::add(store, network, wallet, descriptors, birth_height, gap_limit)?,
     })
 }
 
@@ -163,7 +174,9 @@ pub enum WatchChanges {
 /// A channel from the gRPC server to a follower
 /// (`Follower::with_watch_requests`), and the registry of its backfills.
 pub fn channel(gap_limit: u32) -> (WatchChanges, Receiver<WatchRequest>, Registry) {
-    let (requests, rx) = crossbeam_channel::bounded(64);
+    // A request may hold 100,000 descriptors (~10 MB): 16 waiting bound the memory, and
+    // a client sending more at once hears RESOURCE_EXHAUSTED and retries.
+    let (requests, rx) = crossbeam_channel::bounded(16);
     let backfills = Registry::default();
     (
         WatchChanges::Follower {

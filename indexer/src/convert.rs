@@ -46,6 +46,10 @@ pub const MAX_PAGE_TOKEN: usize = 256;
 pub const MAX_DESCRIPTOR: usize = 4096;
 /// Most descriptors in one `AddWatch` (larger sets go in several calls).
 pub const MAX_DESCRIPTORS: usize = 100_000;
+/// Largest request the server decodes: room for [`MAX_DESCRIPTORS`] ranged xpub
+/// descriptors (~150 bytes each), where tonic's default of 4 MiB does not hold 100,000
+/// bech32 addresses.
+pub const MAX_REQUEST_BYTES: usize = 32 << 20;
 
 /// Refuses a request field longer than `max` bytes, without echoing it.
 pub fn bounded(field: &str, value: &str, max: usize) -> Result<(), Status> {

@@ -18,7 +18,7 @@ use crate::mempool::{Gone, SharedMempool};
 use crate::metrics::IndexerMetrics;
 use crate::query::{Query, QueryError};
 use crate::store::Store;
-use crate::wallets::WalletError;
+use crate::wallets::{self, WalletError};
 use service::auth::BearerToken;
 
 /// The query service over one database.
@@ -180,11 +180,12 @@ impl Indexer for IndexerService {
             convert::bounded("a descriptor", d, convert::MAX_DESCRIPTOR)?;
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let request = |gap_limit: u32| WatchRequest {
+        let request = |gap_limit: u32, expanded| WatchRequest {
             wallet: req.wallet.clone(),
             descriptors: req.descriptors.clone(),
             birth_height: req.birth_height,
             gap_limit,
+            expanded,
             reply,
         };
         match &self.watch {
@@ -196,7 +197,7 @@ impl Indexer for IndexerService {
             }
             WatchChanges::Direct { gap_limit } => {
                 let (store, network) = (self.store.clone(), self.network);
-                let request = request(*gap_limit);
+                let request = request(*gap_limit, None);
                 tokio::task::spawn_blocking(move || {
                     add_watch::apply(&store, network, request, None)
                 })
@@ -208,8 +209,19 @@ impl Indexer for IndexerService {
                 gap_limit,
                 ..
             } => {
+                // Expanded here, beside the follower: it then pauses between two blocks
+                // only for the database's part. A bad descriptor is refused at once.
+                let (wallet, descriptors) = (req.wallet.clone(), req.descriptors.clone());
+                let (network, gap) = (self.network, *gap_limit);
+                let expanded = tokio::task::spawn_blocking(move || {
+                    wallets::check_request(&wallet, &descriptors)?;
+                    wallets::expand_all(&descriptors, network, gap)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("AddWatch task failed: {e}")))?
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
                 requests
-                    .try_send(request(*gap_limit))
+                    .try_send(request(*gap_limit, Some(expanded)))
                     .map_err(|e| match e {
                         crossbeam_channel::TrySendError::Full(_) => Status::resource_exhausted(
                             "too many AddWatch requests waiting: retry shortly",
@@ -492,11 +504,14 @@ pub async fn serve(
         .layer(metrics.grpc.layer())
         .add_service(health)
         .add_service(reflection)
-        .add_service(IndexerServer::with_interceptor(
-            IndexerService::new(store, network, stopping)
-                .with_mempool(mempool)
-                .with_watch(watch)
-                .with_metrics(metrics),
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            IndexerServer::new(
+                IndexerService::new(store, network, stopping)
+                    .with_mempool(mempool)
+                    .with_watch(watch)
+                    .with_metrics(metrics),
+            )
+            .max_decoding_message_size(convert::MAX_REQUEST_BYTES),
             move |req| match &token {
                 Some(t) => t.check(req),
                 None => Ok(req),

@@ -9,7 +9,8 @@
 //! while the parser hashes the transaction.
 
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use foldhash::fast::FixedState;
 
@@ -36,6 +37,10 @@ pub struct ScriptFilter {
     /// Moves after each group of scripts added while blocks are parsed (the look-ahead):
     /// a block parsed at an older generation is checked again for the scripts added since.
     generation: AtomicU64,
+    /// Whether inserts are also kept in `journal` (a bigger copy is being built).
+    journaling: AtomicBool,
+    /// Scripts inserted while journaling, for the bigger copy to take over.
+    journal: Mutex<Vec<Vec<u8>>>,
 }
 
 /// What a saved filter starts with.
@@ -93,7 +98,23 @@ impl ScriptFilter {
             len: AtomicUsize::new(0),
             capacity: capacity.max(1),
             generation: AtomicU64::new(0),
+            journaling: AtomicBool::new(false),
+            journal: Mutex::new(Vec::new()),
         }
+    }
+
+    /// From now on, keeps every script inserted (see [`ScriptFilter::take_journal`]): a
+    /// bigger filter built from the database in the background meanwhile gets them when it
+    /// replaces this one, so no script added during the build is lost.
+    pub fn start_journal(&self) {
+        self.journaling.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops keeping inserted scripts and returns those kept since
+    /// [`ScriptFilter::start_journal`].
+    pub fn take_journal(&self) -> Vec<Vec<u8>> {
+        self.journaling.store(false, Ordering::SeqCst);
+        std::mem::take(&mut *self.journal.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The generation a parse worker reads before probing (see [`ScriptFilter::advance`]).
@@ -163,6 +184,8 @@ impl ScriptFilter {
             len: AtomicUsize::new(usize::try_from(len).ok()?),
             capacity: usize::try_from(capacity).ok()?.max(1),
             generation: AtomicU64::new(0),
+            journaling: AtomicBool::new(false),
+            journal: Mutex::new(Vec::new()),
         };
         Some((filter, generation))
     }
@@ -217,6 +240,12 @@ impl ScriptFilter {
             word.fetch_or(mask, Ordering::Relaxed);
         }
         self.len.fetch_add(1, Ordering::Relaxed);
+        if self.journaling.load(Ordering::SeqCst) {
+            self.journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(script.to_vec());
+        }
     }
 
     /// `false` if the script of `hash` ([`ScriptFilter::hash`]) is certainly not watched.
@@ -280,6 +309,24 @@ mod tests {
         damaged[8 + 8] ^= 1; // the seed: the check hash no longer matches
         assert!(ScriptFilter::from_bytes(&damaged).is_none());
         assert!(ScriptFilter::from_bytes(b"nonsense").is_none());
+    }
+
+    #[test]
+    fn only_scripts_inserted_while_journaling_are_kept() {
+        let f = ScriptFilter::new(100, 0.001);
+        f.insert(b"before");
+        f.start_journal();
+        f.insert(b"during 1");
+        f.insert(b"during 2");
+        assert_eq!(
+            f.take_journal(),
+            vec![b"during 1".to_vec(), b"during 2".to_vec()]
+        );
+        f.insert(b"after");
+        assert!(f.take_journal().is_empty());
+        assert!(["before", "during 1", "after"]
+            .iter()
+            .all(|s| f.may_contain(s.as_bytes())));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use bitcoin::{Network, ScriptBuf};
 
-use crate::descriptors::{self, WatchError};
+use crate::descriptors::{self, Expanded, WatchError};
 use crate::script_filter::ScriptFilter;
 use crate::store::recent::RecentChanges;
 use crate::store::schema::{self, Cf, WatchRecord};
@@ -79,7 +79,11 @@ pub fn add(
 }
 
 /// [`add`], and the scripts it makes the wallet watch inserted into `filter` (in place:
-/// the pipeline reading it sees them from its next block on).
+/// the pipeline reading it sees them from its next block on). `filter` must hold every
+/// watched script (the follower's does): only the scripts it may hold are looked up, and
+/// many new ones are ingested as sorted tables, as [`add_lines`] does, so that a gRPC
+/// `AddWatch` of 100,000 scripts holds the follower for a fraction of a block's time.
+/// Durable when it returns.
 pub fn add_into(
     store: &Store,
     network: Network,
@@ -89,8 +93,47 @@ pub fn add_into(
     gap_limit: u32,
     filter: &ScriptFilter,
 ) -> Result<Added, WalletError> {
-    let mut prepared = prepare(store, network, wallet, descriptors, birth_height, gap_limit)?;
-    store.commit(prepared.writes(store)?, true)?;
+    let to = WatchTarget {
+        network,
+        wallet,
+        birth_height,
+        gap_limit,
+    };
+    check_request(wallet, descriptors)?;
+    let expanded = expand_all(descriptors, network, gap_limit)?;
+    add_expanded_into(store, &to, expanded, filter)
+}
+
+/// Expands `descriptors` into scripts, in parallel: the part of an add that needs no
+/// database, which a gRPC handler does before handing the add to the follower.
+pub fn expand_all(
+    descriptors: &[String],
+    network: Network,
+    gap_limit: u32,
+) -> Result<Vec<Expanded>, WalletError> {
+    Ok(descriptors
+        .par_iter()
+        .map(|d| descriptors::expand(d, network, gap_limit))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// [`add_into`] of descriptors already expanded (by [`expand_all`], with `to`'s network
+/// and gap limit).
+pub fn add_expanded_into(
+    store: &Store,
+    to: &WatchTarget<'_>,
+    expanded: Vec<Expanded>,
+    filter: &ScriptFilter,
+) -> Result<Added, WalletError> {
+    let started = std::time::Instant::now();
+    let mut prepared = prepare_expanded(store, to, expanded, Some(filter))?;
+    let prepared_in = started.elapsed();
+    commit_chunk(store, &mut prepared, true)?;
+    tracing::debug!(
+        prepare_ms = prepared_in.as_millis() as u64,
+        commit_ms = (started.elapsed() - prepared_in).as_millis() as u64,
+        "scripts added"
+    );
     for script in &prepared.watched {
         filter.insert(script.as_bytes());
     }
@@ -156,22 +199,41 @@ fn prepare_with(
     descriptors: &[String],
     bulk: Option<&ScriptFilter>,
 ) -> Result<Prepared, WalletError> {
-    let WatchTarget {
-        network,
-        wallet,
-        birth_height,
-        gap_limit,
-    } = *to;
+    check_request(to.wallet, descriptors)?;
+    let expanded = expand_all(descriptors, to.network, to.gap_limit)?;
+    prepare_expanded(store, to, expanded, bulk)
+}
+
+/// Refuses a bad wallet name or no descriptors, before any work.
+pub fn check_request(wallet: &str, descriptors: &[String]) -> Result<(), WalletError> {
     if !valid_name(wallet) {
         return Err(WalletError::Name(wallet.to_string()));
     }
     if descriptors.is_empty() {
         return Err(WalletError::Empty);
     }
-    let expanded = descriptors
-        .par_iter()
-        .map(|d| descriptors::expand(d, network, gap_limit))
-        .collect::<Result<Vec<_>, _>>()?;
+    Ok(())
+}
+
+/// [`prepare_with`] of descriptors already expanded.
+fn prepare_expanded(
+    store: &Store,
+    to: &WatchTarget<'_>,
+    expanded: Vec<Expanded>,
+    bulk: Option<&ScriptFilter>,
+) -> Result<Prepared, WalletError> {
+    let WatchTarget {
+        wallet,
+        birth_height,
+        gap_limit,
+        ..
+    } = *to;
+    if !valid_name(wallet) {
+        return Err(WalletError::Name(wallet.to_string()));
+    }
+    if expanded.is_empty() {
+        return Err(WalletError::Empty);
+    }
 
     let mut batch = Batch::default();
     let id = match store.wallet_id(wallet)? {
@@ -454,7 +516,8 @@ pub fn add_lines(
             break;
         }
         let mut prepared = prepare_with(store, to, &chunk, Some(filter))?;
-        commit_chunk(store, &mut prepared).map_err(WalletError::from)?;
+        // Unsynced: every chunk is flushed at the end.
+        commit_chunk(store, &mut prepared, false).map_err(WalletError::from)?;
         for script in &prepared.watched {
             filter.insert(script.as_bytes());
         }
@@ -484,8 +547,8 @@ pub fn add_lines(
 }
 
 /// Commits one chunk of [`add_lines`] in the order that keeps a crash between steps
-/// harmless (see there).
-fn commit_chunk(store: &Store, prepared: &mut Prepared) -> Result<(), StoreError> {
+/// harmless (see there); `sync`: durable when it returns, also when small.
+fn commit_chunk(store: &Store, prepared: &mut Prepared, sync: bool) -> Result<(), StoreError> {
     let id = prepared.added.wallet;
     let fresh = std::mem::take(&mut prepared.fresh);
     let mut batch = prepared.writes(store)?;
@@ -499,7 +562,7 @@ fn commit_chunk(store: &Store, prepared: &mut Prepared) -> Result<(), StoreError
                 &[],
             );
         }
-        return store.commit(batch, false);
+        return store.commit(batch, sync);
     }
     // Synced: the tables ingested next are durable at once, and must never outlive the
     // wallet they name.
@@ -596,22 +659,56 @@ pub fn load_filter(
             }
         }
     }
-    // An estimate is enough to size it: it takes twice as many before it is outgrown.
-    let count = usize::try_from(store.estimate_keys(Cf::Watch)).unwrap_or(usize::MAX);
-    let filter = ScriptFilter::new(min_capacity.max(count.saturating_mul(2)), fp_rate);
-    // Script ids are uniform hashes: 16 ranges of the first byte load in parallel.
-    (0u8..16).into_par_iter().try_for_each(|part| {
-        let from = [part << 4];
-        let to = (part < 15).then(|| [(part + 1) << 4]);
-        store.for_each_range(Cf::Watch, &from, to.as_ref().map(|t| &t[..]), |_, v| {
-            filter.insert(schema::watch_script(v)?);
-            Ok::<_, StoreError>(())
-        })
-    })?;
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let filter = scan_filter(store, min_capacity, fp_rate, &never)?
+        .expect("a scan that is never stopped completes");
     if store.watch_generation()? == generation {
         save_filter_at(store, &filter, generation);
     }
     Ok(filter)
+}
+
+/// Why [`scan_filter`] ended early.
+enum Scan {
+    Store(StoreError),
+    Stopped,
+}
+
+impl From<StoreError> for Scan {
+    fn from(e: StoreError) -> Self {
+        Scan::Store(e)
+    }
+}
+
+/// A bloom filter built from every script of the `watch` family, sized for twice their
+/// number and at least `min_capacity` (see [`load_filter`]); `None` when `stop` was set
+/// meanwhile. Reads the database only: a follower runs it beside its pipeline.
+pub fn scan_filter(
+    store: &Store,
+    min_capacity: usize,
+    fp_rate: f64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Option<ScriptFilter>, StoreError> {
+    // An estimate is enough to size it: it takes twice as many before it is outgrown.
+    let count = usize::try_from(store.estimate_keys(Cf::Watch)).unwrap_or(usize::MAX);
+    let filter = ScriptFilter::new(min_capacity.max(count.saturating_mul(2)), fp_rate);
+    // Script ids are uniform hashes: 16 ranges of the first byte load in parallel.
+    let scanned = (0u8..16).into_par_iter().try_for_each(|part| {
+        let from = [part << 4];
+        let to = (part < 15).then(|| [(part + 1) << 4]);
+        store.for_each_range(Cf::Watch, &from, to.as_ref().map(|t| &t[..]), |_, v| {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Scan::Stopped);
+            }
+            filter.insert(schema::watch_script(v).map_err(StoreError::from)?);
+            Ok(())
+        })
+    });
+    match scanned {
+        Ok(()) => Ok(Some(filter)),
+        Err(Scan::Stopped) => Ok(None),
+        Err(Scan::Store(e)) => Err(e),
+    }
 }
 
 /// Saves `filter` as holding the watched set at its current generation: only when no

@@ -636,3 +636,98 @@ fn a_backfill_cut_short_by_a_crash_is_redone_at_the_next_start() {
     assert!(f.wait_for(tip, WAIT));
     assert_recovered_is_exact(&f.store, &node, wallets_at_start, &[&old], &[]);
 }
+
+/// `count` regtest P2WPKH addresses of keys nobody holds, distinct for each `seed`.
+fn deposit_addresses(seed: u32, count: u32) -> Vec<String> {
+    use bitcoin::hashes::Hash;
+    (0..count)
+        .map(|i| {
+            let h = bitcoin::hashes::sha256::Hash::hash(
+                &[seed.to_le_bytes(), i.to_le_bytes()].concat(),
+            );
+            let mut program = [0u8; 20];
+            program.copy_from_slice(&h.to_byte_array()[..20]);
+            let script = ScriptBuf::new_p2wpkh(&bitcoin::WPubkeyHash::from_byte_array(program));
+            bitcoin::Address::from_script(&script, Network::Regtest)
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// An exchange's deposit scripts over gRPC: calls of the most descriptors a call takes
+/// (100,000 bech32 addresses, more than tonic's default 4 MiB message), one after the
+/// other while the node mines and pays, are all watched; the blocks mined between them
+/// are indexed, each address's deposits counted, and the end state equals a fresh index
+/// of the node's blk files for the same wallets. A call of one more is refused.
+#[test]
+fn calls_of_a_hundred_thousand_addresses_are_added_while_blocks_keep_coming() {
+    const CALLS: u32 = 3;
+    const PER_CALL: u32 = 100_000;
+    let node = Devnet::start(|c| c.filler_txs = 5);
+    let miner = node.new_address("bech32");
+    node.mine_to(101, &miner);
+    let hot = node.new_address("bech32");
+    let (mut wallets, _db, f) = follow_hot(&node, &hot);
+    let api = Api { served: &f };
+
+    let too_many = deposit_addresses(99, PER_CALL + 1);
+    let refs: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    let refused = api.add(Some(TOKEN), "deposits", &refs, None).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert_eq!(
+        api.balance("deposits").unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+
+    let chunks: Vec<Vec<String>> = (0..CALLS).map(|c| deposit_addresses(c, PER_CALL)).collect();
+    let (answered_tx, answered) = std::sync::mpsc::channel();
+    let mut paid = 0u64;
+    std::thread::scope(|s| {
+        let chunks = &chunks;
+        let api = &api;
+        s.spawn(move || {
+            for (c, chunk) in chunks.iter().enumerate() {
+                let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                let added = api.add(Some(TOKEN), "deposits", &refs, None).unwrap();
+                assert_eq!(
+                    (added.new_scripts, added.known_scripts, added.backfill_id),
+                    (PER_CALL, 0, 0)
+                );
+                answered_tx.send(c).unwrap();
+            }
+        });
+        // Blocks keep coming while the calls are sent; each call's first and last
+        // addresses are paid once it is answered.
+        let mut done = 0;
+        while done < CALLS as usize {
+            while let Ok(c) = answered.try_recv() {
+                for address in [&chunks[c][0], &chunks[c][PER_CALL as usize - 1]] {
+                    node.call("sendtoaddress", json!([address, 0.01 * (c + 1) as f64]));
+                    paid += 1_000_000 * (c as u64 + 1);
+                }
+                done += 1;
+            }
+            let mined = node.mine_to(1, &miner)[0];
+            assert!(
+                f.wait_for(mined, WAIT),
+                "a block mined during the calls is indexed"
+            );
+        }
+    });
+    let tip = node.mine_to(1, &miner)[0];
+    assert!(f.wait_for(tip, WAIT));
+    let b = api.wait_balance("deposits", |b| b.height == node.best().0);
+    assert_eq!(
+        (b.confirmed_sat, b.unconfirmed_sat, b.utxo_count),
+        (paid, 0, 2 * u64::from(CALLS))
+    );
+    wallets.push(TestWallet {
+        name: "deposits".into(),
+        scripts: chunks.iter().flatten().map(|a| script_of(a)).collect(),
+    });
+    assert_eq!(
+        f.store.digest().unwrap(),
+        fresh_digest(&node.blocks_dir(), &wallets)
+    );
+}

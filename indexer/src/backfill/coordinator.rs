@@ -80,18 +80,17 @@ impl Coordinator {
                 .any(|(_, _, at)| *at <= now)
     }
 
-    /// Applies waiting requests and merges finished backfills (the pipeline is idle),
-    /// setting `changed` when the watched set changed; what was applied before an error
-    /// stays applied, and `changed` says so even then.
+    /// Applies the oldest waiting request and merges finished backfills (the pipeline is
+    /// idle), setting `changed` when the watched set changed; what was applied before an
+    /// error stays applied, and `changed` says so even then. One request a pause: the
+    /// follower indexes the blocks that came meanwhile before it takes the next, so that
+    /// a million scripts sent as ten calls delay a block by one call's work at most.
     pub fn apply(&self, filter: &ScriptFilter, changed: &mut bool) -> Result<(), BackfillError> {
         let mut outcome = Ok(());
-        while let Ok(req) = self.requests.try_recv() {
+        if let Ok(req) = self.requests.try_recv() {
             match self.accept(req, filter) {
                 Ok(c) => *changed |= c,
-                Err(e) => {
-                    outcome = Err(e);
-                    break;
-                }
+                Err(e) => outcome = Err(e),
             }
         }
         let now = Instant::now();

@@ -133,7 +133,7 @@ impl Follower {
             if self.stopping() {
                 return Ok(LiveExit::Stop);
             }
-            if self.watch.waiting() {
+            if self.between_blocks_waiting() {
                 return Ok(LiveExit::Reconcile("watched scripts were added"));
             }
             if self.daemon.best_block_hash()? != tip.1 {
@@ -312,7 +312,7 @@ impl Follower {
     /// `AddWatch`es, a tip announced without its block, and ZMQ silence.
     fn between_notices(&self, live: &mut Live) -> Step {
         self.mempool.expire()?;
-        if self.watch.waiting() {
+        if self.between_blocks_waiting() {
             return Ok(Some(LiveExit::Reconcile("watched scripts were added")));
         }
         if let Some((hash, since)) = live.announced {

@@ -14,7 +14,8 @@ pub use fork_point::{find_fork_point, BlockSource};
 use live::LiveExit;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bitcoin::{BlockHash, Network};
@@ -99,7 +100,17 @@ pub struct Follower {
     mempool: Tracker,
     /// `AddWatch` requests and backfills, handled between blocks.
     watch: Coordinator,
+    /// A bigger bloom filter being built in the background (see
+    /// [`Follower::start_regrow`]).
+    regrow: Mutex<Option<Regrow>>,
     metrics: IndexerMetrics,
+}
+
+/// A bigger bloom filter being built from the database beside the pipeline.
+struct Regrow {
+    thread: JoinHandle<Result<Option<ScriptFilter>, crate::store::StoreError>>,
+    /// Ends the scan early (the follower stops).
+    stop: Arc<AtomicBool>,
 }
 
 /// A catch-up of more blocks than this runs with the serving threads yielding the CPU to
@@ -139,6 +150,7 @@ impl Follower {
             stop,
             notices,
             on_commit: Arc::new(|_| {}),
+            regrow: Mutex::new(None),
             metrics: IndexerMetrics::default(),
         }
     }
@@ -185,37 +197,131 @@ impl Follower {
             .clone()
     }
 
-    /// Rebuilds the bloom filter from the watched scripts.
-    fn reload_filter(&self) -> Result<(), FollowError> {
-        let filter = wallets::load_filter(
-            &self.store,
-            self.opts.bloom_capacity,
-            self.opts.bloom_fp_rate,
-        )?;
-        *self.scripts.write().expect("filter lock is never poisoned") = Arc::new(filter);
-        self.mempool.forget_checked();
-        Ok(())
+    /// Starts building a bigger bloom filter from the database in a thread of its own,
+    /// unless one is being built. Scanning millions of scripts takes seconds, which the
+    /// follower must not spend between two blocks; meanwhile the outgrown filter stays in
+    /// force (still right: an overfull bloom filter only lets more outputs through to the
+    /// exact lookup) and journals what is inserted into it, for the bigger one to take
+    /// over ([`Follower::swap_regrown`]). Called with the pipeline idle, so every script
+    /// inserted before the journal starts is committed, and seen by the scan.
+    fn start_regrow(&self) {
+        let mut regrow = self.regrow.lock().unwrap_or_else(|e| e.into_inner());
+        if regrow.is_some() {
+            return;
+        }
+        let current = self.scripts();
+        current.start_journal();
+        let store = self.store.clone();
+        // Twice what it holds now (inserts, an upper bound): the estimate of the keys
+        // the scan sizes by may fall short.
+        let capacity = self
+            .opts
+            .bloom_capacity
+            .max(current.len().saturating_mul(2));
+        let fp_rate = self.opts.bloom_fp_rate;
+        let stop = Arc::new(AtomicBool::new(false));
+        let scan_stop = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("filter-regrow".into())
+            .spawn(move || wallets::scan_filter(&store, capacity, fp_rate, &scan_stop));
+        match spawned {
+            Ok(thread) => {
+                info!(
+                    scripts = current.len(),
+                    capacity = current.capacity(),
+                    "the bloom filter outgrew its size: building a bigger one beside the pipeline"
+                );
+                *regrow = Some(Regrow { thread, stop });
+            }
+            Err(e) => {
+                current.take_journal();
+                warn!(error = %e, "could not start building a bigger bloom filter; tried again at the next add");
+            }
+        }
     }
 
-    /// Applies pending `AddWatch`es and merges finished backfills (the pipeline is idle),
-    /// then reloads the filter (also when one of them failed: what was applied stays).
+    /// Whether a bigger bloom filter is built and waits to replace the current one.
+    fn regrown(&self) -> bool {
+        self.regrow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|r| r.thread.is_finished())
+    }
+
+    /// Puts a finished bigger filter in force (the pipeline is idle), with the scripts
+    /// inserted into the current one while it was built.
+    fn swap_regrown(&self) {
+        let finished = {
+            let mut regrow = self.regrow.lock().unwrap_or_else(|e| e.into_inner());
+            match regrow.as_ref() {
+                Some(r) if r.thread.is_finished() => regrow.take(),
+                _ => None,
+            }
+        };
+        let Some(regrow) = finished else {
+            return;
+        };
+        let current = self.scripts();
+        let journal = current.take_journal();
+        match regrow.thread.join() {
+            Ok(Ok(Some(bigger))) => {
+                for script in &journal {
+                    bigger.insert(script);
+                }
+                info!(
+                    scripts = bigger.len(),
+                    capacity = bigger.capacity(),
+                    added_meanwhile = journal.len(),
+                    "a bigger bloom filter is in force"
+                );
+                *self.scripts.write().expect("filter lock is never poisoned") = Arc::new(bigger);
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => warn!(
+                error = %e,
+                "building a bigger bloom filter failed; the current one stays (more false positives) and it is tried again at the next add"
+            ),
+            Err(_) => warn!("building a bigger bloom filter panicked; the current one stays"),
+        }
+    }
+
+    /// Ends a regrow in flight and waits for its thread (the follower stops).
+    fn end_regrow(&self) {
+        let regrow = self.regrow.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(r) = regrow {
+            r.stop.store(true, Ordering::Relaxed);
+            let _ = r.thread.join();
+            self.scripts().take_journal();
+        }
+    }
+
+    /// Whether something waits for a pause between blocks: an `AddWatch`, a finished
+    /// backfill or a bigger bloom filter.
+    fn between_blocks_waiting(&self) -> bool {
+        self.watch.waiting() || self.regrown()
+    }
+
+    /// Applies the oldest pending `AddWatch`, merges finished backfills and puts a bigger
+    /// bloom filter in force (the pipeline is idle); also when one of them failed, what
+    /// was applied stays.
     fn apply_watch_changes(&self) -> Result<(), FollowError> {
+        self.swap_regrown();
         let mut changed = false;
         let outcome = self.watch.apply(&self.scripts(), &mut changed);
         if changed {
-            self.watched_more()?;
+            self.watched_more();
         }
         Ok(outcome?)
     }
 
     /// After scripts were added (into the filter in place): a filter that outgrew its size
-    /// is rebuilt bigger, and the mempool looks at every transaction again.
-    fn watched_more(&self) -> Result<(), FollowError> {
+    /// gets a bigger one built, and the mempool looks at every transaction again.
+    fn watched_more(&self) {
         if self.scripts().outgrown() {
-            return self.reload_filter();
+            self.start_regrow();
         }
         self.mempool.forget_checked();
-        Ok(())
     }
 
     /// The mempool tracker this follower keeps (share it with the gRPC server).
@@ -236,7 +342,7 @@ impl Follower {
     /// Sleeps `d`, waking early when asked to stop.
     fn pause(&self, d: Duration) {
         let until = Instant::now() + d;
-        while !self.stopping() && Instant::now() < until && !self.watch.waiting() {
+        while !self.stopping() && Instant::now() < until && !self.between_blocks_waiting() {
             std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
         }
     }
@@ -339,6 +445,21 @@ impl Follower {
         }
         let mut backoff = Duration::from_millis(250);
         self.watch.resume()?;
+        // A filter saved overfull (the last run stopped while a bigger one was built).
+        if self.scripts().outgrown() {
+            self.start_regrow();
+        }
+        let outcome = self.follow_until_stopped(&mut backoff);
+        self.end_regrow();
+        outcome?;
+        // Stopped: nothing adds scripts any more, so the filter in memory is the watched
+        // set at its current generation, and the next start loads it instead of a scan.
+        wallets::save_filter(&self.store, &self.scripts())?;
+        Ok(())
+    }
+
+    /// The loop of [`Follower::run`].
+    fn follow_until_stopped(&self, backoff: &mut Duration) -> Result<(), FollowError> {
         while !self.stopping() {
             let step = self
                 .apply_watch_changes()
@@ -360,19 +481,16 @@ impl Follower {
                 Ok(LiveExit::Reconcile(why)) => {
                     debug!(why, "reconciling with bitcoind");
                     self.metrics.reconciles.inc();
-                    backoff = Duration::from_millis(250);
+                    *backoff = Duration::from_millis(250);
                 }
                 Err(e) if e.is_transient() => {
                     warn!(error = %e, retry_in = ?backoff, "bitcoind unavailable or changing; retrying");
-                    self.pause(backoff);
-                    backoff = (backoff * 2).min(self.opts.max_backoff);
+                    self.pause(*backoff);
+                    *backoff = (*backoff * 2).min(self.opts.max_backoff);
                 }
                 Err(e) => return Err(e),
             }
         }
-        // Stopped: nothing adds scripts any more, so the filter in memory is the watched
-        // set at its current generation, and the next start loads it instead of a scan.
-        wallets::save_filter(&self.store, &self.scripts())?;
         Ok(())
     }
 }

@@ -318,7 +318,13 @@ impl Store {
         let mut bump = WriteBatch::default();
         let _generation = self.move_generation(cf == Cf::Watch, &mut bump)?;
         if !bump.is_empty() {
-            self.db.write(bump).map_err(|e| self.rocks(e))?;
+            // Synced: an ingested table is durable at once, and a crash that kept it but
+            // lost this bump would let a saved filter without its scripts be trusted.
+            let mut synced = WriteOptions::default();
+            synced.set_sync(true);
+            self.db
+                .write_opt(bump, &synced)
+                .map_err(|e| self.rocks(e))?;
         }
         let dir = self.path.join("ingest");
         std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
