@@ -53,7 +53,9 @@ impl From<Added> for Accepted {
     }
 }
 
-/// Why an `AddWatch` was refused; nothing was added.
+/// Why an `AddWatch` was refused; nothing was added, except when the database failed
+/// midway through a call of 10,000 or more new scripts, which commits in steps (sending
+/// the call again completes it).
 #[derive(Debug, thiserror::Error)]
 pub enum AddWatchError {
     /// A descriptor, the wallet name or the database.
@@ -174,8 +176,8 @@ pub enum WatchChanges {
 /// A channel from the gRPC server to a follower
 /// (`Follower::with_watch_requests`), and the registry of its backfills.
 pub fn channel(gap_limit: u32) -> (WatchChanges, Receiver<WatchRequest>, Registry) {
-    // A request may hold 100,000 descriptors (~10 MB): 16 waiting bound the memory, and
-    // a client sending more at once hears RESOURCE_EXHAUSTED and retries.
+    // The gRPC server lets a few calls in at once (`convert::MAX_ADDS_AT_ONCE`), each of
+    // at most a million scripts; the bound is a second guard.
     let (requests, rx) = crossbeam_channel::bounded(16);
     let backfills = Registry::default();
     (

@@ -46,6 +46,11 @@ pub const MAX_PAGE_TOKEN: usize = 256;
 pub const MAX_DESCRIPTOR: usize = 4096;
 /// Most descriptors in one `AddWatch` (larger sets go in several calls).
 pub const MAX_DESCRIPTORS: usize = 100_000;
+/// Most scripts the descriptors of one `AddWatch` may expand to (ranged descriptors
+/// derive `gap_limit` scripts a branch): bounds a call's memory and the follower's pause.
+pub const MAX_SCRIPTS_PER_CALL: usize = 1_000_000;
+/// Calls of `AddWatch` expanded or waiting for the follower at once; more wait their turn.
+pub const MAX_ADDS_AT_ONCE: usize = 4;
 /// Largest request the server decodes: room for [`MAX_DESCRIPTORS`] ranged xpub
 /// descriptors (~150 bytes each), where tonic's default of 4 MiB does not hold 100,000
 /// bech32 addresses.

@@ -33,6 +33,9 @@ pub struct IndexerService {
     watch: WatchChanges,
     /// The event log's shared tail, started by the first subscription.
     events: std::sync::OnceLock<Arc<EventFeed>>,
+    /// Permits for `AddWatch` calls being expanded or applied (each may hold a million
+    /// scripts in memory).
+    adding: Arc<tokio::sync::Semaphore>,
     metrics: IndexerMetrics,
 }
 
@@ -50,6 +53,7 @@ impl IndexerService {
             mempool: None,
             watch: WatchChanges::Refused,
             events: std::sync::OnceLock::new(),
+            adding: Arc::new(tokio::sync::Semaphore::new(convert::MAX_ADDS_AT_ONCE)),
             metrics: IndexerMetrics::default(),
         }
     }
@@ -179,6 +183,12 @@ impl Indexer for IndexerService {
         for d in &req.descriptors {
             convert::bounded("a descriptor", d, convert::MAX_DESCRIPTOR)?;
         }
+        // Held until the answer: at most a few calls' scripts are in memory at once.
+        let _permit = self
+            .adding
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the indexer is shutting down"))?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let request = |gap_limit: u32, expanded| WatchRequest {
             wallet: req.wallet.clone(),
@@ -209,13 +219,19 @@ impl Indexer for IndexerService {
                 gap_limit,
                 ..
             } => {
-                // Expanded here, beside the follower: it then pauses between two blocks
-                // only for the database's part. A bad descriptor is refused at once.
+                // Expanded here, on a blocking thread beside the follower: it then pauses
+                // between two blocks only for the database's part. A bad descriptor, or
+                // too many scripts, is refused at once.
                 let (wallet, descriptors) = (req.wallet.clone(), req.descriptors.clone());
                 let (network, gap) = (self.network, *gap_limit);
                 let expanded = tokio::task::spawn_blocking(move || {
                     wallets::check_request(&wallet, &descriptors)?;
-                    wallets::expand_all(&descriptors, network, gap)
+                    wallets::expand_bounded(
+                        &descriptors,
+                        network,
+                        gap,
+                        convert::MAX_SCRIPTS_PER_CALL,
+                    )
                 })
                 .await
                 .map_err(|e| Status::internal(format!("AddWatch task failed: {e}")))?
@@ -236,7 +252,10 @@ impl Indexer for IndexerService {
             .await
             .map_err(|_| Status::unavailable("the indexer is shutting down"))?
             .map_err(|e| match e {
-                AddWatchError::Wallet(WalletError::Store(e)) => Status::internal(e.to_string()),
+                // A call of many new scripts commits in steps (see `wallets::add_lines`).
+                AddWatchError::Wallet(WalletError::Store(e)) => Status::internal(format!(
+                    "{e}; the call may have been applied in part: send it again to complete it"
+                )),
                 AddWatchError::Wallet(e) => Status::invalid_argument(e.to_string()),
                 AddWatchError::History { .. } | AddWatchError::Backfilling { .. } => {
                     Status::failed_precondition(e.to_string())

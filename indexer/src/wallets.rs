@@ -26,6 +26,12 @@ pub enum WalletError {
     /// No descriptor was given.
     #[error("no descriptor given")]
     Empty,
+    /// The descriptors of one call expand to more scripts than a call may add.
+    #[error("the descriptors expand to more than {most} scripts: send them in several calls")]
+    TooMany {
+        /// The most a call may add.
+        most: usize,
+    },
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -104,8 +110,30 @@ pub fn add_into(
     add_expanded_into(store, &to, expanded, filter)
 }
 
-/// Expands `descriptors` into scripts, in parallel: the part of an add that needs no
-/// database, which a gRPC handler does before handing the add to the follower.
+/// Expands `descriptors` into scripts one after the other, refusing more than `most`
+/// scripts in all before deriving them: the part of an add that needs no database, which
+/// a gRPC handler does on a thread of its own (not the rayon pool blocks are parsed on)
+/// before handing the add to the follower.
+pub fn expand_bounded(
+    descriptors: &[String],
+    network: Network,
+    gap_limit: u32,
+    most: usize,
+) -> Result<Vec<Expanded>, WalletError> {
+    let mut expanded = Vec::with_capacity(descriptors.len());
+    let mut scripts = 0usize;
+    for d in descriptors {
+        let e = descriptors::expand(d, network, gap_limit)?;
+        scripts += e.scripts.len();
+        if scripts > most {
+            return Err(WalletError::TooMany { most });
+        }
+        expanded.push(e);
+    }
+    Ok(expanded)
+}
+
+/// Expands `descriptors` into scripts, in parallel (see [`expand_bounded`]).
 pub fn expand_all(
     descriptors: &[String],
     network: Network,
@@ -660,7 +688,7 @@ pub fn load_filter(
         }
     }
     let never = std::sync::atomic::AtomicBool::new(false);
-    let filter = scan_filter(store, min_capacity, fp_rate, &never)?
+    let filter = scan_filter(store, min_capacity, fp_rate, &never, true)?
         .expect("a scan that is never stopped completes");
     if store.watch_generation()? == generation {
         save_filter_at(store, &filter, generation);
@@ -682,18 +710,21 @@ impl From<StoreError> for Scan {
 
 /// A bloom filter built from every script of the `watch` family, sized for twice their
 /// number and at least `min_capacity` (see [`load_filter`]); `None` when `stop` was set
-/// meanwhile. Reads the database only: a follower runs it beside its pipeline.
+/// meanwhile. Reads the database only: a follower runs it beside its pipeline, and then
+/// not `parallel` (on the rayon pool its long tasks would hold the workers the parse
+/// stage waits for).
 pub fn scan_filter(
     store: &Store,
     min_capacity: usize,
     fp_rate: f64,
     stop: &std::sync::atomic::AtomicBool,
+    parallel: bool,
 ) -> Result<Option<ScriptFilter>, StoreError> {
     // An estimate is enough to size it: it takes twice as many before it is outgrown.
     let count = usize::try_from(store.estimate_keys(Cf::Watch)).unwrap_or(usize::MAX);
     let filter = ScriptFilter::new(min_capacity.max(count.saturating_mul(2)), fp_rate);
     // Script ids are uniform hashes: 16 ranges of the first byte load in parallel.
-    let scanned = (0u8..16).into_par_iter().try_for_each(|part| {
+    let part = |part: u8| {
         let from = [part << 4];
         let to = (part < 15).then(|| [(part + 1) << 4]);
         store.for_each_range(Cf::Watch, &from, to.as_ref().map(|t| &t[..]), |_, v| {
@@ -703,7 +734,12 @@ pub fn scan_filter(
             filter.insert(schema::watch_script(v).map_err(StoreError::from)?);
             Ok(())
         })
-    });
+    };
+    let scanned = if parallel {
+        (0u8..16).into_par_iter().try_for_each(part)
+    } else {
+        (0u8..16).try_for_each(part)
+    };
     match scanned {
         Ok(()) => Ok(Some(filter)),
         Err(Scan::Stopped) => Ok(None),
@@ -744,6 +780,27 @@ mod tests {
         s.extend_from_slice(&[0; 16]);
         s.extend_from_slice(&n.to_be_bytes());
         s
+    }
+
+    #[test]
+    fn a_call_expanding_to_more_scripts_than_allowed_is_refused_before_deriving_them_all() {
+        let xpub = "xpub6ERApfZwUNrhLCkDtcHTcxd75RbzS1ed54G1LkBUHQVHQKqhMkhgbmJbZRkrgZw4koxb5JaHWkY4ALHY2grBGRjaDMzQLcgJvLJuZZvRcEL";
+        let ranged = format!("wpkh({xpub}/0/*)");
+        let three = vec![ranged.clone(), ranged.clone(), raw(1)];
+        // 20 + 20 + 1 scripts at a gap limit of 20.
+        let e = expand_bounded(&three, Network::Bitcoin, 20, 41).unwrap();
+        assert_eq!(e.iter().map(|e| e.scripts.len()).sum::<usize>(), 41);
+        let refused = expand_bounded(&three, Network::Bitcoin, 20, 40).unwrap_err();
+        assert!(
+            matches!(refused, WalletError::TooMany { most: 40 }),
+            "{refused}"
+        );
+        // An invalid descriptor is still named as such.
+        let bad = vec![raw(1), "wpkh(nonsense)".to_owned()];
+        assert!(matches!(
+            expand_bounded(&bad, Network::Bitcoin, 20, 100),
+            Err(WalletError::Descriptor(_))
+        ));
     }
 
     #[test]

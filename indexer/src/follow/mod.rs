@@ -223,7 +223,7 @@ impl Follower {
         let scan_stop = stop.clone();
         let spawned = std::thread::Builder::new()
             .name("filter-regrow".into())
-            .spawn(move || wallets::scan_filter(&store, capacity, fp_rate, &scan_stop));
+            .spawn(move || wallets::scan_filter(&store, capacity, fp_rate, &scan_stop, false));
         match spawned {
             Ok(thread) => {
                 info!(
@@ -450,6 +450,8 @@ impl Follower {
             self.start_regrow();
         }
         let outcome = self.follow_until_stopped(&mut backoff);
+        // A bigger filter built already is kept (saved below), not built again next start.
+        self.swap_regrown();
         self.end_regrow();
         outcome?;
         // Stopped: nothing adds scripts any more, so the filter in memory is the watched
