@@ -220,16 +220,26 @@ impl Coordinator {
         if pending.is_empty() {
             return Ok(None);
         }
+        // One lookup a script: a call may hold a million, and so may a pending job.
+        let backfilled: std::collections::HashMap<&str, u64> = pending
+            .iter()
+            .flat_map(|j| j.scripts.iter().map(move |s| (s.as_str(), j.id)))
+            .collect();
+        let covered = |script: &bitcoin::ScriptBuf| {
+            let hex = script.to_hex_string();
+            backfilled.get(hex.as_str()).map(|job| (*job, hex))
+        };
+        // Expanded by the gRPC handler already, or here (invalid descriptors are reported
+        // by the add itself).
+        if let Some(expanded) = &req.expanded {
+            return Ok(expanded.iter().flat_map(|e| &e.scripts).find_map(covered));
+        }
         for d in &req.descriptors {
-            // Invalid descriptors are reported by the add itself.
             let Ok(expanded) = descriptors::expand(d, self.network, req.gap_limit) else {
                 continue;
             };
-            for script in expanded.scripts {
-                let hex = script.to_hex_string();
-                if let Some(job) = pending.iter().find(|j| j.scripts.contains(&hex)) {
-                    return Ok(Some((job.id, hex)));
-                }
+            if let Some(found) = expanded.scripts.iter().find_map(covered) {
+                return Ok(Some(found));
             }
         }
         Ok(None)
