@@ -731,3 +731,48 @@ fn calls_of_a_hundred_thousand_addresses_are_added_while_blocks_keep_coming() {
         fresh_digest(&node.blocks_dir(), &wallets)
     );
 }
+
+/// A call adding a script that a pending backfill covers is refused, naming the job, and
+/// adds nothing: also when the script is the last of 100,000 (looked up among the call's
+/// expanded scripts). The job is recorded in the database by hand, not started, so it stays
+/// pending for as long as the test needs.
+#[test]
+fn a_call_overlapping_a_pending_backfill_is_refused_and_adds_nothing() {
+    use indexer::backfill;
+
+    let node = Devnet::start(|c| c.filler_txs = 0);
+    let miner = node.new_address("bech32");
+    node.mine_to(101, &miner);
+    let hot = node.new_address("bech32");
+    let (_wallets, _db, f) = follow_hot(&node, &hot);
+    let api = Api { served: &f };
+
+    let recovered = foreign_address(false);
+    let descriptors = vec![recovered.clone()];
+    let scripts = backfill::new_scripts(&f.store, Network::Regtest, &descriptors, 20).unwrap();
+    let job = backfill::record(&f.store, "recovered", &descriptors, 100, 20, &scripts).unwrap();
+
+    let mut many = deposit_addresses(7, 99_999);
+    many.push(recovered.clone());
+    for call in [vec![foreign_address(true), recovered.clone()], many] {
+        let refs: Vec<&str> = call.iter().map(String::as_str).collect();
+        let refused = api.add(Some(TOKEN), "other", &refs, None).unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert!(
+            refused.message().contains(&job.id.to_string()),
+            "{refused:?}"
+        );
+        assert_eq!(
+            api.balance("other").unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+    }
+    // Scripts the job does not cover are added as usual.
+    let fresh = foreign_address(true);
+    let added = api.add(Some(TOKEN), "other", &[&fresh], None).unwrap();
+    assert_eq!((added.new_scripts, added.backfill_id), (1, 0));
+}
