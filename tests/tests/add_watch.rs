@@ -126,6 +126,27 @@ fn with_token(node: &Devnet, db: &std::path::Path) -> Settings {
     }
 }
 
+/// A devnet (`fillers` wallet transactions a block) past coinbase maturity, its miner's
+/// address, and a new address `hot` followed alone by `indexer run` with the token.
+#[allow(clippy::type_complexity)]
+fn node_following_hot(
+    fillers: usize,
+) -> (
+    Devnet,
+    String,
+    String,
+    Vec<TestWallet>,
+    tempfile::TempDir,
+    Indexer,
+) {
+    let node = Devnet::start(|c| c.filler_txs = fillers);
+    let miner = node.new_address("bech32");
+    node.mine_to(101, &miner);
+    let hot = node.new_address("bech32");
+    let (wallets, db, f) = follow_hot(&node, &hot);
+    (node, miner, hot, wallets, db, f)
+}
+
 /// Wallet `hot` of one address, followed from `node` into a new database by `indexer run`
 /// with the token, until caught up.
 fn follow_hot(node: &Devnet, hot: &str) -> (Vec<TestWallet>, tempfile::TempDir, Indexer) {
@@ -235,11 +256,7 @@ fn assert_recovered_is_exact(
 
 #[test]
 fn scripts_added_while_following_are_indexed_from_the_next_block_on() {
-    let node = Devnet::start(|c| c.filler_txs = 5);
-    let miner = node.new_address("bech32");
-    node.mine_to(101, &miner);
-    let hot = node.new_address("bech32");
-    let (mut wallets, _db, f) = follow_hot(&node, &hot);
+    let (node, miner, hot, mut wallets, _db, f) = node_following_hot(5);
     let api = Api { served: &f };
 
     // Refused, and nothing added: no token, a wrong token, bad descriptors, an address of
@@ -664,11 +681,7 @@ fn deposit_addresses(seed: u32, count: u32) -> Vec<String> {
 fn calls_of_a_hundred_thousand_addresses_are_added_while_blocks_keep_coming() {
     const CALLS: u32 = 3;
     const PER_CALL: u32 = 100_000;
-    let node = Devnet::start(|c| c.filler_txs = 5);
-    let miner = node.new_address("bech32");
-    node.mine_to(101, &miner);
-    let hot = node.new_address("bech32");
-    let (mut wallets, _db, f) = follow_hot(&node, &hot);
+    let (node, miner, _hot, mut wallets, _db, f) = node_following_hot(5);
     let api = Api { served: &f };
 
     let too_many = deposit_addresses(99, PER_CALL + 1);
@@ -740,11 +753,7 @@ fn calls_of_a_hundred_thousand_addresses_are_added_while_blocks_keep_coming() {
 fn a_call_overlapping_a_pending_backfill_is_refused_and_adds_nothing() {
     use indexer::backfill;
 
-    let node = Devnet::start(|c| c.filler_txs = 0);
-    let miner = node.new_address("bech32");
-    node.mine_to(101, &miner);
-    let hot = node.new_address("bech32");
-    let (_wallets, _db, f) = follow_hot(&node, &hot);
+    let (_node, _miner, _hot, _wallets, _db, f) = node_following_hot(0);
     let api = Api { served: &f };
 
     let recovered = foreign_address(false);
