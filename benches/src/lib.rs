@@ -29,14 +29,22 @@ use bitcoin::Network;
 use indexer::pipeline::{PipelineOptions, Progress};
 use indexer::rescan::{rescan_blocks_dir, RescanRequest};
 use indexer::script_filter::ScriptFilter;
-use indexer::store::Store;
+use indexer::store::{Profile, Store};
 use indexer::wallets;
 
 /// A fresh database in a temp dir watching `chain`'s `watched.txt` as wallet `bench`, and
-/// the bloom filter over it: what both benchmarks index into.
+/// the bloom filter over it: what the benchmarks that serve while indexing index into.
 pub fn bench_store(chain: &Path) -> Result<(tempfile::TempDir, Store, ScriptFilter)> {
+    bench_store_as(chain, Profile::Serving)
+}
+
+/// [`bench_store`] opened as `profile` (`Indexing`: as `indexer rescan --blocks-dir` opens it).
+pub fn bench_store_as(
+    chain: &Path,
+    profile: Profile,
+) -> Result<(tempfile::TempDir, Store, ScriptFilter)> {
     let db = tempfile::tempdir()?;
-    let store = Store::open(db.path(), Network::Regtest)?;
+    let store = Store::open_as(db.path(), Network::Regtest, profile)?;
     let descriptors: Vec<String> = std::fs::read_to_string(chain.join("watched.txt"))
         .context("watched.txt: run gen_chain first")?
         .lines()

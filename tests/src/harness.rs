@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use bitcoin::{Block, Network, OutPoint, ScriptBuf};
 use indexer::pipeline::{PipelineOptions, WriteOptions};
 use indexer::rescan::{self, RescanError, RescanReport, RescanRequest};
-use indexer::store::{Reader, Store};
+use indexer::store::{Profile, Reader, Store};
 use indexer::types::ScriptId;
 use indexer::wallets;
 use rand::{Rng, SeedableRng};
@@ -87,7 +87,17 @@ pub fn deal(
 
 /// A fresh database in `dir` with `wallets` watched.
 pub fn open_with_wallets(dir: &Path, network: Network, wallets: &[TestWallet]) -> Store {
-    let store = Store::open(dir, network).expect("open store");
+    open_with_wallets_as(dir, network, wallets, Profile::Serving)
+}
+
+/// [`open_with_wallets`] opened as `profile`.
+pub fn open_with_wallets_as(
+    dir: &Path,
+    network: Network,
+    wallets: &[TestWallet],
+    profile: Profile,
+) -> Store {
+    let store = Store::open_as(dir, network, profile).expect("open store");
     for w in wallets {
         let descriptors: Vec<String> = w
             .scripts

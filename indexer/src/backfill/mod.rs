@@ -33,7 +33,7 @@ use crate::pipeline::apply::ApplyError;
 use crate::pipeline::parse::RawBlock;
 use crate::pipeline::{self, PipelineError, PipelineOptions, Progress};
 use crate::store::schema::{self, Cf};
-use crate::store::{Reader, Store, StoreError};
+use crate::store::{Profile, Reader, Store, StoreError};
 use crate::types::{Balance, ScriptId};
 use crate::wallets::{self, Added, WalletError};
 use bitcoind::{Daemon, DaemonError};
@@ -258,7 +258,8 @@ pub fn index(
             source,
         })?;
     }
-    let scratch = Store::open(dir, network)?;
+    // Nothing but this rescan reads the scratch database until it is merged.
+    let scratch = Store::open_as(dir, network, Profile::Indexing)?;
     let descriptors: Vec<String> = scripts
         .iter()
         .map(|s| format!("raw({})", s.to_hex_string()))

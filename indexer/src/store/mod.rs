@@ -118,9 +118,35 @@ impl Batch {
     }
 }
 
+/// How a process uses the database; the families' options follow from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// Indexing while serving queries (`run`, `serve`, every command but the one below):
+    /// any family may be read at any time.
+    Serving,
+    /// Indexing with nothing else reading (`rescan --blocks-dir`, a backfill's scratch
+    /// database): the families the pipeline only writes take their writes in arrival
+    /// order and sort them once, when flushed.
+    Indexing,
+}
+
+/// Families a rescan writes at random keys and never reads back while it runs: in the
+/// [`Profile::Indexing`] profile their memtables are vectors. A skip list inserts each key
+/// in order at a few cache misses a level (60% of the write thread of a rescan that
+/// watches 2% of outputs); a vector appends it and sorts the whole memtable once when it
+/// is flushed. Reading one unflushed costs a sort of a copy, so the store flushes a family
+/// before a read finds it unflushed (see [`Store::settle`]).
+fn appended_when_indexing(cf: Cf) -> bool {
+    matches!(
+        cf,
+        Cf::Utxo | Cf::ScriptUtxo | Cf::ScriptBalance | Cf::Transfers
+    )
+}
+
 /// The indexer's database.
 pub struct Store {
     db: DB,
+    profile: Profile,
     /// The block cache every family shares (and the tables [`Store::ingest_sorted`] writes
     /// are built for).
     cache: Cache,
@@ -142,7 +168,7 @@ pub struct Store {
 
 /// The options of family `cf`: those it is opened with, and those of the tables
 /// [`Store::ingest_sorted`] builds for it.
-fn family_options(cf: Cf, cache: &Cache) -> Options {
+fn family_options(cf: Cf, cache: &Cache, profile: Profile) -> Options {
     // Point lookups dominate (outpoints, script ids): every family gets a bloom
     // filter; `open_cf` would silently give them none.
     let mut table = BlockBasedOptions::default();
@@ -168,12 +194,20 @@ fn family_options(cf: Cf, cache: &Cache) -> Options {
         _ => rocksdb::DBCompressionType::Lz4,
     };
     opts.set_compression_type(compression);
+    if profile == Profile::Indexing && appended_when_indexing(cf) {
+        opts.set_memtable_factory(rocksdb::MemtableFactory::Vector);
+    }
     opts
 }
 
 impl Store {
     /// Opens (or creates) the database at `path` for `network`, checking its format version.
     pub fn open(path: &Path, network: Network) -> Result<Store, StoreError> {
+        Store::open_as(path, network, Profile::Serving)
+    }
+
+    /// [`Store::open`] for a process that uses the database as `profile` says.
+    pub fn open_as(path: &Path, network: Network, profile: Profile) -> Result<Store, StoreError> {
         let cache = Cache::new_lru_cache(128 << 20);
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
@@ -187,6 +221,10 @@ impl Store {
         db_opts.set_db_write_buffer_size(256 << 20);
         // Families flushed together are flushed atomically (see `flush_all`).
         db_opts.set_atomic_flush(true);
+        if profile == Profile::Indexing {
+            // Vector memtables take one writer at a time (the pipeline has one).
+            db_opts.set_allow_concurrent_memtable_write(false);
+        }
         // Compactions run at a lower CPU priority: on two cores a compaction left over from
         // a bulk load took a fifth of a rescan's CPU; indexing comes first.
         let mut env = rocksdb::Env::new().map_err(|source| StoreError::Rocks {
@@ -197,7 +235,7 @@ impl Store {
         db_opts.set_env(&env);
         let descriptors = Cf::ALL
             .iter()
-            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), family_options(*cf, &cache)));
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), family_options(*cf, &cache, profile)));
         let db = DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(|source| {
             StoreError::Rocks {
                 path: path.to_owned(),
@@ -206,6 +244,7 @@ impl Store {
         })?;
         let store = Store {
             db,
+            profile,
             cache,
             ingested: std::sync::atomic::AtomicU64::new(0),
             path: path.to_owned(),
@@ -264,6 +303,25 @@ impl Store {
                 Ok(())
             }
         }
+    }
+
+    /// Before a read of `cf`: in the indexing profile, flushes a vector memtable that holds
+    /// writes, so that reads search sorted tables instead of sorting a copy of it each.
+    /// Nothing reads those families while a rescan runs; what does before or after (a
+    /// disconnect, a backfill's merge) pays one flush, not a sort a read.
+    fn settle(&self, cf: Cf) -> Result<(), StoreError> {
+        if self.profile != Profile::Indexing || !appended_when_indexing(cf) {
+            return Ok(());
+        }
+        let unsorted = self
+            .db
+            .property_int_value_cf(self.cf(cf), "rocksdb.num-entries-active-mem-table")
+            .map_err(|e| self.rocks(e))?
+            .unwrap_or(0);
+        if unsorted > 0 {
+            self.flush_all()?;
+        }
+        Ok(())
     }
 
     fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
@@ -335,7 +393,7 @@ impl Store {
             .ingested
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let file = dir.join(format!("{}-{}-{n}.sst", cf.name(), std::process::id()));
-        let opts = family_options(cf, &self.cache);
+        let opts = family_options(cf, &self.cache, self.profile);
         let result = Self::write_table(&opts, &file, entries).and_then(|any| {
             if !any {
                 return Ok(());
@@ -439,6 +497,7 @@ impl Store {
         cf: Cf,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.settle(cf)?;
         for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
             f(&k, &v)?;
@@ -454,6 +513,7 @@ impl Store {
         to: Option<&[u8]>,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.settle(cf)?;
         let mode = IteratorMode::From(from, rocksdb::Direction::Forward);
         for item in self.db.iterator_cf(self.cf(cf), mode) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
@@ -472,6 +532,7 @@ impl Store {
         prefix: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.settle(cf)?;
         let mode = IteratorMode::From(prefix, rocksdb::Direction::Forward);
         for item in self.db.iterator_cf(self.cf(cf), mode) {
             let (k, v) = item.map_err(|e| self.rocks(e))?;
@@ -511,6 +572,7 @@ impl Store {
     /// The values of `keys` in `cf`, in order, in one batched read (sorted keys read
     /// fastest).
     pub fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.settle(cf)?;
         let handle = self.cf(cf);
         self.db
             .batched_multi_get_cf(handle, keys, false)
@@ -527,6 +589,7 @@ impl Store {
     ) -> Result<Option<Box<[u8]>>, StoreError> {
         let mut end = prefix.to_vec();
         end.extend_from_slice(&[0xff; 16]);
+        self.settle(cf)?;
         let mode = IteratorMode::From(&end, rocksdb::Direction::Reverse);
         match self.db.iterator_cf(self.cf(cf), mode).next() {
             Some(item) => {
@@ -812,6 +875,7 @@ pub trait Reader {
 
 impl Reader for Store {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.settle(cf)?;
         self.db.get_cf(self.cf(cf), key).map_err(|e| self.rocks(e))
     }
 }
@@ -825,6 +889,7 @@ pub struct Snapshot<'a> {
 
 impl Reader for Snapshot<'_> {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.settle(cf)?;
         self.snap
             .get_cf(self.store.cf(cf), key)
             .map_err(|e| self.store.rocks(e))
@@ -841,6 +906,7 @@ impl Snapshot<'_> {
         seek: Option<&[u8]>,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
     ) -> Result<(), E> {
+        self.store.settle(cf)?;
         let mode = IteratorMode::From(seek.unwrap_or(prefix), rocksdb::Direction::Forward);
         for item in self.snap.iterator_cf(self.store.cf(cf), mode) {
             let (k, v) = item.map_err(|e| self.store.rocks(e))?;
@@ -917,6 +983,60 @@ mod tests {
                 .unwrap(),
             1
         );
+    }
+
+    #[test]
+    fn the_indexing_profile_reads_and_reopens_as_the_serving_one() {
+        let unsorted = |s: &Store, cf: Cf| {
+            s.db.property_int_value_cf(s.cf(cf), "rocksdb.num-entries-active-mem-table")
+                .unwrap()
+                .unwrap()
+        };
+        // Random keys, overwritten and deleted across commits, in both profiles alike.
+        let commits: Vec<Writes> = (0u8..6)
+            .map(|round| {
+                (0u8..200)
+                    .map(|i| {
+                        let key = sha256::Hash::hash(&[i]).to_byte_array().to_vec();
+                        let value = (round % 3 != 2 || i % 2 == 0).then(|| vec![round, i]);
+                        ((Cf::Utxo, key.clone()), value.clone())
+                    })
+                    .chain([((Cf::Transfers, vec![round]), Some(vec![round]))])
+                    .collect()
+            })
+            .collect();
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let serving = Store::open(dirs[0].path(), Network::Regtest).unwrap();
+        let indexing = Store::open_as(dirs[1].path(), Network::Regtest, Profile::Indexing).unwrap();
+        for writes in &commits {
+            for s in [&serving, &indexing] {
+                s.commit_writes(writes, &[], None, false).unwrap();
+            }
+        }
+        assert_eq!(unsorted(&indexing, Cf::Utxo), 1200, "nothing flushed yet");
+        let key = |i: u8| sha256::Hash::hash(&[i]).to_byte_array();
+        assert_eq!(
+            indexing.get(Cf::Utxo, &key(7)).unwrap(),
+            None,
+            "deleted last"
+        );
+        assert_eq!(indexing.get(Cf::Utxo, &key(8)).unwrap(), Some(vec![5, 8]));
+        assert_eq!(unsorted(&indexing, Cf::Utxo), 0, "a read flushed first");
+        assert_eq!(indexing.digest().unwrap(), serving.digest().unwrap());
+
+        // Unflushed writes of the indexing profile come back from the log when the next
+        // process opens the database for serving.
+        indexing
+            .commit_writes(&commits[2], &[], None, false)
+            .unwrap();
+        serving
+            .commit_writes(&commits[2], &[], None, false)
+            .unwrap();
+        assert!(unsorted(&indexing, Cf::Utxo) > 0);
+        drop(indexing);
+        let reopened = Store::open(dirs[1].path(), Network::Regtest).unwrap();
+        assert_eq!(reopened.digest().unwrap(), serving.digest().unwrap());
+        assert_eq!(reopened.get(Cf::Utxo, &key(8)).unwrap(), Some(vec![2, 8]));
     }
 
     #[test]
