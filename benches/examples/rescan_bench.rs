@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use benches::mix::{script, WATCHED};
 use benches::rss::rss;
 use bitcoin::block;
@@ -61,19 +61,6 @@ fn sha256_limit(threads: usize) -> f64 {
     mb_s(data.len() as u64 * rounds, started.elapsed().as_secs_f64())
 }
 
-/// Blocks of a blk-framed file.
-fn read_framed(path: &Path) -> Result<Vec<Vec<u8>>> {
-    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    let mut p = 0;
-    while p + 8 <= data.len() {
-        let len = u32::from_le_bytes(data[p + 4..p + 8].try_into()?) as usize;
-        out.push(data[p + 8..p + 8 + len].to_vec());
-        p += 8 + len;
-    }
-    Ok(out)
-}
-
 fn watched_filter() -> ScriptFilter {
     let f = ScriptFilter::new(1_000_000, 1e-3);
     for i in 0..WATCHED {
@@ -84,8 +71,10 @@ fn watched_filter() -> ScriptFilter {
 
 /// Parse + bloom filter over the real large blocks, in parallel across blocks: MB/s.
 fn parse_filter(large: &Path, filter: &ScriptFilter) -> Result<(f64, u64)> {
-    let mut blocks = read_framed(&large.join("mainnet_large_blocks.blk"))?;
-    blocks.extend(read_framed(&large.join("testnet3_large_blocks.blk"))?);
+    let mut blocks = benches::read_framed(&large.join("mainnet_large_blocks.blk"))?;
+    blocks.extend(benches::read_framed(
+        &large.join("testnet3_large_blocks.blk"),
+    )?);
     let bytes: u64 = blocks.iter().map(|b| b.len() as u64).sum();
     let rounds = 5;
     let started = Instant::now();
@@ -115,8 +104,10 @@ fn parse_filter(large: &Path, filter: &ScriptFilter) -> Result<(f64, u64)> {
 
 /// rust-bitcoin's allocating decode plus txids over the same blocks, for comparison: MB/s.
 fn rust_bitcoin_decode(large: &Path) -> Result<f64> {
-    let mut blocks = read_framed(&large.join("mainnet_large_blocks.blk"))?;
-    blocks.extend(read_framed(&large.join("testnet3_large_blocks.blk"))?);
+    let mut blocks = benches::read_framed(&large.join("mainnet_large_blocks.blk"))?;
+    blocks.extend(benches::read_framed(
+        &large.join("testnet3_large_blocks.blk"),
+    )?);
     let bytes: u64 = blocks.iter().map(|b| b.len() as u64).sum();
     let rounds = 5;
     let started = Instant::now();
@@ -156,7 +147,7 @@ fn hash_work(chain: &Path) -> Result<(u64, u64)> {
     files.retain(|p| p.extension().is_some_and(|x| x == "dat"));
     let mut total = (0u64, 0u64);
     for file in files {
-        let (bytes, blocks) = read_framed(&file)?
+        let (bytes, blocks) = benches::read_framed(&file)?
             .par_iter()
             .map(|raw| {
                 let block: bitcoin::Block = deserialize(raw).expect("generated block decodes");

@@ -47,19 +47,6 @@ struct Args {
     chain: PathBuf,
 }
 
-/// Blocks of a blk-framed file.
-fn read_framed(path: &Path) -> Result<Vec<Vec<u8>>> {
-    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    let mut p = 0;
-    while p + 8 <= data.len() {
-        let len = u32::from_le_bytes(data[p + 4..p + 8].try_into()?) as usize;
-        out.push(data[p + 8..p + 8 + len].to_vec());
-        p += 8 + len;
-    }
-    Ok(out)
-}
-
 /// The real blocks, re-headered into one regtest chain from genesis and repeated to
 /// `bytes`, as blk files of at most 128 MiB in `dir`.
 fn write_chain(real: &[Block], bytes: u64, dir: &Path) -> Result<()> {
@@ -198,7 +185,7 @@ fn main() -> Result<()> {
     }
     let real: Vec<Block> = ["mainnet_large_blocks.blk", "testnet3_large_blocks.blk"]
         .iter()
-        .map(|f| read_framed(&args.large.join(f)))
+        .map(|f| benches::read_framed(&args.large.join(f)))
         .collect::<Result<Vec<_>>>()?
         .into_iter()
         .flatten()

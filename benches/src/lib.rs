@@ -6,6 +6,8 @@
 //!   `--mainnet-gb`, a chain shaped like mainnet's eras.
 //! - `rescan_bench`: SHA-256 on one and two cores, parse + filter on real large blocks,
 //!   and the end-to-end rescan of the generated chain with its peak RSS, in one run.
+//! - `sha_streams_bench`: double SHA-256 of transactions and merkle nodes one message at a
+//!   time (as the indexer hashes) against multi-message kernels, on this CPU.
 //! - `mainnet_run_bench`: `watch add` then `rescan --blocks-dir` of a mainnet-shaped chain
 //!   as child processes, their resident memory sampled.
 //! - `watch_scale_bench`: watched sets of 100k to 10M scripts, side by side.
@@ -53,6 +55,19 @@ pub fn bench_store_as(
     wallets::add(&store, Network::Regtest, "bench", &descriptors, None, 1)?;
     let scripts = wallets::load_filter(&store, 1_000_000, 1e-3)?;
     Ok((db, store, scripts))
+}
+
+/// The blocks of a blk-framed file (magic, length, block; repeated).
+pub fn read_framed(path: &Path) -> Result<Vec<Vec<u8>>> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    let mut p = 0;
+    while p + 8 <= data.len() {
+        let len = u32::from_le_bytes(data[p + 4..p + 8].try_into()?) as usize;
+        out.push(data[p + 8..p + 8 + len].to_vec());
+        p += 8 + len;
+    }
+    Ok(out)
 }
 
 /// True when a test runner (cargo test, nextest) is listing or running this program as a
