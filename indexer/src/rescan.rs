@@ -119,6 +119,35 @@ pub fn rescan_blocks_dir(
     on_plan: &dyn Fn(&Plan),
     on_commit: &(dyn Fn(&Progress) + Sync),
 ) -> Result<RescanReport, RescanError> {
+    let prepared = prepare(store, network, req)?;
+    on_plan(&prepared.plan);
+    prepared.index(store, scripts, opts, on_commit)
+}
+
+/// A rescan whose chain is chosen and whose disconnects are done: what is left is to
+/// connect its range, through [`Prepared::index`].
+pub struct Prepared {
+    dir: BlocksDir,
+    chain: Vec<ChainEntry<BlockLocation>>,
+    /// The range to connect.
+    pub plan: Plan,
+    disconnected: u32,
+    indexed_before: Option<u32>,
+    to: Option<u32>,
+    notes: Vec<String>,
+    rejected: Rejected,
+    partial_tail: Option<PartialTail>,
+}
+
+/// The first half of a rescan: reads the files' headers, chooses the most-work chain and
+/// disconnects what the index has off it (and what `--from` redoes). Disconnects read
+/// what they undo, so this wants a store opened for serving; [`Prepared::index`] may then
+/// run on one opened for indexing.
+pub fn prepare(
+    store: &Store,
+    network: Network,
+    req: &RescanRequest,
+) -> Result<Prepared, RescanError> {
     let dir = BlocksDir::open(&req.blocks_dir, network)?;
     let scan = dir.scan_headers()?;
     let mut notes: Vec<String> = Vec::new();
@@ -156,38 +185,73 @@ pub fn rescan_blocks_dir(
         start,
         end: (start <= end).then_some(end),
     };
-    on_plan(&plan);
-    let range: &[ChainEntry<BlockLocation>] = match plan.end {
-        Some(end) => &chain[start as usize..=end as usize],
-        None => &[],
-    };
-    let source = range.iter().map(|e| read_good_copy(&dir, e));
-    let progress = pipeline::run(store, scripts, source, opts, on_commit)?;
-    let mut batch = Batch::default();
-    batch.delete(store, Cf::Meta, schema::META_RESCAN);
-    store.commit(batch, true)?;
-    let wanted = match (req.to, indexed_before) {
-        (Some(to), _) => Some((to, "asked for with --to")),
-        (None, Some(tip)) => Some((tip, "the index's tip before the rescan")),
-        (None, None) => None,
-    };
-    if let Some((wanted, why)) = wanted.filter(|(w, _)| *w > chain_tip) {
-        return Err(RescanError::ShortChain {
-            found: chain_tip,
-            wanted,
-            why,
-            notes,
-        });
-    }
-    Ok(RescanReport {
+    Ok(Prepared {
+        dir,
+        chain,
+        plan,
         disconnected,
-        progress,
-        start,
-        end: plan.end,
-        tip: store.tip()?,
+        indexed_before,
+        to: req.to,
+        notes,
         rejected,
         partial_tail: scan.partial_tail,
     })
+}
+
+impl Prepared {
+    /// Connects the planned range into `store` (the one prepared, or the same database
+    /// opened again, for indexing alone) and ends the rescan.
+    pub fn index(
+        self,
+        store: &Store,
+        scripts: &ScriptFilter,
+        opts: &PipelineOptions,
+        on_commit: &(dyn Fn(&Progress) + Sync),
+    ) -> Result<RescanReport, RescanError> {
+        let Prepared {
+            dir,
+            chain,
+            plan,
+            disconnected,
+            indexed_before,
+            to,
+            notes,
+            rejected,
+            partial_tail,
+        } = self;
+        let chain_tip = chain.len() as u32 - 1;
+        let range: &[ChainEntry<BlockLocation>] = match plan.end {
+            Some(end) => &chain[plan.start as usize..=end as usize],
+            None => &[],
+        };
+        let source = range.iter().map(|e| read_good_copy(&dir, e));
+        let progress = pipeline::run(store, scripts, source, opts, on_commit)?;
+        let mut batch = Batch::default();
+        batch.delete(store, Cf::Meta, schema::META_RESCAN);
+        store.commit(batch, true)?;
+        let wanted = match (to, indexed_before) {
+            (Some(to), _) => Some((to, "asked for with --to")),
+            (None, Some(tip)) => Some((tip, "the index's tip before the rescan")),
+            (None, None) => None,
+        };
+        if let Some((wanted, why)) = wanted.filter(|(w, _)| *w > chain_tip) {
+            return Err(RescanError::ShortChain {
+                found: chain_tip,
+                wanted,
+                why,
+                notes,
+            });
+        }
+        Ok(RescanReport {
+            disconnected,
+            progress,
+            start: plan.start,
+            end: plan.end,
+            tip: store.tip()?,
+            rejected,
+            partial_tail,
+        })
+    }
 }
 
 /// The block of `entry`: its first copy, or, when the files hold it more than once, the

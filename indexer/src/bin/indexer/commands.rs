@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use indexer::app::{follower, pipeline_options};
 use indexer::config::Config;
 use indexer::rescan::{self, RescanRequest};
-use indexer::store::{Reader, Store};
+use indexer::store::{Profile, Reader, Store};
 use indexer::wallets;
 
 use crate::cli::RescanArgs;
@@ -64,16 +64,19 @@ pub fn rescan_cmd(store: Store, config: &Config, args: RescanArgs) -> Result<()>
         to: args.to,
     };
     let reporter = Reporter::new();
-    let report = rescan::rescan_blocks_dir(
-        &store,
-        config.network,
-        &scripts,
-        &req,
-        &pipeline_options(config),
-        &|plan| reporter.plan(plan),
-        &|p| reporter.commit(p),
-    )
-    .context("rescan failed; every block before the failure is committed and a rerun resumes")?;
+    let failed = "rescan failed; every block before the failure is committed and a rerun resumes";
+    let prepared = rescan::prepare(&store, config.network, &req).context(failed)?;
+    reporter.plan(&prepared.plan);
+    // Connecting runs alone in this process: the database is opened again for indexing
+    // (its disconnects, above, read what they undo and were done for serving).
+    drop(store);
+    let store = Store::open_as(&config.db, config.network, Profile::Indexing)
+        .with_context(|| format!("opening database {} again to index", config.db.display()))?;
+    let report = prepared
+        .index(&store, &scripts, &pipeline_options(config), &|p| {
+            reporter.commit(p)
+        })
+        .context(failed)?;
     // The look-ahead may have watched more: the next start loads this filter, not a scan.
     wallets::save_filter(&store, &scripts)?;
     reporter.finish(&report.progress);

@@ -12,7 +12,7 @@ use clap::Parser;
 use indexer::app::{self, Mode};
 use indexer::config::Config;
 use indexer::store::schema::Cf;
-use indexer::store::{Profile, Reader, Store};
+use indexer::store::{Reader, Store};
 use indexer::wallets;
 use service::logs;
 
@@ -44,12 +44,7 @@ fn run(cli: Cli) -> Result<()> {
                 command: WatchCommand::Add { .. }
             }
     );
-    // A rescan from block files runs alone: nothing serves queries from this process.
-    let profile = match &cli.command {
-        Command::Rescan(args) if args.blocks_dir.is_some() => Profile::Indexing,
-        _ => Profile::Serving,
-    };
-    let store = open(&config, creates, profile)?;
+    let store = open(&config, creates)?;
     match cli.command {
         Command::Watch {
             command:
@@ -82,14 +77,14 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// Opens the database (`creates`: one may be made here), saying what to do when it cannot.
-fn open(config: &Config, creates: bool, profile: Profile) -> Result<Store> {
+fn open(config: &Config, creates: bool) -> Result<Store> {
     if !creates && !config.db.exists() {
         bail!(
             "no database at {}: create one with `indexer watch add` (or point --db at it)",
             config.db.display()
         );
     }
-    Store::open_as(&config.db, config.network, profile).map_err(|e| {
+    Store::open(&config.db, config.network).map_err(|e| {
         let cause = std::error::Error::source(&e)
             .map(|s| s.to_string())
             .unwrap_or_default();
